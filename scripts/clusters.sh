@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Throwaway PostgreSQL clusters for tests, the demo and the benchmark. Source this file, then:
+#   pgtide_install_deps      apt packages (server, contrib, wal2json, pgcopydb) if missing
+#   pgtide_start_clusters    initdb + start a source (wal_level=logical) and a target in a temp
+#                            dir, as the postgres OS user; exports PGTIDE_TEST_SOURCE/_TARGET
+#   pgtide_stop_clusters     stop both and remove the temp dir
+# Settings: PG_MAJOR (15), PGTIDE_CLUSTER_TUNING ("test": fsync off for speed; "bench": defaults
+# plus what a migration host would set), PGTIDE_KEEP_CLUSTERS=1 keeps the data after stop.
+
+PG_MAJOR=${PG_MAJOR:-15}
+PG_BIN=/usr/lib/postgresql/$PG_MAJOR/bin
+
+pgtide_install_deps() {
+  local missing=()
+  [ -x "$PG_BIN/initdb" ] || missing+=("postgresql-$PG_MAJOR")
+  [ -f "/usr/share/postgresql/$PG_MAJOR/extension/hstore.control" ] || missing+=("postgresql-contrib-$PG_MAJOR" "postgresql-contrib")
+  [ -f "/usr/lib/postgresql/$PG_MAJOR/lib/wal2json.so" ] || missing+=("postgresql-$PG_MAJOR-wal2json")
+  command -v pgcopydb >/dev/null 2>&1 || missing+=("pgcopydb")
+  command -v pgbench >/dev/null 2>&1 || [ -x "$PG_BIN/pgbench" ] || missing+=("postgresql-client-$PG_MAJOR")
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    # postgresql-contrib is a virtual/meta package on some releases; install what exists.
+    apt-get install -y -qq "${missing[@]}" >&2 || apt-get install -y -qq "${missing[@]/postgresql-contrib/}" >&2
+  fi
+  id postgres >/dev/null 2>&1 || { echo "the postgres OS user is missing after install" >&2; return 1; }
+}
+
+_pgtide_free_port() {
+  local port
+  while :; do
+    port=$(( 20000 + RANDOM % 20000 ))
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
+  done
+}
+
+_pgtide_as_postgres() { runuser -u postgres -- "$@"; }
+
+pgtide_start_clusters() {
+  PGTIDE_CLUSTERS_DIR=$(mktemp -d /tmp/pgtide-clusters.XXXXXX)
+  chmod 755 "$PGTIDE_CLUSTERS_DIR"
+  chown postgres: "$PGTIDE_CLUSTERS_DIR"
+  export PGTIDE_CLUSTERS_DIR
+  PGTIDE_TEST_PASSWORD=${PGTIDE_TEST_PASSWORD:-"tide-$RANDOM-$RANDOM"}
+  local pwfile="$PGTIDE_CLUSTERS_DIR/pwfile"
+  printf '%s\n' "$PGTIDE_TEST_PASSWORD" > "$pwfile"
+  chown postgres: "$pwfile"; chmod 600 "$pwfile"
+  local tuning=${PGTIDE_CLUSTER_TUNING:-test}
+  for role in source target; do
+    local data="$PGTIDE_CLUSTERS_DIR/$role"
+    local port; port=$(_pgtide_free_port)
+    _pgtide_as_postgres "$PG_BIN/initdb" -D "$data" -U postgres --pwfile="$pwfile" \
+      --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >/dev/null
+    {
+      echo "port = $port"
+      echo "listen_addresses = '127.0.0.1'"
+      echo "unix_socket_directories = '$PGTIDE_CLUSTERS_DIR'"
+      echo "max_connections = 200"
+      echo "shared_buffers = 512MB"
+      echo "max_wal_size = 8GB"
+      echo "checkpoint_timeout = 30min"
+      echo "max_replication_slots = 10"
+      echo "max_wal_senders = 10"
+      echo "wal_level = $([ "$role" = source ] && echo logical || echo replica)"
+      if [ "$tuning" = test ]; then
+        echo "fsync = off"
+        echo "synchronous_commit = off"
+        echo "full_page_writes = off"
+      fi
+    } >> "$data/postgresql.conf"
+    _pgtide_as_postgres "$PG_BIN/pg_ctl" -D "$data" -l "$PGTIDE_CLUSTERS_DIR/$role.log" -w start >/dev/null
+    local uri="postgres://postgres:$PGTIDE_TEST_PASSWORD@127.0.0.1:$port/postgres"
+    if [ "$role" = source ]; then export PGTIDE_TEST_SOURCE=$uri PGTIDE_SOURCE_PORT=$port
+    else export PGTIDE_TEST_TARGET=$uri PGTIDE_TARGET_PORT=$port; fi
+  done
+  export PGTIDE_TEST_PASSWORD
+  echo "clusters up in $PGTIDE_CLUSTERS_DIR: source port $PGTIDE_SOURCE_PORT, target port $PGTIDE_TARGET_PORT" >&2
+}
+
+pgtide_stop_clusters() {
+  [ -n "${PGTIDE_CLUSTERS_DIR:-}" ] && [ -d "$PGTIDE_CLUSTERS_DIR" ] || return 0
+  for role in source target; do
+    [ -d "$PGTIDE_CLUSTERS_DIR/$role" ] && _pgtide_as_postgres "$PG_BIN/pg_ctl" -D "$PGTIDE_CLUSTERS_DIR/$role" -m immediate -w stop >/dev/null 2>&1
+  done
+  if [ "${PGTIDE_KEEP_CLUSTERS:-0}" != 1 ]; then rm -rf "$PGTIDE_CLUSTERS_DIR"; fi
+}
+
+# psql against a cluster as the superuser over the socket: pgtide_psql source|target DB [psql args…]
+pgtide_psql() {
+  local role=$1 db=$2; shift 2
+  local port; [ "$role" = source ] && port=$PGTIDE_SOURCE_PORT || port=$PGTIDE_TARGET_PORT
+  "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PGTIDE_CLUSTERS_DIR" -p "$port" -U postgres -d "$db" "$@"
+}

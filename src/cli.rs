@@ -1,0 +1,149 @@
+//! Command-line definitions (clap), logging setup and exit codes.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pgtide",
+    version,
+    about = "Move a live PostgreSQL database to another server with seconds of downtime"
+)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PGTIDE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Copy schema, data, indexes, constraints and sequences from source to target, consistent
+    /// with one snapshot.
+    Clone(CloneArgs),
+    /// Compare source and target table by table: row counts and content checksums.
+    Verify(VerifyArgs),
+}
+
+/// Source and target connection strings (libpq URI or key=value).
+#[derive(Args, Debug)]
+pub struct Endpoints {
+    /// Source connection string (postgres://user@host:port/db or "host=… dbname=…").
+    #[arg(long, env = "PGTIDE_SOURCE_PGURI", hide_env_values = true)]
+    pub source: String,
+    /// Target connection string.
+    #[arg(long, env = "PGTIDE_TARGET_PGURI", hide_env_values = true)]
+    pub target: String,
+}
+
+#[derive(Args, Debug)]
+pub struct CloneArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    /// Work dir holding state.db and the schema dumps.
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Parallel table copy workers (each uses one connection on each server).
+    #[arg(long, default_value_t = 4)]
+    pub table_jobs: usize,
+    /// Parallel index build workers (each uses one target connection).
+    #[arg(long, default_value_t = 4)]
+    pub index_jobs: usize,
+    /// Split tables whose heap + TOAST size exceeds this into ctid ranges copied in parallel
+    /// (e.g. 1GB, 200MB); 0 disables splitting.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub split_tables_larger_than: u64,
+    /// Filters file (INI sections include-only-schema, exclude-schema, include-only-table,
+    /// exclude-table, exclude-table-data).
+    #[arg(long)]
+    pub filters: Option<PathBuf>,
+    /// Drop target objects that already exist (a previous attempt) before creating them.
+    #[arg(long)]
+    pub drop_if_exists: bool,
+    /// Continue an interrupted clone in the same work dir.
+    #[arg(long, conflicts_with = "restart")]
+    pub resume: bool,
+    /// Forget the work dir's previous clone and start over.
+    #[arg(long)]
+    pub restart: bool,
+    /// Use this exported snapshot instead of exporting one (its exporter must stay open).
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// Do not run VACUUM ANALYZE on the target tables at the end.
+    #[arg(long)]
+    pub skip_vacuum: bool,
+    /// Do not copy large object contents.
+    #[arg(long)]
+    pub skip_large_objects: bool,
+    /// Do not restore object ownership (pg_restore --no-owner).
+    #[arg(long)]
+    pub no_owner: bool,
+    /// Do not restore privileges (pg_restore --no-acl).
+    #[arg(long)]
+    pub no_acl: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    /// Compare row counts only (fast), not content checksums.
+    #[arg(long)]
+    pub counts_only: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// The filters file the clone used, so excluded tables are not reported as missing.
+    #[arg(long)]
+    pub filters: Option<PathBuf>,
+}
+
+/// Parses "200MB", "1.5 GB", "1048576" (bytes), "0".
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().map_err(|_| {
+        format!(
+            "invalid size \"{text}\": expected a number with an optional unit such as 200MB or 1GB"
+        )
+    })?;
+    let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "invalid size unit \"{other}\" in \"{text}\": use B, kB, MB, GB or TB"
+            ));
+        }
+    };
+    Ok((number * factor) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("200MB"), Ok(200 * 1024 * 1024));
+        assert_eq!(parse_size("1.5 GB"), Ok(1536 * 1024 * 1024));
+        assert_eq!(parse_size("64kB"), Ok(65536));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("lots").is_err());
+    }
+}

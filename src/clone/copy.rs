@@ -1,0 +1,200 @@
+//! Table data: one part (a whole table, or a ctid range of a split table) streamed from
+//! `COPY … TO STDOUT` on the source straight into `COPY … FROM STDIN` on the target. The bytes
+//! are passed through untouched (binary format when every column type allows it, text
+//! otherwise), regrouped into large CopyData messages, never decoded and never on disk.
+//!
+//! Exactly-once on resume: the target transaction that loads a part also records the part in
+//! `pgtide.copied_parts`; on resume, a part found there is done, any other part is copied again
+//! (its earlier attempt rolled back with its transaction).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result, anyhow};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio_postgres::Client;
+
+use crate::clone::snapshot;
+use crate::pg::{self, describe, quote_ident};
+use crate::state::{PartRow, TableRow};
+
+/// Bytes gathered before one CopyData message is sent to the target.
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// The target-side record of loaded parts; lives in the `pgtide` schema that clone removes at
+/// the end.
+pub const MARKER_DDL: &str = "CREATE SCHEMA IF NOT EXISTS pgtide;
+     CREATE TABLE IF NOT EXISTS pgtide.copied_parts (table_oid oid NOT NULL, part int NOT NULL, PRIMARY KEY (table_oid, part))";
+
+/// Counters shared with progress reporting.
+#[derive(Default)]
+pub struct CopyCounters {
+    pub bytes: AtomicU64,
+    pub rows: AtomicU64,
+}
+
+/// Source and target sessions of one copy worker.
+pub struct CopyWorker {
+    pub source: Client,
+    pub target: Client,
+    pub snapshot: String,
+    pub counters: Arc<CopyCounters>,
+}
+
+/// Rows and bytes of one loaded part.
+pub struct PartResult {
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+impl CopyWorker {
+    /// Copies one part in one source transaction (importing the snapshot) and one target
+    /// transaction (that also records the part as loaded).
+    pub async fn copy_part(&self, table: &TableRow, part: &PartRow) -> Result<PartResult> {
+        let columns = table
+            .columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let format = if table.binary_copy { "binary" } else { "text" };
+        let whole_table = part.nparts == 1;
+        let source_sql = if table.columns.is_empty() {
+            // A table without columns still has rows; COPY of zero columns keeps their count.
+            format!("COPY {} TO STDOUT (FORMAT {format})", table.qualified())
+        } else if whole_table {
+            format!(
+                "COPY {} ({columns}) TO STDOUT (FORMAT {format})",
+                table.qualified()
+            )
+        } else {
+            let mut filter = format!("ctid >= '({},0)'::tid", part.first_page);
+            if let Some(end) = part.end_page {
+                filter.push_str(&format!(" AND ctid < '({end},0)'::tid"));
+            }
+            format!(
+                "COPY (SELECT {columns} FROM ONLY {} WHERE {filter}) TO STDOUT (FORMAT {format})",
+                table.qualified()
+            )
+        };
+        let column_list = if table.columns.is_empty() {
+            String::new()
+        } else {
+            format!(" ({columns})")
+        };
+        let target_sql = format!(
+            "COPY {}{column_list} FROM STDIN (FORMAT {format}{})",
+            table.qualified(),
+            if whole_table { ", FREEZE" } else { "" }
+        );
+
+        snapshot::import(&self.source, &self.snapshot).await?;
+        let result = self
+            .stream(table, part, whole_table, &source_sql, &target_sql)
+            .await;
+        // The source transaction is read-only; end it whatever happened.
+        let _ = self.source.batch_execute("ROLLBACK").await;
+        if result.is_err() {
+            let _ = self.target.batch_execute("ROLLBACK").await;
+        }
+        result
+    }
+
+    async fn stream(
+        &self,
+        table: &TableRow,
+        part: &PartRow,
+        whole_table: bool,
+        source_sql: &str,
+        target_sql: &str,
+    ) -> Result<PartResult> {
+        let name = table.display_name();
+        let mut begin = String::from("BEGIN;");
+        if whole_table {
+            // TRUNCATE in the same transaction lets COPY FREEZE skip hint-bit and vacuum work.
+            begin.push_str(&format!("TRUNCATE ONLY {};", table.qualified()));
+        }
+        self.target.batch_execute(&begin).await.map_err(|e| {
+            anyhow!(
+                "cannot start loading {name} on the target: {}",
+                describe(&e)
+            )
+        })?;
+        let out = self
+            .source
+            .copy_out(source_sql)
+            .await
+            .map_err(|e| anyhow!("cannot read {name} from the source: {}", describe(&e)))?;
+        let sink = self
+            .target
+            .copy_in::<_, Bytes>(target_sql)
+            .await
+            .map_err(|e| anyhow!("cannot load {name} on the target: {}", describe(&e)))?;
+        futures_util::pin_mut!(out);
+        futures_util::pin_mut!(sink);
+        let mut buffer = BytesMut::with_capacity(CHUNK_BYTES * 2);
+        let mut bytes = 0u64;
+        while let Some(chunk) = out.next().await {
+            let chunk = chunk
+                .map_err(|e| anyhow!("reading {name} from the source failed: {}", describe(&e)))?;
+            bytes += chunk.len() as u64;
+            self.counters
+                .bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            buffer.put(chunk);
+            if buffer.len() >= CHUNK_BYTES {
+                sink.send(buffer.split().freeze()).await.map_err(|e| {
+                    anyhow!("loading {name} on the target failed: {}", describe(&e))
+                })?;
+            }
+        }
+        if !buffer.is_empty() {
+            sink.send(buffer.split().freeze())
+                .await
+                .map_err(|e| anyhow!("loading {name} on the target failed: {}", describe(&e)))?;
+        }
+        let rows = sink
+            .as_mut()
+            .finish()
+            .await
+            .map_err(|e| anyhow!("loading {name} on the target failed: {}", describe(&e)))?;
+        self.counters.rows.fetch_add(rows, Ordering::Relaxed);
+        fail::fail_point!("copy.before_commit");
+        self.target
+            .execute(
+                "INSERT INTO pgtide.copied_parts VALUES ($1, $2)",
+                &[&table.oid, &(part.part as i32)],
+            )
+            .await
+            .map_err(|e| anyhow!("cannot record the loaded part of {name}: {}", describe(&e)))?;
+        self.target
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| anyhow!("cannot commit {name} on the target: {}", describe(&e)))?;
+        fail::fail_point!("copy.after_commit");
+        Ok(PartResult { rows, bytes })
+    }
+}
+
+/// Parts the target already committed (found on resume).
+pub async fn loaded_parts(target: &Client) -> Result<std::collections::HashSet<(u32, i64)>> {
+    let rows = target
+        .query("SELECT table_oid, part FROM pgtide.copied_parts", &[])
+        .await
+        .context("cannot read pgtide.copied_parts on the target")?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, u32>(0), r.get::<_, i32>(1) as i64))
+        .collect())
+}
+
+/// Creates the marker table on the target (idempotent).
+pub async fn prepare_target(target: &Client) -> Result<()> {
+    target.batch_execute(MARKER_DDL).await.map_err(|e| {
+        anyhow!(
+            "cannot create the pgtide schema on the target: {}",
+            pg::describe(&e)
+        )
+    })
+}

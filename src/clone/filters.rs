@@ -1,0 +1,277 @@
+//! `--filters FILE`: which schemas and tables a migration covers, in an INI-like file that
+//! pgcopydb users already know:
+//!
+//! ```text
+//! [include-only-schema]   # when present, only these schemas
+//! app
+//! [exclude-schema]
+//! scratch
+//! [include-only-table]    # when present, only these tables
+//! app.orders
+//! [exclude-table]
+//! app.tmp_import
+//! [exclude-table-data]    # schema and indexes are created, rows are not copied
+//! app.audit_log
+//! ```
+//!
+//! Names are `schema.table`; quote a part that contains a dot or capitals: `"My Schema"."T"`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+/// A schema-qualified table name as written in the filters file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+/// The parsed filters; the empty value includes everything.
+#[derive(Clone, Debug, Default)]
+pub struct Filters {
+    pub include_only_schemas: Vec<String>,
+    pub exclude_schemas: Vec<String>,
+    pub include_only_tables: Vec<TableName>,
+    pub exclude_tables: Vec<TableName>,
+    pub exclude_table_data: Vec<TableName>,
+}
+
+impl Filters {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the filters file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in the filters file {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut filters = Filters::default();
+        let mut section: Option<String> = None;
+        for (n, raw) in text.lines().enumerate() {
+            let line_no = n + 1;
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(name) = line.strip_prefix('[') {
+                let Some(name) = name.strip_suffix(']') else {
+                    bail!("line {line_no}: section header \"{line}\" is missing its closing ]");
+                };
+                match name.trim() {
+                    "include-only-schema"
+                    | "exclude-schema"
+                    | "include-only-table"
+                    | "exclude-table"
+                    | "exclude-table-data" => section = Some(name.trim().to_string()),
+                    other => bail!(
+                        "line {line_no}: unknown section [{other}]; known sections: [include-only-schema], [exclude-schema], [include-only-table], [exclude-table], [exclude-table-data]"
+                    ),
+                }
+                continue;
+            }
+            let Some(section) = section.as_deref() else {
+                bail!("line {line_no}: \"{line}\" comes before any [section] header");
+            };
+            match section {
+                "include-only-schema" => filters
+                    .include_only_schemas
+                    .push(parse_identifier(line, line_no)?),
+                "exclude-schema" => filters
+                    .exclude_schemas
+                    .push(parse_identifier(line, line_no)?),
+                "include-only-table" => filters
+                    .include_only_tables
+                    .push(parse_table(line, line_no)?),
+                "exclude-table" => filters.exclude_tables.push(parse_table(line, line_no)?),
+                "exclude-table-data" => {
+                    filters.exclude_table_data.push(parse_table(line, line_no)?)
+                }
+                _ => unreachable!("sections are validated above"),
+            }
+        }
+        Ok(filters)
+    }
+
+    pub fn includes_schema(&self, schema: &str) -> bool {
+        if schema == "pgtide" || self.exclude_schemas.iter().any(|s| s == schema) {
+            return false;
+        }
+        self.include_only_schemas.is_empty()
+            || self.include_only_schemas.iter().any(|s| s == schema)
+    }
+
+    pub fn includes_table(&self, schema: &str, name: &str) -> bool {
+        let matches = |t: &TableName| t.schema == schema && t.name == name;
+        self.includes_schema(schema)
+            && !self.exclude_tables.iter().any(matches)
+            && (self.include_only_tables.is_empty() || self.include_only_tables.iter().any(matches))
+    }
+
+    pub fn copies_data(&self, schema: &str, name: &str) -> bool {
+        !self
+            .exclude_table_data
+            .iter()
+            .any(|t| t.schema == schema && t.name == name)
+    }
+
+    /// Every table named in the file, so that a typo is reported instead of silently ignored.
+    pub fn named_tables(&self) -> impl Iterator<Item = &TableName> {
+        self.include_only_tables
+            .iter()
+            .chain(&self.exclude_tables)
+            .chain(&self.exclude_table_data)
+    }
+
+    pub fn named_schemas(&self) -> impl Iterator<Item = &String> {
+        self.include_only_schemas
+            .iter()
+            .chain(&self.exclude_schemas)
+    }
+
+    /// The same selection as pg_dump switches, so the schema dump holds exactly the filtered
+    /// objects (and their dependent indexes, constraints, triggers).
+    pub fn pg_dump_args(&self) -> Vec<String> {
+        let mut args = vec!["--exclude-schema=pgtide".to_string()];
+        for s in &self.include_only_schemas {
+            args.push(format!("--schema={}", dump_pattern(s)));
+        }
+        for s in &self.exclude_schemas {
+            args.push(format!("--exclude-schema={}", dump_pattern(s)));
+        }
+        for t in &self.include_only_tables {
+            args.push(format!(
+                "--table={}.{}",
+                dump_pattern(&t.schema),
+                dump_pattern(&t.name)
+            ));
+        }
+        for t in &self.exclude_tables {
+            args.push(format!(
+                "--exclude-table={}.{}",
+                dump_pattern(&t.schema),
+                dump_pattern(&t.name)
+            ));
+        }
+        args
+    }
+}
+
+/// A pg_dump pattern that matches exactly this name (quoted, so no wildcard applies).
+fn dump_pattern(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn parse_identifier(text: &str, line_no: usize) -> Result<String> {
+    let parts = split_qualified(text, line_no)?;
+    if parts.len() != 1 {
+        bail!("line {line_no}: expected a schema name, found \"{text}\"");
+    }
+    Ok(parts.into_iter().next().unwrap_or_default())
+}
+
+fn parse_table(text: &str, line_no: usize) -> Result<TableName> {
+    let mut parts = split_qualified(text, line_no)?;
+    if parts.len() != 2 {
+        bail!("line {line_no}: expected a table as schema.table, found \"{text}\"");
+    }
+    let name = parts.pop().unwrap_or_default();
+    let schema = parts.pop().unwrap_or_default();
+    Ok(TableName { schema, name })
+}
+
+/// Splits `a.b` / `"a.x"."B"` into its parts; unquoted parts are folded to lower case as
+/// PostgreSQL does.
+fn split_qualified(text: &str, line_no: usize) -> Result<Vec<String>> {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    let mut quoted_part = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if current.is_empty() && !quoted_part => {
+                quoted_part = true;
+                loop {
+                    match chars.next() {
+                        Some('"') if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            current.push('"');
+                        }
+                        Some('"') => break,
+                        Some(other) => current.push(other),
+                        None => bail!("line {line_no}: unterminated quote in \"{text}\""),
+                    }
+                }
+            }
+            '.' => {
+                if current.is_empty() {
+                    bail!("line {line_no}: empty name in \"{text}\"");
+                }
+                parts.push(std::mem::take(&mut current));
+                quoted_part = false;
+            }
+            c if c.is_whitespace() => bail!(
+                "line {line_no}: unexpected space in \"{text}\"; quote names that contain spaces"
+            ),
+            c => {
+                if quoted_part {
+                    bail!("line {line_no}: unexpected text after a quoted name in \"{text}\"");
+                }
+                current.extend(c.to_lowercase());
+            }
+        }
+    }
+    if current.is_empty() {
+        bail!("line {line_no}: empty name in \"{text}\"");
+    }
+    parts.push(current);
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_section() {
+        let f = Filters::parse(
+            "# comment\n[exclude-schema]\nscratch\n[exclude-table]\npublic.Tmp  # folded\n[exclude-table-data]\n\"Log Schema\".\"Big.Log\"\n[include-only-table]\npublic.a\n",
+        )
+        .unwrap();
+        assert_eq!(f.exclude_schemas, vec!["scratch"]);
+        assert_eq!(
+            f.exclude_tables[0],
+            TableName {
+                schema: "public".into(),
+                name: "tmp".into()
+            }
+        );
+        assert_eq!(
+            f.exclude_table_data[0],
+            TableName {
+                schema: "Log Schema".into(),
+                name: "Big.Log".into()
+            }
+        );
+        assert!(f.includes_table("public", "a"));
+        assert!(!f.includes_table("public", "b"));
+        assert!(!f.includes_table("scratch", "a"));
+        assert!(!f.copies_data("Log Schema", "Big.Log"));
+        assert!(!f.includes_schema("pgtide"));
+        assert!(
+            f.pg_dump_args()
+                .contains(&"--exclude-table=\"public\".\"tmp\"".to_string())
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let err = Filters::parse("[exclude-table]\nnodot\n").unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
+        let err = Filters::parse("[exclude-tables]\n").unwrap_err();
+        assert!(err.to_string().contains("unknown section"), "{err}");
+        let err = Filters::parse("public.t\n").unwrap_err();
+        assert!(err.to_string().contains("before any [section]"), "{err}");
+        let err = Filters::parse("[exclude-table]\n\"open.t\n").unwrap_err();
+        assert!(err.to_string().contains("unterminated"), "{err}");
+    }
+}

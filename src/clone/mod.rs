@@ -1,0 +1,702 @@
+//! clone: a snapshot-consistent copy of the source database onto the target.
+//!
+//! Steps, each recorded in state.db with start/end times so that `--resume` skips what is done:
+//! catalog → dump → pre-data → copy (+ indexes, overlapped) → large-objects → post-data →
+//! sequences → vacuum. Table workers take parts largest first; when the last part of a table
+//! lands its indexes are queued for the index workers while other tables still copy.
+
+pub mod copy;
+pub mod filters;
+pub mod indexes;
+pub mod large_objects;
+pub mod schema;
+pub mod sequences;
+pub mod snapshot;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinSet;
+
+use crate::conninfo::ConnInfo;
+use crate::pg::{self, Side, catalog};
+use crate::state::{IndexRow, PartRow, StateDb, TableRow};
+use crate::workdir::WorkDir;
+use copy::{CopyCounters, CopyWorker};
+use filters::Filters;
+use snapshot::Snapshot;
+
+/// What the operator asked for on the command line.
+pub struct CloneOptions {
+    pub source: ConnInfo,
+    pub target: ConnInfo,
+    pub table_jobs: usize,
+    pub index_jobs: usize,
+    pub split_bytes: Option<u64>,
+    pub filters: Filters,
+    pub drop_if_exists: bool,
+    pub resume: bool,
+    pub restart: bool,
+    pub snapshot: Option<String>,
+    pub skip_vacuum: bool,
+    pub skip_large_objects: bool,
+    pub no_owner: bool,
+    pub no_acl: bool,
+}
+
+const STATUS_KEY: &str = "clone.status";
+
+/// Runs (or resumes) a clone in `workdir`.
+pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
+    let state = &workdir.state;
+    let started = Instant::now();
+    if opts.restart {
+        state.reset()?;
+    }
+    let resuming = match state.get_meta(STATUS_KEY)?.as_deref() {
+        None => false,
+        Some("done") if !opts.resume => bail!(
+            "the work dir {} holds a clone that already finished. To copy again, give another --dir, or add --restart (with --drop-if-exists to replace what is on the target).",
+            workdir.path.display()
+        ),
+        Some(_) if !opts.resume => bail!(
+            "the work dir {} holds an unfinished clone. Rerun with --resume to continue it (work already done is kept), or add --restart --drop-if-exists to start over.",
+            workdir.path.display()
+        ),
+        Some(_) => true,
+    };
+    if resuming && state.get_meta(STATUS_KEY)?.as_deref() == Some("done") {
+        tracing::info!(
+            "the clone in {} is already done; nothing to resume",
+            workdir.path.display()
+        );
+        print_summary(state, started.elapsed())?;
+        return Ok(());
+    }
+
+    check_tool_versions(&opts.source).await?;
+    let source = pg::connect(&opts.source, Side::Source, "catalog").await?;
+    let target = pg::connect(&opts.target, Side::Target, "admin").await?;
+    check_identity(state, &source, &target, opts).await?;
+    state.set_meta(STATUS_KEY, "running")?;
+
+    let snapshot = match &opts.snapshot {
+        Some(name) => Snapshot::external(name),
+        None => Snapshot::export(&opts.source).await?,
+    };
+    if resuming {
+        tracing::info!(
+            "resuming under a new snapshot {} (source LSN {}); parts copied before the interruption keep the earlier snapshot's contents",
+            snapshot.name,
+            snapshot.lsn
+        );
+    } else {
+        tracing::info!(
+            "using snapshot {} (source LSN {})",
+            snapshot.name,
+            snapshot.lsn
+        );
+    }
+    state.set_meta("snapshot", &snapshot.name)?;
+
+    if !state.has_catalog()? {
+        run_step(state, "catalog", async {
+            snapshot::import(&source, &snapshot.name).await?;
+            let cat = catalog::read_catalog(&source, &opts.filters, opts.split_bytes).await;
+            let _ = source.batch_execute("ROLLBACK").await;
+            let cat = cat?;
+            state.save_catalog(
+                &cat.tables,
+                &cat.parts,
+                &cat.indexes,
+                &cat.sequences,
+                &cat.large_objects,
+            )
+        })
+        .await?;
+    }
+    let tables = state.tables()?;
+
+    if !resuming {
+        prepare_empty_target(&target, &tables, opts.drop_if_exists).await?;
+    }
+
+    if state.step_status("dump")?.as_deref() != Some("done") {
+        run_step(state, "dump", async {
+            let (pre, post) = tokio::join!(
+                schema::dump(
+                    &opts.source,
+                    &snapshot.name,
+                    &opts.filters,
+                    schema::Section::PreData,
+                    &workdir.path
+                ),
+                schema::dump(
+                    &opts.source,
+                    &snapshot.name,
+                    &opts.filters,
+                    schema::Section::PostData,
+                    &workdir.path
+                ),
+            );
+            pre.and(post).map(|_| ())
+        })
+        .await?;
+    }
+
+    let all_indexes = state.indexes()?;
+    let built_by_pgtide: HashSet<u32> = all_indexes
+        .iter()
+        .flat_map(|i| std::iter::once(i.oid).chain(i.constraint.as_ref().map(|c| c.oid)))
+        .collect();
+    if state.step_status("pre-data")?.as_deref() != Some("done") {
+        let clean = opts.drop_if_exists;
+        run_step(state, "pre-data", async {
+            schema::restore(
+                &workdir.path.join("pre-data.dump"),
+                &opts.target,
+                &schema::RestoreOptions {
+                    skip_object_oids: &HashSet::new(),
+                    clean,
+                    no_owner: opts.no_owner,
+                    no_acl: opts.no_acl,
+                },
+            )
+            .await
+        })
+        .await?;
+    }
+
+    if state.step_status("copy")?.as_deref() != Some("done")
+        || state.step_status("indexes")?.as_deref() != Some("done")
+    {
+        copy::prepare_target(&target).await?;
+        reconcile_with_target(state, &target, &tables, &all_indexes).await?;
+        state.step_started("copy")?;
+        state.step_started("indexes")?;
+        let result = copy_and_index(opts, state, &snapshot.name, &tables).await;
+        match &result {
+            Ok(()) => {
+                state.step_done("copy")?;
+                state.step_done("indexes")?;
+            }
+            Err(e) => {
+                state.step_failed("copy", &format!("{e:#}"))?;
+                state.step_failed("indexes", &format!("{e:#}"))?;
+            }
+        }
+        result?;
+    }
+
+    if state.step_status("large-objects")?.as_deref() != Some("done") {
+        let oids = state.large_objects()?;
+        let skip = opts.skip_large_objects;
+        run_step(state, "large-objects", async {
+            if skip {
+                tracing::info!(
+                    "skipping {} large objects (--skip-large-objects)",
+                    oids.len()
+                );
+                return Ok(());
+            }
+            let bytes = large_objects::copy(&source, &target, &snapshot.name, &oids).await?;
+            tracing::info!("copied {} large objects ({} bytes)", oids.len(), bytes);
+            Ok(())
+        })
+        .await?;
+    }
+    drop(snapshot);
+
+    if state.step_status("post-data")?.as_deref() != Some("done") {
+        run_step(state, "post-data", async {
+            schema::restore(
+                &workdir.path.join("post-data.dump"),
+                &opts.target,
+                &schema::RestoreOptions {
+                    skip_object_oids: &built_by_pgtide,
+                    clean: false,
+                    no_owner: opts.no_owner,
+                    no_acl: opts.no_acl,
+                },
+            )
+            .await
+        })
+        .await?;
+    }
+
+    if state.step_status("sequences")?.as_deref() != Some("done") {
+        let seqs = state.sequences()?;
+        run_step(
+            state,
+            "sequences",
+            sequences::set_on_target(&target, &seqs, 0),
+        )
+        .await?;
+    }
+
+    if !opts.skip_vacuum && state.step_status("vacuum")?.as_deref() != Some("done") {
+        run_step(
+            state,
+            "vacuum",
+            vacuum_analyze(&opts.target, &tables, opts.table_jobs),
+        )
+        .await?;
+    }
+
+    target
+        .batch_execute("DROP SCHEMA IF EXISTS pgtide CASCADE")
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot drop the pgtide schema on the target: {}",
+                pg::describe(&e)
+            )
+        })?;
+    state.set_meta(STATUS_KEY, "done")?;
+    print_summary(state, started.elapsed())?;
+    Ok(())
+}
+
+/// Records a step's start, end or failure around `work`.
+async fn run_step<F>(state: &StateDb, name: &str, work: F) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    tracing::info!("step {name}: started");
+    let t0 = Instant::now();
+    state.step_started(name)?;
+    match work.await {
+        Ok(()) => {
+            state.step_done(name)?;
+            tracing::info!("step {name}: done in {:.1?}", t0.elapsed());
+            Ok(())
+        }
+        Err(e) => {
+            state.step_failed(name, &format!("{e:#}"))?;
+            Err(e.context(format!("clone step {name} failed")))
+        }
+    }
+}
+
+/// pg_dump / pg_restore must be at least the source's major version to dump it faithfully.
+async fn check_tool_versions(source: &ConnInfo) -> Result<()> {
+    let client = pg::connect(source, Side::Source, "version check").await?;
+    let server: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    let server_major = (server / 10000) as u32;
+    for tool in ["pg_dump", "pg_restore"] {
+        let major = schema::tool_major_version(tool).await?;
+        if major < server_major {
+            bail!(
+                "{tool} is version {major} but the source server is version {server_major}: install the PostgreSQL {server_major} client tools (or newer) and put them on the PATH, or set PGTIDE_PG_BIN to their directory"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Ties the work dir to one source and target so that a resume against other servers is
+/// refused instead of mixing two migrations.
+async fn check_identity(
+    state: &StateDb,
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+    opts: &CloneOptions,
+) -> Result<()> {
+    let source_id = database_identity(source).await?;
+    let target_id = database_identity(target).await?;
+    if source_id == target_id {
+        bail!(
+            "the source and target are the same database ({}): give a different --target",
+            opts.target
+        );
+    }
+    for (key, id, side, info) in [
+        ("source.identity", &source_id, "source", &opts.source),
+        ("target.identity", &target_id, "target", &opts.target),
+    ] {
+        match state.get_meta(key)? {
+            Some(stored) if &stored != id => bail!(
+                "this work dir belongs to another migration: its {side} was {} but this run's {side} is {info}. Use another --dir, or --restart to start over here.",
+                state.get_meta(&format!("{side}.uri"))?.unwrap_or(stored)
+            ),
+            _ => {
+                state.set_meta(key, id)?;
+                state.set_meta(&format!("{side}.uri"), &info.redacted())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The server's system identifier and the database name: what a work dir is tied to.
+async fn database_identity(client: &tokio_postgres::Client) -> Result<String> {
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text || '/' || current_database() FROM pg_control_system()",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// A fresh clone must not silently mix with tables left on the target: refuse, or with
+/// `--drop-if-exists` remove the foreign keys that would block pg_restore --clean.
+async fn prepare_empty_target(
+    target: &tokio_postgres::Client,
+    tables: &[TableRow],
+    drop_if_exists: bool,
+) -> Result<()> {
+    let names: Vec<String> = tables.iter().map(|t| t.qualified()).collect();
+    let existing: Vec<String> = target
+        .query(
+            "SELECT n FROM unnest($1::text[]) n WHERE to_regclass(n) IS NOT NULL",
+            &[&names],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if existing.is_empty() {
+        target
+            .batch_execute("DROP SCHEMA IF EXISTS pgtide CASCADE")
+            .await?;
+        return Ok(());
+    }
+    if !drop_if_exists {
+        let shown: Vec<&str> = existing.iter().take(5).map(|s| s.as_str()).collect();
+        bail!(
+            "the target database is not empty: {} of the tables to copy already exist there ({}{}). Add --drop-if-exists to drop and recreate them, or point --target at an empty database.",
+            existing.len(),
+            shown.join(", "),
+            if existing.len() > 5 { ", …" } else { "" }
+        );
+    }
+    tracing::info!(
+        "--drop-if-exists: dropping {} existing tables' foreign keys on the target",
+        existing.len()
+    );
+    let fks = target
+        .query(
+            "SELECT conrelid::regclass::text, quote_ident(conname) FROM pg_constraint
+             WHERE contype = 'f' AND (conrelid = ANY($1::text[]::regclass[]) OR confrelid = ANY($1::text[]::regclass[]))",
+            &[&existing],
+        )
+        .await?;
+    for fk in fks {
+        let table: String = fk.get(0);
+        let name: String = fk.get(1);
+        target
+            .batch_execute(&format!(
+                "ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {name}"
+            ))
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "cannot drop foreign key {name} on {table}: {}",
+                    pg::describe(&e)
+                )
+            })?;
+    }
+    target
+        .batch_execute("DROP SCHEMA IF EXISTS pgtide CASCADE")
+        .await?;
+    Ok(())
+}
+
+/// On resume the target is the truth: a part is done iff the target committed its marker row,
+/// an index iff it exists there.
+async fn reconcile_with_target(
+    state: &StateDb,
+    target: &tokio_postgres::Client,
+    tables: &[TableRow],
+    indexes: &[IndexRow],
+) -> Result<()> {
+    let loaded = copy::loaded_parts(target).await?;
+    for p in state.parts()? {
+        if loaded.contains(&(p.table_oid, p.part)) {
+            if p.status != "done" {
+                state.part_found_done(p.table_oid, p.part)?;
+            }
+        } else if p.status == "done" {
+            tracing::warn!(
+                "part {} of table oid {} is not on the target; copying it again",
+                p.part,
+                p.table_oid
+            );
+            state.part_started(p.table_oid, p.part, "")?;
+        }
+    }
+    let by_oid: HashMap<u32, &TableRow> = tables.iter().map(|t| (t.oid, t)).collect();
+    for index in indexes.iter().filter(|i| i.status != "done") {
+        if let Some(table) = by_oid.get(&index.table_oid)
+            && indexes::exists_on_target(target, index, table).await?
+        {
+            state.index_done(index.oid)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the table workers and the index workers until every part is loaded and every index
+/// built; the first error stops all of them (their transactions roll back).
+async fn copy_and_index(
+    opts: &CloneOptions,
+    state: &StateDb,
+    snapshot_name: &str,
+    tables: &[TableRow],
+) -> Result<()> {
+    let by_oid: Arc<HashMap<u32, TableRow>> =
+        Arc::new(tables.iter().map(|t| (t.oid, t.clone())).collect());
+    let parts = state.parts()?;
+    let indexes = state.indexes()?;
+    let mut indexes_by_table: HashMap<u32, Vec<IndexRow>> = HashMap::new();
+    for i in indexes.into_iter().filter(|i| i.status != "done") {
+        indexes_by_table.entry(i.table_oid).or_default().push(i);
+    }
+    let indexes_by_table = Arc::new(std::sync::Mutex::new(indexes_by_table));
+
+    let mut remaining: HashMap<u32, usize> = HashMap::new();
+    let mut queue: Vec<(TableRow, PartRow)> = Vec::new();
+    for p in parts.iter().filter(|p| p.status != "done") {
+        *remaining.entry(p.table_oid).or_default() += 1;
+        if let Some(t) = by_oid.get(&p.table_oid) {
+            queue.push((t.clone(), p.clone()));
+        }
+    }
+    // Largest table first; a split table's parts stay together so its indexes start early.
+    queue.sort_by_key(|(t, p)| (std::cmp::Reverse(t.total_bytes()), t.oid, p.part));
+    let total_bytes: i64 = queue
+        .iter()
+        .map(|(t, p)| t.total_bytes() / p.nparts.max(1))
+        .sum();
+    let queue = Arc::new(Mutex::new(VecDeque::from(queue)));
+    let remaining = Arc::new(std::sync::Mutex::new(remaining));
+
+    let (index_tx, index_rx) = mpsc::unbounded_channel::<IndexRow>();
+    let index_rx = Arc::new(Mutex::new(index_rx));
+    // Tables with nothing left to copy go straight to the index workers.
+    {
+        let remaining = remaining.lock().map_err(|_| anyhow!("lock poisoned"))?;
+        let mut pending = indexes_by_table
+            .lock()
+            .map_err(|_| anyhow!("lock poisoned"))?;
+        let ready: Vec<u32> = pending
+            .keys()
+            .filter(|oid| !remaining.contains_key(oid))
+            .copied()
+            .collect();
+        for oid in ready {
+            for index in pending.remove(&oid).unwrap_or_default() {
+                let _ = index_tx.send(index);
+            }
+        }
+    }
+
+    let counters = Arc::new(CopyCounters::default());
+    let mut workers: JoinSet<Result<()>> = JoinSet::new();
+    for n in 0..opts.table_jobs.max(1) {
+        let worker = CopyWorker {
+            source: pg::connect(&opts.source, Side::Source, "copy").await?,
+            target: pg::connect(&opts.target, Side::Target, "copy").await?,
+            snapshot: snapshot_name.to_string(),
+            counters: counters.clone(),
+        };
+        worker
+            .target
+            .batch_execute("SET synchronous_commit = off")
+            .await?;
+        let queue = queue.clone();
+        let remaining = remaining.clone();
+        let indexes_by_table = indexes_by_table.clone();
+        let index_tx = index_tx.clone();
+        let state = state.clone();
+        workers.spawn(async move {
+            loop {
+                let Some((table, part)) = queue.lock().await.pop_front() else {
+                    return Ok(());
+                };
+                let label = if part.nparts > 1 {
+                    format!(
+                        "{} part {}/{}",
+                        table.display_name(),
+                        part.part + 1,
+                        part.nparts
+                    )
+                } else {
+                    table.display_name()
+                };
+                tracing::debug!("copy worker {n}: {label}");
+                let t0 = Instant::now();
+                state.part_started(table.oid, part.part, &worker.snapshot)?;
+                let result = worker
+                    .copy_part(&table, &part)
+                    .await
+                    .with_context(|| format!("copying {label}"))?;
+                state.part_done(table.oid, part.part, result.rows, result.bytes)?;
+                tracing::info!(
+                    "copied {label}: {} rows, {} in {:.1?}",
+                    result.rows,
+                    human_bytes(result.bytes),
+                    t0.elapsed()
+                );
+                let table_done = {
+                    let mut remaining = remaining.lock().map_err(|_| anyhow!("lock poisoned"))?;
+                    let left = remaining.entry(table.oid).or_insert(1);
+                    *left -= 1;
+                    *left == 0
+                };
+                if table_done {
+                    let ready = indexes_by_table
+                        .lock()
+                        .map_err(|_| anyhow!("lock poisoned"))?
+                        .remove(&table.oid)
+                        .unwrap_or_default();
+                    for index in ready {
+                        let _ = index_tx.send(index);
+                    }
+                }
+            }
+        });
+    }
+    drop(index_tx);
+
+    for _ in 0..opts.index_jobs.max(1) {
+        let target = pg::connect(&opts.target, Side::Target, "index").await?;
+        target
+            .batch_execute("SET maintenance_work_mem = '512MB'; SET synchronous_commit = off")
+            .await?;
+        let index_rx = index_rx.clone();
+        let by_oid = by_oid.clone();
+        let state = state.clone();
+        workers.spawn(async move {
+            loop {
+                let next = index_rx.lock().await.recv().await;
+                let Some(index) = next else { return Ok(()) };
+                let Some(table) = by_oid.get(&index.table_oid) else {
+                    continue;
+                };
+                let t0 = Instant::now();
+                state.index_started(index.oid)?;
+                indexes::build(&target, &index, table).await?;
+                state.index_done(index.oid)?;
+                tracing::info!(
+                    "built index {}.{} in {:.1?}",
+                    index.schema,
+                    index.name,
+                    t0.elapsed()
+                );
+            }
+        });
+    }
+
+    let progress = {
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                tracing::info!(
+                    "progress: {} copied of about {} to copy, {} rows",
+                    human_bytes(counters.bytes.load(Ordering::Relaxed)),
+                    human_bytes(total_bytes.max(0) as u64),
+                    counters.rows.load(Ordering::Relaxed)
+                );
+            }
+        })
+    };
+    let result = async {
+        while let Some(joined) = workers.join_next().await {
+            joined.map_err(|e| anyhow!("a clone worker crashed: {e}"))??;
+        }
+        Ok(())
+    }
+    .await;
+    progress.abort();
+    result
+}
+
+/// VACUUM ANALYZE of the copied tables, `jobs` at a time, so the planner has statistics and
+/// the visibility map is set before traffic arrives.
+async fn vacuum_analyze(target: &ConnInfo, tables: &[TableRow], jobs: usize) -> Result<()> {
+    let queue = Arc::new(Mutex::new(
+        tables
+            .iter()
+            .map(|t| t.qualified())
+            .collect::<VecDeque<_>>(),
+    ));
+    let mut set = JoinSet::new();
+    for _ in 0..jobs.max(1) {
+        let client = pg::connect(target, Side::Target, "vacuum").await?;
+        let queue = queue.clone();
+        set.spawn(async move {
+            while let Some(name) = queue.lock().await.pop_front() {
+                client
+                    .batch_execute(&format!("VACUUM (ANALYZE) {name}"))
+                    .await
+                    .map_err(|e| anyhow!("VACUUM ANALYZE {name} failed: {}", pg::describe(&e)))?;
+            }
+            Ok::<(), anyhow::Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.map_err(|e| anyhow!("a vacuum worker crashed: {e}"))??;
+    }
+    Ok(())
+}
+
+/// "1.2 GB" style sizes for logs and summaries.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// The end-of-clone summary: each step's wall time, then per-table rows, bytes and time.
+pub fn print_summary(state: &StateDb, elapsed: Duration) -> Result<()> {
+    println!();
+    println!("{:<24} {:>10} {:>12}", "step", "status", "seconds");
+    for (name, status, secs) in state.steps()? {
+        println!(
+            "{:<24} {:>10} {:>12}",
+            name,
+            status,
+            secs.map(|s| format!("{s:.1}"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    println!();
+    println!(
+        "{:<40} {:>6} {:>12} {:>10} {:>9}",
+        "table", "parts", "rows", "bytes", "seconds"
+    );
+    for (name, rows, bytes, secs, parts) in state.table_summary()? {
+        println!(
+            "{:<40} {:>6} {:>12} {:>10} {:>9.1}",
+            name,
+            parts,
+            rows,
+            human_bytes(bytes.max(0) as u64),
+            secs
+        );
+    }
+    println!();
+    println!("clone finished in {:.1?}", elapsed);
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! The source snapshot every copy worker imports. Either pgtide exports one itself (a
+//! REPEATABLE READ transaction kept open until the copy is done) or the caller hands one in:
+//! `--snapshot NAME`, or the replication slot's exported snapshot in the follow pipeline.
+
+use anyhow::{Context, Result};
+use tokio_postgres::Client;
+
+use crate::conninfo::ConnInfo;
+use crate::pg::{self, Side};
+
+/// Keeps an exported snapshot alive; dropping it ends the exporting transaction.
+pub struct Snapshot {
+    pub name: String,
+    /// The source WAL position when the snapshot was taken (for the per-part record).
+    pub lsn: String,
+    _holder: Option<Client>,
+}
+
+impl Snapshot {
+    /// Exports a new snapshot from a transaction held open by this value.
+    pub async fn export(source: &ConnInfo) -> Result<Self> {
+        let client = pg::connect(source, Side::Source, "snapshot").await?;
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .context("cannot open the snapshot transaction on the source")?;
+        let row = client
+            .query_one(
+                "SELECT pg_export_snapshot(), CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text",
+                &[],
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot export a snapshot on the source: {}", pg::describe(&e)))?;
+        Ok(Snapshot {
+            name: row.get(0),
+            lsn: row.get(1),
+            _holder: Some(client),
+        })
+    }
+
+    /// A snapshot exported by someone else; its exporter must keep it alive for the whole copy.
+    pub fn external(name: &str) -> Self {
+        Snapshot {
+            name: name.to_string(),
+            lsn: String::new(),
+            _holder: None,
+        }
+    }
+}
+
+/// Starts a read-only REPEATABLE READ transaction on `client` that sees `snapshot`.
+pub async fn import(client: &Client, snapshot: &str) -> Result<()> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            pg::quote_literal(snapshot)
+        ))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot import the snapshot \"{snapshot}\" on the source: {}. The transaction that exported it must stay open for the whole copy; with --snapshot, keep its exporter running.",
+                pg::describe(&e)
+            )
+        })
+}

@@ -1,0 +1,22 @@
+//! One file per subcommand; each wires stages together and owns nothing else.
+
+pub mod clone;
+pub mod verify;
+
+use anyhow::Result;
+
+use crate::clone::filters::Filters;
+use crate::conninfo::ConnInfo;
+
+/// Parses a `--source`/`--target` value, naming which one was wrong.
+pub fn parse_conninfo(value: &str, which: &str) -> Result<ConnInfo> {
+    ConnInfo::parse(value)
+        .map_err(|e| e.context(format!("--{which} is not a valid connection string")))
+}
+
+pub fn load_filters(path: Option<&std::path::Path>) -> Result<Filters> {
+    match path {
+        Some(p) => Filters::load(p),
+        None => Ok(Filters::default()),
+    }
+}

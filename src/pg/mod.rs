@@ -1,0 +1,175 @@
+//! Normal (non-replication) connections through tokio-postgres, identifier quoting, and the
+//! translation of connection failures into errors that tell the operator what to fix.
+
+pub mod catalog;
+
+use anyhow::{Result, anyhow};
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use crate::conninfo::ConnInfo;
+
+/// Which server a connection goes to; named in every connection error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Target,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Source => "source",
+            Side::Target => "target",
+        }
+    }
+}
+
+/// Opens a session with settings that make text output identical on both servers (UTC,
+/// ISO dates, hex bytea, full float precision), so checksums and COPY text agree.
+pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Client> {
+    let tls = info.tls_connector()?;
+    let config = info.tokio_config("pgtide");
+    let (client, connection) = config
+        .connect(tls)
+        .await
+        .map_err(|e| explain_connect_error(info, side, &e))?;
+    let label = format!("{} {purpose}", side.name());
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("{label} connection ended: {e}");
+        }
+    });
+    client
+        .batch_execute(
+            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
+             SET bytea_output = 'hex'; SET extra_float_digits = 1; SET statement_timeout = 0; \
+             SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0",
+        )
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot set up the {} session: {}",
+                side.name(),
+                describe(&e)
+            )
+        })?;
+    Ok(client)
+}
+
+/// A one-paragraph explanation for a failed connection: what happened and what to do.
+pub fn explain_connect_error(
+    info: &ConnInfo,
+    side: Side,
+    err: &tokio_postgres::Error,
+) -> anyhow::Error {
+    let side = side.name();
+    let endpoint = info.endpoint();
+    if let Some(db) = err.as_db_error() {
+        let code = db.code();
+        let msg = db.message();
+        if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
+            return anyhow!(
+                "cannot log in to the {side} server at {endpoint} as user \"{}\": {msg}. Check the password (in the connection string, PGPASSWORD or ~/.pgpass) and the server's pg_hba.conf.",
+                info.user
+            );
+        }
+        if *code == SqlState::INVALID_CATALOG_NAME {
+            return anyhow!(
+                "the {side} database \"{}\" does not exist on {endpoint}: {msg}. Fix the database name in the connection string, or create it (createdb).",
+                info.dbname
+            );
+        }
+        if *code == SqlState::TOO_MANY_CONNECTIONS {
+            return anyhow!(
+                "the {side} server at {endpoint} refused the connection: {msg}. Lower --table-jobs / --index-jobs or raise max_connections."
+            );
+        }
+        return anyhow!(
+            "cannot connect to the {side} server at {endpoint}: {msg} (SQLSTATE {})",
+            code.code()
+        );
+    }
+    let text = err.to_string();
+    let source_text = std::error::Error::source(err)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let detail = if source_text.is_empty() {
+        text.clone()
+    } else {
+        format!("{text}: {source_text}")
+    };
+    let lower = detail.to_lowercase();
+    let hint = if lower.contains("refused") || lower.contains("no such file") {
+        "Is PostgreSQL running there and listening on that address and port? Check host and port in the connection string."
+    } else if lower.contains("timed out") || lower.contains("timeout") {
+        "The server did not answer in time: check the host, port and firewall, or raise connect_timeout."
+    } else if lower.contains("lookup")
+        || lower.contains("resolve")
+        || lower.contains("name or service")
+        || lower.contains("no address")
+    {
+        "The host name does not resolve: check the host in the connection string."
+    } else if lower.contains("tls") || lower.contains("certificate") || lower.contains("ssl") {
+        "TLS failed: check sslmode and sslrootcert (the CA that signed the server certificate, and for verify-full the host name it names)."
+    } else {
+        "Check the connection string and that the server accepts connections from this machine."
+    };
+    anyhow!(
+        "cannot connect to the {side} server at {endpoint} (database \"{}\", user \"{}\"): {detail}. {hint}",
+        info.dbname,
+        info.user
+    )
+}
+
+/// The server's message with detail and hint, for errors from statements.
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!("; detail: {d}"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => {
+            let mut s = err.to_string();
+            if let Some(src) = std::error::Error::source(err) {
+                s.push_str(&format!(": {src}"));
+            }
+            s
+        }
+    }
+}
+
+/// Quotes an SQL identifier the way `quote_ident` does.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `"schema"."name"`.
+pub fn qualified(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+/// Quotes an SQL string literal.
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(qualified("Sch", "t"), "\"Sch\".\"t\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,537 @@
+//! `state.db`: the work dir's SQLite database. It holds the source catalog as seen under the
+//! snapshot, one progress row per step, table part and index (with start/end times and attempt
+//! counts), and the identity of the migration the work dir belongs to.
+//!
+//! Resume correctness depends on this file: a part or index is only marked `done` after the
+//! target committed it, so a crash can leave a row `running` (redone or checked on resume) but
+//! never `done` for work the target does not have.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Bumped whenever the schema below changes; `open` migrates older files forward.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS steps (
+    name       TEXT PRIMARY KEY,
+    status     TEXT NOT NULL,          -- running | done | failed
+    started_at REAL,
+    done_at    REAL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    error      TEXT
+);
+CREATE TABLE IF NOT EXISTS tables (
+    oid          INTEGER PRIMARY KEY,
+    schema_name  TEXT NOT NULL,
+    table_name   TEXT NOT NULL,
+    heap_bytes   INTEGER NOT NULL,
+    toast_bytes  INTEGER NOT NULL,
+    pages        INTEGER NOT NULL,
+    est_rows     INTEGER NOT NULL,
+    has_pk       INTEGER NOT NULL,
+    columns_json TEXT NOT NULL,        -- copied columns (generated ones left out)
+    binary_copy  INTEGER NOT NULL,     -- every column type has a portable binary form
+    copy_data    INTEGER NOT NULL      -- 0 for --filters exclude-table-data
+);
+CREATE TABLE IF NOT EXISTS parts (
+    table_oid  INTEGER NOT NULL,
+    part       INTEGER NOT NULL,
+    nparts     INTEGER NOT NULL,
+    first_page INTEGER NOT NULL,
+    end_page   INTEGER,                -- NULL: up to the end of the table
+    status     TEXT NOT NULL DEFAULT 'pending',
+    rows       INTEGER,
+    bytes      INTEGER,
+    snapshot   TEXT,
+    started_at REAL,
+    done_at    REAL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (table_oid, part)
+);
+CREATE TABLE IF NOT EXISTS indexes (
+    oid             INTEGER PRIMARY KEY,
+    table_oid       INTEGER NOT NULL,
+    schema_name     TEXT NOT NULL,
+    index_name      TEXT NOT NULL,
+    definition      TEXT NOT NULL,
+    constraint_oid  INTEGER,
+    constraint_name TEXT,
+    constraint_type TEXT,              -- p | u | x
+    constraint_def  TEXT,
+    is_deferrable   INTEGER NOT NULL DEFAULT 0,
+    is_deferred     INTEGER NOT NULL DEFAULT 0,
+    status          TEXT NOT NULL DEFAULT 'pending',
+    started_at      REAL,
+    done_at         REAL,
+    attempts        INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS sequences (
+    oid         INTEGER PRIMARY KEY,
+    schema_name TEXT NOT NULL,
+    seq_name    TEXT NOT NULL,
+    last_value  INTEGER NOT NULL,
+    is_called   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS large_objects (
+    oid INTEGER PRIMARY KEY
+);
+"#;
+
+/// Seconds since the epoch, as stored in every `*_at` column.
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One table as the catalog saw it under the snapshot.
+#[derive(Clone, Debug)]
+pub struct TableRow {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    pub heap_bytes: i64,
+    pub toast_bytes: i64,
+    pub pages: i64,
+    pub est_rows: i64,
+    pub has_pk: bool,
+    pub columns: Vec<String>,
+    pub binary_copy: bool,
+    pub copy_data: bool,
+}
+
+impl TableRow {
+    pub fn total_bytes(&self) -> i64 {
+        self.heap_bytes + self.toast_bytes
+    }
+    pub fn qualified(&self) -> String {
+        crate::pg::qualified(&self.schema, &self.name)
+    }
+    pub fn display_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+}
+
+/// One index (and the constraint it backs, if any) to build on the target.
+#[derive(Clone, Debug)]
+pub struct IndexRow {
+    pub oid: u32,
+    pub table_oid: u32,
+    pub schema: String,
+    pub name: String,
+    pub definition: String,
+    pub constraint: Option<ConstraintRow>,
+    pub status: String,
+}
+
+/// A primary key, unique or exclusion constraint backed by an index.
+#[derive(Clone, Debug)]
+pub struct ConstraintRow {
+    pub oid: u32,
+    pub name: String,
+    pub kind: String,
+    pub definition: String,
+    pub deferrable: bool,
+    pub deferred: bool,
+}
+
+/// One ctid range of a table.
+#[derive(Clone, Debug)]
+pub struct PartRow {
+    pub table_oid: u32,
+    pub part: i64,
+    pub nparts: i64,
+    pub first_page: i64,
+    pub end_page: Option<i64>,
+    pub status: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct SequenceRow {
+    pub schema: String,
+    pub name: String,
+    pub last_value: i64,
+    pub is_called: bool,
+}
+
+/// Handle shared by every worker; SQLite calls are short, so one mutex-guarded connection is
+/// enough and keeps writes serialised.
+#[derive(Clone)]
+pub struct StateDb {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl StateDb {
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open the state database {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            anyhow::bail!(
+                "{} was written by a newer pgtide (state schema {version}, this one knows {SCHEMA_VERSION}); use that pgtide or a new --dir",
+                path.display()
+            );
+        }
+        if version < 1 {
+            conn.execute_batch(SCHEMA_V1)
+                .context("cannot create the state database schema")?;
+        }
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(StateDb {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("state database lock poisoned"))?;
+        f(&conn).context("state database error")
+    }
+
+    pub fn get_meta(&self, key: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Empties every table: used when the operator starts over in the same work dir.
+    pub fn reset(&self) -> Result<()> {
+        self.with(|c| {
+            c.execute_batch(
+                "DELETE FROM meta; DELETE FROM steps; DELETE FROM tables; DELETE FROM parts;
+                 DELETE FROM indexes; DELETE FROM sequences; DELETE FROM large_objects;",
+            )
+        })
+    }
+
+    pub fn step_status(&self, name: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row("SELECT status FROM steps WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+    }
+
+    pub fn step_started(&self, name: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO steps(name, status, started_at, attempts) VALUES (?1, 'running', ?2, 1)
+                 ON CONFLICT(name) DO UPDATE SET status = 'running', started_at = ?2, done_at = NULL,
+                 error = NULL, attempts = attempts + 1",
+                params![name, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn step_done(&self, name: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE steps SET status = 'done', done_at = ?2 WHERE name = ?1",
+                params![name, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn step_failed(&self, name: &str, error: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE steps SET status = 'failed', done_at = ?2, error = ?3 WHERE name = ?1",
+                params![name, now(), error],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// (name, status, seconds) of every step in the order they started.
+    pub fn steps(&self) -> Result<Vec<(String, String, Option<f64>)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT name, status, done_at - started_at FROM steps ORDER BY started_at",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        })
+    }
+
+    pub fn has_catalog(&self) -> Result<bool> {
+        Ok(self.step_status("catalog")?.as_deref() == Some("done"))
+    }
+
+    /// Stores the catalog in one SQLite transaction, so a crash never leaves half of it.
+    pub fn save_catalog(
+        &self,
+        tables: &[TableRow],
+        parts: &[PartRow],
+        indexes: &[IndexRow],
+        sequences: &[SequenceRow],
+        large_objects: &[u32],
+    ) -> Result<()> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("state database lock poisoned"))?;
+        let tx = conn.transaction()?;
+        tx.execute_batch(
+            "DELETE FROM tables; DELETE FROM parts; DELETE FROM indexes; DELETE FROM sequences; DELETE FROM large_objects;",
+        )?;
+        for t in tables {
+            tx.execute(
+                "INSERT INTO tables VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    t.oid,
+                    t.schema,
+                    t.name,
+                    t.heap_bytes,
+                    t.toast_bytes,
+                    t.pages,
+                    t.est_rows,
+                    t.has_pk,
+                    serde_json::to_string(&t.columns)?,
+                    t.binary_copy,
+                    t.copy_data
+                ],
+            )?;
+        }
+        for p in parts {
+            tx.execute(
+                "INSERT INTO parts(table_oid, part, nparts, first_page, end_page) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![p.table_oid, p.part, p.nparts, p.first_page, p.end_page],
+            )?;
+        }
+        for i in indexes {
+            let c = i.constraint.as_ref();
+            tx.execute(
+                "INSERT INTO indexes(oid, table_oid, schema_name, index_name, definition, constraint_oid,
+                   constraint_name, constraint_type, constraint_def, is_deferrable, is_deferred)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    i.oid,
+                    i.table_oid,
+                    i.schema,
+                    i.name,
+                    i.definition,
+                    c.map(|c| c.oid),
+                    c.map(|c| c.name.clone()),
+                    c.map(|c| c.kind.clone()),
+                    c.map(|c| c.definition.clone()),
+                    c.is_some_and(|c| c.deferrable),
+                    c.is_some_and(|c| c.deferred)
+                ],
+            )?;
+        }
+        for (n, s) in sequences.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO sequences VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![n as i64, s.schema, s.name, s.last_value, s.is_called],
+            )?;
+        }
+        for oid in large_objects {
+            tx.execute("INSERT INTO large_objects VALUES (?1)", [oid])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn tables(&self) -> Result<Vec<TableRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT oid, schema_name, table_name, heap_bytes, toast_bytes, pages, est_rows, has_pk,
+                        columns_json, binary_copy, copy_data
+                 FROM tables ORDER BY heap_bytes + toast_bytes DESC, oid",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let columns_json: String = r.get(8)?;
+                Ok(TableRow {
+                    oid: r.get(0)?,
+                    schema: r.get(1)?,
+                    name: r.get(2)?,
+                    heap_bytes: r.get(3)?,
+                    toast_bytes: r.get(4)?,
+                    pages: r.get(5)?,
+                    est_rows: r.get(6)?,
+                    has_pk: r.get(7)?,
+                    columns: serde_json::from_str(&columns_json).unwrap_or_default(),
+                    binary_copy: r.get(9)?,
+                    copy_data: r.get(10)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn parts(&self) -> Result<Vec<PartRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT table_oid, part, nparts, first_page, end_page, status FROM parts ORDER BY table_oid, part",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(PartRow {
+                    table_oid: r.get(0)?,
+                    part: r.get(1)?,
+                    nparts: r.get(2)?,
+                    first_page: r.get(3)?,
+                    end_page: r.get(4)?,
+                    status: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn part_started(&self, table_oid: u32, part: i64, snapshot: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE parts SET status = 'running', started_at = ?3, snapshot = ?4, attempts = attempts + 1
+                 WHERE table_oid = ?1 AND part = ?2",
+                params![table_oid, part, now(), snapshot],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn part_done(&self, table_oid: u32, part: i64, rows: u64, bytes: u64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE parts SET status = 'done', done_at = ?3, rows = ?4, bytes = ?5
+                 WHERE table_oid = ?1 AND part = ?2",
+                params![table_oid, part, now(), rows as i64, bytes as i64],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Marks a part done that the target already holds (found on resume); keeps its counters.
+    pub fn part_found_done(&self, table_oid: u32, part: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE parts SET status = 'done', done_at = coalesce(done_at, ?3) WHERE table_oid = ?1 AND part = ?2",
+                params![table_oid, part, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn indexes(&self) -> Result<Vec<IndexRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT oid, table_oid, schema_name, index_name, definition, constraint_oid, constraint_name,
+                        constraint_type, constraint_def, is_deferrable, is_deferred, status
+                 FROM indexes ORDER BY table_oid, oid",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let constraint_oid: Option<u32> = r.get(5)?;
+                let constraint = match constraint_oid {
+                    Some(oid) => Some(ConstraintRow {
+                        oid,
+                        name: r.get(6)?,
+                        kind: r.get(7)?,
+                        definition: r.get(8)?,
+                        deferrable: r.get(9)?,
+                        deferred: r.get(10)?,
+                    }),
+                    None => None,
+                };
+                Ok(IndexRow {
+                    oid: r.get(0)?,
+                    table_oid: r.get(1)?,
+                    schema: r.get(2)?,
+                    name: r.get(3)?,
+                    definition: r.get(4)?,
+                    constraint,
+                    status: r.get(11)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn index_started(&self, oid: u32) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE indexes SET status = 'running', started_at = ?2, attempts = attempts + 1 WHERE oid = ?1",
+                params![oid, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn index_done(&self, oid: u32) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE indexes SET status = 'done', done_at = ?2 WHERE oid = ?1",
+                params![oid, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn sequences(&self) -> Result<Vec<SequenceRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT schema_name, seq_name, last_value, is_called FROM sequences ORDER BY oid",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(SequenceRow {
+                    schema: r.get(0)?,
+                    name: r.get(1)?,
+                    last_value: r.get(2)?,
+                    is_called: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn large_objects(&self) -> Result<Vec<u32>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT oid FROM large_objects ORDER BY oid")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    /// Per-table rows, bytes and wall time (first part start to last part end), for the summary.
+    pub fn table_summary(&self) -> Result<Vec<(String, i64, i64, f64, i64)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT t.schema_name || '.' || t.table_name, coalesce(sum(p.rows), 0), coalesce(sum(p.bytes), 0),
+                        coalesce(max(p.done_at) - min(p.started_at), 0), count(p.part)
+                 FROM tables t LEFT JOIN parts p ON p.table_oid = t.oid
+                 GROUP BY t.oid ORDER BY t.heap_bytes + t.toast_bytes DESC, t.oid",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
+            rows.collect()
+        })
+    }
+}
