@@ -187,19 +187,6 @@ impl ConnInfo {
         Ok(info)
     }
 
-    /// Whether a password is known (from the string, PGPASSWORD or a pgpass file).
-    pub fn has_password(&self) -> bool {
-        self.password.is_some()
-    }
-
-    /// The same target with another database name, for the admin connections of tests and
-    /// checks that need `postgres` or a fresh database.
-    pub fn with_dbname(&self, dbname: &str) -> ConnInfo {
-        let mut other = self.clone();
-        other.dbname = dbname.to_string();
-        other
-    }
-
     fn is_unix_socket(&self) -> bool {
         self.host.starts_with('/')
     }
@@ -637,13 +624,15 @@ fn split_pgpass_line(line: &str) -> Vec<String> {
     while let Some(c) = chars.next() {
         match c {
             '\\' => {
-                if let Some(n) = chars.next() {
-                    fields.last_mut().map(|f| f.push(n));
+                if let (Some(n), Some(field)) = (chars.next(), fields.last_mut()) {
+                    field.push(n);
                 }
             }
             ':' if fields.len() < 5 => fields.push(String::new()),
             other => {
-                fields.last_mut().map(|f| f.push(other));
+                if let Some(field) = fields.last_mut() {
+                    field.push(other);
+                }
             }
         }
     }

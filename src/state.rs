@@ -164,6 +164,16 @@ pub struct SequenceRow {
     pub is_called: bool,
 }
 
+/// One line of the end-of-clone summary.
+#[derive(Clone, Debug)]
+pub struct TableSummary {
+    pub table: String,
+    pub rows: i64,
+    pub bytes: i64,
+    pub seconds: f64,
+    pub parts: i64,
+}
+
 /// Handle shared by every worker; SQLite calls are short, so one mutex-guarded connection is
 /// enough and keeps writes serialised.
 #[derive(Clone)]
@@ -520,7 +530,7 @@ impl StateDb {
     }
 
     /// Per-table rows, bytes and wall time (first part start to last part end), for the summary.
-    pub fn table_summary(&self) -> Result<Vec<(String, i64, i64, f64, i64)>> {
+    pub fn table_summary(&self) -> Result<Vec<TableSummary>> {
         self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT t.schema_name || '.' || t.table_name, coalesce(sum(p.rows), 0), coalesce(sum(p.bytes), 0),
@@ -529,7 +539,13 @@ impl StateDb {
                  GROUP BY t.oid ORDER BY t.heap_bytes + t.toast_bytes DESC, t.oid",
             )?;
             let rows = stmt.query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok(TableSummary {
+                    table: r.get(0)?,
+                    rows: r.get(1)?,
+                    bytes: r.get(2)?,
+                    seconds: r.get(3)?,
+                    parts: r.get(4)?,
+                })
             })?;
             rows.collect()
         })

@@ -161,9 +161,11 @@ async fn table_digest(
     Ok((row.get(0), row.get(1)))
 }
 
-const SEQUENCES: &str = "SELECT schemaname || '.' || sequencename, schemaname, coalesce(last_value::text, 'not called') FROM pg_sequences";
-const INDEXES: &str = "SELECT schemaname || '.' || indexname, schemaname, indexdef FROM pg_indexes";
-const CONSTRAINTS: &str = "SELECT n.nspname || '.' || c.relname || '.' || k.conname, n.nspname, pg_get_constraintdef(k.oid)
+// Each query returns (name, schema, table or NULL, value) so that filters apply to it.
+const SEQUENCES: &str = "SELECT schemaname || '.' || sequencename, schemaname, NULL::text, coalesce(last_value::text, 'not called') FROM pg_sequences";
+const INDEXES: &str =
+    "SELECT schemaname || '.' || indexname, schemaname, tablename::text, indexdef FROM pg_indexes";
+const CONSTRAINTS: &str = "SELECT n.nspname || '.' || c.relname || '.' || k.conname, n.nspname, c.relname::text, pg_get_constraintdef(k.oid)
     FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace";
 
 async fn named_values(
@@ -179,9 +181,13 @@ async fn named_values(
         .iter()
         .filter_map(|r| {
             let schema: String = r.get(1);
-            (filters.includes_schema(&schema)
-                && !matches!(schema.as_str(), "pg_catalog" | "information_schema"))
-            .then(|| (r.get::<_, String>(0), r.get::<_, String>(2)))
+            let table: Option<String> = r.get(2);
+            let included = match &table {
+                Some(t) => filters.includes_table(&schema, t),
+                None => filters.includes_schema(&schema),
+            };
+            (included && !matches!(schema.as_str(), "pg_catalog" | "information_schema"))
+                .then(|| (r.get::<_, String>(0), r.get::<_, String>(3)))
         })
         .collect())
 }

@@ -686,14 +686,14 @@ pub fn print_summary(state: &StateDb, elapsed: Duration) -> Result<()> {
         "{:<40} {:>6} {:>12} {:>10} {:>9}",
         "table", "parts", "rows", "bytes", "seconds"
     );
-    for (name, rows, bytes, secs, parts) in state.table_summary()? {
+    for t in state.table_summary()? {
         println!(
             "{:<40} {:>6} {:>12} {:>10} {:>9.1}",
-            name,
-            parts,
-            rows,
-            human_bytes(bytes.max(0) as u64),
-            secs
+            t.table,
+            t.parts,
+            t.rows,
+            human_bytes(t.bytes.max(0) as u64),
+            t.seconds
         );
     }
     println!();

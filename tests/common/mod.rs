@@ -1,0 +1,138 @@
+//! Helpers for the integration tests: every test gets its own pair of databases on the real
+//! clusters that scripts/test.sh starts, and runs the real pgtide binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tokio_postgres::{Client, NoTls};
+
+/// The admin URI of a cluster; a missing variable fails the test (never a silent pass).
+pub fn admin_uri(which: &str) -> String {
+    let var = format!("PGTIDE_TEST_{}", which.to_uppercase());
+    std::env::var(&var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests with scripts/test.sh, which starts the PostgreSQL clusters")
+    })
+}
+
+pub fn password() -> String {
+    std::env::var("PGTIDE_TEST_PASSWORD")
+        .expect("PGTIDE_TEST_PASSWORD is not set: run scripts/test.sh")
+}
+
+/// The URI of database `db` on the source or target cluster.
+pub fn db_uri(which: &str, db: &str) -> String {
+    let admin = admin_uri(which);
+    let base = admin.rsplit_once('/').map(|x| x.0).unwrap_or(&admin);
+    format!("{base}/{db}")
+}
+
+pub async fn connect(uri: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(uri, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect for the test: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+/// Creates (or re-creates) database `name` on both clusters; returns (source URI, target URI).
+pub async fn fresh_db_pair(name: &str) -> (String, String) {
+    for which in ["source", "target"] {
+        let admin = connect(&admin_uri(which)).await;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+    }
+    (db_uri("source", name), db_uri("target", name))
+}
+
+pub async fn exec(uri: &str, sql: &str) {
+    connect(uri)
+        .await
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("SQL failed: {e:?}\n{sql}"));
+}
+
+pub async fn scalar_i64(uri: &str, sql: &str) -> i64 {
+    connect(uri).await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+pub async fn scalar_string(uri: &str, sql: &str) -> String {
+    connect(uri).await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+pub fn hard_cases_sql() -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hard_cases.sql"),
+    )
+    .unwrap()
+}
+
+/// A fresh, empty work dir for one test.
+pub fn workdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgtide-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// The pgtide binary with an environment free of the operator's PGTIDE_* settings.
+pub fn pgtide_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgtide"));
+    cmd.args(args)
+        .env_remove("PGTIDE_SOURCE_PGURI")
+        .env_remove("PGTIDE_TARGET_PGURI")
+        .env_remove("PGTIDE_DIR")
+        .env_remove("PGPASSWORD")
+        .env_remove("FAILPOINTS")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+pub fn pgtide(args: &[&str]) -> Output {
+    pgtide_command(args).output().expect("cannot run pgtide")
+}
+
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs pgtide and fails the test with its output when it does not exit 0.
+pub fn pgtide_ok(args: &[&str]) -> String {
+    let out = pgtide(args);
+    let all = text(&out);
+    assert!(out.status.success(), "pgtide {args:?} failed:\n{all}");
+    all
+}
+
+/// Runs pgtide expecting failure; returns the output for the message checks.
+pub fn pgtide_fails(args: &[&str]) -> String {
+    let out = pgtide(args);
+    let all = text(&out);
+    assert!(
+        !out.status.success(),
+        "pgtide {args:?} should have failed:\n{all}"
+    );
+    all
+}
+
+/// verify must say identical and exit 0.
+pub fn assert_identical(source: &str, target: &str) {
+    let out = pgtide_ok(&["verify", "--source", source, "--target", target]);
+    assert!(out.contains("source and target are identical"), "{out}");
+}
+
+/// One value from the work dir's state.db.
+pub fn state_query_i64(dir: &Path, sql: &str) -> i64 {
+    let conn = rusqlite::Connection::open(dir.join("state.db")).unwrap();
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
