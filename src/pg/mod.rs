@@ -102,6 +102,12 @@ pub fn explain_connect_error(
         format!("{text}: {source_text}")
     };
     let lower = detail.to_lowercase();
+    if lower.contains("password missing") {
+        return anyhow!(
+            "cannot log in to the {side} server at {endpoint} as user \"{}\": the server asks for a password and none was found. Put it in the connection string, PGPASSWORD or ~/.pgpass (mode 0600).",
+            info.user
+        );
+    }
     let hint = if lower.contains("refused") || lower.contains("no such file") {
         "Is PostgreSQL running there and listening on that address and port? Check host and port in the connection string."
     } else if lower.contains("timed out") || lower.contains("timeout") {
