@@ -426,3 +426,91 @@ async fn resume_after_sigkill_during_copy() {
         20
     );
 }
+
+/// Many unique constraints on one table built by several index workers at once: each
+/// `ADD CONSTRAINT … USING INDEX` waits for the other builds instead of deadlocking with them.
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_index_builds_on_one_table() {
+    let (src, dst) = fresh_db_pair("t_many_idx").await;
+    let mut sql = String::new();
+    for t in 0..3 {
+        sql.push_str(&format!(
+            "CREATE TABLE m{t} (id int PRIMARY KEY, a int UNIQUE, b int UNIQUE, c int UNIQUE, d text, e text);
+             CREATE INDEX ON m{t} (d); CREATE INDEX ON m{t} (e, d);
+             INSERT INTO m{t} SELECT g, g, -g, g * 2, md5(g::text), md5(g::text) FROM generate_series(1, 20000) g;"
+        ));
+    }
+    exec(&src, &sql).await;
+    let dir = workdir("many-idx");
+    pgtide_ok(&[
+        "clone",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        dir.to_str().unwrap(),
+        "--table-jobs",
+        "3",
+        "--index-jobs",
+        "4",
+    ]);
+    assert_identical(&src, &dst);
+}
+
+/// A crash between `CREATE UNIQUE INDEX` and `ADD CONSTRAINT … USING INDEX`: the resumed clone
+/// keeps the built index and attaches the constraint.
+#[tokio::test(flavor = "multi_thread")]
+async fn resume_after_crash_between_unique_index_and_constraint() {
+    let (src, dst) = fresh_db_pair("t_crash_idx").await;
+    exec(&src, "CREATE TABLE p (id int PRIMARY KEY, v text); INSERT INTO p SELECT g, 'v' FROM generate_series(1, 1000) g;").await;
+    let dir = workdir("crash-idx");
+    let d = dir.to_str().unwrap();
+    let out = pgtide_command(&[
+        "clone",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--index-jobs",
+        "1",
+    ])
+    .env("FAILPOINTS", "index.after_statement=panic")
+    .output()
+    .unwrap();
+    assert!(
+        !out.status.success(),
+        "the failpoint should have stopped the clone: {}",
+        text(&out)
+    );
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'p_pkey'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            "SELECT count(*) FROM pg_constraint WHERE conname = 'p_pkey'"
+        )
+        .await,
+        0
+    );
+    pgtide_ok(&[
+        "clone", "--source", &src, "--target", &dst, "--dir", d, "--resume",
+    ]);
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            "SELECT count(*) FROM pg_constraint WHERE conname = 'p_pkey' AND contype = 'p'"
+        )
+        .await,
+        1
+    );
+    assert_identical(&src, &dst);
+}

@@ -9,9 +9,21 @@ use tokio_postgres::Client;
 use crate::pg::{describe, quote_ident};
 use crate::state::{IndexRow, TableRow};
 
-/// Whether the index (and its constraint) already exists on the target: a resumed build that
-/// committed before the crash is not built again.
-pub async fn exists_on_target(target: &Client, index: &IndexRow, table: &TableRow) -> Result<bool> {
+/// How much of an index build the target already has: a resumed build that committed before
+/// the crash is not redone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnTarget {
+    Missing,
+    /// The unique index exists but its constraint was not attached yet.
+    IndexOnly,
+    Complete,
+}
+
+pub async fn state_on_target(
+    target: &Client,
+    index: &IndexRow,
+    table: &TableRow,
+) -> Result<OnTarget> {
     let row = target
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -34,23 +46,38 @@ pub async fn exists_on_target(target: &Client, index: &IndexRow, table: &TableRo
         .await?;
     let index_exists: bool = row.get(0);
     let constraint_exists: bool = row.get(1);
-    Ok(match &index.constraint {
-        Some(_) => constraint_exists,
-        None => index_exists,
+    Ok(match (&index.constraint, index_exists, constraint_exists) {
+        (Some(_), _, true) | (None, true, _) => OnTarget::Complete,
+        (Some(c), true, false) if c.kind != "x" => OnTarget::IndexOnly,
+        _ => OnTarget::Missing,
     })
 }
 
-/// Builds one index (and its constraint) on the target.
-pub async fn build(target: &Client, index: &IndexRow, table: &TableRow) -> Result<()> {
-    let sql = match &index.constraint {
-        None => index.definition.clone(),
-        Some(c) if c.kind == "x" => format!(
+/// Builds one index (and its constraint) on the target, continuing from `from`.
+///
+/// The unique index and its constraint are two transactions on purpose: `ADD CONSTRAINT`
+/// takes an ACCESS EXCLUSIVE lock, and taking it inside the transaction that built one index
+/// deadlocks with another worker building a second index of the same table. Alone, it simply
+/// waits for the other builds to finish.
+pub async fn build(
+    target: &Client,
+    index: &IndexRow,
+    table: &TableRow,
+    from: OnTarget,
+) -> Result<()> {
+    let mut statements = Vec::new();
+    match &index.constraint {
+        None => statements.push(index.definition.clone()),
+        Some(c) if c.kind == "x" => statements.push(format!(
             "ALTER TABLE {} ADD CONSTRAINT {} {}",
             table.qualified(),
             quote_ident(&c.name),
             c.definition
-        ),
+        )),
         Some(c) => {
+            if from == OnTarget::Missing {
+                statements.push(index.definition.clone());
+            }
             let kind = if c.kind == "p" {
                 "PRIMARY KEY"
             } else {
@@ -61,23 +88,24 @@ pub async fn build(target: &Client, index: &IndexRow, table: &TableRow) -> Resul
                 (true, false) => " DEFERRABLE",
                 _ => "",
             };
-            format!(
-                "BEGIN; {}; ALTER TABLE {} ADD CONSTRAINT {} {kind} USING INDEX {}{deferrable}; COMMIT",
-                index.definition,
+            statements.push(format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {kind} USING INDEX {}{deferrable}",
                 table.qualified(),
                 quote_ident(&c.name),
                 quote_ident(&index.name),
-            )
+            ));
         }
-    };
-    if let Err(e) = target.batch_execute(&sql).await {
-        let _ = target.batch_execute("ROLLBACK").await;
-        return Err(anyhow!(
-            "cannot build index {}.{} on the target: {}\nstatement: {sql}",
-            index.schema,
-            index.name,
-            describe(&e)
-        ));
+    }
+    for sql in statements {
+        target.batch_execute(&sql).await.map_err(|e| {
+            anyhow!(
+                "cannot build index {}.{} on the target: {}\nstatement: {sql}",
+                index.schema,
+                index.name,
+                describe(&e)
+            )
+        })?;
+        fail::fail_point!("index.after_statement");
     }
     Ok(())
 }

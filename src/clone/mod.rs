@@ -436,7 +436,7 @@ async fn reconcile_with_target(
     let by_oid: HashMap<u32, &TableRow> = tables.iter().map(|t| (t.oid, t)).collect();
     for index in indexes.iter().filter(|i| i.status != "done") {
         if let Some(table) = by_oid.get(&index.table_oid)
-            && indexes::exists_on_target(target, index, table).await?
+            && indexes::state_on_target(target, index, table).await? == indexes::OnTarget::Complete
         {
             state.index_done(index.oid)?;
         }
@@ -584,7 +584,8 @@ async fn copy_and_index(
                 };
                 let t0 = Instant::now();
                 state.index_started(index.oid)?;
-                indexes::build(&target, &index, table).await?;
+                let from = indexes::state_on_target(&target, &index, table).await?;
+                indexes::build(&target, &index, table, from).await?;
                 state.index_done(index.oid)?;
                 tracing::info!(
                     "built index {}.{} in {:.1?}",
