@@ -28,10 +28,17 @@ pgtide_psql source bench -f tests/fixtures/hard_cases.sql >/dev/null
 pgtide_psql source bench -c "VACUUM ANALYZE" -c "CHECKPOINT"
 pgtide_psql source bench -At -c "SELECT 'source size: ' || pg_size_pretty(pg_database_size('bench'))" >&2
 
-declare -A SECONDS_OF
+# pgcopydb 0.10 fails on a table with both a primary key and an exclusion constraint
+# ("relation bookings_pkey already exists" in its post-data restore), so its runs leave that
+# 100-row table out, and their verify does too.
+printf '[exclude-table]\npublic.bookings\n' > "$WORK/pgcopydb-filters.ini"
+
+declare -A SECONDS_OF VERDICT_OF
 run() { # name command…
   local name=$1; shift
-  pgtide_psql target postgres -c "DROP DATABASE IF EXISTS $name WITH (FORCE)" -c "CREATE DATABASE $name"
+  local verify_filters=()
+  case $name in pgcopydb*) verify_filters=(--filters "$WORK/pgcopydb-filters.ini");; esac
+  pgtide_psql target postgres -c "DROP DATABASE IF EXISTS \"$name\" WITH (FORCE)" -c "CREATE DATABASE \"$name\""
   pgtide_psql target postgres -c "CHECKPOINT"
   echo "== $name" >&2
   local t0 t1
@@ -40,17 +47,24 @@ run() { # name command…
   t1=$(date +%s.%N)
   SECONDS_OF[$name]=$(echo "$t1 - $t0" | bc)
   echo "   $name: ${SECONDS_OF[$name]} s" >&2
-  "$PGTIDE" verify --source "$(src_uri bench)" --target "$(dst_uri "$name")" > "$WORK/$name.verify" 2>&1 \
-    || { echo "$name: VERIFY FAILED" >&2; tail -30 "$WORK/$name.verify" >&2; exit 1; }
-  echo "   $name: verified identical" >&2
+  if "$PGTIDE" verify --source "$(src_uri bench)" --target "$(dst_uri "$name")" "${verify_filters[@]}" > "$WORK/$name.verify" 2>&1; then
+    VERDICT_OF[$name]="verified identical"
+  else
+    # pgtide itself must be exact; another tool's differences are reported, not fatal.
+    case $name in pgtide*) echo "$name: VERIFY FAILED" >&2; tail -30 "$WORK/$name.verify" >&2; exit 1;; esac
+    VERDICT_OF[$name]="DIFFERS: $(grep -E '^  (sequence|index|constraint) |DIFFERENT' "$WORK/$name.verify" | sed 's/^ *//' | paste -sd ';' -)"
+  fi
+  echo "   $name: ${VERDICT_OF[$name]}" >&2
 }
 
 run pgtide "$PGTIDE" clone --source "$(src_uri bench)" --target "$(dst_uri pgtide)" --dir "$WORK/pgtide-dir" \
+  --table-jobs "$JOBS" --index-jobs "$JOBS"
+run pgtide_split "$PGTIDE" clone --source "$(src_uri bench)" --target "$(dst_uri pgtide_split)" --dir "$WORK/pgtide-split-dir" \
   --table-jobs "$JOBS" --index-jobs "$JOBS" --split-tables-larger-than "$SPLIT"
 run pgcopydb pgcopydb clone --source "$(src_uri bench)" --target "$(dst_uri pgcopydb)" --dir "$WORK/pgcopydb-dir" \
-  --table-jobs "$JOBS" --index-jobs "$JOBS"
+  --table-jobs "$JOBS" --index-jobs "$JOBS" --filters "$WORK/pgcopydb-filters.ini"
 run pgcopydb_split pgcopydb clone --source "$(src_uri bench)" --target "$(dst_uri pgcopydb_split)" --dir "$WORK/pgcopydb-split-dir" \
-  --table-jobs "$JOBS" --index-jobs "$JOBS" --split-tables-larger-than "$SPLIT"
+  --table-jobs "$JOBS" --index-jobs "$JOBS" --split-tables-larger-than "$SPLIT" --filters "$WORK/pgcopydb-filters.ini"
 dump_restore() {
   "$PG_BIN/pg_dump" -Fd -j "$JOBS" -f "$WORK/dump" -d "$(src_uri bench)"
   "$PG_BIN/pg_restore" -j "$JOBS" -d "$(dst_uri dump_restore)" "$WORK/dump"
@@ -62,28 +76,28 @@ run dump_restore dump_restore
 limit() {
   local tables
   tables=$(pgtide_psql source bench -At -c "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' AND n.nspname IN ('public', 'sales')")
-  "$PG_BIN/pg_dump" --section=pre-data -d "$(src_uri bench)" | pgtide_psql target limit >/dev/null
+  "$PG_BIN/pg_dump" --section=pre-data -d "$(src_uri bench)" | pgtide_psql target physical_limit >/dev/null
   local t0 t1 t2
   t0=$(date +%s.%N)
   for t in $tables; do pgtide_psql source bench -c "\\copy $t TO '$WORK/$(echo "$t" | tr -d '"').copy'" & done; wait
   t1=$(date +%s.%N)
-  for t in $tables; do pgtide_psql target limit -c "\\copy $t FROM '$WORK/$(echo "$t" | tr -d '"').copy'" & done; wait
+  for t in $tables; do pgtide_psql target physical_limit -c "\\copy $t FROM '$WORK/$(echo "$t" | tr -d '"').copy'" & done; wait
   t2=$(date +%s.%N)
-  "$PG_BIN/pg_dump" --section=post-data -d "$(src_uri bench)" | pgtide_psql target limit >/dev/null
+  "$PG_BIN/pg_dump" --section=post-data -d "$(src_uri bench)" | pgtide_psql target physical_limit >/dev/null
   echo "limit: read $(echo "$t1 - $t0" | bc) s, load $(echo "$t2 - $t1" | bc) s, post-data $(echo "$(date +%s.%N) - $t2" | bc) s" >&2
   rm -f "$WORK"/*.copy
 }
-run limit limit
+run physical_limit limit
 
 best_pgcopydb=$(echo "if (${SECONDS_OF[pgcopydb]} < ${SECONDS_OF[pgcopydb_split]}) ${SECONDS_OF[pgcopydb]} else ${SECONDS_OF[pgcopydb_split]}" | bc)
 ratio() { echo "scale=2; $1 / $2" | bc; }
 echo
 echo "pgbench scale $SCALE, $JOBS jobs, split at $SPLIT, $(nproc) cores"
-printf '%-28s %8s s\n' "pgtide clone" "${SECONDS_OF[pgtide]}" "pgcopydb clone" "${SECONDS_OF[pgcopydb]}" \
-  "pgcopydb clone --split" "${SECONDS_OF[pgcopydb_split]}" "pg_dump -Fd | pg_restore" "${SECONDS_OF[dump_restore]}" \
-  "physical limit" "${SECONDS_OF[limit]}"
-echo "pgtide / best pgcopydb:      $(ratio "${SECONDS_OF[pgtide]}" "$best_pgcopydb")"
+for name in pgtide pgtide_split pgcopydb pgcopydb_split dump_restore physical_limit; do
+  printf '%-16s %8.1f s   %s\n' "$name" "${SECONDS_OF[$name]}" "${VERDICT_OF[$name]}"
+done
+echo "pgtide / best pgcopydb:      $(ratio "${SECONDS_OF[pgtide]}" "$best_pgcopydb")   (pgtide --split-tables-larger-than $SPLIT: $(ratio "${SECONDS_OF[pgtide_split]}" "$best_pgcopydb"))"
 echo "pgtide / dump-restore:       $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[dump_restore]}")"
-echo "pgtide / physical limit:     $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[limit]}")"
+echo "pgtide / physical limit:     $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[physical_limit]}")"
 echo "step times of the pgtide run:"; sed -n '/^step/,/^$/p' "$WORK/pgtide.log"
 echo "logs: $WORK"

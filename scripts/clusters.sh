@@ -4,8 +4,9 @@
 #   pgtide_start_clusters    initdb + start a source (wal_level=logical) and a target in a temp
 #                            dir, as the postgres OS user; exports PGTIDE_TEST_SOURCE/_TARGET
 #   pgtide_stop_clusters     stop both and remove the temp dir
-# Settings: PG_MAJOR (15), PGTIDE_CLUSTER_TUNING ("test": fsync off for speed; "bench": defaults
-# plus what a migration host would set), PGTIDE_KEEP_CLUSTERS=1 keeps the data after stop.
+# Settings: PG_MAJOR (15); PGTIDE_CLUSTER_TUNING=test (default: fsync off, for speed) or bench
+# (PostgreSQL's defaults, durable, as the benchmark's reference figures were taken);
+# PGTIDE_KEEP_CLUSTERS=1 keeps the data after stop.
 
 PG_MAJOR=${PG_MAJOR:-15}
 PG_BIN=/usr/lib/postgresql/$PG_MAJOR/bin
@@ -57,9 +58,6 @@ pgtide_start_clusters() {
       echo "listen_addresses = '127.0.0.1'"
       echo "unix_socket_directories = '$PGTIDE_CLUSTERS_DIR'"
       echo "max_connections = 200"
-      echo "shared_buffers = 512MB"
-      echo "max_wal_size = 8GB"
-      echo "checkpoint_timeout = 30min"
       echo "max_replication_slots = 10"
       echo "max_wal_senders = 10"
       echo "wal_level = $([ "$role" = source ] && echo logical || echo replica)"

@@ -30,10 +30,21 @@ impl Side {
 pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Client> {
     let tls = info.tls_connector()?;
     let config = info.tokio_config("pgtide");
-    let (client, connection) = config
-        .connect(tls)
-        .await
-        .map_err(|e| explain_connect_error(info, side, &e))?;
+    // connect_timeout bounds the whole connection set-up (as in libpq), not only the TCP
+    // connect: a server that accepts but never answers must not hang pgtide.
+    let connecting = config.connect(tls);
+    let connected = match info.connect_timeout {
+        Some(limit) => tokio::time::timeout(limit, connecting).await.map_err(|_| {
+            anyhow!(
+                "cannot connect to the {} server at {}: no answer within connect_timeout ({} s). Check that the host and port are those of a PostgreSQL server and that it is not overloaded, or raise connect_timeout.",
+                side.name(),
+                info.endpoint(),
+                limit.as_secs()
+            )
+        })?,
+        None => connecting.await,
+    };
+    let (client, connection) = connected.map_err(|e| explain_connect_error(info, side, &e))?;
     let label = format!("{} {purpose}", side.name());
     tokio::spawn(async move {
         if let Err(e) = connection.await {
