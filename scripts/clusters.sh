@@ -48,6 +48,19 @@ pgtide_start_clusters() {
   printf '%s\n' "$PGTIDE_TEST_PASSWORD" > "$pwfile"
   chown postgres: "$pwfile"; chmod 600 "$pwfile"
   local tuning=${PGTIDE_CLUSTER_TUNING:-test}
+  # A throwaway CA and a server certificate for "localhost" (no IP address in it, so that
+  # verify-full against 127.0.0.1 must fail): the source serves TLS, the target does not.
+  local tls="$PGTIDE_CLUSTERS_DIR/tls"
+  mkdir -p "$tls"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=pgtide test CA" \
+    -keyout "$tls/ca.key" -out "$tls/ca.crt" >/dev/null 2>&1
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$tls/server.key" \
+    -out "$tls/server.csr" >/dev/null 2>&1
+  printf 'subjectAltName=DNS:localhost\n' > "$tls/san.ext"
+  openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -CAcreateserial \
+    -days 2 -extfile "$tls/san.ext" -out "$tls/server.crt" >/dev/null 2>&1
+  chown -R postgres: "$tls"; chmod 600 "$tls/server.key"; chmod 644 "$tls/ca.crt"
+  export PGTIDE_TEST_CA="$tls/ca.crt"
   for role in source target; do
     local data="$PGTIDE_CLUSTERS_DIR/$role"
     local port; port=$(_pgtide_free_port)
@@ -61,12 +74,19 @@ pgtide_start_clusters() {
       echo "max_replication_slots = 10"
       echo "max_wal_senders = 10"
       echo "wal_level = $([ "$role" = source ] && echo logical || echo replica)"
+      if [ "$role" = source ]; then
+        echo "ssl = on"
+        echo "ssl_cert_file = '$tls/server.crt'"
+        echo "ssl_key_file = '$tls/server.key'"
+      fi
       if [ "$tuning" = test ]; then
         echo "fsync = off"
         echo "synchronous_commit = off"
         echo "full_page_writes = off"
       fi
     } >> "$data/postgresql.conf"
+    # The database tls_only accepts only TLS connections over TCP (the TLS tests use it).
+    [ "$role" = source ] && sed -i '/^# TYPE/a hostnossl  tls_only  all  all  reject' "$data/pg_hba.conf"
     _pgtide_as_postgres "$PG_BIN/pg_ctl" -D "$data" -l "$PGTIDE_CLUSTERS_DIR/$role.log" -w start >/dev/null
     local uri="postgres://postgres:$PGTIDE_TEST_PASSWORD@127.0.0.1:$port/postgres"
     if [ "$role" = source ]; then export PGTIDE_TEST_SOURCE=$uri PGTIDE_SOURCE_PORT=$port
