@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS tables (
     has_pk       INTEGER NOT NULL,
     columns_json TEXT NOT NULL,        -- copied columns (generated ones left out)
     binary_copy  INTEGER NOT NULL,     -- every column type has a portable binary form
-    copy_data    INTEGER NOT NULL      -- 0 for --filters exclude-table-data
+    copy_data    INTEGER NOT NULL,     -- 0 for --filters exclude-table-data
+    vacuumed_at  REAL                  -- VACUUM ANALYZE done on the target
 );
 CREATE TABLE IF NOT EXISTS parts (
     table_oid  INTEGER NOT NULL,
@@ -315,7 +316,7 @@ impl StateDb {
         )?;
         for t in tables {
             tx.execute(
-                "INSERT INTO tables VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO tables VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL)",
                 params![
                     t.oid,
                     t.schema,
@@ -372,12 +373,30 @@ impl StateDb {
     }
 
     pub fn tables(&self) -> Result<Vec<TableRow>> {
+        self.tables_where("true")
+    }
+
+    pub fn tables_not_vacuumed(&self) -> Result<Vec<TableRow>> {
+        self.tables_where("vacuumed_at IS NULL")
+    }
+
+    pub fn table_vacuumed(&self, oid: u32) -> Result<()> {
         self.with(|c| {
-            let mut stmt = c.prepare(
+            c.execute(
+                "UPDATE tables SET vacuumed_at = ?2 WHERE oid = ?1",
+                params![oid, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn tables_where(&self, condition: &str) -> Result<Vec<TableRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
                 "SELECT oid, schema_name, table_name, heap_bytes, toast_bytes, pages, est_rows, has_pk,
                         columns_json, binary_copy, copy_data
-                 FROM tables ORDER BY heap_bytes + toast_bytes DESC, oid",
-            )?;
+                 FROM tables WHERE {condition} ORDER BY heap_bytes + toast_bytes DESC, oid"
+            ))?;
             let rows = stmt.query_map([], |r| {
                 let columns_json: String = r.get(8)?;
                 Ok(TableRow {

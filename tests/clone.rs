@@ -101,6 +101,20 @@ async fn clone_copies_every_hard_case_identically() {
         9
     );
 
+    // Every table was vacuumed and analyzed on the target, most of them while others copied.
+    assert_eq!(
+        state_query_i64(
+            &dir,
+            "SELECT count(*) FROM tables WHERE vacuumed_at IS NULL"
+        ),
+        0
+    );
+    assert_eq!(
+        scalar_i64(&dst, "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' AND n.nspname IN ('public', 'sales') AND c.reltuples < 0").await,
+        0,
+        "a table was never analyzed"
+    );
+
     // verify is able to fail: one changed value in one row is found and named.
     exec(
         &dst,

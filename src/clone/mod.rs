@@ -9,6 +9,7 @@ pub mod copy;
 pub mod filters;
 pub mod indexes;
 pub mod large_objects;
+pub mod schedule;
 pub mod schema;
 pub mod sequences;
 pub mod snapshot;
@@ -28,6 +29,7 @@ use crate::state::{IndexRow, PartRow, StateDb, TableRow};
 use crate::workdir::WorkDir;
 use copy::{CopyCounters, CopyWorker};
 use filters::Filters;
+use schedule::{Next, Schedule};
 use snapshot::Snapshot;
 
 /// What the operator asked for on the command line.
@@ -239,10 +241,11 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     }
 
     if !opts.skip_vacuum && state.step_status("vacuum")?.as_deref() != Some("done") {
+        let left = state.tables_not_vacuumed()?;
         run_step(
             state,
             "vacuum",
-            vacuum_analyze(&opts.target, &tables, opts.table_jobs),
+            vacuum_analyze(&opts.target, state, &left, opts.table_jobs),
         )
         .await?;
     }
@@ -445,7 +448,8 @@ async fn reconcile_with_target(
 }
 
 /// Runs the table workers and the index workers until every part is loaded and every index
-/// built; the first error stops all of them (their transactions roll back).
+/// built; each table is vacuumed as soon as it is complete. The first error stops all of them
+/// (their transactions roll back).
 async fn copy_and_index(
     opts: &CloneOptions,
     state: &StateDb,
@@ -455,21 +459,12 @@ async fn copy_and_index(
     let by_oid: Arc<HashMap<u32, TableRow>> =
         Arc::new(tables.iter().map(|t| (t.oid, t.clone())).collect());
     let parts = state.parts()?;
-    let indexes = state.indexes()?;
-    let mut indexes_by_table: HashMap<u32, Vec<IndexRow>> = HashMap::new();
-    for i in indexes.into_iter().filter(|i| i.status != "done") {
-        indexes_by_table.entry(i.table_oid).or_default().push(i);
-    }
-    let indexes_by_table = Arc::new(std::sync::Mutex::new(indexes_by_table));
-
-    let mut remaining: HashMap<u32, usize> = HashMap::new();
-    let mut queue: Vec<(TableRow, PartRow)> = Vec::new();
-    for p in parts.iter().filter(|p| p.status != "done") {
-        *remaining.entry(p.table_oid).or_default() += 1;
-        if let Some(t) = by_oid.get(&p.table_oid) {
-            queue.push((t.clone(), p.clone()));
-        }
-    }
+    let mut schedule = Schedule::new(&parts, &state.indexes()?);
+    let mut queue: Vec<(TableRow, PartRow)> = parts
+        .iter()
+        .filter(|p| p.status != "done")
+        .filter_map(|p| by_oid.get(&p.table_oid).map(|t| (t.clone(), p.clone())))
+        .collect();
     // Largest table first; a split table's parts stay together so its indexes start early.
     queue.sort_by_key(|(t, p)| (std::cmp::Reverse(t.total_bytes()), t.oid, p.part));
     let total_bytes: i64 = queue
@@ -477,27 +472,14 @@ async fn copy_and_index(
         .map(|(t, p)| t.total_bytes() / p.nparts.max(1))
         .sum();
     let queue = Arc::new(Mutex::new(VecDeque::from(queue)));
-    let remaining = Arc::new(std::sync::Mutex::new(remaining));
 
     let (index_tx, index_rx) = mpsc::unbounded_channel::<IndexRow>();
     let index_rx = Arc::new(Mutex::new(index_rx));
-    // Tables with nothing left to copy go straight to the index workers.
-    {
-        let remaining = remaining.lock().map_err(|_| anyhow!("lock poisoned"))?;
-        let mut pending = indexes_by_table
-            .lock()
-            .map_err(|_| anyhow!("lock poisoned"))?;
-        let ready: Vec<u32> = pending
-            .keys()
-            .filter(|oid| !remaining.contains_key(oid))
-            .copied()
-            .collect();
-        for oid in ready {
-            for index in pending.remove(&oid).unwrap_or_default() {
-                let _ = index_tx.send(index);
-            }
-        }
+    for index in schedule.ready_at_start() {
+        let _ = index_tx.send(index);
     }
+    let schedule = Arc::new(std::sync::Mutex::new(schedule));
+    let vacuum = !opts.skip_vacuum;
 
     let counters = Arc::new(CopyCounters::default());
     let mut workers: JoinSet<Result<()>> = JoinSet::new();
@@ -513,8 +495,7 @@ async fn copy_and_index(
             .batch_execute("SET synchronous_commit = off")
             .await?;
         let queue = queue.clone();
-        let remaining = remaining.clone();
-        let indexes_by_table = indexes_by_table.clone();
+        let schedule = schedule.clone();
         let index_tx = index_tx.clone();
         let state = state.clone();
         workers.spawn(async move {
@@ -546,21 +527,18 @@ async fn copy_and_index(
                     human_bytes(result.bytes),
                     t0.elapsed()
                 );
-                let table_done = {
-                    let mut remaining = remaining.lock().map_err(|_| anyhow!("lock poisoned"))?;
-                    let left = remaining.entry(table.oid).or_insert(1);
-                    *left -= 1;
-                    *left == 0
-                };
-                if table_done {
-                    let ready = indexes_by_table
-                        .lock()
-                        .map_err(|_| anyhow!("lock poisoned"))?
-                        .remove(&table.oid)
-                        .unwrap_or_default();
-                    for index in ready {
-                        let _ = index_tx.send(index);
+                let next = schedule
+                    .lock()
+                    .map_err(|_| anyhow!("lock poisoned"))?
+                    .part_landed(table.oid);
+                match next {
+                    Next::BuildIndexes(indexes) => {
+                        for index in indexes {
+                            let _ = index_tx.send(index);
+                        }
                     }
+                    Next::Vacuum if vacuum => vacuum_table(&worker.target, &state, &table).await?,
+                    Next::Vacuum | Next::Wait => {}
                 }
             }
         });
@@ -574,6 +552,7 @@ async fn copy_and_index(
             .await?;
         let index_rx = index_rx.clone();
         let by_oid = by_oid.clone();
+        let schedule = schedule.clone();
         let state = state.clone();
         workers.spawn(async move {
             loop {
@@ -593,6 +572,13 @@ async fn copy_and_index(
                     index.name,
                     t0.elapsed()
                 );
+                let last = schedule
+                    .lock()
+                    .map_err(|_| anyhow!("lock poisoned"))?
+                    .index_built(table.oid);
+                if last && vacuum {
+                    vacuum_table(&target, &state, table).await?;
+                }
             }
         });
     }
@@ -624,27 +610,50 @@ async fn copy_and_index(
     result
 }
 
-/// VACUUM ANALYZE of the copied tables, `jobs` at a time, so the planner has statistics and
-/// the visibility map is set before traffic arrives.
-async fn vacuum_analyze(target: &ConnInfo, tables: &[TableRow], jobs: usize) -> Result<()> {
-    let queue = Arc::new(Mutex::new(
-        tables
-            .iter()
-            .map(|t| t.qualified())
-            .collect::<VecDeque<_>>(),
-    ));
+/// VACUUM ANALYZE of one complete table, so the planner has statistics and the visibility map
+/// is set before traffic arrives; recorded so that a resume does not repeat it.
+async fn vacuum_table(
+    target: &tokio_postgres::Client,
+    state: &StateDb,
+    table: &TableRow,
+) -> Result<()> {
+    let t0 = Instant::now();
+    target
+        .batch_execute(&format!("VACUUM (ANALYZE) {}", table.qualified()))
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "VACUUM ANALYZE {} failed: {}",
+                table.display_name(),
+                pg::describe(&e)
+            )
+        })?;
+    state.table_vacuumed(table.oid)?;
+    tracing::debug!("vacuumed {} in {:.1?}", table.display_name(), t0.elapsed());
+    Ok(())
+}
+
+/// VACUUM ANALYZE of the tables the copy did not vacuum yet (empty or data-excluded tables,
+/// or a resume), `jobs` at a time.
+async fn vacuum_analyze(
+    target: &ConnInfo,
+    state: &StateDb,
+    tables: &[TableRow],
+    jobs: usize,
+) -> Result<()> {
+    let queue = Arc::new(Mutex::new(tables.iter().cloned().collect::<VecDeque<_>>()));
     let mut set = JoinSet::new();
-    for _ in 0..jobs.max(1) {
+    for _ in 0..jobs.max(1).min(tables.len()) {
         let client = pg::connect(target, Side::Target, "vacuum").await?;
         let queue = queue.clone();
+        let state = state.clone();
         set.spawn(async move {
-            while let Some(name) = queue.lock().await.pop_front() {
-                client
-                    .batch_execute(&format!("VACUUM (ANALYZE) {name}"))
-                    .await
-                    .map_err(|e| anyhow!("VACUUM ANALYZE {name} failed: {}", pg::describe(&e)))?;
+            loop {
+                let Some(table) = queue.lock().await.pop_front() else {
+                    return Ok::<(), anyhow::Error>(());
+                };
+                vacuum_table(&client, &state, &table).await?;
             }
-            Ok::<(), anyhow::Error>(())
         });
     }
     while let Some(r) = set.join_next().await {
