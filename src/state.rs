@@ -82,6 +82,13 @@ CREATE TABLE IF NOT EXISTS sequences (
     last_value  INTEGER NOT NULL,
     is_called   INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS constraints (
+    oid        INTEGER PRIMARY KEY,
+    table_oid  INTEGER NOT NULL,
+    name       TEXT NOT NULL,
+    kind       TEXT NOT NULL,              -- p u x f c t (pg_constraint.contype)
+    definition TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS large_objects (
     oid INTEGER PRIMARY KEY
 );
@@ -236,7 +243,8 @@ impl StateDb {
         self.with(|c| {
             c.execute_batch(
                 "DELETE FROM meta; DELETE FROM steps; DELETE FROM tables; DELETE FROM parts;
-                 DELETE FROM indexes; DELETE FROM sequences; DELETE FROM large_objects;",
+                 DELETE FROM indexes; DELETE FROM sequences; DELETE FROM large_objects;
+                 DELETE FROM constraints;",
             )
         })
     }
@@ -298,22 +306,29 @@ impl StateDb {
     }
 
     /// Stores the catalog in one SQLite transaction, so a crash never leaves half of it.
-    pub fn save_catalog(
-        &self,
-        tables: &[TableRow],
-        parts: &[PartRow],
-        indexes: &[IndexRow],
-        sequences: &[SequenceRow],
-        large_objects: &[u32],
-    ) -> Result<()> {
+    pub fn save_catalog(&self, catalog: &crate::pg::catalog::Catalog) -> Result<()> {
+        let crate::pg::catalog::Catalog {
+            tables,
+            parts,
+            indexes,
+            sequences,
+            large_objects,
+            constraints,
+        } = catalog;
         let mut conn = self
             .conn
             .lock()
             .map_err(|_| anyhow::anyhow!("state database lock poisoned"))?;
         let tx = conn.transaction()?;
         tx.execute_batch(
-            "DELETE FROM tables; DELETE FROM parts; DELETE FROM indexes; DELETE FROM sequences; DELETE FROM large_objects;",
+            "DELETE FROM tables; DELETE FROM parts; DELETE FROM indexes; DELETE FROM sequences; DELETE FROM large_objects; DELETE FROM constraints;",
         )?;
+        for k in constraints {
+            tx.execute(
+                "INSERT INTO constraints VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![k.oid, k.table_oid, k.name, k.kind, k.definition],
+            )?;
+        }
         for t in tables {
             tx.execute(
                 "INSERT INTO tables VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL)",

@@ -101,6 +101,11 @@ async fn clone_copies_every_hard_case_identically() {
         9
     );
 
+    // The catalog in state.db records every constraint of the copied tables.
+    assert_eq!(
+        state_query_i64(&dir, "SELECT count(*) FROM constraints"),
+        scalar_i64(&src, "SELECT count(*) FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' AND n.nspname IN ('public', 'sales')").await
+    );
     // Every table was vacuumed and analyzed on the target, most of them while others copied.
     assert_eq!(
         state_query_i64(

@@ -111,13 +111,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
             let cat = catalog::read_catalog(&source, &opts.filters, opts.split_bytes).await;
             let _ = source.batch_execute("ROLLBACK").await;
             let cat = cat?;
-            state.save_catalog(
-                &cat.tables,
-                &cat.parts,
-                &cat.indexes,
-                &cat.sequences,
-                &cat.large_objects,
-            )
+            state.save_catalog(&cat)
         })
         .await?;
     }

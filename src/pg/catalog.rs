@@ -14,6 +14,18 @@ pub struct Catalog {
     pub indexes: Vec<IndexRow>,
     pub sequences: Vec<SequenceRow>,
     pub large_objects: Vec<u32>,
+    pub constraints: Vec<ConstraintInfo>,
+}
+
+/// Every constraint of the copied tables, for the record in state.db: those backed by an index
+/// are built by the index workers, the others (foreign keys, checks…) come with post-data.
+#[derive(Clone, Debug)]
+pub struct ConstraintInfo {
+    pub oid: u32,
+    pub table_oid: u32,
+    pub name: String,
+    pub kind: String,
+    pub definition: String,
 }
 
 /// Schemas that never hold user data to migrate.
@@ -155,6 +167,24 @@ pub async fn read_catalog(
         });
     }
 
+    let constraints = client
+        .query(
+            "SELECT oid, conrelid, conname, contype::text, pg_get_constraintdef(oid)
+             FROM pg_constraint WHERE conrelid = ANY($1) ORDER BY conrelid, conname",
+            &[&table_oids],
+        )
+        .await
+        .context("cannot list the source constraints")?
+        .iter()
+        .map(|r| ConstraintInfo {
+            oid: r.get(0),
+            table_oid: r.get(1),
+            name: r.get(2),
+            kind: r.get(3),
+            definition: r.get(4),
+        })
+        .collect();
+
     let large_objects = client
         .query("SELECT oid FROM pg_largeobject_metadata ORDER BY oid", &[])
         .await
@@ -169,6 +199,7 @@ pub async fn read_catalog(
         indexes,
         sequences,
         large_objects,
+        constraints,
     })
 }
 
