@@ -31,6 +31,105 @@ pub enum Command {
     Clone(CloneArgs),
     /// Compare source and target table by table: row counts and content checksums.
     Verify(VerifyArgs),
+    /// Create the publication and a logical slot, print its exported snapshot and consistent
+    /// LSN, and hold the snapshot until interrupted (for driving pg_dump or other tools).
+    Snapshot(SnapshotArgs),
+    /// The change stream alone: set up the slot, receive into the spool, clean up.
+    #[command(subcommand)]
+    Stream(StreamCommand),
+    /// Inspect the spool.
+    #[command(subcommand)]
+    Spool(SpoolCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StreamCommand {
+    /// Create the publication and the slot; record the start position in state.db.
+    Setup(StreamSetupArgs),
+    /// Receive the stream into the spool until --endpos or Ctrl-C; rerun to continue.
+    Receive(StreamReceiveArgs),
+    /// Drop the slot and the publication (safe to run twice).
+    Cleanup(StreamCleanupArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SpoolCommand {
+    /// Print spooled changes as JSON lines.
+    Show(SpoolShowArgs),
+}
+
+/// The source alone.
+#[derive(Args, Debug)]
+pub struct SourceArg {
+    /// Source connection string (postgres://user@host:port/db or "host=… dbname=…").
+    #[arg(long, env = "PGTIDE_SOURCE_PGURI", hide_env_values = true)]
+    pub source: String,
+}
+
+#[derive(Args, Debug)]
+pub struct SlotArgs {
+    /// Logical decoding output plugin.
+    #[arg(long, value_enum, default_value = "pgoutput")]
+    pub plugin: crate::replication::Plugin,
+    /// Replication slot name; the publication is pgtide_<slot>.
+    #[arg(long, default_value = "pgtide")]
+    pub slot_name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub source: SourceArg,
+    #[command(flatten)]
+    pub slot: SlotArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamSetupArgs {
+    #[command(flatten)]
+    pub source: SourceArg,
+    #[command(flatten)]
+    pub slot: SlotArgs,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamReceiveArgs {
+    #[command(flatten)]
+    pub source: SourceArg,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Stop once every transaction committed at or before this LSN is spooled.
+    #[arg(long, value_parser = parse_lsn)]
+    pub endpos: Option<crate::pg::Lsn>,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamCleanupArgs {
+    #[command(flatten)]
+    pub source: SourceArg,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// The slot to drop when the work dir does not name one.
+    #[arg(long)]
+    pub slot_name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SpoolShowArgs {
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Only changes at or after this LSN.
+    #[arg(long, value_parser = parse_lsn)]
+    pub from: Option<crate::pg::Lsn>,
+    /// At most this many changes.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+fn parse_lsn(text: &str) -> Result<crate::pg::Lsn, String> {
+    text.parse()
 }
 
 /// Source and target connection strings (libpq URI or key=value).

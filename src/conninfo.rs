@@ -302,6 +302,32 @@ impl ConnInfo {
     /// verify-ca the chain only, require/prefer accept any certificate unless a root
     /// certificate was given (libpq then verifies the chain, as with verify-ca).
     pub fn tls_connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(
+            self.rustls_config()?,
+        ))
+    }
+
+    /// Whether TLS is attempted at all (sslmode other than disable).
+    pub fn wants_tls(&self) -> bool {
+        self.sslmode != SslMode::Disable
+    }
+
+    /// Whether a server that refuses TLS must be refused too (require and stronger).
+    pub fn requires_tls(&self) -> bool {
+        matches!(
+            self.sslmode,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+        )
+    }
+
+    /// Whether the host is a Unix socket directory (no TLS is negotiated there, as in libpq).
+    pub fn uses_unix_socket(&self) -> bool {
+        self.is_unix_socket()
+    }
+
+    /// The rustls client configuration for this sslmode, shared by the normal connections
+    /// (tokio-postgres) and our replication client.
+    pub fn rustls_config(&self) -> Result<rustls::ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -360,7 +386,12 @@ impl ConnInfo {
             (None, None) => builder.with_no_client_auth(),
             _ => bail!("sslcert and sslkey must be given together"),
         };
-        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+        Ok(config)
+    }
+
+    /// The password for the replication client's own authentication exchange.
+    pub(crate) fn password_bytes(&self) -> Option<&[u8]> {
+        self.password.as_deref().map(str::as_bytes)
     }
 }
 

@@ -4,7 +4,10 @@ mod cli;
 mod clone;
 mod commands;
 mod conninfo;
+mod decode;
 mod pg;
+mod replication;
+mod spool;
 mod state;
 mod verify;
 mod workdir;
@@ -45,6 +48,15 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Clone(args) => commands::clone::run(args).await,
             Command::Verify(args) => commands::verify::run(args).await,
+            Command::Snapshot(args) => commands::stream::snapshot(args).await,
+            Command::Stream(cli::StreamCommand::Setup(args)) => commands::stream::setup(args).await,
+            Command::Stream(cli::StreamCommand::Receive(args)) => {
+                commands::stream::receive(args).await
+            }
+            Command::Stream(cli::StreamCommand::Cleanup(args)) => {
+                commands::stream::cleanup(args).await
+            }
+            Command::Spool(cli::SpoolCommand::Show(args)) => commands::spool::show(args),
         }
     });
     match result {

@@ -238,6 +238,13 @@ impl StateDb {
         })
     }
 
+    pub fn delete_meta(&self, key: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM meta WHERE key = ?1", [key])
+                .map(|_| ())
+        })
+    }
+
     /// Empties every table: used when the operator starts over in the same work dir.
     pub fn reset(&self) -> Result<()> {
         self.with(|c| {

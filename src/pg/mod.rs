@@ -2,6 +2,9 @@
 //! translation of connection failures into errors that tell the operator what to fix.
 
 pub mod catalog;
+pub mod lsn;
+
+pub use lsn::Lsn;
 
 use anyhow::{Result, anyhow};
 use tokio_postgres::Client;

@@ -1,0 +1,170 @@
+//! `pgtide snapshot` and `pgtide stream setup|receive|cleanup`: the change stream on its own.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+
+use crate::cli::{SnapshotArgs, StreamCleanupArgs, StreamReceiveArgs, StreamSetupArgs};
+use crate::conninfo::ConnInfo;
+use crate::pg::{self, Lsn, Side};
+use crate::replication::conn::ReplicationConnection;
+use crate::replication::stream::{self, Ended, ReceiveOptions};
+use crate::replication::{Plugin, slot};
+use crate::spool::SpoolWriter;
+use crate::workdir::WorkDir;
+
+/// Checks what a slot needs on the source and creates the publication (pgoutput).
+async fn prepare_source(source: &ConnInfo, plugin: Plugin, slot_name: &str) -> Result<()> {
+    slot::check_slot_name(slot_name)?;
+    let client = pg::connect(source, Side::Source, "stream setup").await?;
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+    if wal_level != "logical" {
+        bail!(
+            "the source's wal_level is {wal_level}, logical decoding needs logical: set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart the source server"
+        );
+    }
+    if plugin == Plugin::Pgoutput {
+        let tables = slot::replicated_tables(&client).await?;
+        let publication = slot::create_publication(&client, slot_name, &tables).await?;
+        tracing::info!(
+            "publication {publication} publishes {} tables",
+            tables.len()
+        );
+    }
+    Ok(())
+}
+
+pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.source.source, "source")?;
+    prepare_source(&source, args.slot.plugin, &args.slot.slot_name).await?;
+    let mut conn = ReplicationConnection::connect(&source).await?;
+    let created =
+        slot::create_slot(&mut conn, &args.slot.slot_name, args.slot.plugin, true).await?;
+    let snapshot = created
+        .snapshot
+        .ok_or_else(|| anyhow!("the source exported no snapshot"))?;
+    println!("slot:           {}", args.slot.slot_name);
+    println!("snapshot:       {snapshot}");
+    println!("consistent LSN: {}", created.consistent_point);
+    println!(
+        "The snapshot stays valid until this command is interrupted (Ctrl-C). The slot stays;"
+    );
+    println!(
+        "drop it with `pgtide stream cleanup --slot-name {}`.",
+        args.slot.slot_name
+    );
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    tokio::signal::ctrl_c().await?;
+    conn.close().await;
+    Ok(())
+}
+
+pub async fn setup(args: StreamSetupArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.source.source, "source")?;
+    let workdir = WorkDir::open(&args.dir, "stream setup")?;
+    let state = &workdir.state;
+    if let Some(existing) = state.get_meta("stream.slot")? {
+        bail!(
+            "the work dir {} already has a stream on slot \"{existing}\": run `pgtide stream receive` to continue it, or `pgtide stream cleanup` first",
+            args.dir.display()
+        );
+    }
+    prepare_source(&source, args.slot.plugin, &args.slot.slot_name).await?;
+    let mut conn = ReplicationConnection::connect(&source).await?;
+    let created =
+        slot::create_slot(&mut conn, &args.slot.slot_name, args.slot.plugin, false).await?;
+    conn.close().await;
+    state.set_meta("stream.slot", &args.slot.slot_name)?;
+    state.set_meta("stream.plugin", args.slot.plugin.name())?;
+    state.set_meta("stream.startpos", &created.consistent_point.to_string())?;
+    state.set_meta("stream.source.uri", &source.redacted())?;
+    println!(
+        "slot {} ({}) created; the stream starts at {}",
+        args.slot.slot_name,
+        args.slot.plugin.name(),
+        created.consistent_point
+    );
+    Ok(())
+}
+
+pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.source.source, "source")?;
+    let workdir = WorkDir::open(&args.dir, "stream receive")?;
+    let state = workdir.state.clone();
+    let slot_name = state.get_meta("stream.slot")?.ok_or_else(|| {
+        anyhow!(
+            "the work dir {} has no stream: run `pgtide stream setup` first",
+            args.dir.display()
+        )
+    })?;
+    let plugin = Plugin::parse(&state.get_meta("stream.plugin")?.unwrap_or_default())?;
+    let start: Lsn = state
+        .get_meta("stream.startpos")?
+        .unwrap_or_else(|| "0/0".into())
+        .parse()
+        .map_err(|e: String| anyhow!(e))?;
+    let size_state = state.clone();
+    let mut spool = SpoolWriter::open(
+        &workdir.path,
+        Box::new(move |bytes| {
+            let _ = size_state.set_meta("spool.bytes", &bytes.to_string());
+        }),
+    )?;
+    let opts = ReceiveOptions {
+        slot: slot_name,
+        plugin,
+        start,
+        endpos: args.endpos,
+        status_interval: Duration::from_secs(1),
+        applied: None,
+    };
+    let ended = stream::receive(&source, &mut spool, &state, &opts).await;
+    spool.close()?;
+    match ended? {
+        Ended::Endpos { flushed } => {
+            println!(
+                "reached endpos {}: spooled through {flushed}",
+                args.endpos.unwrap_or_default()
+            );
+            Ok(())
+        }
+        Ended::Interrupted { flushed } => {
+            println!("interrupted: spooled through {flushed}; rerun to continue");
+            Ok(())
+        }
+    }
+}
+
+pub async fn cleanup(args: StreamCleanupArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.source.source, "source")?;
+    let workdir = WorkDir::open(&args.dir, "stream cleanup")?;
+    let state = &workdir.state;
+    let slot_name = match (args.slot_name, state.get_meta("stream.slot")?) {
+        (Some(s), _) | (None, Some(s)) => s,
+        (None, None) => bail!("no slot to drop: the work dir names none; give --slot-name"),
+    };
+    let mut conn = ReplicationConnection::connect(&source).await?;
+    let dropped = slot::drop_slot(&mut conn, &slot_name).await?;
+    conn.close().await;
+    let client = pg::connect(&source, Side::Source, "cleanup").await?;
+    slot::drop_publication(&client, &slot_name).await?;
+    for key in [
+        "stream.slot",
+        "stream.plugin",
+        "stream.startpos",
+        "stream.source.uri",
+    ] {
+        state.delete_meta(key)?;
+    }
+    println!(
+        "{} slot {slot_name} and publication {}",
+        if dropped {
+            "dropped"
+        } else {
+            "no slot to drop:"
+        },
+        slot::publication_name(&slot_name)
+    );
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! wal2json format-version 2 (one JSON object per action: B, C, I, U, D, T, M) into the same
+//! `Change` model. Numbers are kept as their exact text (serde_json's arbitrary_precision), so
+//! nothing passes through a float; a column missing from an update's new image is an
+//! unchanged TOAST value. wal2json names tables instead of sending Relation messages, so the
+//! decoder assigns each (schema, table, columns) a stable pseudo relation id and emits a
+//! `Relation` change the first time it sees it.
+
+use std::collections::HashMap;
+
+use anyhow::{Result, anyhow, bail};
+use bytes::Bytes;
+use serde_json::Value as Json;
+
+use super::{Change, Column, OldImage, Relation, Value};
+use crate::pg::Lsn;
+
+/// What the receive loop needs from one message without decoding the rows.
+pub struct Classified {
+    pub kind: &'static str,
+    pub xid: Option<u32>,
+    pub begin_final: Option<Lsn>,
+    pub commit_lsn: Option<Lsn>,
+    pub commit_end: Option<Lsn>,
+}
+
+fn parse(payload: &[u8]) -> Result<Json> {
+    serde_json::from_slice(payload).map_err(|e| anyhow!("invalid wal2json message: {e}"))
+}
+
+fn lsn_field(obj: &Json, key: &str) -> Option<Lsn> {
+    obj.get(key)
+        .and_then(|v| v.as_str())
+        .and_then(|s| s.parse().ok())
+}
+
+fn kind_of(action: &str) -> Result<&'static str> {
+    Ok(match action {
+        "B" => "begin",
+        "C" => "commit",
+        "I" => "insert",
+        "U" => "update",
+        "D" => "delete",
+        "T" => "truncate",
+        "M" => "message",
+        other => bail!("unknown wal2json action \"{other}\""),
+    })
+}
+
+pub fn classify(payload: &[u8]) -> Result<Classified> {
+    let obj = parse(payload)?;
+    let action = obj
+        .get("action")
+        .and_then(|a| a.as_str())
+        .ok_or_else(|| anyhow!("wal2json message without action"))?;
+    let kind = kind_of(action)?;
+    let xid = obj.get("xid").and_then(|x| x.as_u64()).map(|x| x as u32);
+    Ok(Classified {
+        kind,
+        xid,
+        begin_final: None,
+        commit_lsn: if kind == "commit" {
+            lsn_field(&obj, "lsn")
+        } else {
+            None
+        },
+        commit_end: if kind == "commit" {
+            lsn_field(&obj, "nextlsn")
+        } else {
+            None
+        },
+    })
+}
+
+/// The text form of a JSON value as PostgreSQL would print it: strings as they are, numbers
+/// as their exact digits, booleans as t/f.
+fn value_text(v: &Json) -> Value {
+    match v {
+        Json::Null => Value::Null,
+        Json::String(s) => Value::Text(Bytes::from(s.clone())),
+        Json::Bool(b) => Value::Text(Bytes::from_static(if *b { b"t" } else { b"f" })),
+        Json::Number(n) => Value::Text(Bytes::from(n.to_string())),
+        other => Value::Text(Bytes::from(other.to_string())),
+    }
+}
+
+/// Stateful decoder: remembers the pseudo relations it announced.
+#[derive(Default)]
+pub struct Decoder {
+    /// Per table: its pseudo relation id and the column list announced with it.
+    relations: HashMap<(String, String), (u32, Vec<String>)>,
+    next_id: u32,
+}
+
+impl Decoder {
+    /// Decodes one message; a row change on a new column set yields its Relation first.
+    pub fn decode(&mut self, payload: &[u8]) -> Result<Vec<Change>> {
+        let obj = parse(payload)?;
+        let action = obj
+            .get("action")
+            .and_then(|a| a.as_str())
+            .unwrap_or_default();
+        let lsn = lsn_field(&obj, "lsn").unwrap_or_default();
+        let xid = obj.get("xid").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
+        Ok(match action {
+            "B" => vec![Change::Begin {
+                final_lsn: lsn,
+                commit_time: 0,
+                xid,
+            }],
+            "C" => vec![Change::Commit {
+                commit_lsn: lsn,
+                end_lsn: lsn_field(&obj, "nextlsn").unwrap_or(lsn),
+                commit_time: 0,
+            }],
+            "M" => vec![Change::Message {
+                transactional: obj
+                    .get("transactional")
+                    .and_then(|t| t.as_bool())
+                    .unwrap_or(false),
+                lsn,
+                prefix: obj
+                    .get("prefix")
+                    .and_then(|p| p.as_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                content: Bytes::from(
+                    obj.get("content")
+                        .and_then(|c| c.as_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                ),
+            }],
+            "I" | "U" | "D" | "T" => self.row_change(action, &obj)?,
+            other => bail!("unknown wal2json action \"{other}\""),
+        })
+    }
+
+    fn row_change(&mut self, action: &str, obj: &Json) -> Result<Vec<Change>> {
+        let schema = obj
+            .get("schema")
+            .and_then(|s| s.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let table = obj
+            .get("table")
+            .and_then(|s| s.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let columns = obj
+            .get("columns")
+            .and_then(|c| c.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let identity = obj
+            .get("identity")
+            .and_then(|c| c.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let names = |cols: &[Json]| -> Vec<String> {
+            cols.iter()
+                .filter_map(|c| c.get("name").and_then(|n| n.as_str()).map(String::from))
+                .collect()
+        };
+        // The relation's column list: the one announced for this table, unless this message
+        // names a column it lacks (the table changed): then a new version is announced.
+        let described = if columns.is_empty() {
+            &identity
+        } else {
+            &columns
+        };
+        let message_names = names(described);
+        let key_names = names(&identity);
+        let mut out = Vec::new();
+        let table_key = (schema.clone(), table.clone());
+        let known = self.relations.get(&table_key).cloned();
+        let (oid, column_names) = match known {
+            Some((oid, known)) if message_names.iter().all(|n| known.contains(n)) => (oid, known),
+            _ => {
+                self.next_id += 1;
+                let oid = self.next_id;
+                self.relations
+                    .insert(table_key, (oid, message_names.clone()));
+                out.push(Change::Relation(Relation {
+                    oid,
+                    schema: schema.clone(),
+                    name: table.clone(),
+                    replica_identity: b'd',
+                    columns: described
+                        .iter()
+                        .map(|c| Column {
+                            is_key: c
+                                .get("name")
+                                .and_then(|n| n.as_str())
+                                .is_some_and(|n| key_names.iter().any(|k| k == n)),
+                            name: c
+                                .get("name")
+                                .and_then(|n| n.as_str())
+                                .unwrap_or_default()
+                                .to_string(),
+                            type_oid: c.get("typeoid").and_then(|t| t.as_u64()).unwrap_or(0) as u32,
+                            type_modifier: -1,
+                        })
+                        .collect(),
+                }));
+                (oid, message_names)
+            }
+        };
+        let image = |cols: &[Json]| -> Vec<Value> {
+            column_names
+                .iter()
+                .map(|name| {
+                    cols.iter()
+                        .find(|c| c.get("name").and_then(|n| n.as_str()) == Some(name))
+                        .map(|c| value_text(c.get("value").unwrap_or(&Json::Null)))
+                        .unwrap_or(Value::Unchanged)
+                })
+                .collect()
+        };
+        let old_image = |cols: &[Json]| -> Vec<Value> {
+            column_names
+                .iter()
+                .map(|name| {
+                    cols.iter()
+                        .find(|c| c.get("name").and_then(|n| n.as_str()) == Some(name))
+                        .map(|c| value_text(c.get("value").unwrap_or(&Json::Null)))
+                        .unwrap_or(Value::Null)
+                })
+                .collect()
+        };
+        out.push(match action {
+            "I" => Change::Insert {
+                relation: oid,
+                new: image(&columns),
+            },
+            "U" => Change::Update {
+                relation: oid,
+                old: (!identity.is_empty()).then(|| (OldImage::Key, old_image(&identity))),
+                new: image(&columns),
+            },
+            "D" => Change::Delete {
+                relation: oid,
+                old: (OldImage::Key, old_image(&identity)),
+            },
+            _ => Change::Truncate {
+                relations: vec![oid],
+                cascade: false,
+                restart_identity: false,
+            },
+        });
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_keep_their_exact_text_and_missing_columns_are_unchanged() {
+        let mut d = Decoder::default();
+        let changes = d
+            .decode(br#"{"action":"U","xid":7,"schema":"public","table":"t","columns":[{"name":"id","type":"integer","value":1},{"name":"n","type":"numeric","value":123456789012345678901234567890.123456789012345678901234567890}],"identity":[{"name":"id","type":"integer","value":1}]}"#)
+            .unwrap();
+        assert!(
+            matches!(&changes[0], Change::Relation(r) if r.columns.len() == 2 && r.columns[0].is_key)
+        );
+        match &changes[1] {
+            Change::Update { new, old, .. } => {
+                assert_eq!(
+                    new[1],
+                    Value::Text(Bytes::from_static(
+                        b"123456789012345678901234567890.123456789012345678901234567890"
+                    ))
+                );
+                assert_eq!(
+                    old.as_ref().unwrap().1[0],
+                    Value::Text(Bytes::from_static(b"1"))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // The same table with a column missing from the new image: an unchanged TOAST value.
+        let changes = d
+            .decode(br#"{"action":"U","xid":7,"schema":"public","table":"t","columns":[{"name":"id","type":"integer","value":2}],"identity":[{"name":"id","type":"integer","value":2}]}"#)
+            .unwrap();
+        assert_eq!(changes.len(), 1);
+        match &changes[0] {
+            Change::Update { new, .. } => assert_eq!(new[1], Value::Unchanged),
+            other => panic!("{other:?}"),
+        }
+    }
+}

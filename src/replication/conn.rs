@@ -1,0 +1,410 @@
+//! A walsender connection (`replication=database`) spoken directly with postgres-protocol's
+//! message codecs: TCP or Unix socket, TLS negotiated by sslmode with the same rustls
+//! configuration as the normal connections, cleartext / MD5 / SCRAM-SHA-256 authentication,
+//! simple queries, and the CopyBoth sub-protocol of START_REPLICATION.
+//!
+//! tokio-postgres has no replication mode, hence this small client.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::{Buf, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::conninfo::ConnInfo;
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A server error with its SQLSTATE, so callers can branch on it (slot busy, missing…).
+#[derive(Debug, thiserror::Error)]
+#[error("{message} (SQLSTATE {code}){}", detail.as_ref().map(|d| format!("; detail: {d}")).unwrap_or_default())]
+pub struct ServerError {
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+}
+
+/// What one backend message is, for the few that matter here (CopyBothResponse is not in
+/// postgres-protocol's enum, so framing is done here and the rest delegated).
+enum Incoming {
+    CopyBoth,
+    Message(backend::Message),
+}
+
+/// One open walsender session.
+pub struct ReplicationConnection {
+    io: Box<dyn Io>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    /// The server's `server_version_num`, from ParameterStatus.
+    pub server_version: String,
+}
+
+/// Rows of a simple query, every value as text.
+pub type TextRows = Vec<Vec<Option<String>>>;
+
+impl ReplicationConnection {
+    /// Connects and authenticates with `replication=database`.
+    pub async fn connect(info: &ConnInfo) -> Result<Self> {
+        let connecting = Self::connect_inner(info);
+        match info.connect_timeout {
+            Some(limit) => tokio::time::timeout(limit, connecting).await.map_err(|_| {
+                anyhow!(
+                    "cannot open a replication connection to the source at {}: no answer within connect_timeout ({} s)",
+                    info.endpoint(),
+                    limit.as_secs()
+                )
+            })?,
+            None => connecting.await,
+        }
+    }
+
+    async fn connect_inner(info: &ConnInfo) -> Result<Self> {
+        let endpoint = info.endpoint();
+        let mut io: Box<dyn Io> = if info.uses_unix_socket() {
+            Box::new(tokio::net::UnixStream::connect(&endpoint).await.with_context(|| {
+                format!("cannot open a replication connection to the source at {endpoint}: is PostgreSQL running there?")
+            })?)
+        } else {
+            let tcp = tokio::net::TcpStream::connect((info.host.as_str(), info.port))
+                .await
+                .with_context(|| {
+                    format!("cannot open a replication connection to the source at {endpoint}: is PostgreSQL running there and listening on that address?")
+                })?;
+            tcp.set_nodelay(true)?;
+            if info.wants_tls() {
+                negotiate_tls(tcp, info).await?
+            } else {
+                Box::new(tcp)
+            }
+        };
+        let mut write_buf = BytesMut::new();
+        let params = [
+            ("user", info.user.as_str()),
+            ("database", info.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", "pgtide"),
+            ("client_encoding", "UTF8"),
+            ("DateStyle", "ISO, YMD"),
+            ("TimeZone", "UTC"),
+            ("extra_float_digits", "3"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut write_buf)?;
+        io.write_all(&write_buf).await?;
+        write_buf.clear();
+        let mut conn = ReplicationConnection {
+            io,
+            read_buf: BytesMut::with_capacity(64 * 1024),
+            write_buf,
+            server_version: String::new(),
+        };
+        conn.authenticate(info).await?;
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, info: &ConnInfo) -> Result<()> {
+        let password = || {
+            info.password_bytes().ok_or_else(|| {
+                anyhow!(
+                    "cannot log in to the source server at {} as user \"{}\": the server asks for a password and none was found. Put it in the connection string, PGPASSWORD or ~/.pgpass (mode 0600).",
+                    info.endpoint(),
+                    info.user
+                )
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.read().await? {
+                Incoming::Message(backend::Message::AuthenticationOk) => {}
+                Incoming::Message(backend::Message::AuthenticationCleartextPassword) => {
+                    frontend::password_message(password()?, &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                Incoming::Message(backend::Message::AuthenticationMd5Password(body)) => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        info.user.as_bytes(),
+                        password()?,
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                Incoming::Message(backend::Message::AuthenticationSasl(body)) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = mechanisms.next()? {
+                        has_scram |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        bail!(
+                            "the source offers no SASL mechanism pgtide supports (SCRAM-SHA-256)"
+                        );
+                    }
+                    let client = ScramSha256::new(password()?, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        client.message(),
+                        &mut self.write_buf,
+                    )?;
+                    self.flush().await?;
+                    scram = Some(client);
+                }
+                Incoming::Message(backend::Message::AuthenticationSaslContinue(body)) => {
+                    let client = scram
+                        .as_mut()
+                        .ok_or_else(|| anyhow!("unexpected SASL continue from the source"))?;
+                    client
+                        .update(body.data())
+                        .context("SCRAM exchange with the source failed")?;
+                    frontend::sasl_response(client.message(), &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                Incoming::Message(backend::Message::AuthenticationSaslFinal(body)) => {
+                    let client = scram
+                        .as_mut()
+                        .ok_or_else(|| anyhow!("unexpected SASL final from the source"))?;
+                    client.finish(body.data()).context(
+                        "the source's SCRAM signature is invalid: is this the server you meant?",
+                    )?;
+                }
+                Incoming::Message(backend::Message::ParameterStatus(body)) => {
+                    if body.name()? == "server_version" {
+                        self.server_version = body.value()?.to_string();
+                    }
+                }
+                Incoming::Message(backend::Message::BackendKeyData(_)) => {}
+                Incoming::Message(backend::Message::NoticeResponse(_)) => {}
+                Incoming::Message(backend::Message::ReadyForQuery(_)) => return Ok(()),
+                Incoming::Message(backend::Message::ErrorResponse(body)) => {
+                    let err = server_error(&body)?;
+                    return Err(explain_login_error(info, err));
+                }
+                Incoming::Message(_) | Incoming::CopyBoth => {
+                    bail!("unexpected message from the source during authentication")
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.io.write_all(&self.write_buf).await?;
+        self.io.flush().await?;
+        self.write_buf.clear();
+        Ok(())
+    }
+
+    /// Reads one backend message.
+    async fn read(&mut self) -> Result<Incoming> {
+        loop {
+            if self.read_buf.len() >= 5 {
+                let tag = self.read_buf[0];
+                let len = u32::from_be_bytes([
+                    self.read_buf[1],
+                    self.read_buf[2],
+                    self.read_buf[3],
+                    self.read_buf[4],
+                ]) as usize;
+                if self.read_buf.len() > len {
+                    if tag == b'W' {
+                        self.read_buf.advance(len + 1);
+                        return Ok(Incoming::CopyBoth);
+                    }
+                    let message = backend::Message::parse(&mut self.read_buf)?
+                        .ok_or_else(|| anyhow!("incomplete message from the source"))?;
+                    return Ok(Incoming::Message(message));
+                }
+                self.read_buf.reserve(len + 1 - self.read_buf.len());
+            } else {
+                self.read_buf.reserve(4096);
+            }
+            let n = self
+                .io
+                .read_buf(&mut self.read_buf)
+                .await
+                .context("the replication connection to the source failed")?;
+            if n == 0 {
+                bail!("the source closed the replication connection");
+            }
+        }
+    }
+
+    /// Runs a simple query (replication commands are simple queries) and returns its rows.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<TextRows> {
+        frontend::query(sql, &mut self.write_buf)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read().await? {
+                Incoming::Message(backend::Message::DataRow(body)) => {
+                    let buf = body.buffer();
+                    let mut ranges = body.ranges();
+                    let mut row = Vec::new();
+                    while let Some(range) = ranges.next()? {
+                        row.push(range.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                    }
+                    rows.push(row);
+                }
+                Incoming::Message(backend::Message::ErrorResponse(body)) => {
+                    error = Some(server_error(&body)?)
+                }
+                Incoming::Message(backend::Message::ReadyForQuery(_)) => break,
+                Incoming::CopyBoth => bail!("unexpected CopyBothResponse to \"{sql}\""),
+                Incoming::Message(_) => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e.into()),
+            None => Ok(rows),
+        }
+    }
+
+    /// Sends START_REPLICATION (or any command answered by CopyBothResponse).
+    pub async fn start_copy_both(&mut self, sql: &str) -> Result<()> {
+        frontend::query(sql, &mut self.write_buf)?;
+        self.flush().await?;
+        loop {
+            match self.read().await? {
+                Incoming::CopyBoth => return Ok(()),
+                Incoming::Message(backend::Message::ErrorResponse(body)) => {
+                    let err = server_error(&body)?;
+                    // Drain to ReadyForQuery so the connection stays usable.
+                    while !matches!(
+                        self.read().await?,
+                        Incoming::Message(backend::Message::ReadyForQuery(_))
+                    ) {}
+                    return Err(err.into());
+                }
+                Incoming::Message(backend::Message::NoticeResponse(_)) => {}
+                Incoming::Message(_) => {}
+            }
+        }
+    }
+
+    /// The next CopyData payload of the stream; None when the server ended the copy.
+    pub async fn recv_copy_data(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            match self.read().await? {
+                Incoming::Message(backend::Message::CopyData(body)) => {
+                    return Ok(Some(body.into_bytes()));
+                }
+                Incoming::Message(backend::Message::CopyDone) => return Ok(None),
+                Incoming::Message(backend::Message::ErrorResponse(body)) => {
+                    return Err(server_error(&body)?.into());
+                }
+                Incoming::Message(backend::Message::NoticeResponse(_)) => {}
+                Incoming::Message(backend::Message::ParameterStatus(_)) => {}
+                Incoming::Message(_) | Incoming::CopyBoth => {
+                    bail!("unexpected message in the replication stream")
+                }
+            }
+        }
+    }
+
+    /// Sends one CopyData message (a standby status update).
+    pub async fn send_copy_data(&mut self, payload: &[u8]) -> Result<()> {
+        frontend::CopyData::new(payload)?.write(&mut self.write_buf);
+        self.flush().await
+    }
+
+    /// Ends the CopyBoth exchange from our side and waits for the server to finish it.
+    pub async fn finish_copy(&mut self) -> Result<()> {
+        frontend::copy_done(&mut self.write_buf);
+        self.flush().await?;
+        loop {
+            match self.read().await? {
+                Incoming::Message(backend::Message::ReadyForQuery(_)) => return Ok(()),
+                Incoming::Message(backend::Message::ErrorResponse(body)) => {
+                    return Err(server_error(&body)?.into());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Says goodbye; errors are irrelevant at that point.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.write_buf);
+        let _ = self.flush().await;
+    }
+}
+
+async fn negotiate_tls(mut tcp: tokio::net::TcpStream, info: &ConnInfo) -> Result<Box<dyn Io>> {
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    tcp.write_all(&buf).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        if info.requires_tls() {
+            bail!(
+                "the source at {} does not accept TLS but sslmode requires it: enable ssl on the server or lower sslmode",
+                info.endpoint()
+            );
+        }
+        return Ok(Box::new(tcp));
+    }
+    let config = Arc::new(info.rustls_config()?);
+    let name = rustls::pki_types::ServerName::try_from(info.host.clone())
+        .map_err(|_| anyhow!("\"{}\" is not a valid TLS server name", info.host))?;
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "TLS failed on the replication connection to the source at {}: {e}. Check sslmode and sslrootcert (the CA that signed the server certificate, and for verify-full the host name it names).",
+                info.endpoint()
+            )
+        })?;
+    Ok(Box::new(stream))
+}
+
+fn server_error(body: &backend::ErrorResponseBody) -> Result<ServerError> {
+    let mut fields = body.fields();
+    let mut err = ServerError {
+        code: String::new(),
+        message: String::new(),
+        detail: None,
+    };
+    while let Some(f) = fields.next()? {
+        let value = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'C' => err.code = value,
+            b'M' => err.message = value,
+            b'D' => err.detail = Some(value),
+            _ => {}
+        }
+    }
+    Ok(err)
+}
+
+fn explain_login_error(info: &ConnInfo, err: ServerError) -> anyhow::Error {
+    let endpoint = info.endpoint();
+    match err.code.as_str() {
+        "28P01" | "28000" if err.message.contains("replication") => anyhow!(
+            "the source at {endpoint} refuses replication connections for user \"{}\": {}. Grant it with ALTER ROLE {} REPLICATION and allow it in pg_hba.conf.",
+            info.user,
+            err.message,
+            info.user
+        ),
+        "28P01" | "28000" => anyhow!(
+            "cannot log in to the source server at {endpoint} as user \"{}\": {}. Check the password (in the connection string, PGPASSWORD or ~/.pgpass) and the server's pg_hba.conf.",
+            info.user,
+            err.message
+        ),
+        "3D000" => anyhow!(
+            "the source database \"{}\" does not exist on {endpoint}: {}. Fix the database name in the connection string.",
+            info.dbname,
+            err.message
+        ),
+        "53300" => anyhow!(
+            "the source at {endpoint} has no free connection or WAL sender: {}. Raise max_wal_senders / max_connections or stop another consumer.",
+            err.message
+        ),
+        _ => anyhow!("cannot open a replication connection to the source at {endpoint}: {err}"),
+    }
+}

@@ -1,0 +1,32 @@
+//! The change stream's source side: our walsender client (`conn`), the publication and slot
+//! (`slot`), and the receive loop that spools the stream and sends feedback (`stream`).
+
+pub mod conn;
+pub mod slot;
+pub mod stream;
+
+use clap::ValueEnum;
+
+/// The logical decoding output plugin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Plugin {
+    Pgoutput,
+    Wal2json,
+}
+
+impl Plugin {
+    pub fn name(self) -> &'static str {
+        match self {
+            Plugin::Pgoutput => "pgoutput",
+            Plugin::Wal2json => "wal2json",
+        }
+    }
+
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "pgoutput" => Ok(Plugin::Pgoutput),
+            "wal2json" => Ok(Plugin::Wal2json),
+            other => anyhow::bail!("unknown plugin \"{other}\": use pgoutput or wal2json"),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The publication (pgoutput) and the logical replication slot: created before anything is
+//! copied, dropped by cleanup (both idempotent, both named pgtide…, invariant 8).
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio_postgres::Client;
+
+use super::Plugin;
+use super::conn::{ReplicationConnection, ServerError};
+use crate::pg::{self, Lsn, quote_ident};
+
+/// The publication that goes with a slot.
+pub fn publication_name(slot: &str) -> String {
+    format!("pgtide_{slot}")
+}
+
+/// Slot names are identifiers PostgreSQL restricts to [a-z0-9_], at most 63 bytes.
+pub fn check_slot_name(slot: &str) -> Result<()> {
+    if slot.is_empty()
+        || slot.len() > 56
+        || !slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        bail!(
+            "invalid slot name \"{slot}\": use lower-case letters, digits and _, at most 56 characters"
+        );
+    }
+    Ok(())
+}
+
+/// Creates the publication for these tables unless it exists.
+pub async fn create_publication(
+    client: &Client,
+    slot: &str,
+    tables: &[(String, String)],
+) -> Result<String> {
+    let name = publication_name(slot);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+        .await?
+        .is_some();
+    if exists {
+        return Ok(name);
+    }
+    if tables.is_empty() {
+        bail!("the source has no table to publish: nothing to replicate");
+    }
+    let list = tables
+        .iter()
+        .map(|(s, t)| pg::qualified(s, t))
+        .collect::<Vec<_>>()
+        .join(", ");
+    client
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {list}",
+            quote_ident(&name)
+        ))
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot create publication {name} on the source: {}",
+                pg::describe(&e)
+            )
+        })?;
+    Ok(name)
+}
+
+pub async fn drop_publication(client: &Client, slot: &str) -> Result<()> {
+    let name = publication_name(slot);
+    client
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            quote_ident(&name)
+        ))
+        .await
+        .map_err(|e| anyhow!("cannot drop publication {name}: {}", pg::describe(&e)))
+}
+
+/// The tables a slot replicates: ordinary and partitioned tables outside system schemas
+/// (partitions are covered through their parent).
+pub async fn replicated_tables(client: &Client) -> Result<Vec<(String, String)>> {
+    let rows = client
+        .query(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtide')
+               AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                               AND d.objid = c.oid AND d.deptype = 'e')
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .context("cannot list the source tables")?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// A created slot: where its stream starts, and the snapshot that matches that point.
+pub struct CreatedSlot {
+    pub consistent_point: Lsn,
+    pub snapshot: Option<String>,
+}
+
+/// CREATE_REPLICATION_SLOT … LOGICAL; with `export` the connection must stay idle (and open)
+/// while others import the snapshot.
+pub async fn create_slot(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+    plugin: Plugin,
+    export: bool,
+) -> Result<CreatedSlot> {
+    let sql = format!(
+        "CREATE_REPLICATION_SLOT {} LOGICAL {} {}",
+        quote_ident(slot),
+        plugin.name(),
+        if export {
+            "EXPORT_SNAPSHOT"
+        } else {
+            "NOEXPORT_SNAPSHOT"
+        }
+    );
+    let rows = conn.simple_query(&sql).await.map_err(|e| match e.downcast_ref::<ServerError>() {
+        Some(s) if s.code == "42710" => anyhow!(
+            "the replication slot \"{slot}\" already exists on the source: resume with it (`pgtide stream receive`), or drop it with `pgtide stream cleanup` to start over"
+        ),
+        Some(s) if s.code == "53400" => anyhow!(
+            "the source has no free replication slot ({}): raise max_replication_slots or drop an unused slot",
+            s.message
+        ),
+        Some(s) if s.code == "58P01" || s.message.contains("could not access file") => anyhow!(
+            "the source cannot load the output plugin {}: {}. For wal2json install postgresql-NN-wal2json on the source server.",
+            plugin.name(),
+            s.message
+        ),
+        Some(s) if s.code == "55000" && s.message.contains("wal_level") => anyhow!(
+            "the source's wal_level is not logical ({}): set wal_level = logical in postgresql.conf and restart the server",
+            s.message
+        ),
+        _ => e.context(format!("cannot create the replication slot \"{slot}\"")),
+    })?;
+    let row = rows
+        .first()
+        .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned no row"))?;
+    let consistent_point = row
+        .get(1)
+        .and_then(|v| v.as_deref())
+        .ok_or_else(|| anyhow!("CREATE_REPLICATION_SLOT returned no consistent point"))?
+        .parse::<Lsn>()
+        .map_err(|e| anyhow!(e))?;
+    Ok(CreatedSlot {
+        consistent_point,
+        snapshot: row.get(2).cloned().flatten(),
+    })
+}
+
+/// Drops the slot; a slot that does not exist is not an error (cleanup runs twice).
+pub async fn drop_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<bool> {
+    match conn
+        .simple_query(&format!("DROP_REPLICATION_SLOT {} WAIT", quote_ident(slot)))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) => match e.downcast_ref::<ServerError>() {
+            Some(s) if s.code == "42704" => Ok(false),
+            _ => Err(e.context(format!("cannot drop the replication slot \"{slot}\""))),
+        },
+    }
+}

@@ -1,0 +1,357 @@
+//! The receive loop: START_REPLICATION, XLogData into the spool, primary keepalives answered,
+//! standby status updates on a timer with write = received, flush = durably spooled (never
+//! more: invariant 1), apply = durably applied on the target. Positions never move backwards.
+//! A lost connection is retried with backoff from the last durable commit; the partial
+//! transaction it interrupted is dropped from the spool because the source sends it again.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Result, anyhow, bail};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::sync::watch;
+
+use super::Plugin;
+use super::conn::{ReplicationConnection, ServerError};
+use super::slot::publication_name;
+use crate::conninfo::ConnInfo;
+use crate::decode::{Change, pgoutput};
+use crate::pg::{Lsn, quote_ident, quote_literal};
+use crate::spool::{Record, SpoolWriter};
+use crate::state::StateDb;
+
+/// Seconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_SECS: u64 = 946_684_800;
+
+/// What the receive loop was asked to do.
+pub struct ReceiveOptions {
+    pub slot: String,
+    pub plugin: Plugin,
+    /// Where the stream starts when the spool is empty (the slot's consistent point).
+    pub start: Lsn,
+    /// Stop once every transaction committed at or before it is spooled.
+    pub endpos: Option<Lsn>,
+    pub status_interval: Duration,
+    /// The target's durable applied position, when an apply loop runs.
+    pub applied: Option<watch::Receiver<Lsn>>,
+}
+
+/// Why the loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    Endpos { flushed: Lsn },
+    Interrupted { flushed: Lsn },
+}
+
+/// Errors after which reconnecting cannot help.
+fn is_fatal(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<ServerError>().is_some_and(|s| {
+            matches!(
+                s.code.as_str(),
+                "55006" | "42704" | "28P01" | "28000" | "3D000" | "42501" | "22023" | "42601"
+            )
+        })
+    })
+}
+
+fn explain(e: anyhow::Error, slot: &str) -> anyhow::Error {
+    let server = e.chain().find_map(|c| c.downcast_ref::<ServerError>());
+    match server {
+        Some(s) if s.code == "55006" => anyhow!(
+            "the replication slot \"{slot}\" is in use by another process ({}). Another pgtide (or another consumer) is streaming from it: stop that one first, or use another --slot-name.",
+            s.message
+        ),
+        Some(s) if s.code == "42704" => anyhow!(
+            "{}: run `pgtide stream setup` first (or check --slot-name)",
+            s.message
+        ),
+        _ => e,
+    }
+}
+
+/// Receives into `spool` until endpos, Ctrl-C, or a fatal error.
+pub async fn receive(
+    info: &ConnInfo,
+    spool: &mut SpoolWriter,
+    state: &StateDb,
+    opts: &ReceiveOptions,
+) -> Result<Ended> {
+    let mut positions = Positions::default();
+    let mut backoff = Duration::from_millis(200);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let durable = spool.sync().await?;
+        let start = durable.commit_end.max(opts.start);
+        let session = Session::run(info, spool, state, opts, &mut positions, start);
+        let result = tokio::select! {
+            r = session => r,
+            _ = &mut ctrl_c => {
+                let d = spool.sync().await?;
+                tracing::info!("interrupted; spooled through {}", d.commit_end);
+                return Ok(Ended::Interrupted { flushed: d.commit_end });
+            }
+        };
+        match result {
+            Ok(ended) => return Ok(ended),
+            Err(e) if is_fatal(&e) => return Err(explain(e, &opts.slot)),
+            Err(e) => {
+                tracing::warn!("replication connection lost: {e:#}; reconnecting in {backoff:?}");
+                spool.rollback_to_commit()?;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Positions reported to the source; each only moves forward.
+#[derive(Default)]
+struct Positions {
+    received: Lsn,
+    flushed: Lsn,
+    applied: Lsn,
+}
+
+struct Session;
+
+impl Session {
+    async fn run(
+        info: &ConnInfo,
+        spool: &mut SpoolWriter,
+        state: &StateDb,
+        opts: &ReceiveOptions,
+        positions: &mut Positions,
+        start: Lsn,
+    ) -> Result<Ended> {
+        let mut conn = ReplicationConnection::connect(info).await?;
+        let options = match opts.plugin {
+            Plugin::Pgoutput => format!(
+                "proto_version '1', publication_names {}, messages 'true'",
+                quote_literal(&quote_ident(&publication_name(&opts.slot)))
+            ),
+            Plugin::Wal2json => {
+                "\"format-version\" '2', \"include-xids\" '1', \"include-timestamp\" '1', \"include-lsn\" '1'".to_string()
+            }
+        };
+        conn.start_copy_both(&format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} ({options})",
+            quote_ident(&opts.slot)
+        ))
+        .await?;
+        tracing::info!("streaming from slot {} at {start}", opts.slot);
+        let mut decoder = pgoutput::Decoder::default();
+        let mut in_transaction: Option<u32> = None;
+        let mut idle_end = Lsn(0);
+        let mut tick = tokio::time::interval(opts.status_interval);
+        let mut last_state_write = Instant::now();
+        loop {
+            tokio::select! {
+                message = conn.recv_copy_data() => {
+                    let Some(mut data) = message? else {
+                        bail!("the source ended the replication stream");
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    match data.get_u8() {
+                        b'w' => {
+                            if data.remaining() < 24 {
+                                bail!("truncated XLogData from the source");
+                            }
+                            let wal_start = Lsn(data.get_u64());
+                            let _wal_end = data.get_u64();
+                            let _send_time = data.get_i64();
+                            // Relation/Type messages arrive with 0/0: never move backwards.
+                            if wal_start.0 != 0 {
+                                positions.received = positions.received.max(wal_start);
+                            }
+                            let record = to_record(opts.plugin, &mut decoder, wal_start, data, &mut in_transaction)?;
+                            if let (Some(endpos), Some(final_lsn)) = (opts.endpos, record.begin_final)
+                                && final_lsn > endpos
+                            {
+                                return finish(conn, spool, state, opts, positions).await;
+                            }
+                            let commit_lsn = record.commit_lsn;
+                            spool.append(record.record)?;
+                            if let (Some(endpos), Some(commit)) = (opts.endpos, commit_lsn)
+                                && commit >= endpos
+                            {
+                                return finish(conn, spool, state, opts, positions).await;
+                            }
+                        }
+                        b'k' => {
+                            if data.remaining() < 17 {
+                                bail!("truncated keepalive from the source");
+                            }
+                            let wal_end = Lsn(data.get_u64());
+                            let _time = data.get_i64();
+                            let reply = data.get_u8() == 1;
+                            if in_transaction.is_none() {
+                                idle_end = idle_end.max(wal_end);
+                                positions.received = positions.received.max(wal_end);
+                            }
+                            if let Some(endpos) = opts.endpos
+                                && in_transaction.is_none()
+                                && wal_end >= endpos
+                            {
+                                return finish(conn, spool, state, opts, positions).await;
+                            }
+                            if reply {
+                                send_status(&mut conn, spool, opts, positions, idle_end, in_transaction.is_none(), false).await?;
+                            }
+                        }
+                        other => bail!("unknown replication message {:?} from the source", other as char),
+                    }
+                }
+                _ = tick.tick() => {
+                    send_status(&mut conn, spool, opts, positions, idle_end, in_transaction.is_none(), false).await?;
+                    if last_state_write.elapsed() >= Duration::from_secs(1) {
+                        state.set_meta("stream.received_lsn", &positions.received.to_string())?;
+                        state.set_meta("stream.flushed_lsn", &positions.flushed.to_string())?;
+                        last_state_write = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A decoded stream message ready for the spool, with what the loop needs to know of it.
+struct Decoded {
+    record: Record,
+    begin_final: Option<Lsn>,
+    commit_lsn: Option<Lsn>,
+}
+
+fn to_record(
+    plugin: Plugin,
+    decoder: &mut pgoutput::Decoder,
+    wal_start: Lsn,
+    payload: Bytes,
+    in_transaction: &mut Option<u32>,
+) -> Result<Decoded> {
+    match plugin {
+        Plugin::Pgoutput => {
+            let change = decoder.decode(payload.clone())?;
+            let (mut begin_final, mut commit_lsn, mut end_lsn) = (None, None, None);
+            match &change {
+                Change::Begin { final_lsn, xid, .. } => {
+                    *in_transaction = Some(*xid);
+                    begin_final = Some(*final_lsn);
+                }
+                Change::Commit {
+                    commit_lsn: c,
+                    end_lsn: e,
+                    ..
+                } => {
+                    commit_lsn = Some(*c);
+                    end_lsn = Some(*e);
+                }
+                _ => {}
+            }
+            let xid = *in_transaction;
+            if end_lsn.is_some() {
+                *in_transaction = None;
+            }
+            Ok(Decoded {
+                record: Record {
+                    lsn: wal_start,
+                    end_lsn,
+                    xid,
+                    kind: change.kind(),
+                    payload,
+                },
+                begin_final,
+                commit_lsn,
+            })
+        }
+        Plugin::Wal2json => {
+            let decoded = crate::decode::wal2json::classify(&payload)?;
+            if decoded.kind == "begin" {
+                *in_transaction = decoded.xid.or(Some(0));
+            }
+            let xid = in_transaction
+                .and_then(|x| (x != 0).then_some(x))
+                .or(decoded.xid);
+            let end_lsn = decoded
+                .commit_end
+                .or_else(|| (decoded.kind == "commit").then_some(wal_start));
+            if decoded.kind == "commit" {
+                *in_transaction = None;
+            }
+            Ok(Decoded {
+                record: Record {
+                    lsn: wal_start,
+                    end_lsn,
+                    xid,
+                    kind: decoded.kind,
+                    payload,
+                },
+                begin_final: decoded.begin_final,
+                commit_lsn: (decoded.kind == "commit")
+                    .then_some(decoded.commit_lsn.unwrap_or(wal_start)),
+            })
+        }
+    }
+}
+
+/// Sends a standby status update with the current positions.
+async fn send_status(
+    conn: &mut ReplicationConnection,
+    spool: &SpoolWriter,
+    opts: &ReceiveOptions,
+    positions: &mut Positions,
+    idle_end: Lsn,
+    idle: bool,
+    reply_requested: bool,
+) -> Result<()> {
+    let durable = spool.durable();
+    let mut flushed = durable.commit_end;
+    // Between transactions, with everything received durable, the idle position reported by
+    // keepalives is safe too: no transaction committed before it is missing.
+    if idle && spool.all_durable() {
+        flushed = flushed.max(idle_end);
+    }
+    positions.flushed = positions.flushed.max(flushed);
+    positions.received = positions.received.max(positions.flushed);
+    if let Some(applied) = &opts.applied {
+        positions.applied = positions
+            .applied
+            .max(*applied.borrow())
+            .min(positions.flushed);
+    }
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64 - (PG_EPOCH_OFFSET_SECS as i64) * 1_000_000)
+        .unwrap_or(0);
+    let mut buf = BytesMut::with_capacity(34);
+    buf.put_u8(b'r');
+    buf.put_u64(positions.received.0);
+    buf.put_u64(positions.flushed.0);
+    buf.put_u64(positions.applied.0);
+    buf.put_i64(micros);
+    buf.put_u8(reply_requested as u8);
+    conn.send_copy_data(&buf).await
+}
+
+/// Endpos reached: make everything durable, report it, and end the stream cleanly.
+async fn finish(
+    mut conn: ReplicationConnection,
+    spool: &mut SpoolWriter,
+    state: &StateDb,
+    opts: &ReceiveOptions,
+    positions: &mut Positions,
+) -> Result<Ended> {
+    let durable = spool.sync().await?;
+    send_status(&mut conn, spool, opts, positions, Lsn(0), true, false).await?;
+    state.set_meta("stream.received_lsn", &positions.received.to_string())?;
+    state.set_meta("stream.flushed_lsn", &positions.flushed.to_string())?;
+    if let Err(e) = conn.finish_copy().await {
+        tracing::debug!("ending the copy: {e:#}");
+    }
+    conn.close().await;
+    Ok(Ended::Endpos {
+        flushed: durable.commit_end,
+    })
+}

@@ -1,0 +1,351 @@
+//! The spool: the durable change queue in the work dir (`spool.db`, SQLite). The receiver
+//! appends every message of the stream in arrival (= commit) order; a writer thread groups
+//! what has arrived into one SQLite transaction per fsync (group commit, never one fsync per
+//! row) and only then publishes the new durable position, which is what the source is told as
+//! "flushed" (invariant 1). The channel to the writer is bounded, so memory stays bounded
+//! whatever a transaction's size (invariant 4).
+//!
+//! On open, records after the last complete commit are dropped: the source sends a
+//! transaction again from its beginning when streaming restarts at the last flushed commit.
+
+use std::path::Path;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result, anyhow};
+use bytes::Bytes;
+use rusqlite::{Connection, params};
+use tokio::sync::watch;
+
+use crate::pg::Lsn;
+
+/// Records queued to the writer before the receiver waits (bounds memory: ~ this many
+/// messages in flight).
+const QUEUE_RECORDS: usize = 20_000;
+/// The most records one SQLite transaction takes.
+const BATCH_RECORDS: usize = 50_000;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS changes (
+    seq     INTEGER PRIMARY KEY,
+    lsn     INTEGER NOT NULL,       -- the XLogData start position (0 for relation/type messages)
+    end_lsn INTEGER,                -- a commit's end position: where streaming resumes
+    xid     INTEGER,
+    kind    TEXT NOT NULL,
+    payload BLOB NOT NULL           -- the plugin's message, byte for byte
+);
+CREATE INDEX IF NOT EXISTS changes_relations ON changes (seq) WHERE kind = 'relation';
+CREATE INDEX IF NOT EXISTS changes_commits ON changes (end_lsn) WHERE end_lsn IS NOT NULL;
+CREATE TABLE IF NOT EXISTS spool_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+";
+
+/// One message to spool.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub lsn: Lsn,
+    pub end_lsn: Option<Lsn>,
+    pub xid: Option<u32>,
+    pub kind: &'static str,
+    pub payload: Bytes,
+}
+
+/// What the writer has made durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Durable {
+    /// End LSN of the last durable commit: safe to report as flushed.
+    pub commit_end: Lsn,
+    /// Count of durable records appended by this writer.
+    pub records: u64,
+}
+
+enum Command {
+    Append(Record),
+    /// Drop what follows the last durable commit (a reconnect re-sends it).
+    RollbackToCommit,
+}
+
+/// Opens the spool file, dropping an incomplete transaction left by a crash.
+fn open_db(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)
+        .with_context(|| format!("cannot open the spool {}", path.display()))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.execute_batch(SCHEMA)
+        .context("cannot create the spool schema")?;
+    Ok(conn)
+}
+
+fn rollback_to_last_commit(conn: &Connection) -> rusqlite::Result<usize> {
+    conn.execute(
+        "DELETE FROM changes WHERE seq > coalesce((SELECT max(seq) FROM changes WHERE end_lsn IS NOT NULL), 0)",
+        [],
+    )
+}
+
+/// The appending side, used by the receiver.
+pub struct SpoolWriter {
+    tx: Option<SyncSender<Command>>,
+    durable: watch::Receiver<Durable>,
+    thread: Option<JoinHandle<Result<()>>>,
+    sent: u64,
+}
+
+impl SpoolWriter {
+    /// Opens `dir/spool.db` for appending; `on_batch` is told the spool's size after batches.
+    pub fn open(dir: &Path, on_batch: Box<dyn Fn(u64) + Send>) -> Result<Self> {
+        let conn = open_db(&dir.join("spool.db"))?;
+        let dropped = rollback_to_last_commit(&conn)?;
+        if dropped > 0 {
+            tracing::info!(
+                "spool: dropped {dropped} records of a transaction left incomplete; the source sends it again"
+            );
+        }
+        let start_commit: Option<i64> =
+            conn.query_row("SELECT max(end_lsn) FROM changes", [], |r| r.get(0))?;
+        let (durable_tx, durable) = watch::channel(Durable {
+            commit_end: Lsn(start_commit.unwrap_or(0) as u64),
+            records: 0,
+        });
+        let (tx, rx) = sync_channel(QUEUE_RECORDS);
+        let thread = std::thread::Builder::new()
+            .name("pgtide-spool".into())
+            .spawn(move || write_loop(conn, rx, durable_tx, on_batch))?;
+        Ok(SpoolWriter {
+            tx: Some(tx),
+            durable,
+            thread: Some(thread),
+            sent: 0,
+        })
+    }
+
+    fn send(&mut self, command: Command) -> Result<()> {
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| anyhow!("the spool is closed"))?;
+        // A full queue blocks this (async) caller briefly: that is the back-pressure that
+        // bounds memory, so do it off the async scheduler's hot path.
+        match tx.try_send(command) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(command)) => {
+                tokio::task::block_in_place(|| tx.send(command)).map_err(|_| self.writer_error())
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(self.writer_error()),
+        }
+    }
+
+    fn writer_error(&mut self) -> anyhow::Error {
+        self.tx = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Err(e))) => e.context("the spool writer failed"),
+            Some(Err(_)) => anyhow!("the spool writer panicked"),
+            _ => anyhow!("the spool writer stopped"),
+        }
+    }
+
+    pub fn append(&mut self, record: Record) -> Result<()> {
+        self.sent += 1;
+        self.send(Command::Append(record))
+    }
+
+    /// Drops the partial transaction that a lost connection left; the source re-sends it.
+    pub fn rollback_to_commit(&mut self) -> Result<()> {
+        self.send(Command::RollbackToCommit)?;
+        Ok(())
+    }
+
+    pub fn durable(&self) -> Durable {
+        *self.durable.borrow()
+    }
+
+    /// Whether every appended record is durable.
+    pub fn all_durable(&self) -> bool {
+        self.durable.borrow().records >= self.sent
+    }
+
+    /// Waits until every appended record is durable.
+    pub async fn sync(&mut self) -> Result<Durable> {
+        let target = self.sent;
+        let mut rx = self.durable.clone();
+        loop {
+            let d = *rx.borrow_and_update();
+            if d.records >= target {
+                return Ok(d);
+            }
+            if rx.changed().await.is_err() {
+                return Err(self.writer_error());
+            }
+        }
+    }
+
+    /// Flushes and stops the writer thread.
+    pub fn close(mut self) -> Result<()> {
+        self.tx = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(anyhow!("the spool writer panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn write_loop(
+    mut conn: Connection,
+    rx: Receiver<Command>,
+    durable_tx: watch::Sender<Durable>,
+    on_batch: Box<dyn Fn(u64) + Send>,
+) -> Result<()> {
+    let mut records = 0u64;
+    let mut commit_end = durable_tx.borrow().commit_end;
+    let mut batches = 0u64;
+    while let Ok(first) = rx.recv() {
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO changes (lsn, end_lsn, xid, kind, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut next = Some(first);
+            let mut n = 0;
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Append(r) => {
+                        insert.execute(params![
+                            r.lsn.0 as i64,
+                            r.end_lsn.map(|l| l.0 as i64),
+                            r.xid,
+                            r.kind,
+                            &r.payload[..]
+                        ])?;
+                        if let Some(end) = r.end_lsn {
+                            commit_end = commit_end.max(end);
+                        }
+                        records += 1;
+                    }
+                    Command::RollbackToCommit => {
+                        rollback_to_last_commit(&tx)?;
+                    }
+                }
+                n += 1;
+                if n < BATCH_RECORDS {
+                    next = rx.try_recv().ok();
+                }
+            }
+        }
+        fail::fail_point!("spool.before_commit");
+        tx.commit()
+            .context("cannot commit to the spool (is the disk full?)")?;
+        fail::fail_point!("spool.after_write");
+        durable_tx.send_replace(Durable {
+            commit_end,
+            records,
+        });
+        batches += 1;
+        if batches % 16 == 1 {
+            on_batch(spool_bytes(&conn));
+        }
+    }
+    on_batch(spool_bytes(&conn));
+    Ok(())
+}
+
+fn spool_bytes(conn: &Connection) -> u64 {
+    conn.query_row(
+        "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|b| b.max(0) as u64)
+    .unwrap_or(0)
+}
+
+/// One spooled record read back.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub seq: i64,
+    pub lsn: Lsn,
+    pub xid: Option<u32>,
+    pub payload: Bytes,
+}
+
+/// The reading side: in order, from any position.
+pub struct SpoolReader {
+    conn: Connection,
+}
+
+impl SpoolReader {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join("spool.db");
+        if !path.exists() {
+            anyhow::bail!(
+                "{} has no spool yet: run `pgtide stream receive` (or follow) first",
+                dir.display()
+            );
+        }
+        Ok(SpoolReader {
+            conn: open_db(&path)?,
+        })
+    }
+
+    /// Records with seq > `after_seq` whose position is ≥ `from`, at most `limit`.
+    pub fn read(&self, after_seq: i64, from: Lsn, limit: usize) -> Result<Vec<Stored>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, lsn, xid, payload FROM changes
+             WHERE seq > ?1 AND (lsn >= ?2 OR lsn = 0) ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![after_seq, from.0 as i64, limit as i64], |r| {
+            Ok(Stored {
+                seq: r.get(0)?,
+                lsn: Lsn(r.get::<_, i64>(1)? as u64),
+                xid: r.get(2)?,
+                payload: Bytes::from(r.get::<_, Vec<u8>>(3)?),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(lsn: u64, kind: &'static str, end: Option<u64>) -> Record {
+        Record {
+            lsn: Lsn(lsn),
+            end_lsn: end.map(Lsn),
+            xid: Some(1),
+            kind,
+            payload: Bytes::from_static(b"x"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn incomplete_transactions_are_dropped_on_reopen() {
+        let dir = std::env::temp_dir().join(format!("pgtide-spool-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = SpoolWriter::open(&dir, Box::new(|_| {})).unwrap();
+        for r in [
+            rec(10, "begin", None),
+            rec(11, "insert", None),
+            rec(12, "commit", Some(20)),
+            rec(30, "begin", None),
+            rec(31, "insert", None),
+        ] {
+            w.append(r).unwrap();
+        }
+        let d = w.sync().await.unwrap();
+        assert_eq!(d.commit_end, Lsn(20));
+        w.close().unwrap();
+        let w = SpoolWriter::open(&dir, Box::new(|_| {})).unwrap();
+        assert_eq!(w.durable().commit_end, Lsn(20));
+        w.close().unwrap();
+        let reader = SpoolReader::open(&dir).unwrap();
+        let all = reader.read(0, Lsn(0), 100).unwrap();
+        assert_eq!(
+            all.iter().map(|s| s.lsn.0).collect::<Vec<_>>(),
+            vec![10, 11, 12]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
