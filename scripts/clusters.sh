@@ -75,6 +75,10 @@ pgtide_start_clusters() {
       echo "max_wal_senders = 10"
       echo "wal_level = $([ "$role" = source ] && echo logical || echo replica)"
       if [ "$role" = source ]; then
+        # Newer minor releases only load output plugins listed here (pgoutput is built in).
+        local plugins
+        plugins=$("$PG_BIN/postgres" --describe-config 2>/dev/null | awk -F'\t' '$1 == "output_plugin_libraries" {print $5}')
+        [ -n "$plugins" ] && echo "output_plugin_libraries = '$plugins, wal2json'"
         echo "ssl = on"
         echo "ssl_cert_file = '$tls/server.crt'"
         echo "ssl_key_file = '$tls/server.key'"

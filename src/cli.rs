@@ -98,6 +98,13 @@ pub struct StreamSetupArgs {
 pub struct StreamReceiveArgs {
     #[command(flatten)]
     pub source: SourceArg,
+    /// Adopt this existing slot (e.g. one `pgtide snapshot` created) when the work dir has no
+    /// stream yet.
+    #[arg(long)]
+    pub slot_name: Option<String>,
+    /// The adopted slot's plugin.
+    #[arg(long, value_enum, default_value = "pgoutput")]
+    pub plugin: crate::replication::Plugin,
     #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
     pub dir: PathBuf,
     /// Stop once every transaction committed at or before this LSN is spooled.

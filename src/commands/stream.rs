@@ -14,7 +14,11 @@ use crate::spool::SpoolWriter;
 use crate::workdir::WorkDir;
 
 /// Checks what a slot needs on the source and creates the publication (pgoutput).
-async fn prepare_source(source: &ConnInfo, plugin: Plugin, slot_name: &str) -> Result<()> {
+async fn prepare_source(
+    source: &ConnInfo,
+    plugin: Plugin,
+    slot_name: &str,
+) -> Result<Vec<(String, String)>> {
     slot::check_slot_name(slot_name)?;
     let client = pg::connect(source, Side::Source, "stream setup").await?;
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
@@ -23,15 +27,15 @@ async fn prepare_source(source: &ConnInfo, plugin: Plugin, slot_name: &str) -> R
             "the source's wal_level is {wal_level}, logical decoding needs logical: set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart the source server"
         );
     }
+    let tables = slot::replicated_tables(&client, plugin == Plugin::Wal2json).await?;
     if plugin == Plugin::Pgoutput {
-        let tables = slot::replicated_tables(&client).await?;
         let publication = slot::create_publication(&client, slot_name, &tables).await?;
         tracing::info!(
             "publication {publication} publishes {} tables",
             tables.len()
         );
     }
-    Ok(())
+    Ok(tables)
 }
 
 pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
@@ -92,18 +96,39 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.source.source, "source")?;
     let workdir = WorkDir::open(&args.dir, "stream receive")?;
     let state = workdir.state.clone();
-    let slot_name = state.get_meta("stream.slot")?.ok_or_else(|| {
-        anyhow!(
-            "the work dir {} has no stream: run `pgtide stream setup` first",
+    let slot_name = match (state.get_meta("stream.slot")?, &args.slot_name) {
+        (Some(recorded), Some(asked)) if &recorded != asked => bail!(
+            "the work dir {} streams from slot \"{recorded}\", not \"{asked}\": use another --dir",
             args.dir.display()
-        )
-    })?;
+        ),
+        (Some(recorded), _) => recorded,
+        (None, Some(asked)) => {
+            slot::check_slot_name(asked)?;
+            state.set_meta("stream.slot", asked)?;
+            state.set_meta("stream.plugin", args.plugin.name())?;
+            state.set_meta("stream.source.uri", &source.redacted())?;
+            asked.clone()
+        }
+        (None, None) => bail!(
+            "the work dir {} has no stream: run `pgtide stream setup` first, or give --slot-name to adopt an existing slot",
+            args.dir.display()
+        ),
+    };
     let plugin = Plugin::parse(&state.get_meta("stream.plugin")?.unwrap_or_default())?;
     let start: Lsn = state
         .get_meta("stream.startpos")?
         .unwrap_or_else(|| "0/0".into())
         .parse()
         .map_err(|e: String| anyhow!(e))?;
+    let tables: Vec<(String, String)> = match state.get_meta("stream.tables")? {
+        Some(json) => serde_json::from_str(&json)?,
+        None => {
+            let client = pg::connect(&source, Side::Source, "stream tables").await?;
+            let tables = slot::replicated_tables(&client, plugin == Plugin::Wal2json).await?;
+            state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
+            tables
+        }
+    };
     let size_state = state.clone();
     let mut spool = SpoolWriter::open(
         &workdir.path,
@@ -117,6 +142,7 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
         start,
         endpos: args.endpos,
         status_interval: Duration::from_secs(1),
+        tables,
         applied: None,
     };
     let ended = stream::receive(&source, &mut spool, &state, &opts).await;

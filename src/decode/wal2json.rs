@@ -57,7 +57,11 @@ pub fn classify(payload: &[u8]) -> Result<Classified> {
     Ok(Classified {
         kind,
         xid,
-        begin_final: None,
+        begin_final: if kind == "begin" {
+            lsn_field(&obj, "lsn")
+        } else {
+            None
+        },
         commit_lsn: if kind == "commit" {
             lsn_field(&obj, "lsn")
         } else {
@@ -169,7 +173,16 @@ impl Decoder {
             &columns
         };
         let message_names = names(described);
-        let key_names = names(&identity);
+        let pk = obj
+            .get("pk")
+            .and_then(|c| c.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let key_names = if pk.is_empty() {
+            names(&identity)
+        } else {
+            names(&pk)
+        };
         let mut out = Vec::new();
         let table_key = (schema.clone(), table.clone());
         let known = self.relations.get(&table_key).cloned();

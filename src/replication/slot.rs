@@ -76,19 +76,23 @@ pub async fn drop_publication(client: &Client, slot: &str) -> Result<()> {
         .map_err(|e| anyhow!("cannot drop publication {name}: {}", pg::describe(&e)))
 }
 
-/// The tables a slot replicates: ordinary and partitioned tables outside system schemas
-/// (partitions are covered through their parent).
-pub async fn replicated_tables(client: &Client) -> Result<Vec<(String, String)>> {
+/// The tables a slot replicates: ordinary and partitioned tables outside system schemas.
+/// The publication covers partitions through their parent; wal2json filters on the leaf
+/// that a change arrives for, so its list names the partitions too.
+pub async fn replicated_tables(
+    client: &Client,
+    with_partitions: bool,
+) -> Result<Vec<(String, String)>> {
     let rows = client
         .query(
             "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence = 'p'
+             WHERE c.relkind IN ('r', 'p') AND ($1 OR NOT c.relispartition) AND c.relpersistence = 'p'
                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtide')
                AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
                AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                                AND d.objid = c.oid AND d.deptype = 'e')
              ORDER BY 1, 2",
-            &[],
+            &[&with_partitions],
         )
         .await
         .context("cannot list the source tables")?;
@@ -125,6 +129,11 @@ pub async fn create_slot(
         ),
         Some(s) if s.code == "53400" => anyhow!(
             "the source has no free replication slot ({}): raise max_replication_slots or drop an unused slot",
+            s.message
+        ),
+        Some(s) if s.message.contains("may not be used as an output plugin") => anyhow!(
+            "the source refuses {} as an output plugin ({}): add it to output_plugin_libraries in the source's postgresql.conf and reload, or use --plugin pgoutput",
+            plugin.name(),
             s.message
         ),
         Some(s) if s.code == "58P01" || s.message.contains("could not access file") => anyhow!(

@@ -31,6 +31,8 @@ pub struct ReceiveOptions {
     /// Stop once every transaction committed at or before it is spooled.
     pub endpos: Option<Lsn>,
     pub status_interval: Duration,
+    /// wal2json's table filter (`add-tables`), the same tables the publication holds.
+    pub tables: Vec<(String, String)>,
     /// The target's durable applied position, when an apply loop runs.
     pub applied: Option<watch::Receiver<Lsn>>,
 }
@@ -130,9 +132,10 @@ impl Session {
                 "proto_version '1', publication_names {}, messages 'true'",
                 quote_literal(&quote_ident(&publication_name(&opts.slot)))
             ),
-            Plugin::Wal2json => {
-                "\"format-version\" '2', \"include-xids\" '1', \"include-timestamp\" '1', \"include-lsn\" '1'".to_string()
-            }
+            Plugin::Wal2json => format!(
+                "\"format-version\" '2', \"include-xids\" '1', \"include-timestamp\" '1', \"include-lsn\" '1', \"include-transaction\" '1', \"include-type-oids\" '1', \"include-pk\" '1', \"add-tables\" {}",
+                quote_literal(&wal2json_table_filter(&opts.tables))
+            ),
         };
         conn.start_copy_both(&format!(
             "START_REPLICATION SLOT {} LOGICAL {start} ({options})",
@@ -215,6 +218,24 @@ impl Session {
             }
         }
     }
+}
+
+/// wal2json's `add-tables` value: `schema.table` entries separated by commas, with `\`
+/// escaping a comma, dot or backslash inside a name.
+fn wal2json_table_filter(tables: &[(String, String)]) -> String {
+    let escape = |name: &str| {
+        name.chars()
+            .flat_map(|c| match c {
+                ',' | '.' | '\\' | ' ' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect::<String>()
+    };
+    tables
+        .iter()
+        .map(|(s, t)| format!("{}.{}", escape(s), escape(t)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A decoded stream message ready for the spool, with what the loop needs to know of it.

@@ -39,6 +39,35 @@ pub async fn connect(uri: &str) -> Client {
 pub async fn fresh_db_pair(name: &str) -> (String, String) {
     for which in ["source", "target"] {
         let admin = connect(&admin_uri(which)).await;
+        // Slots pin a database: drop those a previous run of this test left.
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = $1 AND active",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        for _ in 0..50 {
+            let active: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE database = $1 AND active",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if active == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        admin
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
+                &[&name],
+            )
+            .await
+            .unwrap();
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .await
@@ -135,4 +164,30 @@ pub fn assert_identical(source: &str, target: &str) {
 pub fn state_query_i64(dir: &Path, sql: &str) -> i64 {
     let conn = rusqlite::Connection::open(dir.join("state.db")).unwrap();
     conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+/// The source's current WAL position, as text.
+pub async fn current_lsn(uri: &str) -> String {
+    // The insert position: with synchronous_commit = off (test clusters) the write position
+    // can lag behind a commit that already returned.
+    scalar_string(uri, "SELECT pg_current_wal_insert_lsn()::text").await
+}
+
+/// `pgtide spool show` parsed into JSON objects.
+pub fn spool_show(dir: &Path) -> Vec<serde_json::Value> {
+    let out = pgtide_ok_stdout(&["spool", "show", "--dir", dir.to_str().unwrap()]);
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}")))
+        .collect()
+}
+
+/// Runs pgtide, fails the test on a non-zero exit, returns stdout alone.
+pub fn pgtide_ok_stdout(args: &[&str]) -> String {
+    let out = pgtide(args);
+    assert!(
+        out.status.success(),
+        "pgtide {args:?} failed:\n{}",
+        text(&out)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
