@@ -5,6 +5,9 @@
 pub mod pgoutput;
 pub mod wal2json;
 
+#[cfg(test)]
+mod golden_tests;
+
 use bytes::Bytes;
 use serde_json::{Map, Value as Json, json};
 
