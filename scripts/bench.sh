@@ -2,7 +2,8 @@
 # Benchmark: pgtide clone against pgcopydb clone, pg_dump -Fd | pg_restore, and a physical-limit
 # estimate, on the same source data in one run, each result verified by checksum.
 #   scripts/bench.sh [SCALE] [JOBS]      (defaults: pgbench scale 50, 2 jobs)
-# Prints wall times and the ratios pgtide/pgcopydb, pgtide/dump-restore, pgtide/limit.
+# Prints wall times and the ratios pgtide/pgcopydb, pgtide/dump-restore, pgtide/limit, then
+# the spool write throughput (cargo bench --bench spool).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${1:-50}
@@ -116,3 +117,6 @@ echo "pgtide / dump-restore:       $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF
 echo "pgtide / physical limit:     $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[physical_limit]}")"
 echo "step times of the pgtide run:"; sed -n '/^step/,/^$/p' "$WORK/pgtide.log"
 echo "logs: $WORK"
+echo
+# The spool's write throughput (group commit through the real SpoolWriter).
+cargo bench --quiet --bench spool 2>/dev/null | grep -E '^spool'

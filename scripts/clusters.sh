@@ -90,7 +90,10 @@ pgtide_start_clusters() {
       fi
     } >> "$data/postgresql.conf"
     # The database tls_only accepts only TLS connections over TCP (the TLS tests use it).
-    [ "$role" = source ] && sed -i '/^# TYPE/a hostnossl  tls_only  all  all  reject' "$data/pg_hba.conf"
+    # Two roles the authentication tests log in as with MD5 and cleartext passwords.
+    if [ "$role" = source ]; then
+      sed -i '/^# TYPE/a hostnossl  tls_only  all  all  reject\nhost  all  pgtide_md5  all  md5\nhost  replication  pgtide_md5  all  md5\nhost  all  pgtide_plain  all  password\nhost  replication  pgtide_plain  all  password' "$data/pg_hba.conf"
+    fi
     _pgtide_as_postgres "$PG_BIN/pg_ctl" -D "$data" -l "$PGTIDE_CLUSTERS_DIR/$role.log" -w start >/dev/null
     local uri="postgres://postgres:$PGTIDE_TEST_PASSWORD@127.0.0.1:$port/postgres"
     if [ "$role" = source ]; then export PGTIDE_TEST_SOURCE=$uri PGTIDE_SOURCE_PORT=$port

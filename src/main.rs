@@ -1,21 +1,10 @@
 //! pgtide: move a live PostgreSQL database to another server. See DESIGN.md for the pipeline.
 
-mod cli;
-mod clone;
-mod commands;
-mod conninfo;
-mod decode;
-mod pg;
-mod replication;
-mod spool;
-mod state;
-mod verify;
-mod workdir;
-
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use cli::{Cli, Command, LogFormat};
+use pgtide::cli::{self, Cli, Command, LogFormat};
+use pgtide::commands;
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("PGTIDE_LOG")

@@ -546,3 +546,124 @@ async fn busy_slot_is_a_clear_error() {
         "{out}"
     );
 }
+
+/// The replication client logs in with MD5 and cleartext passwords (SCRAM is what every other
+/// test uses) and speaks TLS with certificate and host-name checks.
+#[tokio::test(flavor = "multi_thread")]
+async fn replication_login_methods_and_tls() {
+    let (src, _dst) = fresh_db_pair("t_stream_auth").await;
+    exec(&src, "CREATE TABLE a (id int PRIMARY KEY);").await;
+    let admin = connect(&admin_uri("source")).await;
+    admin
+        .batch_execute(
+            "DROP ROLE IF EXISTS pgtide_md5; DROP ROLE IF EXISTS pgtide_plain;
+             SET password_encryption = 'md5'; CREATE ROLE pgtide_md5 LOGIN REPLICATION PASSWORD 'md5-secret-1';
+             RESET password_encryption; CREATE ROLE pgtide_plain LOGIN REPLICATION PASSWORD 'plain-secret-2';",
+        )
+        .await
+        .unwrap();
+    let slot = "t_stream_auth_slot";
+    let setup_dir = workdir("stream-auth");
+    pgtide_ok(&[
+        "stream",
+        "setup",
+        "--source",
+        &src,
+        "--dir",
+        setup_dir.to_str().unwrap(),
+        "--slot-name",
+        slot,
+    ]);
+    let port =
+        std::env::var("PGTIDE_SOURCE_PORT").expect("PGTIDE_SOURCE_PORT: run scripts/test.sh");
+    for (user, password) in [
+        ("pgtide_md5", "md5-secret-1"),
+        ("pgtide_plain", "plain-secret-2"),
+    ] {
+        exec(
+            &src,
+            &format!("INSERT INTO a SELECT coalesce(max(id), 0) + 1 FROM a; -- {user}"),
+        )
+        .await;
+        let uri = format!("postgres://{user}:{password}@127.0.0.1:{port}/t_stream_auth");
+        let dir = workdir(&format!("stream-auth-{user}"));
+        let endpos = current_lsn(&src).await;
+        pgtide_ok(&[
+            "stream",
+            "receive",
+            "--source",
+            &uri,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--slot-name",
+            slot,
+            "--endpos",
+            &endpos,
+        ]);
+        let wrong = format!("postgres://{user}:not-it@127.0.0.1:{port}/t_stream_auth");
+        let out = pgtide_fails(&[
+            "stream",
+            "receive",
+            "--source",
+            &wrong,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--endpos",
+            &endpos,
+        ]);
+        assert!(
+            out.contains("cannot log in to the source server") && !out.contains(password),
+            "{out}"
+        );
+    }
+    // TLS with verify-full on the replication connection, then a host name the certificate
+    // does not name.
+    let ca = std::env::var("PGTIDE_TEST_CA").expect("PGTIDE_TEST_CA: run scripts/test.sh");
+    exec(&src, "INSERT INTO a VALUES (1000)").await;
+    let endpos = current_lsn(&src).await;
+    let tls_dir = workdir("stream-auth-tls");
+    let full = format!(
+        "postgres://postgres:{}@localhost:{port}/t_stream_auth?sslmode=verify-full&sslrootcert={ca}",
+        password()
+    );
+    pgtide_ok(&[
+        "stream",
+        "receive",
+        "--source",
+        &full,
+        "--dir",
+        tls_dir.to_str().unwrap(),
+        "--slot-name",
+        slot,
+        "--endpos",
+        &endpos,
+    ]);
+    assert!(
+        spool_show(&tls_dir)
+            .iter()
+            .any(|c| c["new"]["id"] == "1000")
+    );
+    let wrong_host = full.replace("@localhost:", "@127.0.0.1:");
+    let out = pgtide_fails(&[
+        "stream",
+        "receive",
+        "--source",
+        &wrong_host,
+        "--dir",
+        tls_dir.to_str().unwrap(),
+        "--endpos",
+        &endpos,
+    ]);
+    assert!(
+        out.contains("TLS failed on the replication connection"),
+        "{out}"
+    );
+    pgtide_ok(&[
+        "stream",
+        "cleanup",
+        "--source",
+        &src,
+        "--dir",
+        setup_dir.to_str().unwrap(),
+    ]);
+}

@@ -96,7 +96,10 @@ pub async fn receive(
         };
         match result {
             Ok(ended) => return Ok(ended),
-            Err(e) if is_fatal(&e) => return Err(explain(e, &opts.slot)),
+            // Before the stream ever started (bad password, TLS, unreachable source, missing
+            // slot) retrying cannot help: say so at once. Afterwards a lost connection is
+            // retried.
+            Err(e) if is_fatal(&e) || !positions.streamed => return Err(explain(e, &opts.slot)),
             Err(e) => {
                 tracing::warn!("replication connection lost: {e:#}; reconnecting in {backoff:?}");
                 spool.rollback_to_commit()?;
@@ -110,6 +113,8 @@ pub async fn receive(
 /// Positions reported to the source; each only moves forward.
 #[derive(Default)]
 struct Positions {
+    /// Whether START_REPLICATION ever succeeded in this run.
+    streamed: bool,
     received: Lsn,
     flushed: Lsn,
     applied: Lsn,
@@ -142,6 +147,7 @@ impl Session {
             quote_ident(&opts.slot)
         ))
         .await?;
+        positions.streamed = true;
         tracing::info!("streaming from slot {} at {start}", opts.slot);
         let mut decoder = pgoutput::Decoder::default();
         let mut in_transaction: Option<u32> = None;

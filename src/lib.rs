@@ -1,0 +1,14 @@
+//! pgtide: move a live PostgreSQL database to another server with seconds of downtime.
+//! The library holds every stage (see DESIGN.md for the pipeline); `main.rs` is the CLI.
+
+pub mod cli;
+pub mod clone;
+pub mod commands;
+pub mod conninfo;
+pub mod decode;
+pub mod pg;
+pub mod replication;
+pub mod spool;
+pub mod state;
+pub mod verify;
+pub mod workdir;
