@@ -74,6 +74,9 @@ pub struct SlotArgs {
     /// Replication slot name; the publication is pgtide_<slot>.
     #[arg(long, default_value = "pgtide")]
     pub slot_name: String,
+    /// Filters file (the clone's format): only the selected tables are published.
+    #[arg(long)]
+    pub filters: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -155,6 +155,15 @@ impl SpoolWriter {
         Ok(())
     }
 
+    /// Fails if the writer thread has stopped (a failed fsync, a full disk): the receiver
+    /// checks this on its timer so that it stops even when it has nothing to append.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+            return Err(self.writer_error());
+        }
+        Ok(())
+    }
+
     pub fn durable(&self) -> Durable {
         *self.durable.borrow()
     }
@@ -303,6 +312,16 @@ impl SpoolReader {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+
+    /// Removes whole transactions whose commit ended at or before `applied` (the target's
+    /// durable position: invariant 1); relation descriptions are kept for what follows.
+    pub fn prune_through(&self, applied: Lsn) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM changes WHERE kind <> 'relation' AND seq <= coalesce(
+                (SELECT max(seq) FROM changes WHERE end_lsn IS NOT NULL AND end_lsn <= ?1), 0)",
+            [applied.0 as i64],
+        )?)
+    }
 }
 
 #[cfg(test)]
@@ -346,6 +365,10 @@ mod tests {
             all.iter().map(|s| s.lsn.0).collect::<Vec<_>>(),
             vec![10, 11, 12]
         );
+        // Pruning stops at the applied commit: nothing not yet applied is dropped.
+        assert_eq!(reader.prune_through(Lsn(19)).unwrap(), 0);
+        assert_eq!(reader.prune_through(Lsn(20)).unwrap(), 3);
+        assert!(reader.read(0, Lsn(0), 100).unwrap().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

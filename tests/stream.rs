@@ -667,3 +667,138 @@ async fn replication_login_methods_and_tls() {
         setup_dir.to_str().unwrap(),
     ]);
 }
+
+/// Invariant 1: a spool write that fails leaves the slot's confirmed position at or before the
+/// last durable commit, and a rerun receives the rest exactly once. Also: the publication
+/// follows --filters, and a work dir refuses another source server.
+#[tokio::test(flavor = "multi_thread")]
+async fn flushed_never_passes_durable_and_filters_apply() {
+    let (src, dst) = fresh_db_pair("t_stream_durable").await;
+    exec(
+        &src,
+        "CREATE TABLE keep (id int PRIMARY KEY); CREATE TABLE skip (id int PRIMARY KEY);",
+    )
+    .await;
+    let dir = workdir("stream-durable");
+    std::fs::create_dir_all(&dir).unwrap();
+    let filters = dir.join("filters.ini");
+    std::fs::write(&filters, "[exclude-table]\npublic.skip\n").unwrap();
+    let d = dir.join("w");
+    let d = d.to_str().unwrap();
+    let slot = "t_stream_durable_slot";
+    pgtide_ok(&[
+        "stream",
+        "setup",
+        "--source",
+        &src,
+        "--dir",
+        d,
+        "--slot-name",
+        slot,
+        "--filters",
+        filters.to_str().unwrap(),
+    ]);
+    let writer = connect(&src).await;
+    let lsn_of = |row: tokio_postgres::Row| -> u64 {
+        let text: String = row.get(0);
+        let (hi, lo) = text.split_once('/').unwrap();
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+    };
+    // Each committed `keep` row with a WAL position at or after its commit.
+    let mut committed_by = Vec::new();
+    for i in 0..60 {
+        writer
+            .execute("INSERT INTO keep VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+        let after = writer
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap();
+        committed_by.push((i, lsn_of(after)));
+        writer
+            .execute("INSERT INTO skip VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+    }
+    let endpos = current_lsn(&src).await;
+    // The first spool batch takes 1.5 s to become durable while status updates go out every
+    // second; the second batch fails. The receiver must stop, and must not have reported
+    // anything beyond the first batch as flushed.
+    let mut child = pgtide_command(&["stream", "receive", "--source", &src, "--dir", d])
+        .env("FAILPOINTS", "spool.before_commit=1*sleep(1500)->panic")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the receiver did not stop after its spool writer failed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !status.success(),
+        "the failpoint should have stopped the receiver"
+    );
+    // What the spool holds durably: rows of transactions whose commit is spooled.
+    let mut durable_rows = HashSet::new();
+    let mut open = Vec::new();
+    for c in spool_show(&dir.join("w")) {
+        match c["kind"].as_str().unwrap() {
+            "insert" if c["table"] == "keep" => {
+                open.push(c["new"]["id"].as_str().unwrap().parse::<i32>().unwrap())
+            }
+            "commit" => durable_rows.extend(open.drain(..)),
+            _ => {}
+        }
+    }
+    let confirmed = writer
+        .query_one(&format!("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{slot}'"), &[])
+        .await
+        .unwrap();
+    let confirmed = lsn_of(confirmed);
+    // Every row committed at or before the position the source was told is flushed must be
+    // durable in the spool (the filtered table's empty transactions legitimately move the
+    // position past the last spooled commit).
+    for (id, committed_before) in &committed_by {
+        if *committed_before <= confirmed {
+            assert!(
+                durable_rows.contains(id),
+                "row {id} was acknowledged to the source but is not durable in the spool"
+            );
+        }
+    }
+
+    pgtide_ok(&[
+        "stream", "receive", "--source", &src, "--dir", d, "--endpos", &endpos,
+    ]);
+    let changes = spool_show(&dir.join("w"));
+    let keep: HashSet<&str> = on_table(&changes, "insert", "keep")
+        .iter()
+        .map(|c| c["new"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        on_table(&changes, "insert", "keep").len(),
+        60,
+        "every insert exactly once"
+    );
+    assert_eq!(keep.len(), 60);
+    assert!(
+        on_table(&changes, "insert", "skip").is_empty(),
+        "the filtered table is not published"
+    );
+
+    // The target cluster is another server: the work dir refuses it.
+    let out = pgtide_fails(&["stream", "receive", "--source", &dst, "--dir", d]);
+    assert!(
+        out.contains("is not the server this work dir streams from"),
+        "{out}"
+    );
+    pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
+}

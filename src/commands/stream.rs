@@ -18,6 +18,7 @@ async fn prepare_source(
     source: &ConnInfo,
     plugin: Plugin,
     slot_name: &str,
+    filters: &crate::clone::filters::Filters,
 ) -> Result<Vec<(String, String)>> {
     slot::check_slot_name(slot_name)?;
     let client = pg::connect(source, Side::Source, "stream setup").await?;
@@ -27,7 +28,9 @@ async fn prepare_source(
             "the source's wal_level is {wal_level}, logical decoding needs logical: set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart the source server"
         );
     }
-    let tables = slot::replicated_tables(&client, plugin == Plugin::Wal2json).await?;
+    pg::catalog::check_filters_name_real_objects(&client, filters).await?;
+    let mut tables = slot::replicated_tables(&client, plugin == Plugin::Wal2json).await?;
+    tables.retain(|(schema, table)| filters.includes_table(schema, table));
     if plugin == Plugin::Pgoutput {
         let publication = slot::create_publication(&client, slot_name, &tables).await?;
         tracing::info!(
@@ -40,7 +43,13 @@ async fn prepare_source(
 
 pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.source.source, "source")?;
-    prepare_source(&source, args.slot.plugin, &args.slot.slot_name).await?;
+    prepare_source(
+        &source,
+        args.slot.plugin,
+        &args.slot.slot_name,
+        &super::load_filters(args.slot.filters.as_deref())?,
+    )
+    .await?;
     let mut conn = ReplicationConnection::connect(&source).await?;
     let created =
         slot::create_slot(&mut conn, &args.slot.slot_name, args.slot.plugin, true).await?;
@@ -74,11 +83,20 @@ pub async fn setup(args: StreamSetupArgs) -> Result<()> {
             args.dir.display()
         );
     }
-    prepare_source(&source, args.slot.plugin, &args.slot.slot_name).await?;
+    let tables = prepare_source(
+        &source,
+        args.slot.plugin,
+        &args.slot.slot_name,
+        &super::load_filters(args.slot.filters.as_deref())?,
+    )
+    .await?;
     let mut conn = ReplicationConnection::connect(&source).await?;
+    let identity = slot::identify_system(&mut conn).await?;
     let created =
         slot::create_slot(&mut conn, &args.slot.slot_name, args.slot.plugin, false).await?;
     conn.close().await;
+    state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
+    state.set_meta("stream.system_id", &identity.system_id)?;
     state.set_meta("stream.slot", &args.slot.slot_name)?;
     state.set_meta("stream.plugin", args.slot.plugin.name())?;
     state.set_meta("stream.startpos", &created.consistent_point.to_string())?;
@@ -143,6 +161,7 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
         endpos: args.endpos,
         status_interval: Duration::from_secs(1),
         tables,
+        system_id: state.get_meta("stream.system_id")?,
         applied: None,
     };
     let ended = stream::receive(&source, &mut spool, &state, &opts).await;

@@ -205,7 +205,7 @@ pub async fn read_catalog(
 
 /// A filters file that names a table or schema that does not exist is a typo the operator must
 /// hear about, not a silent no-op.
-async fn check_filters_name_real_objects(client: &Client, filters: &Filters) -> Result<()> {
+pub async fn check_filters_name_real_objects(client: &Client, filters: &Filters) -> Result<()> {
     for schema in filters.named_schemas() {
         let found = client
             .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[schema])

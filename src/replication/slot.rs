@@ -99,6 +99,26 @@ pub async fn replicated_tables(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// IDENTIFY_SYSTEM: the server's system identifier, timeline and current WAL position.
+pub struct SystemIdentity {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlogpos: Lsn,
+}
+
+pub async fn identify_system(conn: &mut ReplicationConnection) -> Result<SystemIdentity> {
+    let rows = conn.simple_query("IDENTIFY_SYSTEM").await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| anyhow!("IDENTIFY_SYSTEM returned no row"))?;
+    let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    Ok(SystemIdentity {
+        system_id: field(0),
+        timeline: field(1).parse().unwrap_or(0),
+        xlogpos: field(2).parse().map_err(|e: String| anyhow!(e))?,
+    })
+}
+
 /// A created slot: where its stream starts, and the snapshot that matches that point.
 pub struct CreatedSlot {
     pub consistent_point: Lsn,

@@ -33,6 +33,9 @@ pub struct ReceiveOptions {
     pub status_interval: Duration,
     /// wal2json's table filter (`add-tables`), the same tables the publication holds.
     pub tables: Vec<(String, String)>,
+    /// The source's system identifier recorded at setup: streaming from another server is
+    /// refused.
+    pub system_id: Option<String>,
     /// The target's durable applied position, when an apply loop runs.
     pub applied: Option<watch::Receiver<Lsn>>,
 }
@@ -44,16 +47,22 @@ pub enum Ended {
     Interrupted { flushed: Lsn },
 }
 
+/// The work dir belongs to another source server.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct WrongServer(String);
+
 /// Errors after which reconnecting cannot help.
 fn is_fatal(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<ServerError>().is_some_and(|s| {
-            matches!(
-                s.code.as_str(),
-                "55006" | "42704" | "28P01" | "28000" | "3D000" | "42501" | "22023" | "42601"
-            )
+    e.chain().any(|c| c.downcast_ref::<WrongServer>().is_some())
+        || e.chain().any(|c| {
+            c.downcast_ref::<ServerError>().is_some_and(|s| {
+                matches!(
+                    s.code.as_str(),
+                    "55006" | "42704" | "28P01" | "28000" | "3D000" | "42501" | "22023" | "42601"
+                )
+            })
         })
-    })
 }
 
 fn explain(e: anyhow::Error, slot: &str) -> anyhow::Error {
@@ -132,6 +141,16 @@ impl Session {
         start: Lsn,
     ) -> Result<Ended> {
         let mut conn = ReplicationConnection::connect(info).await?;
+        let identity = super::slot::identify_system(&mut conn).await?;
+        if let Some(expected) = &opts.system_id
+            && *expected != identity.system_id
+        {
+            return Err(anyhow::Error::new(WrongServer(format!(
+                "the source at {} (system {}) is not the server this work dir streams from (system {expected}): check --source, or use another --dir",
+                info.endpoint(),
+                identity.system_id
+            ))));
+        }
         let options = match opts.plugin {
             Plugin::Pgoutput => format!(
                 "proto_version '1', publication_names {}, messages 'true'",
@@ -214,6 +233,7 @@ impl Session {
                     }
                 }
                 _ = tick.tick() => {
+                    spool.check_alive()?;
                     send_status(&mut conn, spool, opts, positions, idle_end, in_transaction.is_none(), false).await?;
                     if last_state_write.elapsed() >= Duration::from_secs(1) {
                         state.set_meta("stream.received_lsn", &positions.received.to_string())?;
