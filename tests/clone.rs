@@ -410,19 +410,7 @@ async fn resume_after_sigkill_during_copy() {
             child.try_wait().unwrap().is_none(),
             "the clone ended before it could be killed"
         );
-        let done = if dir.join("state.db").exists() {
-            rusqlite::Connection::open(dir.join("state.db"))
-                .and_then(|c| {
-                    c.query_row(
-                        "SELECT count(*) FROM parts WHERE status = 'done'",
-                        [],
-                        |r| r.get::<_, i64>(0),
-                    )
-                })
-                .unwrap_or(0)
-        } else {
-            0
-        };
+        let done = parts_done(&dir);
         if done >= 3 {
             break;
         }

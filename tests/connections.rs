@@ -167,18 +167,7 @@ async fn ctrl_c_stops_cleanly_and_resume_finishes() {
     .spawn()
     .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !dir.join("state.db").exists()
-        || rusqlite::Connection::open(dir.join("state.db"))
-            .and_then(|c| {
-                c.query_row(
-                    "SELECT count(*) FROM parts WHERE status = 'done'",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-            })
-            .unwrap_or(0)
-            < 1
-    {
+    while parts_done(&dir) < 1 {
         assert!(
             std::time::Instant::now() < deadline,
             "the clone never copied a table"

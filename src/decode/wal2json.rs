@@ -33,6 +33,20 @@ fn lsn_field(obj: &Json, key: &str) -> Option<Lsn> {
         .and_then(|s| s.parse().ok())
 }
 
+fn str_field(obj: &Json, key: &str) -> String {
+    obj.get(key)
+        .and_then(|s| s.as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn array_field(obj: &Json, key: &str) -> Vec<Json> {
+    obj.get(key)
+        .and_then(|c| c.as_array())
+        .cloned()
+        .unwrap_or_default()
+}
+
 fn kind_of(action: &str) -> Result<&'static str> {
     Ok(match action {
         "B" => "begin",
@@ -140,26 +154,10 @@ impl Decoder {
     }
 
     fn row_change(&mut self, action: &str, obj: &Json) -> Result<Vec<Change>> {
-        let schema = obj
-            .get("schema")
-            .and_then(|s| s.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let table = obj
-            .get("table")
-            .and_then(|s| s.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let columns = obj
-            .get("columns")
-            .and_then(|c| c.as_array())
-            .cloned()
-            .unwrap_or_default();
-        let identity = obj
-            .get("identity")
-            .and_then(|c| c.as_array())
-            .cloned()
-            .unwrap_or_default();
+        let schema = str_field(obj, "schema");
+        let table = str_field(obj, "table");
+        let columns = array_field(obj, "columns");
+        let identity = array_field(obj, "identity");
         let names = |cols: &[Json]| -> Vec<String> {
             cols.iter()
                 .filter_map(|c| c.get("name").and_then(|n| n.as_str()).map(String::from))
@@ -173,11 +171,7 @@ impl Decoder {
             &columns
         };
         let message_names = names(described);
-        let pk = obj
-            .get("pk")
-            .and_then(|c| c.as_array())
-            .cloned()
-            .unwrap_or_default();
+        let pk = array_field(obj, "pk");
         let key_names = if pk.is_empty() {
             names(&identity)
         } else {
@@ -218,41 +212,32 @@ impl Decoder {
                 (oid, message_names)
             }
         };
-        let image = |cols: &[Json]| -> Vec<Value> {
+        // The row image over the relation's columns; a column the message leaves out is
+        // `missing` (Unchanged in a new image, NULL in an old key).
+        let image = |cols: &[Json], missing: Value| -> Vec<Value> {
             column_names
                 .iter()
                 .map(|name| {
                     cols.iter()
                         .find(|c| c.get("name").and_then(|n| n.as_str()) == Some(name))
                         .map(|c| value_text(c.get("value").unwrap_or(&Json::Null)))
-                        .unwrap_or(Value::Unchanged)
-                })
-                .collect()
-        };
-        let old_image = |cols: &[Json]| -> Vec<Value> {
-            column_names
-                .iter()
-                .map(|name| {
-                    cols.iter()
-                        .find(|c| c.get("name").and_then(|n| n.as_str()) == Some(name))
-                        .map(|c| value_text(c.get("value").unwrap_or(&Json::Null)))
-                        .unwrap_or(Value::Null)
+                        .unwrap_or_else(|| missing.clone())
                 })
                 .collect()
         };
         out.push(match action {
             "I" => Change::Insert {
                 relation: oid,
-                new: image(&columns),
+                new: image(&columns, Value::Unchanged),
             },
             "U" => Change::Update {
                 relation: oid,
-                old: (!identity.is_empty()).then(|| (OldImage::Key, old_image(&identity))),
-                new: image(&columns),
+                old: (!identity.is_empty()).then(|| (OldImage::Key, image(&identity, Value::Null))),
+                new: image(&columns, Value::Unchanged),
             },
             "D" => Change::Delete {
                 relation: oid,
-                old: (OldImage::Key, old_image(&identity)),
+                old: (OldImage::Key, image(&identity, Value::Null)),
             },
             _ => Change::Truncate {
                 relations: vec![oid],

@@ -160,6 +160,22 @@ pub fn assert_identical(source: &str, target: &str) {
     assert!(out.contains("source and target are identical"), "{out}");
 }
 
+/// Parts the clone in `dir` has finished, 0 while state.db does not exist yet.
+pub fn parts_done(dir: &Path) -> i64 {
+    if !dir.join("state.db").exists() {
+        return 0;
+    }
+    rusqlite::Connection::open(dir.join("state.db"))
+        .and_then(|c| {
+            c.query_row(
+                "SELECT count(*) FROM parts WHERE status = 'done'",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap_or(0)
+}
+
 /// One value from the work dir's state.db.
 pub fn state_query_i64(dir: &Path, sql: &str) -> i64 {
     let conn = rusqlite::Connection::open(dir.join("state.db")).unwrap();
