@@ -40,6 +40,50 @@ pub enum Command {
     /// Inspect the spool.
     #[command(subcommand)]
     Spool(SpoolCommand),
+    /// Continue a migration: spool the stream and apply it on the target until endpos.
+    Follow(FollowArgs),
+    /// Read or set endpos and the apply switch of a migration.
+    #[command(subcommand)]
+    Sentinel(SentinelCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct FollowArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Stop after the last transaction committed at or before this LSN (or set it later with
+    /// `pgtide sentinel set endpos`).
+    #[arg(long, value_parser = parse_lsn)]
+    pub endpos: Option<crate::pg::Lsn>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SentinelCommand {
+    /// Print startpos, endpos, the apply switch and the received / spooled / applied positions.
+    Get {
+        #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// `set endpos <LSN>`, `set endpos --current --source …`, or `set apply`.
+    Set(SentinelSetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SentinelSetArgs {
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// endpos or apply.
+    pub what: String,
+    /// The LSN for endpos.
+    pub lsn: Option<String>,
+    /// endpos = the source's current WAL flush position.
+    #[arg(long)]
+    pub current: bool,
+    /// The source, for --current.
+    #[arg(long, env = "PGTIDE_SOURCE_PGURI", hide_env_values = true)]
+    pub source: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -198,6 +242,13 @@ pub struct CloneArgs {
     /// Do not restore privileges (pg_restore --no-acl).
     #[arg(long)]
     pub no_acl: bool,
+    /// The whole migration: create a slot, copy under its snapshot while spooling the change
+    /// stream, then apply it until endpos (`pgtide sentinel set endpos`).
+    #[arg(long)]
+    pub follow: bool,
+    /// The slot for --follow; the publication is pgtide_<slot>, the origin pgtide_<slot>.
+    #[arg(long, default_value = "pgtide")]
+    pub slot_name: String,
 }
 
 #[derive(Args, Debug)]

@@ -1,6 +1,7 @@
 //! pgtide: move a live PostgreSQL database to another server with seconds of downtime.
 //! The library holds every stage (see DESIGN.md for the pipeline); `main.rs` is the CLI.
 
+pub mod apply;
 pub mod cli;
 pub mod clone;
 pub mod commands;

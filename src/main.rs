@@ -46,6 +46,8 @@ fn main() -> std::process::ExitCode {
                 commands::stream::cleanup(args).await
             }
             Command::Spool(cli::SpoolCommand::Show(args)) => commands::spool::show(args),
+            Command::Follow(args) => commands::follow::run(args).await,
+            Command::Sentinel(command) => commands::sentinel::run(command).await,
         }
     });
     match result {

@@ -313,6 +313,26 @@ impl SpoolReader {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// The sequence number of the last record of the transaction whose commit ended at
+    /// `applied`, or of the last commit before it: apply resumes after it.
+    pub fn seq_through(&self, applied: Lsn) -> Result<i64> {
+        Ok(self.conn.query_row(
+            "SELECT coalesce(max(seq), 0) FROM changes WHERE end_lsn IS NOT NULL AND end_lsn <= ?1",
+            [applied.0 as i64],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Relation messages spooled before `seq`, oldest first: what a read that starts in the
+    /// middle needs to know about the tables.
+    pub fn relations_before(&self, seq: i64) -> Result<Vec<Bytes>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT payload FROM changes WHERE kind = 'relation' AND seq <= ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([seq], |r| Ok(Bytes::from(r.get::<_, Vec<u8>>(0)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Removes whole transactions whose commit ended at or before `applied` (the target's
     /// durable position: invariant 1); relation descriptions are kept for what follows.
     pub fn prune_through(&self, applied: Lsn) -> Result<usize> {

@@ -4,7 +4,11 @@ use anyhow::{Result, bail};
 
 use crate::cli::CloneArgs;
 use crate::clone::{self, CloneOptions};
+use crate::replication::conn::ReplicationConnection;
+use crate::replication::{Plugin, slot};
 use crate::workdir::WorkDir;
+
+use super::follow;
 
 pub async fn run(args: CloneArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
@@ -14,7 +18,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         bail!("--table-jobs and --index-jobs must be at least 1");
     }
     let workdir = WorkDir::open(&args.dir, "clone")?;
-    let opts = CloneOptions {
+    let mut opts = CloneOptions {
         source,
         target,
         table_jobs: args.table_jobs,
@@ -30,15 +34,63 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         no_owner: args.no_owner,
         no_acl: args.no_acl,
     };
+    if !args.follow {
+        return interruptible(clone::run(&workdir, &opts), &args.dir).await;
+    }
+    if args.resume {
+        bail!(
+            "clone --follow cannot resume yet: the snapshot it copied under is gone. Finish with `pgtide follow` if the clone completed, or start over with --restart --drop-if-exists"
+        );
+    }
+    // The slot and its exported snapshot first: the copy reads exactly the state the stream
+    // starts after, so every change is applied once.
+    let slot_name = args.slot_name.clone();
+    let tables =
+        super::stream::prepare_source(&opts.source, Plugin::Pgoutput, &slot_name, &opts.filters)
+            .await?;
+    let mut holder = ReplicationConnection::connect(&opts.source).await?;
+    let identity = slot::identify_system(&mut holder).await?;
+    let created = slot::create_slot(&mut holder, &slot_name, Plugin::Pgoutput, true).await?;
+    let state = &workdir.state;
+    state.set_meta("stream.slot", &slot_name)?;
+    state.set_meta("stream.plugin", Plugin::Pgoutput.name())?;
+    state.set_meta("stream.startpos", &created.consistent_point.to_string())?;
+    state.set_meta("stream.source.uri", &opts.source.redacted())?;
+    state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
+    state.set_meta("stream.system_id", &identity.system_id)?;
+    tracing::info!(
+        "slot {slot_name} created at {}; copying under its snapshot",
+        created.consistent_point
+    );
+    let receiver = follow::start_receiver(&opts.source, &workdir)?;
+    opts.snapshot = created.snapshot;
+    interruptible(clone::run(&workdir, &opts), &args.dir).await?;
+    holder.close().await;
+    tracing::info!(
+        "clone done; applying the changes spooled since {}",
+        created.consistent_point
+    );
+    let applied = tokio::select! {
+        r = follow::apply_until_endpos(&opts.source, &opts.target, &workdir, receiver) => r?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted during apply: continue with `pgtide follow` (same --dir); nothing applied is lost or applied twice"),
+    };
+    println!(
+        "reached endpos: applied through {applied}; sequences set. The slot is kept until `pgtide stream cleanup`."
+    );
+    Ok(())
+}
+
+/// Runs the clone; Ctrl-C drops it (connections close, open transactions roll back, pg_dump /
+/// pg_restore children are killed) and says how to resume.
+async fn interruptible(
+    clone: impl std::future::Future<Output = Result<()>>,
+    dir: &std::path::Path,
+) -> Result<()> {
     tokio::select! {
-        result = clone::run(&workdir, &opts) => result,
-        _ = tokio::signal::ctrl_c() => {
-            // Dropping the clone future closes every connection (open transactions roll back)
-            // and kills pg_dump / pg_restore children; state.db already holds what is done.
-            bail!(
-                "interrupted: the clone stopped cleanly and its progress is saved in {}. Rerun the same command with --resume to continue.",
-                args.dir.display()
-            )
-        }
+        result = clone => result,
+        _ = tokio::signal::ctrl_c() => bail!(
+            "interrupted: the clone stopped cleanly and its progress is saved in {}. Rerun the same command with --resume to continue.",
+            dir.display()
+        ),
     }
 }

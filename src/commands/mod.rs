@@ -1,6 +1,8 @@
 //! One file per subcommand; each wires stages together and owns nothing else.
 
 pub mod clone;
+pub mod follow;
+pub mod sentinel;
 pub mod spool;
 pub mod stream;
 pub mod verify;

@@ -14,7 +14,7 @@ use crate::spool::SpoolWriter;
 use crate::workdir::WorkDir;
 
 /// Checks what a slot needs on the source and creates the publication (pgoutput).
-async fn prepare_source(
+pub async fn prepare_source(
     source: &ConnInfo,
     plugin: Plugin,
     slot_name: &str,
@@ -163,6 +163,7 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
         tables,
         system_id: state.get_meta("stream.system_id")?,
         applied: None,
+        spooled: None,
     };
     let ended = stream::receive(&source, &mut spool, &state, &opts).await;
     spool.close()?;

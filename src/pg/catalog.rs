@@ -131,6 +131,47 @@ pub async fn read_catalog(
         });
     }
 
+    let sequences = read_sequences(client, filters).await?;
+
+    let constraints = client
+        .query(
+            "SELECT oid, conrelid, conname, contype::text, pg_get_constraintdef(oid)
+             FROM pg_constraint WHERE conrelid = ANY($1) ORDER BY conrelid, conname",
+            &[&table_oids],
+        )
+        .await
+        .context("cannot list the source constraints")?
+        .iter()
+        .map(|r| ConstraintInfo {
+            oid: r.get(0),
+            table_oid: r.get(1),
+            name: r.get(2),
+            kind: r.get(3),
+            definition: r.get(4),
+        })
+        .collect();
+
+    let large_objects = client
+        .query("SELECT oid FROM pg_largeobject_metadata ORDER BY oid", &[])
+        .await
+        .context("cannot list the source large objects")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    Ok(Catalog {
+        tables,
+        parts,
+        indexes,
+        sequences,
+        large_objects,
+        constraints,
+    })
+}
+
+/// Every sequence's current value (sequences are not transactional: read it as late as
+/// possible, at the snapshot for a clone, at endpos for a follow).
+pub async fn read_sequences(client: &Client, filters: &Filters) -> Result<Vec<SequenceRow>> {
     let mut sequences = Vec::new();
     let seq_sql = format!(
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -167,40 +208,7 @@ pub async fn read_catalog(
         });
     }
 
-    let constraints = client
-        .query(
-            "SELECT oid, conrelid, conname, contype::text, pg_get_constraintdef(oid)
-             FROM pg_constraint WHERE conrelid = ANY($1) ORDER BY conrelid, conname",
-            &[&table_oids],
-        )
-        .await
-        .context("cannot list the source constraints")?
-        .iter()
-        .map(|r| ConstraintInfo {
-            oid: r.get(0),
-            table_oid: r.get(1),
-            name: r.get(2),
-            kind: r.get(3),
-            definition: r.get(4),
-        })
-        .collect();
-
-    let large_objects = client
-        .query("SELECT oid FROM pg_largeobject_metadata ORDER BY oid", &[])
-        .await
-        .context("cannot list the source large objects")?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-
-    Ok(Catalog {
-        tables,
-        parts,
-        indexes,
-        sequences,
-        large_objects,
-        constraints,
-    })
+    Ok(sequences)
 }
 
 /// A filters file that names a table or schema that does not exist is a typo the operator must

@@ -36,8 +36,11 @@ pub struct ReceiveOptions {
     /// The source's system identifier recorded at setup: streaming from another server is
     /// refused.
     pub system_id: Option<String>,
-    /// The target's durable applied position, when an apply loop runs.
-    pub applied: Option<watch::Receiver<Lsn>>,
+    /// The target's apply progress, when an apply loop runs (its durable position is
+    /// reported as "apply").
+    pub applied: Option<watch::Receiver<crate::apply::Progress>>,
+    /// Where the receiver publishes what it has made durable (including idle positions).
+    pub spooled: Option<watch::Sender<Lsn>>,
 }
 
 /// Why the loop ended.
@@ -234,7 +237,9 @@ impl Session {
                 }
                 _ = tick.tick() => {
                     spool.check_alive()?;
-                    send_status(&mut conn, spool, opts, positions, idle_end, in_transaction.is_none(), false).await?;
+                    // Between transactions, ask for a keepalive: its position lets an idle source's slot (and
+                    // a waiting endpos) move on without waiting for the server's own timer.
+                    send_status(&mut conn, spool, opts, positions, idle_end, in_transaction.is_none(), in_transaction.is_none()).await?;
                     if last_state_write.elapsed() >= Duration::from_secs(1) {
                         state.set_meta("stream.received_lsn", &positions.received.to_string())?;
                         state.set_meta("stream.flushed_lsn", &positions.flushed.to_string())?;
@@ -362,10 +367,13 @@ async fn send_status(
     }
     positions.flushed = positions.flushed.max(flushed);
     positions.received = positions.received.max(positions.flushed);
+    if let Some(spooled) = &opts.spooled {
+        spooled.send_replace(positions.flushed);
+    }
     if let Some(applied) = &opts.applied {
         positions.applied = positions
             .applied
-            .max(*applied.borrow())
+            .max(applied.borrow().durable)
             .min(positions.flushed);
     }
     let micros = SystemTime::now()

@@ -1,0 +1,340 @@
+//! Statement building for apply: one prepared statement per (table, operation, column set),
+//! every value sent as text and cast by the target column's own type (`$1::text::numeric`), so
+//! nothing goes through a lossy conversion. Unchanged TOAST columns are left out of SET.
+
+use std::collections::HashMap;
+
+use anyhow::{Result, anyhow, bail};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Statement};
+
+use crate::decode::{Change, OldImage, Relation, Value};
+use crate::pg::{describe, qualified, quote_ident};
+
+/// A source relation matched with its target table.
+pub struct TargetTable {
+    pub source: Relation,
+    pub qualified: String,
+    /// The target column type of each source column, as format_type prints it.
+    pub types: Vec<String>,
+}
+
+impl TargetTable {
+    /// Matches a Relation message with the target table; a column the target lacks is schema
+    /// drift, reported before anything of it is applied.
+    pub async fn describe(target: &Client, relation: Relation) -> Result<Self> {
+        let name = qualified(&relation.schema, &relation.name);
+        let rows = target
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&name],
+            )
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "cannot read the target's columns of {name}: {}",
+                    describe(&e)
+                )
+            })?;
+        if rows.is_empty() {
+            bail!(
+                "schema drift: the source sends changes for {}.{} but the target has no such table. Create it on the target (pg_dump --schema-only -t …), then rerun follow; nothing after this change was applied.",
+                relation.schema,
+                relation.name
+            );
+        }
+        let target_columns: HashMap<String, String> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut types = Vec::with_capacity(relation.columns.len());
+        for column in &relation.columns {
+            match target_columns.get(&column.name) {
+                Some(t) => types.push(t.clone()),
+                None => bail!(
+                    "schema drift on {}.{}: the source has column \"{}\" that the target lacks. Add it on the target (ALTER TABLE {name} ADD COLUMN …) and rerun follow; nothing after this change was applied.",
+                    relation.schema,
+                    relation.name,
+                    column.name
+                ),
+            }
+        }
+        Ok(TargetTable {
+            source: relation,
+            qualified: name,
+            types,
+        })
+    }
+
+    fn column(&self, i: usize) -> String {
+        quote_ident(&self.source.columns[i].name)
+    }
+
+    fn key_columns(&self) -> Vec<usize> {
+        (0..self.source.columns.len())
+            .filter(|i| self.source.columns[*i].is_key)
+            .collect()
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Shape {
+    Insert(Vec<usize>),
+    Update {
+        set: Vec<usize>,
+        key: Vec<usize>,
+        full: bool,
+    },
+    Delete {
+        key: Vec<usize>,
+        full: bool,
+    },
+}
+
+/// The statement cache.
+#[derive(Default)]
+pub struct Statements {
+    prepared: HashMap<(u32, Shape), Statement>,
+}
+
+fn text_of(v: &Value) -> Result<Option<String>> {
+    Ok(match v {
+        Value::Null => None,
+        Value::Text(b) => {
+            Some(String::from_utf8(b.to_vec()).map_err(|_| anyhow!("a text value is not UTF-8"))?)
+        }
+        Value::Binary(_) => bail!("binary tuple values are not requested by pgtide"),
+        Value::Unchanged => bail!("internal error: an unchanged TOAST value used as a parameter"),
+    })
+}
+
+impl Statements {
+    /// Drops the statements of a relation that was described again (it may have changed).
+    pub fn forget(&mut self, oid: u32) {
+        self.prepared.retain(|(o, _), _| *o != oid);
+    }
+
+    async fn statement(
+        &mut self,
+        target: &Client,
+        table: &TargetTable,
+        shape: Shape,
+    ) -> Result<Statement> {
+        let key = (table.source.oid, shape);
+        if let Some(s) = self.prepared.get(&key) {
+            return Ok(s.clone());
+        }
+        let mut n = 0;
+        let mut param = |i: usize| {
+            n += 1;
+            format!("${n}::text::{}", table.types[i])
+        };
+        let sql = match &key.1 {
+            Shape::Insert(cols) => format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                table.qualified,
+                cols.iter()
+                    .map(|i| table.column(*i))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                cols.iter()
+                    .map(|i| param(*i))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Shape::Update { set, key, full } => {
+                let set_list = set
+                    .iter()
+                    .map(|i| format!("{} = {}", table.column(*i), param(*i)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let filter = where_clause(table, key, *full, &mut n);
+                format!("UPDATE {} SET {set_list} WHERE {filter}", table.qualified)
+            }
+            Shape::Delete { key, full } => {
+                let filter = where_clause(table, key, *full, &mut n);
+                format!("DELETE FROM {} WHERE {filter}", table.qualified)
+            }
+        };
+        let types = vec![Type::TEXT; n];
+        let statement = target
+            .prepare_typed(&sql, &types)
+            .await
+            .map_err(|e| anyhow!("cannot prepare \"{sql}\" on the target: {}", describe(&e)))?;
+        self.prepared.insert(key, statement.clone());
+        Ok(statement)
+    }
+
+    /// Applies one row change (or truncate) inside the current target transaction.
+    pub async fn apply(
+        &mut self,
+        target: &Client,
+        tables: &HashMap<u32, TargetTable>,
+        change: &Change,
+    ) -> Result<()> {
+        let table_of = |oid: u32| {
+            tables.get(&oid).ok_or_else(|| {
+                anyhow!("a change for relation {oid} arrived before its description")
+            })
+        };
+        match change {
+            Change::Insert { relation, new } => {
+                let table = table_of(*relation)?;
+                let cols: Vec<usize> = (0..new.len())
+                    .filter(|i| new[*i] != Value::Unchanged)
+                    .collect();
+                let params: Vec<Option<String>> = cols
+                    .iter()
+                    .map(|i| text_of(&new[*i]))
+                    .collect::<Result<_>>()?;
+                let statement = self.statement(target, table, Shape::Insert(cols)).await?;
+                execute(target, &statement, &params, table, "insert", false).await
+            }
+            Change::Update { relation, old, new } => {
+                let table = table_of(*relation)?;
+                let set: Vec<usize> = (0..new.len())
+                    .filter(|i| new[*i] != Value::Unchanged)
+                    .collect();
+                let (key_values, key, full) = identity(table, old.as_ref(), new)?;
+                let mut params: Vec<Option<String>> = set
+                    .iter()
+                    .map(|i| text_of(&new[*i]))
+                    .collect::<Result<_>>()?;
+                for i in &key {
+                    params.push(text_of(&key_values[*i])?);
+                }
+                let statement = self
+                    .statement(target, table, Shape::Update { set, key, full })
+                    .await?;
+                execute(target, &statement, &params, table, "update", true).await
+            }
+            Change::Delete { relation, old } => {
+                let table = table_of(*relation)?;
+                let (key_values, key, full) = identity(table, Some(old), &old.1)?;
+                let params: Vec<Option<String>> = key
+                    .iter()
+                    .map(|i| text_of(&key_values[*i]))
+                    .collect::<Result<_>>()?;
+                let statement = self
+                    .statement(target, table, Shape::Delete { key, full })
+                    .await?;
+                execute(target, &statement, &params, table, "delete", true).await
+            }
+            Change::Truncate {
+                relations,
+                cascade,
+                restart_identity,
+            } => {
+                let names = relations
+                    .iter()
+                    .map(|oid| table_of(*oid).map(|t| t.qualified.clone()))
+                    .collect::<Result<Vec<_>>>()?;
+                let sql = format!(
+                    "TRUNCATE {}{}{}",
+                    names.join(", "),
+                    if *restart_identity {
+                        " RESTART IDENTITY"
+                    } else {
+                        ""
+                    },
+                    if *cascade { " CASCADE" } else { "" }
+                );
+                target
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| anyhow!("cannot apply \"{sql}\" on the target: {}", describe(&e)))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Which old values identify the row: the 'K' key image, the 'O' full row (matched NULL-safe
+/// on every column it carries), or the key columns of the new row when the key did not change.
+fn identity<'a>(
+    table: &TargetTable,
+    old: Option<&'a (OldImage, Vec<Value>)>,
+    new: &'a [Value],
+) -> Result<(&'a [Value], Vec<usize>, bool)> {
+    match old {
+        Some((OldImage::Full, values)) => Ok((
+            values,
+            (0..values.len())
+                .filter(|i| values[*i] != Value::Unchanged)
+                .collect(),
+            true,
+        )),
+        Some((OldImage::Key, values)) => Ok((values, table.key_columns(), false)),
+        None => {
+            let key = table.key_columns();
+            if key.is_empty() {
+                bail!(
+                    "{} has no replica identity: its updates and deletes cannot be applied. Give it a primary key or run ALTER TABLE … REPLICA IDENTITY FULL on the source.",
+                    table.qualified
+                );
+            }
+            Ok((new, key, false))
+        }
+    }
+}
+
+fn where_clause(table: &TargetTable, key: &[usize], full: bool, n: &mut usize) -> String {
+    let mut next = || {
+        *n += 1;
+        *n
+    };
+    if full {
+        // One matching row, compared NULL-safe on the text form (every type has one).
+        let conditions = key
+            .iter()
+            .map(|i| {
+                format!(
+                    "{}::text IS NOT DISTINCT FROM ${}",
+                    table.column(*i),
+                    next()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        format!(
+            "ctid = (SELECT ctid FROM {} WHERE {conditions} LIMIT 1)",
+            table.qualified
+        )
+    } else {
+        key.iter()
+            .map(|i| {
+                format!(
+                    "{} = ${}::text::{}",
+                    table.column(*i),
+                    next(),
+                    table.types[*i]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+}
+
+async fn execute(
+    target: &Client,
+    statement: &Statement,
+    params: &[Option<String>],
+    table: &TargetTable,
+    what: &str,
+    must_match: bool,
+) -> Result<()> {
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+    let rows = target.execute(statement, &refs).await.map_err(|e| {
+        anyhow!(
+            "cannot apply an {what} on {}: {}",
+            table.qualified,
+            describe(&e)
+        )
+    })?;
+    if must_match && rows == 0 {
+        bail!(
+            "the {what} of a row of {} found no matching row on the target: the target has diverged from the source (changed by hand, or not copied under the slot's snapshot). Nothing after it was applied; verify the table and copy it again.",
+            table.qualified
+        );
+    }
+    Ok(())
+}

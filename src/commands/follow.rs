@@ -1,0 +1,174 @@
+//! `pgtide follow` (and the follow half of `clone --follow`): the receiver spools the stream
+//! while apply replays it on the target, until the sentinel's endpos; then sequences are set.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::apply::{self, Progress, StopRule};
+use crate::cli::FollowArgs;
+use crate::clone::{filters::Filters, sequences};
+use crate::conninfo::ConnInfo;
+use crate::pg::{self, Lsn, Side, catalog};
+use crate::replication::Plugin;
+use crate::replication::stream::{self, ReceiveOptions};
+use crate::spool::SpoolWriter;
+use crate::state::StateDb;
+use crate::workdir::WorkDir;
+
+/// The sentinel keys in state.db (`pgtide sentinel get|set` reads and writes them).
+pub const ENDPOS_KEY: &str = "sentinel.endpos";
+pub const APPLY_KEY: &str = "sentinel.apply";
+
+/// A receiver running in the background, and what it publishes.
+pub struct Receiver {
+    task: JoinHandle<Result<()>>,
+    pub spooled: watch::Receiver<Lsn>,
+    pub progress: watch::Sender<Progress>,
+}
+
+/// Starts spooling the work dir's stream (set up by `stream setup` or `clone --follow`).
+pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> {
+    let state = workdir.state.clone();
+    let slot = state
+        .get_meta("stream.slot")?
+        .ok_or_else(|| anyhow!("the work dir {} has no stream: start with `pgtide clone --follow` or `pgtide stream setup`", workdir.path.display()))?;
+    let plugin = Plugin::parse(&state.get_meta("stream.plugin")?.unwrap_or_default())?;
+    if plugin != Plugin::Pgoutput {
+        bail!(
+            "apply reads pgoutput streams; this work dir's slot uses {}: set up a pgoutput slot",
+            plugin.name()
+        );
+    }
+    let start: Lsn = state
+        .get_meta("stream.startpos")?
+        .unwrap_or_else(|| "0/0".into())
+        .parse()
+        .map_err(|e: String| anyhow!(e))?;
+    let tables = match state.get_meta("stream.tables")? {
+        Some(json) => serde_json::from_str(&json)?,
+        None => Vec::new(),
+    };
+    let (spooled_tx, spooled) = watch::channel(Lsn(0));
+    let (progress, progress_rx) = watch::channel(Progress::default());
+    let opts = ReceiveOptions {
+        slot,
+        plugin,
+        start,
+        endpos: None,
+        status_interval: Duration::from_secs(1),
+        tables,
+        system_id: state.get_meta("stream.system_id")?,
+        applied: Some(progress_rx),
+        spooled: Some(spooled_tx),
+    };
+    let size_state = state.clone();
+    let mut spool = SpoolWriter::open(
+        &workdir.path,
+        Box::new(move |bytes| {
+            let _ = size_state.set_meta("spool.bytes", &bytes.to_string());
+        }),
+    )?;
+    let source = source.clone();
+    let task = tokio::spawn(async move {
+        let ended = stream::receive(&source, &mut spool, &state, &opts).await;
+        spool.close()?;
+        ended.map(|_| ())
+    });
+    Ok(Receiver {
+        task,
+        spooled,
+        progress,
+    })
+}
+
+/// Replays the spool until endpos (from `--endpos` or the sentinel, re-read every half
+/// second), then sets the sequences from the source. Returns the last applied position.
+pub async fn apply_until_endpos(
+    source: &ConnInfo,
+    target: &ConnInfo,
+    workdir: &WorkDir,
+    receiver: Receiver,
+) -> Result<Lsn> {
+    let state = workdir.state.clone();
+    let slot = state.get_meta("stream.slot")?.unwrap_or_default();
+    state.set_meta(APPLY_KEY, "on")?;
+    let (endpos_tx, endpos_rx) = watch::channel(read_endpos(&state)?);
+    let poll_state = state.clone();
+    let endpos_poller = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Ok(endpos) = read_endpos(&poll_state) {
+                endpos_tx.send_if_modified(|current| {
+                    let changed = *current != endpos;
+                    *current = endpos;
+                    changed
+                });
+            }
+        }
+    });
+    let client = pg::connect(target, Side::Target, "apply").await?;
+    let mut stop = StopRule {
+        endpos: endpos_rx,
+        spooled: receiver.spooled.clone(),
+    };
+    let Receiver {
+        mut task, progress, ..
+    } = receiver;
+    let origin = apply::origin_name(&slot);
+    let applied = tokio::select! {
+        r = apply::run(&client, &workdir.path, &origin, &mut stop, &progress) => r,
+        r = &mut task => {
+            endpos_poller.abort();
+            return match r {
+                Ok(Ok(())) => Err(anyhow!("the receiver stopped before endpos was reached")),
+                Ok(Err(e)) => Err(e.context("the receiver failed")),
+                Err(e) => Err(anyhow!("the receiver crashed: {e}")),
+            };
+        }
+    };
+    endpos_poller.abort();
+    // Give the receiver one status tick to report the final apply position, then stop it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    task.abort();
+    let applied = applied?;
+    state.set_meta("sentinel.applied_lsn", &applied.to_string())?;
+    let final_progress = *progress.borrow();
+    tracing::info!(
+        "reached endpos: applied through {applied} ({} transactions, {} changes in this run)",
+        final_progress.transactions,
+        final_progress.changes
+    );
+    let source_client = pg::connect(source, Side::Source, "sequences").await?;
+    let seqs = catalog::read_sequences(&source_client, &Filters::default()).await?;
+    sequences::set_on_target(&client, &seqs, 0).await?;
+    tracing::info!("set {} sequences on the target from the source", seqs.len());
+    Ok(applied)
+}
+
+fn read_endpos(state: &StateDb) -> Result<Option<Lsn>> {
+    match state.get_meta(ENDPOS_KEY)? {
+        Some(text) => Ok(Some(text.parse().map_err(|e: String| anyhow!(e))?)),
+        None => Ok(None),
+    }
+}
+
+pub async fn run(args: FollowArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.endpoints.source, "source")?;
+    let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    let workdir = WorkDir::open(&args.dir, "follow")?;
+    if let Some(endpos) = args.endpos {
+        workdir.state.set_meta(ENDPOS_KEY, &endpos.to_string())?;
+    }
+    let receiver = start_receiver(&source, &workdir)?;
+    let applied = tokio::select! {
+        r = apply_until_endpos(&source, &target, &workdir, receiver) => r?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted: rerun `pgtide follow` to continue; nothing applied is lost or applied twice"),
+    };
+    println!(
+        "reached endpos: applied through {applied}; sequences set. The slot is kept until `pgtide stream cleanup`."
+    );
+    Ok(())
+}

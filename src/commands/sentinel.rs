@@ -1,0 +1,79 @@
+//! `pgtide sentinel get|set`: the operator's handle on a running follow (it re-reads the
+//! sentinel every half second). No lock: it only reads and writes sentinel rows.
+
+use anyhow::{Result, anyhow, bail};
+use serde_json::json;
+
+use super::follow::{APPLY_KEY, ENDPOS_KEY};
+use crate::cli::{SentinelCommand, SentinelSetArgs};
+use crate::pg::{self, Lsn, Side};
+use crate::state::StateDb;
+
+pub async fn run(command: SentinelCommand) -> Result<()> {
+    match command {
+        SentinelCommand::Get { dir } => {
+            let state = open(&dir)?;
+            let get = |k: &str| state.get_meta(k).ok().flatten();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "startpos": get("stream.startpos"),
+                    "endpos": get(ENDPOS_KEY),
+                    "apply": get(APPLY_KEY).as_deref() == Some("on"),
+                    "received_lsn": get("stream.received_lsn"),
+                    "spooled_lsn": get("stream.flushed_lsn"),
+                    "applied_lsn": get("sentinel.applied_lsn"),
+                }))?
+            );
+            Ok(())
+        }
+        SentinelCommand::Set(SentinelSetArgs {
+            dir,
+            what,
+            lsn,
+            current,
+            source,
+        }) => {
+            let state = open(&dir)?;
+            match what.as_str() {
+                "endpos" => {
+                    let endpos: Lsn = match (lsn, current) {
+                        (Some(text), false) => text.parse().map_err(|e: String| anyhow!(e))?,
+                        (None, true) => {
+                            let source = source.ok_or_else(|| {
+                                anyhow!("--current needs --source (or PGTIDE_SOURCE_PGURI)")
+                            })?;
+                            let source = super::parse_conninfo(&source, "source")?;
+                            let client = pg::connect(&source, Side::Source, "sentinel").await?;
+                            let text: String = client
+                                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                                .await?
+                                .get(0);
+                            text.parse().map_err(|e: String| anyhow!(e))?
+                        }
+                        _ => bail!("give either an LSN (such as 0/3000060) or --current"),
+                    };
+                    state.set_meta(ENDPOS_KEY, &endpos.to_string())?;
+                    println!("endpos set to {endpos}");
+                }
+                "apply" => {
+                    state.set_meta(APPLY_KEY, "on")?;
+                    println!("apply switched on");
+                }
+                other => bail!("unknown sentinel field \"{other}\": use endpos or apply"),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn open(dir: &std::path::Path) -> Result<StateDb> {
+    let path = dir.join("state.db");
+    if !path.exists() {
+        bail!(
+            "{} has no state.db: give the --dir of the migration",
+            dir.display()
+        );
+    }
+    StateDb::open(&path)
+}
