@@ -370,8 +370,19 @@ async fn feedback_is_visible_in_pg_stat_replication() {
         slot,
     ]);
     let child = spawn_pgtide(&["stream", "receive", "--source", &src, "--dir", d], &[]);
-    exec(&src, "INSERT INTO f SELECT generate_series(1, 100)").await;
-    let after_insert = current_lsn(&src).await;
+    // A position inside the transaction, before its commit: once the commit is flushed, the
+    // reported positions are past it.
+    let writer = connect(&src).await;
+    writer
+        .batch_execute("BEGIN; INSERT INTO f SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    let after_insert: String = writer
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    writer.batch_execute("COMMIT").await.unwrap();
     let query = format!(
         "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid
          WHERE r.application_name = 'pgtide' AND s.slot_name = '{slot}'
@@ -721,7 +732,6 @@ async fn flushed_never_passes_durable_and_filters_apply() {
             .await
             .unwrap();
     }
-    let endpos = current_lsn(&src).await;
     // The first spool batch takes 1.5 s to become durable while status updates go out every
     // second; the second batch fails. The receiver must stop, and must not have reported
     // anything beyond the first batch as flushed.
@@ -731,6 +741,20 @@ async fn flushed_never_passes_durable_and_filters_apply() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // More changes while the first batch is held up: they make the second batch (which fails)
+    // whatever the scheduling.
+    for i in 60..70 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        writer
+            .execute("INSERT INTO keep VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+        let after = writer
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap();
+        committed_by.push((i, lsn_of(after)));
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -775,6 +799,7 @@ async fn flushed_never_passes_durable_and_filters_apply() {
         }
     }
 
+    let endpos = current_lsn(&src).await;
     pgtide_ok(&[
         "stream", "receive", "--source", &src, "--dir", d, "--endpos", &endpos,
     ]);
@@ -785,10 +810,10 @@ async fn flushed_never_passes_durable_and_filters_apply() {
         .collect();
     assert_eq!(
         on_table(&changes, "insert", "keep").len(),
-        60,
+        70,
         "every insert exactly once"
     );
-    assert_eq!(keep.len(), 60);
+    assert_eq!(keep.len(), 70);
     assert!(
         on_table(&changes, "insert", "skip").is_empty(),
         "the filtered table is not published"

@@ -77,12 +77,12 @@ pub async fn durable_progress(target: &Client, origin: &str) -> Result<Lsn> {
     text.parse().map_err(|e: String| anyhow!(e))
 }
 
-/// When the apply loop may stop.
+/// When the apply loop may stop: at the first transaction that commits after endpos (every
+/// one before it has been applied, the stream being in commit order). When the source is
+/// idle past endpos, follow writes a marker transaction so that one arrives.
 pub struct StopRule {
     /// The end position: every transaction committed at or before it, none after.
     pub endpos: watch::Receiver<Option<Lsn>>,
-    /// What the receiver has made durable in the spool (including idle positions).
-    pub spooled: watch::Receiver<Lsn>,
 }
 
 /// Apply progress, for feedback to the source and for status.
@@ -126,6 +126,7 @@ pub async fn run(
     loop {
         let records = reader.read(after_seq, Lsn(0), 2_000)?;
         let idle = records.is_empty();
+        let mut rewound = false;
         for record in records {
             after_seq = record.seq;
             let change = decoder.decode(record.payload)?;
@@ -136,11 +137,36 @@ pub async fn run(
                     tables.insert(table.source.oid, table);
                 }
                 Change::Begin { final_lsn, .. } => {
+                    tracing::trace!(
+                        "apply: begin of a transaction committing at {final_lsn} (spool seq {after_seq})"
+                    );
                     if let Some(endpos) = *stop.endpos.borrow()
                         && final_lsn > endpos
                     {
+                        tracing::debug!(
+                            "apply: transaction committing at {final_lsn} is past endpos {endpos}: done"
+                        );
                         batch.commit(target, &mut progress).await?;
                         return finish(target, origin, progress, progress_tx).await;
+                    }
+                    if batch.in_source_transaction {
+                        // The receiver lost its connection inside this transaction and the
+                        // source sent it again from its beginning (the spool dropped the
+                        // partial copy). Undo everything not yet committed and read again
+                        // from the last committed transaction: nothing applied twice.
+                        tracing::warn!(
+                            "apply: a transaction was re-sent by the source; re-reading the spool after {}",
+                            progress.applied
+                        );
+                        target.batch_execute("ROLLBACK").await.map_err(|e| {
+                            anyhow!("cannot roll back on the target: {}", describe(&e))
+                        })?;
+                        progress.changes -= batch.changes as u64;
+                        batch = Batch::default();
+                        after_seq = reader.seq_through(progress.applied)?;
+                        decoder = pgoutput::Decoder::default();
+                        rewound = true;
+                        break;
                     }
                     if !batch.open {
                         target
@@ -180,19 +206,15 @@ pub async fn run(
                 _ => {}
             }
         }
+        if rewound {
+            continue;
+        }
         if idle {
             // Nothing more spooled for now: commit the whole transactions gathered so far
             // (a transaction still being spooled stays open until its commit arrives).
             if batch.open && !batch.in_source_transaction {
                 batch.commit(target, &mut progress).await?;
                 progress_tx.send_replace(progress);
-            }
-            if !batch.open
-                && let Some(endpos) = *stop.endpos.borrow()
-                && *stop.spooled.borrow() >= endpos
-                && reader.read(after_seq, Lsn(0), 1)?.is_empty()
-            {
-                return finish(target, origin, progress, progress_tx).await;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

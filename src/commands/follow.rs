@@ -97,7 +97,10 @@ pub async fn apply_until_endpos(
     state.set_meta(APPLY_KEY, "on")?;
     let (endpos_tx, endpos_rx) = watch::channel(read_endpos(&state)?);
     let poll_state = state.clone();
+    let marker_source = source.clone();
     let endpos_poller = tokio::spawn(async move {
+        let mut marked: Option<Lsn> = None;
+        let mut last_try = std::time::Instant::now() - Duration::from_secs(60);
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             if let Ok(endpos) = read_endpos(&poll_state) {
@@ -106,14 +109,26 @@ pub async fn apply_until_endpos(
                     *current = endpos;
                     changed
                 });
+                // Once the source is past endpos, a marker transaction after it lets apply
+                // see that nothing committed before endpos is still to come.
+                if let Some(endpos) = endpos
+                    && marked != Some(endpos)
+                    && last_try.elapsed() >= Duration::from_secs(2)
+                {
+                    last_try = std::time::Instant::now();
+                    match stream::emit_endpos_marker(&marker_source, endpos).await {
+                        Ok(true) => marked = Some(endpos),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!("cannot write the endpos marker on the source: {e:#}")
+                        }
+                    }
+                }
             }
         }
     });
     let client = pg::connect(target, Side::Target, "apply").await?;
-    let mut stop = StopRule {
-        endpos: endpos_rx,
-        spooled: receiver.spooled.clone(),
-    };
+    let mut stop = StopRule { endpos: endpos_rx };
     let Receiver {
         mut task, progress, ..
     } = receiver;

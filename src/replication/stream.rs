@@ -173,7 +173,7 @@ impl Session {
         tracing::info!("streaming from slot {} at {start}", opts.slot);
         let mut decoder = pgoutput::Decoder::default();
         let mut in_transaction: Option<u32> = None;
-        let mut idle_end = Lsn(0);
+        let mut marker_sent = false;
         let mut tick = tokio::time::interval(opts.status_interval);
         let mut last_state_write = Instant::now();
         loop {
@@ -219,17 +219,26 @@ impl Session {
                             let _time = data.get_i64();
                             let reply = data.get_u8() == 1;
                             if in_transaction.is_none() {
-                                idle_end = idle_end.max(wal_end);
                                 positions.received = positions.received.max(wal_end);
                             }
+                            // The source is past endpos but no transaction after it has come:
+                            // write one (a logical message) so that its Begin proves every
+                            // transaction up to endpos was received. A keepalive alone does not.
                             if let Some(endpos) = opts.endpos
                                 && in_transaction.is_none()
                                 && wal_end >= endpos
+                                && !marker_sent
                             {
-                                return finish(conn, spool, state, opts, positions).await;
+                                marker_sent = true;
+                                let info = info.clone();
+                                tokio::spawn(async move {
+                                    if let Err(e) = emit_endpos_marker(&info, endpos).await {
+                                        tracing::warn!("cannot write the endpos marker on the source: {e:#}");
+                                    }
+                                });
                             }
                             if reply {
-                                send_status(&mut conn, spool, opts, positions, idle_end, in_transaction.is_none(), false).await?;
+                                send_status(&mut conn, spool, opts, positions, false).await?;
                             }
                         }
                         other => bail!("unknown replication message {:?} from the source", other as char),
@@ -239,7 +248,7 @@ impl Session {
                     spool.check_alive()?;
                     // Between transactions, ask for a keepalive: its position lets an idle source's slot (and
                     // a waiting endpos) move on without waiting for the server's own timer.
-                    send_status(&mut conn, spool, opts, positions, idle_end, in_transaction.is_none(), in_transaction.is_none()).await?;
+                    send_status(&mut conn, spool, opts, positions, in_transaction.is_none()).await?;
                     if last_state_write.elapsed() >= Duration::from_secs(1) {
                         state.set_meta("stream.received_lsn", &positions.received.to_string())?;
                         state.set_meta("stream.flushed_lsn", &positions.flushed.to_string())?;
@@ -249,6 +258,20 @@ impl Session {
             }
         }
     }
+}
+
+/// Writes a transactional logical message on the source once its WAL is past `endpos`: the
+/// message's transaction commits after endpos, so when its Begin arrives every transaction
+/// committed at or before endpos has been received (the stream is in commit order).
+pub async fn emit_endpos_marker(source: &ConnInfo, endpos: Lsn) -> Result<bool> {
+    let client = crate::pg::connect(source, crate::pg::Side::Source, "endpos marker").await?;
+    let rows = client
+        .query(
+            "SELECT pg_logical_emit_message(true, 'pgtide', 'endpos ' || $1) WHERE pg_current_wal_insert_lsn() >= $1::text::pg_lsn",
+            &[&endpos.to_string()],
+        )
+        .await?;
+    Ok(!rows.is_empty())
 }
 
 /// wal2json's `add-tables` value: `schema.table` entries separated by commas, with `\`
@@ -354,18 +377,13 @@ async fn send_status(
     spool: &SpoolWriter,
     opts: &ReceiveOptions,
     positions: &mut Positions,
-    idle_end: Lsn,
-    idle: bool,
     reply_requested: bool,
 ) -> Result<()> {
+    // Only the end of the last durable commit: a keepalive's position can run ahead of a
+    // transaction the source has not sent yet (seen with a large spilled transaction), so it
+    // is never reported as flushed (invariant 1).
     let durable = spool.durable();
-    let mut flushed = durable.commit_end;
-    // Between transactions, with everything received durable, the idle position reported by
-    // keepalives is safe too: no transaction committed before it is missing.
-    if idle && spool.all_durable() {
-        flushed = flushed.max(idle_end);
-    }
-    positions.flushed = positions.flushed.max(flushed);
+    positions.flushed = positions.flushed.max(durable.commit_end);
     positions.received = positions.received.max(positions.flushed);
     if let Some(spooled) = &opts.spooled {
         spooled.send_replace(positions.flushed);
@@ -399,7 +417,7 @@ async fn finish(
     positions: &mut Positions,
 ) -> Result<Ended> {
     let durable = spool.sync().await?;
-    send_status(&mut conn, spool, opts, positions, Lsn(0), true, false).await?;
+    send_status(&mut conn, spool, opts, positions, false).await?;
     state.set_meta("stream.received_lsn", &positions.received.to_string())?;
     state.set_meta("stream.flushed_lsn", &positions.flushed.to_string())?;
     if let Err(e) = conn.finish_copy().await {
