@@ -12,6 +12,7 @@ pub mod statements;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
@@ -98,7 +99,7 @@ pub struct Progress {
 
 /// Runs until the stop rule says every transaction up to endpos is applied.
 pub async fn run(
-    target: &Client,
+    target: &Arc<Client>,
     dir: &Path,
     origin: &str,
     stop: &mut StopRule,
@@ -132,6 +133,7 @@ pub async fn run(
             let change = decoder.decode(record.payload)?;
             match change {
                 Change::Relation(r) => {
+                    statements.flush().await?;
                     let table = TargetTable::describe(target, r).await?;
                     statements.forget(table.source.oid);
                     tables.insert(table.source.oid, table);
@@ -146,6 +148,7 @@ pub async fn run(
                         tracing::debug!(
                             "apply: transaction committing at {final_lsn} is past endpos {endpos}: done"
                         );
+                        statements.flush().await?;
                         batch.commit(target, &mut progress).await?;
                         return finish(target, origin, progress, progress_tx).await;
                     }
@@ -158,6 +161,7 @@ pub async fn run(
                             "apply: a transaction was re-sent by the source; re-reading the spool after {}",
                             progress.applied
                         );
+                        statements.discard();
                         target.batch_execute("ROLLBACK").await.map_err(|e| {
                             anyhow!("cannot roll back on the target: {}", describe(&e))
                         })?;
@@ -190,6 +194,7 @@ pub async fn run(
                         || batch.changes >= BATCH_CHANGES
                         || batch.started.elapsed() >= BATCH_TIME
                     {
+                        statements.flush().await?;
                         batch.commit(target, &mut progress).await?;
                         progress_tx.send_replace(progress);
                     }
@@ -213,6 +218,7 @@ pub async fn run(
             // Nothing more spooled for now: commit the whole transactions gathered so far
             // (a transaction still being spooled stays open until its commit arrives).
             if batch.open && !batch.in_source_transaction {
+                statements.flush().await?;
                 batch.commit(target, &mut progress).await?;
                 progress_tx.send_replace(progress);
             }

@@ -3,9 +3,12 @@
 //! nothing goes through a lossy conversion. Unchanged TOAST columns are left out of SET.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
 use crate::decode::{Change, OldImage, Relation, Value};
@@ -90,10 +93,23 @@ enum Shape {
     },
 }
 
-/// The statement cache.
+/// A statement sent but not yet awaited: up to PIPELINE of them travel together, one round
+/// trip for the lot (tokio-postgres pipelines requests polled together, in order).
+struct Pending {
+    result: Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>,
+    table: String,
+    what: &'static str,
+    must_match: bool,
+}
+
+/// How many row statements are pipelined before their results are awaited.
+const PIPELINE: usize = 1_000;
+
+/// The statement cache and the pipeline of statements in flight.
 #[derive(Default)]
 pub struct Statements {
     prepared: HashMap<(u32, Shape), Statement>,
+    pending: Vec<Pending>,
 }
 
 fn text_of(v: &Value) -> Result<Option<String>> {
@@ -167,7 +183,7 @@ impl Statements {
     /// Applies one row change (or truncate) inside the current target transaction.
     pub async fn apply(
         &mut self,
-        target: &Client,
+        target: &Arc<Client>,
         tables: &HashMap<u32, TargetTable>,
         change: &Change,
     ) -> Result<()> {
@@ -187,7 +203,8 @@ impl Statements {
                     .map(|i| text_of(&new[*i]))
                     .collect::<Result<_>>()?;
                 let statement = self.statement(target, table, Shape::Insert(cols)).await?;
-                execute(target, &statement, &params, table, "insert", false).await
+                self.send(target, statement, params, table, "insert", false)
+                    .await
             }
             Change::Update { relation, old, new } => {
                 let table = table_of(*relation)?;
@@ -205,7 +222,8 @@ impl Statements {
                 let statement = self
                     .statement(target, table, Shape::Update { set, key, full })
                     .await?;
-                execute(target, &statement, &params, table, "update", true).await
+                self.send(target, statement, params, table, "update", true)
+                    .await
             }
             Change::Delete { relation, old } => {
                 let table = table_of(*relation)?;
@@ -217,7 +235,8 @@ impl Statements {
                 let statement = self
                     .statement(target, table, Shape::Delete { key, full })
                     .await?;
-                execute(target, &statement, &params, table, "delete", true).await
+                self.send(target, statement, params, table, "delete", true)
+                    .await
             }
             Change::Truncate {
                 relations,
@@ -238,6 +257,7 @@ impl Statements {
                     },
                     if *cascade { " CASCADE" } else { "" }
                 );
+                self.flush().await?;
                 target
                     .batch_execute(&sql)
                     .await
@@ -314,27 +334,56 @@ fn where_clause(table: &TargetTable, key: &[usize], full: bool, n: &mut usize) -
     }
 }
 
-async fn execute(
-    target: &Client,
-    statement: &Statement,
-    params: &[Option<String>],
-    table: &TargetTable,
-    what: &str,
-    must_match: bool,
-) -> Result<()> {
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-    let rows = target.execute(statement, &refs).await.map_err(|e| {
-        anyhow!(
-            "cannot apply an {what} on {}: {}",
-            table.qualified,
-            describe(&e)
-        )
-    })?;
-    if must_match && rows == 0 {
-        bail!(
-            "the {what} of a row of {} found no matching row on the target: the target has diverged from the source (changed by hand, or not copied under the slot's snapshot). Nothing after it was applied; verify the table and copy it again.",
-            table.qualified
-        );
+impl Statements {
+    /// Queues one row statement; the pipeline is flushed when it is full.
+    async fn send(
+        &mut self,
+        target: &Arc<Client>,
+        statement: Statement,
+        params: Vec<Option<String>>,
+        table: &TargetTable,
+        what: &'static str,
+        must_match: bool,
+    ) -> Result<()> {
+        let client = target.clone();
+        self.pending.push(Pending {
+            result: Box::pin(async move { client.execute_raw(&statement, params).await }),
+            table: table.qualified.clone(),
+            what,
+            must_match,
+        });
+        if self.pending.len() >= PIPELINE {
+            self.flush().await?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Sends every queued statement (in order, pipelined) and checks each result: an error,
+    /// or an update/delete that matched no row, stops apply.
+    pub async fn flush(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (futures, meta): (Vec<_>, Vec<_>) = pending
+            .into_iter()
+            .map(|p| (p.result, (p.table, p.what, p.must_match)))
+            .unzip();
+        let results = futures_util::future::join_all(futures).await;
+        for (result, (table, what, must_match)) in results.into_iter().zip(meta) {
+            let rows = result
+                .map_err(|e| anyhow!("cannot apply an {what} on {table}: {}", describe(&e)))?;
+            if must_match && rows == 0 {
+                bail!(
+                    "the {what} of a row of {table} found no matching row on the target: the target has diverged from the source (changed by hand, or not copied under the slot's snapshot). Nothing after it was applied; verify the table and copy it again."
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops queued statements whose transaction is being rolled back.
+    pub fn discard(&mut self) {
+        self.pending.clear();
+    }
 }

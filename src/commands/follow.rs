@@ -127,7 +127,7 @@ pub async fn apply_until_endpos(
             }
         }
     });
-    let client = pg::connect(target, Side::Target, "apply").await?;
+    let client = std::sync::Arc::new(pg::connect(target, Side::Target, "apply").await?);
     let mut stop = StopRule { endpos: endpos_rx };
     let Receiver {
         mut task, progress, ..
