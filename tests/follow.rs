@@ -306,3 +306,63 @@ async fn endpos_is_exact_and_apply_survives_sigkill() {
     assert_identical(&src, &dst);
     pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
 }
+
+/// A column added on the source stops apply before the first change that carries it, with the
+/// table and the fix named; once the target has the column, follow continues to identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_drift_stops_apply_with_the_fix() {
+    let (src, dst) = fresh_db_pair("t_follow_drift").await;
+    exec(
+        &src,
+        "CREATE TABLE d (id int PRIMARY KEY, v text); INSERT INTO d VALUES (0, 'copied');",
+    )
+    .await;
+    let dir = workdir("follow-drift");
+    let d = dir.to_str().unwrap();
+    let child = spawn(
+        &[
+            "clone",
+            "--follow",
+            "--source",
+            &src,
+            "--target",
+            &dst,
+            "--dir",
+            d,
+            "--slot-name",
+            "t_follow_drift_slot",
+        ],
+        &[],
+    );
+    wait_for_slot(&dir);
+    exec(&src, "INSERT INTO d VALUES (1, 'before the change')").await;
+    exec(&src, "ALTER TABLE d ADD COLUMN extra text").await;
+    exec(&src, "INSERT INTO d VALUES (2, 'after the change', 'x')").await;
+    let endpos = current_lsn(&src).await;
+    pgtide_ok(&["sentinel", "set", "endpos", &endpos, "--dir", d]);
+    let out = wait_exit(child, 120);
+    assert!(
+        !out.status.success(),
+        "apply should stop on schema drift:\n{}",
+        text(&out)
+    );
+    let message = text(&out);
+    assert!(
+        message.contains("schema drift on public.d")
+            && message.contains("\"extra\"")
+            && message.contains("ALTER TABLE"),
+        "{message}"
+    );
+    assert_eq!(
+        scalar_i64(&dst, "SELECT count(*) FROM d WHERE id = 2").await,
+        0,
+        "nothing after the drift is applied"
+    );
+
+    exec(&dst, "ALTER TABLE d ADD COLUMN extra text").await;
+    pgtide_ok(&[
+        "follow", "--source", &src, "--target", &dst, "--dir", d, "--endpos", &endpos,
+    ]);
+    assert_identical(&src, &dst);
+    pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
+}
