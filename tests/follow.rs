@@ -290,7 +290,7 @@ async fn endpos_is_exact_and_apply_survives_sigkill() {
         &[
             "follow", "--source", &src, "--target", &dst, "--dir", d, "--endpos", &end,
         ],
-        &[("FAILPOINTS", "apply.before_commit=sleep(1000)")],
+        &[("FAILPOINTS", "apply.before_commit=sleep(5000)")],
     );
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(
@@ -363,6 +363,82 @@ async fn schema_drift_stops_apply_with_the_fix() {
     pgtide_ok(&[
         "follow", "--source", &src, "--target", &dst, "--dir", d, "--endpos", &endpos,
     ]);
+    assert_identical(&src, &dst);
+    pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
+}
+
+/// The target session of apply dies (as in a target restart): follow reconnects, resumes from
+/// the origin and ends identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_reconnects_after_losing_the_target() {
+    let (src, dst) = fresh_db_pair("t_follow_lost").await;
+    exec(
+        &src,
+        "CREATE TABLE l (id int PRIMARY KEY, n int); INSERT INTO l VALUES (0, 0);",
+    )
+    .await;
+    let dir = workdir("follow-lost");
+    let d = dir.to_str().unwrap();
+    let child = spawn(
+        &[
+            "clone",
+            "--follow",
+            "--source",
+            &src,
+            "--target",
+            &dst,
+            "--dir",
+            d,
+            "--slot-name",
+            "t_follow_lost_slot",
+        ],
+        &[("FAILPOINTS", "apply.before_commit=sleep(300)")],
+    );
+    wait_for_slot(&dir);
+    let client = connect(&src).await;
+    for id in 1..=40 {
+        client
+            .execute("INSERT INTO l VALUES ($1, 0)", &[&id])
+            .await
+            .unwrap();
+        client
+            .execute("UPDATE l SET n = n + 1 WHERE id = 0", &[])
+            .await
+            .unwrap();
+    }
+    let applied_something = "SELECT count(*) FROM pg_replication_origin_status
+                             WHERE external_id = 'pgtide_t_follow_lost_slot' AND remote_lsn > '0/0'";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while scalar_i64(&dst, applied_something).await == 0 {
+        assert!(Instant::now() < deadline, "apply never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let killed = scalar_i64(
+        &admin_uri("target"),
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                              WHERE datname = 't_follow_lost' AND application_name = 'pgtide') t",
+    )
+    .await;
+    assert!(killed >= 1, "no apply session to terminate");
+    for id in 41..=60 {
+        client
+            .execute("INSERT INTO l VALUES ($1, 0)", &[&id])
+            .await
+            .unwrap();
+    }
+    let endpos = current_lsn(&src).await;
+    pgtide_ok(&["sentinel", "set", "endpos", &endpos, "--dir", d]);
+    let out = wait_exit(child, 120);
+    assert!(
+        out.status.success(),
+        "clone --follow failed:\n{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("reconnecting to the target"),
+        "{}",
+        text(&out)
+    );
     assert_identical(&src, &dst);
     pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
 }

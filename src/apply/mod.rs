@@ -24,6 +24,30 @@ use crate::pg::{Lsn, describe};
 use crate::spool::SpoolReader;
 use statements::{Statements, TargetTable};
 
+/// The target connection was lost (a restart, the network, a terminated session): follow
+/// reconnects and resumes from the origin, which says exactly where the target is.
+#[derive(Debug, thiserror::Error)]
+#[error("lost the connection to the target: {0}")]
+pub struct TargetLost(pub String);
+
+/// A target error with its context; a lost connection or a shutting-down server becomes
+/// `TargetLost`, everything else (constraint violations, drift…) stays fatal.
+pub fn target_error(e: &tokio_postgres::Error, context: impl std::fmt::Display) -> anyhow::Error {
+    let lost = match e.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("57P") || code.starts_with("08")
+        }
+    };
+    let text = format!("{context}: {}", describe(e));
+    if lost {
+        anyhow::Error::new(TargetLost(text))
+    } else {
+        anyhow!(text)
+    }
+}
+
 /// How many source transactions / changes one target transaction may merge, and for how long.
 const BATCH_TRANSACTIONS: usize = 200;
 const BATCH_CHANGES: usize = 20_000;
@@ -43,20 +67,15 @@ pub async fn setup_origin(target: &Client, origin: &str) -> Result<Lsn> {
             &[&origin],
         )
         .await
-        .map_err(|e| anyhow!("cannot create the replication origin {origin} on the target: {}", describe(&e)))?;
+        .map_err(|e| target_error(&e, format!("cannot create the replication origin {origin} on the target")))?;
     target
         .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
         .await
-        .map_err(|e| anyhow!("cannot use the replication origin {origin} on the target: {}. Is another pgtide applying to it?", describe(&e)))?;
+        .map_err(|e| target_error(&e, format!("cannot use the replication origin {origin} on the target. Is another pgtide applying to it?")))?;
     target
         .batch_execute("SET session_replication_role = replica; SET synchronous_commit = off")
         .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot set up the apply session on the target: {}",
-                describe(&e)
-            )
-        })?;
+        .map_err(|e| target_error(&e, "cannot set up the apply session on the target"))?;
     durable_progress(target, origin).await
 }
 
@@ -68,12 +87,7 @@ pub async fn durable_progress(target: &Client, origin: &str) -> Result<Lsn> {
             &[&origin],
         )
         .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot read the origin's progress on the target: {}",
-                describe(&e)
-            )
-        })?;
+        .map_err(|e| target_error(&e, "cannot read the origin's progress on the target"))?;
     let text: String = row.get(0);
     text.parse().map_err(|e: String| anyhow!(e))
 }
@@ -162,9 +176,10 @@ pub async fn run(
                             progress.applied
                         );
                         statements.discard();
-                        target.batch_execute("ROLLBACK").await.map_err(|e| {
-                            anyhow!("cannot roll back on the target: {}", describe(&e))
-                        })?;
+                        target
+                            .batch_execute("ROLLBACK")
+                            .await
+                            .map_err(|e| target_error(&e, "cannot roll back on the target"))?;
                         progress.changes -= batch.changes as u64;
                         batch = Batch::default();
                         after_seq = reader.seq_through(progress.applied)?;
@@ -176,7 +191,7 @@ pub async fn run(
                         target
                             .batch_execute("BEGIN")
                             .await
-                            .map_err(|e| anyhow!("cannot begin on the target: {}", describe(&e)))?;
+                            .map_err(|e| target_error(&e, "cannot begin on the target"))?;
                         batch.open = true;
                         batch.started = Instant::now();
                     }
@@ -296,12 +311,12 @@ impl Batch {
                 &[&end_lsn.to_string(), &commit_time],
             )
             .await
-            .map_err(|e| anyhow!("cannot record the origin position on the target: {}", describe(&e)))?;
+            .map_err(|e| target_error(&e, "cannot record the origin position on the target"))?;
         fail::fail_point!("apply.before_commit");
         target
             .batch_execute("COMMIT")
             .await
-            .map_err(|e| anyhow!("cannot commit on the target: {}", describe(&e)))?;
+            .map_err(|e| target_error(&e, "cannot commit on the target"))?;
         progress.applied = end_lsn;
         progress.transactions += self.transactions as u64;
         *self = Batch::default();

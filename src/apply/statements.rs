@@ -11,8 +11,9 @@ use anyhow::{Result, anyhow, bail};
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
+use super::target_error;
 use crate::decode::{Change, OldImage, Relation, Value};
-use crate::pg::{describe, qualified, quote_ident};
+use crate::pg::{qualified, quote_ident};
 
 /// A source relation matched with its target table.
 pub struct TargetTable {
@@ -34,12 +35,7 @@ impl TargetTable {
                 &[&name],
             )
             .await
-            .map_err(|e| {
-                anyhow!(
-                    "cannot read the target's columns of {name}: {}",
-                    describe(&e)
-                )
-            })?;
+            .map_err(|e| target_error(&e, format!("cannot read the target's columns of {name}")))?;
         if rows.is_empty() {
             bail!(
                 "schema drift: the source sends changes for {}.{} but the target has no such table. Create it on the target (pg_dump --schema-only -t …), then rerun follow; nothing after this change was applied.",
@@ -175,7 +171,7 @@ impl Statements {
         let statement = target
             .prepare_typed(&sql, &types)
             .await
-            .map_err(|e| anyhow!("cannot prepare \"{sql}\" on the target: {}", describe(&e)))?;
+            .map_err(|e| target_error(&e, format!("cannot prepare \"{sql}\" on the target")))?;
         self.prepared.insert(key, statement.clone());
         Ok(statement)
     }
@@ -261,7 +257,7 @@ impl Statements {
                 target
                     .batch_execute(&sql)
                     .await
-                    .map_err(|e| anyhow!("cannot apply \"{sql}\" on the target: {}", describe(&e)))
+                    .map_err(|e| target_error(&e, format!("cannot apply \"{sql}\" on the target")))
             }
             _ => Ok(()),
         }
@@ -372,7 +368,7 @@ impl Statements {
         let results = futures_util::future::join_all(futures).await;
         for (result, (table, what, must_match)) in results.into_iter().zip(meta) {
             let rows = result
-                .map_err(|e| anyhow!("cannot apply an {what} on {table}: {}", describe(&e)))?;
+                .map_err(|e| target_error(&e, format!("cannot apply an {what} on {table}")))?;
             if must_match && rows == 0 {
                 bail!(
                     "the {what} of a row of {table} found no matching row on the target: the target has diverged from the source (changed by hand, or not copied under the slot's snapshot). Nothing after it was applied; verify the table and copy it again."

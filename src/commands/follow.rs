@@ -127,21 +127,38 @@ pub async fn apply_until_endpos(
             }
         }
     });
-    let client = std::sync::Arc::new(pg::connect(target, Side::Target, "apply").await?);
     let mut stop = StopRule { endpos: endpos_rx };
     let Receiver {
         mut task, progress, ..
     } = receiver;
     let origin = apply::origin_name(&slot);
-    let applied = tokio::select! {
-        r = apply::run(&client, &workdir.path, &origin, &mut stop, &progress) => r,
-        r = &mut task => {
-            endpos_poller.abort();
-            return match r {
-                Ok(Ok(())) => Err(anyhow!("the receiver stopped before endpos was reached")),
-                Ok(Err(e)) => Err(e.context("the receiver failed")),
-                Err(e) => Err(anyhow!("the receiver crashed: {e}")),
-            };
+    let mut client = std::sync::Arc::new(pg::connect(target, Side::Target, "apply").await?);
+    let mut backoff = Duration::from_millis(500);
+    let applied = loop {
+        let result = tokio::select! {
+            r = apply::run(&client, &workdir.path, &origin, &mut stop, &progress) => r,
+            r = &mut task => {
+                endpos_poller.abort();
+                return match r {
+                    Ok(Ok(())) => Err(anyhow!("the receiver stopped before endpos was reached")),
+                    Ok(Err(e)) => Err(e.context("the receiver failed")),
+                    Err(e) => Err(anyhow!("the receiver crashed: {e}")),
+                };
+            }
+        };
+        match result {
+            // A lost target connection (a restart, a terminated session): reconnect and
+            // resume from the origin, which is exactly where the target's committed state ends.
+            Err(e) if e.chain().any(|c| c.is::<apply::TargetLost>()) => {
+                tracing::warn!("{e:#}; reconnecting to the target in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                match pg::connect(target, Side::Target, "apply").await {
+                    Ok(c) => client = std::sync::Arc::new(c),
+                    Err(e) => tracing::warn!("the target is not back yet: {e:#}"),
+                }
+            }
+            other => break other,
         }
     };
     endpos_poller.abort();
