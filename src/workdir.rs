@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use crate::spool::SpoolWriter;
 use crate::state::StateDb;
 
 /// The default work dir when neither --dir nor PGTIDE_DIR is given (documented in README).
@@ -71,5 +72,16 @@ impl WorkDir {
             state,
             _lock: lock,
         })
+    }
+
+    /// Opens the spool for appending, recording its size in state.db (status shows it).
+    pub fn spool_writer(&self) -> Result<SpoolWriter> {
+        let state = self.state.clone();
+        SpoolWriter::open(
+            &self.path,
+            Box::new(move |bytes| {
+                let _ = state.set_meta("spool.bytes", &bytes.to_string());
+            }),
+        )
     }
 }

@@ -3,21 +3,10 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
-    let mut cmd = pgtide_command(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start pgtide")
-}
 
 fn wait_exit(child: Child, secs: u64) -> std::process::Output {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -156,7 +145,7 @@ async fn clone_follow_catches_up_a_live_source() {
     let dir = workdir("follow");
     let d = dir.to_str().unwrap();
     // Slow every copied part a little so that the traffic overlaps the copy.
-    let child = spawn(
+    let child = spawn_pgtide(
         &[
             "clone",
             "--follow",
@@ -232,7 +221,7 @@ async fn endpos_is_exact_and_apply_survives_sigkill() {
     let dir = workdir("follow-endpos");
     let d = dir.to_str().unwrap();
     // The copy is slowed so that the changes and the endpos are in place before apply starts.
-    let child = spawn(
+    let child = spawn_pgtide(
         &[
             "clone",
             "--follow",
@@ -286,7 +275,7 @@ async fn endpos_is_exact_and_apply_survives_sigkill() {
             .unwrap();
     }
     let end = current_lsn(&src).await;
-    let mut child = spawn(
+    let mut child = spawn_pgtide(
         &[
             "follow", "--source", &src, "--target", &dst, "--dir", d, "--endpos", &end,
         ],
@@ -319,7 +308,7 @@ async fn schema_drift_stops_apply_with_the_fix() {
     .await;
     let dir = workdir("follow-drift");
     let d = dir.to_str().unwrap();
-    let child = spawn(
+    let child = spawn_pgtide(
         &[
             "clone",
             "--follow",
@@ -379,7 +368,7 @@ async fn apply_reconnects_after_losing_the_target() {
     .await;
     let dir = workdir("follow-lost");
     let d = dir.to_str().unwrap();
-    let child = spawn(
+    let child = spawn_pgtide(
         &[
             "clone",
             "--follow",

@@ -10,17 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn spawn_pgtide(args: &[&str], env: &[(&str, &str)]) -> Child {
-    let mut cmd = pgtide_command(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start pgtide")
-}
-
 fn interrupt(child: &Child) {
     let ok = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])

@@ -14,7 +14,6 @@ use crate::conninfo::ConnInfo;
 use crate::pg::{self, Lsn, Side, catalog};
 use crate::replication::Plugin;
 use crate::replication::stream::{self, ReceiveOptions};
-use crate::spool::SpoolWriter;
 use crate::state::StateDb;
 use crate::workdir::WorkDir;
 
@@ -64,13 +63,7 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
         applied: Some(progress_rx),
         spooled: Some(spooled_tx),
     };
-    let size_state = state.clone();
-    let mut spool = SpoolWriter::open(
-        &workdir.path,
-        Box::new(move |bytes| {
-            let _ = size_state.set_meta("spool.bytes", &bytes.to_string());
-        }),
-    )?;
+    let mut spool = workdir.spool_writer()?;
     let source = source.clone();
     let task = tokio::spawn(async move {
         let ended = stream::receive(&source, &mut spool, &state, &opts).await;

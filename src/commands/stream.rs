@@ -10,7 +10,6 @@ use crate::pg::{self, Lsn, Side};
 use crate::replication::conn::ReplicationConnection;
 use crate::replication::stream::{self, Ended, ReceiveOptions};
 use crate::replication::{Plugin, slot};
-use crate::spool::SpoolWriter;
 use crate::workdir::WorkDir;
 
 /// Checks what a slot needs on the source and creates the publication (pgoutput).
@@ -147,13 +146,7 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
             tables
         }
     };
-    let size_state = state.clone();
-    let mut spool = SpoolWriter::open(
-        &workdir.path,
-        Box::new(move |bytes| {
-            let _ = size_state.set_meta("spool.bytes", &bytes.to_string());
-        }),
-    )?;
+    let mut spool = workdir.spool_writer()?;
     let opts = ReceiveOptions {
         slot: slot_name,
         plugin,

@@ -123,6 +123,18 @@ pub fn pgtide_command(args: &[&str]) -> Command {
     cmd
 }
 
+/// Starts pgtide in the background with extra environment (failpoints), output piped.
+pub fn spawn_pgtide(args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+    let mut cmd = pgtide_command(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot start pgtide")
+}
+
 pub fn pgtide(args: &[&str]) -> Output {
     pgtide_command(args).output().expect("cannot run pgtide")
 }
