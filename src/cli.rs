@@ -45,6 +45,41 @@ pub enum Command {
     /// Read or set endpos and the apply switch of a migration.
     #[command(subcommand)]
     Sentinel(SentinelCommand),
+    /// Drop the slot, the publication, the origin and the pgtide schema; mark the work dir
+    /// done. Safe to run twice.
+    Cleanup(CleanupArgs),
+    /// Copy things logical replication does not carry.
+    #[command(subcommand)]
+    Copy(CopyCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// The slot to clean up when the work dir does not name one.
+    #[arg(long)]
+    pub slot_name: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CopyCommand {
+    /// Set every target sequence from the source's current value (plus --offset).
+    Sequences(CopySequencesArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CopySequencesArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    /// Added to every value: a safety gap before traffic switches to the target.
+    #[arg(long, default_value_t = 0)]
+    pub offset: i64,
+    /// The filters file the migration used.
+    #[arg(long)]
+    pub filters: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

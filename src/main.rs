@@ -48,6 +48,10 @@ fn main() -> std::process::ExitCode {
             Command::Spool(cli::SpoolCommand::Show(args)) => commands::spool::show(args),
             Command::Follow(args) => commands::follow::run(args).await,
             Command::Sentinel(command) => commands::sentinel::run(command).await,
+            Command::Cleanup(args) => commands::cleanup::cleanup(args).await,
+            Command::Copy(cli::CopyCommand::Sequences(args)) => {
+                commands::cleanup::copy_sequences(args).await
+            }
         }
     });
     match result {

@@ -205,7 +205,50 @@ async fn clone_follow_catches_up_a_live_source() {
     let sentinel: serde_json::Value = serde_json::from_str(&sentinel).unwrap();
     assert_eq!(sentinel["apply"], true);
     assert!(sentinel["applied_lsn"].is_string(), "{sentinel}");
-    pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
+    // Sequences again, with the safety gap operators add before switching traffic.
+    pgtide_ok(&[
+        "copy",
+        "sequences",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--offset",
+        "1000",
+    ]);
+    let next = "SELECT nextval('standalone_seq')";
+    assert_eq!(
+        scalar_i64(&dst, next).await - scalar_i64(&src, next).await,
+        1000
+    );
+    // cleanup removes what pgtide created on both sides, and can run again.
+    for _ in 0..2 {
+        pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    }
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 't_follow_slot'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'pgtide_t_follow_slot'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            "SELECT count(*) FROM pg_replication_origin WHERE roname = 'pgtide_t_follow_slot'"
+        )
+        .await,
+        0
+    );
 }
 
 /// Every transaction committed at or before endpos is applied, none after; a SIGKILL during

@@ -1,0 +1,80 @@
+//! `pgtide cleanup` and `pgtide copy sequences`: the end of a migration. Cleanup removes
+//! everything pgtide created on both servers (slot, publication, origin, the pgtide schema:
+//! invariant 8) and is safe to run twice or after a failed run.
+
+use anyhow::{Result, bail};
+
+use crate::apply;
+use crate::cli::{CleanupArgs, CopySequencesArgs};
+use crate::clone::sequences;
+use crate::pg::{self, Side, catalog, describe};
+use crate::replication::conn::ReplicationConnection;
+use crate::replication::slot;
+use crate::workdir::WorkDir;
+
+pub async fn cleanup(args: CleanupArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.endpoints.source, "source")?;
+    let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    let workdir = WorkDir::open(&args.dir, "cleanup")?;
+    let state = &workdir.state;
+    let slot_name = match (args.slot_name, state.get_meta("stream.slot")?) {
+        (Some(s), _) | (None, Some(s)) => s,
+        (None, None) => bail!("the work dir names no slot: give --slot-name"),
+    };
+    let mut conn = ReplicationConnection::connect(&source).await?;
+    let dropped_slot = slot::drop_slot(&mut conn, &slot_name).await?;
+    conn.close().await;
+    let source_client = pg::connect(&source, Side::Source, "cleanup").await?;
+    slot::drop_publication(&source_client, &slot_name).await?;
+    let target_client = pg::connect(&target, Side::Target, "cleanup").await?;
+    let origin = apply::origin_name(&slot_name);
+    let dropped_origin = target_client
+        .execute(
+            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+            &[&origin],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot drop the replication origin {origin} on the target: {}. Is a follow still running?", describe(&e)))?;
+    target_client
+        .batch_execute("DROP SCHEMA IF EXISTS pgtide CASCADE")
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot drop the pgtide schema on the target: {}",
+                describe(&e)
+            )
+        })?;
+    state.set_meta("migration.status", "cleaned up")?;
+    println!(
+        "source: slot {slot_name} {}, publication {} dropped; target: origin {origin} {}; work dir {} marked done",
+        if dropped_slot {
+            "dropped"
+        } else {
+            "already gone"
+        },
+        slot::publication_name(&slot_name),
+        if dropped_origin > 0 {
+            "dropped"
+        } else {
+            "already gone"
+        },
+        args.dir.display()
+    );
+    Ok(())
+}
+
+pub async fn copy_sequences(args: CopySequencesArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.endpoints.source, "source")?;
+    let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    let filters = super::load_filters(args.filters.as_deref())?;
+    let source_client = pg::connect(&source, Side::Source, "sequences").await?;
+    let target_client = pg::connect(&target, Side::Target, "sequences").await?;
+    let seqs = catalog::read_sequences(&source_client, &filters).await?;
+    sequences::set_on_target(&target_client, &seqs, args.offset).await?;
+    println!(
+        "set {} sequences on the target (offset {})",
+        seqs.len(),
+        args.offset
+    );
+    Ok(())
+}
