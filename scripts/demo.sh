@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The demo: two throwaway clusters, a sample database (pgbench + the hard cases), pgtide clone,
-# pgtide verify. The clusters stay up so you can look around; `scripts/demo.sh stop` ends them.
+# The demo: two throwaway clusters, a sample database (pgbench + the hard cases), then a live
+# migration: pgtide clone --follow while pgbench writes, endpos when the writes stop, verify,
+# cleanup. The clusters stay up so you can look around; `scripts/demo.sh stop` ends them.
 #   scripts/demo.sh [SCALE]     (pgbench scale, default 10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,10 +29,20 @@ pgtide_psql target postgres -c "CREATE DATABASE demo"
 "$PG_BIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres demo 2>&1 | tail -1
 pgtide_psql source demo -f tests/fixtures/hard_cases.sql >/dev/null
 
-echo "== pgtide clone"
-"$PGTIDE" clone --table-jobs 2 --index-jobs 2 --split-tables-larger-than 50MB
+echo "== pgtide clone --follow, with pgbench traffic on the source"
+# The hard-case table without a key gets a replica identity so its updates can be replicated.
+pgtide_psql source demo -c "ALTER TABLE no_pk REPLICA IDENTITY FULL" >/dev/null
+"$PGTIDE" clone --follow --table-jobs 2 --index-jobs 2 --split-tables-larger-than 50MB --slot-name demo &
+follow_pid=$!
+"$PG_BIN/pgbench" -n -c 2 -j 2 -T 20 -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres demo 2>&1 | grep -E "^tps|processed"
+echo "== writes stopped: pgtide sentinel set endpos --current"
+"$PGTIDE" sentinel set endpos --current
+wait "$follow_pid"
+"$PGTIDE" sentinel get
 echo "== pgtide verify"
 "$PGTIDE" verify
+echo "== pgtide cleanup"
+"$PGTIDE" cleanup
 
 cat <<EOT
 

@@ -27,7 +27,7 @@ const BATCH_RECORDS: usize = 50_000;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS changes (
-    seq     INTEGER PRIMARY KEY,
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: readers keep their place across pruning
     lsn     INTEGER NOT NULL,       -- the XLogData start position (0 for relation/type messages)
     end_lsn INTEGER,                -- a commit's end position: where streaming resumes
     xid     INTEGER,
@@ -389,6 +389,27 @@ mod tests {
         assert_eq!(reader.prune_through(Lsn(19)).unwrap(), 0);
         assert_eq!(reader.prune_through(Lsn(20)).unwrap(), 3);
         assert!(reader.read(0, Lsn(0), 100).unwrap().is_empty());
+        drop(reader);
+
+        // After pruning everything, new records still come after the reader's position:
+        // sequence numbers are never reused (apply once stalled on reused ones).
+        let last_seq = all.last().unwrap().seq;
+        let mut w = SpoolWriter::open(&dir, Box::new(|_| {})).unwrap();
+        for r in [
+            rec(30, "begin", None),
+            rec(31, "insert", None),
+            rec(32, "commit", Some(40)),
+        ] {
+            w.append(r).unwrap();
+        }
+        w.sync().await.unwrap();
+        w.close().unwrap();
+        let reader = SpoolReader::open(&dir).unwrap();
+        let after = reader.read(last_seq, Lsn(0), 100).unwrap();
+        assert_eq!(
+            after.iter().map(|s| s.lsn.0).collect::<Vec<_>>(),
+            vec![30, 31, 32]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
