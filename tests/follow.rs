@@ -133,13 +133,19 @@ async fn traffic(src: &str, rounds: i64) {
 async fn clone_follow_catches_up_a_live_source() {
     let (src, dst) = fresh_db_pair("t_follow").await;
     exec(&src, &hard_cases_sql()).await;
-    exec(&src, "ALTER TABLE no_pk REPLICA IDENTITY FULL;").await;
+    // Tables without a primary key need a replica identity before they are published.
+    exec(
+        &src,
+        "ALTER TABLE no_pk REPLICA IDENTITY FULL; ALTER TABLE slots REPLICA IDENTITY FULL;",
+    )
+    .await;
     exec(&src, TRICKY).await;
     exec(
         &src,
         "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint, filler text);
          INSERT INTO accounts SELECT g, 0, repeat('x', 80) FROM generate_series(1, 5000) g;
-         CREATE TABLE scratch (v int); INSERT INTO scratch VALUES (1);",
+         CREATE TABLE scratch (v int); INSERT INTO scratch VALUES (1);
+         ALTER TABLE scratch REPLICA IDENTITY FULL;",
     )
     .await;
     let dir = workdir("follow");

@@ -816,3 +816,68 @@ async fn flushed_never_passes_durable_and_filters_apply() {
     );
     pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
 }
+
+/// A table without a primary key or replica identity is refused before anything is created:
+/// published as it is, its updates would fail on the source.
+#[tokio::test(flavor = "multi_thread")]
+async fn tables_without_replica_identity_are_refused() {
+    let (src, _dst) = fresh_db_pair("t_stream_noident").await;
+    exec(
+        &src,
+        "CREATE TABLE ok (id int PRIMARY KEY); CREATE TABLE bare (a int, b text);",
+    )
+    .await;
+    let dir = workdir("stream-noident");
+    let out = pgtide_fails(&[
+        "stream",
+        "setup",
+        "--source",
+        &src,
+        "--dir",
+        dir.to_str().unwrap(),
+        "--slot-name",
+        "t_noident",
+    ]);
+    assert!(
+        out.contains("public.bare")
+            && out.contains("ALTER TABLE public.bare REPLICA IDENTITY FULL")
+            && !out.contains("public.ok"),
+        "{out}"
+    );
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 't_noident'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'pgtide_t_noident'"
+        )
+        .await,
+        0
+    );
+    // The fix it names works.
+    exec(&src, "ALTER TABLE public.bare REPLICA IDENTITY FULL").await;
+    pgtide_ok(&[
+        "stream",
+        "setup",
+        "--source",
+        &src,
+        "--dir",
+        dir.to_str().unwrap(),
+        "--slot-name",
+        "t_noident",
+    ]);
+    pgtide_ok(&[
+        "stream",
+        "cleanup",
+        "--source",
+        &src,
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+}

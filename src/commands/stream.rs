@@ -13,6 +13,41 @@ use crate::replication::{Plugin, slot};
 use crate::workdir::WorkDir;
 
 /// Checks what a slot needs on the source and creates the publication (pgoutput).
+/// Once a table is in a publication, an UPDATE or DELETE on it fails on the source unless it
+/// has a replica identity (and wal2json would silently drop them): refuse before creating
+/// anything, naming each table and the fix.
+async fn refuse_tables_without_identity(
+    client: &tokio_postgres::Client,
+    tables: &[(String, String)],
+) -> Result<()> {
+    let names: Vec<String> = tables.iter().map(|(s, t)| pg::qualified(s, t)).collect();
+    let rows = client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname)
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r'
+               AND coalesce(pg_partition_root(c.oid), c.oid) = ANY($1::text[]::regclass[])
+               AND (c.relreplident = 'n'
+                    OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+             ORDER BY 1",
+            &[&names],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    bail!(
+        "{} table(s) have no primary key and no replica identity: {}. Once replicated, an UPDATE or DELETE on them would fail on the source. Give each a primary key, or run on the source: {} (or exclude them with --filters). Nothing was created.",
+        list.len(),
+        list.join(", "),
+        list.iter()
+            .map(|t| format!("ALTER TABLE {t} REPLICA IDENTITY FULL;"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}
+
 pub async fn prepare_source(
     source: &ConnInfo,
     plugin: Plugin,
@@ -30,6 +65,7 @@ pub async fn prepare_source(
     pg::catalog::check_filters_name_real_objects(&client, filters).await?;
     let mut tables = slot::replicated_tables(&client, plugin == Plugin::Wal2json).await?;
     tables.retain(|(schema, table)| filters.includes_table(schema, table));
+    refuse_tables_without_identity(&client, &tables).await?;
     if plugin == Plugin::Pgoutput {
         let publication = slot::create_publication(&client, slot_name, &tables).await?;
         tracing::info!(
