@@ -32,7 +32,8 @@ pgtide_psql source demo -f tests/fixtures/hard_cases.sql >/dev/null
 echo "== pgtide clone --follow, with pgbench traffic on the source"
 # The hard-case tables without a primary key get a replica identity (pgtide refuses to
 # publish them otherwise: their updates would fail on the source).
-pgtide_psql source demo -c "ALTER TABLE no_pk REPLICA IDENTITY FULL" -c "ALTER TABLE slots REPLICA IDENTITY FULL" >/dev/null
+pgtide_psql source demo -c "ALTER TABLE no_pk REPLICA IDENTITY FULL" -c "ALTER TABLE slots REPLICA IDENTITY FULL" \
+  -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL" >/dev/null
 "$PGTIDE" clone --follow --table-jobs 2 --index-jobs 2 --split-tables-larger-than 50MB --slot-name demo &
 follow_pid=$!
 "$PG_BIN/pgbench" -n -c 2 -j 2 -T 20 -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres demo 2>&1 | grep -E "^tps|processed"

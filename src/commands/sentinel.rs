@@ -46,7 +46,9 @@ pub async fn run(command: SentinelCommand) -> Result<()> {
                             let source = super::parse_conninfo(&source, "source")?;
                             let client = pg::connect(&source, Side::Source, "sentinel").await?;
                             let text: String = client
-                                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                                // The insert position, not the flush position: with synchronous_commit = off
+                                // a commit is visible before its WAL is flushed, and endpos must cover it.
+                                .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
                                 .await?
                                 .get(0);
                             text.parse().map_err(|e: String| anyhow!(e))?
