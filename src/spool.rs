@@ -168,11 +168,6 @@ impl SpoolWriter {
         *self.durable.borrow()
     }
 
-    /// Whether every appended record is durable.
-    pub fn all_durable(&self) -> bool {
-        self.durable.borrow().records >= self.sent
-    }
-
     /// Waits until every appended record is durable.
     pub async fn sync(&mut self) -> Result<Durable> {
         let target = self.sent;

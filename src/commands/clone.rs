@@ -4,8 +4,7 @@ use anyhow::{Result, bail};
 
 use crate::cli::CloneArgs;
 use crate::clone::{self, CloneOptions};
-use crate::replication::conn::ReplicationConnection;
-use crate::replication::{Plugin, slot};
+use crate::replication::Plugin;
 use crate::workdir::WorkDir;
 
 use super::follow;
@@ -45,19 +44,15 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     // The slot and its exported snapshot first: the copy reads exactly the state the stream
     // starts after, so every change is applied once.
     let slot_name = args.slot_name.clone();
-    let tables =
-        super::stream::prepare_source(&opts.source, Plugin::Pgoutput, &slot_name, &opts.filters)
-            .await?;
-    let mut holder = ReplicationConnection::connect(&opts.source).await?;
-    let identity = slot::identify_system(&mut holder).await?;
-    let created = slot::create_slot(&mut holder, &slot_name, Plugin::Pgoutput, true).await?;
-    let state = &workdir.state;
-    state.set_meta("stream.slot", &slot_name)?;
-    state.set_meta("stream.plugin", Plugin::Pgoutput.name())?;
-    state.set_meta("stream.startpos", &created.consistent_point.to_string())?;
-    state.set_meta("stream.source.uri", &opts.source.redacted())?;
-    state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
-    state.set_meta("stream.system_id", &identity.system_id)?;
+    let (holder, created) = super::stream::create_recorded_slot(
+        &opts.source,
+        &workdir.state,
+        &slot_name,
+        Plugin::Pgoutput,
+        &opts.filters,
+        true,
+    )
+    .await?;
     tracing::info!(
         "slot {slot_name} created at {}; copying under its snapshot",
         created.consistent_point

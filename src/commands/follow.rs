@@ -24,7 +24,6 @@ pub const APPLY_KEY: &str = "sentinel.apply";
 /// A receiver running in the background, and what it publishes.
 pub struct Receiver {
     task: JoinHandle<Result<()>>,
-    pub spooled: watch::Receiver<Lsn>,
     pub progress: watch::Sender<Progress>,
 }
 
@@ -50,7 +49,6 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
         Some(json) => serde_json::from_str(&json)?,
         None => Vec::new(),
     };
-    let (spooled_tx, spooled) = watch::channel(Lsn(0));
     let (progress, progress_rx) = watch::channel(Progress::default());
     let opts = ReceiveOptions {
         slot,
@@ -61,7 +59,6 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
         tables,
         system_id: state.get_meta("stream.system_id")?,
         applied: Some(progress_rx),
-        spooled: Some(spooled_tx),
     };
     let mut spool = workdir.spool_writer()?;
     let source = source.clone();
@@ -70,11 +67,7 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
         spool.close()?;
         ended.map(|_| ())
     });
-    Ok(Receiver {
-        task,
-        spooled,
-        progress,
-    })
+    Ok(Receiver { task, progress })
 }
 
 /// Replays the spool until endpos (from `--endpos` or the sentinel, re-read every half

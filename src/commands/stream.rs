@@ -108,6 +108,31 @@ pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
     Ok(())
 }
 
+/// Creates the publication and the slot and records the stream in state.db (slot, plugin,
+/// start position, source, published tables, system identifier): what `stream receive`,
+/// `follow` and `cleanup` read back. With `export`, the returned connection holds the slot's
+/// exported snapshot until it is closed.
+pub async fn create_recorded_slot(
+    source: &ConnInfo,
+    state: &crate::state::StateDb,
+    slot_name: &str,
+    plugin: Plugin,
+    filters: &crate::clone::filters::Filters,
+    export: bool,
+) -> Result<(ReplicationConnection, slot::CreatedSlot)> {
+    let tables = prepare_source(source, plugin, slot_name, filters).await?;
+    let mut conn = ReplicationConnection::connect(source).await?;
+    let identity = slot::identify_system(&mut conn).await?;
+    let created = slot::create_slot(&mut conn, slot_name, plugin, export).await?;
+    state.set_meta("stream.slot", slot_name)?;
+    state.set_meta("stream.plugin", plugin.name())?;
+    state.set_meta("stream.startpos", &created.consistent_point.to_string())?;
+    state.set_meta("stream.source.uri", &source.redacted())?;
+    state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
+    state.set_meta("stream.system_id", &identity.system_id)?;
+    Ok((conn, created))
+}
+
 pub async fn setup(args: StreamSetupArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.source.source, "source")?;
     let workdir = WorkDir::open(&args.dir, "stream setup")?;
@@ -118,24 +143,17 @@ pub async fn setup(args: StreamSetupArgs) -> Result<()> {
             args.dir.display()
         );
     }
-    let tables = prepare_source(
+    let filters = super::load_filters(args.slot.filters.as_deref())?;
+    let (conn, created) = create_recorded_slot(
         &source,
-        args.slot.plugin,
+        state,
         &args.slot.slot_name,
-        &super::load_filters(args.slot.filters.as_deref())?,
+        args.slot.plugin,
+        &filters,
+        false,
     )
     .await?;
-    let mut conn = ReplicationConnection::connect(&source).await?;
-    let identity = slot::identify_system(&mut conn).await?;
-    let created =
-        slot::create_slot(&mut conn, &args.slot.slot_name, args.slot.plugin, false).await?;
     conn.close().await;
-    state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
-    state.set_meta("stream.system_id", &identity.system_id)?;
-    state.set_meta("stream.slot", &args.slot.slot_name)?;
-    state.set_meta("stream.plugin", args.slot.plugin.name())?;
-    state.set_meta("stream.startpos", &created.consistent_point.to_string())?;
-    state.set_meta("stream.source.uri", &source.redacted())?;
     println!(
         "slot {} ({}) created; the stream starts at {}",
         args.slot.slot_name,
@@ -192,7 +210,6 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
         tables,
         system_id: state.get_meta("stream.system_id")?,
         applied: None,
-        spooled: None,
     };
     let ended = stream::receive(&source, &mut spool, &state, &opts).await;
     spool.close()?;

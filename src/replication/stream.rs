@@ -39,8 +39,6 @@ pub struct ReceiveOptions {
     /// The target's apply progress, when an apply loop runs (its durable position is
     /// reported as "apply").
     pub applied: Option<watch::Receiver<crate::apply::Progress>>,
-    /// Where the receiver publishes what it has made durable (including idle positions).
-    pub spooled: Option<watch::Sender<Lsn>>,
 }
 
 /// Why the loop ended.
@@ -385,9 +383,6 @@ async fn send_status(
     let durable = spool.durable();
     positions.flushed = positions.flushed.max(durable.commit_end);
     positions.received = positions.received.max(positions.flushed);
-    if let Some(spooled) = &opts.spooled {
-        spooled.send_replace(positions.flushed);
-    }
     if let Some(applied) = &opts.applied {
         positions.applied = positions
             .applied
