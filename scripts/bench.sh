@@ -2,8 +2,11 @@
 # Benchmark: pgtide clone against pgcopydb clone, pg_dump -Fd | pg_restore, and a physical-limit
 # estimate, on the same source data in one run, each result verified by checksum.
 #   scripts/bench.sh [SCALE] [JOBS]      (defaults: pgbench scale 50, 2 jobs)
-# Prints wall times and the ratios pgtide/pgcopydb, pgtide/dump-restore, pgtide/limit, then
-# the spool write throughput (cargo bench --bench spool).
+# Prints wall times and the ratios pgtide/pgcopydb, pgtide/dump-restore, pgtide/limit; then the
+# apply side (scripts/bench-apply.sh: the same bursts of changes drained by pgtide, pgcopydb and
+# native logical replication, and the lag under a steady load; pgbench scale
+# PGTIDE_BENCH_APPLY_SCALE, default 10); then the spool write throughput (cargo bench).
+# PGTIDE_BENCH_ONLY=clone|apply runs one side only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${1:-50}
@@ -22,6 +25,8 @@ src_uri() { echo "postgres://postgres@127.0.0.1:$PGTIDE_SOURCE_PORT/$1"; }
 dst_uri() { echo "postgres://postgres@127.0.0.1:$PGTIDE_TARGET_PORT/$1"; }
 WORK=$(mktemp -d /tmp/pgtide-bench.XXXXXX)
 
+ONLY=${PGTIDE_BENCH_ONLY:-}
+clone_bench() {
 echo "== source: pgbench scale $SCALE + hard cases" >&2
 pgtide_psql source postgres -c "CREATE DATABASE bench"
 "$PG_BIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres bench >/dev/null 2>&1
@@ -116,6 +121,12 @@ echo "pgtide / best pgcopydb:      $(ratio "${SECONDS_OF[pgtide]}" "$best_pgcopy
 echo "pgtide / dump-restore:       $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[dump_restore]}")"
 echo "pgtide / physical limit:     $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[physical_limit]}")"
 echo "step times of the pgtide run:"; sed -n '/^step/,/^$/p' "$WORK/pgtide.log"
+echo "logs: $WORK"
+echo
+}
+[ "$ONLY" = apply ] || clone_bench
+source scripts/bench-apply.sh
+[ "$ONLY" = clone ] || apply_bench "${PGTIDE_BENCH_APPLY_SCALE:-10}" "${PGTIDE_BENCH_LOAD_SECONDS:-30}"
 echo "logs: $WORK"
 echo
 # The spool's write throughput (group commit through the real SpoolWriter).

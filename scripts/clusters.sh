@@ -43,7 +43,7 @@ pgtide_start_clusters() {
   PGTIDE_CLUSTERS_DIR=$(mktemp -d /tmp/pgtide-clusters.XXXXXX)
   chmod 755 "$PGTIDE_CLUSTERS_DIR"
   chown postgres: "$PGTIDE_CLUSTERS_DIR"
-  export PGTIDE_CLUSTERS_DIR
+  export PGTIDE_CLUSTERS_DIR PGTIDE_PG_BIN=$PG_BIN
   PGTIDE_TEST_PASSWORD=${PGTIDE_TEST_PASSWORD:-"tide-$RANDOM-$RANDOM"}
   local pwfile="$PGTIDE_CLUSTERS_DIR/pwfile"
   printf '%s\n' "$PGTIDE_TEST_PASSWORD" > "$pwfile"

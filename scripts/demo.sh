@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: two throwaway clusters, a sample database (pgbench + the hard cases), then a live
-# migration: pgtide clone --follow while pgbench writes, endpos when the writes stop, verify,
-# cleanup. The clusters stay up so you can look around; `scripts/demo.sh stop` ends them.
+# migration: pgtide clone --follow while the application (pgbench, as role demo_app) writes,
+# the sentinel while it runs, then `pgtide cutover --fence` under that traffic (the app role made
+# read-only, endpos, catch up, sequences, verify, the downtime window), cleanup. The clusters stay up so you can look around; `scripts/demo.sh stop` ends them.
 #   scripts/demo.sh [SCALE]     (pgbench scale, default 10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,16 +35,24 @@ echo "== pgtide clone --follow, with pgbench traffic on the source"
 # publish them otherwise: their updates would fail on the source).
 pgtide_psql source demo -c "ALTER TABLE no_pk REPLICA IDENTITY FULL" -c "ALTER TABLE slots REPLICA IDENTITY FULL" \
   -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL" >/dev/null
+pgtide_psql source demo -c "CREATE ROLE demo_app LOGIN PASSWORD '$PGTIDE_TEST_PASSWORD'" \
+  -c "GRANT ALL ON ALL TABLES IN SCHEMA public TO demo_app" >/dev/null
 "$PGTIDE" clone --follow --table-jobs 2 --index-jobs 2 --split-tables-larger-than 50MB --slot-name demo &
 follow_pid=$!
-"$PG_BIN/pgbench" -n -c 2 -j 2 -T 20 -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres demo 2>&1 | grep -E "^tps|processed"
-echo "== writes stopped: pgtide sentinel set endpos --current"
-"$PGTIDE" sentinel set endpos --current
+# The application: pgbench as demo_app, until the cutover's fence ends its sessions.
+"$PG_BIN/pgbench" -n -c 2 -j 2 -T 600 -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U demo_app demo > "$PGTIDE_CLUSTERS_DIR/app.log" 2>&1 &
+app_pid=$!
+for _ in 1 2 3; do
+  sleep 10
+  echo "== pgtide sentinel get (while the clone and the application run)"
+  "$PGTIDE" sentinel get
+done
+until [ "$("$PGTIDE" sentinel get | grep -c '"apply": true')" = 1 ] || ! kill -0 "$follow_pid"; do sleep 1; done
+echo "== pgtide cutover --fence (the application is still writing)"
+"$PGTIDE" cutover --fence --timeout 5m
 wait "$follow_pid"
-"$PGTIDE" sentinel get
-echo "== pgtide verify"
-"$PGTIDE" verify
-echo "== pgtide cleanup"
+wait "$app_pid" || echo "the application's sessions were ended by the fence: $(grep -m1 -o 'FATAL.*\|terminating.*' "$PGTIDE_CLUSTERS_DIR/app.log" || true)"
+echo "== pgtide cleanup (the fence stays: the application now writes to the target)"
 "$PGTIDE" cleanup
 
 cat <<EOT

@@ -51,6 +51,44 @@ pub enum Command {
     /// Copy things logical replication does not carry.
     #[command(subcommand)]
     Copy(CopyCommand),
+    /// Switch over: optionally fence writes on the source, pin endpos at its current position,
+    /// wait for apply to reach it, copy sequences, verify, and report the write downtime.
+    Cutover(CutoverArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CutoverArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Make the application roles read-only on the source database and end their sessions
+    /// before pinning endpos (restored if the cutover fails; lift with --unfence).
+    #[arg(long)]
+    pub fence: bool,
+    /// The roles to fence (repeatable); by default every non-superuser login role except the
+    /// one pgtide connects as.
+    #[arg(long = "fence-role", requires = "fence")]
+    pub fence_roles: Vec<String>,
+    /// Lift the fence of an earlier cutover and exit.
+    #[arg(long, conflicts_with = "fence")]
+    pub unfence: bool,
+    /// How long to wait for apply to reach endpos.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// How to verify the target once endpos is reached.
+    #[arg(long, value_enum, default_value_t = VerifyMode::Checksums)]
+    pub verify: VerifyMode,
+    /// Added to every sequence value set on the target.
+    #[arg(long, default_value_t = 0)]
+    pub sequence_offset: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum VerifyMode {
+    Checksums,
+    Counts,
+    None,
 }
 
 #[derive(Args, Debug)]

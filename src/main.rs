@@ -52,6 +52,7 @@ fn main() -> std::process::ExitCode {
             Command::Copy(cli::CopyCommand::Sequences(args)) => {
                 commands::cleanup::copy_sequences(args).await
             }
+            Command::Cutover(args) => commands::cutover::run(args).await,
         }
     });
     match result {

@@ -458,6 +458,17 @@ impl StateDb {
         })
     }
 
+    /// Every part of a table is to be copied again (a resync under a new snapshot).
+    pub fn table_parts_pending(&self, table_oid: u32) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE parts SET status = 'pending' WHERE table_oid = ?1",
+                params![table_oid],
+            )
+            .map(|_| ())
+        })
+    }
+
     pub fn part_started(&self, table_oid: u32, part: i64, snapshot: &str) -> Result<()> {
         self.with(|c| {
             c.execute(

@@ -8,6 +8,7 @@
 //! (invariant 4). Values go to the target as text parameters cast by the column's own type
 //! (invariant 5); an unchanged TOAST column is left out of the SET list.
 
+pub mod sets;
 pub mod statements;
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use tokio_postgres::Client;
 use crate::decode::{Change, pgoutput};
 use crate::pg::{Lsn, describe};
 use crate::spool::SpoolReader;
+use sets::SetQueue;
 use statements::{Statements, TargetTable};
 
 /// The target connection was lost (a restart, the network, a terminated session): follow
@@ -49,7 +51,7 @@ pub fn target_error(e: &tokio_postgres::Error, context: impl std::fmt::Display) 
 }
 
 /// How many source transactions / changes one target transaction may merge, and for how long.
-const BATCH_TRANSACTIONS: usize = 200;
+const BATCH_TRANSACTIONS: usize = 1_000;
 const BATCH_CHANGES: usize = 20_000;
 const BATCH_TIME: Duration = Duration::from_millis(200);
 
@@ -68,10 +70,32 @@ pub async fn setup_origin(target: &Client, origin: &str) -> Result<Lsn> {
         )
         .await
         .map_err(|e| target_error(&e, format!("cannot create the replication origin {origin} on the target")))?;
-    target
-        .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
-        .await
-        .map_err(|e| target_error(&e, format!("cannot use the replication origin {origin} on the target. Is another pgtide applying to it?")))?;
+    // A pgtide killed a moment ago may still hold the origin until the target notices its
+    // closed connection: wait for that a little before calling it a conflict.
+    let started = Instant::now();
+    loop {
+        match target
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+        {
+            Ok(_) => break,
+            Err(e)
+                if e.as_db_error()
+                    .is_some_and(|d| d.message().contains("already active"))
+                    && started.elapsed() < Duration::from_secs(20) =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(target_error(
+                    &e,
+                    format!(
+                        "cannot use the replication origin {origin} on the target. Is another pgtide applying to it?"
+                    ),
+                ));
+            }
+        }
+    }
     target
         .batch_execute("SET session_replication_role = replica; SET synchronous_commit = off")
         .await
@@ -100,6 +124,11 @@ pub struct StopRule {
     pub endpos: watch::Receiver<Option<Lsn>>,
 }
 
+/// Tables copied under a later snapshot than the slot's (a resumed clone --follow), with that
+/// snapshot's LSN: their changes from transactions committing before it are already in the
+/// copy and are skipped, the way native table synchronization does.
+pub type Resynced = HashMap<String, Lsn>;
+
 /// Apply progress, for feedback to the source and for status.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Progress {
@@ -117,134 +146,269 @@ pub async fn run(
     dir: &Path,
     origin: &str,
     stop: &mut StopRule,
+    resynced: &Resynced,
     progress_tx: &watch::Sender<Progress>,
 ) -> Result<Lsn> {
     let start = setup_origin(target, origin).await?;
     let reader = SpoolReader::open(dir)?;
-    let mut after_seq = reader.seq_through(start)?;
-    let mut decoder = pgoutput::Decoder::default();
-    let mut statements = Statements::default();
-    let mut tables: HashMap<u32, TargetTable> = HashMap::new();
-    for payload in reader.relations_before(after_seq)? {
-        if let Change::Relation(r) = decoder.decode(payload)? {
-            tables.insert(r.oid, TargetTable::describe(target, r).await?);
+    let after_seq = reader.seq_through(start)?;
+    let mut applier = Applier {
+        target,
+        reader,
+        decoder: pgoutput::Decoder::default(),
+        statements: Statements::default(),
+        sets: SetQueue::default(),
+        tables: HashMap::new(),
+        batch: Batch::default(),
+        progress: Progress {
+            applied: start,
+            durable: start,
+            ..Default::default()
+        },
+        after_seq,
+        one_row_at_a_time_through: 0,
+        resynced,
+        final_lsn: Lsn(0),
+    };
+    for payload in applier.reader.relations_before(after_seq)? {
+        if let Change::Relation(r) = applier.decoder.decode(payload)? {
+            applier
+                .tables
+                .insert(r.oid, TargetTable::describe(target, r).await?);
         }
     }
     tracing::info!("apply: resuming after {start} (origin {origin})");
-    let mut progress = Progress {
-        applied: start,
-        durable: start,
-        ..Default::default()
-    };
-    let mut batch = Batch::default();
     let mut last_progress_read = Instant::now();
     loop {
-        let records = reader.read(after_seq, Lsn(0), 2_000)?;
+        let records = applier.reader.read(applier.after_seq, Lsn(0), 2_000)?;
         let idle = records.is_empty();
-        let mut rewound = false;
+        let mut step = Ok(Step::Continue);
         for record in records {
-            after_seq = record.seq;
-            let change = decoder.decode(record.payload)?;
-            match change {
-                Change::Relation(r) => {
-                    statements.flush().await?;
-                    let table = TargetTable::describe(target, r).await?;
-                    statements.forget(table.source.oid);
-                    tables.insert(table.source.oid, table);
-                }
-                Change::Begin { final_lsn, .. } => {
-                    tracing::trace!(
-                        "apply: begin of a transaction committing at {final_lsn} (spool seq {after_seq})"
-                    );
-                    if let Some(endpos) = *stop.endpos.borrow()
-                        && final_lsn > endpos
-                    {
-                        tracing::debug!(
-                            "apply: transaction committing at {final_lsn} is past endpos {endpos}: done"
-                        );
-                        statements.flush().await?;
-                        batch.commit(target, &mut progress).await?;
-                        return finish(target, origin, progress, progress_tx).await;
-                    }
-                    if batch.in_source_transaction {
-                        // The receiver lost its connection inside this transaction and the
-                        // source sent it again from its beginning (the spool dropped the
-                        // partial copy). Undo everything not yet committed and read again
-                        // from the last committed transaction: nothing applied twice.
-                        tracing::warn!(
-                            "apply: a transaction was re-sent by the source; re-reading the spool after {}",
-                            progress.applied
-                        );
-                        statements.discard();
-                        target
-                            .batch_execute("ROLLBACK")
-                            .await
-                            .map_err(|e| target_error(&e, "cannot roll back on the target"))?;
-                        progress.changes -= batch.changes as u64;
-                        batch = Batch::default();
-                        after_seq = reader.seq_through(progress.applied)?;
-                        decoder = pgoutput::Decoder::default();
-                        rewound = true;
-                        break;
-                    }
-                    if !batch.open {
-                        target
-                            .batch_execute("BEGIN")
-                            .await
-                            .map_err(|e| target_error(&e, "cannot begin on the target"))?;
-                        batch.open = true;
-                        batch.started = Instant::now();
-                    }
-                    batch.in_source_transaction = true;
-                }
-                Change::Commit {
-                    end_lsn,
-                    commit_time,
-                    ..
-                } => {
-                    batch.transactions += 1;
-                    batch.last_commit = Some((end_lsn, commit_time));
-                    batch.in_source_transaction = false;
-                    if batch.transactions >= BATCH_TRANSACTIONS
-                        || batch.changes >= BATCH_CHANGES
-                        || batch.started.elapsed() >= BATCH_TIME
-                    {
-                        statements.flush().await?;
-                        batch.commit(target, &mut progress).await?;
-                        progress_tx.send_replace(progress);
-                    }
-                }
-                Change::Insert { .. }
-                | Change::Update { .. }
-                | Change::Delete { .. }
-                | Change::Truncate { .. } => {
-                    statements.apply(target, &tables, &change).await?;
-                    batch.changes += 1;
-                    progress.changes += 1;
-                }
-                // Messages, origins and types need nothing on the target.
-                _ => {}
+            applier.after_seq = record.seq;
+            step = applier.handle(record.payload, stop).await;
+            if !matches!(step, Ok(Step::Continue)) {
+                break;
             }
         }
-        if rewound {
-            continue;
-        }
-        if idle {
+        if idle && matches!(step, Ok(Step::Continue)) {
             // Nothing more spooled for now: commit the whole transactions gathered so far
             // (a transaction still being spooled stays open until its commit arrives).
-            if batch.open && !batch.in_source_transaction {
-                statements.flush().await?;
-                batch.commit(target, &mut progress).await?;
-                progress_tx.send_replace(progress);
+            if applier.batch.open && !applier.batch.in_source_transaction {
+                step = applier.commit().await.map(|()| Step::Continue);
+                progress_tx.send_replace(applier.progress);
             }
+        }
+        match step {
+            Ok(Step::Continue) => {}
+            Ok(Step::Rewind) => {
+                applier.rewind().await?;
+                continue;
+            }
+            Ok(Step::Done) => {
+                return finish(target, origin, applier.progress, progress_tx).await;
+            }
+            Err(e) if applier.batch.used_sets && !e.chain().any(|c| c.is::<TargetLost>()) => {
+                // A merged statement failed (a transient conflict inside the batch, or a real
+                // divergence): replay this batch one row at a time, which either applies it
+                // or stops with the precise row that fails.
+                tracing::warn!(
+                    "apply: a multi-row statement failed ({e:#}); replaying the batch one row at a time"
+                );
+                applier.one_row_at_a_time_through = applier.after_seq;
+                applier.rewind().await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        if applier.batch.transactions > 0 || applier.batch.open {
+            progress_tx.send_replace(applier.progress);
+        }
+        if idle {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if last_progress_read.elapsed() >= Duration::from_secs(1) {
-            progress.durable = durable_progress(target, origin).await?;
-            progress_tx.send_replace(progress);
-            reader.prune_through(progress.durable)?;
+            applier.progress.durable = durable_progress(target, origin).await?;
+            progress_tx.send_replace(applier.progress);
+            applier.reader.prune_through(applier.progress.durable)?;
             last_progress_read = Instant::now();
         }
+    }
+}
+
+/// What the apply loop does after a spool record.
+enum Step {
+    Continue,
+    /// Roll back the open target transaction and read again after the last commit.
+    Rewind,
+    /// Every transaction up to endpos is committed.
+    Done,
+}
+
+/// The apply loop's state between spool records.
+struct Applier<'a> {
+    target: &'a Arc<Client>,
+    reader: SpoolReader,
+    decoder: pgoutput::Decoder,
+    statements: Statements,
+    sets: SetQueue,
+    tables: HashMap<u32, TargetTable>,
+    batch: Batch,
+    progress: Progress,
+    /// The spool sequence number of the last record read.
+    after_seq: i64,
+    /// Records up to this sequence number are applied one statement per row: a merged
+    /// statement of their batch failed.
+    one_row_at_a_time_through: i64,
+    resynced: &'a Resynced,
+    /// The commit LSN of the source transaction being read.
+    final_lsn: Lsn,
+}
+
+impl Applier<'_> {
+    /// A change of this relation in the current transaction is already in the table's copy.
+    fn in_copy(&self, oid: u32) -> bool {
+        self.tables
+            .get(&oid)
+            .and_then(|t| self.resynced.get(&t.qualified))
+            .is_some_and(|copied_at| self.final_lsn < *copied_at)
+    }
+
+    async fn handle(&mut self, payload: bytes::Bytes, stop: &StopRule) -> Result<Step> {
+        let change = self.decoder.decode(payload)?;
+        match change {
+            Change::Relation(r) => {
+                self.send_queued().await?;
+                let table = TargetTable::describe(self.target, r).await?;
+                self.statements.forget(table.source.oid);
+                self.tables.insert(table.source.oid, table);
+            }
+            Change::Begin { final_lsn, .. } => {
+                self.final_lsn = final_lsn;
+                if let Some(endpos) = *stop.endpos.borrow()
+                    && final_lsn > endpos
+                {
+                    tracing::debug!(
+                        "apply: transaction committing at {final_lsn} is past endpos {endpos}: done"
+                    );
+                    self.commit().await?;
+                    return Ok(Step::Done);
+                }
+                if self.batch.in_source_transaction {
+                    // The receiver lost its connection inside this transaction and the
+                    // source sent it again from its beginning (the spool dropped the partial
+                    // copy). Undo everything not yet committed and read again from the last
+                    // committed transaction: nothing applied twice.
+                    tracing::warn!(
+                        "apply: a transaction was re-sent by the source; re-reading the spool after {}",
+                        self.progress.applied
+                    );
+                    return Ok(Step::Rewind);
+                }
+                if !self.batch.open {
+                    self.target
+                        .batch_execute("BEGIN")
+                        .await
+                        .map_err(|e| target_error(&e, "cannot begin on the target"))?;
+                    self.batch.open = true;
+                    self.batch.started = Instant::now();
+                }
+                self.batch.in_source_transaction = true;
+            }
+            Change::Commit {
+                end_lsn,
+                commit_time,
+                ..
+            } => {
+                self.batch.transactions += 1;
+                self.batch.last_commit = Some((end_lsn, commit_time));
+                self.batch.in_source_transaction = false;
+                if self.batch.transactions >= BATCH_TRANSACTIONS
+                    || self.batch.changes >= BATCH_CHANGES
+                    || self.batch.started.elapsed() >= BATCH_TIME
+                {
+                    self.commit().await?;
+                }
+            }
+            Change::Truncate {
+                relations,
+                cascade,
+                restart_identity,
+            } => {
+                let relations: Vec<u32> = relations
+                    .into_iter()
+                    .filter(|oid| !self.in_copy(*oid))
+                    .collect();
+                if relations.is_empty() {
+                    return Ok(Step::Continue);
+                }
+                self.send_queued().await?;
+                let change = Change::Truncate {
+                    relations,
+                    cascade,
+                    restart_identity,
+                };
+                self.statements
+                    .apply(self.target, &self.tables, &change)
+                    .await?;
+                self.count_change();
+            }
+            Change::Insert { .. } | Change::Update { .. } | Change::Delete { .. }
+                if change.relation().is_some_and(|oid| self.in_copy(oid)) => {}
+            Change::Insert { .. } | Change::Update { .. } | Change::Delete { .. } => {
+                if self.after_seq <= self.one_row_at_a_time_through {
+                    self.statements
+                        .apply(self.target, &self.tables, &change)
+                        .await?;
+                } else {
+                    self.batch.used_sets = true;
+                    self.sets
+                        .push(&mut self.statements, self.target, &self.tables, change)
+                        .await?;
+                }
+                self.count_change();
+            }
+            // Messages, origins and types need nothing on the target.
+            _ => {}
+        }
+        Ok(Step::Continue)
+    }
+
+    fn count_change(&mut self) {
+        self.batch.changes += 1;
+        self.progress.changes += 1;
+    }
+
+    /// Sends the queued runs and row statements and checks their results.
+    async fn send_queued(&mut self) -> Result<()> {
+        if !self.sets.is_empty() {
+            self.sets
+                .send(&mut self.statements, self.target, &self.tables)
+                .await?;
+        }
+        self.statements.flush().await
+    }
+
+    async fn commit(&mut self) -> Result<()> {
+        self.send_queued().await?;
+        self.batch.commit(self.target, &mut self.progress).await
+    }
+
+    /// Rolls back the open target transaction and reads the spool again after the last
+    /// committed source transaction.
+    async fn rewind(&mut self) -> Result<()> {
+        self.sets.discard();
+        self.statements.discard();
+        if self.batch.open {
+            self.target
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(|e| target_error(&e, "cannot roll back on the target"))?;
+        }
+        self.progress.changes -= self.batch.changes as u64;
+        self.batch = Batch::default();
+        self.after_seq = self.reader.seq_through(self.progress.applied)?;
+        self.decoder = pgoutput::Decoder::default();
+        Ok(())
     }
 }
 
@@ -276,6 +440,8 @@ struct Batch {
     last_commit: Option<(Lsn, i64)>,
     /// Between a source Begin and its Commit: the batch cannot be committed now.
     in_source_transaction: bool,
+    /// Some of its changes went through multi-row statements.
+    used_sets: bool,
 }
 
 impl Default for Batch {
@@ -287,6 +453,7 @@ impl Default for Batch {
             changes: 0,
             last_commit: None,
             in_source_transaction: false,
+            used_sets: false,
         }
     }
 }

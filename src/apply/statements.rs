@@ -11,6 +11,7 @@ use anyhow::{Result, anyhow, bail};
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
+use super::sets::{Run, RunShape};
 use super::target_error;
 use crate::decode::{Change, OldImage, Relation, Value};
 use crate::pg::{qualified, quote_ident};
@@ -68,7 +69,7 @@ impl TargetTable {
         quote_ident(&self.source.columns[i].name)
     }
 
-    fn key_columns(&self) -> Vec<usize> {
+    pub fn key_columns(&self) -> Vec<usize> {
         (0..self.source.columns.len())
             .filter(|i| self.source.columns[*i].is_key)
             .collect()
@@ -87,6 +88,16 @@ enum Shape {
         key: Vec<usize>,
         full: bool,
     },
+    /// A run of rows (see `sets`): one `text[]` parameter per column.
+    Run(RunShape),
+}
+
+/// What the row count of a statement must be, or the target has diverged.
+#[derive(Clone, Copy)]
+enum Expect {
+    Any,
+    AtLeastOne,
+    Exactly(u64),
 }
 
 /// A statement sent but not yet awaited: up to PIPELINE of them travel together, one round
@@ -95,7 +106,7 @@ struct Pending {
     result: Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>,
     table: String,
     what: &'static str,
-    must_match: bool,
+    expect: Expect,
 }
 
 /// How many row statements are pipelined before their results are awaited.
@@ -108,7 +119,7 @@ pub struct Statements {
     pending: Vec<Pending>,
 }
 
-fn text_of(v: &Value) -> Result<Option<String>> {
+pub(super) fn text_of(v: &Value) -> Result<Option<String>> {
     Ok(match v {
         Value::Null => None,
         Value::Text(b) => {
@@ -141,8 +152,10 @@ impl Statements {
             format!("${n}::text::{}", table.types[i])
         };
         let sql = match &key.1 {
+            // OVERRIDING SYSTEM VALUE: the source's value of a GENERATED ALWAYS identity column
+            // is the one to keep.
             Shape::Insert(cols) => format!(
-                "INSERT INTO {} ({}) VALUES ({})",
+                "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})",
                 table.qualified,
                 cols.iter()
                     .map(|i| table.column(*i))
@@ -166,8 +179,13 @@ impl Statements {
                 let filter = where_clause(table, key, *full, &mut n);
                 format!("DELETE FROM {} WHERE {filter}", table.qualified)
             }
+            Shape::Run(shape) => run_sql(table, shape, &mut n),
         };
-        let types = vec![Type::TEXT; n];
+        let param_type = match key.1 {
+            Shape::Run(_) => Type::TEXT_ARRAY,
+            _ => Type::TEXT,
+        };
+        let types = vec![param_type; n];
         let statement = target
             .prepare_typed(&sql, &types)
             .await
@@ -199,15 +217,22 @@ impl Statements {
                     .map(|i| text_of(&new[*i]))
                     .collect::<Result<_>>()?;
                 let statement = self.statement(target, table, Shape::Insert(cols)).await?;
-                self.send(target, statement, params, table, "insert", false)
+                self.send(target, statement, params, table, "an insert", Expect::Any)
                     .await
             }
             Change::Update { relation, old, new } => {
                 let table = table_of(*relation)?;
-                let set: Vec<usize> = (0..new.len())
-                    .filter(|i| new[*i] != Value::Unchanged)
-                    .collect();
                 let (key_values, key, full) = identity(table, old.as_ref(), new)?;
+                // When the key did not change it is left out of SET (a GENERATED ALWAYS
+                // identity key cannot be assigned, and it would be a no-op).
+                let unchanged_key = old.is_none();
+                let mut set: Vec<usize> = (0..new.len())
+                    .filter(|i| new[*i] != Value::Unchanged)
+                    .filter(|i| !(unchanged_key && key.contains(i)))
+                    .collect();
+                if set.is_empty() {
+                    set = key.clone();
+                }
                 let mut params: Vec<Option<String>> = set
                     .iter()
                     .map(|i| text_of(&new[*i]))
@@ -218,8 +243,15 @@ impl Statements {
                 let statement = self
                     .statement(target, table, Shape::Update { set, key, full })
                     .await?;
-                self.send(target, statement, params, table, "update", true)
-                    .await
+                self.send(
+                    target,
+                    statement,
+                    params,
+                    table,
+                    "an update",
+                    Expect::AtLeastOne,
+                )
+                .await
             }
             Change::Delete { relation, old } => {
                 let table = table_of(*relation)?;
@@ -231,8 +263,15 @@ impl Statements {
                 let statement = self
                     .statement(target, table, Shape::Delete { key, full })
                     .await?;
-                self.send(target, statement, params, table, "delete", true)
-                    .await
+                self.send(
+                    target,
+                    statement,
+                    params,
+                    table,
+                    "a delete",
+                    Expect::AtLeastOne,
+                )
+                .await
             }
             Change::Truncate {
                 relations,
@@ -293,6 +332,64 @@ fn identity<'a>(
     }
 }
 
+/// The statement of a run: the rows come in as one `text[]` per column, unnested side by side
+/// (`pgtide_rows.c1 …`), each cast by its target column's type.
+fn run_sql(table: &TargetTable, shape: &RunShape, n: &mut usize) -> String {
+    let columns: Vec<usize> = match shape {
+        RunShape::Insert { columns } => columns.clone(),
+        RunShape::Update { set, key } => set.iter().chain(key).copied().collect(),
+        RunShape::Delete { key } => key.clone(),
+    };
+    *n = columns.len();
+    let unnest = format!(
+        "unnest({}) AS pgtide_rows({})",
+        (1..=columns.len())
+            .map(|p| format!("${p}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        (1..=columns.len())
+            .map(|p| format!("c{p}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let value = |p: usize| format!("pgtide_rows.c{}::{}", p + 1, table.types[columns[p]]);
+    let key_match = |first: usize| {
+        columns[first..]
+            .iter()
+            .enumerate()
+            .map(|(k, i)| format!("pgtide_target.{} = {}", table.column(*i), value(first + k)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    match shape {
+        RunShape::Insert { columns } => format!(
+            "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {unnest}",
+            table.qualified,
+            columns
+                .iter()
+                .map(|i| table.column(*i))
+                .collect::<Vec<_>>()
+                .join(", "),
+            (0..columns.len()).map(value).collect::<Vec<_>>().join(", ")
+        ),
+        RunShape::Update { set, .. } => format!(
+            "UPDATE {} AS pgtide_target SET {} FROM {unnest} WHERE {}",
+            table.qualified,
+            set.iter()
+                .enumerate()
+                .map(|(p, i)| format!("{} = {}", table.column(*i), value(p)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            key_match(set.len())
+        ),
+        RunShape::Delete { .. } => format!(
+            "DELETE FROM {} AS pgtide_target USING {unnest} WHERE {}",
+            table.qualified,
+            key_match(0)
+        ),
+    }
+}
+
 fn where_clause(table: &TargetTable, key: &[usize], full: bool, n: &mut usize) -> String {
     let mut next = || {
         *n += 1;
@@ -339,14 +436,30 @@ impl Statements {
         params: Vec<Option<String>>,
         table: &TargetTable,
         what: &'static str,
-        must_match: bool,
+        expect: Expect,
     ) -> Result<()> {
         let client = target.clone();
+        self.queue(
+            Box::pin(async move { client.execute_raw(&statement, params).await }),
+            table,
+            what,
+            expect,
+        )
+        .await
+    }
+
+    async fn queue(
+        &mut self,
+        result: Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>,
+        table: &TargetTable,
+        what: &'static str,
+        expect: Expect,
+    ) -> Result<()> {
         self.pending.push(Pending {
-            result: Box::pin(async move { client.execute_raw(&statement, params).await }),
+            result,
             table: table.qualified.clone(),
             what,
-            must_match,
+            expect,
         });
         if self.pending.len() >= PIPELINE {
             self.flush().await?;
@@ -363,19 +476,50 @@ impl Statements {
         }
         let (futures, meta): (Vec<_>, Vec<_>) = pending
             .into_iter()
-            .map(|p| (p.result, (p.table, p.what, p.must_match)))
+            .map(|p| (p.result, (p.table, p.what, p.expect)))
             .unzip();
         let results = futures_util::future::join_all(futures).await;
-        for (result, (table, what, must_match)) in results.into_iter().zip(meta) {
-            let rows = result
-                .map_err(|e| target_error(&e, format!("cannot apply an {what} on {table}")))?;
-            if must_match && rows == 0 {
+        for (result, (table, what, expect)) in results.into_iter().zip(meta) {
+            let rows =
+                result.map_err(|e| target_error(&e, format!("cannot apply {what} on {table}")))?;
+            let matched = match expect {
+                Expect::Any => true,
+                Expect::AtLeastOne => rows > 0,
+                Expect::Exactly(n) => rows == n,
+            };
+            if !matched {
                 bail!(
-                    "the {what} of a row of {table} found no matching row on the target: the target has diverged from the source (changed by hand, or not copied under the slot's snapshot). Nothing after it was applied; verify the table and copy it again."
+                    "{what} on {table} found no matching row on the target ({rows} rows matched): the target has diverged from the source (changed by hand, or not copied under the slot's snapshot). Nothing after it was applied; verify the table and copy it again."
                 );
             }
         }
         Ok(())
+    }
+
+    /// Queues one statement for a whole run of like changes (see `sets`); an update or delete
+    /// run must match exactly one target row per row of the run.
+    pub async fn send_run(
+        &mut self,
+        target: &Arc<Client>,
+        table: &TargetTable,
+        run: Run,
+    ) -> Result<()> {
+        let rows = run.rows() as u64;
+        let (what, expect) = match run.shape {
+            RunShape::Insert { .. } => ("a multi-row insert", Expect::Any),
+            RunShape::Update { .. } => ("a multi-row update", Expect::Exactly(rows)),
+            RunShape::Delete { .. } => ("a multi-row delete", Expect::Exactly(rows)),
+        };
+        let statement = self.statement(target, table, Shape::Run(run.shape)).await?;
+        let client = target.clone();
+        let params = run.values;
+        self.queue(
+            Box::pin(async move { client.execute_raw(&statement, params).await }),
+            table,
+            what,
+            expect,
+        )
+        .await
     }
 
     /// Drops queued statements whose transaction is being rolled back.

@@ -48,6 +48,29 @@ pub struct CloneOptions {
     pub skip_large_objects: bool,
     pub no_owner: bool,
     pub no_acl: bool,
+    /// A clone --follow resuming after its slot's snapshot is gone: unfinished tables are
+    /// copied again under a new snapshot whose LSN is recorded per table (see `resync`).
+    pub resync_for_follow: bool,
+}
+
+/// state.db key of the per-table resync LSNs: {"schema.table": "X/Y"}. Apply skips a listed
+/// table's changes from transactions that commit before its LSN (they are in its copy).
+pub const RESYNC_KEY: &str = "stream.resynced";
+
+/// Reads the per-table resync LSNs (empty when every table was copied under the slot's own
+/// snapshot).
+pub fn resynced_tables(state: &StateDb) -> Result<HashMap<String, crate::pg::Lsn>> {
+    let Some(json) = state.get_meta(RESYNC_KEY)? else {
+        return Ok(HashMap::new());
+    };
+    let text: HashMap<String, String> = serde_json::from_str(&json)?;
+    text.into_iter()
+        .map(|(table, lsn)| {
+            lsn.parse()
+                .map(|lsn| (table, lsn))
+                .map_err(|e: String| anyhow::anyhow!(e))
+        })
+        .collect()
 }
 
 const STATUS_KEY: &str = "clone.status";
@@ -86,9 +109,13 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     check_identity(state, &source, &target, opts).await?;
     state.set_meta(STATUS_KEY, "running")?;
 
-    let snapshot = match &opts.snapshot {
-        Some(name) => Snapshot::external(name),
-        None => Snapshot::export(&opts.source).await?,
+    let (snapshot, resync_lsn) = match &opts.snapshot {
+        Some(name) => (Snapshot::external(name), None),
+        None if opts.resync_for_follow => {
+            let (snapshot, lsn) = Snapshot::at_known_lsn(&opts.source).await?;
+            (snapshot, Some(lsn))
+        }
+        None => (Snapshot::export(&opts.source).await?, None),
     };
     if resuming {
         tracing::info!(
@@ -172,6 +199,9 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     {
         copy::prepare_target(&target).await?;
         reconcile_with_target(state, &target, &tables, &all_indexes).await?;
+        if let Some(lsn) = resync_lsn {
+            resync_unfinished_tables(state, &target, &tables, lsn).await?;
+        }
         state.step_started("copy")?;
         state.step_started("indexes")?;
         let result = copy_and_index(opts, state, &snapshot.name, &tables).await;
@@ -404,6 +434,50 @@ async fn prepare_empty_target(
     target
         .batch_execute("DROP SCHEMA IF EXISTS pgtide CASCADE")
         .await?;
+    Ok(())
+}
+
+/// A table not completely copied under the earlier snapshot is copied again, whole, under the
+/// new one (its parts must all come from one snapshot). Its LSN is recorded before its target
+/// rows are removed, so a crash in between only leads to another resync.
+async fn resync_unfinished_tables(
+    state: &StateDb,
+    target: &tokio_postgres::Client,
+    tables: &[TableRow],
+    lsn: crate::pg::Lsn,
+) -> Result<()> {
+    let unfinished: HashSet<u32> = state
+        .parts()?
+        .into_iter()
+        .filter(|p| p.status != "done")
+        .map(|p| p.table_oid)
+        .collect();
+    let mut resynced: HashMap<String, String> = resynced_tables(state)?
+        .into_iter()
+        .map(|(t, l)| (t, l.to_string()))
+        .collect();
+    let again: Vec<&TableRow> = tables
+        .iter()
+        .filter(|t| unfinished.contains(&t.oid))
+        .collect();
+    for table in &again {
+        resynced.insert(pg::qualified(&table.schema, &table.name), lsn.to_string());
+    }
+    state.set_meta(RESYNC_KEY, &serde_json::to_string(&resynced)?)?;
+    for table in again {
+        let name = pg::qualified(&table.schema, &table.name);
+        tracing::info!(
+            "{name}: copying it again under a new snapshot at {lsn}; changes before that LSN are in its copy"
+        );
+        target
+            .batch_execute(&format!(
+                "BEGIN; TRUNCATE ONLY {name}; DELETE FROM pgtide.copied_parts WHERE table_oid = {}; COMMIT",
+                table.oid
+            ))
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot empty {name} on the target before copying it again: {}", pg::describe(&e)))?;
+        state.table_parts_pending(table.oid)?;
+    }
     Ok(())
 }
 

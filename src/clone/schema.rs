@@ -75,6 +75,17 @@ async fn run_tool(name: &str, args: &[String], conn: &ConnInfo) -> Result<Vec<u8
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    // A pgtide killed with SIGKILL cannot kill its children: the kernel does it, so that no
+    // orphaned pg_restore keeps changing the target while a resumed run works on it.
+    // SAFETY: prctl is async-signal-safe and touches only the child being started.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     tracing::debug!("running {} {}", path.display(), args.join(" "));
     let output = cmd.output().await.with_context(|| {
         format!(

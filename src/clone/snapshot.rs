@@ -6,7 +6,9 @@ use anyhow::{Context, Result};
 use tokio_postgres::Client;
 
 use crate::conninfo::ConnInfo;
-use crate::pg::{self, Side};
+use crate::pg::{self, Lsn, Side};
+use crate::replication::conn::ReplicationConnection;
+use crate::replication::slot;
 
 /// Keeps an exported snapshot alive; dropping it ends the exporting transaction.
 pub struct Snapshot {
@@ -14,6 +16,7 @@ pub struct Snapshot {
     /// The source WAL position when the snapshot was taken (for the per-part record).
     pub lsn: String,
     _holder: Option<Client>,
+    _slot_holder: Option<ReplicationConnection>,
 }
 
 impl Snapshot {
@@ -35,7 +38,29 @@ impl Snapshot {
             name: row.get(0),
             lsn: row.get(1),
             _holder: Some(client),
+            _slot_holder: None,
         })
+    }
+
+    /// The snapshot of a temporary logical slot: every transaction that commits before its
+    /// LSN is in it, every later one is in the change stream after that LSN. Used when a
+    /// clone --follow resumes and the slot's own snapshot is gone.
+    pub async fn at_known_lsn(source: &ConnInfo) -> Result<(Self, Lsn)> {
+        let mut conn = ReplicationConnection::connect(source).await?;
+        let name = format!("pgtide_resync_{}", std::process::id());
+        let created = slot::create_temporary_slot(&mut conn, &name).await?;
+        let snapshot = created
+            .snapshot
+            .ok_or_else(|| anyhow::anyhow!("the temporary slot exported no snapshot"))?;
+        Ok((
+            Snapshot {
+                name: snapshot,
+                lsn: created.consistent_point.to_string(),
+                _holder: None,
+                _slot_holder: Some(conn),
+            },
+            created.consistent_point,
+        ))
     }
 
     /// A snapshot exported by someone else; its exporter must keep it alive for the whole copy.
@@ -44,6 +69,7 @@ impl Snapshot {
             name: name.to_string(),
             lsn: String::new(),
             _holder: None,
+            _slot_holder: None,
         }
     }
 }

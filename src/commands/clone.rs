@@ -32,18 +32,42 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         skip_large_objects: args.skip_large_objects,
         no_owner: args.no_owner,
         no_acl: args.no_acl,
+        resync_for_follow: args.follow && args.resume,
     };
     if !args.follow {
         return interruptible(clone::run(&workdir, &opts), &args.dir).await;
     }
-    if args.resume {
-        bail!(
-            "clone --follow cannot resume yet: the snapshot it copied under is gone. Finish with `pgtide follow` if the clone completed, or start over with --restart --drop-if-exists"
-        );
+    if args.resume
+        && let Some(slot) = workdir.state.get_meta("stream.slot")?
+    {
+        // The slot and its spool survive; its exported snapshot does not. Tables the clone has
+        // not finished are copied again under a new snapshot at a known LSN, and apply skips
+        // their changes from before it.
+        if slot != args.slot_name {
+            bail!(
+                "the work dir {} follows slot \"{slot}\", not \"{}\": rerun with --slot-name {slot}",
+                args.dir.display(),
+                args.slot_name
+            );
+        }
+        tracing::info!("resuming clone --follow on slot {slot}");
+        let receiver = follow::start_receiver(&opts.source, &workdir)?;
+        interruptible(clone::run(&workdir, &opts), &args.dir).await?;
+        return apply_phase(&opts, &workdir, receiver).await;
     }
     // The slot and its exported snapshot first: the copy reads exactly the state the stream
     // starts after, so every change is applied once.
     let slot_name = args.slot_name.clone();
+    if args.resume {
+        // Interrupted before the slot was recorded: nothing was copied or spooled yet. A slot
+        // the source created in that instant is ours and unused: start over without it.
+        let mut conn =
+            crate::replication::conn::ReplicationConnection::connect(&opts.source).await?;
+        if crate::replication::slot::drop_slot(&mut conn, &slot_name).await? {
+            tracing::warn!("dropped the unrecorded slot {slot_name} of the interrupted run");
+        }
+        conn.close().await;
+    }
     let (holder, created) = super::stream::create_recorded_slot(
         &opts.source,
         &workdir.state,
@@ -59,14 +83,21 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     );
     let receiver = follow::start_receiver(&opts.source, &workdir)?;
     opts.snapshot = created.snapshot;
+    opts.resync_for_follow = false;
     interruptible(clone::run(&workdir, &opts), &args.dir).await?;
     holder.close().await;
-    tracing::info!(
-        "clone done; applying the changes spooled since {}",
-        created.consistent_point
-    );
+    apply_phase(&opts, &workdir, receiver).await
+}
+
+/// Applies the spooled stream once the clone is complete, until endpos.
+async fn apply_phase(
+    opts: &CloneOptions,
+    workdir: &WorkDir,
+    receiver: follow::Receiver,
+) -> Result<()> {
+    tracing::info!("clone done; applying the spooled changes");
     let applied = tokio::select! {
-        r = follow::apply_until_endpos(&opts.source, &opts.target, &workdir, receiver) => r?,
+        r = follow::apply_until_endpos(&opts.source, &opts.target, workdir, receiver) => r?,
         _ = tokio::signal::ctrl_c() => bail!("interrupted during apply: continue with `pgtide follow` (same --dir); nothing applied is lost or applied twice"),
     };
     println!(

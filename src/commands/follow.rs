@@ -20,6 +20,8 @@ use crate::workdir::WorkDir;
 /// The sentinel keys in state.db (`pgtide sentinel get|set` reads and writes them).
 pub const ENDPOS_KEY: &str = "sentinel.endpos";
 pub const APPLY_KEY: &str = "sentinel.apply";
+/// The endpos a follow stopped at, once everything up to it is applied (cutover waits on it).
+pub const REACHED_KEY: &str = "sentinel.reached_endpos";
 
 /// A receiver running in the background, and what it publishes.
 pub struct Receiver {
@@ -114,6 +116,7 @@ pub async fn apply_until_endpos(
         }
     });
     let mut stop = StopRule { endpos: endpos_rx };
+    let resynced = crate::clone::resynced_tables(&state)?;
     let Receiver {
         mut task, progress, ..
     } = receiver;
@@ -122,7 +125,7 @@ pub async fn apply_until_endpos(
     let mut backoff = Duration::from_millis(500);
     let applied = loop {
         let result = tokio::select! {
-            r = apply::run(&client, &workdir.path, &origin, &mut stop, &progress) => r,
+            r = apply::run(&client, &workdir.path, &origin, &mut stop, &resynced, &progress) => r,
             r = &mut task => {
                 endpos_poller.abort();
                 return match r {
@@ -148,6 +151,11 @@ pub async fn apply_until_endpos(
         }
     };
     endpos_poller.abort();
+    if applied.is_ok()
+        && let Some(endpos) = *stop.endpos.borrow()
+    {
+        state.set_meta(REACHED_KEY, &endpos.to_string())?;
+    }
     // Give the receiver one status tick to report the final apply position, then stop it.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     task.abort();

@@ -69,7 +69,8 @@ pub async fn run(command: SentinelCommand) -> Result<()> {
     }
 }
 
-fn open(dir: &std::path::Path) -> Result<StateDb> {
+/// Opens a migration's state.db without the work dir lock (a follow may be running).
+pub fn open(dir: &std::path::Path) -> Result<StateDb> {
     let path = dir.join("state.db");
     if !path.exists() {
         bail!(

@@ -145,6 +145,16 @@ pub enum Change {
 }
 
 impl Change {
+    /// The relation a row change is for (None for everything else, truncate included).
+    pub fn relation(&self) -> Option<u32> {
+        match self {
+            Change::Insert { relation, .. }
+            | Change::Update { relation, .. }
+            | Change::Delete { relation, .. } => Some(*relation),
+            _ => None,
+        }
+    }
+
     /// The `kind` name used by `spool show` and the spool index.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -133,8 +133,28 @@ pub async fn create_slot(
     plugin: Plugin,
     export: bool,
 ) -> Result<CreatedSlot> {
+    create(conn, slot, "", plugin, export).await
+}
+
+/// A TEMPORARY slot (dropped when its connection ends) whose exported snapshot is exactly its
+/// consistent point: a resumed clone copies the tables it has not finished under it and knows
+/// the LSN their copy is consistent with.
+pub async fn create_temporary_slot(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+) -> Result<CreatedSlot> {
+    create(conn, slot, "TEMPORARY", Plugin::Pgoutput, true).await
+}
+
+async fn create(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+    temporary: &str,
+    plugin: Plugin,
+    export: bool,
+) -> Result<CreatedSlot> {
     let sql = format!(
-        "CREATE_REPLICATION_SLOT {} LOGICAL {} {}",
+        "CREATE_REPLICATION_SLOT {} {temporary} LOGICAL {} {}",
         quote_ident(slot),
         plugin.name(),
         if export {

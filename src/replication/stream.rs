@@ -53,6 +53,17 @@ pub enum Ended {
 #[error("{0}")]
 struct WrongServer(String);
 
+/// How long a new receiver waits for the source to release a slot held by a connection that
+/// just died.
+const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(20);
+
+fn slot_busy(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<ServerError>()
+            .is_some_and(|s| s.code == "55006")
+    })
+}
+
 /// Errors after which reconnecting cannot help.
 fn is_fatal(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<WrongServer>().is_some())
@@ -90,6 +101,7 @@ pub async fn receive(
 ) -> Result<Ended> {
     let mut positions = Positions::default();
     let mut backoff = Duration::from_millis(200);
+    let started = std::time::Instant::now();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
@@ -106,6 +118,15 @@ pub async fn receive(
         };
         match result {
             Ok(ended) => return Ok(ended),
+            // A pgtide killed a moment ago leaves its walsender holding the slot until the
+            // source notices the closed connection: wait for it a little.
+            Err(e) if slot_busy(&e) && started.elapsed() < SLOT_RELEASE_WAIT => {
+                tracing::info!(
+                    "the slot {} is still held by a previous connection; waiting for the source to release it",
+                    opts.slot
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             // Before the stream ever started (bad password, TLS, unreachable source, missing
             // slot) retrying cannot help: say so at once. Afterwards a lost connection is
             // retried.

@@ -68,6 +68,15 @@ pub async fn fresh_db_pair(name: &str) -> (String, String) {
             )
             .await
             .unwrap();
+        // Replication origins are per cluster: drop the ones a previous run of this test left
+        // (the tests name their slots after their database).
+        admin
+            .execute(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname LIKE 'pgtide\\_' || $1 || '%'",
+                &[&name],
+            )
+            .await
+            .unwrap();
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .await
@@ -218,4 +227,116 @@ pub fn pgtide_ok_stdout(args: &[&str]) -> String {
         text(&out)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// A PostgreSQL server of the test's own (the shared clusters must never be restarted under
+/// the other tests): initdb as the postgres OS user in a temp dir, password auth on TCP.
+pub struct PrivateServer {
+    dir: PathBuf,
+    bin: PathBuf,
+    pub uri: String,
+}
+
+impl PrivateServer {
+    pub fn start(name: &str) -> Self {
+        let bin = PathBuf::from(
+            std::env::var("PGTIDE_PG_BIN")
+                .expect("PGTIDE_PG_BIN is not set: run the tests through scripts/test.sh"),
+        );
+        let dir =
+            std::env::temp_dir().join(format!("pgtide-private-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, format!("{}\n", password())).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let as_postgres = |args: &[&str]| {
+            let status = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "{args:?} failed");
+        };
+        Command::new("chown")
+            .args(["-R", "postgres:", dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        let data = dir.join("data");
+        as_postgres(&[
+            bin.join("initdb").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "-A",
+            "scram-sha-256",
+            &format!("--pwfile={}", pwfile.display()),
+        ]);
+        let conf = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\nmax_replication_slots = 4\n",
+            dir.display()
+        );
+        let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        existing.push_str(&conf);
+        std::fs::write(data.join("postgresql.conf"), existing).unwrap();
+        let server = PrivateServer {
+            uri: format!(
+                "postgres://postgres:{}@127.0.0.1:{port}/postgres",
+                password()
+            ),
+            bin,
+            dir,
+        };
+        server.pg_ctl(&["start"]);
+        server
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.join("data");
+        let log = self.dir.join("server.log");
+        let status = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+            ])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl {args:?} failed");
+    }
+
+    /// pg_ctl restart (fast shutdown: sessions are ended, as in a real restart).
+    pub fn restart(&self) {
+        self.pg_ctl(&["restart", "-m", "fast"]);
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args([
+                "-D",
+                self.dir.join("data").to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
