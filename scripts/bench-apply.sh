@@ -32,7 +32,7 @@ drain() {
     native)
       pgtide_psql target apply_native -c "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null;;
   esac
-  local deadline=$(( $(date +%s) + ${PGTIDE_BENCH_APPLY_TIMEOUT:-600} ))
+  local deadline=$(( $(date +%s) + ${PGTIDE_BENCH_APPLY_TIMEOUT:-180} ))
   local seen="SELECT count(*) FROM bench_marker WHERE burst = '$burst'"
   until [ "$(pgtide_psql target "apply_$tool" -At -c "$seen")" = 1 ]; do
     if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null && [ "$(pgtide_psql target "apply_$tool" -At -c "$seen")" != 1 ]; then
@@ -41,9 +41,9 @@ drain() {
       rate[$tool$burst]=failed; return
     fi
     if [ "$(date +%s)" -gt "$deadline" ]; then
-      echo "$tool did not drain burst $burst in time; see $WORK/apply-$tool.log" >&2
+      echo "$tool did not drain burst $burst in ${PGTIDE_BENCH_APPLY_TIMEOUT:-180} s; see $WORK/apply-$tool.log" >&2
       [ "$tool" = pgtide ] && exit 1
-      rate[$tool$burst]=timeout; [ -n "$pid" ] && kill "$pid"; return
+      rate[$tool$burst]="stalled"; [ -n "$pid" ] && kill "$pid"; return
     fi
     sleep 0.05
   done
@@ -115,6 +115,7 @@ apply_bench() {
   done
 
   echo "== steady pgbench -c 4 load for ${load_seconds} s while pgtide follows" >&2
+  "$PGTIDE" sentinel set endpos none --dir "$WORK/apply-pgtide" >/dev/null
   "$PGTIDE" follow --source "$S" --target "$(dst_uri apply_pgtide)" --dir "$WORK/apply-pgtide" >> "$WORK/apply-pgtide.log" 2>&1 &
   local follower=$!
   sleep 3
@@ -135,7 +136,11 @@ apply_bench() {
   lag_p50=$(sort -g "$samples" | awk '{a[NR]=$1} END {print a[int(NR*0.50)+1]}')
   lag_p95=$(sort -g "$samples" | awk '{a[NR]=$1} END {i=int(NR*0.95)+1; if (i>NR) i=NR; print a[i]}')
   lag_max=$(sort -g "$samples" | tail -1)
-  kill -INT "$follower" 2>/dev/null; wait "$follower" 2>/dev/null || true
+  kill -0 "$follower" 2>/dev/null || { echo "pgtide follow stopped during the steady load; see $WORK/apply-pgtide.log" >&2; exit 1; }
+  kill -INT "$follower" 2>/dev/null || true; wait "$follower" 2>/dev/null || true
+  if grep -q '^$' "$samples" || [ ! -s "$samples" ]; then
+    echo "the lag samples are incomplete (no heartbeat reached the target); see $WORK/apply-pgtide.log" >&2; exit 1
+  fi
 
   echo
   echo "apply: pgbench scale $scale, burst A = $((16 * scale * 1000)) changes from $((4 * scale * 1000)) TPC-B transactions, burst B = one 500,000-row UPDATE"
@@ -143,7 +148,7 @@ apply_bench() {
   for tool in pgtide pgcopydb native; do
     printf '%-10s %16s %16s   %s\n' "$tool" "${rate[${tool}A]}" "${rate[${tool}B]}" "${rate[verify_$tool]}"
   done
-  ratio_or_na() { case "$2" in ''|failed|timeout) echo n/a;; *) echo "scale=2; $1 / $2" | bc;; esac; }
+  ratio_or_na() { case "$2" in ''|failed|stalled) echo n/a;; *) echo "scale=2; $1 / $2" | bc;; esac; }
   echo "pgtide / pgcopydb:  A $(ratio_or_na "${rate[pgtideA]}" "${rate[pgcopydbA]}")   B $(ratio_or_na "${rate[pgtideB]}" "${rate[pgcopydbB]}")"
   echo "pgtide / native:    A $(ratio_or_na "${rate[pgtideA]}" "${rate[nativeA]}")   B $(ratio_or_na "${rate[pgtideB]}" "${rate[nativeB]}")"
   echo "steady pgbench -c 4 (${tps:-?} tps on the source) while pgtide follows: lag p50 ${lag_p50}s, p95 ${lag_p95}s, max ${lag_max}s ($(wc -l < "$samples") samples)"

@@ -149,7 +149,7 @@ pub struct SentinelSetArgs {
     pub dir: PathBuf,
     /// endpos or apply.
     pub what: String,
-    /// The LSN for endpos.
+    /// The LSN for endpos (`none` clears it).
     pub lsn: Option<String>,
     /// endpos = the source's current WAL flush position.
     #[arg(long)]

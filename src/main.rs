@@ -50,7 +50,7 @@ fn main() -> std::process::ExitCode {
             Command::Sentinel(command) => commands::sentinel::run(command).await,
             Command::Cleanup(args) => commands::cleanup::cleanup(args).await,
             Command::Copy(cli::CopyCommand::Sequences(args)) => {
-                commands::cleanup::copy_sequences(args).await
+                commands::copy::sequences(args).await
             }
             Command::Cutover(args) => commands::cutover::run(args).await,
         }

@@ -172,6 +172,37 @@ async fn clone_follow_catches_up_a_live_source() {
          ALTER TABLE scratch REPLICA IDENTITY FULL;",
     )
     .await;
+    // pgbench's tables too, with pgbench writing while the clone and apply run.
+    let pgbench = |args: &[&str]| {
+        std::process::Command::new(
+            std::path::Path::new(&std::env::var("PGTIDE_PG_BIN").expect("PGTIDE_PG_BIN"))
+                .join("pgbench"),
+        )
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &std::env::var("PGTIDE_SOURCE_PORT").unwrap(),
+            "-U",
+            "postgres",
+        ])
+        .args(args)
+        .arg("t_follow")
+        .env("PGPASSWORD", password())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let init = pgbench(&["-i", "-q", "-s", "1"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    exec(&src, "ALTER TABLE pgbench_history REPLICA IDENTITY FULL").await;
     let dir = workdir("follow");
     let d = dir.to_str().unwrap();
     // Slow every copied part a little so that the traffic overlaps the copy.
@@ -193,24 +224,37 @@ async fn clone_follow_catches_up_a_live_source() {
         &[("FAILPOINTS", "copy.before_commit=sleep(150)")],
     );
     wait_for_slot(&dir);
+    let load = pgbench(&["-n", "-c", "2", "-T", "4"]);
     traffic(&src, 60).await;
+    let load = load.wait_with_output().unwrap();
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
     // Sequences move too; follow sets them at endpos.
     exec(
         &src,
         "SELECT nextval('standalone_seq'); SELECT nextval('sales.customers_id_seq');",
     )
     .await;
+    // The writes have stopped: cutover pins endpos, waits for this follow to reach it, sets
+    // the sequences and verifies.
     let out = pgtide_ok(&[
-        "sentinel",
-        "set",
-        "endpos",
-        "--current",
-        "--dir",
-        d,
+        "cutover",
         "--source",
         &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--timeout",
+        "150s",
     ]);
-    assert!(out.contains("endpos set to"), "{out}");
+    assert!(
+        out.contains("cutover complete") && out.contains("tables identical"),
+        "{out}"
+    );
     let out = wait_exit(child, 180);
     assert!(
         out.status.success(),

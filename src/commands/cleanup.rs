@@ -1,13 +1,12 @@
-//! `pgtide cleanup` and `pgtide copy sequences`: the end of a migration. Cleanup removes
+//! `pgtide cleanup`: the end of a migration. It removes
 //! everything pgtide created on both servers (slot, publication, origin, the pgtide schema:
 //! invariant 8) and is safe to run twice or after a failed run.
 
 use anyhow::{Result, bail};
 
 use crate::apply;
-use crate::cli::{CleanupArgs, CopySequencesArgs};
-use crate::clone::sequences;
-use crate::pg::{self, Side, catalog, describe};
+use crate::cli::CleanupArgs;
+use crate::pg::{self, Side, describe};
 use crate::replication::conn::ReplicationConnection;
 use crate::replication::slot;
 use crate::workdir::WorkDir;
@@ -59,22 +58,6 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
             "already gone"
         },
         args.dir.display()
-    );
-    Ok(())
-}
-
-pub async fn copy_sequences(args: CopySequencesArgs) -> Result<()> {
-    let source = super::parse_conninfo(&args.endpoints.source, "source")?;
-    let target = super::parse_conninfo(&args.endpoints.target, "target")?;
-    let filters = super::load_filters(args.filters.as_deref())?;
-    let source_client = pg::connect(&source, Side::Source, "sequences").await?;
-    let target_client = pg::connect(&target, Side::Target, "sequences").await?;
-    let seqs = catalog::read_sequences(&source_client, &filters).await?;
-    sequences::set_on_target(&target_client, &seqs, args.offset).await?;
-    println!(
-        "set {} sequences on the target (offset {})",
-        seqs.len(),
-        args.offset
     );
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod cleanup;
 pub mod clone;
+pub mod copy;
 pub mod cutover;
 pub mod follow;
 pub mod sentinel;

@@ -36,6 +36,11 @@ pub async fn run(command: SentinelCommand) -> Result<()> {
         }) => {
             let state = open(&dir)?;
             match what.as_str() {
+                // A long-running follower past its endpos keeps following once it is cleared.
+                "endpos" if lsn.as_deref() == Some("none") && !current => {
+                    state.delete_meta(ENDPOS_KEY)?;
+                    println!("endpos cleared: follow runs until an endpos is set again");
+                }
                 "endpos" => {
                     let endpos: Lsn = match (lsn, current) {
                         (Some(text), false) => text.parse().map_err(|e: String| anyhow!(e))?,

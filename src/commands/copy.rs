@@ -1,0 +1,24 @@
+//! `pgtide copy sequences`: what logical replication does not carry, set on the target from the
+//! source (with an optional safety offset) before traffic switches over.
+
+use anyhow::Result;
+
+use crate::cli::CopySequencesArgs;
+use crate::clone::sequences;
+use crate::pg::{self, Side, catalog};
+
+pub async fn sequences(args: CopySequencesArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.endpoints.source, "source")?;
+    let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    let filters = super::load_filters(args.filters.as_deref())?;
+    let source_client = pg::connect(&source, Side::Source, "sequences").await?;
+    let target_client = pg::connect(&target, Side::Target, "sequences").await?;
+    let seqs = catalog::read_sequences(&source_client, &filters).await?;
+    sequences::set_on_target(&target_client, &seqs, args.offset).await?;
+    println!(
+        "set {} sequences on the target (offset {})",
+        seqs.len(),
+        args.offset
+    );
+    Ok(())
+}
