@@ -61,6 +61,8 @@ drain() {
 apply_bench() {
   local scale=$1 load_seconds=${2:-30}
   BENCH_APPLY_SCALE=$scale
+  # PGTIDE_BENCH_APPLY_TOOLS narrows the comparison (pgtide always runs).
+  local TOOLS=${PGTIDE_BENCH_APPLY_TOOLS:-pgcopydb native}
   local S; S=$(src_uri applybench)
   pgtide_psql source postgres -c "DROP DATABASE IF EXISTS applybench WITH (FORCE)" -c "CREATE DATABASE applybench"
   "$PG_BIN/pgbench" -q -i -s "$scale" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres applybench >/dev/null 2>&1
@@ -100,7 +102,9 @@ apply_bench() {
     fi
     pgtide_psql source applybench -c "INSERT INTO bench_marker (burst) VALUES ('$burst')" >/dev/null
     endpos_of[$burst]=$(pgtide_psql source applybench -At -c "SELECT pg_current_wal_insert_lsn()")
-    for tool in pgcopydb native; do drain "$tool" "$burst"; done
+    for tool in pgcopydb native; do
+      case " $TOOLS " in *" $tool "*) drain "$tool" "$burst";; esac
+    done
   done
   for burst in A B; do drain pgtide "$burst"; done
   # pgcopydb keeps its sentinel table on the source, in its own schema.

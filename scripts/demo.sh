@@ -35,6 +35,9 @@ echo "== pgtide clone --follow, with pgbench traffic on the source"
 # publish them otherwise: their updates would fail on the source).
 pgtide_psql source demo -c "ALTER TABLE no_pk REPLICA IDENTITY FULL" -c "ALTER TABLE slots REPLICA IDENTITY FULL" \
   -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL" >/dev/null
+# The application's role exists on both servers (roles are not in a database dump: operators
+# create them first, e.g. with pg_dumpall --roles-only).
+pgtide_psql target postgres -c "CREATE ROLE demo_app LOGIN PASSWORD '$PGTIDE_TEST_PASSWORD'" >/dev/null
 pgtide_psql source demo -c "CREATE ROLE demo_app LOGIN PASSWORD '$PGTIDE_TEST_PASSWORD'" \
   -c "GRANT ALL ON ALL TABLES IN SCHEMA public TO demo_app" >/dev/null
 "$PGTIDE" clone --follow --table-jobs 2 --index-jobs 2 --split-tables-larger-than 50MB --slot-name demo &
@@ -47,7 +50,10 @@ for _ in 1 2 3; do
   echo "== pgtide sentinel get (while the clone and the application run)"
   "$PGTIDE" sentinel get
 done
-until [ "$("$PGTIDE" sentinel get | grep -c '"apply": true')" = 1 ] || ! kill -0 "$follow_pid"; do sleep 1; done
+until [ "$("$PGTIDE" sentinel get | grep -c '"apply": true')" = 1 ]; do
+  kill -0 "$follow_pid" 2>/dev/null || { kill "$app_pid"; echo "clone --follow failed (see above)"; exit 1; }
+  sleep 1
+done
 echo "== pgtide cutover --fence (the application is still writing)"
 "$PGTIDE" cutover --fence --timeout 5m
 wait "$follow_pid"

@@ -169,6 +169,7 @@ pub async fn run(
         one_row_at_a_time_through: 0,
         resynced,
         final_lsn: Lsn(0),
+        skipping: false,
     };
     for payload in applier.reader.relations_before(after_seq)? {
         if let Change::Relation(r) = applier.decoder.decode(payload)? {
@@ -262,6 +263,8 @@ struct Applier<'a> {
     resynced: &'a Resynced,
     /// The commit LSN of the source transaction being read.
     final_lsn: Lsn,
+    /// Inside a transaction that was already applied (re-sent by the source).
+    skipping: bool,
 }
 
 impl Applier<'_> {
@@ -282,6 +285,18 @@ impl Applier<'_> {
                 self.statements.forget(table.source.oid);
                 self.tables.insert(table.source.oid, table);
             }
+            Change::Begin { final_lsn, .. } if final_lsn < self.progress.applied => {
+                // Committed before what the target has applied: the source sent it again
+                // (its slot's confirmed position lagged behind the origin). Skip it whole.
+                tracing::debug!(
+                    "apply: skipping a transaction committed at {final_lsn}, already applied (target at {})",
+                    self.progress.applied
+                );
+                self.skipping = true;
+            }
+            Change::Commit { .. } if self.skipping => self.skipping = false,
+            // Relation messages still describe the tables for what follows.
+            _ if self.skipping && !matches!(change, Change::Relation(_)) => {}
             Change::Begin { final_lsn, .. } => {
                 self.final_lsn = final_lsn;
                 if let Some(endpos) = *stop.endpos.borrow()
@@ -406,6 +421,7 @@ impl Applier<'_> {
         }
         self.progress.changes -= self.batch.changes as u64;
         self.batch = Batch::default();
+        self.skipping = false;
         self.after_seq = self.reader.seq_through(self.progress.applied)?;
         self.decoder = pgoutput::Decoder::default();
         Ok(())

@@ -200,6 +200,14 @@ async fn reach_endpos(
 ) -> Result<()> {
     match WorkDir::open(dir, "cutover") {
         Ok(workdir) => {
+            if let Some(status) = state.get_meta("clone.status")?
+                && status != "done"
+            {
+                bail!(
+                    "the clone in {} is not finished ({status}): resume it with `pgtide clone --follow --resume`, then cut over",
+                    dir.display()
+                );
+            }
             tracing::info!("no follow is running on this work dir: applying to endpos here");
             let receiver = follow::start_receiver(source, &workdir)?;
             follow::apply_until_endpos(source, target, &workdir, receiver).await?;

@@ -151,16 +151,16 @@ pub async fn apply_until_endpos(
         }
     };
     endpos_poller.abort();
-    if applied.is_ok()
-        && let Some(endpos) = *stop.endpos.borrow()
-    {
-        state.set_meta(REACHED_KEY, &endpos.to_string())?;
+    if let Ok(applied) = &applied {
+        state.set_meta("sentinel.applied_lsn", &applied.to_string())?;
+        if let Some(endpos) = *stop.endpos.borrow() {
+            state.set_meta(REACHED_KEY, &endpos.to_string())?;
+        }
     }
     // Give the receiver one status tick to report the final apply position, then stop it.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     task.abort();
     let applied = applied?;
-    state.set_meta("sentinel.applied_lsn", &applied.to_string())?;
     let final_progress = *progress.borrow();
     tracing::info!(
         "reached endpos: applied through {applied} ({} transactions, {} changes in this run)",
