@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo: two throwaway clusters, a sample database (pgbench + the hard cases), then a live
 # migration: pgtide clone --follow while the application (pgbench, as role demo_app) writes,
-# the sentinel while it runs, then `pgtide cutover --fence` under that traffic (the app role made
+# `pgtide status` while it runs, then `pgtide cutover --fence` under that traffic (the app role made
 # read-only, endpos, catch up, sequences, verify, the downtime window), cleanup. The clusters stay up so you can look around; `scripts/demo.sh stop` ends them.
 #   scripts/demo.sh [SCALE]     (pgbench scale, default 10)
 set -euo pipefail
@@ -47,8 +47,8 @@ follow_pid=$!
 app_pid=$!
 for _ in 1 2 3; do
   sleep 10
-  echo "== pgtide sentinel get (while the clone and the application run)"
-  "$PGTIDE" sentinel get
+  echo "== pgtide status (while the clone and the application run)"
+  "$PGTIDE" status
 done
 until [ "$("$PGTIDE" sentinel get | grep -c '"apply": true')" = 1 ]; do
   kill -0 "$follow_pid" 2>/dev/null || { kill "$app_pid"; echo "clone --follow failed (see above)"; exit 1; }
@@ -57,6 +57,8 @@ done
 echo "== pgtide cutover --fence (the application is still writing)"
 "$PGTIDE" cutover --fence --timeout 5m
 wait "$follow_pid"
+echo "== pgtide status --json (after the cutover)"
+"$PGTIDE" status --json
 wait "$app_pid" || echo "the application's sessions were ended by the fence: $(grep -m1 -o 'FATAL.*\|terminating.*' "$PGTIDE_CLUSTERS_DIR/app.log" || true)"
 echo "== pgtide cleanup (the fence stays: the application now writes to the target)"
 "$PGTIDE" cleanup

@@ -51,9 +51,30 @@ pub enum Command {
     /// Copy things logical replication does not carry.
     #[command(subcommand)]
     Copy(CopyCommand),
+    /// Where a migration stands: phase, clone progress, positions, lag in bytes and seconds,
+    /// apply rate, and a verdict; from another shell while it runs, or after.
+    Status(StatusArgs),
     /// Switch over: optionally fence writes on the source, pin endpos at its current position,
     /// wait for apply to reach it, copy sequences, verify, and report the write downtime.
     Cutover(CutoverArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Print one JSON object (the fields are documented in the README).
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every INTERVAL (default 2s) until interrupted.
+    #[arg(long, num_args = 0..=1, default_missing_value = "2s", value_parser = humantime::parse_duration)]
+    pub watch: Option<std::time::Duration>,
+    /// Source to ask (default: the one the work dir recorded, password from PGPASSWORD/.pgpass).
+    #[arg(long, env = "PGTIDE_SOURCE_PGURI", hide_env_values = true)]
+    pub source: Option<String>,
+    /// Target to ask (default: the one the work dir recorded).
+    #[arg(long, env = "PGTIDE_TARGET_PGURI", hide_env_values = true)]
+    pub target: Option<String>,
 }
 
 #[derive(Args, Debug)]

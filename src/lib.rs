@@ -11,5 +11,6 @@ pub mod pg;
 pub mod replication;
 pub mod spool;
 pub mod state;
+pub mod status;
 pub mod verify;
 pub mod workdir;

@@ -53,6 +53,7 @@ fn main() -> std::process::ExitCode {
                 commands::copy::sequences(args).await
             }
             Command::Cutover(args) => commands::cutover::run(args).await,
+            Command::Status(args) => commands::status::run(args).await,
         }
     });
     match result {

@@ -94,6 +94,25 @@ CREATE TABLE IF NOT EXISTS large_objects (
 );
 "#;
 
+/// A table part being copied, for status.
+#[derive(Clone, Debug)]
+pub struct PartInFlight {
+    pub schema: String,
+    pub table: String,
+    pub part: i64,
+    pub nparts: i64,
+    pub started_at: f64,
+}
+
+/// Apply throughput over a recent window.
+#[derive(Clone, Copy, Debug)]
+pub struct ApplyRates {
+    pub changes: f64,
+    pub transactions: f64,
+    /// Source WAL applied per second: what a backlog in bytes drains at.
+    pub wal_bytes: f64,
+}
+
 /// Seconds since the epoch, as stored in every `*_at` column.
 pub fn now() -> f64 {
     SystemTime::now()
@@ -207,6 +226,11 @@ impl StateDb {
             conn.execute_batch(SCHEMA_V1)
                 .context("cannot create the state database schema")?;
         }
+        // Added without a version bump: created wherever it is missing.
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS apply_samples (at REAL NOT NULL, pid INTEGER NOT NULL, changes INTEGER NOT NULL, transactions INTEGER NOT NULL, lsn INTEGER NOT NULL)",
+        )
+        .context("cannot create the state database schema")?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(StateDb {
             conn: Arc::new(Mutex::new(conn)),
@@ -455,6 +479,108 @@ impl StateDb {
                 })
             })?;
             rows.collect()
+        })
+    }
+
+    /// Bytes and rows of the parts already loaded.
+    pub fn copied_so_far(&self) -> Result<(u64, u64)> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT coalesce(sum(bytes), 0), coalesce(sum(rows), 0) FROM parts WHERE status = 'done'",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+        })
+    }
+
+    /// The phase of the migration for `pgtide status`, with the time it began (kept when the
+    /// phase does not change).
+    pub fn set_phase(&self, phase: &str) -> Result<()> {
+        if self.get_meta("phase")?.as_deref() != Some(phase) {
+            self.set_meta("phase", phase)?;
+            self.set_meta("phase.since", &format!("{:.3}", now()))?;
+            self.delete_meta("phase.error")?;
+        }
+        Ok(())
+    }
+
+    /// The migration stopped on an error: status shows it until the next run changes phase.
+    pub fn set_failed(&self, error: &str) -> Result<()> {
+        self.set_phase("failed")?;
+        self.set_meta("phase.error", error)
+    }
+
+    /// One apply progress sample (cumulative counters of process `pid`), for rates over the
+    /// last minute; samples older than ten minutes are dropped.
+    pub fn apply_sample(&self, pid: u32, changes: u64, transactions: u64, lsn: u64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO apply_samples (at, pid, changes, transactions, lsn) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![now(), pid, changes as i64, transactions as i64, lsn as i64],
+            )?;
+            c.execute(
+                "DELETE FROM apply_samples WHERE at < ?1",
+                params![now() - 600.0],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Changes/s, transactions/s and applied WAL bytes/s over the last `window` seconds of the
+    /// newest apply process.
+    pub fn apply_rates(&self, window: f64) -> Result<Option<ApplyRates>> {
+        self.with(|c| {
+            c.query_row(
+                "WITH newest AS (SELECT pid FROM apply_samples ORDER BY at DESC LIMIT 1),
+                      s AS (SELECT * FROM apply_samples WHERE pid = (SELECT pid FROM newest) AND at >= (SELECT max(at) FROM apply_samples) - ?1)
+                 SELECT max(at) - min(at), max(changes) - min(changes), max(transactions) - min(transactions), max(lsn) - min(lsn) FROM s",
+                params![window],
+                |r| {
+                    let span: Option<f64> = r.get(0)?;
+                    Ok(match span {
+                        Some(span) if span > 0.5 => Some(ApplyRates {
+                            changes: r.get::<_, i64>(1)? as f64 / span,
+                            transactions: r.get::<_, i64>(2)? as f64 / span,
+                            wal_bytes: r.get::<_, i64>(3)? as f64 / span,
+                        }),
+                        _ => None,
+                    })
+                },
+            )
+        })
+    }
+
+    /// Parts being copied now, oldest first.
+    pub fn parts_in_flight(&self) -> Result<Vec<PartInFlight>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT t.schema_name, t.table_name, p.part, p.nparts, coalesce(p.started_at, 0)
+                 FROM parts p JOIN tables t ON t.oid = p.table_oid
+                 WHERE p.status = 'running' ORDER BY p.started_at",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(PartInFlight {
+                    schema: r.get(0)?,
+                    table: r.get(1)?,
+                    part: r.get(2)?,
+                    nparts: r.get(3)?,
+                    started_at: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// When a step started (seconds since the epoch), if it did.
+    pub fn step_started_at(&self, name: &str) -> Result<Option<f64>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT started_at FROM steps WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(Option::flatten)
         })
     }
 

@@ -108,6 +108,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     let target = pg::connect(&opts.target, Side::Target, "admin").await?;
     check_identity(state, &source, &target, opts).await?;
     state.set_meta(STATUS_KEY, "running")?;
+    state.set_phase("snapshot")?;
 
     let (snapshot, resync_lsn) = match &opts.snapshot {
         Some(name) => (Snapshot::external(name), None),
@@ -202,6 +203,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         if let Some(lsn) = resync_lsn {
             resync_unfinished_tables(state, &target, &tables, lsn).await?;
         }
+        state.set_phase("copying")?;
         state.step_started("copy")?;
         state.step_started("indexes")?;
         let result = copy_and_index(opts, state, &snapshot.name, &tables).await;
@@ -284,6 +286,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
             )
         })?;
     state.set_meta(STATUS_KEY, "done")?;
+    state.set_phase("cloned")?;
     print_summary(state, started.elapsed())?;
     Ok(())
 }
@@ -295,6 +298,13 @@ where
 {
     tracing::info!("step {name}: started");
     let t0 = Instant::now();
+    state.set_phase(match name {
+        "catalog" => "snapshot",
+        "dump" | "pre-data" => "schema",
+        "large-objects" => "copying",
+        "post-data" | "sequences" => "constraints",
+        other => other,
+    })?;
     state.step_started(name)?;
     match work.await {
         Ok(()) => {
@@ -651,19 +661,28 @@ async fn copy_and_index(
         });
     }
 
+    // Bytes and rows of parts finished before this run, so that status counts them too.
+    let (done_bytes, done_rows) = state.copied_so_far()?;
     let progress = {
         let counters = counters.clone();
+        let state = state.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
-            loop {
+            for n in 1u64.. {
                 tick.tick().await;
-                tracing::info!(
-                    "progress: {} copied of about {} to copy, {} rows",
-                    human_bytes(counters.bytes.load(Ordering::Relaxed)),
-                    human_bytes(total_bytes.max(0) as u64),
-                    counters.rows.load(Ordering::Relaxed)
-                );
+                let bytes = done_bytes + counters.bytes.load(Ordering::Relaxed);
+                let rows = done_rows + counters.rows.load(Ordering::Relaxed);
+                // For `pgtide status` in another shell: live figures, every second.
+                let _ = state.set_meta("clone.bytes_copied", &bytes.to_string());
+                let _ = state.set_meta("clone.rows_copied", &rows.to_string());
+                if n % 10 == 0 {
+                    tracing::info!(
+                        "progress: {} copied of about {} to copy, {rows} rows",
+                        human_bytes(bytes),
+                        human_bytes(total_bytes.max(0) as u64),
+                    );
+                }
             }
         })
     };

@@ -44,6 +44,7 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
             )
         })?;
     state.set_meta("migration.status", "cleaned up")?;
+    state.set_phase("done")?;
     println!(
         "source: slot {slot_name} {}, publication {} dropped; target: origin {origin} {}; work dir {} marked done",
         if dropped_slot {

@@ -17,6 +17,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         bail!("--table-jobs and --index-jobs must be at least 1");
     }
     let workdir = WorkDir::open(&args.dir, "clone")?;
+    let result = async {
     let mut opts = CloneOptions {
         source,
         target,
@@ -35,7 +36,9 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         resync_for_follow: args.follow && args.resume,
     };
     if !args.follow {
-        return interruptible(clone::run(&workdir, &opts), &args.dir).await;
+        interruptible(clone::run(&workdir, &opts), &args.dir).await?;
+        workdir.state.set_phase("done")?;
+        return Ok(());
     }
     if args.resume
         && let Some(slot) = workdir.state.get_meta("stream.slot")?
@@ -87,6 +90,9 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     interruptible(clone::run(&workdir, &opts), &args.dir).await?;
     holder.close().await;
     apply_phase(&opts, &workdir, receiver).await
+    }
+    .await;
+    super::record_failure(&workdir.state, result)
 }
 
 /// Applies the spooled stream once the clone is complete, until endpos.

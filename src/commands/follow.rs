@@ -83,6 +83,7 @@ pub async fn apply_until_endpos(
     let state = workdir.state.clone();
     let slot = state.get_meta("stream.slot")?.unwrap_or_default();
     state.set_meta(APPLY_KEY, "on")?;
+    state.set_phase("following")?;
     let (endpos_tx, endpos_rx) = watch::channel(read_endpos(&state)?);
     let poll_state = state.clone();
     let marker_source = source.clone();
@@ -116,6 +117,22 @@ pub async fn apply_until_endpos(
         }
     });
     let mut stop = StopRule { endpos: endpos_rx };
+    // For `pgtide status` and the metrics: the apply positions and counters, every second.
+    let recorder = {
+        let state = state.clone();
+        let progress = receiver.progress.subscribe();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let p = *progress.borrow();
+                let _ = state.set_meta("apply.applied_lsn", &p.applied.to_string());
+                let _ = state.set_meta("apply.durable_lsn", &p.durable.to_string());
+                let _ =
+                    state.apply_sample(std::process::id(), p.changes, p.transactions, p.applied.0);
+            }
+        })
+    };
     let resynced = crate::clone::resynced_tables(&state)?;
     let Receiver {
         mut task, progress, ..
@@ -151,7 +168,12 @@ pub async fn apply_until_endpos(
         }
     };
     endpos_poller.abort();
+    recorder.abort();
     if let Ok(applied) = &applied {
+        let p = *progress.borrow();
+        state.set_meta("apply.applied_lsn", &p.applied.to_string())?;
+        state.set_meta("apply.durable_lsn", &p.durable.to_string())?;
+        state.set_phase("stopped at endpos")?;
         state.set_meta("sentinel.applied_lsn", &applied.to_string())?;
         if let Some(endpos) = *stop.endpos.borrow() {
             state.set_meta(REACHED_KEY, &endpos.to_string())?;
@@ -190,9 +212,10 @@ pub async fn run(args: FollowArgs) -> Result<()> {
     }
     let receiver = start_receiver(&source, &workdir)?;
     let applied = tokio::select! {
-        r = apply_until_endpos(&source, &target, &workdir, receiver) => r?,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted: rerun `pgtide follow` to continue; nothing applied is lost or applied twice"),
+        r = apply_until_endpos(&source, &target, &workdir, receiver) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted: rerun `pgtide follow` to continue; nothing applied is lost or applied twice")),
     };
+    let applied = super::record_failure(&workdir.state, applied)?;
     println!(
         "reached endpos: applied through {applied}; sequences set. The slot is kept until `pgtide stream cleanup`."
     );

@@ -7,6 +7,7 @@ pub mod cutover;
 pub mod follow;
 pub mod sentinel;
 pub mod spool;
+pub mod status;
 pub mod stream;
 pub mod verify;
 
@@ -26,4 +27,13 @@ pub fn load_filters(path: Option<&std::path::Path>) -> Result<Filters> {
         Some(p) => Filters::load(p),
         None => Ok(Filters::default()),
     }
+}
+
+/// Records a failed run in the work dir (phase `failed` and the error, for `pgtide status`)
+/// and passes the result on.
+pub fn record_failure<T>(state: &crate::state::StateDb, result: Result<T>) -> Result<T> {
+    if let Err(e) = &result {
+        let _ = state.set_failed(&format!("{e:#}"));
+    }
+    result
 }

@@ -268,7 +268,7 @@ impl Session {
                     // Between transactions, ask for a keepalive: its position lets an idle source's slot (and
                     // a waiting endpos) move on without waiting for the server's own timer.
                     send_status(&mut conn, spool, opts, positions, in_transaction.is_none()).await?;
-                    if last_state_write.elapsed() >= Duration::from_secs(1) {
+                    if last_state_write.elapsed() >= Duration::from_millis(900) {
                         state.set_meta("stream.received_lsn", &positions.received.to_string())?;
                         state.set_meta("stream.flushed_lsn", &positions.flushed.to_string())?;
                         last_state_write = Instant::now();

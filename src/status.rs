@@ -1,0 +1,449 @@
+//! Status: what an operator (or a monitoring system) needs to decide when to cut over, read
+//! from state.db — written every second by the running clone / follow — and, where they can
+//! be reached, from the servers themselves (the source's WAL position and slot, the target's
+//! replication origin). Used by `pgtide status` and by the Prometheus endpoint, so both tell
+//! the same story. Lag in seconds is the age of the oldest spooled commit not yet applied:
+//! 0 when everything received is applied, whether or not the source is busy.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::conninfo::ConnInfo;
+use crate::decode::{Change, pgoutput};
+use crate::pg::{self, Lsn, Side};
+use crate::state::{StateDb, now};
+
+/// Lag (seconds) under which a follower is "ready to cut over" rather than "catching up".
+pub const READY_LAG_SECONDS: f64 = 5.0;
+
+/// One table part being copied.
+#[derive(Debug, Clone, Serialize)]
+pub struct InFlight {
+    pub table: String,
+    pub part: i64,
+    pub parts: i64,
+    pub seconds: f64,
+}
+
+/// Everything `pgtide status --json` prints; the field names are a stable interface (README,
+/// "Watching a migration"). LSNs are "X/Y" strings, null where unknown.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Status {
+    pub phase: String,
+    /// Seconds since the epoch when the phase began.
+    pub phase_since: Option<f64>,
+    pub phase_seconds: Option<f64>,
+    pub error: Option<String>,
+    pub slot: Option<String>,
+    pub source_lsn: Option<String>,
+    pub received_lsn: Option<String>,
+    pub spooled_lsn: Option<String>,
+    pub applied_lsn: Option<String>,
+    pub endpos: Option<String>,
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    pub tables_done: u64,
+    pub tables_total: u64,
+    pub bytes_copied: u64,
+    pub bytes_total: u64,
+    pub rows_copied: u64,
+    pub indexes_done: u64,
+    pub indexes_total: u64,
+    pub in_flight: Vec<InFlight>,
+    pub clone_eta_seconds: Option<f64>,
+    pub apply_changes_per_second: Option<f64>,
+    pub apply_transactions_per_second: Option<f64>,
+    pub catch_up_eta_seconds: Option<f64>,
+    pub spool_bytes: Option<u64>,
+    pub slot_retained_bytes: Option<u64>,
+    /// Servers status could not ask, with why (the figures above then come from state.db).
+    pub unreachable: Vec<String>,
+    pub verdict: String,
+}
+
+/// How status reaches the servers: explicit connection strings, or the ones the work dir
+/// recorded (their password then comes from PGPASSWORD or ~/.pgpass).
+pub struct Servers {
+    pub source: Option<ConnInfo>,
+    pub target: Option<ConnInfo>,
+}
+
+impl Servers {
+    pub fn from_state(state: &StateDb, source: Option<ConnInfo>, target: Option<ConnInfo>) -> Self {
+        let recorded = |key: &str| {
+            state
+                .get_meta(key)
+                .ok()
+                .flatten()
+                .map(|uri| uri.replace(":****@", "@"))
+                .and_then(|uri| ConnInfo::parse(&uri).ok())
+        };
+        Servers {
+            source: source
+                .or_else(|| recorded("stream.source.uri"))
+                .or_else(|| recorded("source.uri")),
+            target: target.or_else(|| recorded("target.uri")),
+        }
+    }
+}
+
+fn meta_lsn(state: &StateDb, key: &str) -> Option<Lsn> {
+    state.get_meta(key).ok().flatten()?.parse().ok()
+}
+
+/// Reads the work dir and asks the servers; never fails because a server is down.
+pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<Status> {
+    let mut status = Status {
+        phase: state
+            .get_meta("phase")?
+            .unwrap_or_else(|| "not started".into()),
+        error: state.get_meta("phase.error")?,
+        slot: state.get_meta("stream.slot")?,
+        ..Default::default()
+    };
+    status.phase_since = state.get_meta("phase.since")?.and_then(|t| t.parse().ok());
+    status.phase_seconds = status.phase_since.map(|t| (now() - t).max(0.0));
+
+    // Clone progress.
+    let tables = state.tables()?;
+    let parts = state.parts()?;
+    status.tables_total = tables.len() as u64;
+    status.tables_done = tables
+        .iter()
+        .filter(|t| {
+            parts
+                .iter()
+                .filter(|p| p.table_oid == t.oid)
+                .all(|p| p.status == "done")
+        })
+        .count() as u64;
+    status.bytes_total = tables
+        .iter()
+        .filter(|t| t.copy_data)
+        .map(|t| (t.heap_bytes + t.toast_bytes).max(0) as u64)
+        .sum();
+    let (done_bytes, done_rows) = state.copied_so_far()?;
+    let live = |key: &str| -> Option<u64> { state.get_meta(key).ok().flatten()?.parse().ok() };
+    status.bytes_copied = live("clone.bytes_copied").unwrap_or(0).max(done_bytes);
+    status.rows_copied = live("clone.rows_copied").unwrap_or(0).max(done_rows);
+    let indexes = state.indexes()?;
+    status.indexes_total = indexes.len() as u64;
+    status.indexes_done = indexes.iter().filter(|i| i.status == "done").count() as u64;
+    status.in_flight = state
+        .parts_in_flight()?
+        .into_iter()
+        .map(|p| InFlight {
+            table: pg::qualified(&p.schema, &p.table),
+            part: p.part,
+            parts: p.nparts,
+            seconds: (now() - p.started_at).max(0.0),
+        })
+        .collect();
+    if status.phase == "copying"
+        && let Some(started) = state.step_started_at("copy")?
+    {
+        let rate = status.bytes_copied as f64 / (now() - started).max(1.0);
+        if rate > 0.0 {
+            let left = status.bytes_total.saturating_sub(status.bytes_copied) as f64;
+            status.clone_eta_seconds = Some(left / rate);
+        }
+    }
+
+    // Stream and apply positions as the running processes recorded them.
+    let received = meta_lsn(state, "stream.received_lsn");
+    let spooled = meta_lsn(state, "stream.flushed_lsn");
+    let mut applied = meta_lsn(state, "apply.durable_lsn");
+    status.endpos = state.get_meta("sentinel.endpos")?;
+    if let Some(rates) = state.apply_rates(60.0)? {
+        status.apply_changes_per_second = Some(rates.changes);
+        status.apply_transactions_per_second = Some(rates.transactions);
+    }
+    let spool_path = dir.join("spool.db");
+    status.spool_bytes = ["spool.db", "spool.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .reduce(|a, b| a + b);
+
+    // The servers' own view, where they answer.
+    let mut source_lsn = None;
+    if let (Some(source), Some(slot)) = (&servers.source, &status.slot) {
+        match ask_source(source, slot).await {
+            Ok((lsn, retained)) => {
+                source_lsn = Some(lsn);
+                status.slot_retained_bytes = retained;
+            }
+            Err(e) => status.unreachable.push(format!("source: {e:#}")),
+        }
+    }
+    if let (Some(target), Some(slot)) = (&servers.target, &status.slot) {
+        match ask_target(target, &crate::apply::origin_name(slot)).await {
+            Ok(Some(lsn)) => applied = Some(applied.map_or(lsn, |a| a.max(lsn))),
+            Ok(None) => {}
+            Err(e) => status.unreachable.push(format!("target: {e:#}")),
+        }
+    }
+    // Each figure was recorded at its own moment: what is applied was spooled and received.
+    let spooled = match (spooled, applied) {
+        (Some(s), Some(a)) => Some(s.max(a)),
+        (s, a) => s.or(a),
+    };
+    let received = match (received, spooled) {
+        (Some(r), Some(s)) => Some(r.max(s)),
+        (r, s) => r.or(s),
+    };
+    status.source_lsn = source_lsn.map(|l| l.to_string());
+    status.received_lsn = received.map(|l| l.to_string());
+    status.spooled_lsn = spooled.map(|l| l.to_string());
+    status.applied_lsn = applied.map(|l| l.to_string());
+    if let Some(source_lsn) = source_lsn {
+        let from = applied.or(meta_lsn(state, "stream.startpos"));
+        status.lag_bytes = from.map(|a| source_lsn.0.saturating_sub(a.0));
+    }
+    if status.slot.is_some() {
+        let endpos = status.endpos.as_deref().and_then(|e| e.parse().ok());
+        status.lag_seconds =
+            oldest_unapplied_commit_age(&spool_path, applied.unwrap_or(Lsn(0)), endpos);
+        if let (Some(lag), Some(rates)) = (status.lag_bytes, state.apply_rates(60.0)?)
+            && rates.wal_bytes > 0.0
+        {
+            status.catch_up_eta_seconds = Some(lag as f64 / rates.wal_bytes);
+        }
+    }
+    status.verdict = verdict(&status);
+    Ok(status)
+}
+
+async fn ask_source(source: &ConnInfo, slot: &str) -> Result<(Lsn, Option<u64>)> {
+    let client = tokio::time::timeout(
+        Duration::from_secs(5),
+        pg::connect(source, Side::Source, "status"),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer within 5 s"))??;
+    let row = client
+        .query_one(
+            "SELECT pg_current_wal_lsn()::text,
+                    (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+                     FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await?;
+    let lsn: String = row.get(0);
+    let retained: Option<i64> = row.get(1);
+    Ok((
+        lsn.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        retained.map(|r| r.max(0) as u64),
+    ))
+}
+
+async fn ask_target(target: &ConnInfo, origin: &str) -> Result<Option<Lsn>> {
+    let client = tokio::time::timeout(
+        Duration::from_secs(5),
+        pg::connect(target, Side::Target, "status"),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer within 5 s"))??;
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)
+                    THEN pg_replication_origin_progress($1, true)::text END",
+            &[&origin],
+        )
+        .await?;
+    let lsn: Option<String> = row.get(0);
+    Ok(lsn.and_then(|l| l.parse().ok()))
+}
+
+/// Seconds since the oldest spooled commit after `applied` (and not past `endpos`: those are
+/// not to be applied) was committed on the source; 0 when none is waiting. None when the spool
+/// cannot be read.
+fn oldest_unapplied_commit_age(spool: &Path, applied: Lsn, endpos: Option<Lsn>) -> Option<f64> {
+    if !spool.exists() {
+        return Some(0.0);
+    }
+    let conn = rusqlite::Connection::open_with_flags(
+        spool,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ok()?;
+    conn.busy_timeout(Duration::from_secs(2)).ok()?;
+    let payload: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT payload FROM changes WHERE kind = 'commit' AND end_lsn > ?1 AND end_lsn <= ?2 ORDER BY seq LIMIT 1",
+            [applied.0 as i64, endpos.map_or(i64::MAX, |e| e.0 as i64)],
+            |r| r.get(0),
+        )
+        .ok();
+    let Some(payload) = payload else {
+        return Some(0.0);
+    };
+    match pgoutput::Decoder::default().decode(bytes::Bytes::from(payload)) {
+        Ok(Change::Commit { commit_time, .. }) => {
+            // pgoutput times are microseconds since 2000-01-01.
+            let commit = commit_time as f64 / 1e6 + 946_684_800.0;
+            Some((now() - commit).max(0.0))
+        }
+        _ => None,
+    }
+}
+
+/// The one line an operator reads first.
+pub fn verdict(s: &Status) -> String {
+    match s.phase.as_str() {
+        "failed" => format!("stopped: {}", s.error.as_deref().unwrap_or("unknown error")),
+        "stopped at endpos" => format!(
+            "stopped at endpos {}: every transaction up to it is applied; point the application at the target, then `pgtide cleanup`",
+            s.endpos.as_deref().unwrap_or("?")
+        ),
+        "done" => "done".into(),
+        "not started" => "not started".into(),
+        "following" => match (s.lag_seconds, s.lag_bytes) {
+            (Some(lag), _) if lag <= READY_LAG_SECONDS => {
+                format!("ready to cut over: lag {lag:.1} s")
+            }
+            (lag, bytes) => format!(
+                "catching up: {} behind{}{}",
+                bytes.map_or("?".into(), crate::clone::human_bytes),
+                lag.map_or(String::new(), |l| format!(
+                    ", oldest pending commit {l:.0} s old"
+                )),
+                s.catch_up_eta_seconds
+                    .map_or(String::new(), |e| format!(", est. {}", human_seconds(e)))
+            ),
+        },
+        phase => {
+            let pct = if s.bytes_total > 0 {
+                format!(
+                    "{:.0}% of {} copied",
+                    100.0 * (s.bytes_copied as f64 / s.bytes_total as f64).min(1.0),
+                    crate::clone::human_bytes(s.bytes_total)
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "cloning ({phase}): {}/{} tables, {}/{} indexes{}{}",
+                s.tables_done,
+                s.tables_total,
+                s.indexes_done,
+                s.indexes_total,
+                if pct.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {pct}")
+                },
+                s.clone_eta_seconds.map_or(String::new(), |e| format!(
+                    ", est. {} left",
+                    human_seconds(e)
+                ))
+            )
+        }
+    }
+}
+
+pub fn human_seconds(seconds: f64) -> String {
+    humantime::format_duration(Duration::from_secs(seconds.max(0.0).round() as u64)).to_string()
+}
+
+/// The human-readable report.
+pub fn render(dir: &Path, s: &Status) -> String {
+    let mut out = String::new();
+    let none = || "—".to_string();
+    let mut line = |label: &str, value: String| {
+        out.push_str(&format!("{label:<13}{value}\n"));
+    };
+    line("work dir", dir.display().to_string());
+    line(
+        "phase",
+        format!(
+            "{}{}",
+            s.phase,
+            s.phase_seconds
+                .map_or(String::new(), |t| format!(" (for {})", human_seconds(t)))
+        ),
+    );
+    if let Some(e) = &s.error {
+        line("error", e.clone());
+    }
+    if s.tables_total > 0 {
+        line(
+            "clone",
+            format!(
+                "{}/{} tables, {} copied of ~{} on disk, {} rows, {}/{} indexes{}",
+                s.tables_done,
+                s.tables_total,
+                crate::clone::human_bytes(s.bytes_copied),
+                crate::clone::human_bytes(s.bytes_total),
+                s.rows_copied,
+                s.indexes_done,
+                s.indexes_total,
+                s.clone_eta_seconds.map_or(String::new(), |e| format!(
+                    ", est. {} left",
+                    human_seconds(e)
+                ))
+            ),
+        );
+        for f in &s.in_flight {
+            line(
+                "  copying",
+                format!(
+                    "{} part {}/{} ({:.0} s)",
+                    f.table,
+                    f.part + 1,
+                    f.parts,
+                    f.seconds
+                ),
+            );
+        }
+    }
+    if let Some(slot) = &s.slot {
+        line("slot", slot.clone());
+        line(
+            "positions",
+            format!(
+                "source {}  received {}  spooled {}  applied {}  endpos {}",
+                s.source_lsn.clone().unwrap_or_else(none),
+                s.received_lsn.clone().unwrap_or_else(none),
+                s.spooled_lsn.clone().unwrap_or_else(none),
+                s.applied_lsn.clone().unwrap_or_else(none),
+                s.endpos.clone().unwrap_or_else(none)
+            ),
+        );
+        line(
+            "lag",
+            format!(
+                "{} of WAL, {}",
+                s.lag_bytes.map_or_else(none, crate::clone::human_bytes),
+                s.lag_seconds.map_or_else(none, |l| format!("{l:.1} s"))
+            ),
+        );
+        line(
+            "apply rate",
+            match (s.apply_changes_per_second, s.apply_transactions_per_second) {
+                (Some(c), Some(t)) => {
+                    format!("{c:.0} changes/s, {t:.0} transactions/s (last minute)")
+                }
+                _ => none(),
+            },
+        );
+        line(
+            "spool",
+            s.spool_bytes.map_or_else(none, crate::clone::human_bytes),
+        );
+        line(
+            "slot retains",
+            s.slot_retained_bytes.map_or_else(none, |b| {
+                format!("{} of WAL on the source", crate::clone::human_bytes(b))
+            }),
+        );
+    }
+    for u in &s.unreachable {
+        line("not asked", u.clone());
+    }
+    line("verdict", s.verdict.clone());
+    out
+}

@@ -1,0 +1,166 @@
+//! `pgtide status` against a real follow with a known backlog: positions, lag in bytes and
+//! seconds (> 0 while behind, 0 once caught up), and pg_stat_replication on the source agreeing
+//! with the applied position it reports.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn status(d: &str, src: &str, dst: &str) -> Value {
+    let out = pgtide_ok_stdout(&[
+        "status", "--json", "--dir", d, "--source", src, "--target", dst,
+    ]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn lsn(v: &Value) -> u64 {
+    let text = v.as_str().unwrap_or_else(|| panic!("not an LSN: {v}"));
+    let (hi, lo) = text.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reports_backlog_lag_and_catch_up() {
+    let (src, dst) = fresh_db_pair("t_status").await;
+    exec(&src, "CREATE TABLE s (id int PRIMARY KEY, v text)").await;
+    let dir = workdir("status");
+    let d = dir.to_str().unwrap();
+    // Every apply commit waits 1.5 s: a backlog builds up and drains in a few batches.
+    let child = spawn_pgtide(
+        &[
+            "clone",
+            "--follow",
+            "--source",
+            &src,
+            "--target",
+            &dst,
+            "--dir",
+            d,
+            "--slot-name",
+            "t_status_slot",
+        ],
+        &[("FAILPOINTS", "apply.before_commit=sleep(1500)")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if dir.join("state.db").exists() && status(d, &src, &dst)["phase"] == "following" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "follow never started");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let client = connect(&src).await;
+    for id in 1..=200 {
+        client
+            .execute("INSERT INTO s VALUES ($1, 'backlog')", &[&id])
+            .await
+            .unwrap();
+    }
+    let last = current_lsn(&src).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let behind = status(d, &src, &dst);
+    assert_eq!(behind["phase"], "following", "{behind}");
+    assert!(behind["error"].is_null(), "{behind}");
+    assert_eq!(behind["tables_done"], 1, "{behind}");
+    assert_eq!(behind["tables_total"], 1, "{behind}");
+    assert!(
+        lsn(&behind["source_lsn"]) >= lsn(&Value::String(last.clone())),
+        "{behind}"
+    );
+    assert!(behind["lag_bytes"].as_u64().unwrap() > 0, "{behind}");
+    assert!(behind["lag_seconds"].as_f64().unwrap() > 0.0, "{behind}");
+    assert!(
+        lsn(&behind["applied_lsn"]) < lsn(&Value::String(last.clone())),
+        "{behind}"
+    );
+    assert!(
+        behind["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("ready to cut over")
+            || behind["verdict"]
+                .as_str()
+                .unwrap()
+                .starts_with("catching up"),
+        "{behind}"
+    );
+    let text = pgtide_ok_stdout(&["status", "--dir", d, "--source", &src, "--target", &dst]);
+    assert!(text.contains("verdict") && text.contains("lag"), "{text}");
+    assert!(!text.contains(&password()), "{text}");
+
+    // Caught up: lag 0 s although the source keeps its position.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let caught_up = loop {
+        let s = status(d, &src, &dst);
+        if s["lag_seconds"].as_f64() == Some(0.0)
+            && lsn(&s["applied_lsn"]) >= lsn(&Value::String(last.clone())) - 200
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "never caught up: {s}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        caught_up["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("ready to cut over"),
+        "{caught_up}"
+    );
+    assert!(
+        caught_up["apply_changes_per_second"].as_f64().unwrap() > 0.0,
+        "{caught_up}"
+    );
+    assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM s").await, 200);
+
+    // pg_stat_replication on the source reports what status calls applied (durably on the
+    // target), once the next standby status update has gone out.
+    let replay = "SELECT coalesce(r.replay_lsn::text, '') FROM pg_stat_replication r
+                  JOIN pg_replication_slots s ON s.active_pid = r.pid
+                  WHERE s.slot_name = 't_status_slot' AND r.application_name = 'pgtide'";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(d, &src, &dst);
+        let on_source = scalar_string(&admin_uri("source"), replay).await;
+        if !on_source.is_empty() && lsn(&Value::String(on_source.clone())) == lsn(&s["applied_lsn"])
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pg_stat_replication replay_lsn {on_source:?} never matched status {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    pgtide_ok(&[
+        "sentinel",
+        "set",
+        "endpos",
+        "--current",
+        "--dir",
+        d,
+        "--source",
+        &src,
+    ]);
+    let mut child = child;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "follow did not stop at endpos");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stopped = status(d, &src, &dst);
+    assert_eq!(stopped["phase"], "stopped at endpos", "{stopped}");
+    assert!(
+        stopped["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("stopped at endpos"),
+        "{stopped}"
+    );
+    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    assert_eq!(status(d, &src, &dst)["phase"], "done");
+}
