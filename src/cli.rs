@@ -145,6 +145,9 @@ pub struct CopySequencesArgs {
 pub struct FollowArgs {
     #[command(flatten)]
     pub endpoints: Endpoints,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics while this runs.
+    #[arg(long, env = "PGTIDE_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
     pub dir: PathBuf,
     /// Stop after the last transaction committed at or before this LSN (or set it later with
@@ -295,6 +298,9 @@ pub struct Endpoints {
 pub struct CloneArgs {
     #[command(flatten)]
     pub endpoints: Endpoints,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics while this runs.
+    #[arg(long, env = "PGTIDE_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     /// Work dir holding state.db and the schema dumps.
     #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
     pub dir: PathBuf,

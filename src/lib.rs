@@ -7,6 +7,7 @@ pub mod clone;
 pub mod commands;
 pub mod conninfo;
 pub mod decode;
+pub mod metrics;
 pub mod pg;
 pub mod replication;
 pub mod spool;

@@ -186,6 +186,11 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
             Err(e) => status.unreachable.push(format!("target: {e:#}")),
         }
     }
+    // The copy holds everything up to the slot's start: until apply commits something, that
+    // is where the target stands.
+    if let Some(start) = meta_lsn(state, "stream.startpos") {
+        applied = Some(applied.map_or(start, |a| a.max(start)));
+    }
     // Each figure was recorded at its own moment: what is applied was spooled and received.
     let spooled = match (spooled, applied) {
         (Some(s), Some(a)) => Some(s.max(a)),

@@ -16,6 +16,34 @@ fn status(d: &str, src: &str, dst: &str) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
+/// GET /metrics over plain HTTP/1.0; returns the body.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// The value of one sample line (`name value` or `name{labels} value`).
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.split([' ', '{']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 fn lsn(v: &Value) -> u64 {
     let text = v.as_str().unwrap_or_else(|| panic!("not an LSN: {v}"));
     let (hi, lo) = text.split_once('/').unwrap();
@@ -28,6 +56,11 @@ async fn status_reports_backlog_lag_and_catch_up() {
     exec(&src, "CREATE TABLE s (id int PRIMARY KEY, v text)").await;
     let dir = workdir("status");
     let d = dir.to_str().unwrap();
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let metrics_addr = format!("127.0.0.1:{port}");
     // Every apply commit waits 1.5 s: a backlog builds up and drains in a few batches.
     let child = spawn_pgtide(
         &[
@@ -41,6 +74,8 @@ async fn status_reports_backlog_lag_and_catch_up() {
             d,
             "--slot-name",
             "t_status_slot",
+            "--metrics-addr",
+            &metrics_addr,
         ],
         &[("FAILPOINTS", "apply.before_commit=sleep(1500)")],
     );
@@ -87,6 +122,21 @@ async fn status_reports_backlog_lag_and_catch_up() {
                 .starts_with("catching up"),
         "{behind}"
     );
+    // The metrics endpoint tells the same story while behind.
+    let body = scrape(port);
+    assert_eq!(metric(&body, "pgtide_tables_total"), Some(1.0), "{body}");
+    assert!(metric(&body, "pgtide_lag_bytes").unwrap() > 0.0, "{body}");
+    assert!(metric(&body, "pgtide_lag_seconds").is_some(), "{body}");
+    assert!(metric(&body, "pgtide_applied_lsn").unwrap() > 0.0, "{body}");
+    assert!(
+        body.contains("pgtide_phase{phase=\"following\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE pgtide_apply_changes_per_second gauge"),
+        "{body}"
+    );
+    assert!(!body.contains(&password()), "{body}");
     let text = pgtide_ok_stdout(&["status", "--dir", d, "--source", &src, "--target", &dst]);
     assert!(text.contains("verdict") && text.contains("lag"), "{text}");
     assert!(!text.contains(&password()), "{text}");

@@ -17,6 +17,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         bail!("--table-jobs and --index-jobs must be at least 1");
     }
     let workdir = WorkDir::open(&args.dir, "clone")?;
+    super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
     let result = async {
     let mut opts = CloneOptions {
         source,

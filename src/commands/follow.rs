@@ -207,6 +207,7 @@ pub async fn run(args: FollowArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
     let workdir = WorkDir::open(&args.dir, "follow")?;
+    super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
     if let Some(endpos) = args.endpos {
         workdir.state.set_meta(ENDPOS_KEY, &endpos.to_string())?;
     }

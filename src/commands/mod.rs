@@ -37,3 +37,25 @@ pub fn record_failure<T>(state: &crate::state::StateDb, result: Result<T>) -> Re
     }
     result
 }
+
+/// Starts the Prometheus endpoint when `--metrics-addr` is given.
+pub async fn start_metrics(
+    addr: Option<&str>,
+    workdir: &crate::workdir::WorkDir,
+    source: &ConnInfo,
+    target: &ConnInfo,
+) -> Result<()> {
+    if let Some(addr) = addr {
+        crate::metrics::serve(
+            addr,
+            workdir.path.clone(),
+            workdir.state.clone(),
+            crate::status::Servers {
+                source: Some(source.clone()),
+                target: Some(target.clone()),
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
