@@ -18,6 +18,7 @@ pgtide_install_deps() {
   [ -f "/usr/lib/postgresql/$PG_MAJOR/lib/wal2json.so" ] || missing+=("postgresql-$PG_MAJOR-wal2json")
   command -v pgcopydb >/dev/null 2>&1 || missing+=("pgcopydb")
   command -v openssl >/dev/null 2>&1 || missing+=("openssl")
+  python3 -c "import yaml" 2>/dev/null || missing+=("python3-yaml")
   command -v pgbench >/dev/null 2>&1 || [ -x "$PG_BIN/pgbench" ] || missing+=("postgresql-client-$PG_MAJOR")
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}" >&2

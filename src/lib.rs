@@ -9,6 +9,7 @@ pub mod conninfo;
 pub mod decode;
 pub mod metrics;
 pub mod pg;
+pub mod progress;
 pub mod replication;
 pub mod spool;
 pub mod state;

@@ -214,3 +214,63 @@ async fn status_reports_backlog_lag_and_catch_up() {
     pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
     assert_eq!(status(d, &src, &dst)["phase"], "done");
 }
+
+/// `--log-format json` with debug logging on a clone whose URIs carry the password: every line
+/// is a JSON object, the copy lines name their table in a span, and the password appears in no
+/// log line and in no file of the work dir.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_name_their_table_and_never_hold_the_password() {
+    let (src, dst) = fresh_db_pair("t_logs").await;
+    exec(
+        &src,
+        "CREATE TABLE logged (id int PRIMARY KEY, v text);
+         INSERT INTO logged SELECT g, 'v' FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    assert!(
+        src.contains(&password()),
+        "the test needs URIs that carry the password"
+    );
+    let dir = workdir("logs");
+    let d = dir.to_str().unwrap();
+    let mut command = pgtide_command(&[
+        "--log-format",
+        "json",
+        "clone",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+    ]);
+    command.env("RUST_LOG", "debug");
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut copy_lines = 0;
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(entry["level"].is_string(), "{line}");
+        if line.contains("\"copy\"") && line.contains("public.logged") {
+            copy_lines += 1;
+        }
+    }
+    assert!(
+        copy_lines > 0,
+        "no log line names the copied table in its span:\n{stderr}"
+    );
+    assert!(!stderr.contains(&password()), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&password()));
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let needle = password().into_bytes();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
+            "the password is in {}",
+            path.display()
+        );
+    }
+}

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Side, catalog};
@@ -594,8 +595,10 @@ async fn copy_and_index(
                 tracing::debug!("copy worker {n}: {label}");
                 let t0 = Instant::now();
                 state.part_started(table.oid, part.part, &worker.snapshot)?;
+                // Every line logged inside names the part (a span field, also in JSON logs).
                 let result = worker
                     .copy_part(&table, &part)
+                    .instrument(tracing::info_span!("copy", part = %label))
                     .await
                     .with_context(|| format!("copying {label}"))?;
                 state.part_done(table.oid, part.part, result.rows, result.bytes)?;
@@ -641,8 +644,13 @@ async fn copy_and_index(
                 };
                 let t0 = Instant::now();
                 state.index_started(index.oid)?;
-                let from = indexes::state_on_target(&target, &index, table).await?;
-                indexes::build(&target, &index, table, from).await?;
+                let span = tracing::info_span!("index", index = %format!("{}.{}", index.schema, index.name));
+                let from = indexes::state_on_target(&target, &index, table)
+                    .instrument(span.clone())
+                    .await?;
+                indexes::build(&target, &index, table, from)
+                    .instrument(span)
+                    .await?;
                 state.index_done(index.oid)?;
                 tracing::info!(
                     "built index {}.{} in {:.1?}",
@@ -663,26 +671,46 @@ async fn copy_and_index(
 
     // Bytes and rows of parts finished before this run, so that status counts them too.
     let (done_bytes, done_rows) = state.copied_so_far()?;
+    let indexes_total = state.indexes()?.len() as u64;
+    let (stop_progress, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let progress = {
         let counters = counters.clone();
         let state = state.clone();
         tokio::spawn(async move {
+            let mut bars =
+                crate::progress::CloneBars::start(total_bytes.max(0) as u64, indexes_total);
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
             for n in 1u64.. {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = &mut stopped => break,
+                }
                 let bytes = done_bytes + counters.bytes.load(Ordering::Relaxed);
                 let rows = done_rows + counters.rows.load(Ordering::Relaxed);
                 // For `pgtide status` in another shell: live figures, every second.
                 let _ = state.set_meta("clone.bytes_copied", &bytes.to_string());
                 let _ = state.set_meta("clone.rows_copied", &rows.to_string());
-                if n % 10 == 0 {
-                    tracing::info!(
+                match bars.as_mut() {
+                    Some(bars) => {
+                        let indexes_done = state
+                            .indexes()
+                            .map(|i| i.iter().filter(|i| i.status == "done").count() as u64)
+                            .unwrap_or(0);
+                        let in_flight = state.parts_in_flight().unwrap_or_default();
+                        bars.update(bytes, indexes_done, &in_flight);
+                    }
+                    // No terminal: a plain line every 10 seconds.
+                    None if n % 10 == 0 => tracing::info!(
                         "progress: {} copied of about {} to copy, {rows} rows",
                         human_bytes(bytes),
                         human_bytes(total_bytes.max(0) as u64),
-                    );
+                    ),
+                    None => {}
                 }
+            }
+            if let Some(bars) = bars {
+                bars.finish();
             }
         })
     };
@@ -693,7 +721,8 @@ async fn copy_and_index(
         Ok(())
     }
     .await;
-    progress.abort();
+    let _ = stop_progress.send(());
+    let _ = progress.await;
     result
 }
 
