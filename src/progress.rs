@@ -64,16 +64,14 @@ impl CloneBars {
         self.bytes
             .set_position(bytes.min(self.bytes.length().unwrap_or(u64::MAX)));
         self.indexes.set_position(indexes_done);
-        let names: Vec<String> = in_flight
-            .iter()
-            .map(|p| {
-                if p.nparts > 1 {
-                    format!("{}.{} part {}/{}", p.schema, p.table, p.part + 1, p.nparts)
-                } else {
-                    format!("{}.{}", p.schema, p.table)
-                }
-            })
-            .collect();
+        let label = |p: &PartInFlight| {
+            if p.nparts > 1 {
+                format!("{}.{} part {}/{}", p.schema, p.table, p.part + 1, p.nparts)
+            } else {
+                format!("{}.{}", p.schema, p.table)
+            }
+        };
+        let names: Vec<String> = in_flight.iter().map(label).collect();
         self.parts.retain(|name, bar| {
             let keep = names.contains(name);
             if !keep {
@@ -88,10 +86,19 @@ impl CloneBars {
                     ProgressStyle::with_template("  {spinner} {msg} ({elapsed})")
                         .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                 );
-                bar.set_message(name);
                 bar.enable_steady_tick(Duration::from_millis(250));
                 bar
             });
+        }
+        for p in in_flight {
+            if let Some(bar) = self.parts.get(&label(p)) {
+                bar.set_message(format!(
+                    "{}: {} of ~{}",
+                    label(p),
+                    crate::clone::human_bytes(p.bytes),
+                    crate::clone::human_bytes(p.expected_bytes)
+                ));
+            }
         }
     }
 

@@ -102,6 +102,10 @@ pub struct PartInFlight {
     pub part: i64,
     pub nparts: i64,
     pub started_at: f64,
+    /// Streamed so far (updated every second).
+    pub bytes: u64,
+    /// The part's share of the table's on-disk size.
+    pub expected_bytes: u64,
 }
 
 /// Apply throughput over a recent window.
@@ -482,6 +486,17 @@ impl StateDb {
         })
     }
 
+    /// Bytes of a part streamed so far (replaced by the final figure when it is done).
+    pub fn part_progress(&self, table_oid: u32, part: i64, bytes: u64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE parts SET bytes = ?3 WHERE table_oid = ?1 AND part = ?2 AND status = 'running'",
+                params![table_oid, part, bytes as i64],
+            )
+            .map(|_| ())
+        })
+    }
+
     /// Bytes and rows of the parts already loaded.
     pub fn copied_so_far(&self) -> Result<(u64, u64)> {
         self.with(|c| {
@@ -554,7 +569,8 @@ impl StateDb {
     pub fn parts_in_flight(&self) -> Result<Vec<PartInFlight>> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT t.schema_name, t.table_name, p.part, p.nparts, coalesce(p.started_at, 0)
+                "SELECT t.schema_name, t.table_name, p.part, p.nparts, coalesce(p.started_at, 0),
+                        coalesce(p.bytes, 0), (t.heap_bytes + t.toast_bytes) / p.nparts
                  FROM parts p JOIN tables t ON t.oid = p.table_oid
                  WHERE p.status = 'running' ORDER BY p.started_at",
             )?;
@@ -565,6 +581,8 @@ impl StateDb {
                     part: r.get(2)?,
                     nparts: r.get(3)?,
                     started_at: r.get(4)?,
+                    bytes: r.get::<_, i64>(5)?.max(0) as u64,
+                    expected_bytes: r.get::<_, i64>(6)?.max(0) as u64,
                 })
             })?;
             rows.collect()

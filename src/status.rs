@@ -26,6 +26,9 @@ pub struct InFlight {
     pub part: i64,
     pub parts: i64,
     pub seconds: f64,
+    pub bytes: u64,
+    /// The part's share of the table's on-disk size (COPY bytes differ from it).
+    pub expected_bytes: u64,
 }
 
 /// Everything `pgtide status --json` prints; the field names are a stable interface (README,
@@ -136,10 +139,12 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
         .parts_in_flight()?
         .into_iter()
         .map(|p| InFlight {
-            table: pg::qualified(&p.schema, &p.table),
+            table: format!("{}.{}", p.schema, p.table),
             part: p.part,
             parts: p.nparts,
             seconds: (now() - p.started_at).max(0.0),
+            bytes: p.bytes,
+            expected_bytes: p.expected_bytes,
         })
         .collect();
     if status.phase == "copying"

@@ -274,3 +274,68 @@ async fn json_logs_name_their_table_and_never_hold_the_password() {
         );
     }
 }
+
+/// During a (slowed) clone, status shows the copying phase, the parts in flight, tables done
+/// out of the total and the size to copy; afterwards, done.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_clone_progress() {
+    let (src, dst) = fresh_db_pair("t_status_clone").await;
+    exec(
+        &src,
+        "CREATE TABLE a (id int PRIMARY KEY, pad text);
+         INSERT INTO a SELECT g, repeat('a', 100) FROM generate_series(1, 20000) g;
+         CREATE TABLE b (id int PRIMARY KEY);
+         INSERT INTO b SELECT g FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let dir = workdir("status-clone");
+    let d = dir.to_str().unwrap();
+    let child = spawn_pgtide(
+        &[
+            "clone",
+            "--source",
+            &src,
+            "--target",
+            &dst,
+            "--dir",
+            d,
+            "--table-jobs",
+            "1",
+        ],
+        &[("FAILPOINTS", "copy.before_commit=sleep(1500)")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let during = loop {
+        if dir.join("state.db").exists() {
+            let s = status(d, &src, &dst);
+            if s["phase"] == "copying" && !s["in_flight"].as_array().unwrap().is_empty() {
+                break s;
+            }
+        }
+        assert!(Instant::now() < deadline, "never saw the copy in flight");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(during["tables_total"], 2, "{during}");
+    assert!(during["tables_done"].as_u64().unwrap() < 2, "{during}");
+    assert!(during["bytes_total"].as_u64().unwrap() > 0, "{during}");
+    assert!(
+        during["in_flight"][0]["table"]
+            .as_str()
+            .unwrap()
+            .starts_with("public."),
+        "{during}"
+    );
+    assert!(
+        during["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("cloning (copying)"),
+        "{during}"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let after = status(d, &src, &dst);
+    assert_eq!(after["phase"], "done", "{after}");
+    assert_eq!(after["tables_done"], 2, "{after}");
+    assert!(after["rows_copied"].as_u64().unwrap() >= 20100, "{after}");
+}

@@ -40,6 +40,8 @@ pub struct CopyWorker {
     pub target: Client,
     pub snapshot: String,
     pub counters: Arc<CopyCounters>,
+    /// Where the bytes of the part in flight are recorded every second, for status.
+    pub state: crate::state::StateDb,
 }
 
 /// Rows and bytes of one loaded part.
@@ -135,10 +137,15 @@ impl CopyWorker {
         futures_util::pin_mut!(sink);
         let mut buffer = BytesMut::with_capacity(CHUNK_BYTES * 2);
         let mut bytes = 0u64;
+        let mut recorded = std::time::Instant::now();
         while let Some(chunk) = out.next().await {
             let chunk = chunk
                 .map_err(|e| anyhow!("reading {name} from the source failed: {}", describe(&e)))?;
             bytes += chunk.len() as u64;
+            if recorded.elapsed() >= std::time::Duration::from_secs(1) {
+                let _ = self.state.part_progress(table.oid, part.part, bytes);
+                recorded = std::time::Instant::now();
+            }
             self.counters
                 .bytes
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);

@@ -568,6 +568,7 @@ async fn copy_and_index(
             target: pg::connect(&opts.target, Side::Target, "copy").await?,
             snapshot: snapshot_name.to_string(),
             counters: counters.clone(),
+            state: state.clone(),
         };
         worker
             .target
