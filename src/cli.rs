@@ -51,12 +51,48 @@ pub enum Command {
     /// Copy things logical replication does not carry.
     #[command(subcommand)]
     Copy(CopyCommand),
+    /// Preflight: every known hazard, found before anything is created (OK / WARN / FAIL with
+    /// the fix); with --source alone, a connection test that prints the server version.
+    Check(CheckArgs),
     /// Where a migration stands: phase, clone progress, positions, lag in bytes and seconds,
     /// apply rate, and a verdict; from another shell while it runs, or after.
     Status(StatusArgs),
     /// Switch over: optionally fence writes on the source, pin endpos at its current position,
     /// wait for apply to reach it, copy sequences, verify, and report the write downtime.
     Cutover(CutoverArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Source connection string.
+    #[arg(long, env = "PGTIDE_SOURCE_PGURI", hide_env_values = true)]
+    pub source: String,
+    /// Target connection string (without it only the source and the local tools are checked).
+    #[arg(long, env = "PGTIDE_TARGET_PGURI", hide_env_values = true)]
+    pub target: Option<String>,
+    /// The logical decoding plugin follow will use.
+    #[arg(long, value_enum, default_value = "pgoutput")]
+    pub plugin: crate::replication::Plugin,
+    /// The filters file the migration will use.
+    #[arg(long)]
+    pub filters: Option<PathBuf>,
+    /// Check for a plain clone (no logical decoding, no replica identities needed).
+    #[arg(long)]
+    pub offline: bool,
+    /// Print one JSON array instead of the report.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// The clone's --table-jobs (for the connection budget).
+    #[arg(long, default_value_t = 4)]
+    pub table_jobs: usize,
+    /// The clone's --index-jobs (for the connection budget).
+    #[arg(long, default_value_t = 4)]
+    pub index_jobs: usize,
+    /// The clone will run with --drop-if-exists (a non-empty target is then a warning).
+    #[arg(long)]
+    pub drop_if_exists: bool,
 }
 
 #[derive(Args, Debug)]

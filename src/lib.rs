@@ -2,6 +2,7 @@
 //! The library holds every stage (see DESIGN.md for the pipeline); `main.rs` is the CLI.
 
 pub mod apply;
+pub mod check;
 pub mod cli;
 pub mod clone;
 pub mod commands;

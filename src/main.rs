@@ -54,6 +54,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Cutover(args) => commands::cutover::run(args).await,
             Command::Status(args) => commands::status::run(args).await,
+            Command::Check(args) => commands::check::run(args).await,
         }
     });
     match result {

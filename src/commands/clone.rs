@@ -18,6 +18,22 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     }
     let workdir = WorkDir::open(&args.dir, "clone")?;
     super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
+    // A fresh start: every hazard that would stop this migration is reported now, before
+    // anything is created (a resume has its own checks: the work dir's identity).
+    if !args.resume && workdir.state.get_meta("clone.status")?.is_none() {
+        crate::check::preflight(&crate::check::CheckOptions {
+            source: source.clone(),
+            target: Some(target.clone()),
+            plugin: Plugin::Pgoutput,
+            filters: filters.clone(),
+            online: args.follow,
+            table_jobs: args.table_jobs,
+            index_jobs: args.index_jobs,
+            dir: args.dir.clone(),
+            drop_if_exists: args.drop_if_exists,
+        })
+        .await?;
+    }
     let result = async {
     let mut opts = CloneOptions {
         source,

@@ -1,5 +1,6 @@
 //! One file per subcommand; each wires stages together and owns nothing else.
 
+pub mod check;
 pub mod cleanup;
 pub mod clone;
 pub mod copy;

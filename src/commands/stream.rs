@@ -12,14 +12,13 @@ use crate::replication::stream::{self, Ended, ReceiveOptions};
 use crate::replication::{Plugin, slot};
 use crate::workdir::WorkDir;
 
-/// Checks what a slot needs on the source and creates the publication (pgoutput).
-/// Once a table is in a publication, an UPDATE or DELETE on it fails on the source unless it
-/// has a replica identity (and wal2json would silently drop them): refuse before creating
-/// anything, naming each table and the fix.
-async fn refuse_tables_without_identity(
+/// The published tables that have no primary key and no replica identity: once in a
+/// publication an UPDATE or DELETE on them fails on the source (and wal2json would silently
+/// drop them).
+pub async fn tables_without_identity(
     client: &tokio_postgres::Client,
     tables: &[(String, String)],
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let names: Vec<String> = tables.iter().map(|(s, t)| pg::qualified(s, t)).collect();
     let rows = client
         .query(
@@ -33,10 +32,19 @@ async fn refuse_tables_without_identity(
             &[&names],
         )
         .await?;
-    if rows.is_empty() {
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+/// Refuses, before anything is created, to publish tables without a replica identity, naming
+/// each table and the fix.
+async fn refuse_tables_without_identity(
+    client: &tokio_postgres::Client,
+    tables: &[(String, String)],
+) -> Result<()> {
+    let list = tables_without_identity(client, tables).await?;
+    if list.is_empty() {
         return Ok(());
     }
-    let list: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
     bail!(
         "{} table(s) have no primary key and no replica identity: {}. Once replicated, an UPDATE or DELETE on them would fail on the source. Give each a primary key, or run on the source: {} (or exclude them with --filters). Nothing was created.",
         list.len(),
