@@ -46,6 +46,8 @@ pub struct CheckOptions {
     pub index_jobs: usize,
     pub dir: PathBuf,
     pub drop_if_exists: bool,
+    /// --replica-identity-full / --append-only, as follow will be given them.
+    pub identity: crate::cli::IdentityArgs,
 }
 
 #[derive(Default)]
@@ -255,11 +257,58 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
         );
     }
     if opts.online {
-        let missing = crate::commands::stream::tables_without_identity(src, &tables).await?;
+        let append_only = match crate::commands::stream::append_only_tables(
+            &tables,
+            &opts.identity.append_only,
+        ) {
+            Ok(list) => list,
+            Err(e) => {
+                r.fail(
+                    "source append-only tables",
+                    format!("{e:#}"),
+                    "name existing tables with --append-only schema.table",
+                );
+                Vec::new()
+            }
+        };
+        if !append_only.is_empty() {
+            r.warn(
+                "source append-only tables",
+                format!(
+                    "{}: published for INSERT and TRUNCATE only; an UPDATE or DELETE on them is NOT replicated",
+                    append_only
+                        .iter()
+                        .map(|(s, t)| format!("{s}.{t}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "declare only tables the application never updates or deletes from",
+            );
+        }
+        let regular: Vec<(String, String)> = tables
+            .iter()
+            .filter(|t| !append_only.contains(t))
+            .cloned()
+            .collect();
+        let missing = crate::commands::stream::tables_without_identity(src, &regular).await?;
+        let alter = missing
+            .iter()
+            .map(|t| format!("ALTER TABLE {t} REPLICA IDENTITY FULL;"))
+            .collect::<Vec<_>>()
+            .join(" ");
         if missing.is_empty() {
             r.ok(
                 "source replica identity",
                 "every table has a primary key or a replica identity",
+            );
+        } else if opts.identity.replica_identity_full {
+            r.warn(
+                "source replica identity",
+                format!(
+                    "{} table(s) without a primary key: pgtide will run {alter} (--replica-identity-full)",
+                    missing.len()
+                ),
+                "FULL identity logs whole old rows: a primary key is cheaper where one can be added",
             );
         } else {
             let why = match opts.plugin {
@@ -276,12 +325,7 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
                     missing.join(", ")
                 ),
                 format!(
-                    "give them a primary key, or run {} (or exclude them with --filters)",
-                    missing
-                        .iter()
-                        .map(|t| format!("ALTER TABLE {t} REPLICA IDENTITY FULL;"))
-                        .collect::<Vec<_>>()
-                        .join(" ")
+                    "give them a primary key, or run {alter} (pgtide does it with --replica-identity-full), or declare log-like tables with --append-only TABLE, or exclude them with --filters"
                 ),
             );
         }

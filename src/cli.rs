@@ -62,8 +62,24 @@ pub enum Command {
     Cutover(CutoverArgs),
 }
 
+/// How tables without a primary key are published.
+#[derive(Args, Debug, Clone, Default)]
+pub struct IdentityArgs {
+    /// Run ALTER TABLE … REPLICA IDENTITY FULL on the source for every published table that has
+    /// neither a primary key nor a replica identity.
+    #[arg(long)]
+    pub replica_identity_full: bool,
+    /// A table the DBA declares append-only (repeatable; schema.table or table): published for
+    /// INSERT and TRUNCATE only, so it needs no replica identity. Its UPDATEs and DELETEs are
+    /// NOT replicated.
+    #[arg(long = "append-only", value_name = "TABLE")]
+    pub append_only: Vec<String>,
+}
+
 #[derive(Args, Debug)]
 pub struct CheckArgs {
+    #[command(flatten)]
+    pub identity: IdentityArgs,
     /// Source connection string.
     #[arg(long, env = "PGTIDE_SOURCE_PGURI", hide_env_values = true)]
     pub source: String,
@@ -254,6 +270,8 @@ pub struct SlotArgs {
     /// Filters file (the clone's format): only the selected tables are published.
     #[arg(long)]
     pub filters: Option<PathBuf>,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 #[derive(Args, Debug)]
@@ -334,6 +352,8 @@ pub struct Endpoints {
 pub struct CloneArgs {
     #[command(flatten)]
     pub endpoints: Endpoints,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
     /// Serve Prometheus metrics on http://HOST:PORT/metrics while this runs.
     #[arg(long, env = "PGTIDE_METRICS_ADDR")]
     pub metrics_addr: Option<String>,

@@ -20,6 +20,12 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> std::process::ExitCode {
+    // Everything pgtide writes (the work dir 0700; state.db, the spool, the dumps 0600) is for
+    // its user alone: schema dumps and spooled rows are the database's data.
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let _failpoints = fail::FailScenario::setup();

@@ -198,3 +198,55 @@ async fn check_names_wal_level_old_tools_and_unreachable_servers() {
     ]);
     assert!(out.contains("FAIL  target connection"), "{out}");
 }
+
+/// The work dir is created 0700 and everything in it 0600: dumps and spooled rows are data.
+#[tokio::test(flavor = "multi_thread")]
+async fn work_dir_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let (src, dst) = fresh_db_pair("t_private").await;
+    exec(
+        &src,
+        "CREATE TABLE p (id int PRIMARY KEY); INSERT INTO p VALUES (1);",
+    )
+    .await;
+    let dir = workdir("private");
+    let d = dir.to_str().unwrap();
+    pgtide_ok(&["clone", "--source", &src, "--target", &dst, "--dir", d]);
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "work dir mode {mode:o}");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", path.display());
+        files += 1;
+    }
+    assert!(files >= 3, "state.db, the lock and the dumps");
+}
+
+/// An endpos that is not an LSN is refused with the expected form.
+#[test]
+fn invalid_endpos_is_named() {
+    let dir = workdir("bad-lsn");
+    let d = dir.to_str().unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = pgtide_fails(&[
+        "follow",
+        "--source",
+        "postgres://x@127.0.0.1:1/db",
+        "--target",
+        "postgres://x@127.0.0.1:1/db",
+        "--dir",
+        d,
+        "--endpos",
+        "12345",
+    ]);
+    assert!(
+        out.contains("invalid LSN \"12345\"") && out.contains("16/B374D848"),
+        "{out}"
+    );
+    // The same for the sentinel of a migration's work dir.
+    std::fs::write(dir.join("state.db"), b"").unwrap();
+    let out = pgtide_fails(&["sentinel", "set", "endpos", "not-an-lsn", "--dir", d]);
+    assert!(out.contains("invalid LSN \"not-an-lsn\""), "{out}");
+}

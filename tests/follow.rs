@@ -944,3 +944,125 @@ async fn apply_survives_a_target_restart() {
     assert_identical(&src, &dst);
     pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
 }
+
+/// --replica-identity-full sets FULL on a table without a key (pgtide runs the ALTER); an
+/// --append-only table is published for INSERT and TRUNCATE only: an UPDATE on it works on the
+/// source (it would fail in a full publication) and is, as declared, not replicated.
+#[tokio::test(flavor = "multi_thread")]
+async fn replica_identity_full_and_append_only_tables() {
+    let (src, dst) = fresh_db_pair("t_identity").await;
+    exec(
+        &src,
+        "CREATE TABLE keyed (id int PRIMARY KEY, v int);
+         CREATE TABLE bag (a int, b text);
+         CREATE TABLE log (at int, line text);
+         INSERT INTO keyed VALUES (1, 0); INSERT INTO bag VALUES (1, 'x'), (2, 'y');
+         INSERT INTO log VALUES (0, 'copied');",
+    )
+    .await;
+    // Without either option the keyless tables are refused before anything is created.
+    let dir = workdir("identity");
+    let d = dir.to_str().unwrap();
+    let out = pgtide_fails(&[
+        "clone",
+        "--follow",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--slot-name",
+        "t_identity_slot",
+    ]);
+    assert!(
+        out.contains("public.bag") && out.contains("public.log") && out.contains("--append-only"),
+        "{out}"
+    );
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 't_identity_slot'"
+        )
+        .await,
+        0
+    );
+    let child = spawn_pgtide(
+        &[
+            "clone",
+            "--follow",
+            "--source",
+            &src,
+            "--target",
+            &dst,
+            "--dir",
+            d,
+            "--slot-name",
+            "t_identity_slot",
+            "--replica-identity-full",
+            "--append-only",
+            "public.log",
+        ],
+        &[],
+    );
+    wait_for_slot(&dir);
+    assert_eq!(
+        scalar_string(
+            &src,
+            "SELECT relreplident::text FROM pg_class WHERE oid = 'bag'::regclass"
+        )
+        .await,
+        "f"
+    );
+    assert_eq!(
+        scalar_i64(&src, "SELECT count(*) FROM pg_publication WHERE pubname = 'pgtide_t_identity_slot_append' AND pubinsert AND NOT pubupdate AND NOT pubdelete AND pubtruncate").await,
+        1
+    );
+    exec(
+        &src,
+        "UPDATE keyed SET v = 5; UPDATE bag SET b = 'z' WHERE a = 1; DELETE FROM bag WHERE a = 2;
+         INSERT INTO log VALUES (1, 'one'), (2, 'two');
+         UPDATE log SET line = 'changed on the source only' WHERE at = 1;",
+    )
+    .await;
+    pgtide_ok(&[
+        "sentinel",
+        "set",
+        "endpos",
+        "--current",
+        "--dir",
+        d,
+        "--source",
+        &src,
+    ]);
+    let out = wait_exit(child, 120);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("UPDATEs and DELETEs are not replicated"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        scalar_i64(&dst, "SELECT v::bigint FROM keyed WHERE id = 1").await,
+        5
+    );
+    assert_eq!(
+        scalar_string(&dst, "SELECT string_agg(a || b, ',' ORDER BY a) FROM bag").await,
+        "1z"
+    );
+    assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM log").await, 3);
+    assert_eq!(
+        scalar_string(&dst, "SELECT line FROM log WHERE at = 1").await,
+        "one",
+        "the update of an append-only table is not replicated, as declared"
+    );
+    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgtide_t_identity_slot%'"
+        )
+        .await,
+        0
+    );
+}

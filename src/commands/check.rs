@@ -20,6 +20,7 @@ pub async fn run(args: CheckArgs) -> Result<()> {
         index_jobs: args.index_jobs,
         dir: args.dir.clone(),
         drop_if_exists: args.drop_if_exists,
+        identity: args.identity.clone(),
     };
     let findings = check::run(&opts).await;
     if args.json {

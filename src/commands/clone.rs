@@ -31,6 +31,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
             index_jobs: args.index_jobs,
             dir: args.dir.clone(),
             drop_if_exists: args.drop_if_exists,
+            identity: args.identity.clone(),
         })
         .await?;
     }
@@ -94,6 +95,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         &slot_name,
         Plugin::Pgoutput,
         &opts.filters,
+        &args.identity,
         true,
     )
     .await?;

@@ -53,6 +53,7 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
     };
     let (progress, progress_rx) = watch::channel(Progress::default());
     let opts = ReceiveOptions {
+        publications: super::stream::recorded_publications(&state, &slot)?,
         slot,
         plugin,
         start,

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 
-use crate::cli::{SnapshotArgs, StreamCleanupArgs, StreamReceiveArgs, StreamSetupArgs};
+use crate::cli::{
+    IdentityArgs, SnapshotArgs, StreamCleanupArgs, StreamReceiveArgs, StreamSetupArgs,
+};
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Lsn, Side};
 use crate::replication::conn::ReplicationConnection;
@@ -56,12 +58,34 @@ async fn refuse_tables_without_identity(
     );
 }
 
+/// state.db key of the publications a pgoutput stream reads (JSON list).
+pub const PUBLICATIONS_KEY: &str = "stream.publications";
+
+/// The publications recorded for the work dir's stream (by default the slot's one).
+pub fn recorded_publications(state: &crate::state::StateDb, slot: &str) -> Result<Vec<String>> {
+    Ok(match state.get_meta(PUBLICATIONS_KEY)? {
+        Some(json) => serde_json::from_str(&json)?,
+        None => vec![slot::publication_name(slot)],
+    })
+}
+
+/// What a slot publishes: every selected table, the append-only ones in their own
+/// INSERT/TRUNCATE-only publication.
+pub struct Published {
+    pub tables: Vec<(String, String)>,
+    pub publications: Vec<String>,
+}
+
+/// Checks what a slot needs on the source and creates the publication(s) (pgoutput). Tables
+/// without a replica identity are refused (naming each and the fix) unless the operator chose
+/// `--replica-identity-full` (pgtide sets it) or `--append-only` for them.
 pub async fn prepare_source(
     source: &ConnInfo,
     plugin: Plugin,
     slot_name: &str,
     filters: &crate::clone::filters::Filters,
-) -> Result<Vec<(String, String)>> {
+    identity: &IdentityArgs,
+) -> Result<Published> {
     slot::check_slot_name(slot_name)?;
     let client = pg::connect(source, Side::Source, "stream setup").await?;
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
@@ -73,15 +97,87 @@ pub async fn prepare_source(
     pg::catalog::check_filters_name_real_objects(&client, filters).await?;
     let mut tables = slot::replicated_tables(&client, plugin == Plugin::Wal2json).await?;
     tables.retain(|(schema, table)| filters.includes_table(schema, table));
-    refuse_tables_without_identity(&client, &tables).await?;
-    if plugin == Plugin::Pgoutput {
-        let publication = slot::create_publication(&client, slot_name, &tables).await?;
-        tracing::info!(
-            "publication {publication} publishes {} tables",
-            tables.len()
+    let append_only = append_only_tables(&tables, &identity.append_only)?;
+    if !append_only.is_empty() && plugin != Plugin::Pgoutput {
+        bail!(
+            "--append-only needs --plugin pgoutput (it publishes those tables for INSERT and TRUNCATE only; wal2json has no publications)"
         );
     }
-    Ok(tables)
+    let regular: Vec<(String, String)> = tables
+        .iter()
+        .filter(|t| !append_only.contains(t))
+        .cloned()
+        .collect();
+    if identity.replica_identity_full {
+        for table in tables_without_identity(&client, &regular).await? {
+            client
+                .batch_execute(&format!("ALTER TABLE {table} REPLICA IDENTITY FULL"))
+                .await
+                .map_err(|e| {
+                    anyhow!(
+                        "cannot set REPLICA IDENTITY FULL on {table} (--replica-identity-full): {}. Run it as the table's owner, or give the table a primary key.",
+                        pg::describe(&e)
+                    )
+                })?;
+            tracing::info!("{table}: REPLICA IDENTITY FULL (--replica-identity-full)");
+        }
+    }
+    refuse_tables_without_identity(&client, &regular).await?;
+    let mut publications = Vec::new();
+    if plugin == Plugin::Pgoutput {
+        if !regular.is_empty() || append_only.is_empty() {
+            let name = slot::create_publication(
+                &client,
+                &slot::publication_name(slot_name),
+                &regular,
+                None,
+            )
+            .await?;
+            tracing::info!("publication {name} publishes {} tables", regular.len());
+            publications.push(name);
+        }
+        if !append_only.is_empty() {
+            let name = slot::create_publication(
+                &client,
+                &slot::append_publication_name(slot_name),
+                &append_only,
+                Some("insert, truncate"),
+            )
+            .await?;
+            tracing::warn!(
+                "publication {name} publishes {} append-only table(s) for INSERT and TRUNCATE only: their UPDATEs and DELETEs are not replicated",
+                append_only.len()
+            );
+            publications.push(name);
+        }
+    }
+    Ok(Published {
+        tables,
+        publications,
+    })
+}
+
+/// Resolves `--append-only` names (schema.table, or table in public) against the published
+/// tables; an unknown name is an error.
+pub fn append_only_tables(
+    tables: &[(String, String)],
+    names: &[String],
+) -> Result<Vec<(String, String)>> {
+    names
+        .iter()
+        .map(|name| {
+            let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+            tables
+                .iter()
+                .find(|(s, t)| s == schema && t == table)
+                .cloned()
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--append-only {name}: no such table among the published tables (give schema.table)"
+                    )
+                })
+        })
+        .collect()
 }
 
 pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
@@ -91,6 +187,7 @@ pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
         args.slot.plugin,
         &args.slot.slot_name,
         &super::load_filters(args.slot.filters.as_deref())?,
+        &args.slot.identity,
     )
     .await?;
     let mut conn = ReplicationConnection::connect(&source).await?;
@@ -126,18 +223,23 @@ pub async fn create_recorded_slot(
     slot_name: &str,
     plugin: Plugin,
     filters: &crate::clone::filters::Filters,
+    identity: &IdentityArgs,
     export: bool,
 ) -> Result<(ReplicationConnection, slot::CreatedSlot)> {
-    let tables = prepare_source(source, plugin, slot_name, filters).await?;
+    let Published {
+        tables,
+        publications,
+    } = prepare_source(source, plugin, slot_name, filters, identity).await?;
     let mut conn = ReplicationConnection::connect(source).await?;
-    let identity = slot::identify_system(&mut conn).await?;
+    let system = slot::identify_system(&mut conn).await?;
     let created = slot::create_slot(&mut conn, slot_name, plugin, export).await?;
     state.set_meta("stream.slot", slot_name)?;
     state.set_meta("stream.plugin", plugin.name())?;
     state.set_meta("stream.startpos", &created.consistent_point.to_string())?;
     state.set_meta("stream.source.uri", &source.redacted())?;
     state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
-    state.set_meta("stream.system_id", &identity.system_id)?;
+    state.set_meta(PUBLICATIONS_KEY, &serde_json::to_string(&publications)?)?;
+    state.set_meta("stream.system_id", &system.system_id)?;
     Ok((conn, created))
 }
 
@@ -158,6 +260,7 @@ pub async fn setup(args: StreamSetupArgs) -> Result<()> {
         &args.slot.slot_name,
         args.slot.plugin,
         &filters,
+        &args.slot.identity,
         false,
     )
     .await?;
@@ -210,6 +313,7 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
     };
     let mut spool = workdir.spool_writer()?;
     let opts = ReceiveOptions {
+        publications: recorded_publications(&state, &slot_name)?,
         slot: slot_name,
         plugin,
         start,

@@ -28,13 +28,20 @@ pub fn check_slot_name(slot: &str) -> Result<()> {
     Ok(())
 }
 
-/// Creates the publication for these tables unless it exists.
+/// The publication of a slot's append-only tables (INSERT and TRUNCATE only).
+pub fn append_publication_name(slot: &str) -> String {
+    format!("pgtide_{slot}_append")
+}
+
+/// Creates a publication for these tables unless it exists; `publish` limits the operations
+/// (e.g. "insert, truncate").
 pub async fn create_publication(
     client: &Client,
-    slot: &str,
+    name: &str,
     tables: &[(String, String)],
+    publish: Option<&str>,
 ) -> Result<String> {
-    let name = publication_name(slot);
+    let name = name.to_string();
     let exists = client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
         .await?
@@ -52,8 +59,12 @@ pub async fn create_publication(
         .join(", ");
     client
         .batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR TABLE {list}",
-            quote_ident(&name)
+            "CREATE PUBLICATION {} FOR TABLE {list}{}",
+            quote_ident(&name),
+            publish.map_or(String::new(), |p| format!(
+                " WITH (publish = {})",
+                pg::quote_literal(p)
+            ))
         ))
         .await
         .map_err(|e| {
@@ -65,15 +76,18 @@ pub async fn create_publication(
     Ok(name)
 }
 
+/// Drops the slot's publications (the main one and the append-only one); absent ones are fine.
 pub async fn drop_publication(client: &Client, slot: &str) -> Result<()> {
-    let name = publication_name(slot);
-    client
-        .batch_execute(&format!(
-            "DROP PUBLICATION IF EXISTS {}",
-            quote_ident(&name)
-        ))
-        .await
-        .map_err(|e| anyhow!("cannot drop publication {name}: {}", pg::describe(&e)))
+    for name in [publication_name(slot), append_publication_name(slot)] {
+        client
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {}",
+                quote_ident(&name)
+            ))
+            .await
+            .map_err(|e| anyhow!("cannot drop publication {name}: {}", pg::describe(&e)))?;
+    }
+    Ok(())
 }
 
 /// The tables a slot replicates: ordinary and partitioned tables outside system schemas.

@@ -33,6 +33,8 @@ pub struct ReceiveOptions {
     pub status_interval: Duration,
     /// wal2json's table filter (`add-tables`), the same tables the publication holds.
     pub tables: Vec<(String, String)>,
+    /// pgoutput's publications (the slot's, and its append-only one when there is one).
+    pub publications: Vec<String>,
     /// The source's system identifier recorded at setup: streaming from another server is
     /// refused.
     pub system_id: Option<String>,
@@ -176,7 +178,17 @@ impl Session {
         let options = match opts.plugin {
             Plugin::Pgoutput => format!(
                 "proto_version '1', publication_names {}, messages 'true'",
-                quote_literal(&quote_ident(&publication_name(&opts.slot)))
+                quote_literal(
+                    &if opts.publications.is_empty() {
+                        vec![publication_name(&opts.slot)]
+                    } else {
+                        opts.publications.clone()
+                    }
+                    .iter()
+                    .map(|p| quote_ident(p))
+                    .collect::<Vec<_>>()
+                    .join(",")
+                )
             ),
             Plugin::Wal2json => format!(
                 "\"format-version\" '2', \"include-xids\" '1', \"include-timestamp\" '1', \"include-lsn\" '1', \"include-transaction\" '1', \"include-type-oids\" '1', \"include-pk\" '1', \"add-tables\" {}",
