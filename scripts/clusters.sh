@@ -61,8 +61,16 @@ pgtide_start_clusters() {
   printf 'subjectAltName=DNS:localhost\n' > "$tls/san.ext"
   openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -CAcreateserial \
     -days 2 -extfile "$tls/san.ext" -out "$tls/server.crt" >/dev/null 2>&1
+  # A client certificate for the role pgtide_cert (certificate authentication, TLS only).
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=pgtide_cert" -keyout "$tls/client.key" \
+    -out "$tls/client.csr" >/dev/null 2>&1
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' > "$tls/client.ext"
+  openssl x509 -req -in "$tls/client.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -CAcreateserial \
+    -days 2 -extfile "$tls/client.ext" -out "$tls/client.crt" >/dev/null 2>&1
   chown -R postgres: "$tls"; chmod 600 "$tls/server.key"; chmod 644 "$tls/ca.crt"
-  export PGTIDE_TEST_CA="$tls/ca.crt"
+  # The client key belongs to whoever runs the tests (libpq and pgtide refuse a key others read).
+  chown "$(id -u):$(id -g)" "$tls/client.key" "$tls/client.crt"; chmod 600 "$tls/client.key"
+  export PGTIDE_TEST_CA="$tls/ca.crt" PGTIDE_TEST_CLIENT_CERT="$tls/client.crt" PGTIDE_TEST_CLIENT_KEY="$tls/client.key"
   for role in source target; do
     local data="$PGTIDE_CLUSTERS_DIR/$role"
     local port; port=$(_pgtide_free_port)
@@ -84,6 +92,7 @@ pgtide_start_clusters() {
         echo "ssl = on"
         echo "ssl_cert_file = '$tls/server.crt'"
         echo "ssl_key_file = '$tls/server.key'"
+        echo "ssl_ca_file = '$tls/ca.crt'"
       fi
       if [ "$tuning" = test ]; then
         echo "fsync = off"
@@ -94,7 +103,7 @@ pgtide_start_clusters() {
     # The database tls_only accepts only TLS connections over TCP (the TLS tests use it).
     # Two roles the authentication tests log in as with MD5 and cleartext passwords.
     if [ "$role" = source ]; then
-      sed -i '/^# TYPE/a hostnossl  tls_only  all  all  reject\nhost  all  pgtide_md5  all  md5\nhost  replication  pgtide_md5  all  md5\nhost  all  pgtide_plain  all  password\nhost  replication  pgtide_plain  all  password' "$data/pg_hba.conf"
+      sed -i '/^# TYPE/a hostnossl  tls_only  all  all  reject\nhost  all  pgtide_md5  all  md5\nhost  replication  pgtide_md5  all  md5\nhost  all  pgtide_plain  all  password\nhost  replication  pgtide_plain  all  password\nhostssl  all  pgtide_cert  all  cert\nhostssl  replication  pgtide_cert  all  cert' "$data/pg_hba.conf"
     fi
     _pgtide_as_postgres "$PG_BIN/pg_ctl" -D "$data" -l "$PGTIDE_CLUSTERS_DIR/$role.log" -w start >/dev/null
     local uri="postgres://postgres:$PGTIDE_TEST_PASSWORD@127.0.0.1:$port/postgres"

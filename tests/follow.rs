@@ -329,6 +329,15 @@ async fn clone_follow_catches_up_a_live_source() {
         .await,
         0
     );
+    // The source's pgtide publication was never copied to the target.
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            "SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgtide%'"
+        )
+        .await,
+        0
+    );
 }
 
 /// Every transaction committed at or before endpos is applied, none after; a SIGKILL during

@@ -160,3 +160,126 @@ async fn sslmodes_against_a_tls_only_source() {
         "{out}"
     );
 }
+
+/// clone --follow from a source the role can only reach over TLS with a client certificate
+/// (pg_hba `hostssl … cert`), verify-full: the normal connections, the replication connection
+/// and pg_dump all use it. The same with a host name the certificate does not name is refused
+/// before anything is created.
+#[tokio::test(flavor = "multi_thread")]
+async fn clone_follow_over_tls_with_a_client_certificate() {
+    let (src, dst) = fresh_db_pair("t_tls_follow").await;
+    exec(
+        &admin_uri("source"),
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgtide_cert') THEN
+             CREATE ROLE pgtide_cert LOGIN SUPERUSER REPLICATION;
+           END IF;
+         END $$;",
+    )
+    .await;
+    exec(
+        &src,
+        "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'copied');",
+    )
+    .await;
+    let cert = std::env::var("PGTIDE_TEST_CLIENT_CERT")
+        .expect("PGTIDE_TEST_CLIENT_CERT: run scripts/test.sh");
+    let key = std::env::var("PGTIDE_TEST_CLIENT_KEY")
+        .expect("PGTIDE_TEST_CLIENT_KEY: run scripts/test.sh");
+    let cert_source = |host: &str| {
+        format!(
+            "postgres://pgtide_cert@{host}:{}/t_tls_follow?sslmode=verify-full&sslrootcert={}&sslcert={cert}&sslkey={key}",
+            source_port(),
+            ca()
+        )
+    };
+    let dir = workdir("tls-follow");
+    let d = dir.to_str().unwrap();
+    let wrong = cert_source("127.0.0.1");
+    let out = pgtide_fails(&[
+        "clone",
+        "--follow",
+        "--source",
+        &wrong,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--slot-name",
+        "t_tls_slot",
+    ]);
+    assert!(
+        out.contains("127.0.0.1") && out.to_lowercase().contains("certificate"),
+        "{out}"
+    );
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 't_tls_slot'"
+        )
+        .await,
+        0
+    );
+
+    let source = cert_source("localhost");
+    let child = spawn_pgtide(
+        &[
+            "clone",
+            "--follow",
+            "--source",
+            &source,
+            "--target",
+            &dst,
+            "--dir",
+            d,
+            "--slot-name",
+            "t_tls_slot",
+        ],
+        &[],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // The walsender serving pgtide runs over TLS.
+    while scalar_i64(
+        &admin_uri("source"),
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.usename = 'pgtide_cert' AND a.backend_type = 'walsender' AND s.ssl",
+    )
+    .await
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TLS walsender for pgtide"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    exec(&src, "INSERT INTO t SELECT g, 'streamed' FROM generate_series(2, 50) g; UPDATE t SET v = 'updated' WHERE id = 1;").await;
+    pgtide_ok(&[
+        "sentinel",
+        "set",
+        "endpos",
+        "--current",
+        "--dir",
+        d,
+        "--source",
+        &source,
+    ]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "clone --follow over TLS did not finish"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_identical(&src, &dst);
+    // pgtide's publication stays on the source: the target never gets a copy of it.
+    assert_eq!(
+        scalar_i64(&dst, "SELECT count(*) FROM pg_publication").await,
+        0
+    );
+    pgtide_ok(&["cleanup", "--source", &source, "--target", &dst, "--dir", d]);
+}

@@ -186,6 +186,18 @@ pub fn parse_toc(text: &str) -> Vec<TocEntry> {
         .collect()
 }
 
+/// pgtide's publications (`pgtide_<slot>`, invariant 8) exist on the source only: pg_dump
+/// sees them, the target must not get them.
+pub fn is_pgtide_publication(e: &TocEntry) -> bool {
+    // "PUBLICATION - <name> <owner>" and "PUBLICATION TABLE <schema> <name> <table> <owner>":
+    // the publication's name is the second word after the kind.
+    e.desc.starts_with("PUBLICATION")
+        && e.line
+            .split_once(e.desc.as_str())
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .is_some_and(|name| name.starts_with("pgtide_"))
+}
+
 /// Options of a pg_restore run.
 pub struct RestoreOptions<'a> {
     pub skip_object_oids: &'a HashSet<u32>,
@@ -205,6 +217,8 @@ pub async fn restore(dump_file: &Path, target: &ConnInfo, opts: &RestoreOptions<
                 .is_some_and(|oid| opts.skip_object_oids.contains(&oid));
         if skip {
             use_list.push_str(";pgtide builds it: ");
+        } else if is_pgtide_publication(e) {
+            use_list.push_str(";pgtide's own, source only: ");
         }
         use_list.push_str(&e.line);
         use_list.push('\n');
@@ -250,5 +264,17 @@ mod tests {
         assert_eq!(toc[1].desc, "CONSTRAINT");
         assert_eq!(toc[2].desc, "FK CONSTRAINT");
         assert_eq!(toc[3].desc, "MATERIALIZED VIEW DATA");
+    }
+
+    #[test]
+    fn pgtide_publications_are_left_out() {
+        let toc = parse_toc(
+            "3500; 6104 16430 PUBLICATION - pgtide_mig1 postgres\n3501; 6106 16431 PUBLICATION TABLE public pgtide_mig1 t postgres\n3502; 6104 16432 PUBLICATION - app_pub postgres\n3503; 6106 16433 PUBLICATION TABLE public app_pub pgtide_notes postgres\n",
+        );
+        assert!(is_pgtide_publication(&toc[0]));
+        assert!(is_pgtide_publication(&toc[1]));
+        assert!(!is_pgtide_publication(&toc[2]));
+        // A user's publication of a table whose name starts with pgtide_ is restored.
+        assert!(!is_pgtide_publication(&toc[3]));
     }
 }
