@@ -48,6 +48,9 @@ pub struct CheckOptions {
     pub drop_if_exists: bool,
     /// --replica-identity-full / --append-only, as follow will be given them.
     pub identity: crate::cli::IdentityArgs,
+    /// The clone's --no-owner / --no-acl: roles are then not needed on the target.
+    pub no_owner: bool,
+    pub no_acl: bool,
 }
 
 #[derive(Default)]
@@ -502,6 +505,54 @@ async fn target_checks(
                         .join(", ")
                 ),
                 "install their packages on the target server (e.g. postgresql-NN-<extension>)",
+            );
+        }
+    }
+    if let Some(src) = src {
+        // pg_restore sets owners and grants: every role they name must exist on the target.
+        let needed: Vec<String> = src
+            .query(
+                "WITH owners AS (
+                   SELECT c.relowner AS r FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+                   UNION SELECT nspowner FROM pg_namespace WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg_%'
+                 ), grantees AS (
+                   SELECT (aclexplode(c.relacl)).grantee AS r FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE c.relacl IS NOT NULL AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                   UNION SELECT (aclexplode(nspacl)).grantee FROM pg_namespace WHERE nspacl IS NOT NULL AND nspname NOT LIKE 'pg_%' AND nspname <> 'information_schema'
+                 )
+                 SELECT DISTINCT rolname::text FROM pg_roles
+                  WHERE oid IN (SELECT r FROM owners WHERE NOT $1 UNION SELECT r FROM grantees WHERE NOT $2)
+                  ORDER BY 1",
+                &[&opts.no_owner, &opts.no_acl],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let present: Vec<String> = dst
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)",
+                &[&needed],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let missing: Vec<&String> = needed.iter().filter(|r| !present.contains(r)).collect();
+        if missing.is_empty() {
+            r.ok(
+                "target roles",
+                format!("the {} roles owning or granted objects exist", needed.len()),
+            );
+        } else {
+            r.fail(
+                "target roles",
+                format!(
+                    "roles that own or are granted source objects are missing on the target: {}",
+                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                "create them on the target first (pg_dumpall --roles-only on the source, then psql on the target), or clone with --no-owner / --no-acl",
             );
         }
     }

@@ -109,6 +109,12 @@ pub struct CheckArgs {
     /// The clone will run with --drop-if-exists (a non-empty target is then a warning).
     #[arg(long)]
     pub drop_if_exists: bool,
+    /// The clone will run with --no-owner (owners' roles are then not needed on the target).
+    #[arg(long)]
+    pub no_owner: bool,
+    /// The clone will run with --no-acl (grantees are then not needed on the target).
+    #[arg(long)]
+    pub no_acl: bool,
 }
 
 #[derive(Args, Debug)]

@@ -108,9 +108,12 @@ impl SpoolWriter {
             records: 0,
         });
         let (tx, rx) = sync_channel(QUEUE_RECORDS);
+        let where_ = dir.display().to_string();
         let thread = std::thread::Builder::new()
             .name("pgtide-spool".into())
-            .spawn(move || write_loop(conn, rx, durable_tx, on_batch))?;
+            .spawn(move || {
+                write_loop(conn, rx, durable_tx, on_batch).map_err(|e| explain_full(e, &where_))
+            })?;
         Ok(SpoolWriter {
             tx: Some(tx),
             durable,
@@ -191,6 +194,26 @@ impl SpoolWriter {
             Some(Err(_)) => Err(anyhow!("the spool writer panicked")),
             None => Ok(()),
         }
+    }
+}
+
+/// A full disk is the one write error an operator can fix on the spot: say so, and what the
+/// state is (nothing past the last durable commit was acknowledged to the source).
+fn explain_full(e: anyhow::Error, dir: &str) -> anyhow::Error {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<rusqlite::Error>().is_some_and(|r| {
+            r.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+                || r.to_string().contains("disk is full")
+        }) || c
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+    });
+    if full {
+        anyhow!(
+            "the disk of the work dir {dir} is full: the spool cannot grow. Nothing past the last durable transaction was acknowledged to the source, whose slot keeps the rest. Free space on that disk (or let apply catch up and prune the spool), then rerun the same command: it continues where the spool ends, nothing lost."
+        )
+    } else {
+        e
     }
 }
 

@@ -224,3 +224,148 @@ async fn work_dir_of_another_migration_is_refused() {
     assert!(out.contains("belongs to another migration"), "{out}");
     assert_no_password(&out);
 }
+
+/// clone --follow runs the preflight before it creates anything: a source without
+/// wal_level=logical, a role without REPLICATION, a source whose slots are all used, and
+/// missing client tools are each named with their fix, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn clone_follow_preflight_names_each_hazard() {
+    let (src, dst) = fresh_db_pair("t_preflight").await;
+    exec(&src, "CREATE TABLE p (id int PRIMARY KEY)").await;
+    let dir = workdir("preflight");
+    let d = dir.to_str().unwrap();
+    let follow = |source: &str| {
+        vec![
+            "clone".to_string(),
+            "--follow".into(),
+            "--source".into(),
+            source.to_string(),
+            "--target".into(),
+            dst.clone(),
+            "--dir".into(),
+            d.to_string(),
+            "--slot-name".into(),
+            "t_preflight_slot".into(),
+        ]
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        pgtide_fails(&refs)
+    };
+
+    // wal_level: the target cluster (wal_level = replica) as the source.
+    let (replica_src, _) = (db_uri("target", "t_preflight"), ());
+    let out = run(follow(&replica_src));
+    assert!(
+        out.contains("wal_level") && out.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{out}"
+    );
+    assert!(out.contains("nothing was created"), "{out}");
+    assert_no_password(&out);
+
+    // A role without REPLICATION.
+    exec(
+        &admin_uri("source"),
+        &format!(
+            "DO $$ BEGIN
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 't_preflight_user') THEN
+                 CREATE ROLE t_preflight_user LOGIN PASSWORD '{}';
+               END IF;
+             END $$;",
+            password()
+        ),
+    )
+    .await;
+    exec(&src, "GRANT SELECT ON p TO t_preflight_user").await;
+    let (_, rest) = src.split_once('@').unwrap();
+    let limited = format!("postgres://t_preflight_user:{}@{rest}", password());
+    let out = run(follow(&limited));
+    assert!(
+        out.contains("neither REPLICATION nor SUPERUSER") && out.contains("REPLICATION"),
+        "{out}"
+    );
+    assert_no_password(&out);
+
+    // pg_dump / pg_restore not found.
+    let mut command = pgtide_command(&follow(&src).iter().map(String::as_str).collect::<Vec<_>>());
+    command.env("PGTIDE_PG_BIN", "/nonexistent/bin");
+    let out = command.output().unwrap();
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("local pg_dump") && all.contains("PGTIDE_PG_BIN"),
+        "{all}"
+    );
+
+    // Nothing of any attempt is left on the source, and the work dir takes a good run.
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 't_preflight_slot'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgtide_t_preflight%'"
+        )
+        .await,
+        0
+    );
+    // The role granted on the source is missing on the target: named before anything is created.
+    let out = pgtide_fails(&["clone", "--source", &src, "--target", &dst, "--dir", d]);
+    assert!(
+        out.contains("target roles")
+            && out.contains("t_preflight_user")
+            && out.contains("--no-acl"),
+        "{out}"
+    );
+    pgtide_ok(&[
+        "clone", "--no-acl", "--source", &src, "--target", &dst, "--dir", d,
+    ]);
+}
+
+/// A source whose replication slots are all in use: check and clone --follow say so, with the
+/// fix, before creating anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn slot_limit_reached_is_named() {
+    let server =
+        PrivateServer::start_with("slots", "wal_level = logical\nmax_replication_slots = 1\n");
+    let src = server.uri.clone();
+    exec(&src, "CREATE TABLE s (id int PRIMARY KEY)").await;
+    exec(
+        &src,
+        "SELECT pg_create_logical_replication_slot('someone_elses', 'pgoutput')",
+    )
+    .await;
+    let (_, dst) = fresh_db_pair("t_slots").await;
+    let dir = workdir("slots");
+    let d = dir.to_str().unwrap();
+    let out = pgtide_fails(&["check", "--source", &src, "--dir", d]);
+    assert!(
+        out.contains("FAIL  source replication slots") && out.contains("max_replication_slots"),
+        "{out}"
+    );
+    let out = pgtide_fails(&[
+        "clone",
+        "--follow",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--slot-name",
+        "t_slots_slot",
+    ]);
+    assert!(out.contains("all 1 replication slots are in use"), "{out}");
+    assert!(out.contains("max_replication_slots"), "{out}");
+    assert_no_password(&out);
+    assert_eq!(
+        scalar_i64(&src, "SELECT count(*) FROM pg_publication").await,
+        0,
+        "nothing was created"
+    );
+}

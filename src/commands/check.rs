@@ -21,6 +21,8 @@ pub async fn run(args: CheckArgs) -> Result<()> {
         dir: args.dir.clone(),
         drop_if_exists: args.drop_if_exists,
         identity: args.identity.clone(),
+        no_owner: args.no_owner,
+        no_acl: args.no_acl,
     };
     let findings = check::run(&opts).await;
     if args.json {

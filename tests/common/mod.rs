@@ -239,6 +239,11 @@ pub struct PrivateServer {
 
 impl PrivateServer {
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, "")
+    }
+
+    /// Starts a server with extra postgresql.conf lines.
+    pub fn start_with(name: &str, extra_conf: &str) -> Self {
         let bin = PathBuf::from(
             std::env::var("PGTIDE_PG_BIN")
                 .expect("PGTIDE_PG_BIN is not set: run the tests through scripts/test.sh"),
@@ -282,6 +287,7 @@ impl PrivateServer {
         );
         let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
         existing.push_str(&conf);
+        existing.push_str(extra_conf);
         std::fs::write(data.join("postgresql.conf"), existing).unwrap();
         let server = PrivateServer {
             uri: format!(
