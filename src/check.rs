@@ -668,10 +668,31 @@ fn free_disk(dir: &Path) -> Option<u64> {
 
 /// The FAIL-level checks, run by clone (and clone --follow) before it creates anything.
 pub async fn preflight(opts: &CheckOptions) -> Result<()> {
+    preflight_only(opts, |_| true).await
+}
+
+/// The checks that concern `pgtide follow` on an existing stream: both servers reachable,
+/// logical decoding and replication allowed on the source, replication origins on the target.
+pub async fn preflight_follow(opts: &CheckOptions) -> Result<()> {
+    preflight_only(opts, |check| {
+        matches!(
+            check,
+            "source connection"
+                | "target connection"
+                | "source wal_level"
+                | "source REPLICATION"
+                | "source wal senders"
+                | "target replication origin"
+        )
+    })
+    .await
+}
+
+async fn preflight_only(opts: &CheckOptions, concerns: impl Fn(&str) -> bool) -> Result<()> {
     let failed: Vec<Finding> = run(opts)
         .await
         .into_iter()
-        .filter(|f| f.level == Level::Fail)
+        .filter(|f| f.level == Level::Fail && concerns(&f.check))
         .collect();
     if failed.is_empty() {
         return Ok(());

@@ -369,3 +369,43 @@ async fn slot_limit_reached_is_named() {
         "nothing was created"
     );
 }
+
+/// A host name that does not resolve is named as such.
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_host_is_named() {
+    let dir = workdir("unknown-host");
+    let out = pgtide_fails(&[
+        "clone",
+        "--source",
+        "postgres://postgres:hunter2secret@no-such-host.invalid:5432/db",
+        "--target",
+        &db_uri("target", "postgres"),
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.contains("no-such-host.invalid"), "{out}");
+    assert!(!out.contains("hunter2secret"), "{out}");
+    assert_no_password(&out);
+}
+
+/// `pgtide follow` checks what concerns it (both servers, replication, origins) first.
+#[tokio::test(flavor = "multi_thread")]
+async fn follow_checks_its_servers_first() {
+    let (src, _) = fresh_db_pair("t_follow_check").await;
+    let dir = workdir("follow-check");
+    let out = pgtide_fails(&[
+        "follow",
+        "--source",
+        &src,
+        "--target",
+        "postgres://postgres:hunter2secret@127.0.0.1:1/db?connect_timeout=2",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("target connection") && out.contains("nothing was created"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2secret"), "{out}");
+    assert_no_password(&out);
+}

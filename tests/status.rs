@@ -213,6 +213,17 @@ async fn status_reports_backlog_lag_and_catch_up() {
     );
     pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
     assert_eq!(status(d, &src, &dst)["phase"], "done");
+    // A whole migration ran with the password in both URIs: no file pgtide wrote holds it.
+    let needle = password().into_bytes();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
+            "the password is in {}",
+            path.display()
+        );
+    }
 }
 
 /// `--log-format json` with debug logging on a clone whose URIs carry the password: every line

@@ -208,6 +208,21 @@ pub async fn run(args: FollowArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
     let workdir = WorkDir::open(&args.dir, "follow")?;
+    crate::check::preflight_follow(&crate::check::CheckOptions {
+        source: source.clone(),
+        target: Some(target.clone()),
+        plugin: Plugin::Pgoutput,
+        filters: Filters::default(),
+        online: true,
+        table_jobs: 0,
+        index_jobs: 0,
+        dir: args.dir.clone(),
+        drop_if_exists: true,
+        identity: Default::default(),
+        no_owner: true,
+        no_acl: true,
+    })
+    .await?;
     super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
     if let Some(endpos) = args.endpos {
         workdir.state.set_meta(ENDPOS_KEY, &endpos.to_string())?;
