@@ -92,6 +92,40 @@ async fn check_finds_each_hazard_with_its_fix() {
     assert!(out.contains("WARN") && out.contains("fix:"), "{out}");
     assert!(out.contains("all checks passed"), "{out}");
 
+    // wal2json asked for (it is installed on the test source), and a pgtide slot left by an
+    // earlier run: a warning with how to resume or clean up.
+    exec(
+        &src,
+        "SELECT pg_create_logical_replication_slot('pgtide_t_check_leftover', 'pgoutput')",
+    )
+    .await;
+    let out = pgtide_fails(&[
+        "check", "--plugin", "wal2json", "--source", &src, "--target", &dst, "--dir", d, "--json",
+    ]);
+    let all = findings(&out);
+    assert_eq!(finding(&all, "source wal2json")["level"], "OK");
+    let leftovers = finding(&all, "source earlier runs");
+    assert_eq!(leftovers["level"], "WARN");
+    assert!(
+        leftovers["message"]
+            .as_str()
+            .unwrap()
+            .contains("pgtide_t_check_leftover"),
+        "{leftovers}"
+    );
+    assert!(
+        leftovers["fix"]
+            .as_str()
+            .unwrap()
+            .contains("pgtide cleanup"),
+        "{leftovers}"
+    );
+    exec(
+        &src,
+        "SELECT pg_drop_replication_slot('pgtide_t_check_leftover')",
+    )
+    .await;
+
     // The source alone: a connection test that names the server version.
     let out = pgtide_ok(&["check", "--offline", "--source", &src, "--dir", d]);
     assert!(
