@@ -138,6 +138,18 @@ async fn traffic(src: &str, rounds: i64) {
         )
         .await
         .unwrap();
+    // A partitioned table: changes arrive for its leaf partitions, including an update that
+    // moves a row to another partition (a delete there and an insert here).
+    client
+        .batch_execute(
+            "INSERT INTO events SELECT i, date '2024-03-01' + (i % 30), 'live ' || i FROM generate_series(100001, 100100) i;
+             UPDATE events SET payload = payload || ' (seen)' WHERE id BETWEEN 100001 AND 100020;
+             UPDATE events SET created = date '2030-01-01' WHERE id = 100021;
+             DELETE FROM events WHERE id BETWEEN 100090 AND 100100;
+             UPDATE events SET payload = 'old row updated' WHERE id = 7;",
+        )
+        .await
+        .unwrap();
     // Rows of every hard-case type go through apply, in a table whose key is a GENERATED
     // ALWAYS identity and which has a generated column.
     client
