@@ -1023,6 +1023,9 @@ async fn replica_identity_full_and_append_only_tables() {
             "--replica-identity-full",
             "--append-only",
             "public.log",
+            // --resume on a work dir where nothing started yet starts the migration (what a
+            // supervisor restarting the same command relies on).
+            "--resume",
         ],
         &[],
     );

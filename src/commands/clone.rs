@@ -18,9 +18,12 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     }
     let workdir = WorkDir::open(&args.dir, "clone")?;
     super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
-    // A fresh start: every hazard that would stop this migration is reported now, before
-    // anything is created (a resume has its own checks: the work dir's identity).
-    if !args.resume && workdir.state.get_meta("clone.status")?.is_none() {
+    // A fresh start (also with --resume on an empty work dir, as a container restarting the
+    // same command does): every hazard that would stop this migration is reported now, before
+    // anything is created. A real resume has its own checks: the work dir's identity.
+    let fresh = workdir.state.get_meta("clone.status")?.is_none()
+        && workdir.state.get_meta("stream.slot")?.is_none();
+    if fresh {
         crate::check::preflight(&crate::check::CheckOptions {
             source: source.clone(),
             target: Some(target.clone()),
