@@ -202,6 +202,19 @@ async fn status_reports_backlog_lag_and_catch_up() {
         assert!(Instant::now() < deadline, "follow did not stop at endpos");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // --watch refreshes: off a terminal each refresh is appended.
+    let mut watch = pgtide_command(&[
+        "status", "--watch", "300ms", "--dir", d, "--source", &src, "--target", &dst,
+    ]);
+    watch.stdout(std::process::Stdio::piped());
+    let mut watching = watch.spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    watching.kill().unwrap();
+    let out = watching.wait_with_output().unwrap();
+    let refreshes = String::from_utf8_lossy(&out.stdout)
+        .matches("verdict")
+        .count();
+    assert!(refreshes >= 2, "--watch printed {refreshes} reports");
     let stopped = status(d, &src, &dst);
     assert_eq!(stopped["phase"], "stopped at endpos", "{stopped}");
     assert!(
