@@ -26,11 +26,31 @@ pub enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Preflight: every known hazard, found before anything is created (OK / WARN / FAIL with
+    /// the fix); with --source alone, a connection test that prints the server version.
+    Check(CheckArgs),
     /// Copy schema, data, indexes, constraints and sequences from source to target, consistent
     /// with one snapshot.
     Clone(CloneArgs),
+    /// Where a migration stands: phase, clone progress, positions, lag in bytes and seconds,
+    /// apply rate, and a verdict; from another shell while it runs, or after.
+    Status(StatusArgs),
+    /// Switch over: optionally fence writes on the source, pin endpos at its current position,
+    /// wait for apply to reach it, copy sequences, verify, and report the write downtime.
+    Cutover(CutoverArgs),
+    /// Continue a migration: spool the stream and apply it on the target until endpos.
+    Follow(FollowArgs),
+    /// Read or set endpos and the apply switch of a migration.
+    #[command(subcommand)]
+    Sentinel(SentinelCommand),
     /// Compare source and target table by table: row counts and content checksums.
     Verify(VerifyArgs),
+    /// Copy things logical replication does not carry.
+    #[command(subcommand)]
+    Copy(CopyCommand),
+    /// Drop the slot, the publication, the origin and the pgtide schema; mark the work dir
+    /// done. Safe to run twice.
+    Cleanup(CleanupArgs),
     /// Create the publication and a logical slot, print its exported snapshot and consistent
     /// LSN, and hold the snapshot until interrupted (for driving pg_dump or other tools).
     Snapshot(SnapshotArgs),
@@ -40,26 +60,6 @@ pub enum Command {
     /// Inspect the spool.
     #[command(subcommand)]
     Spool(SpoolCommand),
-    /// Continue a migration: spool the stream and apply it on the target until endpos.
-    Follow(FollowArgs),
-    /// Read or set endpos and the apply switch of a migration.
-    #[command(subcommand)]
-    Sentinel(SentinelCommand),
-    /// Drop the slot, the publication, the origin and the pgtide schema; mark the work dir
-    /// done. Safe to run twice.
-    Cleanup(CleanupArgs),
-    /// Copy things logical replication does not carry.
-    #[command(subcommand)]
-    Copy(CopyCommand),
-    /// Preflight: every known hazard, found before anything is created (OK / WARN / FAIL with
-    /// the fix); with --source alone, a connection test that prints the server version.
-    Check(CheckArgs),
-    /// Where a migration stands: phase, clone progress, positions, lag in bytes and seconds,
-    /// apply rate, and a verdict; from another shell while it runs, or after.
-    Status(StatusArgs),
-    /// Switch over: optionally fence writes on the source, pin endpos at its current position,
-    /// wait for apply to reach it, copy sequences, verify, and report the write downtime.
-    Cutover(CutoverArgs),
 }
 
 /// How tables without a primary key are published.
