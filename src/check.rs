@@ -260,10 +260,7 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
         );
     }
     if opts.online {
-        let append_only = match crate::commands::stream::append_only_tables(
-            &tables,
-            &opts.identity.append_only,
-        ) {
+        let append_only = match slot::append_only_tables(&tables, &opts.identity.append_only) {
             Ok(list) => list,
             Err(e) => {
                 r.fail(
@@ -293,7 +290,7 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
             .filter(|t| !append_only.contains(t))
             .cloned()
             .collect();
-        let missing = crate::commands::stream::tables_without_identity(src, &regular).await?;
+        let missing = slot::tables_without_identity(src, &regular).await?;
         let alter = missing
             .iter()
             .map(|t| format!("ALTER TABLE {t} REPLICA IDENTITY FULL;"))

@@ -227,16 +227,7 @@ async fn status_reports_backlog_lag_and_catch_up() {
     pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
     assert_eq!(status(d, &src, &dst)["phase"], "done");
     // A whole migration ran with the password in both URIs: no file pgtide wrote holds it.
-    let needle = password().into_bytes();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        let bytes = std::fs::read(&path).unwrap();
-        assert!(
-            !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
-            "the password is in {}",
-            path.display()
-        );
-    }
+    assert_no_file_holds_password(&dir);
 }
 
 /// `--log-format json` with debug logging on a clone whose URIs carry the password: every line
@@ -287,16 +278,7 @@ async fn json_logs_name_their_table_and_never_hold_the_password() {
     );
     assert!(!stderr.contains(&password()), "{stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&password()));
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        let bytes = std::fs::read(&path).unwrap();
-        let needle = password().into_bytes();
-        assert!(
-            !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
-            "the password is in {}",
-            path.display()
-        );
-    }
+    assert_no_file_holds_password(&dir);
 }
 
 /// During a (slowed) clone, status shows the copying phase, the parts in flight, tables done

@@ -428,35 +428,23 @@ fn where_clause(table: &TargetTable, key: &[usize], full: bool, n: &mut usize) -
 }
 
 impl Statements {
-    /// Queues one row statement; the pipeline is flushed when it is full.
-    async fn send(
+    /// Queues one statement with its parameters (text values of one row, or one text array
+    /// per column of a run); the pipeline is flushed when it is full.
+    async fn send<P>(
         &mut self,
         target: &Arc<Client>,
         statement: Statement,
-        params: Vec<Option<String>>,
+        params: Vec<P>,
         table: &TargetTable,
         what: &'static str,
         expect: Expect,
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        P: tokio_postgres::types::ToSql + Sync + Send + 'static,
+    {
         let client = target.clone();
-        self.queue(
-            Box::pin(async move { client.execute_raw(&statement, params).await }),
-            table,
-            what,
-            expect,
-        )
-        .await
-    }
-
-    async fn queue(
-        &mut self,
-        result: Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send>>,
-        table: &TargetTable,
-        what: &'static str,
-        expect: Expect,
-    ) -> Result<()> {
         self.pending.push(Pending {
-            result,
+            result: Box::pin(async move { client.execute_raw(&statement, params).await }),
             table: table.qualified.clone(),
             what,
             expect,
@@ -511,15 +499,8 @@ impl Statements {
             RunShape::Delete { .. } => ("a multi-row delete", Expect::Exactly(rows)),
         };
         let statement = self.statement(target, table, Shape::Run(run.shape)).await?;
-        let client = target.clone();
-        let params = run.values;
-        self.queue(
-            Box::pin(async move { client.execute_raw(&statement, params).await }),
-            table,
-            what,
-            expect,
-        )
-        .await
+        self.send(target, statement, run.values, table, what, expect)
+            .await
     }
 
     /// Drops queued statements whose transaction is being rolled back.

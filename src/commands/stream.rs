@@ -14,36 +14,13 @@ use crate::replication::stream::{self, Ended, ReceiveOptions};
 use crate::replication::{Plugin, slot};
 use crate::workdir::WorkDir;
 
-/// The published tables that have no primary key and no replica identity: once in a
-/// publication an UPDATE or DELETE on them fails on the source (and wal2json would silently
-/// drop them).
-pub async fn tables_without_identity(
-    client: &tokio_postgres::Client,
-    tables: &[(String, String)],
-) -> Result<Vec<String>> {
-    let names: Vec<String> = tables.iter().map(|(s, t)| pg::qualified(s, t)).collect();
-    let rows = client
-        .query(
-            "SELECT format('%I.%I', n.nspname, c.relname)
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind = 'r'
-               AND coalesce(pg_partition_root(c.oid), c.oid) = ANY($1::text[]::regclass[])
-               AND (c.relreplident = 'n'
-                    OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
-             ORDER BY 1",
-            &[&names],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
-}
-
 /// Refuses, before anything is created, to publish tables without a replica identity, naming
 /// each table and the fix.
 async fn refuse_tables_without_identity(
     client: &tokio_postgres::Client,
     tables: &[(String, String)],
 ) -> Result<()> {
-    let list = tables_without_identity(client, tables).await?;
+    let list = slot::tables_without_identity(client, tables).await?;
     if list.is_empty() {
         return Ok(());
     }
@@ -97,7 +74,7 @@ pub async fn prepare_source(
     pg::catalog::check_filters_name_real_objects(&client, filters).await?;
     let mut tables = slot::replicated_tables(&client, plugin == Plugin::Wal2json).await?;
     tables.retain(|(schema, table)| filters.includes_table(schema, table));
-    let append_only = append_only_tables(&tables, &identity.append_only)?;
+    let append_only = slot::append_only_tables(&tables, &identity.append_only)?;
     if !append_only.is_empty() && plugin != Plugin::Pgoutput {
         bail!(
             "--append-only needs --plugin pgoutput (it publishes those tables for INSERT and TRUNCATE only; wal2json has no publications)"
@@ -109,7 +86,7 @@ pub async fn prepare_source(
         .cloned()
         .collect();
     if identity.replica_identity_full {
-        for table in tables_without_identity(&client, &regular).await? {
+        for table in slot::tables_without_identity(&client, &regular).await? {
             client
                 .batch_execute(&format!("ALTER TABLE {table} REPLICA IDENTITY FULL"))
                 .await
@@ -155,29 +132,6 @@ pub async fn prepare_source(
         tables,
         publications,
     })
-}
-
-/// Resolves `--append-only` names (schema.table, or table in public) against the published
-/// tables; an unknown name is an error.
-pub fn append_only_tables(
-    tables: &[(String, String)],
-    names: &[String],
-) -> Result<Vec<(String, String)>> {
-    names
-        .iter()
-        .map(|name| {
-            let (schema, table) = name.split_once('.').unwrap_or(("public", name));
-            tables
-                .iter()
-                .find(|(s, t)| s == schema && t == table)
-                .cloned()
-                .ok_or_else(|| {
-                    anyhow!(
-                        "--append-only {name}: no such table among the published tables (give schema.table)"
-                    )
-                })
-        })
-        .collect()
 }
 
 pub async fn snapshot(args: SnapshotArgs) -> Result<()> {

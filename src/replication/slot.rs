@@ -229,3 +229,49 @@ pub async fn drop_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<b
         },
     }
 }
+
+/// The published tables that have no primary key and no replica identity: once in a
+/// publication an UPDATE or DELETE on them fails on the source (and wal2json would silently
+/// drop them).
+pub async fn tables_without_identity(
+    client: &tokio_postgres::Client,
+    tables: &[(String, String)],
+) -> Result<Vec<String>> {
+    let names: Vec<String> = tables.iter().map(|(s, t)| pg::qualified(s, t)).collect();
+    let rows = client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname)
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r'
+               AND coalesce(pg_partition_root(c.oid), c.oid) = ANY($1::text[]::regclass[])
+               AND (c.relreplident = 'n'
+                    OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+             ORDER BY 1",
+            &[&names],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+/// Resolves `--append-only` names (schema.table, or table in public) against the published
+/// tables; an unknown name is an error.
+pub fn append_only_tables(
+    tables: &[(String, String)],
+    names: &[String],
+) -> Result<Vec<(String, String)>> {
+    names
+        .iter()
+        .map(|name| {
+            let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+            tables
+                .iter()
+                .find(|(s, t)| s == schema && t == table)
+                .cloned()
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--append-only {name}: no such table among the published tables (give schema.table)"
+                    )
+                })
+        })
+        .collect()
+}

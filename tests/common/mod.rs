@@ -346,3 +346,17 @@ impl Drop for PrivateServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// No file of a work dir holds the test password (state.db, spool, dumps, lists, lock).
+pub fn assert_no_file_holds_password(dir: &Path) {
+    let needle = password().into_bytes();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
+            "the password is in {}",
+            path.display()
+        );
+    }
+}
