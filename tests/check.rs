@@ -283,4 +283,11 @@ fn invalid_endpos_is_named() {
     std::fs::write(dir.join("state.db"), b"").unwrap();
     let out = pgtide_fails(&["sentinel", "set", "endpos", "not-an-lsn", "--dir", d]);
     assert!(out.contains("invalid LSN \"not-an-lsn\""), "{out}");
+    // A valid endpos is set, and `none` clears it (a follower then keeps following).
+    pgtide_ok(&["sentinel", "set", "endpos", "16/B374D848", "--dir", d]);
+    let get = pgtide_ok_stdout(&["sentinel", "get", "--dir", d]);
+    assert!(get.contains("\"endpos\": \"16/B374D848\""), "{get}");
+    pgtide_ok(&["sentinel", "set", "endpos", "none", "--dir", d]);
+    let get = pgtide_ok_stdout(&["sentinel", "get", "--dir", d]);
+    assert!(get.contains("\"endpos\": null"), "{get}");
 }
