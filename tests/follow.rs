@@ -3,48 +3,9 @@
 
 mod common;
 
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn wait_exit(child: Child, secs: u64) -> std::process::Output {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut child = child;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("pgtide did not finish in {secs} s:\n{}", text(&out));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits until clone --follow has created its slot (its consistent point is recorded): changes
-/// made before that are part of the copy, not of the stream.
-fn wait_for_slot(dir: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let recorded = rusqlite::Connection::open(dir.join("state.db"))
-            .and_then(|c| {
-                c.query_row(
-                    "SELECT count(*) FROM meta WHERE key = 'stream.startpos'",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-            })
-            .unwrap_or(0);
-        if recorded == 1 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the slot was never created");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Tricky values: quotes, backslashes, bytea, bigints above 2^53, numeric(38,10), NaN and
 /// ±Infinity, NULLs that are updated and deleted again.
@@ -366,18 +327,7 @@ async fn endpos_is_exact_and_apply_survives_sigkill() {
     let d = dir.to_str().unwrap();
     // The copy is slowed so that the changes and the endpos are in place before apply starts.
     let child = spawn_pgtide(
-        &[
-            "clone",
-            "--follow",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--slot-name",
-            "t_follow_endpos_slot",
-        ],
+        &clone_follow_args(&src, &dst, d, "t_follow_endpos_slot"),
         &[("FAILPOINTS", "copy.before_commit=sleep(2000)")],
     );
     wait_for_slot(&dir);
@@ -453,18 +403,7 @@ async fn schema_drift_stops_apply_with_the_fix() {
     let dir = workdir("follow-drift");
     let d = dir.to_str().unwrap();
     let child = spawn_pgtide(
-        &[
-            "clone",
-            "--follow",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--slot-name",
-            "t_follow_drift_slot",
-        ],
+        &clone_follow_args(&src, &dst, d, "t_follow_drift_slot"),
         &[],
     );
     wait_for_slot(&dir);
@@ -513,18 +452,7 @@ async fn apply_reconnects_after_losing_the_target() {
     let dir = workdir("follow-lost");
     let d = dir.to_str().unwrap();
     let child = spawn_pgtide(
-        &[
-            "clone",
-            "--follow",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--slot-name",
-            "t_follow_lost_slot",
-        ],
+        &clone_follow_args(&src, &dst, d, "t_follow_lost_slot"),
         &[("FAILPOINTS", "apply.before_commit=sleep(300)")],
     );
     wait_for_slot(&dir);
@@ -759,21 +687,7 @@ async fn cutover_fences_catches_up_verifies_and_unfences_on_failure() {
     let app_src = app_uri(&src);
     let dir = workdir("cutover");
     let d = dir.to_str().unwrap();
-    let child = spawn_pgtide(
-        &[
-            "clone",
-            "--follow",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--slot-name",
-            "t_cutover_slot",
-        ],
-        &[],
-    );
+    let child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "t_cutover_slot"), &[]);
     wait_for_slot(&dir);
     // The application writes until the fence stops it.
     let app = connect(&app_src).await;
@@ -905,18 +819,7 @@ async fn apply_survives_a_target_restart() {
     let dir = workdir("follow-restart");
     let d = dir.to_str().unwrap();
     let child = spawn_pgtide(
-        &[
-            "clone",
-            "--follow",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--slot-name",
-            "t_restart_slot",
-        ],
+        &clone_follow_args(&src, &dst, d, "t_restart_slot"),
         &[("FAILPOINTS", "apply.before_commit=sleep(200)")],
     );
     wait_for_slot(&dir);

@@ -264,16 +264,7 @@ async fn clone_follow_over_tls_with_a_client_certificate() {
         "--source",
         &source,
     ]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let mut child = child;
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "clone --follow over TLS did not finish"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = wait_exit(child, 120);
     assert!(out.status.success(), "{}", text(&out));
     assert_identical(&src, &dst);
     // pgtide's publication stays on the source: the target never gets a copy of it.

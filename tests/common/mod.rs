@@ -360,3 +360,66 @@ pub fn assert_no_file_holds_password(dir: &Path) {
         );
     }
 }
+
+/// `clone --follow --source S --target T --dir D --slot-name SLOT`, the start of most follow tests.
+pub fn clone_follow_args<'a>(
+    src: &'a str,
+    dst: &'a str,
+    dir: &'a str,
+    slot: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "clone",
+        "--follow",
+        "--source",
+        src,
+        "--target",
+        dst,
+        "--dir",
+        dir,
+        "--slot-name",
+        slot,
+    ]
+}
+
+/// Waits for a pgtide child to exit (killing it after `secs`) and returns its output.
+pub fn wait_exit(child: std::process::Child, secs: u64) -> std::process::Output {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut child = child;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("pgtide did not finish in {secs} s:\n{}", text(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Waits until clone --follow has created its slot (its consistent point is recorded): changes
+/// made before that are part of the copy, not of the stream.
+pub fn wait_for_slot(dir: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let recorded = rusqlite::Connection::open(dir.join("state.db"))
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM meta WHERE key = 'stream.startpos'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .unwrap_or(0);
+        if recorded == 1 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was never created"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
