@@ -53,6 +53,27 @@ pub struct CheckOptions {
     pub no_acl: bool,
 }
 
+impl CheckOptions {
+    /// An online check of these servers with no jobs, filters or options; callers set what
+    /// their command was given.
+    pub fn new(source: ConnInfo, target: Option<ConnInfo>, dir: PathBuf) -> Self {
+        CheckOptions {
+            source,
+            target,
+            plugin: Plugin::Pgoutput,
+            filters: Filters::default(),
+            online: true,
+            table_jobs: 0,
+            index_jobs: 0,
+            dir,
+            drop_if_exists: false,
+            identity: Default::default(),
+            no_owner: false,
+            no_acl: false,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Report(Vec<Finding>);
 
@@ -117,7 +138,8 @@ pub async fn run(opts: &CheckOptions) -> Vec<Finding> {
                         "see the error",
                     );
                 }
-                if let (Some(src), Ok(budget)) = (source.as_ref(), connection_budget(opts)) {
+                if let Some(src) = source.as_ref() {
+                    let budget = (opts.table_jobs + opts.index_jobs + 2) as i64;
                     for (side, client) in [("source", src), ("target", &dst)] {
                         if let Err(e) = connections_check(&mut report, side, client, budget).await {
                             report.fail(side, format!("{e:#}"), "see the error");
@@ -136,10 +158,6 @@ pub async fn run(opts: &CheckOptions) -> Vec<Finding> {
         local_checks(&mut report, major, source_size, opts).await;
     }
     report.0
-}
-
-fn connection_budget(opts: &CheckOptions) -> Result<i64> {
-    Ok((opts.table_jobs + opts.index_jobs + 2) as i64)
 }
 
 async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Result<(u32, i64)> {

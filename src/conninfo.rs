@@ -19,6 +19,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, Error as TlsError, SignatureScheme};
 
+/// What `redacted()` writes where a password was.
+const REDACTED: &str = "****";
+
 /// libpq's sslmode values; verify-ca and verify-full are enforced by our rustls verifiers
 /// because tokio-postgres only knows disable/prefer/require.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,8 +204,18 @@ impl ConnInfo {
     }
 
     /// A URI safe to print: the password, if any, is shown as `****`.
+    /// Parses a connection string recorded with `redacted()`: the password placeholder is
+    /// dropped, so the password comes from PGPASSWORD or ~/.pgpass as for any URI without one.
+    pub fn parse_recorded(recorded: &str) -> Result<Self> {
+        Self::parse(&recorded.replacen(&format!(":{REDACTED}@"), "@", 1))
+    }
+
     pub fn redacted(&self) -> String {
-        let password = if self.password.is_some() { ":****" } else { "" };
+        let password = if self.password.is_some() {
+            format!(":{REDACTED}")
+        } else {
+            String::new()
+        };
         let host = if self.is_unix_socket() {
             String::new()
         } else {
@@ -817,6 +830,28 @@ mod tests {
             env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
         })
         .unwrap()
+    }
+
+    #[test]
+    fn a_recorded_uri_comes_back_without_its_placeholder() {
+        let original = parse_with_env(
+            "postgres://al:secret@db.example.com:6543/app?sslmode=require",
+            &[],
+        );
+        let recorded = original.redacted();
+        assert!(!recorded.contains("secret"), "{recorded}");
+        let back = ConnInfo::parse_recorded(&recorded).unwrap();
+        assert_eq!(
+            (
+                back.user.as_str(),
+                back.host.as_str(),
+                back.port,
+                back.dbname.as_str()
+            ),
+            ("al", "db.example.com", 6543, "app")
+        );
+        assert_eq!(back.sslmode, SslMode::Require);
+        assert_ne!(back.password.as_deref(), Some(REDACTED));
     }
 
     #[test]

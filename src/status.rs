@@ -81,8 +81,7 @@ impl Servers {
                 .get_meta(key)
                 .ok()
                 .flatten()
-                .map(|uri| uri.replace(":****@", "@"))
-                .and_then(|uri| ConnInfo::parse(&uri).ok())
+                .and_then(|uri| ConnInfo::parse_recorded(&uri).ok())
         };
         Servers {
             source: source

@@ -181,19 +181,10 @@ async fn clone_follow_catches_up_a_live_source() {
     // Slow every copied part a little so that the traffic overlaps the copy.
     let child = spawn_pgtide(
         &[
-            "clone",
-            "--follow",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--slot-name",
-            "t_follow_slot",
-            "--table-jobs",
-            "2",
-        ],
+            clone_follow_args(&src, &dst, d, "t_follow_slot"),
+            vec!["--table-jobs", "2"],
+        ]
+        .concat(),
         &[("FAILPOINTS", "copy.before_commit=sleep(150)")],
     );
     wait_for_slot(&dir);
@@ -912,24 +903,18 @@ async fn replica_identity_full_and_append_only_tables() {
         0
     );
     let child = spawn_pgtide(
+        // --resume on a work dir where nothing started yet starts the migration (what a
+        // supervisor restarting the same command relies on).
         &[
-            "clone",
-            "--follow",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--slot-name",
-            "t_identity_slot",
-            "--replica-identity-full",
-            "--append-only",
-            "public.log",
-            // --resume on a work dir where nothing started yet starts the migration (what a
-            // supervisor restarting the same command relies on).
-            "--resume",
-        ],
+            clone_follow_args(&src, &dst, d, "t_identity_slot"),
+            vec![
+                "--replica-identity-full",
+                "--append-only",
+                "public.log",
+                "--resume",
+            ],
+        ]
+        .concat(),
         &[],
     );
     wait_for_slot(&dir);

@@ -64,19 +64,10 @@ async fn status_reports_backlog_lag_and_catch_up() {
     // Every apply commit waits 1.5 s: a backlog builds up and drains in a few batches.
     let child = spawn_pgtide(
         &[
-            "clone",
-            "--follow",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--slot-name",
-            "t_status_slot",
-            "--metrics-addr",
-            &metrics_addr,
-        ],
+            clone_follow_args(&src, &dst, d, "t_status_slot"),
+            vec!["--metrics-addr", &metrics_addr],
+        ]
+        .concat(),
         &[("FAILPOINTS", "apply.before_commit=sleep(1500)")],
     );
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -25,18 +25,19 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         && workdir.state.get_meta("stream.slot")?.is_none();
     if fresh {
         crate::check::preflight(&crate::check::CheckOptions {
-            source: source.clone(),
-            target: Some(target.clone()),
-            plugin: Plugin::Pgoutput,
             filters: filters.clone(),
             online: args.follow,
             table_jobs: args.table_jobs,
             index_jobs: args.index_jobs,
-            dir: args.dir.clone(),
             drop_if_exists: args.drop_if_exists,
             identity: args.identity.clone(),
             no_owner: args.no_owner,
             no_acl: args.no_acl,
+            ..crate::check::CheckOptions::new(
+                source.clone(),
+                Some(target.clone()),
+                args.dir.clone(),
+            )
         })
         .await?;
     }

@@ -171,9 +171,7 @@ pub async fn apply_until_endpos(
     endpos_poller.abort();
     recorder.abort();
     if let Ok(applied) = &applied {
-        let p = *progress.borrow();
-        state.set_meta("apply.applied_lsn", &p.applied.to_string())?;
-        state.set_meta("apply.durable_lsn", &p.durable.to_string())?;
+        record_progress(&state, &progress.borrow())?;
         state.set_phase("stopped at endpos")?;
         state.set_meta("sentinel.applied_lsn", &applied.to_string())?;
         if let Some(endpos) = *stop.endpos.borrow() {
@@ -197,6 +195,12 @@ pub async fn apply_until_endpos(
     Ok(applied)
 }
 
+/// What status and the metrics read of apply: the durable position and a rate sample.
+fn record_progress(state: &StateDb, p: &Progress) -> Result<()> {
+    state.set_meta("apply.durable_lsn", &p.durable.to_string())?;
+    state.apply_sample(std::process::id(), p.changes, p.transactions, p.applied.0)
+}
+
 fn read_endpos(state: &StateDb) -> Result<Option<Lsn>> {
     match state.get_meta(ENDPOS_KEY)? {
         Some(text) => Ok(Some(text.parse().map_err(|e: String| anyhow!(e))?)),
@@ -208,20 +212,11 @@ pub async fn run(args: FollowArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
     let workdir = WorkDir::open(&args.dir, "follow")?;
-    crate::check::preflight_follow(&crate::check::CheckOptions {
-        source: source.clone(),
-        target: Some(target.clone()),
-        plugin: Plugin::Pgoutput,
-        filters: Filters::default(),
-        online: true,
-        table_jobs: 0,
-        index_jobs: 0,
-        dir: args.dir.clone(),
-        drop_if_exists: true,
-        identity: Default::default(),
-        no_owner: true,
-        no_acl: true,
-    })
+    crate::check::preflight_follow(&crate::check::CheckOptions::new(
+        source.clone(),
+        Some(target.clone()),
+        args.dir.clone(),
+    ))
     .await?;
     super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
     if let Some(endpos) = args.endpos {
