@@ -25,6 +25,11 @@ const QUEUE_RECORDS: usize = 20_000;
 /// The most records one SQLite transaction takes.
 const BATCH_RECORDS: usize = 50_000;
 
+/// Payload bytes one `SpoolReader::read` returns at most (beyond its first record).
+const READ_BYTES: usize = 64 << 20;
+/// Records one pruning statement deletes: short write transactions, the writer never waits
+/// long.
+const PRUNE_CHUNK: usize = 5_000;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS changes (
     seq     INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: readers keep their place across pruning
@@ -328,7 +333,18 @@ impl SpoolReader {
                 payload: Bytes::from(r.get::<_, Vec<u8>>(3)?),
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        // Wide rows: stop at READ_BYTES (at least one record), memory stays bounded.
+        let mut read = Vec::new();
+        let mut bytes = 0;
+        for row in rows {
+            let row = row?;
+            bytes += row.payload.len();
+            read.push(row);
+            if bytes >= READ_BYTES {
+                break;
+            }
+        }
+        Ok(read)
     }
 
     /// The sequence number of the last record of the transaction whose commit ended at
@@ -353,12 +369,26 @@ impl SpoolReader {
 
     /// Removes whole transactions whose commit ended at or before `applied` (the target's
     /// durable position: invariant 1); relation descriptions are kept for what follows.
+    /// Deletes in chunks, each its own SQLite transaction: a pruned 40-million-row
+    /// transaction never holds the write lock longer than the writer's busy timeout.
     pub fn prune_through(&self, applied: Lsn) -> Result<usize> {
-        Ok(self.conn.execute(
-            "DELETE FROM changes WHERE kind <> 'relation' AND seq <= coalesce(
-                (SELECT max(seq) FROM changes WHERE end_lsn IS NOT NULL AND end_lsn <= ?1), 0)",
+        let through: i64 = self.conn.query_row(
+            "SELECT coalesce(max(seq), 0) FROM changes WHERE end_lsn IS NOT NULL AND end_lsn <= ?1",
             [applied.0 as i64],
-        )?)
+            |r| r.get(0),
+        )?;
+        let mut stmt = self.conn.prepare_cached(
+            "DELETE FROM changes WHERE seq IN (
+                SELECT seq FROM changes WHERE kind <> 'relation' AND seq <= ?1 ORDER BY seq LIMIT ?2)",
+        )?;
+        let mut pruned = 0;
+        loop {
+            let deleted = stmt.execute(params![through, PRUNE_CHUNK as i64])?;
+            pruned += deleted;
+            if deleted < PRUNE_CHUNK {
+                return Ok(pruned);
+            }
+        }
     }
 }
 
@@ -428,6 +458,53 @@ mod tests {
             after.iter().map(|s| s.lsn.0).collect::<Vec<_>>(),
             vec![30, 31, 32]
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A transaction larger than a pruning chunk is pruned whole (in several short write
+    /// transactions), its relation description kept; a read of wide records stops at
+    /// READ_BYTES.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn big_transactions_prune_in_chunks_and_wide_reads_are_capped() {
+        let dir = std::env::temp_dir().join(format!("pgtide-spool-chunks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = SpoolWriter::open(&dir, Box::new(|_| {})).unwrap();
+        let inserts = 3 * PRUNE_CHUNK as u64 + 7;
+        w.append(rec(10, "begin", None)).unwrap();
+        w.append(rec(11, "relation", None)).unwrap();
+        for i in 0..inserts {
+            w.append(rec(12 + i, "insert", None)).unwrap();
+        }
+        let end = 12 + inserts;
+        w.append(rec(end, "commit", Some(end + 1))).unwrap();
+        let wide = Bytes::from(vec![b'w'; 40 << 20]);
+        w.append(rec(end + 10, "begin", None)).unwrap();
+        for i in 0..3 {
+            w.append(Record {
+                payload: wide.clone(),
+                ..rec(end + 11 + i, "insert", None)
+            })
+            .unwrap();
+        }
+        w.append(rec(end + 20, "commit", Some(end + 21))).unwrap();
+        w.sync().await.unwrap();
+        w.close().unwrap();
+        let reader = SpoolReader::open(&dir).unwrap();
+        assert_eq!(
+            reader.prune_through(Lsn(end + 1)).unwrap(),
+            inserts as usize + 2,
+            "begin, inserts and commit pruned; the relation kept"
+        );
+        assert_eq!(reader.relations_before(i64::MAX).unwrap().len(), 1);
+        let first = reader.read(0, Lsn(0), 100).unwrap();
+        assert_eq!(
+            first.len(),
+            4,
+            "relation, begin, then two 40 MB records reach the cap"
+        );
+        let rest = reader.read(first.last().unwrap().seq, Lsn(0), 100).unwrap();
+        assert_eq!(rest.len(), 2, "the third wide record and the commit");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -58,7 +58,9 @@ pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Clien
         .batch_execute(
             "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
              SET bytea_output = 'hex'; SET extra_float_digits = 1; SET statement_timeout = 0; \
-             SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0",
+             SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+             SELECT set_config('idle_session_timeout', '0', false) \
+             WHERE current_setting('server_version_num')::int >= 140000",
         )
         .await
         .map_err(|e| {
