@@ -10,6 +10,7 @@
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result, anyhow};
@@ -22,8 +23,14 @@ use crate::pg::Lsn;
 /// Records queued to the writer before the receiver waits (bounds memory: ~ this many
 /// messages in flight).
 const QUEUE_RECORDS: usize = 20_000;
+/// Payload bytes queued to the writer before the receiver waits: with wide rows the record
+/// bound alone would let gigabytes wait in memory (invariant 4).
+const QUEUE_BYTES: usize = 64 << 20;
 /// The most records one SQLite transaction takes.
 const BATCH_RECORDS: usize = 50_000;
+/// The most payload bytes one SQLite transaction takes: the write lock is held briefly, so
+/// apply's pruning (the other writer) never waits out its busy timeout behind wide rows.
+const BATCH_BYTES: usize = 32 << 20;
 
 /// Payload bytes one `SpoolReader::read` returns at most (beyond its first record).
 const READ_BYTES: usize = 64 << 20;
@@ -94,6 +101,40 @@ pub struct SpoolWriter {
     durable: watch::Receiver<Durable>,
     thread: Option<JoinHandle<Result<()>>>,
     sent: u64,
+    queued: Arc<QueuedBytes>,
+}
+
+/// Payload bytes handed to the writer thread and not yet written: the receiver waits while
+/// they exceed QUEUE_BYTES.
+#[derive(Default)]
+struct QueuedBytes {
+    bytes: Mutex<usize>,
+    written: Condvar,
+}
+
+impl QueuedBytes {
+    /// Counts a payload in, first waiting (blocking) until the queue is below its budget.
+    fn add(&self, n: usize) {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        while *bytes > QUEUE_BYTES {
+            bytes = self
+                .written
+                .wait_timeout(bytes, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *bytes += n;
+    }
+
+    fn remove(&self, n: usize) {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        *bytes = bytes.saturating_sub(n);
+        self.written.notify_all();
+    }
+
+    fn over_budget(&self) -> bool {
+        *self.bytes.lock().unwrap_or_else(|e| e.into_inner()) > QUEUE_BYTES
+    }
 }
 
 impl SpoolWriter {
@@ -114,16 +155,22 @@ impl SpoolWriter {
         });
         let (tx, rx) = sync_channel(QUEUE_RECORDS);
         let where_ = dir.display().to_string();
+        let queued = Arc::new(QueuedBytes::default());
+        let written = queued.clone();
         let thread = std::thread::Builder::new()
             .name("pgtide-spool".into())
             .spawn(move || {
-                write_loop(conn, rx, durable_tx, on_batch).map_err(|e| explain_full(e, &where_))
+                let result = write_loop(conn, rx, durable_tx, on_batch, &written);
+                // A stopped writer must not leave the receiver waiting for room.
+                written.remove(usize::MAX);
+                result.map_err(|e| explain_full(e, &where_))
             })?;
         Ok(SpoolWriter {
             tx: Some(tx),
             durable,
             thread: Some(thread),
             sent: 0,
+            queued,
         })
     }
 
@@ -154,6 +201,13 @@ impl SpoolWriter {
 
     pub fn append(&mut self, record: Record) -> Result<()> {
         self.sent += 1;
+        let bytes = record.payload.len();
+        if self.queued.over_budget() {
+            self.check_alive()?;
+            tokio::task::block_in_place(|| self.queued.add(bytes));
+        } else {
+            self.queued.add(bytes);
+        }
         self.send(Command::Append(record))
     }
 
@@ -227,6 +281,7 @@ fn write_loop(
     rx: Receiver<Command>,
     durable_tx: watch::Sender<Durable>,
     on_batch: Box<dyn Fn(u64) + Send>,
+    queued: &QueuedBytes,
 ) -> Result<()> {
     let mut records = 0u64;
     let mut commit_end = durable_tx.borrow().commit_end;
@@ -239,6 +294,7 @@ fn write_loop(
             )?;
             let mut next = Some(first);
             let mut n = 0;
+            let mut bytes = 0;
             while let Some(command) = next.take() {
                 match command {
                     Command::Append(r) => {
@@ -253,13 +309,15 @@ fn write_loop(
                             commit_end = commit_end.max(end);
                         }
                         records += 1;
+                        bytes += r.payload.len();
+                        queued.remove(r.payload.len());
                     }
                     Command::RollbackToCommit => {
                         rollback_to_last_commit(&tx)?;
                     }
                 }
                 n += 1;
-                if n < BATCH_RECORDS {
+                if n < BATCH_RECORDS && bytes < BATCH_BYTES {
                     next = rx.try_recv().ok();
                 }
             }

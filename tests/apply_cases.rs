@@ -280,3 +280,63 @@ async fn flip_flop_updates_on_full_identity_partitions() {
         pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
     }
 }
+
+/// The peak resident memory (VmHWM) of a running process in MiB, None once it has exited.
+fn peak_rss_mib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()?;
+    Some(kb / 1024)
+}
+
+/// Item 6 and invariant 4: one transaction of 1,100 rows of 512 kB bytea (1.1 GB as text) is
+/// applied in statements capped in bytes (one statement of it would pass the server's 1 GB
+/// message limit) and pgtide's memory stays bounded whatever the rows' width.
+#[tokio::test(flavor = "multi_thread")]
+async fn wide_rows_are_applied_in_bounded_statements_and_memory() {
+    let (src, dst) = fresh_db_pair("t_apply_wide").await;
+    exec(
+        &src,
+        "CREATE TABLE wide (id int PRIMARY KEY, b bytea); INSERT INTO wide VALUES (0, '\\x00');",
+    )
+    .await;
+    let dir = workdir("apply-wide");
+    let d = dir.to_str().unwrap();
+    let child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "t_apply_wide_slot"), &[]);
+    let pid = child.id();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watcher = {
+        let peak = peak.clone();
+        std::thread::spawn(move || {
+            loop {
+                let Some(now) = peak_rss_mib(pid) else {
+                    return;
+                };
+                peak.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    wait_for_slot(&dir);
+    exec(
+        &src,
+        "INSERT INTO wide SELECT g, decode(repeat(lpad(to_hex(g), 8, '0'), 131072), 'hex')
+           FROM generate_series(1, 1100) g;
+         DELETE FROM wide WHERE id % 100 = 0;",
+    )
+    .await;
+    finish_at_current_position(child, &src, d);
+    watcher.join().unwrap();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("pgtide peak RSS: {peak} MiB");
+    assert!(peak > 0, "the process was never measured");
+    assert!(peak < 800, "pgtide's peak RSS was {peak} MiB");
+    assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM wide").await, 1089);
+    assert_identical(&src, &dst);
+    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+}
