@@ -340,3 +340,112 @@ async fn wide_rows_are_applied_in_bounded_statements_and_memory() {
     assert_identical(&src, &dst);
     pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
 }
+
+/// Item 9: a column dropped on both sides, then pgtide killed and restarted: apply reads the
+/// spool's relation descriptions again and must use the last one of each table, not stop on
+/// the stale one that still names the dropped column (nor on a table dropped since).
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_after_a_dropped_column_and_table() {
+    let (src, dst) = fresh_db_pair("t_apply_dropcol").await;
+    exec(
+        &src,
+        "CREATE TABLE t (id int PRIMARY KEY, a int, b int); INSERT INTO t VALUES (0, 0, 0);
+         CREATE TABLE gone (id int PRIMARY KEY); INSERT INTO gone VALUES (0);",
+    )
+    .await;
+    let dir = workdir("apply-dropcol");
+    let d = dir.to_str().unwrap();
+    let mut child = spawn_pgtide(
+        &clone_follow_args(&src, &dst, d, "t_apply_dropcol_slot"),
+        &[],
+    );
+    wait_for_slot(&dir);
+    exec(
+        &src,
+        "INSERT INTO t VALUES (1, 1, 1); INSERT INTO gone VALUES (1);",
+    )
+    .await;
+    wait_until_applied(&dst, "SELECT count(*) FROM t WHERE id = 1").await;
+    wait_until_applied(&dst, "SELECT count(*) FROM gone WHERE id = 1").await;
+    // The operator changes both sides, target first.
+    exec(&dst, "ALTER TABLE t DROP COLUMN b; DROP TABLE gone").await;
+    exec(&src, "ALTER TABLE t DROP COLUMN b; DROP TABLE gone").await;
+    exec(
+        &src,
+        "INSERT INTO t VALUES (2, 2); UPDATE t SET a = 5 WHERE id = 0",
+    )
+    .await;
+    wait_until_applied(&dst, "SELECT count(*) FROM t WHERE id = 2").await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    exec(
+        &src,
+        "INSERT INTO t VALUES (3, 3); UPDATE t SET a = 6 WHERE id = 1",
+    )
+    .await;
+    let end = current_lsn(&src).await;
+    let out = pgtide_ok(&[
+        "follow", "--source", &src, "--target", &dst, "--dir", d, "--endpos", &end,
+    ]);
+    assert!(out.contains("reached endpos"), "{out}");
+    assert_identical(&src, &dst);
+    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+}
+
+/// Item 10: `TRUNCATE parent CASCADE` committed between the slot's snapshot and the resync
+/// snapshot of the child (clone --follow killed before the child was copied, then resumed):
+/// the child's fresh copy already reflects the truncate and the rows inserted after it; the
+/// replayed truncate must not empty it again (nor fail on the foreign key between them).
+#[tokio::test(flavor = "multi_thread")]
+async fn truncate_cascade_before_a_resynced_child_keeps_its_copy() {
+    let (src, dst) = fresh_db_pair("t_apply_trunc").await;
+    exec(
+        &src,
+        "CREATE TABLE parent (id int PRIMARY KEY, pad text);
+         CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent);
+         INSERT INTO parent SELECT g, repeat('p', 200) FROM generate_series(1, 20000) g;
+         INSERT INTO child SELECT g, g FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let dir = workdir("apply-trunc");
+    let d = dir.to_str().unwrap();
+    // One table at a time, largest (parent) first; each part lingers after its commit.
+    let mut child = spawn_pgtide(
+        &[
+            clone_follow_args(&src, &dst, d, "t_apply_trunc_slot"),
+            vec!["--table-jobs", "1"],
+        ]
+        .concat(),
+        &[("FAILPOINTS", "copy.after_commit=sleep(3000)")],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while parts_done(&dir) < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the parent was never copied"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    exec(
+        &src,
+        "TRUNCATE parent CASCADE;
+         INSERT INTO parent VALUES (1, 'after'), (2, 'after');
+         INSERT INTO child VALUES (1, 1), (2, 2), (3, 1);",
+    )
+    .await;
+    let child = spawn_pgtide(
+        &[
+            clone_follow_args(&src, &dst, d, "t_apply_trunc_slot"),
+            vec!["--resume"],
+        ]
+        .concat(),
+        &[],
+    );
+    exec(&src, "INSERT INTO child VALUES (4, 2)").await;
+    finish_at_current_position(child, &src, d);
+    assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM child").await, 4);
+    assert_identical(&src, &dst);
+    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+}

@@ -366,6 +366,7 @@ impl Applier<'_> {
                 for oid in &relations {
                     self.describe_pending(*oid).await?;
                 }
+                let listed = relations.len();
                 let relations: Vec<u32> = relations
                     .into_iter()
                     .filter(|oid| !self.in_copy(*oid))
@@ -374,17 +375,26 @@ impl Applier<'_> {
                     return Ok(Step::Continue);
                 }
                 self.send_queued().await?;
-                // Never CASCADE on the target: the source already lists every table its
-                // cascade emptied, and a table resynced after the truncate (left out above)
-                // must keep its copy. The same rule as native logical replication.
-                let change = Change::Truncate {
-                    relations,
-                    cascade: false,
-                    restart_identity,
-                };
-                self.statements
-                    .apply(self.target, &self.tables, &change)
-                    .await?;
+                if relations.len() < listed {
+                    // A table of this truncate was resynced after it and keeps its copy; a
+                    // TRUNCATE of the others alone would be refused by the foreign keys
+                    // between them. Emptied row by row instead (foreign keys are not checked
+                    // in the apply session): the same final state.
+                    self.statements
+                        .delete_all(self.target, &self.tables, &relations)
+                        .await?;
+                } else {
+                    // Never CASCADE on the target: the source already lists every table its
+                    // cascade emptied. The same rule as native logical replication.
+                    let change = Change::Truncate {
+                        relations,
+                        cascade: false,
+                        restart_identity,
+                    };
+                    self.statements
+                        .apply(self.target, &self.tables, &change)
+                        .await?;
+                }
                 self.count_change();
             }
             Change::Insert { .. } | Change::Update { .. } | Change::Delete { .. } => {

@@ -376,6 +376,29 @@ impl Statements {
     }
 }
 
+impl Statements {
+    /// Empties these tables with DELETE (see the truncate rule in `apply`).
+    pub async fn delete_all(
+        &mut self,
+        target: &Client,
+        tables: &HashMap<u32, TargetTable>,
+        relations: &[u32],
+    ) -> Result<()> {
+        self.flush().await?;
+        for oid in relations {
+            let table = tables.get(oid).ok_or_else(|| {
+                anyhow!("a truncate of relation {oid} arrived before its description")
+            })?;
+            let sql = format!("DELETE FROM {}", table.qualified);
+            target
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| target_error(&e, format!("cannot apply \"{sql}\" on the target")))?;
+        }
+        Ok(())
+    }
+}
+
 /// Which old values identify the row: the 'K' key image, the 'O' full row (matched NULL-safe
 /// on every column it carries), or the key columns of the new row when the key did not change.
 fn identity<'a>(
