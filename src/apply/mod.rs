@@ -39,7 +39,9 @@ pub fn target_error(e: &tokio_postgres::Error, context: impl std::fmt::Display) 
         None => true,
         Some(db) => {
             let code = db.code().code();
-            code.starts_with("57P") || code.starts_with("08")
+            // 08P01 protocol_violation (a message over the server's limit, say) would
+            // happen again on every retry: it is not a lost connection.
+            code.starts_with("57P") || (code.starts_with("08") && code != "08P01")
         }
     };
     let text = format!("{context}: {}", describe(e));
