@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use super::follow::{self, ENDPOS_KEY, REACHED_KEY};
+use super::follow::{self, LIVENESS_TIMEOUT, REACHED_KEY};
 use crate::cli::{CutoverArgs, VerifyMode};
 use crate::clone::{filters::Filters, sequences};
 use crate::conninfo::ConnInfo;
@@ -68,6 +68,9 @@ pub async fn run(args: CutoverArgs) -> Result<()> {
             println!("  endpos:            {}", report.endpos);
             println!("  applied through:   {}", report.applied);
             println!("  sequences set:     {}", report.sequences);
+            if let Some(refreshed) = &report.refreshed {
+                println!("  matviews:          {refreshed}");
+            }
             println!("  verify:            {}", report.verdict);
             println!(
                 "  write downtime:    {:.1} s ({} → target ready: endpos applied, sequences set)",
@@ -112,6 +115,8 @@ struct Report {
     endpos: Lsn,
     applied: String,
     sequences: usize,
+    /// What --refresh-matviews refreshed.
+    refreshed: Option<String>,
     ready_at: Instant,
     verdict: String,
 }
@@ -135,7 +140,10 @@ async fn switch_over(
         })?
         .get(0);
     let endpos: Lsn = text.parse().map_err(|e: String| anyhow!(e))?;
-    state.set_meta(ENDPOS_KEY, &endpos.to_string())?;
+    // Recorded before endpos: a running follow sets the sequences when it reaches endpos too,
+    // and must add the same offset (and verify --dir expects it).
+    state.record_sequence_offset(args.sequence_offset)?;
+    follow::set_endpos(state, endpos)?;
     tracing::info!("endpos pinned at {endpos}; waiting for apply to reach it");
     tokio::time::timeout(
         args.timeout,
@@ -149,19 +157,35 @@ async fn switch_over(
         )
     })??;
     let dst = pg::connect(target, Side::Target, "cutover").await?;
-    let seqs = catalog::read_sequences(src, &Filters::default()).await?;
+    // The filters the migration recorded when it started (invariant 9).
+    let filters: Filters = state.recorded_filters()?.unwrap_or_default();
+    let seqs = catalog::read_sequences(src, &filters).await?;
     sequences::set_on_target(&dst, &seqs, args.sequence_offset).await?;
     let ready_at = Instant::now();
+    let refreshed = if args.refresh_matviews {
+        let names = crate::verify::refresh_matviews(target, &filters).await?;
+        Some(format!(
+            "{} materialized view{} refreshed on the target{}",
+            names.len(),
+            if names.len() == 1 { "" } else { "s" },
+            if names.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", names.join(", "))
+            }
+        ))
+    } else {
+        None
+    };
     let verdict = match args.verify {
         VerifyMode::None => "skipped (--verify none)".to_string(),
         mode => {
-            let report = crate::verify::run(
-                source,
-                target,
-                &Filters::default(),
-                mode == VerifyMode::Counts,
-            )
-            .await?;
+            let opts = crate::verify::Options {
+                filters,
+                counts_only: mode == VerifyMode::Counts,
+                sequence_offset: args.sequence_offset,
+            };
+            let report = crate::verify::run(source, target, &opts).await?;
             let what = if mode == VerifyMode::Counts {
                 "row counts"
             } else {
@@ -171,8 +195,13 @@ async fn switch_over(
                 crate::verify::print_report(&report);
                 bail!("verify found differences between source and target (see the report above)");
             }
+            let matviews = if report.matviews.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", crate::verify::matview_summary(&report))
+            };
             format!(
-                "{} tables identical ({what}), taking {:.1} s after the target was ready",
+                "{} tables identical ({what}), taking {:.1} s after the target was ready{matviews}",
                 report.tables.len(),
                 ready_at.elapsed().as_secs_f64()
             )
@@ -184,6 +213,7 @@ async fn switch_over(
             .get_meta("sentinel.applied_lsn")?
             .unwrap_or_else(|| "unknown".into()),
         sequences: seqs.len(),
+        refreshed,
         ready_at,
         verdict,
     })
@@ -213,13 +243,56 @@ async fn reach_endpos(
             follow::apply_until_endpos(source, target, &workdir, receiver).await?;
             Ok(())
         }
-        Err(_) => loop {
-            if state.get_meta(REACHED_KEY)?.as_deref() == Some(&endpos.to_string()) {
-                return Ok(());
+        Err(_) => {
+            let waiting_since = Instant::now();
+            loop {
+                if state.get_meta(REACHED_KEY)?.as_deref() == Some(&endpos.to_string()) {
+                    return Ok(());
+                }
+                if let Some(why) = apply_not_running(state, waiting_since.elapsed())? {
+                    bail!(
+                        "apply is not running, so endpos {endpos} cannot be reached: {why}. Restart it (`pgtide follow` with the same --dir), or run cutover again: with no follow running it applies to endpos itself"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        },
+        }
     }
+}
+
+/// Why the follow that cutover waits for is not running, if it is not: it recorded that it
+/// stopped (with its error), or its heartbeat is older than `LIVENESS_TIMEOUT`, or none was
+/// ever recorded (after the same grace). The last error recorded in the work dir is named.
+fn apply_not_running(state: &StateDb, waited: Duration) -> Result<Option<String>> {
+    let last_error = |own: Option<String>| -> Result<String> {
+        Ok(match own.or(state.failure()?) {
+            Some(e) => format!("; its last error: {e}"),
+            None => String::new(),
+        })
+    };
+    let Some(live) = state.follow_liveness()? else {
+        return Ok((waited > LIVENESS_TIMEOUT).then(|| {
+            "no follow process has run in this work dir (the process holding it does not apply the stream)".to_string()
+        }));
+    };
+    let now = crate::state::now();
+    if let Some(stopped) = live.stopped_at {
+        return Ok(Some(format!(
+            "the follow process (pid {}) stopped {:.0} s ago{}",
+            live.pid,
+            (now - stopped).max(0.0),
+            last_error(live.last_error)?
+        )));
+    }
+    let silent = now - live.heartbeat_at;
+    if silent > LIVENESS_TIMEOUT.as_secs_f64() {
+        return Ok(Some(format!(
+            "the follow process (pid {}) has not recorded a heartbeat for {silent:.0} s: it died or hangs{}",
+            live.pid,
+            last_error(None)?
+        )));
+    }
+    Ok(None)
 }
 
 /// Makes the roles read-only in the source database and ends their sessions there. The
