@@ -201,6 +201,10 @@ pub struct CopySequencesArgs {
     /// The filters file the migration used.
     #[arg(long)]
     pub filters: Option<PathBuf>,
+    /// The migration's work dir: its recorded filters are used and the offset is recorded
+    /// (so that `verify --dir` expects the target ahead).
+    #[arg(long, env = "PGTIDE_DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

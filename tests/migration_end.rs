@@ -177,6 +177,27 @@ async fn recorded_filters_are_honoured_by_follow_cutover_and_verify() {
     );
     let out = pgtide_ok(&["verify", "--source", &src, "--target", &dst, "--dir", d]);
     assert!(out.contains("source and target are identical"), "{out}");
+    // copy sequences with the work dir: the recorded filters, the offset recorded for verify.
+    pgtide_ok(&[
+        "copy",
+        "sequences",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--offset",
+        "2000",
+    ]);
+    assert_eq!(
+        scalar_i64(&dst, last).await,
+        scalar_i64(&src, last).await + 2000
+    );
+    pgtide_ok(&["verify", "--source", &src, "--target", &dst, "--dir", d]);
+    // Without the work dir, verify knows neither the filters nor the offset: it says so.
+    let out = pgtide_fails(&["verify", "--source", &src, "--target", &dst]);
+    assert!(out.contains("public.tmp"), "{out}");
     pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
     let _ = std::fs::remove_file(filters);
 }
@@ -241,6 +262,66 @@ async fn cutover_notices_at_once_that_follow_died() {
         killed.elapsed()
     );
     assert!(all.contains("apply is not running"), "{all}");
+    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+}
+
+/// Item 13, the error path: a follow that stops on an apply error while cutover waits is
+/// reported at once, with that error.
+#[tokio::test(flavor = "multi_thread")]
+async fn cutover_names_the_error_the_follow_stopped_on() {
+    let (src, dst) = fresh_db_pair("t_failfollow").await;
+    exec(
+        &src,
+        "CREATE TABLE tick (id int PRIMARY KEY);
+         CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'x' FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let dir = workdir("failfollow");
+    let d = dir.to_str().unwrap();
+    // Every apply commit takes 8 s: the transaction that breaks apply (below) is reached well
+    // after cutover has started waiting.
+    let mut child = spawn_pgtide(
+        &clone_follow_args(&src, &dst, d, "t_failfollow_slot"),
+        &[("FAILPOINTS", "apply.before_commit=sleep(8000)")],
+    );
+    wait_for_slot(&dir);
+    wait_applied(&src, &dst, "t_failfollow_slot", &mut child).await;
+    // The target diverges; the source then commits one transaction apply commits (and sleeps
+    // 8 s on), then, a second later, the update that finds no row on the target.
+    exec(&dst, "DELETE FROM t WHERE id = 1").await;
+    exec(&src, "INSERT INTO tick VALUES (2)").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    exec(&src, "UPDATE t SET v = 'y' WHERE id = 1").await;
+    let started = Instant::now();
+    let cutover = spawn_pgtide(
+        &[
+            "cutover",
+            "--source",
+            &src,
+            "--target",
+            &dst,
+            "--dir",
+            d,
+            "--timeout",
+            "300s",
+        ],
+        &[],
+    );
+    let out = wait_exit(cutover, 60);
+    let all = text(&out);
+    assert!(!out.status.success(), "cutover succeeded:\n{all}");
+    assert!(
+        all.contains("apply is not running") && all.contains("found no matching row"),
+        "cutover does not say that apply stopped, and on what:\n{all}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "cutover took {:?}",
+        started.elapsed()
+    );
+    let out = wait_exit(child, 30);
+    assert!(!out.status.success(), "{}", text(&out));
     pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
 }
 

@@ -264,7 +264,9 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
         Some(json) => serde_json::from_str(&json)?,
         None => {
             let client = pg::connect(&source, Side::Source, "stream tables").await?;
-            let tables = slot::replicated_tables(&client, plugin == Plugin::Wal2json).await?;
+            let filters = state.recorded_filters()?.unwrap_or_default();
+            let (tables, _) =
+                slot::published_tables(&client, plugin == Plugin::Wal2json, &filters).await?;
             state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
             tables
         }
