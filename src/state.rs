@@ -114,6 +114,33 @@ pub struct FollowLiveness {
     pub last_error: Option<String>,
 }
 
+impl FollowLiveness {
+    /// Why this follow is not running at `now` (seconds since the epoch), or None while it
+    /// has not recorded a stop and its heartbeat is younger than `timeout`.
+    pub fn not_running(&self, now: f64, timeout: std::time::Duration) -> Option<String> {
+        if let Some(stopped) = self.stopped_at {
+            let ago = (now - stopped).max(0.0);
+            return Some(match &self.last_error {
+                Some(error) => format!(
+                    "the follow process (pid {}) stopped {ago:.0} s ago on an error: {error}",
+                    self.pid
+                ),
+                None => format!(
+                    "the follow process (pid {}) stopped {ago:.0} s ago at an earlier endpos",
+                    self.pid
+                ),
+            });
+        }
+        let silent = now - self.heartbeat_at;
+        (silent > timeout.as_secs_f64()).then(|| {
+            format!(
+                "the follow process (pid {}) has not recorded a heartbeat for {silent:.0} s: it died or hangs",
+                self.pid
+            )
+        })
+    }
+}
+
 /// A table part being copied, for status.
 #[derive(Clone, Debug)]
 pub struct PartInFlight {
@@ -881,5 +908,40 @@ impl StateDb {
             })?;
             rows.collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FollowLiveness;
+    use std::time::Duration;
+
+    #[test]
+    fn a_follow_is_running_until_it_stops_or_its_heartbeat_ages() {
+        let live = FollowLiveness {
+            pid: 42,
+            heartbeat_at: 100.0,
+            stopped_at: None,
+            last_error: None,
+        };
+        let timeout = Duration::from_secs(5);
+        assert_eq!(live.not_running(104.0, timeout), None);
+        let dead = live.not_running(106.0, timeout).unwrap();
+        assert!(
+            dead.contains("pid 42") && dead.contains("heartbeat"),
+            "{dead}"
+        );
+        let failed = FollowLiveness {
+            stopped_at: Some(101.0),
+            last_error: Some("found no matching row".into()),
+            ..live.clone()
+        };
+        let why = failed.not_running(101.5, timeout).unwrap();
+        assert!(why.contains("found no matching row"), "{why}");
+        let done = FollowLiveness {
+            stopped_at: Some(101.0),
+            ..live
+        };
+        assert!(done.not_running(101.5, timeout).unwrap().contains("endpos"));
     }
 }

@@ -195,6 +195,24 @@ async fn recorded_filters_are_honoured_by_follow_cutover_and_verify() {
         scalar_i64(&src, last).await + 2000
     );
     pgtide_ok(&["verify", "--source", &src, "--target", &dst, "--dir", d]);
+    // Other filters than the recorded ones are refused, naming the fix.
+    let other = filters_file("recfilt-other", "[exclude-table]\npublic.tmp\n");
+    let out = pgtide_fails(&[
+        "verify",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--filters",
+        other.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("differs from the filters this migration recorded"),
+        "{out}"
+    );
+    let _ = std::fs::remove_file(other);
     // Without the work dir, verify knows neither the filters nor the offset: it says so.
     let out = pgtide_fails(&["verify", "--source", &src, "--target", &dst]);
     assert!(out.contains("public.tmp"), "{out}");

@@ -260,39 +260,23 @@ async fn reach_endpos(
     }
 }
 
-/// Why the follow that cutover waits for is not running, if it is not: it recorded that it
-/// stopped (with its error), or its heartbeat is older than `LIVENESS_TIMEOUT`, or none was
-/// ever recorded (after the same grace). The last error recorded in the work dir is named.
+/// Why the follow that cutover waits for is not running, if it is not (see
+/// `FollowLiveness::not_running`; a process holding the work dir that never recorded a follow
+/// counts after the same grace), with the last error the work dir recorded.
 fn apply_not_running(state: &StateDb, waited: Duration) -> Result<Option<String>> {
-    let last_error = |own: Option<String>| -> Result<String> {
-        Ok(match own.or(state.failure()?) {
-            Some(e) => format!("; its last error: {e}"),
-            None => String::new(),
-        })
-    };
-    let Some(live) = state.follow_liveness()? else {
-        return Ok((waited > LIVENESS_TIMEOUT).then(|| {
+    let why = match state.follow_liveness()? {
+        Some(live) => live.not_running(crate::state::now(), LIVENESS_TIMEOUT),
+        None => (waited > LIVENESS_TIMEOUT).then(|| {
             "no follow process has run in this work dir (the process holding it does not apply the stream)".to_string()
-        }));
+        }),
     };
-    let now = crate::state::now();
-    if let Some(stopped) = live.stopped_at {
-        return Ok(Some(format!(
-            "the follow process (pid {}) stopped {:.0} s ago{}",
-            live.pid,
-            (now - stopped).max(0.0),
-            last_error(live.last_error)?
-        )));
-    }
-    let silent = now - live.heartbeat_at;
-    if silent > LIVENESS_TIMEOUT.as_secs_f64() {
-        return Ok(Some(format!(
-            "the follow process (pid {}) has not recorded a heartbeat for {silent:.0} s: it died or hangs{}",
-            live.pid,
-            last_error(None)?
-        )));
-    }
-    Ok(None)
+    // A killed follow leaves no error of its own: name the last one the work dir recorded.
+    Ok(why.map(|why| match state.failure() {
+        Ok(Some(error)) if !why.contains(&error) => {
+            format!("{why}; the last error recorded: {error}")
+        }
+        _ => why,
+    }))
 }
 
 /// Makes the roles read-only in the source database and ends their sessions there. The
