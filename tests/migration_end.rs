@@ -234,11 +234,11 @@ async fn cutover_notices_at_once_that_follow_died() {
     .await;
     let dir = workdir("deadfollow");
     let d = dir.to_str().unwrap();
-    // Every apply commit takes 4 s: the follow cannot reach the cutover's endpos before it
+    // Every apply commit takes 8 s: the follow cannot reach the cutover's endpos before it
     // is killed below.
     let mut child = spawn_pgtide(
         &clone_follow_args(&src, &dst, d, "t_deadfollow_slot"),
-        &[("FAILPOINTS", "apply.before_commit=sleep(4000)")],
+        &[("FAILPOINTS", "apply.before_commit=sleep(8000)")],
     );
     wait_for_slot(&dir);
     wait_applied(&src, &dst, "t_deadfollow_slot", &mut child).await;
@@ -418,8 +418,19 @@ async fn endpos_behind_the_applied_position_is_refused() {
     let mut child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "t_oldendpos_slot"), &[]);
     wait_for_slot(&dir);
     wait_applied(&src, &dst, "t_oldendpos_slot", &mut child).await;
-    // The follow records its applied position every second.
-    std::thread::sleep(Duration::from_millis(2500));
+    // The follow records the position durable on the target every second.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state_query_i64(
+        &dir,
+        "SELECT count(*) FROM meta WHERE key = 'apply.durable_lsn' AND value <> '0/0'",
+    ) == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the follow never recorded its position"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let err = pgtide_fails(&["sentinel", "set", "endpos", "0/100", "--dir", d]);
     assert!(
         err.contains("0/100") && err.contains("applied"),
