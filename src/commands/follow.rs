@@ -38,8 +38,8 @@ pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The follow process's liveness in state.db: a heartbeat every second from a thread of its
 /// own (so a busy or blocked async runtime does not fake a death), until dropped or the
-/// process dies; `stopped` records how it ended. Cutover reads it while it waits (item: a
-/// dead follow is reported at once, not at the end of --timeout).
+/// process dies; `stopped` records how it ended. Cutover reads it while it waits, so that a
+/// dead follow is reported within seconds, not at the end of --timeout.
 struct Liveness {
     state: StateDb,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
