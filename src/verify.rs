@@ -67,12 +67,12 @@ pub async fn run(source: &ConnInfo, target: &ConnInfo, opts: &Options) -> Result
     let matviews = compare_relations(&src, &dst, Relkind::Matview, filters, counts_only).await?;
     let mut objects = Vec::new();
     for (kind, query) in [
-        ("sequence", SEQUENCES),
+        ("sequence", SEQUENCES.as_str()),
         ("index", INDEXES),
         ("constraint", CONSTRAINTS),
     ] {
-        let s = named_values(&src, query, filters).await?;
-        let t = named_values(&dst, query, filters).await?;
+        let s = named_values(&src, kind, query, filters).await?;
+        let t = named_values(&dst, kind, query, filters).await?;
         let names: BTreeSet<&String> = s.keys().chain(t.keys()).collect();
         for name in names {
             let (sv, tv) = (s.get(name).cloned(), t.get(name).cloned());
@@ -233,8 +233,20 @@ async fn table_digest(
     Ok((row.get(0), row.get(1)))
 }
 
-// Each query returns (name, schema, table or NULL, value) so that filters apply to it.
-const SEQUENCES: &str = "SELECT schemaname || '.' || sequencename, schemaname, NULL::text, coalesce(last_value::text, 'not called') FROM pg_sequences";
+// Each query returns (name, schema, table or NULL, value) so that filters apply to it; the
+// sequences' also (sequence name, owner schema, owner table, identity) for
+// `catalog::includes_sequence`, the rule the clone selected them by.
+static SEQUENCES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT n.nspname || '.' || c.relname, n.nspname::text, NULL::text,
+                coalesce(CASE WHEN has_sequence_privilege(c.oid, 'SELECT,USAGE') THEN pg_sequence_last_value(c.oid) END::text, 'not called'),
+                c.relname::text, tn.nspname::text, t.relname::text, coalesce(o.deptype = 'i', false)
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         {}
+         WHERE c.relkind = 'S' AND NOT pg_is_other_temp_schema(n.oid)",
+        crate::pg::catalog::SEQUENCE_OWNER_JOIN
+    )
+});
 const INDEXES: &str =
     "SELECT schemaname || '.' || indexname, schemaname, tablename::text, indexdef FROM pg_indexes";
 const CONSTRAINTS: &str = "SELECT n.nspname || '.' || c.relname || '.' || k.conname, n.nspname, c.relname::text, pg_get_constraintdef(k.oid)
@@ -242,6 +254,7 @@ const CONSTRAINTS: &str = "SELECT n.nspname || '.' || c.relname || '.' || k.conn
 
 async fn named_values(
     client: &Client,
+    kind: &str,
     query: &str,
     filters: &Filters,
 ) -> Result<BTreeMap<String, String>> {
@@ -254,9 +267,19 @@ async fn named_values(
         .filter_map(|r| {
             let schema: String = r.get(1);
             let table: Option<String> = r.get(2);
-            let included = match &table {
-                Some(t) => filters.includes_table(&schema, t),
-                None => filters.includes_schema(&schema),
+            let included = if kind == "sequence" {
+                let owner: (Option<String>, Option<String>) = (r.get(5), r.get(6));
+                let owner = match &owner {
+                    (Some(s), Some(t)) => Some((s.as_str(), t.as_str())),
+                    _ => None,
+                };
+                let name: String = r.get(4);
+                crate::pg::catalog::includes_sequence(filters, &schema, &name, owner, r.get(7))
+            } else {
+                match &table {
+                    Some(t) => filters.includes_table(&schema, t),
+                    None => filters.includes_schema(&schema),
+                }
             };
             (included && !matches!(schema.as_str(), "pg_catalog" | "information_schema"))
                 .then(|| (r.get::<_, String>(0), r.get::<_, String>(3)))
