@@ -278,6 +278,15 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
         );
     }
     if opts.online {
+        // The online checks concern what is published: not the [exclude-table-data] tables.
+        let (tables, not_followed) = slot::published_tables(src, false, &opts.filters).await?;
+        if !not_followed.is_empty() {
+            r.warn(
+                "source tables not followed",
+                slot::not_followed_notice(&not_followed),
+                "their source rows and later changes stay on the source; remove them from [exclude-table-data] to migrate them",
+            );
+        }
         let append_only = match slot::append_only_tables(&tables, &opts.identity.append_only) {
             Ok(list) => list,
             Err(e) => {

@@ -19,16 +19,18 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
 
 /// A schema-qualified table name as written in the filters file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableName {
     pub schema: String,
     pub name: String,
 }
 
-/// The parsed filters; the empty value includes everything.
-#[derive(Clone, Debug, Default)]
+/// The parsed filters; the empty value includes everything. Serializable so that a migration
+/// records them once in state.db and every later stage reads them back (invariant 9).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Filters {
     pub include_only_schemas: Vec<String>,
     pub exclude_schemas: Vec<String>,

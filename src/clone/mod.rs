@@ -95,6 +95,11 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         ),
         Some(_) => true,
     };
+    if !resuming {
+        // The migration starts here (or with its slot, for --follow): its filters are
+        // recorded once and every later stage reads them back (invariant 9).
+        state.record_filters(&opts.filters)?;
+    }
     if resuming && state.get_meta(STATUS_KEY)?.as_deref() == Some("done") {
         tracing::info!(
             "the clone in {} is already done; nothing to resume",

@@ -12,11 +12,16 @@ use super::follow;
 pub async fn run(args: CloneArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
-    let filters = super::load_filters(args.filters.as_deref())?;
     if args.table_jobs == 0 || args.index_jobs == 0 {
         bail!("--table-jobs and --index-jobs must be at least 1");
     }
     let workdir = WorkDir::open(&args.dir, "clone")?;
+    // A resumed migration keeps the filters it recorded when it started (invariant 9).
+    let filters = if args.restart {
+        super::load_filters(args.filters.as_deref())?
+    } else {
+        super::migration_filters(&workdir.state, args.filters.as_deref())?
+    };
     super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
     // A fresh start (also with --resume on an empty work dir, as a container restarting the
     // same command does): every hazard that would stop this migration is reported now, before

@@ -169,12 +169,44 @@ pub async fn read_catalog(
     })
 }
 
+/// Joined to a sequence `c`: the table that owns it (`t`, in schema `tn`) through a serial
+/// column (deptype 'a', OWNED BY) or an identity column (deptype 'i'), NULLs when none does.
+pub const SEQUENCE_OWNER_JOIN: &str =
+    "LEFT JOIN pg_depend o ON o.classid = 'pg_class'::regclass AND o.objid = c.oid
+           AND o.refclassid = 'pg_class'::regclass AND o.deptype IN ('a', 'i')
+         LEFT JOIN pg_class t ON t.oid = o.refobjid
+         LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace";
+
+/// Whether a migration with these filters has this sequence on the target, selected as
+/// pg_dump selects it: a sequence owned by an included table goes with the table, an identity
+/// sequence of an excluded table does not exist apart from it, and any other sequence is
+/// selected by its own name like a table (so a serial's sequence outlives its excluded table).
+pub fn includes_sequence(
+    filters: &Filters,
+    schema: &str,
+    name: &str,
+    owner: Option<(&str, &str)>,
+    identity: bool,
+) -> bool {
+    if let Some((owner_schema, owner_table)) = owner {
+        if filters.includes_table(owner_schema, owner_table) {
+            return true;
+        }
+        if identity {
+            return false;
+        }
+    }
+    filters.includes_table(schema, name)
+}
+
 /// Every sequence's current value (sequences are not transactional: read it as late as
-/// possible, at the snapshot for a clone, at endpos for a follow).
+/// possible, at the snapshot for a clone, at endpos for a follow), within the filters.
 pub async fn read_sequences(client: &Client, filters: &Filters) -> Result<Vec<SequenceRow>> {
     let mut sequences = Vec::new();
     let seq_sql = format!(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        "SELECT n.nspname, c.relname, tn.nspname, t.relname, coalesce(o.deptype = 'i', false)
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         {SEQUENCE_OWNER_JOIN}
          WHERE c.relkind = 'S' AND {SYSTEM_SCHEMAS}
            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                            AND d.objid = c.oid AND d.deptype = 'e')
@@ -187,7 +219,12 @@ pub async fn read_sequences(client: &Client, filters: &Filters) -> Result<Vec<Se
     {
         let schema: String = row.get(0);
         let name: String = row.get(1);
-        if !filters.includes_schema(&schema) {
+        let owner: (Option<String>, Option<String>) = (row.get(2), row.get(3));
+        let owner = match &owner {
+            (Some(s), Some(t)) => Some((s.as_str(), t.as_str())),
+            _ => None,
+        };
+        if !includes_sequence(filters, &schema, &name, owner, row.get(4)) {
             continue;
         }
         let value = client
@@ -269,6 +306,39 @@ pub fn split_table(table: &TableRow, split_bytes: Option<u64>) -> Vec<PartRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequences_are_selected_as_pg_dump_selects_them() {
+        let f = Filters::parse("[exclude-schema]\nscratch\n[exclude-table]\npublic.tmp\n").unwrap();
+        assert!(!includes_sequence(&f, "scratch", "counter", None, false));
+        let orders = Some(("public", "orders"));
+        assert!(includes_sequence(
+            &f,
+            "public",
+            "orders_id_seq",
+            orders,
+            false
+        ));
+        // A serial's sequence outlives its excluded table; an identity sequence does not.
+        let tmp = Some(("public", "tmp"));
+        assert!(includes_sequence(&f, "public", "tmp_id_seq", tmp, false));
+        assert!(!includes_sequence(&f, "public", "tmp_id_seq", tmp, true));
+        let only = Filters::parse("[include-only-table]\npublic.orders\n").unwrap();
+        assert!(includes_sequence(
+            &only,
+            "public",
+            "orders_id_seq",
+            orders,
+            true
+        ));
+        assert!(!includes_sequence(
+            &only,
+            "public",
+            "other_seq",
+            None,
+            false
+        ));
+    }
 
     fn table(heap: i64, toast: i64, pages: i64) -> TableRow {
         TableRow {
