@@ -449,3 +449,39 @@ async fn truncate_cascade_before_a_resynced_child_keeps_its_copy() {
     assert_identical(&src, &dst);
     pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
 }
+
+/// `clone --follow --restart` on a work dir whose earlier run recorded a slot: refused until
+/// `cleanup` dropped that slot; after it, the new run records its own slot (the clone's reset
+/// once erased it again, leaving apply without a slot) and ends identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn clone_follow_restart_needs_cleanup_then_starts_over() {
+    let (src, dst) = fresh_db_pair("t_apply_restart").await;
+    exec(
+        &src,
+        "CREATE TABLE r (id int PRIMARY KEY); INSERT INTO r SELECT generate_series(1, 10);",
+    )
+    .await;
+    let dir = workdir("apply-restart");
+    let d = dir.to_str().unwrap();
+    let mut child = spawn_pgtide(
+        &clone_follow_args(&src, &dst, d, "t_apply_restart_slot"),
+        &[],
+    );
+    wait_for_slot(&dir);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let restart = [
+        clone_follow_args(&src, &dst, d, "t_apply_restart_slot"),
+        vec!["--restart", "--drop-if-exists"],
+    ]
+    .concat();
+    let out = pgtide_fails(&restart);
+    assert!(out.contains("pgtide cleanup"), "{out}");
+    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    let child = spawn_pgtide(&restart, &[]);
+    wait_for_slot(&dir);
+    exec(&src, "INSERT INTO r VALUES (11)").await;
+    finish_at_current_position(child, &src, d);
+    assert_identical(&src, &dst);
+    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+}

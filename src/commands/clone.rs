@@ -90,6 +90,22 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     // The slot and its exported snapshot first: the copy reads exactly the state the stream
     // starts after, so every change is applied once.
     let slot_name = args.slot_name.clone();
+    if args.restart {
+        // Starting over forgets the earlier run first: the slot recorded below must survive
+        // the clone's own reset.
+        let cleaned = workdir.state.get_meta("migration.status")?.as_deref() == Some("cleaned up");
+        if let Some(old) = workdir.state.get_meta("stream.slot")?
+            && !cleaned
+        {
+            bail!(
+                "the work dir {} follows slot \"{old}\" of an earlier run: run pgtide cleanup --dir {} (drops that slot, its publication and origin) before clone --follow --restart",
+                args.dir.display(),
+                args.dir.display()
+            );
+        }
+        workdir.state.reset()?;
+        opts.restart = false;
+    }
     if args.resume {
         // Interrupted before the slot was recorded: nothing was copied or spooled yet. A slot
         // the source created in that instant is ours and unused: start over without it.
