@@ -49,6 +49,8 @@ pub async fn run(
 ) -> Result<Report> {
     let src = pg::connect(source, Side::Source, "verify").await?;
     let dst = pg::connect(target, Side::Target, "verify").await?;
+    // Definitions are compared as text: read them on both sides fully qualified.
+    pg::pin_search_path(&dst).await?;
     for c in [&src, &dst] {
         c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;

@@ -29,7 +29,8 @@ impl Side {
 }
 
 /// Opens a session with settings that make text output identical on both servers (UTC,
-/// ISO dates, hex bytea, full float precision), so checksums and COPY text agree.
+/// ISO dates, hex bytea, full float precision), so checksums and COPY text agree. A source
+/// session also gets an empty search_path (see [`pin_search_path`]).
 pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Client> {
     let tls = info.tls_connector()?;
     let config = info.tokio_config("pgtide");
@@ -68,7 +69,24 @@ pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Clien
                 describe(&e)
             )
         })?;
+    if side == Side::Source {
+        pin_search_path(&client).await?;
+    }
     Ok(client)
+}
+
+/// Sets an empty search_path for the session. Definitions that pgtide reads
+/// (`pg_get_indexdef`, `pg_get_constraintdef`, `pg_get_expr`, `format_type`, regclass text)
+/// name an object without its schema when the session's search_path finds it: under the
+/// source database's own search_path (`ALTER DATABASE … SET search_path = public, s`) an index
+/// on `s.state` would read `'new'::state`, which fails on the target. With nothing on the path
+/// every name comes out schema-qualified, as pg_dump does it. Every source session gets it;
+/// a target session that reads definitions to compare them with the source's needs it too.
+pub async fn pin_search_path(client: &Client) -> Result<()> {
+    client
+        .batch_execute("SET search_path = ''")
+        .await
+        .map_err(|e| anyhow!("cannot set an empty search_path: {}", describe(&e)))
 }
 
 /// A one-paragraph explanation for a failed connection: what happened and what to do.
