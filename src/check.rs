@@ -442,7 +442,10 @@ async fn target_checks(
                     current_user::text,
                     (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                      WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                       AND n.nspname NOT LIKE 'pg_toast%')",
+                       AND n.nspname NOT LIKE 'pg_toast%'
+                       -- an extension's own tables (its configuration) are not the user's data
+                       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                                       AND d.objid = c.oid AND d.deptype = 'e'))",
             &[],
         )
         .await?;

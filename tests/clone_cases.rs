@@ -11,6 +11,39 @@ fn clone_args<'a>(src: &'a str, dst: &'a str, dir: &'a str) -> Vec<&'a str> {
     vec!["clone", "--source", src, "--target", dst, "--dir", dir]
 }
 
+/// Item 16: a schema whose name holds a space does not make pgtide's own publication look
+/// like a user's one: clone --follow leaves it on the source only and reaches endpos.
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_with_a_space_follows_without_pgtide_publication_on_target() {
+    let (src, dst) = fresh_db_pair("t_c16").await;
+    exec(
+        &src,
+        "CREATE SCHEMA \"a b\"; CREATE TABLE \"a b\".\"t x\" (id int PRIMARY KEY, v text);
+         INSERT INTO \"a b\".\"t x\" SELECT i, 'v' FROM generate_series(1, 10) i;",
+    )
+    .await;
+    let dir = workdir("c16");
+    let d = dir.to_str().unwrap();
+    let child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "t_c16_slot"), &[]);
+    wait_for_slot(&dir);
+    exec(&src, "INSERT INTO \"a b\".\"t x\" VALUES (11, 'streamed')").await;
+    let endpos = current_lsn(&src).await;
+    pgtide_ok(&["sentinel", "set", "endpos", &endpos, "--dir", d]);
+    let out = wait_exit(child, 120);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        scalar_i64(&dst, "SELECT count(*) FROM pg_publication").await,
+        0,
+        "pgtide's publication must stay on the source"
+    );
+    assert_eq!(
+        scalar_i64(&dst, "SELECT count(*) FROM \"a b\".\"t x\"").await,
+        11
+    );
+    assert_identical(&src, &dst);
+    pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
+}
+
 /// Item 19: the source database's search_path names the schema of a type used by an index
 /// predicate and expression; the definitions pgtide reads are qualified all the same.
 #[tokio::test(flavor = "multi_thread")]
@@ -38,4 +71,88 @@ async fn source_search_path_does_not_leak_into_definitions() {
         3
     );
     assert_identical(&src, &dst);
+}
+
+/// Item 20: a target whose DBA created the (empty) schema already is used as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn existing_empty_schema_on_the_target_is_used() {
+    let (src, dst) = fresh_db_pair("t_c20").await;
+    exec(
+        &src,
+        "CREATE SCHEMA app; CREATE TABLE app.t (id int PRIMARY KEY); INSERT INTO app.t VALUES (1), (2);",
+    )
+    .await;
+    exec(&dst, "CREATE SCHEMA app").await;
+    let dir = workdir("c20");
+    let out = pgtide_ok(&clone_args(&src, &dst, dir.to_str().unwrap()));
+    assert!(
+        out.contains("schema app exists on the target already"),
+        "{out}"
+    );
+    assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM app.t").await, 2);
+    assert_identical(&src, &dst);
+}
+
+/// The URI of `uri`'s server and database as another user (same test password).
+fn with_user(uri: &str, user: &str) -> String {
+    let (_, rest) = uri.split_once('@').unwrap();
+    format!("postgres://{user}:{}@{rest}", password())
+}
+
+/// Item 21: an extension a superuser installed on the target is not the user's data: the
+/// target counts as empty, it is neither recreated, commented nor dropped (the clone's role
+/// does not own it), with or without --drop-if-exists.
+#[tokio::test(flavor = "multi_thread")]
+async fn extension_preinstalled_on_the_target_is_left_alone() {
+    let (src, dst) = fresh_db_pair("t_c21").await;
+    exec(
+        &src,
+        "CREATE EXTENSION hstore; CREATE TABLE t (id int PRIMARY KEY, h hstore);
+         INSERT INTO t VALUES (1, 'a=>1'), (2, 'b=>2');",
+    )
+    .await;
+    exec(
+        &dst,
+        &format!(
+            "CREATE EXTENSION hstore;
+             DO $$ BEGIN CREATE ROLE t_c21_user LOGIN PASSWORD '{}'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             GRANT CREATE ON DATABASE t_c21 TO t_c21_user; GRANT CREATE, USAGE ON SCHEMA public TO t_c21_user;",
+            password()
+        ),
+    )
+    .await;
+    let user_dst = with_user(&dst, "t_c21_user");
+    let dir = workdir("c21");
+    let w = dir.to_str().unwrap();
+    let check = pgtide_ok(&[
+        "check",
+        "--offline",
+        "--source",
+        &src,
+        "--target",
+        &user_dst,
+        "--dir",
+        w,
+        "--no-owner",
+        "--no-acl",
+    ]);
+    assert!(check.contains("target empty"), "{check}");
+    let mut args = clone_args(&src, &user_dst, w);
+    args.extend(["--no-owner", "--no-acl"]);
+    pgtide_ok(&args);
+    assert_identical(&src, &dst);
+
+    let mut again = args.clone();
+    again.extend(["--restart", "--drop-if-exists"]);
+    pgtide_ok(&again);
+    assert_identical(&src, &dst);
+    assert_eq!(
+        scalar_string(
+            &dst,
+            "SELECT extowner::regrole::text FROM pg_extension WHERE extname = 'hstore'"
+        )
+        .await,
+        "postgres",
+        "the superuser's extension is still there, untouched"
+    );
 }
