@@ -156,3 +156,72 @@ async fn extension_preinstalled_on_the_target_is_left_alone() {
         "the superuser's extension is still there, untouched"
     );
 }
+
+/// Item 23: thousands of server notices (here from an index expression) are not logged one
+/// by one at the default level; a count says how many there were.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_notices_are_counted_not_logged() {
+    let (src, dst) = fresh_db_pair("t_c23").await;
+    exec(
+        &src,
+        "CREATE FUNCTION noisy(i int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS
+           $$ BEGIN RAISE NOTICE 'noisy row % %', i, repeat('x', 200); RETURN i; END $$;
+         CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 500);
+         CREATE INDEX t_noisy ON t (noisy(id));",
+    )
+    .await;
+    let dir = workdir("c23");
+    let out = pgtide_ok(&clone_args(&src, &dst, dir.to_str().unwrap()));
+    assert!(
+        !out.contains("noisy row"),
+        "notices must not be logged at the default level: {}",
+        &out[..out.len().min(3000)]
+    );
+    assert!(out.contains("server notices"), "{out}");
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 't_noisy'"
+        )
+        .await,
+        1
+    );
+}
+
+/// Item 23: `--append-only` takes a table name exactly as `check` prints it.
+#[tokio::test(flavor = "multi_thread")]
+async fn append_only_accepts_the_name_check_prints() {
+    let (src, dst) = fresh_db_pair("t_c23_append").await;
+    exec(
+        &src,
+        "CREATE TABLE \"Odd Name\" (v int); CREATE TABLE plain_log (v int);",
+    )
+    .await;
+    let dir = workdir("c23-append");
+    let d = dir.to_str().unwrap();
+    let out = pgtide_fails(&["check", "--source", &src, "--target", &dst, "--dir", d]);
+    assert!(out.contains("public.\"Odd Name\""), "{out}");
+    let out = pgtide(&[
+        "check",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--append-only",
+        "public.\"Odd Name\"",
+        "--append-only",
+        "public.plain_log",
+    ]);
+    let all = text(&out);
+    assert!(
+        all.contains("source append-only tables") && !all.contains("no such table"),
+        "{all}"
+    );
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("OK") && l.contains("source replica identity")),
+        "{all}"
+    );
+}

@@ -18,7 +18,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 
 /// A schema-qualified table name as written in the filters file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,7 +162,7 @@ fn dump_pattern(name: &str) -> String {
 }
 
 fn parse_identifier(text: &str, line_no: usize) -> Result<String> {
-    let parts = split_qualified(text, line_no)?;
+    let parts = split_qualified(text).map_err(|e| anyhow!("line {line_no}: {e}"))?;
     if parts.len() != 1 {
         bail!("line {line_no}: expected a schema name, found \"{text}\"");
     }
@@ -170,7 +170,7 @@ fn parse_identifier(text: &str, line_no: usize) -> Result<String> {
 }
 
 fn parse_table(text: &str, line_no: usize) -> Result<TableName> {
-    let mut parts = split_qualified(text, line_no)?;
+    let mut parts = split_qualified(text).map_err(|e| anyhow!("line {line_no}: {e}"))?;
     if parts.len() != 2 {
         bail!("line {line_no}: expected a table as schema.table, found \"{text}\"");
     }
@@ -179,9 +179,22 @@ fn parse_table(text: &str, line_no: usize) -> Result<TableName> {
     Ok(TableName { schema, name })
 }
 
+/// A table name as SQL reads it (`public.t`, `public."Odd Name"`, or `t` for `public.t`), so
+/// that a command-line option accepts a name exactly as pgtide prints it.
+pub fn parse_table_name(text: &str) -> Result<TableName> {
+    let mut parts = split_qualified(text.trim())?;
+    let name = parts.pop().unwrap_or_default();
+    let schema = match (parts.pop(), parts.is_empty()) {
+        (None, _) => "public".to_string(),
+        (Some(schema), true) => schema,
+        (Some(_), false) => bail!("\"{text}\" has more than two parts: give schema.table"),
+    };
+    Ok(TableName { schema, name })
+}
+
 /// Splits `a.b` / `"a.x"."B"` into its parts; unquoted parts are folded to lower case as
 /// PostgreSQL does.
-fn split_qualified(text: &str, line_no: usize) -> Result<Vec<String>> {
+fn split_qualified(text: &str) -> Result<Vec<String>> {
     let mut parts = Vec::new();
     let mut current = String::new();
     let mut chars = text.chars().peekable();
@@ -198,30 +211,30 @@ fn split_qualified(text: &str, line_no: usize) -> Result<Vec<String>> {
                         }
                         Some('"') => break,
                         Some(other) => current.push(other),
-                        None => bail!("line {line_no}: unterminated quote in \"{text}\""),
+                        None => bail!("unterminated quote in \"{text}\""),
                     }
                 }
             }
             '.' => {
                 if current.is_empty() {
-                    bail!("line {line_no}: empty name in \"{text}\"");
+                    bail!("empty name in \"{text}\"");
                 }
                 parts.push(std::mem::take(&mut current));
                 quoted_part = false;
             }
-            c if c.is_whitespace() => bail!(
-                "line {line_no}: unexpected space in \"{text}\"; quote names that contain spaces"
-            ),
+            c if c.is_whitespace() => {
+                bail!("unexpected space in \"{text}\"; quote names that contain spaces")
+            }
             c => {
                 if quoted_part {
-                    bail!("line {line_no}: unexpected text after a quoted name in \"{text}\"");
+                    bail!("unexpected text after a quoted name in \"{text}\"");
                 }
                 current.extend(c.to_lowercase());
             }
         }
     }
     if current.is_empty() {
-        bail!("line {line_no}: empty name in \"{text}\"");
+        bail!("empty name in \"{text}\"");
     }
     parts.push(current);
     Ok(parts)
@@ -273,5 +286,15 @@ mod tests {
         assert!(err.to_string().contains("before any [section]"), "{err}");
         let err = Filters::parse("[exclude-table]\n\"open.t\n").unwrap_err();
         assert!(err.to_string().contains("unterminated"), "{err}");
+    }
+
+    #[test]
+    fn table_names_as_sql_reads_them() {
+        let t = parse_table_name("public.\"Odd Name\"").unwrap();
+        assert_eq!((t.schema.as_str(), t.name.as_str()), ("public", "Odd Name"));
+        let t = parse_table_name("Logs").unwrap();
+        assert_eq!((t.schema.as_str(), t.name.as_str()), ("public", "logs"));
+        assert!(parse_table_name("a.b.c").is_err());
+        assert!(parse_table_name("public.Odd Name").is_err());
     }
 }
