@@ -7,6 +7,14 @@ mod common;
 
 use common::*;
 
+/// Writes a filters file into `dir`; returns its path.
+fn write_filters(dir: &std::path::Path, text: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let file = dir.join("filters.ini");
+    std::fs::write(&file, text).unwrap();
+    file.to_str().unwrap().to_string()
+}
+
 fn clone_args<'a>(src: &'a str, dst: &'a str, dir: &'a str) -> Vec<&'a str> {
     vec!["clone", "--source", src, "--target", dst, "--dir", dir]
 }
@@ -155,6 +163,48 @@ async fn extension_preinstalled_on_the_target_is_left_alone() {
         "postgres",
         "the superuser's extension is still there, untouched"
     );
+}
+
+/// Item 22: a filters file as pgcopydb users write it: `;` and `#` comment lines, a trailing
+/// comment, a quoted name holding `#`, materialized views excluded or left unpopulated.
+#[tokio::test(flavor = "multi_thread")]
+async fn pgcopydb_style_filters_with_materialized_views() {
+    let (src, dst) = fresh_db_pair("t_c22").await;
+    exec(
+        &src,
+        "CREATE TABLE base (id int PRIMARY KEY); INSERT INTO base SELECT generate_series(1, 5);
+         CREATE TABLE \"odd#name\" (id int PRIMARY KEY);
+         CREATE MATERIALIZED VIEW mv_gone AS SELECT count(*) AS n FROM base;
+         CREATE MATERIALIZED VIEW mv_empty AS SELECT max(id) AS m FROM base;
+         CREATE MATERIALIZED VIEW mv_kept AS SELECT sum(id) AS s FROM base;",
+    )
+    .await;
+    let dir = workdir("c22");
+    let f = write_filters(
+        &dir,
+        "; pgcopydb comment\n# another comment\n[exclude-table]\n  ; indented comment\npublic.mv_gone\npublic.\"odd#name\"   # trailing comment\n[exclude-table-data]\npublic.mv_empty\n",
+    );
+    let w = dir.join("w");
+    let mut args = clone_args(&src, &dst, w.to_str().unwrap());
+    args.extend(["--filters", &f]);
+    pgtide_ok(&args);
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            "SELECT count(*) FROM pg_class WHERE relname IN ('mv_gone', 'odd#name')"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar_string(
+            &dst,
+            "SELECT string_agg(relname || '=' || relispopulated, ',' ORDER BY relname) FROM pg_class WHERE relname LIKE 'mv%'"
+        )
+        .await,
+        "mv_empty=false,mv_kept=true"
+    );
+    assert_eq!(scalar_i64(&dst, "SELECT s FROM mv_kept").await, 15);
 }
 
 /// Item 23: thousands of server notices (here from an index expression) are not logged one

@@ -15,6 +15,9 @@
 //! ```
 //!
 //! Names are `schema.table`; quote a part that contains a dot or capitals: `"My Schema"."T"`.
+//! A table section may name a materialized view too (excluded, or with `[exclude-table-data]`
+//! created but not populated). Lines starting with `;` (as pgcopydb writes them) or `#` are
+//! comments, and so is a trailing `# …` or `; …` after a blank.
 
 use std::path::Path;
 
@@ -49,7 +52,7 @@ impl Filters {
         let mut section: Option<String> = None;
         for (n, raw) in text.lines().enumerate() {
             let line_no = n + 1;
-            let line = raw.split('#').next().unwrap_or("").trim();
+            let line = strip_comment(raw).trim();
             if line.is_empty() {
                 continue;
             }
@@ -152,8 +155,34 @@ impl Filters {
                 dump_pattern(&t.name)
             ));
         }
+        // Rows are pgtide's to copy, so this only matters to a materialized view: its data
+        // (the REFRESH of post-data) is left out, the view is created unpopulated.
+        for t in &self.exclude_table_data {
+            args.push(format!(
+                "--exclude-table-data={}.{}",
+                dump_pattern(&t.schema),
+                dump_pattern(&t.name)
+            ));
+        }
         args
     }
+}
+
+/// A line without its comment. A line whose first non-blank character is `;` (pgcopydb's
+/// comment mark) or `#` is a comment; so is the rest of a line from a `;` or `#` that follows a
+/// blank and is outside double quotes (`public.t   # why`), so `"odd#name"` is a name.
+fn strip_comment(line: &str) -> &str {
+    let mut quoted = false;
+    let mut after_blank = true;
+    for (i, c) in line.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ';' | '#' if !quoted && after_blank => return &line[..i],
+            _ => {}
+        }
+        after_blank = c.is_whitespace();
+    }
+    line
 }
 
 /// A pg_dump pattern that matches exactly this name (quoted, so no wildcard applies).
@@ -296,5 +325,15 @@ mod tests {
         assert_eq!((t.schema.as_str(), t.name.as_str()), ("public", "logs"));
         assert!(parse_table_name("a.b.c").is_err());
         assert!(parse_table_name("public.Odd Name").is_err());
+    }
+
+    #[test]
+    fn pgcopydb_comments() {
+        let f = Filters::parse(
+            "; pgcopydb comment\n# hash comment\n[exclude-table]\n   ; indented\npublic.a ; trailing\npublic.\"odd#name\"   # trailing\npublic.\"semi;colon\"\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = f.exclude_tables.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, vec!["a", "odd#name", "semi;colon"]);
     }
 }

@@ -228,13 +228,13 @@ pub async fn check_filters_name_real_objects(client: &Client, filters: &Filters)
         let found = client
             .query_opt(
                 "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p', 'm')",
                 &[&t.schema, &t.name],
             )
             .await?;
         if found.is_none() {
             bail!(
-                "the filters file names the table {}.{}, which does not exist on the source; fix the name (unquoted names are folded to lower case)",
+                "the filters file names the table {}.{}, which does not exist on the source (no table or materialized view of that name); fix the name (unquoted names are folded to lower case)",
                 t.schema,
                 t.name
             );
