@@ -52,6 +52,40 @@ async fn schema_with_a_space_follows_without_pgtide_publication_on_target() {
     pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
 }
 
+/// Item 18: an included table whose default draws from a sequence it does not own brings that
+/// sequence along, set to its source value.
+#[tokio::test(flavor = "multi_thread")]
+async fn include_only_table_brings_the_sequence_its_default_uses() {
+    let (src, dst) = fresh_db_pair("t_c18").await;
+    exec(
+        &src,
+        "CREATE SEQUENCE shared_ids; CREATE SEQUENCE unrelated;
+         CREATE TABLE t (id int PRIMARY KEY DEFAULT nextval('shared_ids'), v text);
+         INSERT INTO t (v) SELECT 'x' FROM generate_series(1, 7);
+         CREATE TABLE other (id int);",
+    )
+    .await;
+    let dir = workdir("c18");
+    let f = write_filters(&dir, "[include-only-table]\npublic.t\n");
+    let w = dir.join("w");
+    let mut args = clone_args(&src, &dst, w.to_str().unwrap());
+    args.extend(["--filters", &f]);
+    pgtide_ok(&args);
+    assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM t").await, 7);
+    assert_eq!(
+        scalar_i64(&dst, "SELECT last_value FROM shared_ids").await,
+        7
+    );
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            "SELECT count(*) FROM pg_class WHERE relname IN ('other', 'unrelated')"
+        )
+        .await,
+        0
+    );
+}
+
 /// Item 19: the source database's search_path names the schema of a type used by an index
 /// predicate and expression; the definitions pgtide reads are qualified all the same.
 #[tokio::test(flavor = "multi_thread")]

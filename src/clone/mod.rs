@@ -153,18 +153,19 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
 
     if state.step_status("dump")?.as_deref() != Some("done") {
         run_step(state, "dump", async {
+            let filters = catalog::sequences_for_dump(&source, &opts.filters).await?;
             let (pre, post) = tokio::join!(
                 schema::dump(
                     &opts.source,
                     &snapshot.name,
-                    &opts.filters,
+                    &filters,
                     schema::Section::PreData,
                     &workdir.path
                 ),
                 schema::dump(
                     &opts.source,
                     &snapshot.name,
-                    &opts.filters,
+                    &filters,
                     schema::Section::PostData,
                     &workdir.path
                 ),

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result, bail};
 use tokio_postgres::Client;
 
-use crate::clone::filters::Filters;
+use crate::clone::filters::{Filters, TableName};
 use crate::state::{ConstraintRow, IndexRow, PartRow, SequenceRow, TableRow};
 
 /// Everything the clone needs to know about the source, as of the snapshot.
@@ -170,26 +170,15 @@ pub async fn read_catalog(
 }
 
 /// Every sequence's current value (sequences are not transactional: read it as late as
-/// possible, at the snapshot for a clone, at endpos for a follow).
+/// possible, at the snapshot for a clone, at endpos for a follow). Only the sequences that the
+/// filtered schema dump holds (see [`SequenceLinks::included`]).
 pub async fn read_sequences(client: &Client, filters: &Filters) -> Result<Vec<SequenceRow>> {
     let mut sequences = Vec::new();
-    let seq_sql = format!(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE c.relkind = 'S' AND {SYSTEM_SCHEMAS}
-           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                           AND d.objid = c.oid AND d.deptype = 'e')
-         ORDER BY 1, 2"
-    );
-    for row in client
-        .query(&seq_sql, &[])
-        .await
-        .context("cannot list the source sequences")?
-    {
-        let schema: String = row.get(0);
-        let name: String = row.get(1);
-        if !filters.includes_schema(&schema) {
+    for link in sequence_links(client).await? {
+        if !link.included(filters) {
             continue;
         }
+        let SequenceLinks { schema, name, .. } = link;
         let value = client
             .query_one(
                 &format!(
@@ -207,8 +196,118 @@ pub async fn read_sequences(client: &Client, filters: &Filters) -> Result<Vec<Se
             is_called: value.get(1),
         });
     }
-
     Ok(sequences)
+}
+
+/// A sequence and the tables it belongs to: the one that owns it (`OWNED BY`, or an identity
+/// column) and those whose column defaults draw from it (`DEFAULT nextval('s')`, owned or not).
+#[derive(Clone, Debug)]
+pub struct SequenceLinks {
+    pub schema: String,
+    pub name: String,
+    /// The owning table, and whether the sequence is an identity column's.
+    pub owner: Option<(TableName, bool)>,
+    pub used_by: Vec<TableName>,
+}
+
+impl SequenceLinks {
+    /// Whether the filtered dump holds this sequence, as pg_dump decides it plus the sequences
+    /// pgtide adds to it ([`sequences_for_dump`]): with `[include-only-table]`, the sequences
+    /// the included tables own or draw their defaults from; otherwise every sequence of an
+    /// included schema (an identity sequence goes with its table) and those included tables
+    /// own.
+    pub fn included(&self, filters: &Filters) -> bool {
+        let includes = |t: &TableName| filters.includes_table(&t.schema, &t.name);
+        let owner_included = self.owner.as_ref().is_some_and(|(t, _)| includes(t));
+        if !filters.include_only_tables.is_empty() {
+            return owner_included || self.used_by.iter().any(includes);
+        }
+        let identity_of_excluded = matches!(&self.owner, Some((t, true)) if !includes(t));
+        owner_included || (filters.includes_schema(&self.schema) && !identity_of_excluded)
+    }
+}
+
+/// Every user sequence of the source with its links (extension members left out).
+pub async fn sequence_links(client: &Client) -> Result<Vec<SequenceLinks>> {
+    let sql = format!(
+        "SELECT n.nspname::text, c.relname::text,
+                o.owner_schema, o.owner_name, o.identity,
+                coalesce((SELECT json_agg(json_build_array(tn.nspname, t.relname))::text
+                          FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
+                          JOIN pg_class t ON t.oid = ad.adrelid JOIN pg_namespace tn ON tn.oid = t.relnamespace
+                          WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
+                            AND d.refobjid = c.oid), '[]')
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         LEFT JOIN LATERAL (
+             SELECT tn.nspname::text AS owner_schema, t.relname::text AS owner_name, d.deptype = 'i' AS identity
+             FROM pg_depend d JOIN pg_class t ON t.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = t.relnamespace
+             WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+               AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+             LIMIT 1) o ON true
+         WHERE c.relkind = 'S' AND {SYSTEM_SCHEMAS}
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                           AND d.objid = c.oid AND d.deptype = 'e')
+         ORDER BY 1, 2"
+    );
+    let mut links = Vec::new();
+    for row in client
+        .query(&sql, &[])
+        .await
+        .context("cannot list the source sequences")?
+    {
+        let owner_schema: Option<String> = row.get(2);
+        let owner_name: Option<String> = row.get(3);
+        let identity: Option<bool> = row.get(4);
+        let used_by: Vec<(String, String)> = serde_json::from_str(&row.get::<_, String>(5))
+            .context("cannot read the tables using a sequence")?;
+        links.push(SequenceLinks {
+            schema: row.get(0),
+            name: row.get(1),
+            owner: owner_schema
+                .zip(owner_name)
+                .map(|(schema, name)| (TableName { schema, name }, identity.unwrap_or(false))),
+            used_by: used_by
+                .into_iter()
+                .map(|(schema, name)| TableName { schema, name })
+                .collect(),
+        });
+    }
+    Ok(links)
+}
+
+/// The filters for pg_dump: with `[include-only-table]`, pg_dump dumps only the tables named
+/// (and the sequences they own), so a table whose default draws from a sequence it does not
+/// own (`CREATE SEQUENCE s; CREATE TABLE t (id int DEFAULT nextval('s'))`) would fail to
+/// restore; those sequences are added to the selection.
+pub async fn sequences_for_dump(client: &Client, filters: &Filters) -> Result<Filters> {
+    let mut for_dump = filters.clone();
+    if filters.include_only_tables.is_empty() {
+        return Ok(for_dump);
+    }
+    for link in sequence_links(client).await? {
+        let owned_by_included = link
+            .owner
+            .as_ref()
+            .is_some_and(|(t, _)| filters.includes_table(&t.schema, &t.name));
+        if link.included(filters) && !owned_by_included {
+            tracing::info!(
+                "including sequence {}.{}: the default of {} draws from it",
+                link.schema,
+                link.name,
+                link.used_by
+                    .iter()
+                    .filter(|t| filters.includes_table(&t.schema, &t.name))
+                    .map(|t| format!("{}.{}", t.schema, t.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for_dump.include_only_tables.push(TableName {
+                schema: link.schema,
+                name: link.name,
+            });
+        }
+    }
+    Ok(for_dump)
 }
 
 /// A filters file that names a table or schema that does not exist is a typo the operator must
@@ -308,5 +407,32 @@ mod tests {
             2
         );
         assert_eq!(split_table(&table(8192 * 10, 0, 10), None).len(), 1);
+    }
+
+    #[test]
+    fn sequences_follow_the_tables_that_use_them() {
+        let t = |s: &str, n: &str| TableName {
+            schema: s.into(),
+            name: n.into(),
+        };
+        let shared = SequenceLinks {
+            schema: "public".into(),
+            name: "shared".into(),
+            owner: None,
+            used_by: vec![t("public", "t")],
+        };
+        let identity = SequenceLinks {
+            schema: "public".into(),
+            name: "u_id_seq".into(),
+            owner: Some((t("public", "u"), true)),
+            used_by: vec![],
+        };
+        let only_t = Filters::parse("[include-only-table]\npublic.t\n").unwrap();
+        assert!(shared.included(&only_t));
+        assert!(!identity.included(&only_t));
+        let without_u = Filters::parse("[exclude-table]\npublic.u\n").unwrap();
+        assert!(shared.included(&without_u));
+        assert!(!identity.included(&without_u));
+        assert!(identity.included(&Filters::default()));
     }
 }
