@@ -277,6 +277,7 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
             ),
         );
     }
+    filters_check(r, src, &opts.filters).await?;
     if opts.online {
         let append_only = match slot::append_only_tables(&tables, &opts.identity.append_only) {
             Ok(list) => list,
@@ -424,6 +425,71 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
         }
     }
     Ok(((version_num / 10000) as u32, size))
+}
+
+/// The filters must not leave out a relation that a copied view, foreign key or inheritance
+/// child depends on: pg_restore would stop on it halfway. pgtide refuses rather than leave out
+/// the dependents silently (a view or a foreign key missing on the target is a difference the
+/// operator must choose).
+async fn filters_check(r: &mut Report, src: &Client, filters: &Filters) -> Result<()> {
+    if filters.named_tables().next().is_none() && filters.named_schemas().next().is_none() {
+        return Ok(());
+    }
+    let broken = crate::pg::catalog::broken_dependencies(src, filters).await?;
+    if broken.is_empty() {
+        r.ok(
+            "source filters",
+            "nothing copied depends on what the filters leave out",
+        );
+        return Ok(());
+    }
+    let what: Vec<String> = broken
+        .iter()
+        .map(|b| match &b.constraint {
+            Some(name) => format!(
+                "foreign key {} on {} references {}",
+                pg::quote_ident(name),
+                b.dependent,
+                b.left_out
+            ),
+            None if b.kind == "inheritance" => {
+                format!(
+                    "{} inherits from (or is a partition of) {}",
+                    b.dependent, b.left_out
+                )
+            }
+            None => format!("{} {} uses {}", b.kind, b.dependent, b.left_out),
+        })
+        .collect();
+    let mut dependents: Vec<&str> = broken.iter().map(|b| b.dependent.as_str()).collect();
+    dependents.dedup();
+    let drops: Vec<String> = broken
+        .iter()
+        .map(|b| match &b.constraint {
+            Some(name) => format!(
+                "ALTER TABLE {} DROP CONSTRAINT {};",
+                b.dependent,
+                pg::quote_ident(name)
+            ),
+            None if b.kind == "inheritance" => {
+                format!("(detach {} from {})", b.dependent, b.left_out)
+            }
+            None => format!("DROP {} {};", b.kind.to_uppercase(), b.dependent),
+        })
+        .collect();
+    r.fail(
+        "source filters",
+        format!(
+            "the filters leave out relations that copied objects depend on: {}",
+            what.join("; ")
+        ),
+        format!(
+            "copy both or neither: add {} to [exclude-table] (with [include-only-table], add what they depend on to it instead), or remove the dependency on the source: {}",
+            dependents.join(", "),
+            drops.join(" ")
+        ),
+    );
+    Ok(())
 }
 
 async fn target_checks(

@@ -52,6 +52,63 @@ async fn schema_with_a_space_follows_without_pgtide_publication_on_target() {
     pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
 }
 
+/// Item 17: excluding a table that a view and a foreign key depend on is refused before
+/// anything is created, naming each dependent and the fix; excluding those too works.
+#[tokio::test(flavor = "multi_thread")]
+async fn excluding_a_table_with_dependents_is_refused_with_the_fix() {
+    let (src, dst) = fresh_db_pair("t_c17").await;
+    exec(
+        &src,
+        "CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a VALUES (1);
+         CREATE TABLE b (id int PRIMARY KEY, a_id int CONSTRAINT b_a_fk REFERENCES a);
+         CREATE VIEW v AS SELECT id FROM a;
+         CREATE TABLE c (id int PRIMARY KEY); INSERT INTO c VALUES (1);",
+    )
+    .await;
+    let dir = workdir("c17");
+    let f = write_filters(&dir, "[exclude-table]\npublic.a\n");
+    let w = dir.join("w");
+    let mut args = clone_args(&src, &dst, w.to_str().unwrap());
+    args.extend(["--filters", &f]);
+    let out = pgtide_fails(&args);
+    assert!(
+        out.contains("public.v") && out.contains("b_a_fk") && out.contains("[exclude-table]"),
+        "each dependent and the fix are named: {out}"
+    );
+    assert!(
+        !out.contains("pg_restore"),
+        "refused before pg_restore: {out}"
+    );
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        )
+        .await,
+        0,
+        "nothing was created"
+    );
+    let check = pgtide_fails(&[
+        "check",
+        "--offline",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--filters",
+        &f,
+        "--dir",
+        w.to_str().unwrap(),
+    ]);
+    assert!(check.contains("public.v"), "{check}");
+
+    let f = write_filters(&dir, "[exclude-table]\npublic.a\npublic.b\npublic.v\n");
+    let mut args = clone_args(&src, &dst, w.to_str().unwrap());
+    args.extend(["--filters", &f]);
+    pgtide_ok(&args);
+    assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM c").await, 1);
+}
+
 /// Item 18: an included table whose default draws from a sequence it does not own brings that
 /// sequence along, set to its source value.
 #[tokio::test(flavor = "multi_thread")]

@@ -15,8 +15,8 @@
 //! ```
 //!
 //! Names are `schema.table`; quote a part that contains a dot or capitals: `"My Schema"."T"`.
-//! A table section may name a materialized view too (excluded, or with `[exclude-table-data]`
-//! created but not populated). Lines starting with `;` (as pgcopydb writes them) or `#` are
+//! A table section may name a view or a materialized view too (excluded, or with
+//! `[exclude-table-data]` a materialized view created but not populated). Lines starting with `;` (as pgcopydb writes them) or `#` are
 //! comments, and so is a trailing `# …` or `; …` after a blank.
 
 use std::path::Path;

@@ -327,19 +327,89 @@ pub async fn check_filters_name_real_objects(client: &Client, filters: &Filters)
         let found = client
             .query_opt(
                 "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p', 'm')",
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
                 &[&t.schema, &t.name],
             )
             .await?;
         if found.is_none() {
             bail!(
-                "the filters file names the table {}.{}, which does not exist on the source (no table or materialized view of that name); fix the name (unquoted names are folded to lower case)",
+                "the filters file names the table {}.{}, which does not exist on the source (no table, view or materialized view of that name); fix the name (unquoted names are folded to lower case)",
                 t.schema,
                 t.name
             );
         }
     }
     Ok(())
+}
+
+/// An object the filtered dump holds that depends on a relation the filters leave out: the
+/// restore of the dump would fail on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokenDependency {
+    /// "view", "materialized view", "foreign key" or "inheritance".
+    pub kind: String,
+    /// The dependent relation, as SQL prints it (`public."My View"`).
+    pub dependent: String,
+    /// The foreign key's name, for a foreign key.
+    pub constraint: Option<String>,
+    /// The relation left out, as SQL prints it.
+    pub left_out: String,
+}
+
+/// The views and materialized views, foreign keys and inheritance children that the filters
+/// keep while leaving out a relation they depend on (`[exclude-table] public.a` with a view on
+/// `a`, or `[include-only-table] public.t` with a foreign key to a table not listed).
+pub async fn broken_dependencies(
+    client: &Client,
+    filters: &Filters,
+) -> Result<Vec<BrokenDependency>> {
+    let rows = client
+        .query(
+            "WITH edges AS (
+               SELECT 'view' AS kind, w.ev_class AS dep, NULL::text AS con, d.refobjid AS ref
+                 FROM pg_depend d JOIN pg_rewrite w ON w.oid = d.objid
+                WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+                  AND d.refobjid <> w.ev_class
+               UNION
+               SELECT 'foreign key', k.conrelid, k.conname::text, k.confrelid
+                 FROM pg_constraint k WHERE k.contype = 'f' AND k.conrelid <> k.confrelid
+               UNION
+               SELECT 'inheritance', i.inhrelid, NULL, i.inhparent FROM pg_inherits i
+             )
+             SELECT CASE WHEN e.kind = 'view' AND dc.relkind = 'm' THEN 'materialized view' ELSE e.kind END,
+                    dn.nspname::text, dc.relname::text, e.con, rn.nspname::text, rc.relname::text,
+                    format('%I.%I', dn.nspname, dc.relname), format('%I.%I', rn.nspname, rc.relname)
+               FROM edges e
+               JOIN pg_class dc ON dc.oid = e.dep JOIN pg_namespace dn ON dn.oid = dc.relnamespace
+               JOIN pg_class rc ON rc.oid = e.ref JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+              WHERE rc.relkind IN ('r', 'p', 'v', 'm', 'f')
+                AND rn.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtide') AND rn.nspname NOT LIKE 'pg\\_toast%'
+                AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_class'::regclass
+                                AND x.objid IN (dc.oid, rc.oid) AND x.deptype = 'e')
+              ORDER BY 7, 1, 4, 8",
+            &[],
+        )
+        .await
+        .context("cannot list the dependencies between source relations")?;
+    let mut broken = Vec::new();
+    for r in rows {
+        let (dep_schema, dep_name): (String, String) = (r.get(1), r.get(2));
+        let (ref_schema, ref_name): (String, String) = (r.get(4), r.get(5));
+        if filters.includes_table(&dep_schema, &dep_name)
+            && !filters.includes_table(&ref_schema, &ref_name)
+        {
+            let found = BrokenDependency {
+                kind: r.get(0),
+                dependent: r.get(6),
+                constraint: r.get(3),
+                left_out: r.get(7),
+            };
+            if !broken.contains(&found) {
+                broken.push(found);
+            }
+        }
+    }
+    Ok(broken)
 }
 
 /// Splits a table into ctid page ranges sized on heap + TOAST bytes; the last range is open so
