@@ -154,9 +154,10 @@ pub async fn list(dump_file: &Path, conn: &ConnInfo) -> Result<Vec<TocEntry>> {
 }
 
 /// The DESC values of more than one word (e.g. "FK CONSTRAINT", "MATERIALIZED VIEW DATA");
-/// longer ones first so that a prefix does not win.
-const MULTI_WORD_DESCS: [&str; 14] = [
+/// a longer one comes before any of its prefixes.
+const MULTI_WORD_DESCS: &[&str] = &[
     "MATERIALIZED VIEW DATA",
+    "PUBLICATION TABLES IN SCHEMA",
     "FK CONSTRAINT",
     "INDEX ATTACH",
     "DEFAULT ACL",
@@ -170,6 +171,18 @@ const MULTI_WORD_DESCS: [&str; 14] = [
     "MATERIALIZED VIEW",
     "TABLE ATTACH",
     "PUBLICATION TABLE",
+    "FOREIGN TABLE",
+    "FOREIGN DATA WRAPPER",
+    "USER MAPPING",
+    "OPERATOR CLASS",
+    "OPERATOR FAMILY",
+    "ACCESS METHOD",
+    "PROCEDURAL LANGUAGE",
+    "SHELL TYPE",
+    "TEXT SEARCH CONFIGURATION",
+    "TEXT SEARCH DICTIONARY",
+    "TEXT SEARCH PARSER",
+    "TEXT SEARCH TEMPLATE",
 ];
 
 pub fn parse_toc(text: &str) -> Vec<TocEntry> {
