@@ -178,7 +178,8 @@ async fn existing_empty_schema_on_the_target_is_used() {
     let (src, dst) = fresh_db_pair("t_c20").await;
     exec(
         &src,
-        "CREATE SCHEMA app; CREATE TABLE app.t (id int PRIMARY KEY); INSERT INTO app.t VALUES (1), (2);",
+        "CREATE SCHEMA app; COMMENT ON SCHEMA app IS 'the application';
+         CREATE TABLE app.t (id int PRIMARY KEY); INSERT INTO app.t VALUES (1), (2);",
     )
     .await;
     exec(&dst, "CREATE SCHEMA app").await;
@@ -189,6 +190,11 @@ async fn existing_empty_schema_on_the_target_is_used() {
         "{out}"
     );
     assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM app.t").await, 2);
+    assert_eq!(
+        scalar_string(&dst, "SELECT obj_description('app'::regnamespace)").await,
+        "the application",
+        "pgtide's role owns the schema: the source's comment is set"
+    );
     assert_identical(&src, &dst);
 }
 
@@ -200,14 +206,17 @@ fn with_user(uri: &str, user: &str) -> String {
 
 /// Item 21: an extension a superuser installed on the target is not the user's data: the
 /// target counts as empty, it is neither recreated, commented nor dropped (the clone's role
-/// does not own it), with or without --drop-if-exists.
+/// does not own it), with or without --drop-if-exists. A schema the superuser created is used
+/// as it is, without the comment its owner alone may set.
 #[tokio::test(flavor = "multi_thread")]
 async fn extension_preinstalled_on_the_target_is_left_alone() {
     let (src, dst) = fresh_db_pair("t_c21").await;
     exec(
         &src,
         "CREATE EXTENSION hstore; CREATE TABLE t (id int PRIMARY KEY, h hstore);
-         INSERT INTO t VALUES (1, 'a=>1'), (2, 'b=>2');",
+         INSERT INTO t VALUES (1, 'a=>1'), (2, 'b=>2');
+         CREATE SCHEMA app; COMMENT ON SCHEMA app IS 'the application';
+         CREATE TABLE app.u (id int PRIMARY KEY); INSERT INTO app.u VALUES (1);",
     )
     .await;
     exec(
@@ -215,7 +224,8 @@ async fn extension_preinstalled_on_the_target_is_left_alone() {
         &format!(
             "CREATE EXTENSION hstore;
              DO $$ BEGIN CREATE ROLE t_c21_user LOGIN PASSWORD '{}'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-             GRANT CREATE ON DATABASE t_c21 TO t_c21_user; GRANT CREATE, USAGE ON SCHEMA public TO t_c21_user;",
+             GRANT CREATE ON DATABASE t_c21 TO t_c21_user; GRANT CREATE, USAGE ON SCHEMA public TO t_c21_user;
+             CREATE SCHEMA app; GRANT CREATE, USAGE ON SCHEMA app TO t_c21_user;",
             password()
         ),
     )

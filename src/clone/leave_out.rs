@@ -3,7 +3,8 @@
 //!
 //! - pgtide's own publications (`pgtide_…`, invariant 8): they belong on the source only;
 //! - schemas that already exist on the target (a DBA often creates them, empty, with the
-//!   right owner): `CREATE SCHEMA` would fail, so the existing one is used as it is;
+//!   right owner): `CREATE SCHEMA` would fail, so the existing one is used as it is (its
+//!   comment is set only where pgtide's role owns it);
 //! - extensions already installed on the target (typically by a superuser): they are not the
 //!   user's data, and the clone's role may not own them, so they are neither recreated,
 //!   commented nor dropped by `--drop-if-exists`.
@@ -44,23 +45,27 @@ pub async fn decide(source: &Client, target: &Client) -> Result<LeaveOut> {
         )
         .await
         .context("cannot list the source's schemas and extensions")?;
-    let present: Vec<(String, String)> = target
+    // (kind, name, whether this session's role owns it) of what the target has.
+    let present: Vec<(String, String, bool)> = target
         .query(
-            "SELECT 'SCHEMA', nspname::text FROM pg_catalog.pg_namespace
-             UNION ALL SELECT 'EXTENSION', extname::text FROM pg_catalog.pg_extension",
+            "SELECT 'SCHEMA', nspname::text, pg_catalog.pg_has_role(nspowner, 'MEMBER')
+               FROM pg_catalog.pg_namespace
+             UNION ALL
+             SELECT 'EXTENSION', extname::text, pg_catalog.pg_has_role(extowner, 'MEMBER')
+               FROM pg_catalog.pg_extension",
             &[],
         )
         .await
         .context("cannot list the target's schemas and extensions")?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     for row in source_objects {
         let kind: String = row.get(4);
         let name: String = row.get(2);
-        if !present.iter().any(|(k, n)| *k == kind && *n == name) {
+        let Some(&(_, _, owned)) = present.iter().find(|(k, n, _)| *k == kind && *n == name) else {
             continue;
-        }
+        };
         let why = if kind == "SCHEMA" {
             "exists on the target already, used as it is"
         } else {
@@ -70,7 +75,11 @@ pub async fn decide(source: &Client, target: &Client) -> Result<LeaveOut> {
             tracing::info!("{} {name} {why}", kind.to_lowercase());
         }
         leave_out.object(row.get(0), row.get(1), why);
-        leave_out.comment(format!("{kind} {}", row.get::<_, String>(3)), why);
+        // COMMENT ON needs ownership: the source's comment is kept where pgtide's role may
+        // set it (an extension's comment is the extension's own, the same on both sides).
+        if kind == "EXTENSION" || !owned {
+            leave_out.comment(format!("{kind} {}", row.get::<_, String>(3)), why);
+        }
     }
     Ok(leave_out)
 }
