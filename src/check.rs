@@ -458,7 +458,13 @@ async fn filters_check(r: &mut Report, src: &Client, filters: &Filters) -> Resul
                     b.dependent, b.left_out
                 )
             }
-            None => format!("{} {} uses {}", b.kind, b.dependent, b.left_out),
+            None if is_relation(&b.kind) => {
+                format!("{} {} uses {}", b.kind, b.dependent, b.left_out)
+            }
+            None => format!(
+                "{} uses the {} {}, in a schema the filters leave out",
+                b.dependent, b.kind, b.left_out
+            ),
         })
         .collect();
     let mut dependents: Vec<&str> = broken.iter().map(|b| b.dependent.as_str()).collect();
@@ -474,13 +480,19 @@ async fn filters_check(r: &mut Report, src: &Client, filters: &Filters) -> Resul
             None if b.kind == "inheritance" => {
                 format!("(detach {} from {})", b.dependent, b.left_out)
             }
-            None => format!("DROP {} {};", b.kind.to_uppercase(), b.dependent),
+            None if is_relation(&b.kind) => {
+                format!("DROP {} {};", b.kind.to_uppercase(), b.dependent)
+            }
+            None => format!(
+                "(make {} stop using {}, or copy its schema)",
+                b.dependent, b.left_out
+            ),
         })
         .collect();
     r.fail(
         "source filters",
         format!(
-            "the filters leave out relations that copied objects depend on: {}",
+            "the filters leave out what copied objects depend on: {}",
             what.join("; ")
         ),
         format!(
@@ -490,6 +502,12 @@ async fn filters_check(r: &mut Report, src: &Client, filters: &Filters) -> Resul
         ),
     );
     Ok(())
+}
+
+/// Whether a broken dependency's kind names a relation that depends (a view), rather than an
+/// object that is used (a sequence, a type).
+fn is_relation(kind: &str) -> bool {
+    matches!(kind, "view" | "materialized view")
 }
 
 async fn target_checks(

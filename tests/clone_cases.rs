@@ -382,3 +382,44 @@ async fn append_only_accepts_the_name_check_prints() {
         "{all}"
     );
 }
+
+/// Item 18, the schema side: a kept table whose default draws from a sequence (and whose
+/// column has a type) in a schema the filters leave out is refused with the fix, where
+/// pg_restore would stop halfway.
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_table_using_an_excluded_schema_is_refused() {
+    let (src, dst) = fresh_db_pair("t_c18_schema").await;
+    exec(
+        &src,
+        "CREATE SCHEMA ids; CREATE SEQUENCE ids.shared; CREATE TYPE ids.color AS ENUM ('red');
+         CREATE TABLE t (id int PRIMARY KEY DEFAULT nextval('ids.shared'), c ids.color);
+         CREATE TABLE u (id serial PRIMARY KEY);",
+    )
+    .await;
+    let dir = workdir("c18-schema");
+    let f = write_filters(&dir, "[exclude-schema]\nids\n");
+    let out = pgtide_fails(&[
+        "check",
+        "--offline",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--filters",
+        &f,
+        "--dir",
+        dir.join("w").to_str().unwrap(),
+    ]);
+    let line = out
+        .lines()
+        .find(|l| l.contains("source filters"))
+        .unwrap_or_else(|| panic!("no filters finding: {out}"));
+    assert!(
+        line.starts_with("FAIL") && line.contains("ids.shared") && line.contains("ids.color"),
+        "{out}"
+    );
+    assert!(
+        !line.contains("ids.owned"),
+        "an owned sequence is dumped with its table: {out}"
+    );
+}

@@ -346,7 +346,8 @@ pub async fn check_filters_name_real_objects(client: &Client, filters: &Filters)
 /// restore of the dump would fail on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokenDependency {
-    /// "view", "materialized view", "foreign key" or "inheritance".
+    /// "view", "materialized view", "foreign key", "inheritance", or the kind of a used
+    /// object outside the copied schemas ("sequence", "type", "function", …).
     pub kind: String,
     /// The dependent relation, as SQL prints it (`public."My View"`).
     pub dependent: String,
@@ -358,7 +359,8 @@ pub struct BrokenDependency {
 
 /// The views and materialized views, foreign keys and inheritance children that the filters
 /// keep while leaving out a relation they depend on (`[exclude-table] public.a` with a view on
-/// `a`, or `[include-only-table] public.t` with a foreign key to a table not listed).
+/// `a`, or `[include-only-table] public.t` with a foreign key to a table not listed), and the
+/// kept relations that use a sequence, type or function of a schema the filters leave out.
 pub async fn broken_dependencies(
     client: &Client,
     filters: &Filters,
@@ -403,6 +405,59 @@ pub async fn broken_dependencies(
                 dependent: r.get(6),
                 constraint: r.get(3),
                 left_out: r.get(7),
+            };
+            if !broken.contains(&found) {
+                broken.push(found);
+            }
+        }
+    }
+    // Objects other than relations (types, functions, sequences, collations…) that a kept
+    // relation's columns, defaults, constraints, triggers, indexes or view rules use, in a
+    // schema the filters leave out: `[exclude-schema] ids` while a default draws from
+    // `ids.s`. (A sequence the relation owns is dumped with it; extension members are left to
+    // the extension.)
+    let rows = client
+        .query(
+            "WITH parts AS (
+               SELECT 'pg_class'::regclass AS classid, c.oid AS objid, c.oid AS rel
+                 FROM pg_class c WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+               UNION ALL SELECT 'pg_class'::regclass, i.indexrelid, i.indrelid FROM pg_index i
+               UNION ALL SELECT 'pg_attrdef'::regclass, ad.oid, ad.adrelid FROM pg_attrdef ad
+               UNION ALL SELECT 'pg_constraint'::regclass, k.oid, k.conrelid FROM pg_constraint k WHERE k.conrelid <> 0
+               UNION ALL SELECT 'pg_trigger'::regclass, t.oid, t.tgrelid FROM pg_trigger t WHERE NOT t.tgisinternal
+               UNION ALL SELECT 'pg_rewrite'::regclass, w.oid, w.ev_class FROM pg_rewrite w
+             )
+             SELECT DISTINCT dn.nspname::text, dc.relname::text, format('%I.%I', dn.nspname, dc.relname),
+                    o.type, o.schema, o.identity
+               FROM pg_depend d
+               JOIN parts p ON p.classid = d.classid AND p.objid = d.objid
+               JOIN pg_class dc ON dc.oid = p.rel JOIN pg_namespace dn ON dn.oid = dc.relnamespace
+               CROSS JOIN LATERAL pg_identify_object(d.refclassid, d.refobjid, 0) o
+              WHERE d.deptype = 'n' AND o.schema IS NOT NULL
+                AND o.schema NOT IN ('pg_catalog', 'information_schema', 'pgtide') AND o.schema NOT LIKE 'pg\\_toast%'
+                AND o.type NOT IN ('table', 'view', 'materialized view', 'foreign table', 'index',
+                                   'table column', 'view column', 'materialized view column', 'foreign table column')
+                AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.refclassid = 'pg_extension'::regclass
+                                AND x.classid = d.refclassid AND x.objid = d.refobjid AND x.deptype = 'e')
+                AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_class'::regclass
+                                AND x.objid = d.refobjid AND x.refobjid = p.rel AND x.deptype IN ('a', 'i'))
+                AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_class'::regclass
+                                AND x.objid = dc.oid AND x.deptype = 'e')
+              ORDER BY 3, 4, 6",
+            &[],
+        )
+        .await
+        .context("cannot list what the source relations use")?;
+    for r in rows {
+        let (dep_schema, dep_name): (String, String) = (r.get(0), r.get(1));
+        let used_schema: String = r.get(4);
+        if filters.includes_table(&dep_schema, &dep_name) && !filters.includes_schema(&used_schema)
+        {
+            let found = BrokenDependency {
+                kind: r.get(3),
+                dependent: r.get(2),
+                constraint: None,
+                left_out: r.get(5),
             };
             if !broken.contains(&found) {
                 broken.push(found);
