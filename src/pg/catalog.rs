@@ -433,7 +433,8 @@ pub async fn broken_dependencies(
                JOIN parts p ON p.classid = d.classid AND p.objid = d.objid
                JOIN pg_class dc ON dc.oid = p.rel JOIN pg_namespace dn ON dn.oid = dc.relnamespace
                CROSS JOIN LATERAL pg_identify_object(d.refclassid, d.refobjid, 0) o
-              WHERE d.deptype = 'n' AND o.schema IS NOT NULL
+              WHERE d.deptype = 'n' AND d.refobjid >= 16384 -- built-in objects are never left out
+                AND o.schema IS NOT NULL
                 AND o.schema NOT IN ('pg_catalog', 'information_schema', 'pgtide') AND o.schema NOT LIKE 'pg\\_toast%'
                 AND o.type NOT IN ('table', 'view', 'materialized view', 'foreign table', 'index',
                                    'table column', 'view column', 'materialized view column', 'foreign table column')
