@@ -11,7 +11,7 @@ use anyhow::{Result, anyhow};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::clone::filters::Filters;
+use crate::clone::filters::{Filters, TableName};
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Side, describe, qualified};
 
@@ -59,6 +59,8 @@ pub async fn run(source: &ConnInfo, target: &ConnInfo, opts: &Options) -> Result
     let (filters, counts_only) = (&opts.filters, opts.counts_only);
     let src = pg::connect(source, Side::Source, "verify").await?;
     let dst = pg::connect(target, Side::Target, "verify").await?;
+    // Definitions are compared as text: read them on both sides fully qualified.
+    pg::pin_search_path(&dst).await?;
     for c in [&src, &dst] {
         c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
@@ -234,13 +236,18 @@ async fn table_digest(
 }
 
 // Each query returns (name, schema, table or NULL, value) so that filters apply to it; the
-// sequences' also (sequence name, owner schema, owner table, identity) for
-// `catalog::includes_sequence`, the rule the clone selected them by.
+// sequences' also (sequence name, owner schema, owner table, identity, tables whose defaults
+// use it) for `catalog::SequenceLinks::included`, the rule the clone selected them by.
 static SEQUENCES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT n.nspname || '.' || c.relname, n.nspname::text, NULL::text,
                 coalesce(CASE WHEN has_sequence_privilege(c.oid, 'SELECT,USAGE') THEN pg_sequence_last_value(c.oid) END::text, 'not called'),
-                c.relname::text, tn.nspname::text, t.relname::text, coalesce(o.deptype = 'i', false)
+                c.relname::text, tn.nspname::text, t.relname::text, coalesce(o.deptype = 'i', false),
+                coalesce((SELECT json_agg(json_build_array(un.nspname, u.relname))::text
+                          FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
+                          JOIN pg_class u ON u.oid = ad.adrelid JOIN pg_namespace un ON un.oid = u.relnamespace
+                          WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
+                            AND d.refobjid = c.oid), '[]')
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          {}
          WHERE c.relkind = 'S' AND NOT pg_is_other_temp_schema(n.oid)",
@@ -268,13 +275,19 @@ async fn named_values(
             let schema: String = r.get(1);
             let table: Option<String> = r.get(2);
             let included = if kind == "sequence" {
-                let owner: (Option<String>, Option<String>) = (r.get(5), r.get(6));
-                let owner = match &owner {
-                    (Some(s), Some(t)) => Some((s.as_str(), t.as_str())),
-                    _ => None,
-                };
-                let name: String = r.get(4);
-                crate::pg::catalog::includes_sequence(filters, &schema, &name, owner, r.get(7))
+                let table_name = |(schema, name): (String, String)| TableName { schema, name };
+                let owner: Option<String> = r.get(5);
+                let used_by: Vec<(String, String)> =
+                    serde_json::from_str(&r.get::<_, String>(8)).unwrap_or_default();
+                crate::pg::catalog::SequenceLinks {
+                    schema: schema.clone(),
+                    name: r.get(4),
+                    owner: owner
+                        .zip(r.get::<_, Option<String>>(6))
+                        .map(|owner| (table_name(owner), r.get(7))),
+                    used_by: used_by.into_iter().map(table_name).collect(),
+                }
+                .included(filters)
             } else {
                 match &table {
                     Some(t) => filters.includes_table(&schema, t),

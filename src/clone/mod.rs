@@ -9,6 +9,7 @@ pub mod copy;
 pub mod filters;
 pub mod indexes;
 pub mod large_objects;
+pub mod leave_out;
 pub mod schedule;
 pub mod schema;
 pub mod sequences;
@@ -157,18 +158,19 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
 
     if state.step_status("dump")?.as_deref() != Some("done") {
         run_step(state, "dump", async {
+            let filters = catalog::sequences_for_dump(&source, &opts.filters).await?;
             let (pre, post) = tokio::join!(
                 schema::dump(
                     &opts.source,
                     &snapshot.name,
-                    &opts.filters,
+                    &filters,
                     schema::Section::PreData,
                     &workdir.path
                 ),
                 schema::dump(
                     &opts.source,
                     &snapshot.name,
-                    &opts.filters,
+                    &filters,
                     schema::Section::PostData,
                     &workdir.path
                 ),
@@ -186,11 +188,13 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     if state.step_status("pre-data")?.as_deref() != Some("done") {
         let clean = opts.drop_if_exists;
         run_step(state, "pre-data", async {
+            let leave_out = leave_out::decide(&source, &target).await?;
             schema::restore(
                 &workdir.path.join("pre-data.dump"),
                 &opts.target,
                 &schema::RestoreOptions {
                     skip_object_oids: &HashSet::new(),
+                    leave_out: &leave_out,
                     clean,
                     no_owner: opts.no_owner,
                     no_acl: opts.no_acl,
@@ -247,11 +251,13 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
 
     if state.step_status("post-data")?.as_deref() != Some("done") {
         run_step(state, "post-data", async {
+            let leave_out = leave_out::decide(&source, &target).await?;
             schema::restore(
                 &workdir.path.join("post-data.dump"),
                 &opts.target,
                 &schema::RestoreOptions {
                     skip_object_oids: &built_by_pgtide,
+                    leave_out: &leave_out,
                     clean: false,
                     no_owner: opts.no_owner,
                     no_acl: opts.no_acl,
@@ -399,7 +405,10 @@ async fn prepare_empty_target(
     let names: Vec<String> = tables.iter().map(|t| t.qualified()).collect();
     let existing: Vec<String> = target
         .query(
-            "SELECT n FROM unnest($1::text[]) n WHERE to_regclass(n) IS NOT NULL",
+            // An extension's own table is not the user's: never reported nor dropped.
+            "SELECT n FROM unnest($1::text[]) n WHERE to_regclass(n) IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                               AND d.objid = to_regclass(n) AND d.deptype = 'e')",
             &[&names],
         )
         .await?

@@ -285,7 +285,9 @@ pub async fn tables_without_identity(
 }
 
 /// Resolves `--append-only` names (schema.table, or table in public) against the published
-/// tables; an unknown name is an error.
+/// tables; an unknown name is an error. A name is read as SQL reads it (quotes, case
+/// folding), so that it can be given exactly as `check` prints it (`public."Odd Name"`); the
+/// literal `schema.table` split at its first dot is still accepted.
 pub fn append_only_tables(
     tables: &[(String, String)],
     names: &[String],
@@ -293,10 +295,15 @@ pub fn append_only_tables(
     names
         .iter()
         .map(|name| {
-            let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+            let literal = name.split_once('.').unwrap_or(("public", name));
+            let sql = crate::clone::filters::parse_table_name(name).ok();
             tables
                 .iter()
-                .find(|(s, t)| s == schema && t == table)
+                .find(|(s, t)| {
+                    sql.as_ref()
+                        .is_some_and(|n| *s == n.schema && *t == n.name)
+                })
+                .or_else(|| tables.iter().find(|(s, t)| (s.as_str(), t.as_str()) == literal))
                 .cloned()
                 .ok_or_else(|| {
                     anyhow!(
