@@ -53,6 +53,8 @@ pub struct CloneOptions {
     /// A clone --follow resuming after its slot's snapshot is gone: unfinished tables are
     /// copied again under a new snapshot whose LSN is recorded per table (see `resync`).
     pub resync_for_follow: bool,
+    /// The copy feeds a follow: a table rewritten during the copy can be resynced.
+    pub follow: bool,
 }
 
 /// state.db key of the per-table resync LSNs: {"schema.table": "X/Y"}. Apply skips a listed
@@ -216,7 +218,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         state.set_phase("copying")?;
         state.step_started("copy")?;
         state.step_started("indexes")?;
-        let result = copy_and_index(opts, state, &snapshot.name, &tables).await;
+        let result = copy_resyncing_rewritten(opts, state, &target, &snapshot.name, &tables).await;
         match &result {
             Ok(()) => {
                 state.step_done("copy")?;
@@ -460,6 +462,43 @@ async fn prepare_empty_target(
         .batch_execute("DROP SCHEMA IF EXISTS pgtide CASCADE")
         .await?;
     Ok(())
+}
+
+/// Copies and indexes; in a clone --follow, a table found truncated or rewritten after the
+/// snapshot (see `copy::TableRewritten`) is copied again with every unfinished table, whole,
+/// under a new snapshot at a known LSN, the way a resumed clone --follow does: apply skips
+/// their changes from before it. A plain clone stops with the fix instead (its tables must all
+/// come from one snapshot).
+async fn copy_resyncing_rewritten(
+    opts: &CloneOptions,
+    state: &StateDb,
+    target: &tokio_postgres::Client,
+    snapshot_name: &str,
+    tables: &[TableRow],
+) -> Result<()> {
+    /// Resyncs in one run before giving up: a source that rewrites a table faster than it can
+    /// be copied needs the operator.
+    const RESYNCS: usize = 5;
+    let mut snapshot_name = snapshot_name.to_string();
+    let mut _resync_snapshot = None;
+    for attempt in 0.. {
+        let result = copy_and_index(opts, state, &snapshot_name, tables).await;
+        match result {
+            Err(e)
+                if opts.follow
+                    && attempt < RESYNCS
+                    && e.chain().any(|c| c.is::<copy::TableRewritten>()) =>
+            {
+                tracing::warn!("{e:#}; copying the unfinished tables again under a new snapshot");
+                let (snapshot, lsn) = Snapshot::at_known_lsn(&opts.source).await?;
+                resync_unfinished_tables(state, target, tables, lsn).await?;
+                snapshot_name = snapshot.name.clone();
+                _resync_snapshot = Some(snapshot);
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 /// A table not completely copied under the earlier snapshot is copied again, whole, under the

@@ -63,6 +63,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         no_owner: args.no_owner,
         no_acl: args.no_acl,
         resync_for_follow: args.follow && args.resume,
+        follow: args.follow,
     };
     if !args.follow {
         interruptible(clone::run(&workdir, &opts), &args.dir).await?;
