@@ -243,14 +243,11 @@ static SEQUENCES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         "SELECT n.nspname || '.' || c.relname, n.nspname::text, NULL::text,
                 coalesce(CASE WHEN has_sequence_privilege(c.oid, 'SELECT,USAGE') THEN pg_sequence_last_value(c.oid) END::text, 'not called'),
                 c.relname::text, tn.nspname::text, t.relname::text, coalesce(o.deptype = 'i', false),
-                coalesce((SELECT json_agg(json_build_array(un.nspname, u.relname))::text
-                          FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
-                          JOIN pg_class u ON u.oid = ad.adrelid JOIN pg_namespace un ON un.oid = u.relnamespace
-                          WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
-                            AND d.refobjid = c.oid), '[]')
+                {}
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          {}
          WHERE c.relkind = 'S' AND NOT pg_is_other_temp_schema(n.oid)",
+        crate::pg::catalog::SEQUENCE_USED_BY,
         crate::pg::catalog::SEQUENCE_OWNER_JOIN
     )
 });

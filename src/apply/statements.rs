@@ -115,6 +115,18 @@ enum Expect {
     Exactly(u64),
 }
 
+impl Expect {
+    /// An update or delete must find its row. A FULL-identity match finds one by its whole old
+    /// image (LIMIT 1): exactly one, or the target has diverged.
+    fn row_found(full: bool) -> Self {
+        if full {
+            Expect::Exactly(1)
+        } else {
+            Expect::AtLeastOne
+        }
+    }
+}
+
 /// A statement sent but not yet awaited: up to PIPELINE of them travel together, one round
 /// trip for the lot (tokio-postgres pipelines requests polled together, in order).
 struct Pending {
@@ -292,13 +304,7 @@ impl Statements {
                 for i in &guard {
                     params.push(text_of(&new[*i])?);
                 }
-                // A FULL-identity match finds one row by its whole old image (LIMIT 1): it
-                // must find exactly one, or the target has diverged.
-                let expect = if full {
-                    Expect::Exactly(1)
-                } else {
-                    Expect::AtLeastOne
-                };
+                let expect = Expect::row_found(full);
                 let what = if guard.is_empty() {
                     "an update"
                 } else {
@@ -327,11 +333,7 @@ impl Statements {
                     .iter()
                     .map(|i| text_of(&key_values[*i]))
                     .collect::<Result<_>>()?;
-                let expect = if full {
-                    Expect::Exactly(1)
-                } else {
-                    Expect::AtLeastOne
-                };
+                let expect = Expect::row_found(full);
                 let statement = self
                     .statement(target, table, Shape::Delete { key, full })
                     .await?;

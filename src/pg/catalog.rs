@@ -236,16 +236,21 @@ impl SequenceLinks {
     }
 }
 
+/// For a sequence `c`: a JSON array of the [schema, table] pairs whose column defaults draw
+/// from it (`DEFAULT nextval('s')`, owned or not).
+pub const SEQUENCE_USED_BY: &str =
+    "coalesce((SELECT json_agg(json_build_array(un.nspname, u.relname))::text
+               FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
+               JOIN pg_class u ON u.oid = ad.adrelid JOIN pg_namespace un ON un.oid = u.relnamespace
+               WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
+                 AND d.refobjid = c.oid), '[]')";
+
 /// Every user sequence of the source with its links (extension members left out).
 pub async fn sequence_links(client: &Client) -> Result<Vec<SequenceLinks>> {
     let sql = format!(
         "SELECT n.nspname::text, c.relname::text,
                 o.owner_schema, o.owner_name, o.identity,
-                coalesce((SELECT json_agg(json_build_array(tn.nspname, t.relname))::text
-                          FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
-                          JOIN pg_class t ON t.oid = ad.adrelid JOIN pg_namespace tn ON tn.oid = t.relnamespace
-                          WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
-                            AND d.refobjid = c.oid), '[]')
+                {SEQUENCE_USED_BY}
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          LEFT JOIN LATERAL (
              SELECT tn.nspname::text AS owner_schema, t.relname::text AS owner_name, d.deptype = 'i' AS identity
