@@ -36,7 +36,15 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 #[test]
 fn differential_fuzz() {
-    let seeds = env_u64("PGTIDE_FUZZ_SEEDS", 20);
+    // PGTIDE_FUZZ_REPRO=a.sql,b.sql: run these scripts (as `Case::script` writes them,
+    // hand-minimised for instance) instead of generated cases, one per seed.
+    let repro: Option<Vec<String>> = std::env::var("PGTIDE_FUZZ_REPRO")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let seeds = env_u64(
+        "PGTIDE_FUZZ_SEEDS",
+        repro.as_ref().map_or(20, |r| r.len() as u64),
+    );
     let first = env_u64("PGTIDE_FUZZ_FIRST_SEED", 1);
     let jobs = env_u64("PGTIDE_FUZZ_JOBS", 2).max(1);
     let features = Features::from_env();
@@ -60,16 +68,18 @@ fn differential_fuzz() {
                         return;
                     };
                     let t0 = Instant::now();
-                    let case = match std::env::var("PGTIDE_FUZZ_REPRO") {
-                        Ok(path) => {
-                            Case::from_script(seed, &std::fs::read_to_string(&path).unwrap())
+                    let case = match &repro {
+                        Some(files) => {
+                            let path = &files[((seed - first) as usize) % files.len()];
+                            Case::from_script(seed, &std::fs::read_to_string(path).unwrap())
                         }
-                        Err(_) => generator::generate(seed, &features),
+                        None => generator::generate(seed, &features),
                     };
                     match rt.block_on(run_seed(&case)) {
-                        Ok(()) => {
-                            eprintln!("fuzz: seed {seed} ok ({:.1} s)", t0.elapsed().as_secs_f64())
-                        }
+                        Ok(times) => eprintln!(
+                            "fuzz: seed {seed} ok ({:.1} s: {times})",
+                            t0.elapsed().as_secs_f64()
+                        ),
                         Err(report) => {
                             let path = write_failure(seed, &report);
                             eprintln!(
@@ -160,7 +170,28 @@ async fn drop_native_db(db: &str) {
     }
 }
 
-async fn run_seed(case: &Case) -> Result<(), String> {
+/// Where a seed's time went, for the log.
+#[derive(Default)]
+struct Times(Vec<(&'static str, Instant)>);
+
+impl Times {
+    fn mark(&mut self, what: &'static str) {
+        self.0.push((what, Instant::now()));
+    }
+}
+
+impl std::fmt::Display for Times {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for w in self.0.windows(2) {
+            write!(f, "{} {:.1} ", w[1].0, (w[1].1 - w[0].1).as_secs_f64())?;
+        }
+        Ok(())
+    }
+}
+
+async fn run_seed(case: &Case) -> Result<String, String> {
+    let mut times = Times::default();
+    times.mark("start");
     let db = format!("fz_{}", case.seed);
     let native_db = format!("fz_{}_n", case.seed);
     let sub = format!("fz_{}_sub", case.seed);
@@ -226,25 +257,23 @@ async fn run_seed(case: &Case) -> Result<(), String> {
         .concat(),
         &[("FAILPOINTS", failpoints.as_str())],
     );
-    let result = drive(case, &db, &src, &dst, &nat, &d, child).await;
+    times.mark("setup");
+    let result = drive(case, &db, &src, &dst, &nat, &d, child, &mut times).await;
     // Whatever happened: the subscription and its slot go, pgtide cleans up after itself.
     let _ = try_exec(&nat, &format!("DROP SUBSCRIPTION IF EXISTS {sub}")).await;
     let _ = pgtide(&["cleanup", "--source", &src, "--target", &dst, "--dir", &d]);
     if result.is_ok() {
         let _ = std::fs::remove_dir_all(&dir);
-        drop_native_db(&native_db).await;
-        let _ = try_exec(
-            &admin_uri("source"),
-            &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
-        )
-        .await;
-        let _ = try_exec(
-            &admin_uri("target"),
-            &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
-        )
-        .await;
+        let drop_sql = format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)");
+        let (source_admin, target_admin) = (admin_uri("source"), admin_uri("target"));
+        let _ = tokio::join!(
+            drop_native_db(&native_db),
+            try_exec(&source_admin, &drop_sql),
+            try_exec(&target_admin, &drop_sql),
+        );
     }
-    result
+    times.mark("cleanup");
+    result.map(|()| times.to_string())
 }
 
 fn phase(dir: &str) -> String {
@@ -257,6 +286,7 @@ fn phase(dir: &str) -> String {
         .unwrap_or_default()
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     case: &Case,
     db: &str,
@@ -265,6 +295,7 @@ async fn drive(
     nat: &str,
     d: &str,
     mut child: std::process::Child,
+    times: &mut Times,
 ) -> Result<(), String> {
     let dead = |child: std::process::Child, when: &str| {
         let out = wait_exit(child, 5);
@@ -286,6 +317,7 @@ async fn drive(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    times.mark("slot");
     for t in &case.during_copy {
         try_exec(src, t)
             .await
@@ -302,6 +334,7 @@ async fn drive(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    times.mark("copy");
     for t in &case.after_copy {
         try_exec(src, t)
             .await
@@ -335,6 +368,7 @@ async fn drive(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    times.mark("endpos");
     let out = child.wait_with_output().unwrap();
     if !out.status.success() {
         return Err(fail(
@@ -376,20 +410,43 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    times.mark("native");
     let mut diffs = Vec::new();
+    let sides = [
+        ("source", src),
+        ("pgtide target", dst),
+        ("native target", nat),
+    ];
+    let mut clients = Vec::new();
+    for (_, uri) in sides {
+        clients.push(compare_session(uri).await.map_err(|e| fail(case, db, e))?);
+    }
     for (table, partitioned) in user_tables(src).await {
-        let source_rows = rows_of(src, &table, partitioned)
+        // A digest per side first; the rows themselves only where they differ.
+        let mut digests = Vec::new();
+        for client in &clients {
+            digests.push(
+                read_table(client, &table, partitioned, true)
+                    .await
+                    .map_err(|e| fail(case, db, e))?,
+            );
+        }
+        if digests.iter().all(|d| *d == digests[0]) {
+            continue;
+        }
+        let source_rows = read_table(&clients[0], &table, partitioned, false)
             .await
             .map_err(|e| fail(case, db, e))?;
-        for (side, uri) in [("pgtide target", dst), ("native target", nat)] {
-            let rows = rows_of(uri, &table, partitioned)
-                .await
-                .map_err(|e| fail(case, db, e))?;
-            if rows != source_rows {
-                diffs.push(describe_diff(side, &table, &source_rows, &rows));
+        for i in 1..3 {
+            if digests[i] != digests[0] {
+                let rows = read_table(&clients[i], &table, partitioned, false)
+                    .await
+                    .map_err(|e| fail(case, db, e))?;
+                diffs.push(describe_diff(sides[i].0, &table, &source_rows, &rows));
             }
         }
     }
+    times.mark("compare");
     if diffs.is_empty() {
         Ok(())
     } else {
@@ -428,9 +485,8 @@ fn state_startpos(d: &str) -> Option<String> {
         .ok()
 }
 
-/// Every row of a table as text, sorted, under the same session settings on every side;
-/// a partitioned table's rows carry the partition they are in.
-async fn rows_of(uri: &str, table: &str, partitioned: bool) -> Result<Vec<String>, String> {
+/// A session that prints every value the same way on every side.
+async fn compare_session(uri: &str) -> Result<tokio_postgres::Client, String> {
     let (client, conn) = tokio_postgres::connect(uri, tokio_postgres::NoTls)
         .await
         .map_err(|e| db_error(&e))?;
@@ -439,18 +495,32 @@ async fn rows_of(uri: &str, table: &str, partitioned: bool) -> Result<Vec<String
         .batch_execute(COMPARE_SETTINGS)
         .await
         .map_err(|e| db_error(&e))?;
+    Ok(client)
+}
+
+/// A table's rows as text, sorted (or, with `digest`, their count and md5 as one string);
+/// a partitioned table's rows carry the partition they are in.
+async fn read_table(
+    client: &tokio_postgres::Client,
+    table: &str,
+    partitioned: bool,
+    digest: bool,
+) -> Result<Vec<String>, String> {
     let expr = if partitioned {
         "t.tableoid::regclass::text || ' ' || t::text"
     } else {
         "t::text"
     };
-    let rows = client
-        .query(
-            &format!(
-                "SELECT r FROM (SELECT {expr} AS r FROM {table} t) s ORDER BY r COLLATE \"C\""
-            ),
-            &[],
+    let sql = if digest {
+        format!(
+            "SELECT count(*) || ' ' || coalesce(md5(string_agg(r, E'\\n' ORDER BY r COLLATE \"C\")), '')
+             FROM (SELECT {expr} AS r FROM {table} t) s"
         )
+    } else {
+        format!("SELECT r FROM (SELECT {expr} AS r FROM {table} t) s ORDER BY r COLLATE \"C\"")
+    };
+    let rows = client
+        .query(&sql, &[])
         .await
         .map_err(|e| format!("cannot read {table}: {}", db_error(&e)))?;
     Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
