@@ -5,7 +5,7 @@
 //!
 //! `cargo test --test fuzz` (through scripts/test.sh) runs the CI subset: PGTIDE_FUZZ_SEEDS
 //! seeds (default 20) from PGTIDE_FUZZ_FIRST_SEED (default 1), PGTIDE_FUZZ_JOBS at a time
-//! (default 2). `scripts/fuzz.sh N [FIRST]` runs N seeds. A failing seed prints the seed, the
+//! (default 3). `scripts/fuzz.sh N [FIRST]` runs N seeds. A failing seed prints the seed, the
 //! SQL and the first differing rows, and writes them to target/fuzz-failures/seed-N.sql.
 
 mod common;
@@ -46,7 +46,7 @@ fn differential_fuzz() {
         repro.as_ref().map_or(20, |r| r.len() as u64),
     );
     let first = env_u64("PGTIDE_FUZZ_FIRST_SEED", 1);
-    let jobs = env_u64("PGTIDE_FUZZ_JOBS", 2).max(1);
+    let jobs = env_u64("PGTIDE_FUZZ_JOBS", 3).max(1);
     let features = Features::from_env();
     eprintln!(
         "fuzz: seeds {first}..{} ({jobs} at a time), {}",

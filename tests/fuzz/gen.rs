@@ -746,7 +746,7 @@ pub fn generate(seed: u64, features: &Features) -> Case {
         let sp = *rng.pick(&["'fz, public'", "''", "pg_catalog", "'\"$user\"'"]);
         settings.push(("search_path".into(), sp.into()));
     }
-    let copy_sleep_ms = *rng.pick(&[0u64, 200, 700]);
+    let copy_sleep_ms = *rng.pick(&[0u64, 200, 500]);
     if features.on("idle_timeout") && rng.chance(30) {
         settings.push(("idle_in_transaction_session_timeout".into(), "'1s'".into()));
     }
@@ -925,11 +925,11 @@ pub fn generate(seed: u64, features: &Features) -> Case {
         savepoint: 0,
         truncate: features.on("truncate_during_copy"),
     };
-    let during_copy = (0..g.rng.range(3, 10))
+    let during_copy = (0..g.rng.range(2, 8))
         .map(|_| g.transaction(&tables))
         .collect();
     g.truncate = true;
-    let after_copy = (0..g.rng.range(5, 25))
+    let after_copy = (0..g.rng.range(4, 16))
         .map(|_| g.transaction(&tables))
         .collect();
     Case {
