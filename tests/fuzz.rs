@@ -411,6 +411,11 @@ async fn drive(
     }
 
     times.mark("native");
+    // A throwaway check that the comparison catches a difference: PGTIDE_FUZZ_TAMPER=SQL runs
+    // on the native target just before the comparison.
+    if let Ok(sql) = std::env::var("PGTIDE_FUZZ_TAMPER") {
+        try_exec(nat, &sql).await.map_err(|e| fail(case, db, e))?;
+    }
     let mut diffs = Vec::new();
     let sides = [
         ("source", src),
