@@ -455,7 +455,15 @@ async fn drive(
     if diffs.is_empty() {
         Ok(())
     } else {
-        Err(fail(case, db, diffs.join("\n")))
+        Err(fail(
+            case,
+            db,
+            format!(
+                "{}\nclone --follow's output (PGTIDE_LOG=debug for more):\n{}",
+                diffs.join("\n"),
+                text(&out)
+            ),
+        ))
     }
 }
 
