@@ -611,8 +611,8 @@ pub struct Case {
 }
 
 impl Case {
-    /// A case read back from a script `script` wrote (hand-minimised, for instance); every
-    /// section's statements run as one batch.
+    /// A case read back from a script `script` wrote (hand-minimised, for instance); the DML
+    /// runs one transaction (up to a `COMMIT;` or `ROLLBACK;` line) at a time.
     pub fn from_script(seed: u64, text: &str) -> Case {
         let mut case = Case {
             seed,
@@ -661,8 +661,24 @@ impl Case {
             target.push_str(line);
             target.push('\n');
         }
-        case.during_copy = vec![during];
-        case.after_copy = vec![after];
+        // One batch per transaction, as the generated cases run (apply's batching depends on it).
+        let split = |section: String| {
+            let mut out = Vec::new();
+            let mut current = String::new();
+            for line in section.lines() {
+                current.push_str(line);
+                current.push('\n');
+                if line == "COMMIT;" || line == "ROLLBACK;" {
+                    out.push(std::mem::take(&mut current));
+                }
+            }
+            if !current.trim().is_empty() {
+                out.push(current);
+            }
+            out
+        };
+        case.during_copy = split(during);
+        case.after_copy = split(after);
         case
     }
 
