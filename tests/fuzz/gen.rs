@@ -64,6 +64,10 @@ pub const KNOWN_BUGS: &[(&str, &str)] = &[
         "known bug 6: FULL identity + TOAST self-assignment (listed by the lead; no minimal case reproduced it here yet)",
     ),
     (
+        "full_toast",
+        "known bug 6's family, found by this fuzzer (seed 337): on a FULL identity table with TOASTed values, flip-flop updates of another column fail a merged batch (\"found no matching row\"), and the row-at-a-time replay then silently loses other tables' updates of the batch",
+    ),
+    (
         "idle_timeout",
         "known bug 7: the snapshot killed by idle_in_transaction_session_timeout (clone: invalid snapshot identifier)",
     ),
@@ -98,6 +102,10 @@ pub const FEATURES: &[(&str, &str)] = &[
     (
         "full_toast_self_assign",
         "self-assignment updates on FULL identity tables with TOASTed values",
+    ),
+    (
+        "full_toast",
+        "TOASTed (large) columns in REPLICA IDENTITY FULL tables",
     ),
     (
         "truncate_during_copy",
@@ -828,7 +836,8 @@ pub fn generate(seed: u64, features: &Features) -> Case {
         }
         let big = rng
             .chance(50)
-            .then(|| ("big".to_string(), *rng.pick(&["text", "bytea", "jsonb"])));
+            .then(|| ("big".to_string(), *rng.pick(&["text", "bytea", "jsonb"])))
+            .filter(|_| !kind.full() || features.on("full_toast"));
         let mut ddl = format!("CREATE TABLE {name} (\n");
         match kind {
             Kind::Pk | Kind::PartitionedPk => ddl.push_str("  k int NOT NULL,\n"),
