@@ -81,8 +81,12 @@ pgtide_start_clusters() {
       echo "listen_addresses = '127.0.0.1'"
       echo "unix_socket_directories = '$PGTIDE_CLUSTERS_DIR'"
       echo "max_connections = 200"
-      echo "max_replication_slots = 10"
-      echo "max_wal_senders = 10"
+      # The fuzzer runs native subscriptions (an apply worker and table-sync workers each,
+      # a slot each on the source) next to pgtide's slots.
+      echo "max_replication_slots = 20"
+      echo "max_wal_senders = 20"
+      echo "max_worker_processes = 16"
+      echo "max_logical_replication_workers = 8"
       echo "wal_level = $([ "$role" = source ] && echo logical || echo replica)"
       if [ "$role" = source ]; then
         # Newer minor releases only load output plugins listed here (pgoutput is built in).

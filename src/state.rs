@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS indexes (
     constraint_def  TEXT,
     is_deferrable   INTEGER NOT NULL DEFAULT 0,
     is_deferred     INTEGER NOT NULL DEFAULT 0,
+    replica_identity INTEGER NOT NULL DEFAULT 0,
     status          TEXT NOT NULL DEFAULT 'pending',
     started_at      REAL,
     done_at         REAL,
@@ -209,6 +210,9 @@ pub struct IndexRow {
     pub name: String,
     pub definition: String,
     pub constraint: Option<ConstraintRow>,
+    /// The index is the table's REPLICA IDENTITY (USING INDEX): pg_dump says so in the index's
+    /// own entry, which the index workers replace, so they must say it again.
+    pub replica_identity: bool,
     pub status: String,
 }
 
@@ -283,6 +287,17 @@ impl StateDb {
              CREATE TABLE IF NOT EXISTS follow_process (id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER NOT NULL, started_at REAL NOT NULL, heartbeat_at REAL NOT NULL, stopped_at REAL, last_error TEXT);",
         )
         .context("cannot create the state database schema")?;
+        let has_replica_identity: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('indexes') WHERE name = 'replica_identity'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_replica_identity {
+            conn.execute_batch(
+                "ALTER TABLE indexes ADD COLUMN replica_identity INTEGER NOT NULL DEFAULT 0",
+            )
+            .context("cannot add indexes.replica_identity to the state database")?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(StateDb {
             conn: Arc::new(Mutex::new(conn)),
@@ -555,8 +570,9 @@ impl StateDb {
             let c = i.constraint.as_ref();
             tx.execute(
                 "INSERT INTO indexes(oid, table_oid, schema_name, index_name, definition, constraint_oid,
-                   constraint_name, constraint_type, constraint_def, is_deferrable, is_deferred)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                   constraint_name, constraint_type, constraint_def, is_deferrable, is_deferred,
+                   replica_identity)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     i.oid,
                     i.table_oid,
@@ -568,7 +584,8 @@ impl StateDb {
                     c.map(|c| c.kind.clone()),
                     c.map(|c| c.definition.clone()),
                     c.is_some_and(|c| c.deferrable),
-                    c.is_some_and(|c| c.deferred)
+                    c.is_some_and(|c| c.deferred),
+                    i.replica_identity
                 ],
             )?;
         }
@@ -813,7 +830,8 @@ impl StateDb {
         self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT oid, table_oid, schema_name, index_name, definition, constraint_oid, constraint_name,
-                        constraint_type, constraint_def, is_deferrable, is_deferred, status
+                        constraint_type, constraint_def, is_deferrable, is_deferred, status,
+                        replica_identity
                  FROM indexes ORDER BY table_oid, oid",
             )?;
             let rows = stmt.query_map([], |r| {
@@ -836,6 +854,7 @@ impl StateDb {
                     name: r.get(3)?,
                     definition: r.get(4)?,
                     constraint,
+                    replica_identity: r.get(12)?,
                     status: r.get(11)?,
                 })
             })?;

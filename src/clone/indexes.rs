@@ -1,7 +1,8 @@
 //! Index builds on the target, started for a table as soon as all its parts have landed, while
 //! other tables still copy. A primary key or unique constraint is built as `CREATE UNIQUE
 //! INDEX` then `ADD CONSTRAINT … USING INDEX` in one transaction, so a crash leaves either both
-//! or neither; exclusion constraints are added directly.
+//! or neither; exclusion constraints are added directly. An index that is its table's REPLICA
+//! IDENTITY is made so again in the same transaction.
 
 use anyhow::{Result, anyhow};
 use tokio_postgres::Client;
@@ -95,6 +96,17 @@ pub async fn build(
                 quote_ident(&index.name),
             ));
         }
+    }
+    // The table's replica identity goes with the index's last statement, in its transaction
+    // (a multi-statement batch is one): a resumed build finds both or neither.
+    if index.replica_identity
+        && let Some(last) = statements.last_mut()
+    {
+        last.push_str(&format!(
+            "; ALTER TABLE ONLY {} REPLICA IDENTITY USING INDEX {}",
+            table.qualified(),
+            quote_ident(&index.name)
+        ));
     }
     for sql in statements {
         target.batch_execute(&sql).await.map_err(|e| {

@@ -104,6 +104,7 @@ mod tests {
             name: format!("i{oid}"),
             definition: String::new(),
             constraint: None,
+            replica_identity: false,
             status: status.into(),
         }
     }

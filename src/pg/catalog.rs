@@ -99,7 +99,7 @@ pub async fn read_catalog(
     for row in client
         .query(
             "SELECT i.indexrelid, i.indrelid, n.nspname, ic.relname, pg_get_indexdef(i.indexrelid),
-                    k.oid, k.conname, k.contype::text, pg_get_constraintdef(k.oid), k.condeferrable, k.condeferred
+                    k.oid, k.conname, k.contype::text, pg_get_constraintdef(k.oid), k.condeferrable, k.condeferred, i.indisreplident
              FROM pg_index i
              JOIN pg_class ic ON ic.oid = i.indexrelid
              JOIN pg_namespace n ON n.oid = ic.relnamespace
@@ -127,6 +127,7 @@ pub async fn read_catalog(
                 deferrable: row.get(9),
                 deferred: row.get(10),
             }),
+            replica_identity: row.get(11),
             status: "pending".into(),
         });
     }
