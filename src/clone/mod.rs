@@ -491,6 +491,9 @@ async fn copy_resyncing_rewritten(
             {
                 tracing::warn!("{e:#}; copying the unfinished tables again under a new snapshot");
                 let (snapshot, lsn) = Snapshot::at_known_lsn(&opts.source).await?;
+                // What the stopped workers left (parts and indexes committed on the target
+                // but not yet recorded), as a resume finds it.
+                reconcile_with_target(state, target, tables, &state.indexes()?).await?;
                 resync_unfinished_tables(state, target, tables, lsn).await?;
                 snapshot_name = snapshot.name.clone();
                 _resync_snapshot = Some(snapshot);
