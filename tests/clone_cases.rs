@@ -423,3 +423,86 @@ async fn kept_table_using_an_excluded_schema_is_refused() {
         "an owned sequence is dumped with its table: {out}"
     );
 }
+
+/// Found by the fuzzer (seed 55): pg_dump locks every table it dumps, one after the other (and
+/// the catalog read's table sizes lock them too); an application transaction that locks two of
+/// them the other way round (`TRUNCATE a, b`) can make pgtide's session the victim of a
+/// deadlock. That is transient: the read runs again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_read_losing_a_deadlock_to_the_application_is_retried() {
+    let (src, dst) = fresh_db_pair("t_c_deadlock").await;
+    exec(
+        &src,
+        "CREATE TABLE t1 (id int PRIMARY KEY); CREATE TABLE t2 (id int PRIMARY KEY);
+         INSERT INTO t1 VALUES (1); INSERT INTO t2 VALUES (2);",
+    )
+    .await;
+    let dir = workdir("c-deadlock");
+    let d = dir.to_str().unwrap();
+    // The catalog is read before the pause; then the application takes t2, and pg_dump locks
+    // t1 (created first) and waits for t2.
+    let child = spawn_pgtide(
+        &clone_args(&src, &dst, d),
+        &[("FAILPOINTS", "clone.before_dump=sleep(3000)")],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let catalog_read = || {
+        let path = dir.join("state.db");
+        path.exists()
+            && rusqlite::Connection::open(&path)
+                .and_then(|c| {
+                    c.query_row(
+                        "SELECT count(*) FROM steps WHERE name = 'catalog' AND status = 'done'",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                })
+                .is_ok_and(|done| done == 1)
+    };
+    while !catalog_read() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the catalog was never read"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let app = connect(&src).await;
+    app.batch_execute("BEGIN; LOCK t2 IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let app_pid: i32 = app
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let watcher = connect(&admin_uri("source")).await;
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 't_c_deadlock'
+                   AND wait_event_type = 'Lock' AND pid <> $1",
+                &[&app_pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pg_dump never waited for t2"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Now the application wants t1, which pgtide holds: a cycle, and pgtide's session, waiting
+    // longest, finds it first (deadlock_timeout) and is the victim.
+    app.batch_execute("LOCK t1 IN ACCESS EXCLUSIVE MODE; COMMIT")
+        .await
+        .unwrap();
+    let out = wait_exit(child, 120);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("lost a deadlock"), "{all}");
+    assert_identical(&src, &dst);
+}

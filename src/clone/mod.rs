@@ -144,10 +144,24 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
 
     if !state.has_catalog()? {
         run_step(state, "catalog", async {
-            snapshot::import(&source, &snapshot.name).await?;
-            let cat = catalog::read_catalog(&source, &opts.filters, opts.split_bytes).await;
-            let _ = source.batch_execute("ROLLBACK").await;
-            let cat = cat?;
+            // Reading table sizes locks each table in turn: an application transaction that
+            // locks two of them the other way round can make this read a deadlock's victim
+            // (transient: read again, the snapshot is still held).
+            let mut attempt = 1;
+            let cat = loop {
+                snapshot::import(&source, &snapshot.name).await?;
+                let cat = catalog::read_catalog(&source, &opts.filters, opts.split_bytes).await;
+                let _ = source.batch_execute("ROLLBACK").await;
+                match cat {
+                    Err(e) if attempt < 5 && pg::is_deadlock(&e) => {
+                        tracing::warn!(
+                            "reading the catalog lost a deadlock with a source session; reading it again"
+                        );
+                        attempt += 1;
+                    }
+                    other => break other?,
+                }
+            };
             state.save_catalog(&cat)
         })
         .await?;
@@ -159,6 +173,9 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     }
 
     if state.step_status("dump")?.as_deref() != Some("done") {
+        fail::fail_point!("clone.before_dump", |_| Err(anyhow!(
+            "failpoint clone.before_dump"
+        )));
         run_step(state, "dump", async {
             let filters = catalog::sequences_for_dump(&source, &opts.filters).await?;
             let (pre, post) = tokio::join!(

@@ -121,12 +121,35 @@ pub async fn dump(
         format!("--dbname={}", source.libpq_conninfo_without_password()),
     ];
     args.extend(filters.pg_dump_args());
-    run_tool("pg_dump", &args, source)
-        .await
-        .with_context(|| format!("cannot dump the source schema ({})", section.file_stem()))?;
+    let mut attempt = 1;
+    loop {
+        match run_tool("pg_dump", &args, source).await {
+            Ok(_) => break,
+            // pg_dump locks every table it dumps; an application transaction that locks two
+            // of them the other way round (TRUNCATE a, b) can make it the victim of a deadlock
+            // (40P01), a transient fault: the snapshot is still held, dump again.
+            Err(e) if attempt < DUMP_ATTEMPTS && crate::pg::is_deadlock(&e) => {
+                tracing::warn!(
+                    "pg_dump ({}) lost a deadlock with a source session; dumping again (attempt {} of {DUMP_ATTEMPTS})",
+                    section.file_stem(),
+                    attempt + 1
+                );
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "cannot dump the source schema ({})",
+                    section.file_stem()
+                )));
+            }
+        }
+    }
     std::fs::rename(&tmp, &file)?;
     Ok(file)
 }
+
+/// How many times pg_dump runs when it loses deadlocks with the application.
+const DUMP_ATTEMPTS: usize = 5;
 
 /// One line of `pg_restore --list`: `id; catalog-oid object-oid DESC schema tag owner`. Only
 /// the numbers and DESC are parsed out of it: schema, tag and owner are printed unquoted, so a

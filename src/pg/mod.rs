@@ -244,6 +244,16 @@ pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// A deadlock (SQLSTATE 40P01) anywhere in the error, from a server error or from a client
+/// tool's message: transient, the statement can run again.
+pub fn is_deadlock(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::code)
+            .is_some_and(|code| *code == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+    }) || format!("{e:#}").contains("deadlock detected")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
