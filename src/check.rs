@@ -277,7 +277,17 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
             ),
         );
     }
+    filters_check(r, src, &opts.filters).await?;
     if opts.online {
+        // The online checks concern what is published: not the [exclude-table-data] tables.
+        let (tables, not_followed) = slot::published_tables(src, false, &opts.filters).await?;
+        if !not_followed.is_empty() {
+            r.warn(
+                "source tables not followed",
+                slot::not_followed_notice(&not_followed),
+                "their source rows and later changes stay on the source; remove them from [exclude-table-data] to migrate them",
+            );
+        }
         let append_only = match slot::append_only_tables(&tables, &opts.identity.append_only) {
             Ok(list) => list,
             Err(e) => {
@@ -426,6 +436,89 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
     Ok(((version_num / 10000) as u32, size))
 }
 
+/// The filters must not leave out a relation that a copied view, foreign key or inheritance
+/// child depends on: pg_restore would stop on it halfway. pgtide refuses rather than leave out
+/// the dependents silently (a view or a foreign key missing on the target is a difference the
+/// operator must choose).
+async fn filters_check(r: &mut Report, src: &Client, filters: &Filters) -> Result<()> {
+    if filters.named_tables().next().is_none() && filters.named_schemas().next().is_none() {
+        return Ok(());
+    }
+    let broken = crate::pg::catalog::broken_dependencies(src, filters).await?;
+    if broken.is_empty() {
+        r.ok(
+            "source filters",
+            "nothing copied depends on what the filters leave out",
+        );
+        return Ok(());
+    }
+    let what: Vec<String> = broken
+        .iter()
+        .map(|b| match &b.constraint {
+            Some(name) => format!(
+                "foreign key {} on {} references {}",
+                pg::quote_ident(name),
+                b.dependent,
+                b.left_out
+            ),
+            None if b.kind == "inheritance" => {
+                format!(
+                    "{} inherits from (or is a partition of) {}",
+                    b.dependent, b.left_out
+                )
+            }
+            None if is_relation(&b.kind) => {
+                format!("{} {} uses {}", b.kind, b.dependent, b.left_out)
+            }
+            None => format!(
+                "{} uses the {} {}, in a schema the filters leave out",
+                b.dependent, b.kind, b.left_out
+            ),
+        })
+        .collect();
+    let mut dependents: Vec<&str> = broken.iter().map(|b| b.dependent.as_str()).collect();
+    dependents.dedup();
+    let drops: Vec<String> = broken
+        .iter()
+        .map(|b| match &b.constraint {
+            Some(name) => format!(
+                "ALTER TABLE {} DROP CONSTRAINT {};",
+                b.dependent,
+                pg::quote_ident(name)
+            ),
+            None if b.kind == "inheritance" => {
+                format!("(detach {} from {})", b.dependent, b.left_out)
+            }
+            None if is_relation(&b.kind) => {
+                format!("DROP {} {};", b.kind.to_uppercase(), b.dependent)
+            }
+            None => format!(
+                "(make {} stop using {}, or copy its schema)",
+                b.dependent, b.left_out
+            ),
+        })
+        .collect();
+    r.fail(
+        "source filters",
+        format!(
+            "the filters leave out what copied objects depend on: {}",
+            what.join("; ")
+        ),
+        format!(
+            "copy both or neither: add {} to [exclude-table] (with [include-only-table], add what they depend on to it instead), or remove the dependency on the source: {}",
+            dependents.join(", "),
+            drops.join(" ")
+        ),
+    );
+    Ok(())
+}
+
+/// Whether a broken dependency's kind names a relation that depends (a view), rather than an
+/// object that is used (a sequence, a type).
+fn is_relation(kind: &str) -> bool {
+    matches!(kind, "view" | "materialized view")
+}
+
 async fn target_checks(
     r: &mut Report,
     dst: &Client,
@@ -442,7 +535,10 @@ async fn target_checks(
                     current_user::text,
                     (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                      WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                       AND n.nspname NOT LIKE 'pg_toast%')",
+                       AND n.nspname NOT LIKE 'pg_toast%'
+                       -- an extension's own tables (its configuration) are not the user's data
+                       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                                       AND d.objid = c.oid AND d.deptype = 'e'))",
             &[],
         )
         .await?;

@@ -161,6 +161,10 @@ pub struct CutoverArgs {
     /// Added to every sequence value set on the target.
     #[arg(long, default_value_t = 0)]
     pub sequence_offset: i64,
+    /// Refresh the materialized views on the target once the data is final, before verify
+    /// (a materialized view holds what its last REFRESH saw).
+    #[arg(long)]
+    pub refresh_matviews: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -197,6 +201,10 @@ pub struct CopySequencesArgs {
     /// The filters file the migration used.
     #[arg(long)]
     pub filters: Option<PathBuf>,
+    /// The migration's work dir: its recorded filters are used and the offset is recorded
+    /// (so that `verify --dir` expects the target ahead).
+    #[arg(long, env = "PGTIDE_DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -426,6 +434,9 @@ pub struct VerifyArgs {
     /// The filters file the clone used, so excluded tables are not reported as missing.
     #[arg(long)]
     pub filters: Option<PathBuf>,
+    /// The migration's work dir: its recorded filters and sequence offset are used.
+    #[arg(long, env = "PGTIDE_DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// Parses "200MB", "1.5 GB", "1048576" (bytes), "0".

@@ -63,6 +63,7 @@ fn main() -> std::process::ExitCode {
             Command::Check(args) => commands::check::run(args).await,
         }
     });
+    pgtide::pg::log_notice_count();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -10,6 +10,7 @@
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result, anyhow};
@@ -22,9 +23,20 @@ use crate::pg::Lsn;
 /// Records queued to the writer before the receiver waits (bounds memory: ~ this many
 /// messages in flight).
 const QUEUE_RECORDS: usize = 20_000;
+/// Payload bytes queued to the writer before the receiver waits: with wide rows the record
+/// bound alone would let gigabytes wait in memory (invariant 4).
+const QUEUE_BYTES: usize = 64 << 20;
 /// The most records one SQLite transaction takes.
 const BATCH_RECORDS: usize = 50_000;
+/// The most payload bytes one SQLite transaction takes: the write lock is held briefly, so
+/// apply's pruning (the other writer) never waits out its busy timeout behind wide rows.
+const BATCH_BYTES: usize = 32 << 20;
 
+/// Payload bytes one `SpoolReader::read` returns at most (beyond its first record).
+const READ_BYTES: usize = 64 << 20;
+/// Records one pruning statement deletes: short write transactions, the writer never waits
+/// long.
+const PRUNE_CHUNK: usize = 5_000;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS changes (
     seq     INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: readers keep their place across pruning
@@ -89,6 +101,40 @@ pub struct SpoolWriter {
     durable: watch::Receiver<Durable>,
     thread: Option<JoinHandle<Result<()>>>,
     sent: u64,
+    queued: Arc<QueuedBytes>,
+}
+
+/// Payload bytes handed to the writer thread and not yet written: the receiver waits while
+/// they exceed QUEUE_BYTES.
+#[derive(Default)]
+struct QueuedBytes {
+    bytes: Mutex<usize>,
+    written: Condvar,
+}
+
+impl QueuedBytes {
+    /// Counts a payload in, first waiting (blocking) until the queue is below its budget.
+    fn add(&self, n: usize) {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        while *bytes > QUEUE_BYTES {
+            bytes = self
+                .written
+                .wait_timeout(bytes, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *bytes += n;
+    }
+
+    fn remove(&self, n: usize) {
+        let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        *bytes = bytes.saturating_sub(n);
+        self.written.notify_all();
+    }
+
+    fn over_budget(&self) -> bool {
+        *self.bytes.lock().unwrap_or_else(|e| e.into_inner()) > QUEUE_BYTES
+    }
 }
 
 impl SpoolWriter {
@@ -109,16 +155,22 @@ impl SpoolWriter {
         });
         let (tx, rx) = sync_channel(QUEUE_RECORDS);
         let where_ = dir.display().to_string();
+        let queued = Arc::new(QueuedBytes::default());
+        let written = queued.clone();
         let thread = std::thread::Builder::new()
             .name("pgtide-spool".into())
             .spawn(move || {
-                write_loop(conn, rx, durable_tx, on_batch).map_err(|e| explain_full(e, &where_))
+                let result = write_loop(conn, rx, durable_tx, on_batch, &written);
+                // A stopped writer must not leave the receiver waiting for room.
+                written.remove(usize::MAX);
+                result.map_err(|e| explain_full(e, &where_))
             })?;
         Ok(SpoolWriter {
             tx: Some(tx),
             durable,
             thread: Some(thread),
             sent: 0,
+            queued,
         })
     }
 
@@ -149,6 +201,13 @@ impl SpoolWriter {
 
     pub fn append(&mut self, record: Record) -> Result<()> {
         self.sent += 1;
+        let bytes = record.payload.len();
+        if self.queued.over_budget() {
+            self.check_alive()?;
+            tokio::task::block_in_place(|| self.queued.add(bytes));
+        } else {
+            self.queued.add(bytes);
+        }
         self.send(Command::Append(record))
     }
 
@@ -222,6 +281,7 @@ fn write_loop(
     rx: Receiver<Command>,
     durable_tx: watch::Sender<Durable>,
     on_batch: Box<dyn Fn(u64) + Send>,
+    queued: &QueuedBytes,
 ) -> Result<()> {
     let mut records = 0u64;
     let mut commit_end = durable_tx.borrow().commit_end;
@@ -234,6 +294,7 @@ fn write_loop(
             )?;
             let mut next = Some(first);
             let mut n = 0;
+            let mut bytes = 0;
             while let Some(command) = next.take() {
                 match command {
                     Command::Append(r) => {
@@ -248,13 +309,15 @@ fn write_loop(
                             commit_end = commit_end.max(end);
                         }
                         records += 1;
+                        bytes += r.payload.len();
+                        queued.remove(r.payload.len());
                     }
                     Command::RollbackToCommit => {
                         rollback_to_last_commit(&tx)?;
                     }
                 }
                 n += 1;
-                if n < BATCH_RECORDS {
+                if n < BATCH_RECORDS && bytes < BATCH_BYTES {
                     next = rx.try_recv().ok();
                 }
             }
@@ -328,7 +391,18 @@ impl SpoolReader {
                 payload: Bytes::from(r.get::<_, Vec<u8>>(3)?),
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        // Wide rows: stop at READ_BYTES (at least one record), memory stays bounded.
+        let mut read = Vec::new();
+        let mut bytes = 0;
+        for row in rows {
+            let row = row?;
+            bytes += row.payload.len();
+            read.push(row);
+            if bytes >= READ_BYTES {
+                break;
+            }
+        }
+        Ok(read)
     }
 
     /// The sequence number of the last record of the transaction whose commit ended at
@@ -353,12 +427,26 @@ impl SpoolReader {
 
     /// Removes whole transactions whose commit ended at or before `applied` (the target's
     /// durable position: invariant 1); relation descriptions are kept for what follows.
+    /// Deletes in chunks, each its own SQLite transaction: a pruned 40-million-row
+    /// transaction never holds the write lock longer than the writer's busy timeout.
     pub fn prune_through(&self, applied: Lsn) -> Result<usize> {
-        Ok(self.conn.execute(
-            "DELETE FROM changes WHERE kind <> 'relation' AND seq <= coalesce(
-                (SELECT max(seq) FROM changes WHERE end_lsn IS NOT NULL AND end_lsn <= ?1), 0)",
+        let through: i64 = self.conn.query_row(
+            "SELECT coalesce(max(seq), 0) FROM changes WHERE end_lsn IS NOT NULL AND end_lsn <= ?1",
             [applied.0 as i64],
-        )?)
+            |r| r.get(0),
+        )?;
+        let mut stmt = self.conn.prepare_cached(
+            "DELETE FROM changes WHERE seq IN (
+                SELECT seq FROM changes WHERE kind <> 'relation' AND seq <= ?1 ORDER BY seq LIMIT ?2)",
+        )?;
+        let mut pruned = 0;
+        loop {
+            let deleted = stmt.execute(params![through, PRUNE_CHUNK as i64])?;
+            pruned += deleted;
+            if deleted < PRUNE_CHUNK {
+                return Ok(pruned);
+            }
+        }
     }
 }
 
@@ -428,6 +516,53 @@ mod tests {
             after.iter().map(|s| s.lsn.0).collect::<Vec<_>>(),
             vec![30, 31, 32]
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A transaction larger than a pruning chunk is pruned whole (in several short write
+    /// transactions), its relation description kept; a read of wide records stops at
+    /// READ_BYTES.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn big_transactions_prune_in_chunks_and_wide_reads_are_capped() {
+        let dir = std::env::temp_dir().join(format!("pgtide-spool-chunks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = SpoolWriter::open(&dir, Box::new(|_| {})).unwrap();
+        let inserts = 3 * PRUNE_CHUNK as u64 + 7;
+        w.append(rec(10, "begin", None)).unwrap();
+        w.append(rec(11, "relation", None)).unwrap();
+        for i in 0..inserts {
+            w.append(rec(12 + i, "insert", None)).unwrap();
+        }
+        let end = 12 + inserts;
+        w.append(rec(end, "commit", Some(end + 1))).unwrap();
+        let wide = Bytes::from(vec![b'w'; 40 << 20]);
+        w.append(rec(end + 10, "begin", None)).unwrap();
+        for i in 0..3 {
+            w.append(Record {
+                payload: wide.clone(),
+                ..rec(end + 11 + i, "insert", None)
+            })
+            .unwrap();
+        }
+        w.append(rec(end + 20, "commit", Some(end + 21))).unwrap();
+        w.sync().await.unwrap();
+        w.close().unwrap();
+        let reader = SpoolReader::open(&dir).unwrap();
+        assert_eq!(
+            reader.prune_through(Lsn(end + 1)).unwrap(),
+            inserts as usize + 2,
+            "begin, inserts and commit pruned; the relation kept"
+        );
+        assert_eq!(reader.relations_before(i64::MAX).unwrap().len(), 1);
+        let first = reader.read(0, Lsn(0), 100).unwrap();
+        assert_eq!(
+            first.len(),
+            4,
+            "relation, begin, then two 40 MB records reach the cap"
+        );
+        let rest = reader.read(first.last().unwrap().seq, Lsn(0), 100).unwrap();
+        assert_eq!(rest.len(), 2, "the third wide record and the commit");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

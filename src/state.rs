@@ -95,6 +95,53 @@ CREATE TABLE IF NOT EXISTS large_objects (
 );
 "#;
 
+/// meta key of the migration's filters (JSON of `Filters`), recorded when it starts.
+const FILTERS_KEY: &str = "migration.filters";
+/// meta key of the offset the last sequence copy added (verify expects the target ahead).
+const SEQUENCE_OFFSET_KEY: &str = "migration.sequence_offset";
+/// meta keys of apply's positions: durable on the target (every second) and at endpos.
+const DURABLE_LSN_KEY: &str = "apply.durable_lsn";
+const APPLIED_AT_ENDPOS_KEY: &str = "sentinel.applied_lsn";
+
+/// What the work dir knows of the follow process (the one applying the stream): written by it
+/// every second, so that cutover can tell at once when apply is no longer running.
+#[derive(Clone, Debug)]
+pub struct FollowLiveness {
+    pub pid: u32,
+    /// The follow's latest heartbeat (seconds since the epoch).
+    pub heartbeat_at: f64,
+    /// Set when it stopped (reached endpos or failed); `last_error` says why when it failed.
+    pub stopped_at: Option<f64>,
+    pub last_error: Option<String>,
+}
+
+impl FollowLiveness {
+    /// Why this follow is not running at `now` (seconds since the epoch), or None while it
+    /// has not recorded a stop and its heartbeat is younger than `timeout`.
+    pub fn not_running(&self, now: f64, timeout: std::time::Duration) -> Option<String> {
+        if let Some(stopped) = self.stopped_at {
+            let ago = (now - stopped).max(0.0);
+            return Some(match &self.last_error {
+                Some(error) => format!(
+                    "the follow process (pid {}) stopped {ago:.0} s ago on an error: {error}",
+                    self.pid
+                ),
+                None => format!(
+                    "the follow process (pid {}) stopped {ago:.0} s ago at an earlier endpos",
+                    self.pid
+                ),
+            });
+        }
+        let silent = now - self.heartbeat_at;
+        (silent > timeout.as_secs_f64()).then(|| {
+            format!(
+                "the follow process (pid {}) has not recorded a heartbeat for {silent:.0} s: it died or hangs",
+                self.pid
+            )
+        })
+    }
+}
+
 /// A table part being copied, for status.
 #[derive(Clone, Debug)]
 pub struct PartInFlight {
@@ -236,7 +283,8 @@ impl StateDb {
         }
         // Added without a version bump: created wherever it is missing.
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS apply_samples (at REAL NOT NULL, pid INTEGER NOT NULL, changes INTEGER NOT NULL, transactions INTEGER NOT NULL, lsn INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS apply_samples (at REAL NOT NULL, pid INTEGER NOT NULL, changes INTEGER NOT NULL, transactions INTEGER NOT NULL, lsn INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS follow_process (id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER NOT NULL, started_at REAL NOT NULL, heartbeat_at REAL NOT NULL, stopped_at REAL, last_error TEXT);",
         )
         .context("cannot create the state database schema")?;
         let has_replica_identity: bool = conn.query_row(
@@ -288,13 +336,128 @@ impl StateDb {
         })
     }
 
+    /// Records the migration's filters (invariant 9): every later stage reads them back with
+    /// `recorded_filters`.
+    pub fn record_filters(&self, filters: &crate::clone::filters::Filters) -> Result<()> {
+        self.set_meta(FILTERS_KEY, &serde_json::to_string(filters)?)
+    }
+
+    /// The filters the migration recorded when it started; None for a work dir that has none
+    /// recorded (it was started by an older pgtide, or nothing started yet).
+    pub fn recorded_filters(&self) -> Result<Option<crate::clone::filters::Filters>> {
+        match self.get_meta(FILTERS_KEY)? {
+            Some(json) => Ok(Some(serde_json::from_str(&json).context(
+                "the filters recorded in state.db cannot be read: use the pgtide that started this migration",
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The offset the target's sequences were set with (`--sequence-offset`, `--offset`).
+    pub fn record_sequence_offset(&self, offset: i64) -> Result<()> {
+        self.set_meta(SEQUENCE_OFFSET_KEY, &offset.to_string())
+    }
+
+    /// The recorded sequence offset (0 when none was recorded).
+    pub fn sequence_offset(&self) -> Result<i64> {
+        Ok(self
+            .get_meta(SEQUENCE_OFFSET_KEY)?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Apply's position durable on the target (recorded every second while apply runs).
+    pub fn record_durable_lsn(&self, lsn: crate::pg::Lsn) -> Result<()> {
+        self.set_meta(DURABLE_LSN_KEY, &lsn.to_string())
+    }
+
+    /// The position apply stopped at when it reached endpos.
+    pub fn record_applied_at_endpos(&self, lsn: crate::pg::Lsn) -> Result<()> {
+        self.set_meta(APPLIED_AT_ENDPOS_KEY, &lsn.to_string())
+    }
+
+    /// The furthest position the target is known to have applied, if any.
+    pub fn applied_lsn(&self) -> Result<Option<crate::pg::Lsn>> {
+        let mut best: Option<crate::pg::Lsn> = None;
+        for key in [DURABLE_LSN_KEY, APPLIED_AT_ENDPOS_KEY] {
+            if let Some(lsn) = self
+                .get_meta(key)?
+                .and_then(|v| v.parse::<crate::pg::Lsn>().ok())
+            {
+                best = Some(best.map_or(lsn, |b| b.max(lsn)));
+            }
+        }
+        Ok(best.filter(|l| l.0 > 0))
+    }
+
+    /// The error the migration last stopped on (`set_failed`), while its phase is `failed`.
+    pub fn failure(&self) -> Result<Option<String>> {
+        if self.get_meta("phase")?.as_deref() != Some("failed") {
+            return Ok(None);
+        }
+        self.get_meta("phase.error")
+    }
+
+    /// A follow process starts applying (or spooling for) this work dir.
+    pub fn follow_started(&self, pid: u32) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO follow_process (id, pid, started_at, heartbeat_at) VALUES (1, ?1, ?2, ?2)
+                 ON CONFLICT(id) DO UPDATE SET pid = ?1, started_at = ?2, heartbeat_at = ?2, stopped_at = NULL, last_error = NULL",
+                params![pid, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The follow process `pid` is alive.
+    pub fn follow_heartbeat(&self, pid: u32) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE follow_process SET heartbeat_at = ?2 WHERE pid = ?1 AND stopped_at IS NULL",
+                params![pid, now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The follow process `pid` stopped, on `error` or (None) at endpos.
+    pub fn follow_stopped(&self, pid: u32, error: Option<&str>) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE follow_process SET stopped_at = ?2, last_error = ?3 WHERE pid = ?1",
+                params![pid, now(), error],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The latest follow process's liveness record, if one ever ran here.
+    pub fn follow_liveness(&self) -> Result<Option<FollowLiveness>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT pid, heartbeat_at, stopped_at, last_error FROM follow_process WHERE id = 1",
+                [],
+                |r| {
+                    Ok(FollowLiveness {
+                        pid: r.get(0)?,
+                        heartbeat_at: r.get(1)?,
+                        stopped_at: r.get(2)?,
+                        last_error: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
     /// Empties every table: used when the operator starts over in the same work dir.
     pub fn reset(&self) -> Result<()> {
         self.with(|c| {
             c.execute_batch(
                 "DELETE FROM meta; DELETE FROM steps; DELETE FROM tables; DELETE FROM parts;
                  DELETE FROM indexes; DELETE FROM sequences; DELETE FROM large_objects;
-                 DELETE FROM constraints;",
+                 DELETE FROM constraints; DELETE FROM follow_process;",
             )
         })
     }
@@ -764,5 +927,40 @@ impl StateDb {
             })?;
             rows.collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FollowLiveness;
+    use std::time::Duration;
+
+    #[test]
+    fn a_follow_is_running_until_it_stops_or_its_heartbeat_ages() {
+        let live = FollowLiveness {
+            pid: 42,
+            heartbeat_at: 100.0,
+            stopped_at: None,
+            last_error: None,
+        };
+        let timeout = Duration::from_secs(5);
+        assert_eq!(live.not_running(104.0, timeout), None);
+        let dead = live.not_running(106.0, timeout).unwrap();
+        assert!(
+            dead.contains("pid 42") && dead.contains("heartbeat"),
+            "{dead}"
+        );
+        let failed = FollowLiveness {
+            stopped_at: Some(101.0),
+            last_error: Some("found no matching row".into()),
+            ..live.clone()
+        };
+        let why = failed.not_running(101.5, timeout).unwrap();
+        assert!(why.contains("found no matching row"), "{why}");
+        let done = FollowLiveness {
+            stopped_at: Some(101.0),
+            ..live
+        };
+        assert!(done.not_running(101.5, timeout).unwrap().contains("endpos"));
     }
 }

@@ -690,7 +690,14 @@ async fn cutover_fences_catches_up_verifies_and_unfences_on_failure() {
                 .await
             {
                 Ok(_) => committed += 1,
-                Err(e) => return (committed, e.to_string()),
+                // The server's own message: tokio-postgres displays any server error as
+                // "db error".
+                Err(e) => {
+                    let message = e
+                        .as_db_error()
+                        .map_or_else(|| e.to_string(), |db| db.message().to_string());
+                    return (committed, message);
+                }
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -20,7 +20,7 @@ use anyhow::{Result, anyhow, bail};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use crate::decode::{Change, pgoutput};
+use crate::decode::{Change, Relation, pgoutput};
 use crate::pg::{Lsn, describe};
 use crate::spool::SpoolReader;
 use sets::SetQueue;
@@ -39,7 +39,9 @@ pub fn target_error(e: &tokio_postgres::Error, context: impl std::fmt::Display) 
         None => true,
         Some(db) => {
             let code = db.code().code();
-            code.starts_with("57P") || code.starts_with("08")
+            // 08P01 protocol_violation (a message over the server's limit, say) would
+            // happen again on every retry: it is not a lost connection.
+            code.starts_with("57P") || (code.starts_with("08") && code != "08P01")
         }
     };
     let text = format!("{context}: {}", describe(e));
@@ -170,12 +172,14 @@ pub async fn run(
         resynced,
         final_lsn: Lsn(0),
         skipping: false,
+        undescribed: HashMap::new(),
     };
+    // Only the last description of each relation counts, and it is matched with the target
+    // only when a change of it comes: an older one may name a column dropped since (on both
+    // sides), a table dropped since may never send a change again.
     for payload in applier.reader.relations_before(after_seq)? {
         if let Change::Relation(r) = applier.decoder.decode(payload)? {
-            applier
-                .tables
-                .insert(r.oid, TargetTable::describe(target, r).await?);
+            applier.undescribed.insert(r.oid, r);
         }
     }
     tracing::info!("apply: resuming after {start} (origin {origin})");
@@ -265,9 +269,20 @@ struct Applier<'a> {
     final_lsn: Lsn,
     /// Inside a transaction that was already applied (re-sent by the source).
     skipping: bool,
+    /// Relations read back from the spool on a resume, matched with the target on first use.
+    undescribed: HashMap<u32, Relation>,
 }
 
 impl Applier<'_> {
+    /// Matches a relation read back at resume with the target, now that a change needs it.
+    async fn describe_pending(&mut self, oid: u32) -> Result<()> {
+        if let Some(relation) = self.undescribed.remove(&oid) {
+            let table = TargetTable::describe(self.target, relation).await?;
+            self.tables.insert(oid, table);
+        }
+        Ok(())
+    }
+
     /// A change of this relation in the current transaction is already in the table's copy.
     fn in_copy(&self, oid: u32) -> bool {
         self.tables
@@ -281,6 +296,7 @@ impl Applier<'_> {
         match change {
             Change::Relation(r) => {
                 self.send_queued().await?;
+                self.undescribed.remove(&r.oid);
                 let table = TargetTable::describe(self.target, r).await?;
                 self.statements.forget(table.source.oid);
                 self.tables.insert(table.source.oid, table);
@@ -346,9 +362,13 @@ impl Applier<'_> {
             }
             Change::Truncate {
                 relations,
-                cascade,
+                cascade: _,
                 restart_identity,
             } => {
+                for oid in &relations {
+                    self.describe_pending(*oid).await?;
+                }
+                let listed = relations.len();
                 let relations: Vec<u32> = relations
                     .into_iter()
                     .filter(|oid| !self.in_copy(*oid))
@@ -357,19 +377,36 @@ impl Applier<'_> {
                     return Ok(Step::Continue);
                 }
                 self.send_queued().await?;
-                let change = Change::Truncate {
-                    relations,
-                    cascade,
-                    restart_identity,
-                };
-                self.statements
-                    .apply(self.target, &self.tables, &change)
-                    .await?;
+                if relations.len() < listed {
+                    // A table of this truncate was resynced after it and keeps its copy; a
+                    // TRUNCATE of the others alone would be refused by the foreign keys
+                    // between them. Emptied row by row instead (foreign keys are not checked
+                    // in the apply session): the same final state.
+                    self.statements
+                        .delete_all(self.target, &self.tables, &relations)
+                        .await?;
+                } else {
+                    // Never CASCADE on the target: the source already lists every table its
+                    // cascade emptied. The same rule as native logical replication.
+                    let change = Change::Truncate {
+                        relations,
+                        cascade: false,
+                        restart_identity,
+                    };
+                    self.statements
+                        .apply(self.target, &self.tables, &change)
+                        .await?;
+                }
                 self.count_change();
             }
-            Change::Insert { .. } | Change::Update { .. } | Change::Delete { .. }
-                if change.relation().is_some_and(|oid| self.in_copy(oid)) => {}
             Change::Insert { .. } | Change::Update { .. } | Change::Delete { .. } => {
+                let Some(oid) = change.relation() else {
+                    return Ok(Step::Continue);
+                };
+                self.describe_pending(oid).await?;
+                if self.in_copy(oid) {
+                    return Ok(Step::Continue);
+                }
                 if self.after_seq <= self.one_row_at_a_time_through {
                     self.statements
                         .apply(self.target, &self.tables, &change)

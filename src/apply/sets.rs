@@ -20,8 +20,21 @@ use crate::decode::{Change, OldImage, Value};
 
 /// Rows per statement: bounds the parameter arrays and the statement's memory on both sides.
 const RUN_ROWS: usize = 5_000;
+/// Value bytes per statement, whatever the rows' width (invariant 4): a statement stays far
+/// below the server's 1 GB message limit and pgtide's memory stays bounded.
+const RUN_BYTES: usize = 32 << 20;
 /// Rows queued across all tables before the queues are sent.
 const QUEUED_ROWS: usize = 50_000;
+/// Value bytes queued across all tables before the queues are sent.
+const QUEUED_BYTES: usize = 64 << 20;
+
+/// The bytes of a row's text values: what it costs in memory and in the statement.
+pub fn value_bytes(values: &[Option<String>]) -> usize {
+    values
+        .iter()
+        .map(|v| v.as_ref().map_or(0, String::len))
+        .sum()
+}
 
 /// The kind of a run and the columns its rows carry.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -41,11 +54,18 @@ pub struct Run {
     pub values: Vec<Vec<Option<String>>>,
     /// Update runs: the row index of each key, so a later update of it replaces the earlier.
     by_key: HashMap<Vec<Option<String>>, usize>,
+    /// Value bytes held (replaced values of compacted updates included: an upper bound).
+    bytes: usize,
 }
 
 impl Run {
     pub fn rows(&self) -> usize {
         self.values.first().map_or(0, Vec::len)
+    }
+
+    /// Value bytes held: what the statement will carry, at most.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -62,6 +82,7 @@ pub struct SetQueue {
     tables: Vec<(u32, Vec<Entry>)>,
     position: HashMap<u32, usize>,
     queued: usize,
+    queued_bytes: usize,
 }
 
 impl SetQueue {
@@ -90,19 +111,28 @@ impl SetQueue {
         });
         let entries = &mut self.tables[position].1;
         match row {
-            None => entries.push(Entry::Single(change)),
+            None => {
+                self.queued += 1;
+                self.queued_bytes += change_bytes(&change);
+                entries.push(Entry::Single(change));
+            }
             Some((shape, values, key_len)) => {
-                let last_fits = matches!(entries.last(), Some(Entry::Run(run)) if run.shape == shape && run.rows() < RUN_ROWS);
+                let bytes = value_bytes(&values);
+                let last_fits = matches!(entries.last(), Some(Entry::Run(run))
+                    if run.shape == shape && run.rows() < RUN_ROWS && run.bytes + bytes <= RUN_BYTES);
                 if !last_fits {
                     entries.push(Entry::Run(Run {
                         values: vec![Vec::new(); values.len()],
                         shape: shape.clone(),
                         by_key: HashMap::new(),
+                        bytes: 0,
                     }));
                 }
+                self.queued_bytes += bytes;
                 let Some(Entry::Run(run)) = entries.last_mut() else {
                     unreachable!("a run was just pushed")
                 };
+                run.bytes += bytes;
                 let key = matches!(shape, RunShape::Update { .. })
                     .then(|| values[values.len() - key_len..].to_vec());
                 match key.as_ref().and_then(|k| run.by_key.get(k)) {
@@ -125,7 +155,7 @@ impl SetQueue {
                 }
             }
         }
-        if self.queued >= QUEUED_ROWS {
+        if self.queued >= QUEUED_ROWS || self.queued_bytes >= QUEUED_BYTES {
             self.send(statements, target, tables).await?;
         }
         Ok(())
@@ -141,6 +171,7 @@ impl SetQueue {
         let queued = std::mem::take(&mut self.tables);
         self.position.clear();
         self.queued = 0;
+        self.queued_bytes = 0;
         for (oid, entries) in queued {
             for entry in entries {
                 match entry {
@@ -164,6 +195,26 @@ impl SetQueue {
         self.tables.clear();
         self.position.clear();
         self.queued = 0;
+        self.queued_bytes = 0;
+    }
+}
+
+/// The bytes of a change's values (old and new images).
+fn change_bytes(change: &Change) -> usize {
+    let row = |values: &[Value]| -> usize {
+        values
+            .iter()
+            .map(|v| match v {
+                Value::Text(b) | Value::Binary(b) => b.len(),
+                Value::Null | Value::Unchanged => 0,
+            })
+            .sum()
+    };
+    match change {
+        Change::Insert { new, .. } => row(new),
+        Change::Update { old, new, .. } => row(new) + old.as_ref().map_or(0, |o| row(&o.1)),
+        Change::Delete { old, .. } => row(&old.1),
+        _ => 0,
     }
 }
 
@@ -191,13 +242,20 @@ fn runnable(table: &TargetTable, change: &Change) -> Result<Option<Runnable>> {
             if key.is_empty() || key.iter().any(|i| new[*i] == Value::Unchanged) {
                 return Ok(None);
             }
+            // A GENERATED ALWAYS identity column cannot be assigned: it joins the match
+            // instead (see `Statements::apply`).
             let set: Vec<usize> = present(new)
                 .into_iter()
-                .filter(|i| !key.contains(i))
+                .filter(|i| !key.contains(i) && !table.generated_always[*i])
                 .collect();
             if set.is_empty() {
                 return Ok(None);
             }
+            let guard: Vec<usize> = present(new)
+                .into_iter()
+                .filter(|i| !key.contains(i) && table.generated_always[*i])
+                .collect();
+            let key: Vec<usize> = key.into_iter().chain(guard).collect();
             let mut values: Vec<Option<String>> = set
                 .iter()
                 .map(|i| text_of(&new[*i]))

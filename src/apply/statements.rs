@@ -11,7 +11,7 @@ use anyhow::{Result, anyhow, bail};
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
-use super::sets::{Run, RunShape};
+use super::sets::{Run, RunShape, value_bytes};
 use super::target_error;
 use crate::decode::{Change, OldImage, Relation, Value};
 use crate::pg::{qualified, quote_ident};
@@ -22,6 +22,9 @@ pub struct TargetTable {
     pub qualified: String,
     /// The target column type of each source column, as format_type prints it.
     pub types: Vec<String>,
+    /// Per source column: a `GENERATED ALWAYS AS IDENTITY` column on the target, which an
+    /// UPDATE cannot assign; apply matches it instead (its value never changes in practice).
+    pub generated_always: Vec<bool>,
 }
 
 impl TargetTable {
@@ -31,7 +34,8 @@ impl TargetTable {
         let name = qualified(&relation.schema, &relation.name);
         let rows = target
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attidentity = 'a'
+                 FROM pg_attribute a
                  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
                 &[&name],
             )
@@ -44,12 +48,18 @@ impl TargetTable {
                 relation.name
             );
         }
-        let target_columns: HashMap<String, String> =
-            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let target_columns: HashMap<String, (String, bool)> = rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
         let mut types = Vec::with_capacity(relation.columns.len());
+        let mut generated_always = Vec::with_capacity(relation.columns.len());
         for column in &relation.columns {
             match target_columns.get(&column.name) {
-                Some(t) => types.push(t.clone()),
+                Some((t, always)) => {
+                    types.push(t.clone());
+                    generated_always.push(*always);
+                }
                 None => bail!(
                     "schema drift on {}.{}: the source has column \"{}\" that the target lacks. Add it on the target (ALTER TABLE {name} ADD COLUMN …) and rerun follow; nothing after this change was applied.",
                     relation.schema,
@@ -62,6 +72,7 @@ impl TargetTable {
             source: relation,
             qualified: name,
             types,
+            generated_always,
         })
     }
 
@@ -79,10 +90,14 @@ impl TargetTable {
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Shape {
     Insert(Vec<usize>),
+    /// An empty `set` checks that the row exists (`SELECT 1 … WHERE`): a change whose new
+    /// values are all unchanged TOAST or unassignable still has to find its row.
     Update {
         set: Vec<usize>,
         key: Vec<usize>,
         full: bool,
+        /// GENERATED ALWAYS identity columns, matched on their new value instead of set.
+        guard: Vec<usize>,
     },
     Delete {
         key: Vec<usize>,
@@ -100,6 +115,18 @@ enum Expect {
     Exactly(u64),
 }
 
+impl Expect {
+    /// An update or delete must find its row. A FULL-identity match finds one by its whole old
+    /// image (LIMIT 1): exactly one, or the target has diverged.
+    fn row_found(full: bool) -> Self {
+        if full {
+            Expect::Exactly(1)
+        } else {
+            Expect::AtLeastOne
+        }
+    }
+}
+
 /// A statement sent but not yet awaited: up to PIPELINE of them travel together, one round
 /// trip for the lot (tokio-postgres pipelines requests polled together, in order).
 struct Pending {
@@ -111,12 +138,16 @@ struct Pending {
 
 /// How many row statements are pipelined before their results are awaited.
 const PIPELINE: usize = 1_000;
+/// Parameter bytes pipelined before the results are awaited (invariant 4: memory bounded
+/// whatever the rows' width).
+const PIPELINE_BYTES: usize = 64 << 20;
 
 /// The statement cache and the pipeline of statements in flight.
 #[derive(Default)]
 pub struct Statements {
     prepared: HashMap<(u32, Shape), Statement>,
     pending: Vec<Pending>,
+    pending_bytes: usize,
 }
 
 pub(super) fn text_of(v: &Value) -> Result<Option<String>> {
@@ -166,14 +197,31 @@ impl Statements {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            Shape::Update { set, key, full } => {
+            Shape::Update {
+                set,
+                key,
+                full,
+                guard,
+            } => {
                 let set_list = set
                     .iter()
                     .map(|i| format!("{} = {}", table.column(*i), param(*i)))
                     .collect::<Vec<_>>()
                     .join(", ");
-                let filter = where_clause(table, key, *full, &mut n);
-                format!("UPDATE {} SET {set_list} WHERE {filter}", table.qualified)
+                let mut filter = where_clause(table, key, *full, &mut n);
+                for i in guard {
+                    n += 1;
+                    filter.push_str(&format!(
+                        " AND {} = ${n}::text::{}",
+                        table.column(*i),
+                        table.types[*i]
+                    ));
+                }
+                if set.is_empty() {
+                    format!("SELECT 1 FROM {} WHERE {filter}", table.qualified)
+                } else {
+                    format!("UPDATE {} SET {set_list} WHERE {filter}", table.qualified)
+                }
             }
             Shape::Delete { key, full } => {
                 let filter = where_clause(table, key, *full, &mut n);
@@ -216,23 +264,36 @@ impl Statements {
                     .iter()
                     .map(|i| text_of(&new[*i]))
                     .collect::<Result<_>>()?;
+                let bytes = value_bytes(&params);
                 let statement = self.statement(target, table, Shape::Insert(cols)).await?;
-                self.send(target, statement, params, table, "an insert", Expect::Any)
-                    .await
+                self.send(
+                    target,
+                    statement,
+                    params,
+                    bytes,
+                    table,
+                    ("an insert", Expect::Any),
+                )
+                .await
             }
             Change::Update { relation, old, new } => {
                 let table = table_of(*relation)?;
                 let (key_values, key, full) = identity(table, old.as_ref(), new)?;
-                // When the key did not change it is left out of SET (a GENERATED ALWAYS
-                // identity key cannot be assigned, and it would be a no-op).
+                // When the key did not change it is left out of SET (it would be a no-op).
+                // A GENERATED ALWAYS identity column cannot be assigned at all: it is matched
+                // on its new value instead, so a changed one (`SET id = DEFAULT` on the
+                // source) stops apply rather than pass unnoticed.
                 let unchanged_key = old.is_none();
-                let mut set: Vec<usize> = (0..new.len())
-                    .filter(|i| new[*i] != Value::Unchanged)
+                let present = |i: &usize| new[*i] != Value::Unchanged;
+                let set: Vec<usize> = (0..new.len())
+                    .filter(present)
                     .filter(|i| !(unchanged_key && key.contains(i)))
+                    .filter(|i| !table.generated_always[*i])
                     .collect();
-                if set.is_empty() {
-                    set = key.clone();
-                }
+                let guard: Vec<usize> = (0..new.len())
+                    .filter(present)
+                    .filter(|i| table.generated_always[*i] && !(unchanged_key && key.contains(i)))
+                    .collect();
                 let mut params: Vec<Option<String>> = set
                     .iter()
                     .map(|i| text_of(&new[*i]))
@@ -240,18 +301,30 @@ impl Statements {
                 for i in &key {
                     params.push(text_of(&key_values[*i])?);
                 }
+                for i in &guard {
+                    params.push(text_of(&new[*i])?);
+                }
+                let expect = Expect::row_found(full);
+                let what = if guard.is_empty() {
+                    "an update"
+                } else {
+                    "an update (its GENERATED ALWAYS identity column is matched, not assigned)"
+                };
                 let statement = self
-                    .statement(target, table, Shape::Update { set, key, full })
+                    .statement(
+                        target,
+                        table,
+                        Shape::Update {
+                            set,
+                            key,
+                            full,
+                            guard,
+                        },
+                    )
                     .await?;
-                self.send(
-                    target,
-                    statement,
-                    params,
-                    table,
-                    "an update",
-                    Expect::AtLeastOne,
-                )
-                .await
+                let bytes = value_bytes(&params);
+                self.send(target, statement, params, bytes, table, (what, expect))
+                    .await
             }
             Change::Delete { relation, old } => {
                 let table = table_of(*relation)?;
@@ -260,16 +333,18 @@ impl Statements {
                     .iter()
                     .map(|i| text_of(&key_values[*i]))
                     .collect::<Result<_>>()?;
+                let expect = Expect::row_found(full);
                 let statement = self
                     .statement(target, table, Shape::Delete { key, full })
                     .await?;
+                let bytes = value_bytes(&params);
                 self.send(
                     target,
                     statement,
                     params,
+                    bytes,
                     table,
-                    "a delete",
-                    Expect::AtLeastOne,
+                    ("a delete", expect),
                 )
                 .await
             }
@@ -300,6 +375,29 @@ impl Statements {
             }
             _ => Ok(()),
         }
+    }
+}
+
+impl Statements {
+    /// Empties these tables with DELETE (see the truncate rule in `apply`).
+    pub async fn delete_all(
+        &mut self,
+        target: &Client,
+        tables: &HashMap<u32, TargetTable>,
+        relations: &[u32],
+    ) -> Result<()> {
+        self.flush().await?;
+        for oid in relations {
+            let table = tables.get(oid).ok_or_else(|| {
+                anyhow!("a truncate of relation {oid} arrived before its description")
+            })?;
+            let sql = format!("DELETE FROM {}", table.qualified);
+            target
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| target_error(&e, format!("cannot apply \"{sql}\" on the target")))?;
+        }
+        Ok(())
     }
 }
 
@@ -396,14 +494,17 @@ fn where_clause(table: &TargetTable, key: &[usize], full: bool, n: &mut usize) -
         *n
     };
     if full {
-        // One matching row, compared NULL-safe on the text form (every type has one).
+        // One matching row, compared NULL-safe on the text form that the column's own type
+        // gives both sides (every type has one; the value sent is first read as that type,
+        // so char(n) padding, numeric scale and the like normalise alike on both sides).
         let conditions = key
             .iter()
             .map(|i| {
                 format!(
-                    "{}::text IS NOT DISTINCT FROM ${}",
+                    "{}::text IS NOT DISTINCT FROM ${}::text::{}::text",
                     table.column(*i),
-                    next()
+                    next(),
+                    table.types[*i]
                 )
             })
             .collect::<Vec<_>>()
@@ -435,21 +536,22 @@ impl Statements {
         target: &Arc<Client>,
         statement: Statement,
         params: Vec<P>,
+        bytes: usize,
         table: &TargetTable,
-        what: &'static str,
-        expect: Expect,
+        (what, expect): (&'static str, Expect),
     ) -> Result<()>
     where
         P: tokio_postgres::types::ToSql + Sync + Send + 'static,
     {
         let client = target.clone();
+        self.pending_bytes += bytes;
         self.pending.push(Pending {
             result: Box::pin(async move { client.execute_raw(&statement, params).await }),
             table: table.qualified.clone(),
             what,
             expect,
         });
-        if self.pending.len() >= PIPELINE {
+        if self.pending.len() >= PIPELINE || self.pending_bytes >= PIPELINE_BYTES {
             self.flush().await?;
         }
         Ok(())
@@ -459,6 +561,7 @@ impl Statements {
     /// or an update/delete that matched no row, stops apply.
     pub async fn flush(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
         if pending.is_empty() {
             return Ok(());
         }
@@ -498,13 +601,15 @@ impl Statements {
             RunShape::Update { .. } => ("a multi-row update", Expect::Exactly(rows)),
             RunShape::Delete { .. } => ("a multi-row delete", Expect::Exactly(rows)),
         };
+        let bytes = run.bytes();
         let statement = self.statement(target, table, Shape::Run(run.shape)).await?;
-        self.send(target, statement, run.values, table, what, expect)
+        self.send(target, statement, run.values, bytes, table, (what, expect))
             .await
     }
 
     /// Drops queued statements whose transaction is being rolled back.
     pub fn discard(&mut self) {
         self.pending.clear();
+        self.pending_bytes = 0;
     }
 }

@@ -167,6 +167,22 @@ impl CopyWorker {
             .await
             .map_err(|e| anyhow!("loading {name} on the target failed: {}", describe(&e)))?;
         self.counters.rows.fetch_add(rows, Ordering::Relaxed);
+        // The COPY holds its lock on the source table from its start: a rewrite committed
+        // before that is seen now, as pg_class under the snapshot naming another file than the
+        // table has (TRUNCATE and table rewrites are not MVCC-safe: the snapshot saw the new,
+        // empty file, while the stream still carries changes to the rows it lost).
+        let rewritten: bool = self
+            .source
+            .query_one(
+                "SELECT relfilenode IS DISTINCT FROM pg_relation_filenode(oid) FROM pg_class WHERE oid = $1",
+                &[&table.oid],
+            )
+            .await
+            .map_err(|e| anyhow!("cannot check {name} on the source: {}", describe(&e)))?
+            .get(0);
+        if rewritten {
+            return Err(anyhow::Error::new(TableRewritten(name)));
+        }
         fail::fail_point!("copy.before_commit");
         self.target
             .execute(
@@ -183,6 +199,15 @@ impl CopyWorker {
         Ok(PartResult { rows, bytes })
     }
 }
+
+/// A table truncated or rewritten (ALTER TABLE … TYPE, VACUUM FULL, CLUSTER) on the source
+/// after the copy's snapshot was taken: its copy would be empty or stale. Nothing of the part
+/// was committed on the target.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{0} was truncated or rewritten on the source after the copy's snapshot was taken, so the snapshot sees it empty; nothing of it was committed on the target. Rerun with --resume: it copies the unfinished tables again under a new snapshot"
+)]
+pub struct TableRewritten(pub String);
 
 /// Parts the target already committed (found on resume).
 pub async fn loaded_parts(target: &Client) -> Result<std::collections::HashSet<(u32, i64)>> {

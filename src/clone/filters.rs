@@ -15,20 +15,25 @@
 //! ```
 //!
 //! Names are `schema.table`; quote a part that contains a dot or capitals: `"My Schema"."T"`.
+//! A table section may name a view or a materialized view too (excluded, or with
+//! `[exclude-table-data]` a materialized view created but not populated). Lines starting with `;` (as pgcopydb writes them) or `#` are
+//! comments, and so is a trailing `# …` or `; …` after a blank.
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
 
 /// A schema-qualified table name as written in the filters file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableName {
     pub schema: String,
     pub name: String,
 }
 
-/// The parsed filters; the empty value includes everything.
-#[derive(Clone, Debug, Default)]
+/// The parsed filters; the empty value includes everything. Serializable so that a migration
+/// records them once in state.db and every later stage reads them back (invariant 9).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Filters {
     pub include_only_schemas: Vec<String>,
     pub exclude_schemas: Vec<String>,
@@ -49,7 +54,7 @@ impl Filters {
         let mut section: Option<String> = None;
         for (n, raw) in text.lines().enumerate() {
             let line_no = n + 1;
-            let line = raw.split('#').next().unwrap_or("").trim();
+            let line = strip_comment(raw).trim();
             if line.is_empty() {
                 continue;
             }
@@ -152,8 +157,34 @@ impl Filters {
                 dump_pattern(&t.name)
             ));
         }
+        // Rows are pgtide's to copy, so this only matters to a materialized view: its data
+        // (the REFRESH of post-data) is left out, the view is created unpopulated.
+        for t in &self.exclude_table_data {
+            args.push(format!(
+                "--exclude-table-data={}.{}",
+                dump_pattern(&t.schema),
+                dump_pattern(&t.name)
+            ));
+        }
         args
     }
+}
+
+/// A line without its comment. A line whose first non-blank character is `;` (pgcopydb's
+/// comment mark) or `#` is a comment; so is the rest of a line from a `;` or `#` that follows a
+/// blank and is outside double quotes (`public.t   # why`), so `"odd#name"` is a name.
+fn strip_comment(line: &str) -> &str {
+    let mut quoted = false;
+    let mut after_blank = true;
+    for (i, c) in line.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ';' | '#' if !quoted && after_blank => return &line[..i],
+            _ => {}
+        }
+        after_blank = c.is_whitespace();
+    }
+    line
 }
 
 /// A pg_dump pattern that matches exactly this name (quoted, so no wildcard applies).
@@ -162,7 +193,7 @@ fn dump_pattern(name: &str) -> String {
 }
 
 fn parse_identifier(text: &str, line_no: usize) -> Result<String> {
-    let parts = split_qualified(text, line_no)?;
+    let parts = split_qualified(text).map_err(|e| anyhow!("line {line_no}: {e}"))?;
     if parts.len() != 1 {
         bail!("line {line_no}: expected a schema name, found \"{text}\"");
     }
@@ -170,7 +201,7 @@ fn parse_identifier(text: &str, line_no: usize) -> Result<String> {
 }
 
 fn parse_table(text: &str, line_no: usize) -> Result<TableName> {
-    let mut parts = split_qualified(text, line_no)?;
+    let mut parts = split_qualified(text).map_err(|e| anyhow!("line {line_no}: {e}"))?;
     if parts.len() != 2 {
         bail!("line {line_no}: expected a table as schema.table, found \"{text}\"");
     }
@@ -179,9 +210,22 @@ fn parse_table(text: &str, line_no: usize) -> Result<TableName> {
     Ok(TableName { schema, name })
 }
 
+/// A table name as SQL reads it (`public.t`, `public."Odd Name"`, or `t` for `public.t`), so
+/// that a command-line option accepts a name exactly as pgtide prints it.
+pub fn parse_table_name(text: &str) -> Result<TableName> {
+    let mut parts = split_qualified(text.trim())?;
+    let name = parts.pop().unwrap_or_default();
+    let schema = match (parts.pop(), parts.is_empty()) {
+        (None, _) => "public".to_string(),
+        (Some(schema), true) => schema,
+        (Some(_), false) => bail!("\"{text}\" has more than two parts: give schema.table"),
+    };
+    Ok(TableName { schema, name })
+}
+
 /// Splits `a.b` / `"a.x"."B"` into its parts; unquoted parts are folded to lower case as
 /// PostgreSQL does.
-fn split_qualified(text: &str, line_no: usize) -> Result<Vec<String>> {
+fn split_qualified(text: &str) -> Result<Vec<String>> {
     let mut parts = Vec::new();
     let mut current = String::new();
     let mut chars = text.chars().peekable();
@@ -198,30 +242,30 @@ fn split_qualified(text: &str, line_no: usize) -> Result<Vec<String>> {
                         }
                         Some('"') => break,
                         Some(other) => current.push(other),
-                        None => bail!("line {line_no}: unterminated quote in \"{text}\""),
+                        None => bail!("unterminated quote in \"{text}\""),
                     }
                 }
             }
             '.' => {
                 if current.is_empty() {
-                    bail!("line {line_no}: empty name in \"{text}\"");
+                    bail!("empty name in \"{text}\"");
                 }
                 parts.push(std::mem::take(&mut current));
                 quoted_part = false;
             }
-            c if c.is_whitespace() => bail!(
-                "line {line_no}: unexpected space in \"{text}\"; quote names that contain spaces"
-            ),
+            c if c.is_whitespace() => {
+                bail!("unexpected space in \"{text}\"; quote names that contain spaces")
+            }
             c => {
                 if quoted_part {
-                    bail!("line {line_no}: unexpected text after a quoted name in \"{text}\"");
+                    bail!("unexpected text after a quoted name in \"{text}\"");
                 }
                 current.extend(c.to_lowercase());
             }
         }
     }
     if current.is_empty() {
-        bail!("line {line_no}: empty name in \"{text}\"");
+        bail!("empty name in \"{text}\"");
     }
     parts.push(current);
     Ok(parts)
@@ -273,5 +317,25 @@ mod tests {
         assert!(err.to_string().contains("before any [section]"), "{err}");
         let err = Filters::parse("[exclude-table]\n\"open.t\n").unwrap_err();
         assert!(err.to_string().contains("unterminated"), "{err}");
+    }
+
+    #[test]
+    fn table_names_as_sql_reads_them() {
+        let t = parse_table_name("public.\"Odd Name\"").unwrap();
+        assert_eq!((t.schema.as_str(), t.name.as_str()), ("public", "Odd Name"));
+        let t = parse_table_name("Logs").unwrap();
+        assert_eq!((t.schema.as_str(), t.name.as_str()), ("public", "logs"));
+        assert!(parse_table_name("a.b.c").is_err());
+        assert!(parse_table_name("public.Odd Name").is_err());
+    }
+
+    #[test]
+    fn pgcopydb_comments() {
+        let f = Filters::parse(
+            "; pgcopydb comment\n# hash comment\n[exclude-table]\n   ; indented\npublic.a ; trailing\npublic.\"odd#name\"   # trailing\npublic.\"semi;colon\"\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = f.exclude_tables.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, vec!["a", "odd#name", "semi;colon"]);
     }
 }

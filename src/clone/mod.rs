@@ -9,6 +9,7 @@ pub mod copy;
 pub mod filters;
 pub mod indexes;
 pub mod large_objects;
+pub mod leave_out;
 pub mod schedule;
 pub mod schema;
 pub mod sequences;
@@ -52,6 +53,8 @@ pub struct CloneOptions {
     /// A clone --follow resuming after its slot's snapshot is gone: unfinished tables are
     /// copied again under a new snapshot whose LSN is recorded per table (see `resync`).
     pub resync_for_follow: bool,
+    /// The copy feeds a follow: a table rewritten during the copy can be resynced.
+    pub follow: bool,
 }
 
 /// state.db key of the per-table resync LSNs: {"schema.table": "X/Y"}. Apply skips a listed
@@ -95,6 +98,11 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         ),
         Some(_) => true,
     };
+    if !resuming {
+        // The migration starts here (or with its slot, for --follow): its filters are
+        // recorded once and every later stage reads them back (invariant 9).
+        state.record_filters(&opts.filters)?;
+    }
     if resuming && state.get_meta(STATUS_KEY)?.as_deref() == Some("done") {
         tracing::info!(
             "the clone in {} is already done; nothing to resume",
@@ -152,18 +160,19 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
 
     if state.step_status("dump")?.as_deref() != Some("done") {
         run_step(state, "dump", async {
+            let filters = catalog::sequences_for_dump(&source, &opts.filters).await?;
             let (pre, post) = tokio::join!(
                 schema::dump(
                     &opts.source,
                     &snapshot.name,
-                    &opts.filters,
+                    &filters,
                     schema::Section::PreData,
                     &workdir.path
                 ),
                 schema::dump(
                     &opts.source,
                     &snapshot.name,
-                    &opts.filters,
+                    &filters,
                     schema::Section::PostData,
                     &workdir.path
                 ),
@@ -181,11 +190,13 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     if state.step_status("pre-data")?.as_deref() != Some("done") {
         let clean = opts.drop_if_exists;
         run_step(state, "pre-data", async {
+            let leave_out = leave_out::decide(&source, &target).await?;
             schema::restore(
                 &workdir.path.join("pre-data.dump"),
                 &opts.target,
                 &schema::RestoreOptions {
                     skip_object_oids: &HashSet::new(),
+                    leave_out: &leave_out,
                     clean,
                     no_owner: opts.no_owner,
                     no_acl: opts.no_acl,
@@ -207,7 +218,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         state.set_phase("copying")?;
         state.step_started("copy")?;
         state.step_started("indexes")?;
-        let result = copy_and_index(opts, state, &snapshot.name, &tables).await;
+        let result = copy_resyncing_rewritten(opts, state, &target, &snapshot.name, &tables).await;
         match &result {
             Ok(()) => {
                 state.step_done("copy")?;
@@ -242,11 +253,13 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
 
     if state.step_status("post-data")?.as_deref() != Some("done") {
         run_step(state, "post-data", async {
+            let leave_out = leave_out::decide(&source, &target).await?;
             schema::restore(
                 &workdir.path.join("post-data.dump"),
                 &opts.target,
                 &schema::RestoreOptions {
                     skip_object_oids: &built_by_pgtide,
+                    leave_out: &leave_out,
                     clean: false,
                     no_owner: opts.no_owner,
                     no_acl: opts.no_acl,
@@ -394,7 +407,10 @@ async fn prepare_empty_target(
     let names: Vec<String> = tables.iter().map(|t| t.qualified()).collect();
     let existing: Vec<String> = target
         .query(
-            "SELECT n FROM unnest($1::text[]) n WHERE to_regclass(n) IS NOT NULL",
+            // An extension's own table is not the user's: never reported nor dropped.
+            "SELECT n FROM unnest($1::text[]) n WHERE to_regclass(n) IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                               AND d.objid = to_regclass(n) AND d.deptype = 'e')",
             &[&names],
         )
         .await?
@@ -446,6 +462,46 @@ async fn prepare_empty_target(
         .batch_execute("DROP SCHEMA IF EXISTS pgtide CASCADE")
         .await?;
     Ok(())
+}
+
+/// Copies and indexes; in a clone --follow, a table found truncated or rewritten after the
+/// snapshot (see `copy::TableRewritten`) is copied again with every unfinished table, whole,
+/// under a new snapshot at a known LSN, the way a resumed clone --follow does: apply skips
+/// their changes from before it. A plain clone stops with the fix instead (its tables must all
+/// come from one snapshot).
+async fn copy_resyncing_rewritten(
+    opts: &CloneOptions,
+    state: &StateDb,
+    target: &tokio_postgres::Client,
+    snapshot_name: &str,
+    tables: &[TableRow],
+) -> Result<()> {
+    /// Resyncs in one run before giving up: a source that rewrites a table faster than it can
+    /// be copied needs the operator.
+    const RESYNCS: usize = 5;
+    let mut snapshot_name = snapshot_name.to_string();
+    let mut _resync_snapshot = None;
+    for attempt in 0.. {
+        let result = copy_and_index(opts, state, &snapshot_name, tables).await;
+        match result {
+            Err(e)
+                if opts.follow
+                    && attempt < RESYNCS
+                    && e.chain().any(|c| c.is::<copy::TableRewritten>()) =>
+            {
+                tracing::warn!("{e:#}; copying the unfinished tables again under a new snapshot");
+                let (snapshot, lsn) = Snapshot::at_known_lsn(&opts.source).await?;
+                // What the stopped workers left (parts and indexes committed on the target
+                // but not yet recorded), as a resume finds it.
+                reconcile_with_target(state, target, tables, &state.indexes()?).await?;
+                resync_unfinished_tables(state, target, tables, lsn).await?;
+                snapshot_name = snapshot.name.clone();
+                _resync_snapshot = Some(snapshot);
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 /// A table not completely copied under the earlier snapshot is copied again, whole, under the

@@ -3,7 +3,7 @@
 //! minus the indexes and constraints that pgtide's own index workers build. The selection is
 //! made with `pg_restore --use-list`; the password travels in the child's environment only.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -128,12 +128,18 @@ pub async fn dump(
     Ok(file)
 }
 
-/// One line of `pg_restore --list`: `id; catalog-oid object-oid DESC schema name owner`.
+/// One line of `pg_restore --list`: `id; catalog-oid object-oid DESC schema tag owner`. Only
+/// the numbers and DESC are parsed out of it: schema, tag and owner are printed unquoted, so a
+/// name with a space makes them ambiguous; `rest` keeps that text whole for exact comparisons.
 #[derive(Debug, Clone)]
 pub struct TocEntry {
     pub line: String,
+    /// The OID of the system catalog that holds the object (`pg_class`, `pg_namespace`, …).
+    pub catalog_oid: Option<u32>,
     pub object_oid: Option<u32>,
     pub desc: String,
+    /// What follows DESC: `schema tag owner` (`-` for no schema).
+    pub rest: String,
 }
 
 /// Lists a dump's table of contents.
@@ -147,60 +153,133 @@ pub async fn list(dump_file: &Path, conn: &ConnInfo) -> Result<Vec<TocEntry>> {
     Ok(parse_toc(&String::from_utf8_lossy(&out)))
 }
 
+/// The DESC values of more than one word (e.g. "FK CONSTRAINT", "MATERIALIZED VIEW DATA");
+/// a longer one comes before any of its prefixes.
+const MULTI_WORD_DESCS: &[&str] = &[
+    "MATERIALIZED VIEW DATA",
+    "PUBLICATION TABLES IN SCHEMA",
+    "FK CONSTRAINT",
+    "INDEX ATTACH",
+    "DEFAULT ACL",
+    "SEQUENCE OWNED BY",
+    "SEQUENCE SET",
+    "TABLE DATA",
+    "CHECK CONSTRAINT",
+    "EVENT TRIGGER",
+    "ROW SECURITY",
+    "LARGE OBJECT",
+    "MATERIALIZED VIEW",
+    "TABLE ATTACH",
+    "PUBLICATION TABLE",
+    "FOREIGN TABLE",
+    "FOREIGN DATA WRAPPER",
+    "USER MAPPING",
+    "OPERATOR CLASS",
+    "OPERATOR FAMILY",
+    "ACCESS METHOD",
+    "PROCEDURAL LANGUAGE",
+    "SHELL TYPE",
+    "TEXT SEARCH CONFIGURATION",
+    "TEXT SEARCH DICTIONARY",
+    "TEXT SEARCH PARSER",
+    "TEXT SEARCH TEMPLATE",
+];
+
 pub fn parse_toc(text: &str) -> Vec<TocEntry> {
     text.lines()
         .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
         .map(|line| {
             let after_id = line.split_once(';').map(|x| x.1).unwrap_or("").trim_start();
-            let mut words = after_id.split_whitespace();
-            let _catalog = words.next();
-            let object_oid = words.next().and_then(|w| w.parse().ok());
-            let rest: Vec<&str> = words.collect();
-            // DESC is one to three words (e.g. "FK CONSTRAINT", "MATERIALIZED VIEW DATA").
-            let desc = [
-                "MATERIALIZED VIEW DATA",
-                "FK CONSTRAINT",
-                "INDEX ATTACH",
-                "DEFAULT ACL",
-                "SEQUENCE OWNED BY",
-                "SEQUENCE SET",
-                "TABLE DATA",
-                "CHECK CONSTRAINT",
-                "EVENT TRIGGER",
-                "ROW SECURITY",
-                "LARGE OBJECT",
-                "MATERIALIZED VIEW",
-                "TABLE ATTACH",
-                "PUBLICATION TABLE",
-            ]
-            .iter()
-            .find(|d| rest.join(" ").starts_with(*d))
-            .map(|d| d.to_string())
-            .unwrap_or_else(|| rest.first().map(|s| s.to_string()).unwrap_or_default());
+            let (catalog, after_catalog) = split_word(after_id);
+            let (object, after_oids) = split_word(after_catalog);
+            let after_oids = after_oids.trim_start_matches(' ');
+            let desc = MULTI_WORD_DESCS
+                .iter()
+                .find(|d| {
+                    after_oids
+                        .strip_prefix(**d)
+                        .is_some_and(|r| r.is_empty() || r.starts_with(' '))
+                })
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| split_word(after_oids).0.to_string());
+            let rest = after_oids[desc.len().min(after_oids.len())..]
+                .strip_prefix(' ')
+                .unwrap_or("")
+                .to_string();
             TocEntry {
                 line: line.to_string(),
-                object_oid,
+                catalog_oid: catalog.parse().ok(),
+                object_oid: object.parse().ok(),
                 desc,
+                rest,
             }
         })
         .collect()
 }
 
-/// pgtide's publications (`pgtide_<slot>`, invariant 8) exist on the source only: pg_dump
-/// sees them, the target must not get them.
-pub fn is_pgtide_publication(e: &TocEntry) -> bool {
-    // "PUBLICATION - <name> <owner>" and "PUBLICATION TABLE <schema> <name> <table> <owner>":
-    // the publication's name is the second word after the kind.
-    e.desc.starts_with("PUBLICATION")
-        && e.line
-            .split_once(e.desc.as_str())
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .is_some_and(|name| name.starts_with("pgtide_"))
+/// The first space-separated word of `text` and what follows it.
+fn split_word(text: &str) -> (&str, &str) {
+    let text = text.trim_start_matches(' ');
+    match text.split_once(' ') {
+        Some((word, rest)) => (word, rest),
+        None => (text, ""),
+    }
+}
+
+/// The TOC entries a restore leaves out, each with the reason written into the list file.
+/// Objects are recognised by their catalog and OID on the source (never by a name parsed out
+/// of a list line); comments, which have no OID in the list, by their exact tag.
+#[derive(Debug, Default)]
+pub struct LeaveOut {
+    objects: HashMap<(u32, u32), String>,
+    comments: HashMap<String, String>,
+}
+
+impl LeaveOut {
+    /// Leaves out the object `oid` of the catalog `catalog_oid` (as on the source).
+    pub fn object(&mut self, catalog_oid: u32, oid: u32, why: impl Into<String>) {
+        self.objects.insert((catalog_oid, oid), why.into());
+    }
+
+    /// Leaves out the COMMENT entry whose tag is `tag`: the kind and the name as pg_dump
+    /// quotes it (`EXTENSION hstore`, `SCHEMA "a b"`).
+    pub fn comment(&mut self, tag: impl Into<String>, why: impl Into<String>) {
+        self.comments.insert(tag.into(), why.into());
+    }
+
+    /// Why `entry` is left out, if it is.
+    pub fn reason(&self, entry: &TocEntry) -> Option<&str> {
+        if let (Some(catalog), Some(oid)) = (entry.catalog_oid, entry.object_oid)
+            && let Some(why) = self.objects.get(&(catalog, oid))
+        {
+            return Some(why);
+        }
+        if entry.desc == "COMMENT" {
+            // "- <tag> <owner>": the tag, then one word (the owner, empty for an extension).
+            let tagged = entry.rest.strip_prefix("- ")?;
+            return self
+                .comments
+                .iter()
+                .find(|(tag, _)| {
+                    tagged
+                        .strip_prefix(tag.as_str())
+                        .is_some_and(|owner| owner.is_empty() || owner.starts_with(' '))
+                })
+                .map(|(_, why)| why.as_str());
+        }
+        // pgtide's publications (`pgtide_<slot>`, invariant 8) exist on the source only; the
+        // publication itself is also known by name ("- pgtide_x owner"), should its OID have
+        // changed since the dump.
+        (entry.desc == "PUBLICATION" && entry.rest.starts_with("- pgtide_"))
+            .then_some("pgtide's own, source only")
+    }
 }
 
 /// Options of a pg_restore run.
 pub struct RestoreOptions<'a> {
+    /// Indexes and constraints (by OID) that pgtide's index workers build.
     pub skip_object_oids: &'a HashSet<u32>,
+    pub leave_out: &'a LeaveOut,
     pub clean: bool,
     pub no_owner: bool,
     pub no_acl: bool,
@@ -217,8 +296,8 @@ pub async fn restore(dump_file: &Path, target: &ConnInfo, opts: &RestoreOptions<
                 .is_some_and(|oid| opts.skip_object_oids.contains(&oid));
         if skip {
             use_list.push_str(";pgtide builds it: ");
-        } else if is_pgtide_publication(e) {
-            use_list.push_str(";pgtide's own, source only: ");
+        } else if let Some(why) = opts.leave_out.reason(e) {
+            use_list.push_str(&format!(";{why}: "));
         }
         use_list.push_str(&e.line);
         use_list.push('\n');
@@ -267,14 +346,38 @@ mod tests {
     }
 
     #[test]
-    fn pgtide_publications_are_left_out() {
+    fn names_with_spaces_do_not_shift_the_fields() {
         let toc = parse_toc(
-            "3500; 6104 16430 PUBLICATION - pgtide_mig1 postgres\n3501; 6106 16431 PUBLICATION TABLE public pgtide_mig1 t postgres\n3502; 6104 16432 PUBLICATION - app_pub postgres\n3503; 6106 16433 PUBLICATION TABLE public app_pub pgtide_notes postgres\n",
+            "3501; 6106 16431 PUBLICATION TABLE a b pgtide_mig1 t x postgres\n3502; 0 0 COMMENT - EXTENSION hstore \n3503; 0 0 COMMENT - SCHEMA \"a b\" postgres\n3504; 2615 16500 SCHEMA - a b postgres\n",
         );
-        assert!(is_pgtide_publication(&toc[0]));
-        assert!(is_pgtide_publication(&toc[1]));
-        assert!(!is_pgtide_publication(&toc[2]));
-        // A user's publication of a table whose name starts with pgtide_ is restored.
-        assert!(!is_pgtide_publication(&toc[3]));
+        assert_eq!(toc[0].desc, "PUBLICATION TABLE");
+        assert_eq!(toc[0].catalog_oid, Some(6106));
+        assert_eq!(toc[0].rest, "a b pgtide_mig1 t x postgres");
+        let mut leave_out = LeaveOut::default();
+        leave_out.object(6106, 16431, "pgtide's own, source only");
+        leave_out.object(2615, 16500, "exists on the target");
+        leave_out.comment("EXTENSION hstore", "installed on the target");
+        leave_out.comment("SCHEMA a", "not this one");
+        assert!(leave_out.reason(&toc[0]).is_some());
+        assert_eq!(leave_out.reason(&toc[1]), Some("installed on the target"));
+        assert_eq!(
+            leave_out.reason(&toc[2]),
+            None,
+            "SCHEMA a is not SCHEMA \"a b\""
+        );
+        assert_eq!(leave_out.reason(&toc[3]), Some("exists on the target"));
+        // Same OID, another catalog: a different object.
+        leave_out.object(1259, 16431, "x");
+        assert_eq!(leave_out.reason(&toc[0]), Some("pgtide's own, source only"));
+    }
+
+    #[test]
+    fn pgtide_publication_is_known_by_name_too() {
+        let toc = parse_toc(
+            "3500; 6104 16430 PUBLICATION - pgtide_mig1 postgres\n3502; 6104 16432 PUBLICATION - app_pub postgres\n",
+        );
+        let leave_out = LeaveOut::default();
+        assert!(leave_out.reason(&toc[0]).is_some());
+        assert!(leave_out.reason(&toc[1]).is_none());
     }
 }

@@ -12,11 +12,16 @@ use super::follow;
 pub async fn run(args: CloneArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
-    let filters = super::load_filters(args.filters.as_deref())?;
     if args.table_jobs == 0 || args.index_jobs == 0 {
         bail!("--table-jobs and --index-jobs must be at least 1");
     }
     let workdir = WorkDir::open(&args.dir, "clone")?;
+    // A resumed migration keeps the filters it recorded when it started (invariant 9).
+    let filters = if args.restart {
+        super::load_filters(args.filters.as_deref())?
+    } else {
+        super::migration_filters(&workdir.state, args.filters.as_deref())?
+    };
     super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
     // A fresh start (also with --resume on an empty work dir, as a container restarting the
     // same command does): every hazard that would stop this migration is reported now, before
@@ -58,6 +63,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         no_owner: args.no_owner,
         no_acl: args.no_acl,
         resync_for_follow: args.follow && args.resume,
+        follow: args.follow,
     };
     if !args.follow {
         interruptible(clone::run(&workdir, &opts), &args.dir).await?;
@@ -85,6 +91,22 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     // The slot and its exported snapshot first: the copy reads exactly the state the stream
     // starts after, so every change is applied once.
     let slot_name = args.slot_name.clone();
+    if args.restart {
+        // Starting over forgets the earlier run first: the slot recorded below must survive
+        // the clone's own reset.
+        let cleaned = workdir.state.get_meta("migration.status")?.as_deref() == Some("cleaned up");
+        if let Some(old) = workdir.state.get_meta("stream.slot")?
+            && !cleaned
+        {
+            bail!(
+                "the work dir {} follows slot \"{old}\" of an earlier run: run pgtide cleanup --dir {} (drops that slot, its publication and origin) before clone --follow --restart",
+                args.dir.display(),
+                args.dir.display()
+            );
+        }
+        workdir.state.reset()?;
+        opts.restart = false;
+    }
     if args.resume {
         // Interrupted before the slot was recorded: nothing was copied or spooled yet. A slot
         // the source created in that instant is ours and unused: start over without it.

@@ -10,11 +10,19 @@ use crate::pg::{self, Side, catalog};
 pub async fn sequences(args: CopySequencesArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
-    let filters = super::load_filters(args.filters.as_deref())?;
+    // With the migration's work dir: the filters it recorded (invariant 9).
+    let state = args.dir.as_deref().map(super::sentinel::open).transpose()?;
+    let filters = match &state {
+        Some(state) => super::migration_filters(state, args.filters.as_deref())?,
+        None => super::load_filters(args.filters.as_deref())?,
+    };
     let source_client = pg::connect(&source, Side::Source, "sequences").await?;
     let target_client = pg::connect(&target, Side::Target, "sequences").await?;
     let seqs = catalog::read_sequences(&source_client, &filters).await?;
     sequences::set_on_target(&target_client, &seqs, args.offset).await?;
+    if let Some(state) = &state {
+        state.record_sequence_offset(args.offset)?;
+    }
     println!(
         "set {} sequences on the target (offset {})",
         seqs.len(),

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use super::follow::{self, ENDPOS_KEY, REACHED_KEY};
+use super::follow::{self, LIVENESS_TIMEOUT, REACHED_KEY};
 use crate::cli::{CutoverArgs, VerifyMode};
 use crate::clone::{filters::Filters, sequences};
 use crate::conninfo::ConnInfo;
@@ -68,6 +68,9 @@ pub async fn run(args: CutoverArgs) -> Result<()> {
             println!("  endpos:            {}", report.endpos);
             println!("  applied through:   {}", report.applied);
             println!("  sequences set:     {}", report.sequences);
+            if let Some(refreshed) = &report.refreshed {
+                println!("  matviews:          {refreshed}");
+            }
             println!("  verify:            {}", report.verdict);
             println!(
                 "  write downtime:    {:.1} s ({} → target ready: endpos applied, sequences set)",
@@ -112,6 +115,8 @@ struct Report {
     endpos: Lsn,
     applied: String,
     sequences: usize,
+    /// What --refresh-matviews refreshed.
+    refreshed: Option<String>,
     ready_at: Instant,
     verdict: String,
 }
@@ -135,7 +140,10 @@ async fn switch_over(
         })?
         .get(0);
     let endpos: Lsn = text.parse().map_err(|e: String| anyhow!(e))?;
-    state.set_meta(ENDPOS_KEY, &endpos.to_string())?;
+    // Recorded before endpos: a running follow sets the sequences when it reaches endpos too,
+    // and must add the same offset (and verify --dir expects it).
+    state.record_sequence_offset(args.sequence_offset)?;
+    follow::set_endpos(state, endpos)?;
     tracing::info!("endpos pinned at {endpos}; waiting for apply to reach it");
     tokio::time::timeout(
         args.timeout,
@@ -149,19 +157,35 @@ async fn switch_over(
         )
     })??;
     let dst = pg::connect(target, Side::Target, "cutover").await?;
-    let seqs = catalog::read_sequences(src, &Filters::default()).await?;
+    // The filters the migration recorded when it started (invariant 9).
+    let filters: Filters = state.recorded_filters()?.unwrap_or_default();
+    let seqs = catalog::read_sequences(src, &filters).await?;
     sequences::set_on_target(&dst, &seqs, args.sequence_offset).await?;
     let ready_at = Instant::now();
+    let refreshed = if args.refresh_matviews {
+        let names = crate::verify::refresh_matviews(target, &filters).await?;
+        Some(format!(
+            "{} materialized view{} refreshed on the target{}",
+            names.len(),
+            if names.len() == 1 { "" } else { "s" },
+            if names.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", names.join(", "))
+            }
+        ))
+    } else {
+        None
+    };
     let verdict = match args.verify {
         VerifyMode::None => "skipped (--verify none)".to_string(),
         mode => {
-            let report = crate::verify::run(
-                source,
-                target,
-                &Filters::default(),
-                mode == VerifyMode::Counts,
-            )
-            .await?;
+            let opts = crate::verify::Options {
+                filters,
+                counts_only: mode == VerifyMode::Counts,
+                sequence_offset: args.sequence_offset,
+            };
+            let report = crate::verify::run(source, target, &opts).await?;
             let what = if mode == VerifyMode::Counts {
                 "row counts"
             } else {
@@ -171,8 +195,13 @@ async fn switch_over(
                 crate::verify::print_report(&report);
                 bail!("verify found differences between source and target (see the report above)");
             }
+            let matviews = if report.matviews.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", crate::verify::matview_summary(&report))
+            };
             format!(
-                "{} tables identical ({what}), taking {:.1} s after the target was ready",
+                "{} tables identical ({what}), taking {:.1} s after the target was ready{matviews}",
                 report.tables.len(),
                 ready_at.elapsed().as_secs_f64()
             )
@@ -184,6 +213,7 @@ async fn switch_over(
             .get_meta("sentinel.applied_lsn")?
             .unwrap_or_else(|| "unknown".into()),
         sequences: seqs.len(),
+        refreshed,
         ready_at,
         verdict,
     })
@@ -213,13 +243,40 @@ async fn reach_endpos(
             follow::apply_until_endpos(source, target, &workdir, receiver).await?;
             Ok(())
         }
-        Err(_) => loop {
-            if state.get_meta(REACHED_KEY)?.as_deref() == Some(&endpos.to_string()) {
-                return Ok(());
+        Err(_) => {
+            let waiting_since = Instant::now();
+            loop {
+                if state.get_meta(REACHED_KEY)?.as_deref() == Some(&endpos.to_string()) {
+                    return Ok(());
+                }
+                if let Some(why) = apply_not_running(state, waiting_since.elapsed())? {
+                    bail!(
+                        "apply is not running, so endpos {endpos} cannot be reached: {why}. Restart it (`pgtide follow` with the same --dir), or run cutover again: with no follow running it applies to endpos itself"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        },
+        }
     }
+}
+
+/// Why the follow that cutover waits for is not running, if it is not (see
+/// `FollowLiveness::not_running`; a process holding the work dir that never recorded a follow
+/// counts after the same grace), with the last error the work dir recorded.
+fn apply_not_running(state: &StateDb, waited: Duration) -> Result<Option<String>> {
+    let why = match state.follow_liveness()? {
+        Some(live) => live.not_running(crate::state::now(), LIVENESS_TIMEOUT),
+        None => (waited > LIVENESS_TIMEOUT).then(|| {
+            "no follow process has run in this work dir (the process holding it does not apply the stream)".to_string()
+        }),
+    };
+    // A killed follow leaves no error of its own: name the last one the work dir recorded.
+    Ok(why.map(|why| match state.failure() {
+        Ok(Some(error)) if !why.contains(&error) => {
+            format!("{why}; the last error recorded: {error}")
+        }
+        _ => why,
+    }))
 }
 
 /// Makes the roles read-only in the source database and ends their sessions there. The

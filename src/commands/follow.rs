@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 
 use crate::apply::{self, Progress, StopRule};
 use crate::cli::FollowArgs;
-use crate::clone::{filters::Filters, sequences};
+use crate::clone::sequences;
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Lsn, Side, catalog};
 use crate::replication::Plugin;
@@ -27,6 +27,62 @@ pub const REACHED_KEY: &str = "sentinel.reached_endpos";
 pub struct Receiver {
     task: JoinHandle<Result<()>>,
     pub progress: watch::Sender<Progress>,
+    liveness: Liveness,
+}
+
+/// Heartbeat seconds: cutover takes a follow whose heartbeat is older than
+/// `LIVENESS_TIMEOUT` for dead.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How old a follow's heartbeat may get before cutover says that apply is not running.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The follow process's liveness in state.db: a heartbeat every second from a thread of its
+/// own (so a busy or blocked async runtime does not fake a death), until dropped or the
+/// process dies; `stopped` records how it ended. Cutover reads it while it waits, so that a
+/// dead follow is reported within seconds, not at the end of --timeout.
+struct Liveness {
+    state: StateDb,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Liveness {
+    fn start(state: &StateDb) -> Result<Self> {
+        let pid = std::process::id();
+        state.follow_started(pid)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (beat_state, beat_stop) = (state.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("pgtide-heartbeat".into())
+            .spawn(move || {
+                while !beat_stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(HEARTBEAT);
+                    if let Err(e) = beat_state.follow_heartbeat(pid) {
+                        tracing::warn!("cannot record the follow heartbeat: {e:#}");
+                    }
+                }
+            })?;
+        Ok(Liveness {
+            state: state.clone(),
+            stop,
+        })
+    }
+
+    /// Records that this follow stopped: at endpos (None) or on an error.
+    fn stopped(&self, error: Option<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = self
+            .state
+            .follow_stopped(std::process::id(), error.as_deref())
+        {
+            tracing::warn!("cannot record that the follow stopped: {e:#}");
+        }
+    }
+}
+
+impl Drop for Liveness {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Starts spooling the work dir's stream (set up by `stream setup` or `clone --follow`).
@@ -64,22 +120,58 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
         applied: Some(progress_rx),
     };
     let mut spool = workdir.spool_writer()?;
+    let liveness = Liveness::start(&state)?;
     let source = source.clone();
     let task = tokio::spawn(async move {
         let ended = stream::receive(&source, &mut spool, &state, &opts).await;
         spool.close()?;
         ended.map(|_| ())
     });
-    Ok(Receiver { task, progress })
+    Ok(Receiver {
+        task,
+        progress,
+        liveness,
+    })
+}
+
+/// Pins endpos, refusing one behind the position the target has already applied: the
+/// transactions between them are on the target and cannot be taken back.
+pub fn set_endpos(state: &StateDb, endpos: Lsn) -> Result<()> {
+    if let Some(applied) = state.applied_lsn()?
+        && endpos < applied
+    {
+        bail!(
+            "endpos {endpos} is behind the position the target has already applied, {applied}: the transactions committed between them are on the target and cannot be taken back. Give an endpos at or after {applied} (`pgtide sentinel set endpos --current` takes the source's current position)"
+        );
+    }
+    state.set_meta(ENDPOS_KEY, &endpos.to_string())
 }
 
 /// Replays the spool until endpos (from `--endpos` or the sentinel, re-read every half
-/// second), then sets the sequences from the source. Returns the last applied position.
+/// second), then sets the sequences from the source. Returns the last applied position. How
+/// it ended (endpos, or the error) is recorded for cutover.
 pub async fn apply_until_endpos(
     source: &ConnInfo,
     target: &ConnInfo,
     workdir: &WorkDir,
     receiver: Receiver,
+) -> Result<Lsn> {
+    let Receiver {
+        task,
+        progress,
+        liveness,
+    } = receiver;
+    let result = apply_and_set_sequences(source, target, workdir, task, progress).await;
+    liveness.stopped(result.as_ref().err().map(|e| format!("{e:#}")));
+    result
+}
+
+async fn apply_and_set_sequences(
+    source: &ConnInfo,
+    target: &ConnInfo,
+    workdir: &WorkDir,
+    mut task: JoinHandle<Result<()>>,
+    progress: watch::Sender<Progress>,
 ) -> Result<Lsn> {
     let state = workdir.state.clone();
     let slot = state.get_meta("stream.slot")?.unwrap_or_default();
@@ -121,23 +213,20 @@ pub async fn apply_until_endpos(
     // For `pgtide status` and the metrics: the apply positions and counters, every second.
     let recorder = {
         let state = state.clone();
-        let progress = receiver.progress.subscribe();
+        let progress = progress.subscribe();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 let p = *progress.borrow();
                 let _ = state.set_meta("apply.applied_lsn", &p.applied.to_string());
-                let _ = state.set_meta("apply.durable_lsn", &p.durable.to_string());
+                let _ = state.record_durable_lsn(p.durable);
                 let _ =
                     state.apply_sample(std::process::id(), p.changes, p.transactions, p.applied.0);
             }
         })
     };
     let resynced = crate::clone::resynced_tables(&state)?;
-    let Receiver {
-        mut task, progress, ..
-    } = receiver;
     let origin = apply::origin_name(&slot);
     let mut client = std::sync::Arc::new(pg::connect(target, Side::Target, "apply").await?);
     let mut backoff = Duration::from_millis(500);
@@ -173,7 +262,7 @@ pub async fn apply_until_endpos(
     if let Ok(applied) = &applied {
         record_progress(&state, &progress.borrow())?;
         state.set_phase("stopped at endpos")?;
-        state.set_meta("sentinel.applied_lsn", &applied.to_string())?;
+        state.record_applied_at_endpos(*applied)?;
         if let Some(endpos) = *stop.endpos.borrow() {
             state.set_meta(REACHED_KEY, &endpos.to_string())?;
         }
@@ -189,15 +278,22 @@ pub async fn apply_until_endpos(
         final_progress.changes
     );
     let source_client = pg::connect(source, Side::Source, "sequences").await?;
-    let seqs = catalog::read_sequences(&source_client, &Filters::default()).await?;
-    sequences::set_on_target(&client, &seqs, 0).await?;
-    tracing::info!("set {} sequences on the target from the source", seqs.len());
+    // The migration's recorded filters: a sequence it left out is not on the target.
+    let filters = state.recorded_filters()?.unwrap_or_default();
+    let seqs = catalog::read_sequences(&source_client, &filters).await?;
+    // The offset a cutover asked for (recorded before it pinned endpos), 0 otherwise.
+    let offset = state.sequence_offset()?;
+    sequences::set_on_target(&client, &seqs, offset).await?;
+    tracing::info!(
+        "set {} sequences on the target from the source (offset {offset})",
+        seqs.len()
+    );
     Ok(applied)
 }
 
 /// What status and the metrics read of apply: the durable position and a rate sample.
 fn record_progress(state: &StateDb, p: &Progress) -> Result<()> {
-    state.set_meta("apply.durable_lsn", &p.durable.to_string())?;
+    state.record_durable_lsn(p.durable)?;
     state.apply_sample(std::process::id(), p.changes, p.transactions, p.applied.0)
 }
 
@@ -220,7 +316,7 @@ pub async fn run(args: FollowArgs) -> Result<()> {
     .await?;
     super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
     if let Some(endpos) = args.endpos {
-        workdir.state.set_meta(ENDPOS_KEY, &endpos.to_string())?;
+        set_endpos(&workdir.state, endpos)?;
     }
     let receiver = start_receiver(&source, &workdir)?;
     let applied = tokio::select! {

@@ -30,6 +30,26 @@ pub fn load_filters(path: Option<&std::path::Path>) -> Result<Filters> {
     }
 }
 
+/// The migration's filters (invariant 9): those recorded in the work dir when it started, or
+/// `--filters` for one that starts now. A `--filters` that differs from the recorded ones is
+/// refused: every stage of one migration must select the same tables.
+pub fn migration_filters(
+    state: &crate::state::StateDb,
+    path: Option<&std::path::Path>,
+) -> Result<Filters> {
+    let given = path.map(Filters::load).transpose()?;
+    match (state.recorded_filters()?, given) {
+        (Some(recorded), None) => Ok(recorded),
+        (Some(recorded), Some(given)) if recorded == given => Ok(recorded),
+        (Some(_), Some(_)) => anyhow::bail!(
+            "--filters {} differs from the filters this migration recorded when it started: leave --filters out (the recorded ones are used), or start a new migration in another --dir",
+            path.map(|p| p.display().to_string()).unwrap_or_default()
+        ),
+        (None, Some(given)) => Ok(given),
+        (None, None) => Ok(Filters::default()),
+    }
+}
+
 /// Records a failed run in the work dir (phase `failed` and the error, for `pgtide status`)
 /// and passes the result on.
 pub fn record_failure<T>(state: &crate::state::StateDb, result: Result<T>) -> Result<T> {

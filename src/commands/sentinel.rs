@@ -60,7 +60,7 @@ pub async fn run(command: SentinelCommand) -> Result<()> {
                         }
                         _ => bail!("give either an LSN (such as 0/3000060) or --current"),
                     };
-                    state.set_meta(ENDPOS_KEY, &endpos.to_string())?;
+                    super::follow::set_endpos(&state, endpos)?;
                     println!("endpos set to {endpos}");
                 }
                 "apply" => {

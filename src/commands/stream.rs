@@ -72,8 +72,11 @@ pub async fn prepare_source(
         );
     }
     pg::catalog::check_filters_name_real_objects(&client, filters).await?;
-    let mut tables = slot::replicated_tables(&client, plugin == Plugin::Wal2json).await?;
-    tables.retain(|(schema, table)| filters.includes_table(schema, table));
+    let (tables, not_followed) =
+        slot::published_tables(&client, plugin == Plugin::Wal2json, filters).await?;
+    if !not_followed.is_empty() {
+        tracing::warn!("{}", slot::not_followed_notice(&not_followed));
+    }
     let append_only = slot::append_only_tables(&tables, &identity.append_only)?;
     if !append_only.is_empty() && plugin != Plugin::Pgoutput {
         bail!(
@@ -194,6 +197,7 @@ pub async fn create_recorded_slot(
     state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
     state.set_meta(PUBLICATIONS_KEY, &serde_json::to_string(&publications)?)?;
     state.set_meta("stream.system_id", &system.system_id)?;
+    state.record_filters(filters)?;
     Ok((conn, created))
 }
 
@@ -260,7 +264,9 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
         Some(json) => serde_json::from_str(&json)?,
         None => {
             let client = pg::connect(&source, Side::Source, "stream tables").await?;
-            let tables = slot::replicated_tables(&client, plugin == Plugin::Wal2json).await?;
+            let filters = state.recorded_filters()?.unwrap_or_default();
+            let (tables, _) =
+                slot::published_tables(&client, plugin == Plugin::Wal2json, &filters).await?;
             state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
             tables
         }

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result, bail};
 use tokio_postgres::Client;
 
-use crate::clone::filters::Filters;
+use crate::clone::filters::{Filters, TableName};
 use crate::state::{ConstraintRow, IndexRow, PartRow, SequenceRow, TableRow};
 
 /// Everything the clone needs to know about the source, as of the snapshot.
@@ -170,27 +170,24 @@ pub async fn read_catalog(
     })
 }
 
+/// Joined to a sequence `c`: the table that owns it (`t`, in schema `tn`) through a serial
+/// column (deptype 'a', OWNED BY) or an identity column (deptype 'i'), NULLs when none does.
+pub const SEQUENCE_OWNER_JOIN: &str =
+    "LEFT JOIN pg_depend o ON o.classid = 'pg_class'::regclass AND o.objid = c.oid
+           AND o.refclassid = 'pg_class'::regclass AND o.deptype IN ('a', 'i')
+         LEFT JOIN pg_class t ON t.oid = o.refobjid
+         LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace";
+
 /// Every sequence's current value (sequences are not transactional: read it as late as
-/// possible, at the snapshot for a clone, at endpos for a follow).
+/// possible, at the snapshot for a clone, at endpos for a follow). Only the sequences that the
+/// filtered schema dump holds (see [`SequenceLinks::included`]).
 pub async fn read_sequences(client: &Client, filters: &Filters) -> Result<Vec<SequenceRow>> {
     let mut sequences = Vec::new();
-    let seq_sql = format!(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE c.relkind = 'S' AND {SYSTEM_SCHEMAS}
-           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                           AND d.objid = c.oid AND d.deptype = 'e')
-         ORDER BY 1, 2"
-    );
-    for row in client
-        .query(&seq_sql, &[])
-        .await
-        .context("cannot list the source sequences")?
-    {
-        let schema: String = row.get(0);
-        let name: String = row.get(1);
-        if !filters.includes_schema(&schema) {
+    for link in sequence_links(client).await? {
+        if !link.included(filters) {
             continue;
         }
+        let SequenceLinks { schema, name, .. } = link;
         let value = client
             .query_one(
                 &format!(
@@ -208,8 +205,124 @@ pub async fn read_sequences(client: &Client, filters: &Filters) -> Result<Vec<Se
             is_called: value.get(1),
         });
     }
-
     Ok(sequences)
+}
+
+/// A sequence and the tables it belongs to: the one that owns it (`OWNED BY`, or an identity
+/// column) and those whose column defaults draw from it (`DEFAULT nextval('s')`, owned or not).
+#[derive(Clone, Debug)]
+pub struct SequenceLinks {
+    pub schema: String,
+    pub name: String,
+    /// The owning table, and whether the sequence is an identity column's.
+    pub owner: Option<(TableName, bool)>,
+    pub used_by: Vec<TableName>,
+}
+
+impl SequenceLinks {
+    /// Whether the filtered dump holds this sequence, as pg_dump decides it plus the sequences
+    /// pgtide adds to it ([`sequences_for_dump`]): with `[include-only-table]`, the sequences
+    /// the included tables own or draw their defaults from; otherwise every sequence of an
+    /// included schema (an identity sequence goes with its table) and those included tables
+    /// own.
+    pub fn included(&self, filters: &Filters) -> bool {
+        let includes = |t: &TableName| filters.includes_table(&t.schema, &t.name);
+        let owner_included = self.owner.as_ref().is_some_and(|(t, _)| includes(t));
+        if !filters.include_only_tables.is_empty() {
+            return owner_included || self.used_by.iter().any(includes);
+        }
+        let identity_of_excluded = matches!(&self.owner, Some((t, true)) if !includes(t));
+        owner_included
+            || (filters.includes_table(&self.schema, &self.name) && !identity_of_excluded)
+    }
+}
+
+/// For a sequence `c`: a JSON array of the [schema, table] pairs whose column defaults draw
+/// from it (`DEFAULT nextval('s')`, owned or not).
+pub const SEQUENCE_USED_BY: &str =
+    "coalesce((SELECT json_agg(json_build_array(un.nspname, u.relname))::text
+               FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
+               JOIN pg_class u ON u.oid = ad.adrelid JOIN pg_namespace un ON un.oid = u.relnamespace
+               WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_class'::regclass
+                 AND d.refobjid = c.oid), '[]')";
+
+/// Every user sequence of the source with its links (extension members left out).
+pub async fn sequence_links(client: &Client) -> Result<Vec<SequenceLinks>> {
+    let sql = format!(
+        "SELECT n.nspname::text, c.relname::text,
+                o.owner_schema, o.owner_name, o.identity,
+                {SEQUENCE_USED_BY}
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         LEFT JOIN LATERAL (
+             SELECT tn.nspname::text AS owner_schema, t.relname::text AS owner_name, d.deptype = 'i' AS identity
+             FROM pg_depend d JOIN pg_class t ON t.oid = d.refobjid JOIN pg_namespace tn ON tn.oid = t.relnamespace
+             WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+               AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+             LIMIT 1) o ON true
+         WHERE c.relkind = 'S' AND {SYSTEM_SCHEMAS}
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                           AND d.objid = c.oid AND d.deptype = 'e')
+         ORDER BY 1, 2"
+    );
+    let mut links = Vec::new();
+    for row in client
+        .query(&sql, &[])
+        .await
+        .context("cannot list the source sequences")?
+    {
+        let owner_schema: Option<String> = row.get(2);
+        let owner_name: Option<String> = row.get(3);
+        let identity: Option<bool> = row.get(4);
+        let used_by: Vec<(String, String)> = serde_json::from_str(&row.get::<_, String>(5))
+            .context("cannot read the tables using a sequence")?;
+        links.push(SequenceLinks {
+            schema: row.get(0),
+            name: row.get(1),
+            owner: owner_schema
+                .zip(owner_name)
+                .map(|(schema, name)| (TableName { schema, name }, identity.unwrap_or(false))),
+            used_by: used_by
+                .into_iter()
+                .map(|(schema, name)| TableName { schema, name })
+                .collect(),
+        });
+    }
+    Ok(links)
+}
+
+/// The filters for pg_dump: with `[include-only-table]`, pg_dump dumps only the tables named
+/// (and the sequences they own), so a table whose default draws from a sequence it does not
+/// own (`CREATE SEQUENCE s; CREATE TABLE t (id int DEFAULT nextval('s'))`) would fail to
+/// restore; those sequences are added to the selection.
+pub async fn sequences_for_dump(client: &Client, filters: &Filters) -> Result<Filters> {
+    let mut for_dump = filters.clone();
+    if filters.include_only_tables.is_empty() {
+        return Ok(for_dump);
+    }
+    for link in sequence_links(client).await? {
+        let owned_by_included = link
+            .owner
+            .as_ref()
+            .is_some_and(|(t, _)| filters.includes_table(&t.schema, &t.name));
+        if link.included(filters) && !owned_by_included {
+            tracing::info!(
+                "including sequence {}.{}: the default of {} draws from it",
+                link.schema,
+                link.name,
+                link.used_by
+                    .iter()
+                    .filter(|t| filters.includes_table(&t.schema, &t.name))
+                    .map(|t| format!("{}.{}", t.schema, t.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for_dump.include_only_tables.push(TableName {
+                schema: link.schema,
+                name: link.name,
+            });
+        }
+    }
+    Ok(for_dump)
 }
 
 /// A filters file that names a table or schema that does not exist is a typo the operator must
@@ -229,19 +342,145 @@ pub async fn check_filters_name_real_objects(client: &Client, filters: &Filters)
         let found = client
             .query_opt(
                 "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
                 &[&t.schema, &t.name],
             )
             .await?;
         if found.is_none() {
             bail!(
-                "the filters file names the table {}.{}, which does not exist on the source; fix the name (unquoted names are folded to lower case)",
+                "the filters file names the table {}.{}, which does not exist on the source (no table, view or materialized view of that name); fix the name (unquoted names are folded to lower case)",
                 t.schema,
                 t.name
             );
         }
     }
     Ok(())
+}
+
+/// An object the filtered dump holds that depends on a relation the filters leave out: the
+/// restore of the dump would fail on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokenDependency {
+    /// "view", "materialized view", "foreign key", "inheritance", or the kind of a used
+    /// object outside the copied schemas ("sequence", "type", "function", …).
+    pub kind: String,
+    /// The dependent relation, as SQL prints it (`public."My View"`).
+    pub dependent: String,
+    /// The foreign key's name, for a foreign key.
+    pub constraint: Option<String>,
+    /// The relation left out, as SQL prints it.
+    pub left_out: String,
+}
+
+/// The views and materialized views, foreign keys and inheritance children that the filters
+/// keep while leaving out a relation they depend on (`[exclude-table] public.a` with a view on
+/// `a`, or `[include-only-table] public.t` with a foreign key to a table not listed), and the
+/// kept relations that use a sequence, type or function of a schema the filters leave out.
+pub async fn broken_dependencies(
+    client: &Client,
+    filters: &Filters,
+) -> Result<Vec<BrokenDependency>> {
+    let rows = client
+        .query(
+            "WITH edges AS (
+               SELECT 'view' AS kind, w.ev_class AS dep, NULL::text AS con, d.refobjid AS ref
+                 FROM pg_depend d JOIN pg_rewrite w ON w.oid = d.objid
+                WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+                  AND d.refobjid <> w.ev_class
+               UNION
+               SELECT 'foreign key', k.conrelid, k.conname::text, k.confrelid
+                 FROM pg_constraint k WHERE k.contype = 'f' AND k.conrelid <> k.confrelid
+               UNION
+               SELECT 'inheritance', i.inhrelid, NULL, i.inhparent FROM pg_inherits i
+             )
+             SELECT CASE WHEN e.kind = 'view' AND dc.relkind = 'm' THEN 'materialized view' ELSE e.kind END,
+                    dn.nspname::text, dc.relname::text, e.con, rn.nspname::text, rc.relname::text,
+                    format('%I.%I', dn.nspname, dc.relname), format('%I.%I', rn.nspname, rc.relname)
+               FROM edges e
+               JOIN pg_class dc ON dc.oid = e.dep JOIN pg_namespace dn ON dn.oid = dc.relnamespace
+               JOIN pg_class rc ON rc.oid = e.ref JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+              WHERE rc.relkind IN ('r', 'p', 'v', 'm', 'f')
+                AND rn.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtide') AND rn.nspname NOT LIKE 'pg\\_toast%'
+                AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_class'::regclass
+                                AND x.objid IN (dc.oid, rc.oid) AND x.deptype = 'e')
+              ORDER BY 7, 1, 4, 8",
+            &[],
+        )
+        .await
+        .context("cannot list the dependencies between source relations")?;
+    let mut broken = Vec::new();
+    for r in rows {
+        let (dep_schema, dep_name): (String, String) = (r.get(1), r.get(2));
+        let (ref_schema, ref_name): (String, String) = (r.get(4), r.get(5));
+        if filters.includes_table(&dep_schema, &dep_name)
+            && !filters.includes_table(&ref_schema, &ref_name)
+        {
+            let found = BrokenDependency {
+                kind: r.get(0),
+                dependent: r.get(6),
+                constraint: r.get(3),
+                left_out: r.get(7),
+            };
+            if !broken.contains(&found) {
+                broken.push(found);
+            }
+        }
+    }
+    // Objects other than relations (types, functions, sequences, collations…) that a kept
+    // relation's columns, defaults, constraints, triggers, indexes or view rules use, in a
+    // schema the filters leave out: `[exclude-schema] ids` while a default draws from
+    // `ids.s`. (A sequence the relation owns is dumped with it; extension members are left to
+    // the extension.)
+    let rows = client
+        .query(
+            "WITH parts AS (
+               SELECT 'pg_class'::regclass AS classid, c.oid AS objid, c.oid AS rel
+                 FROM pg_class c WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+               UNION ALL SELECT 'pg_class'::regclass, i.indexrelid, i.indrelid FROM pg_index i
+               UNION ALL SELECT 'pg_attrdef'::regclass, ad.oid, ad.adrelid FROM pg_attrdef ad
+               UNION ALL SELECT 'pg_constraint'::regclass, k.oid, k.conrelid FROM pg_constraint k WHERE k.conrelid <> 0
+               UNION ALL SELECT 'pg_trigger'::regclass, t.oid, t.tgrelid FROM pg_trigger t WHERE NOT t.tgisinternal
+               UNION ALL SELECT 'pg_rewrite'::regclass, w.oid, w.ev_class FROM pg_rewrite w
+             )
+             SELECT DISTINCT dn.nspname::text, dc.relname::text, format('%I.%I', dn.nspname, dc.relname),
+                    o.type, o.schema, o.identity
+               FROM pg_depend d
+               JOIN parts p ON p.classid = d.classid AND p.objid = d.objid
+               JOIN pg_class dc ON dc.oid = p.rel JOIN pg_namespace dn ON dn.oid = dc.relnamespace
+               CROSS JOIN LATERAL pg_identify_object(d.refclassid, d.refobjid, 0) o
+              WHERE d.deptype = 'n' AND d.refobjid >= 16384 -- built-in objects are never left out
+                AND o.schema IS NOT NULL
+                AND o.schema NOT IN ('pg_catalog', 'information_schema', 'pgtide') AND o.schema NOT LIKE 'pg\\_toast%'
+                AND o.type NOT IN ('table', 'view', 'materialized view', 'foreign table', 'index',
+                                   'table column', 'view column', 'materialized view column', 'foreign table column')
+                AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.refclassid = 'pg_extension'::regclass
+                                AND x.classid = d.refclassid AND x.objid = d.refobjid AND x.deptype = 'e')
+                AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_class'::regclass
+                                AND x.objid = d.refobjid AND x.refobjid = p.rel AND x.deptype IN ('a', 'i'))
+                AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_class'::regclass
+                                AND x.objid = dc.oid AND x.deptype = 'e')
+              ORDER BY 3, 4, 6",
+            &[],
+        )
+        .await
+        .context("cannot list what the source relations use")?;
+    for r in rows {
+        let (dep_schema, dep_name): (String, String) = (r.get(0), r.get(1));
+        let used_schema: String = r.get(4);
+        if filters.includes_table(&dep_schema, &dep_name) && !filters.includes_schema(&used_schema)
+        {
+            let found = BrokenDependency {
+                kind: r.get(3),
+                dependent: r.get(2),
+                constraint: None,
+                left_out: r.get(5),
+            };
+            if !broken.contains(&found) {
+                broken.push(found);
+            }
+        }
+    }
+    Ok(broken)
 }
 
 /// Splits a table into ctid page ranges sized on heap + TOAST bytes; the last range is open so
@@ -270,6 +509,34 @@ pub fn split_table(table: &TableRow, split_bytes: Option<u64>) -> Vec<PartRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequences_are_selected_as_pg_dump_selects_them() {
+        let name = |schema: &str, name: &str| TableName {
+            schema: schema.into(),
+            name: name.into(),
+        };
+        let seq = |schema: &str, seq: &str, owner: Option<(&str, &str, bool)>| SequenceLinks {
+            schema: schema.into(),
+            name: seq.into(),
+            owner: owner.map(|(s, t, identity)| (name(s, t), identity)),
+            used_by: vec![],
+        };
+        let f = Filters::parse(
+            "[exclude-schema]\nscratch\n[exclude-table]\npublic.tmp\npublic.named_seq\n",
+        )
+        .unwrap();
+        assert!(!seq("scratch", "counter", None).included(&f));
+        assert!(seq("public", "orders_id_seq", Some(("public", "orders", false))).included(&f));
+        // A serial's sequence outlives its excluded table; an identity sequence does not.
+        assert!(seq("public", "tmp_id_seq", Some(("public", "tmp", false))).included(&f));
+        assert!(!seq("public", "tmp_id_seq", Some(("public", "tmp", true))).included(&f));
+        // A sequence named in [exclude-table] is left out like a table.
+        assert!(!seq("public", "named_seq", None).included(&f));
+        let only = Filters::parse("[include-only-table]\npublic.orders\n").unwrap();
+        assert!(seq("public", "orders_id_seq", Some(("public", "orders", true))).included(&only));
+        assert!(!seq("public", "other_seq", None).included(&only));
+    }
 
     fn table(heap: i64, toast: i64, pages: i64) -> TableRow {
         TableRow {
@@ -309,5 +576,32 @@ mod tests {
             2
         );
         assert_eq!(split_table(&table(8192 * 10, 0, 10), None).len(), 1);
+    }
+
+    #[test]
+    fn sequences_follow_the_tables_that_use_them() {
+        let t = |s: &str, n: &str| TableName {
+            schema: s.into(),
+            name: n.into(),
+        };
+        let shared = SequenceLinks {
+            schema: "public".into(),
+            name: "shared".into(),
+            owner: None,
+            used_by: vec![t("public", "t")],
+        };
+        let identity = SequenceLinks {
+            schema: "public".into(),
+            name: "u_id_seq".into(),
+            owner: Some((t("public", "u"), true)),
+            used_by: vec![],
+        };
+        let only_t = Filters::parse("[include-only-table]\npublic.t\n").unwrap();
+        assert!(shared.included(&only_t));
+        assert!(!identity.included(&only_t));
+        let without_u = Filters::parse("[exclude-table]\npublic.u\n").unwrap();
+        assert!(shared.included(&without_u));
+        assert!(!identity.included(&without_u));
+        assert!(identity.included(&Filters::default()));
     }
 }

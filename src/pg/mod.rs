@@ -6,9 +6,11 @@ pub mod lsn;
 
 pub use lsn::Lsn;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::{Result, anyhow};
-use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::conninfo::ConnInfo;
 
@@ -29,7 +31,8 @@ impl Side {
 }
 
 /// Opens a session with settings that make text output identical on both servers (UTC,
-/// ISO dates, hex bytea, full float precision), so checksums and COPY text agree.
+/// ISO dates, hex bytea, full float precision), so checksums and COPY text agree. A source
+/// session also gets an empty search_path (see [`pin_search_path`]).
 pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Client> {
     let tls = info.tls_connector()?;
     let config = info.tokio_config("pgtide");
@@ -49,16 +52,14 @@ pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Clien
     };
     let (client, connection) = connected.map_err(|e| explain_connect_error(info, side, &e))?;
     let label = format!("{} {purpose}", side.name());
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("{label} connection ended: {e}");
-        }
-    });
+    tokio::spawn(drive_connection(connection, label));
     client
         .batch_execute(
             "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
              SET bytea_output = 'hex'; SET extra_float_digits = 1; SET statement_timeout = 0; \
-             SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0",
+             SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
+             SELECT set_config('idle_session_timeout', '0', false) \
+             WHERE current_setting('server_version_num')::int >= 140000",
         )
         .await
         .map_err(|e| {
@@ -68,7 +69,68 @@ pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Clien
                 describe(&e)
             )
         })?;
+    if side == Side::Source {
+        pin_search_path(&client).await?;
+    }
     Ok(client)
+}
+
+/// Sets an empty search_path for the session. Definitions that pgtide reads
+/// (`pg_get_indexdef`, `pg_get_constraintdef`, `pg_get_expr`, `format_type`, regclass text)
+/// name an object without its schema when the session's search_path finds it: under the
+/// source database's own search_path (`ALTER DATABASE … SET search_path = public, s`) an index
+/// on `s.state` would read `'new'::state`, which fails on the target. With nothing on the path
+/// every name comes out schema-qualified, as pg_dump does it. Every source session gets it;
+/// a target session that reads definitions to compare them with the source's needs it too.
+pub async fn pin_search_path(client: &Client) -> Result<()> {
+    client
+        .batch_execute("SET search_path = ''")
+        .await
+        .map_err(|e| anyhow!("cannot set an empty search_path: {}", describe(&e)))
+}
+
+/// Server notices received on pgtide's connections, for the count at the end of a run.
+static NOTICES: AtomicU64 = AtomicU64::new(0);
+
+/// Drives a connection until it ends. Its notices (a trigger or a function may send thousands,
+/// each up to the server's message size) are logged at debug level under the target
+/// `pgtide::notice`, shortened, and counted; tokio-postgres alone would log each one whole at
+/// INFO.
+async fn drive_connection<S, T>(mut connection: tokio_postgres::Connection<S, T>, label: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    const SHOWN: usize = 500;
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notice(notice))) => {
+                NOTICES.fetch_add(1, Ordering::Relaxed);
+                let message = notice.message();
+                let shown = match message.char_indices().nth(SHOWN) {
+                    Some((end, _)) => format!("{}… ({} bytes)", &message[..end], message.len()),
+                    None => message.to_string(),
+                };
+                tracing::debug!(target: "pgtide::notice", "{label}: {}: {shown}", notice.severity());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!("{label} connection ended: {e}");
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+/// Logs how many notices the servers sent during this run, if any, and how to see them.
+pub fn log_notice_count() {
+    let n = NOTICES.load(Ordering::Relaxed);
+    if n > 0 {
+        tracing::info!(
+            "{n} server notices received (not shown; PGTIDE_LOG=info,pgtide::notice=debug shows them)"
+        );
+    }
 }
 
 /// A one-paragraph explanation for a failed connection: what happened and what to do.

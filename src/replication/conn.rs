@@ -47,6 +47,22 @@ pub struct ReplicationConnection {
 /// Rows of a simple query, every value as text.
 pub type TextRows = Vec<Vec<Option<String>>>;
 
+/// Output settings and timeouts pinned on the walsender session (invariant 5). Sent in the
+/// startup packet, which overrides what `ALTER DATABASE` / `ALTER ROLE … SET` give the
+/// session: the decoded values are produced in these styles, and apply parses them in the
+/// same ones (`pg::connect` pins the normal sessions alike). The timeouts keep the
+/// snapshot-holding session alive through a long copy.
+const PINNED_SETTINGS: &[(&str, &str)] = &[
+    ("DateStyle", "ISO, YMD"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("bytea_output", "hex"),
+    ("extra_float_digits", "3"),
+    ("statement_timeout", "0"),
+    ("lock_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+];
+
 impl ReplicationConnection {
     /// Connects and authenticates with `replication=database`.
     pub async fn connect(info: &ConnInfo) -> Result<Self> {
@@ -89,11 +105,10 @@ impl ReplicationConnection {
             ("replication", "database"),
             ("application_name", "pgtide"),
             ("client_encoding", "UTF8"),
-            ("DateStyle", "ISO, YMD"),
-            ("TimeZone", "UTC"),
-            ("extra_float_digits", "3"),
-        ];
-        frontend::startup_message(params.iter().copied(), &mut write_buf)?;
+        ]
+        .into_iter()
+        .chain(PINNED_SETTINGS.iter().copied());
+        frontend::startup_message(params, &mut write_buf)?;
         io.write_all(&write_buf).await?;
         write_buf.clear();
         let mut conn = ReplicationConnection {
@@ -103,6 +118,12 @@ impl ReplicationConnection {
             server_version: String::new(),
         };
         conn.authenticate(info).await?;
+        // Not a startup parameter: servers before 14 would refuse the unknown name.
+        conn.simple_query(
+            "SELECT set_config('idle_session_timeout', '0', false) WHERE current_setting('server_version_num')::int >= 140000",
+        )
+        .await
+        .context("cannot set up the replication session on the source")?;
         Ok(conn)
     }
 

@@ -113,6 +113,37 @@ pub async fn replicated_tables(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// What a migration publishes, decided here and nowhere else: the replicated tables its
+/// filters include, except the `[exclude-table-data]` ones. Those are created empty on the
+/// target and their changes are NOT followed: their rows are not on the target, so the first
+/// UPDATE or DELETE of a pre-existing row could not be applied, and replicating only the new
+/// rows would leave a partial table that looks complete. Returns (published, not followed).
+pub async fn published_tables(
+    client: &Client,
+    with_partitions: bool,
+    filters: &crate::clone::filters::Filters,
+) -> Result<(Vec<(String, String)>, Vec<(String, String)>)> {
+    let (published, not_followed) = replicated_tables(client, with_partitions)
+        .await?
+        .into_iter()
+        .filter(|(schema, table)| filters.includes_table(schema, table))
+        .partition(|(schema, table)| filters.copies_data(schema, table));
+    Ok((published, not_followed))
+}
+
+/// The notice naming the tables whose changes a migration does not follow (check and clone
+/// print it).
+pub fn not_followed_notice(tables: &[(String, String)]) -> String {
+    format!(
+        "changes of {} are not followed: [exclude-table-data] tables are created empty on the target and left out of the publication",
+        tables
+            .iter()
+            .map(|(s, t)| format!("{s}.{t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 /// IDENTIFY_SYSTEM: the server's system identifier, timeline and current WAL position.
 pub struct SystemIdentity {
     pub system_id: String,
@@ -254,7 +285,9 @@ pub async fn tables_without_identity(
 }
 
 /// Resolves `--append-only` names (schema.table, or table in public) against the published
-/// tables; an unknown name is an error.
+/// tables; an unknown name is an error. A name is read as SQL reads it (quotes, case
+/// folding), so that it can be given exactly as `check` prints it (`public."Odd Name"`); the
+/// literal `schema.table` split at its first dot is still accepted.
 pub fn append_only_tables(
     tables: &[(String, String)],
     names: &[String],
@@ -262,10 +295,15 @@ pub fn append_only_tables(
     names
         .iter()
         .map(|name| {
-            let (schema, table) = name.split_once('.').unwrap_or(("public", name));
+            let literal = name.split_once('.').unwrap_or(("public", name));
+            let sql = crate::clone::filters::parse_table_name(name).ok();
             tables
                 .iter()
-                .find(|(s, t)| s == schema && t == table)
+                .find(|(s, t)| {
+                    sql.as_ref()
+                        .is_some_and(|n| *s == n.schema && *t == n.name)
+                })
+                .or_else(|| tables.iter().find(|(s, t)| (s.as_str(), t.as_str()) == literal))
                 .cloned()
                 .ok_or_else(|| {
                     anyhow!(

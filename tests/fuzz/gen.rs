@@ -34,52 +34,10 @@ impl Rng {
     }
 }
 
-/// Generator features switched off until the fix for them lands ("known bug N": the known
-/// apply/replication bugs of issue 10, numbered in the order the issue lists them; "found by
-/// this fuzzer": new ones, see the branch's report). Remove an entry when its fix is merged. `PGTIDE_FUZZ_KNOWN_BUGS=on` switches
-/// them all back on; `PGTIDE_FUZZ_ENABLE=name,name` switches on some.
-pub const KNOWN_BUGS: &[(&str, &str)] = &[
-    (
-        "session_settings",
-        "known bug 1: IntervalStyle etc. not set on the replication connection (IntervalStyle = sql_standard: '-1 days -02:00' arrives as '-1 days +02:00')",
-    ),
-    (
-        "char_in_full",
-        "known bug 2: char(n) in a FULL identity key (matched on ::text, which drops the padding: the UPDATE/DELETE is silently skipped)",
-    ),
-    (
-        "full_text_cast",
-        "found by this fuzzer: apply matches a FULL old row on col::text, and boolean::text ('false') and inet::text ('10.0.0.1/32') differ from the output form pgoutput sends ('f', '10.0.0.1'): the UPDATE/DELETE matches nothing and is silently skipped",
-    ),
-    (
-        "flipflop_full_partitions",
-        "known bug 3: flip-flop updates on FULL identity partitions (listed by the lead; no minimal case reproduced it here yet)",
-    ),
-    (
-        "identity_always_not_key",
-        "known bug 4: GENERATED ALWAYS identity columns not in the key (UPDATE … SET seqno = $1: column can only be updated to DEFAULT)",
-    ),
-    (
-        "full_partitions",
-        "known bug 3's family, found by this fuzzer (seed 208, without flip-flops): updates and deletes on FULL identity partitions lost without an error",
-    ),
-    (
-        "full_toast_self_assign",
-        "known bug 6: FULL identity + TOAST self-assignment (listed by the lead; no minimal case reproduced it here yet)",
-    ),
-    (
-        "full_toast",
-        "known bug 6's family, found by this fuzzer (seed 337): on a FULL identity table with TOASTed values, flip-flop updates of another column fail a merged batch (\"found no matching row\"), and the row-at-a-time replay then silently loses other tables' updates of the batch",
-    ),
-    (
-        "idle_timeout",
-        "known bug 7: the snapshot killed by idle_in_transaction_session_timeout (clone: invalid snapshot identifier)",
-    ),
-    (
-        "truncate_during_copy",
-        "found by this fuzzer: clone holds no lock on the tables it has yet to copy; a TRUNCATE committed during the copy empties them under the snapshot (TRUNCATE is not MVCC-safe), and apply then stops on an UPDATE of a row never copied (clone, not apply)",
-    ),
-];
+/// Generator features switched off until the fix for a bug they find lands (name, symptom).
+/// Empty: every bug issue 10 listed and every one this fuzzer found so far is fixed.
+/// `PGTIDE_FUZZ_KNOWN_BUGS=on` switches them all back on; `PGTIDE_FUZZ_ENABLE=name,name` some.
+pub const KNOWN_BUGS: &[(&str, &str)] = &[];
 
 /// Every feature the generator can switch off, with what it covers.
 pub const FEATURES: &[(&str, &str)] = &[
