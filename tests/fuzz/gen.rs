@@ -62,6 +62,10 @@ pub const FEATURES: &[(&str, &str)] = &[
         "GENERATED ALWAYS identity columns outside the key",
     ),
     (
+        "full_partitions",
+        "partitioned tables whose partitions are REPLICA IDENTITY FULL",
+    ),
+    (
         "full_toast_self_assign",
         "self-assignment updates on FULL identity tables with TOASTed values",
     ),
@@ -757,6 +761,9 @@ pub fn generate(seed: u64, features: &Features) -> Case {
         let mut kind = *rng.pick(&kinds);
         if kind == Kind::PkPlusIdentityAlways && !features.on("identity_always_not_key") {
             kind = Kind::Pk;
+        }
+        if kind == Kind::PartitionedFull && !features.on("full_partitions") {
+            kind = Kind::PartitionedPk;
         }
         let schema_name = if rng.chance(30) { "fz" } else { "public" };
         let base = if rng.chance(25) {
