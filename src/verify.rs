@@ -72,6 +72,7 @@ pub async fn run(source: &ConnInfo, target: &ConnInfo, opts: &Options) -> Result
         ("sequence", SEQUENCES.as_str()),
         ("index", INDEXES),
         ("constraint", CONSTRAINTS),
+        ("replica identity", REPLICA_IDENTITIES),
     ] {
         let s = named_values(&src, kind, query, filters).await?;
         let t = named_values(&dst, kind, query, filters).await?;
@@ -256,6 +257,18 @@ const INDEXES: &str =
 const CONSTRAINTS: &str = "SELECT n.nspname || '.' || c.relname || '.' || k.conname, n.nspname, c.relname::text, pg_get_constraintdef(k.oid)
     FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace";
 
+/// Each table's replica identity (what logical replication from it, the reverse stream
+/// included, matches rows by): default, nothing, full or the index's name.
+const REPLICA_IDENTITIES: &str = "SELECT n.nspname || '.' || c.relname, n.nspname, c.relname::text,
+        CASE c.relreplident WHEN 'd' THEN 'default' WHEN 'n' THEN 'nothing' WHEN 'f' THEN 'full'
+             ELSE 'index ' || coalesce((SELECT ic.relname::text FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                                         WHERE i.indrelid = c.oid AND i.indisreplident), '?') END
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'pgtide' AND NOT pg_is_other_temp_schema(n.oid)
+      AND n.nspname NOT LIKE 'pg\\_toast%'
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                      AND d.objid = c.oid AND d.deptype = 'e')";
+
 async fn named_values(
     client: &Client,
     kind: &str,
@@ -326,10 +339,11 @@ pub fn print_report(report: &Report) {
     let count = |kind: &str| report.objects.iter().filter(|o| o.kind == kind).count();
     println!();
     println!(
-        "{} sequences, {} indexes, {} constraints compared; {} differ",
+        "{} sequences, {} indexes, {} constraints, {} replica identities compared; {} differ",
         count("sequence"),
         count("index"),
         count("constraint"),
+        count("replica identity"),
         mismatched.len()
     );
     for o in mismatched {

@@ -506,3 +506,32 @@ async fn a_source_read_losing_a_deadlock_to_the_application_is_retried() {
     assert!(all.contains("lost a deadlock"), "{all}");
     assert_identical(&src, &dst);
 }
+
+/// verify compares each table's replica identity (what logical replication from the new
+/// server, a reverse stream included, matches rows by): a target that lost one is reported.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_compares_replica_identities() {
+    let (src, dst) = fresh_db_pair("t_c_replident").await;
+    exec(
+        &src,
+        "CREATE TABLE f (a int, b text); ALTER TABLE f REPLICA IDENTITY FULL;
+         CREATE TABLE u (id int NOT NULL, v int); CREATE UNIQUE INDEX u_id ON u (id);
+         ALTER TABLE u REPLICA IDENTITY USING INDEX u_id;
+         INSERT INTO f VALUES (1, 'x'); INSERT INTO u VALUES (1, 1);",
+    )
+    .await;
+    let dir = workdir("c-replident");
+    let d = dir.to_str().unwrap();
+    pgtide_ok(&clone_args(&src, &dst, d));
+    let out = pgtide_ok(&["verify", "--source", &src, "--target", &dst]);
+    assert!(
+        out.contains("2 replica identities compared; 0 differ"),
+        "{out}"
+    );
+    exec(&dst, "ALTER TABLE f REPLICA IDENTITY DEFAULT").await;
+    let out = pgtide_fails(&["verify", "--source", &src, "--target", &dst]);
+    assert!(
+        out.contains("replica identity public.f: source full / target default"),
+        "{out}"
+    );
+}
