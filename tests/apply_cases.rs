@@ -488,18 +488,7 @@ async fn clone_follow_restart_needs_cleanup_then_starts_over() {
 
 /// Whether the copy of the first (largest) table is under way: one part running.
 fn big_is_being_copied(dir: &std::path::Path) -> bool {
-    // state.db may not exist yet, or not have its tables yet.
-    let path = dir.join("state.db");
-    path.exists()
-        && rusqlite::Connection::open(path)
-            .and_then(|c| {
-                c.query_row(
-                    "SELECT count(*) FROM parts WHERE status = 'running'",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-            })
-            .is_ok_and(|running| running == 1)
+    state_count_or_zero(dir, "SELECT count(*) FROM parts WHERE status = 'running'") == 1
 }
 
 /// Found by the fuzzer: a TRUNCATE committed on the source while the copy runs, of a table not

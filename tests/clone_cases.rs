@@ -447,17 +447,10 @@ async fn a_source_read_losing_a_deadlock_to_the_application_is_retried() {
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let catalog_read = || {
-        let path = dir.join("state.db");
-        path.exists()
-            && rusqlite::Connection::open(&path)
-                .and_then(|c| {
-                    c.query_row(
-                        "SELECT count(*) FROM steps WHERE name = 'catalog' AND status = 'done'",
-                        [],
-                        |r| r.get::<_, i64>(0),
-                    )
-                })
-                .is_ok_and(|done| done == 1)
+        state_count_or_zero(
+            &dir,
+            "SELECT count(*) FROM steps WHERE name = 'catalog' AND status = 'done'",
+        ) == 1
     };
     while !catalog_read() {
         assert!(

@@ -181,20 +181,20 @@ pub fn assert_identical(source: &str, target: &str) {
     assert!(out.contains("source and target are identical"), "{out}");
 }
 
-/// Parts the clone in `dir` has finished, 0 while state.db does not exist yet.
-pub fn parts_done(dir: &Path) -> i64 {
+/// A count from the work dir's state.db, 0 while state.db or its tables do not exist yet (a
+/// test polling a pgtide that is still starting).
+pub fn state_count_or_zero(dir: &Path, sql: &str) -> i64 {
     if !dir.join("state.db").exists() {
         return 0;
     }
     rusqlite::Connection::open(dir.join("state.db"))
-        .and_then(|c| {
-            c.query_row(
-                "SELECT count(*) FROM parts WHERE status = 'done'",
-                [],
-                |r| r.get(0),
-            )
-        })
+        .and_then(|c| c.query_row(sql, [], |r| r.get(0)))
         .unwrap_or(0)
+}
+
+/// Parts the clone in `dir` has finished, 0 while state.db does not exist yet.
+pub fn parts_done(dir: &Path) -> i64 {
+    state_count_or_zero(dir, "SELECT count(*) FROM parts WHERE status = 'done'")
 }
 
 /// One value from the work dir's state.db.
