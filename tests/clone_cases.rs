@@ -428,19 +428,25 @@ async fn kept_table_using_an_excluded_schema_is_refused() {
 /// the catalog read's table sizes lock them too); an application transaction that locks two of
 /// them the other way round (`TRUNCATE a, b`) can make pgtide's session the victim of a
 /// deadlock. That is transient: the read runs again.
+///
+/// Who loses a deadlock is whoever's `deadlock_timeout` fires while the cycle exists, so the
+/// test makes pgtide's session close the cycle, after the application already waits: pg_dump
+/// locks t1, t2, t3 in that order (by OID); `holder` keeps t2 until the application waits for
+/// t1; only then does pg_dump reach t3, which the application holds. The application's own
+/// deadlock check is put off (`deadlock_timeout` 10 min), so pgtide's session is the victim
+/// however slow the machine is.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_source_read_losing_a_deadlock_to_the_application_is_retried() {
     let (src, dst) = fresh_db_pair("t_c_deadlock").await;
     exec(
         &src,
         "CREATE TABLE t1 (id int PRIMARY KEY); CREATE TABLE t2 (id int PRIMARY KEY);
-         INSERT INTO t1 VALUES (1); INSERT INTO t2 VALUES (2);",
+         CREATE TABLE t3 (id int PRIMARY KEY);
+         INSERT INTO t1 VALUES (1); INSERT INTO t2 VALUES (2); INSERT INTO t3 VALUES (3);",
     )
     .await;
     let dir = workdir("c-deadlock");
     let d = dir.to_str().unwrap();
-    // The catalog is read before the pause; then the application takes t2, and pg_dump locks
-    // t1 (created first) and waits for t2.
     let child = spawn_pgtide(
         &clone_args(&src, &dst, d),
         &[("FAILPOINTS", "clone.before_dump=sleep(3000)")],
@@ -459,8 +465,14 @@ async fn a_source_read_losing_a_deadlock_to_the_application_is_retried() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    // The catalog is read and pgtide sleeps before pg_dump: take t2 and t3 now.
+    let holder = connect(&src).await;
+    holder
+        .batch_execute("SET deadlock_timeout = '10min'; BEGIN; LOCK t2 IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
     let app = connect(&src).await;
-    app.batch_execute("BEGIN; LOCK t2 IN ACCESS EXCLUSIVE MODE")
+    app.batch_execute("SET deadlock_timeout = '10min'; BEGIN; LOCK t3 IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
     let app_pid: i32 = app
@@ -468,36 +480,57 @@ async fn a_source_read_losing_a_deadlock_to_the_application_is_retried() {
         .await
         .unwrap()
         .get(0);
-    let watcher = connect(&admin_uri("source")).await;
-    loop {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = 't_c_deadlock'
-                   AND wait_event_type = 'Lock' AND pid <> $1",
-                &[&app_pid],
-            )
+    let watcher = connect(&src).await;
+    // pg_dump (any session but the test's own) waits for t2, which `holder` keeps.
+    wait_for_lock_waiter(&watcher, "t2", |pid| pid != app_pid, deadline).await;
+    // The application now waits for t1, which pg_dump holds: no cycle yet (pg_dump waits for
+    // `holder`, who waits for nobody).
+    let app_task = tokio::spawn(async move {
+        app.batch_execute("LOCK t1 IN ACCESS EXCLUSIVE MODE; COMMIT")
             .await
-            .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pg_dump never waited for t2"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    // Now the application wants t1, which pgtide holds: a cycle, and pgtide's session, waiting
-    // longest, finds it first (deadlock_timeout) and is the victim.
-    app.batch_execute("LOCK t1 IN ACCESS EXCLUSIVE MODE; COMMIT")
+            .map(|()| app)
+    });
+    wait_for_lock_waiter(&watcher, "t1", |pid| pid == app_pid, deadline).await;
+    // `holder` lets go of t2: pg_dump takes it and waits for t3, closing the cycle. Its
+    // deadlock check is the only one due, so pgtide's session is the victim.
+    holder.batch_execute("COMMIT").await.unwrap();
+    let app = app_task
         .await
-        .unwrap();
+        .unwrap()
+        .expect("the application's transaction must not be the deadlock victim");
+    drop(app);
     let out = wait_exit(child, 120);
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     assert!(all.contains("lost a deadlock"), "{all}");
     assert_identical(&src, &dst);
+}
+
+/// Waits until a session accepted by `is_waiter` waits for a lock on `public.<table>` of the
+/// deadlock test's database.
+async fn wait_for_lock_waiter(
+    watcher: &tokio_postgres::Client,
+    table: &str,
+    is_waiter: impl Fn(i32) -> bool,
+    deadline: std::time::Instant,
+) {
+    let sql = format!(
+        "SELECT coalesce(array_agg(l.pid), '{{}}') FROM pg_locks l
+           JOIN pg_database d ON d.oid = l.database AND d.datname = 't_c_deadlock'
+          WHERE l.locktype = 'relation' AND NOT l.granted
+            AND l.relation = (SELECT c.oid FROM pg_class c WHERE c.relname = '{table}')"
+    );
+    loop {
+        let pids: Vec<i32> = watcher.query_one(&sql, &[]).await.unwrap().get(0);
+        if pids.into_iter().any(&is_waiter) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nobody waited for {table}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// verify compares each table's replica identity (what logical replication from the new
