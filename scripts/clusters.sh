@@ -4,12 +4,19 @@
 #   pgtide_start_clusters    initdb + start a source (wal_level=logical) and a target in a temp
 #                            dir, as the postgres OS user; exports PGTIDE_TEST_SOURCE/_TARGET
 #   pgtide_stop_clusters     stop both and remove the temp dir
+#   pgtide_start_version_clusters MAJOR…
+#                            one more cluster per major (wal_level=logical, so it serves as a
+#                            source and as a target), server binaries from install-pg.sh;
+#                            exports PGTIDE_TEST_PG<major> (its admin URI), PGTIDE_PG<major>_PORT,
+#                            PGTIDE_PG<major>_BIN; call after pgtide_start_clusters
 # Settings: PG_MAJOR (15); PGTIDE_CLUSTER_TUNING=test (default: fsync off, for speed) or bench
 # (PostgreSQL's defaults, durable, as the benchmark's reference figures were taken);
 # PGTIDE_KEEP_CLUSTERS=1 keeps the data after stop.
 
 PG_MAJOR=${PG_MAJOR:-15}
 PG_BIN=/usr/lib/postgresql/$PG_MAJOR/bin
+source "$(dirname "${BASH_SOURCE[0]}")/install-pg.sh"
+PGTIDE_VERSION_CLUSTERS=()
 
 pgtide_install_deps() {
   local missing=()
@@ -123,7 +130,46 @@ pgtide_stop_clusters() {
   for role in source target; do
     [ -d "$PGTIDE_CLUSTERS_DIR/$role" ] && _pgtide_as_postgres "$PG_BIN/pg_ctl" -D "$PGTIDE_CLUSTERS_DIR/$role" -m immediate -w stop >/dev/null 2>&1
   done
+  local major
+  for major in "${PGTIDE_VERSION_CLUSTERS[@]}"; do
+    _pgtide_as_postgres "$(pgtide_server_bin "$major")/pg_ctl" -D "$PGTIDE_CLUSTERS_DIR/pg$major" -m immediate -w stop >/dev/null 2>&1
+  done
   if [ "${PGTIDE_KEEP_CLUSTERS:-0}" != 1 ]; then rm -rf "$PGTIDE_CLUSTERS_DIR"; fi
+}
+
+pgtide_start_version_clusters() {
+  [ -n "${PGTIDE_CLUSTERS_DIR:-}" ] || { echo "pgtide_start_clusters first" >&2; return 1; }
+  pgtide_install_pg "$@" || return 1
+  local major
+  for major in "$@"; do
+    local bin; bin=$(pgtide_server_bin "$major")
+    local data="$PGTIDE_CLUSTERS_DIR/pg$major"
+    local port; port=$(_pgtide_free_port)
+    _pgtide_as_postgres "$bin/initdb" -D "$data" -U postgres --pwfile="$PGTIDE_CLUSTERS_DIR/pwfile" \
+      --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >/dev/null || return 1
+    {
+      echo "port = $port"
+      echo "listen_addresses = '127.0.0.1'"
+      echo "unix_socket_directories = '$PGTIDE_CLUSTERS_DIR'"
+      echo "password_encryption = 'scram-sha-256'"
+      echo "max_connections = 100"
+      echo "max_replication_slots = 10"
+      echo "max_wal_senders = 10"
+      echo "wal_level = logical"
+      echo "shared_buffers = 32MB"
+      if [ "${PGTIDE_CLUSTER_TUNING:-test}" = test ]; then
+        echo "fsync = off"
+        echo "synchronous_commit = off"
+        echo "full_page_writes = off"
+      fi
+    } >> "$data/postgresql.conf"
+    _pgtide_as_postgres "$bin/pg_ctl" -D "$data" -l "$PGTIDE_CLUSTERS_DIR/pg$major.log" -w start >/dev/null || {
+      cat "$PGTIDE_CLUSTERS_DIR/pg$major.log" >&2; return 1; }
+    PGTIDE_VERSION_CLUSTERS+=("$major")
+    export "PGTIDE_TEST_PG$major=postgres://postgres:$PGTIDE_TEST_PASSWORD@127.0.0.1:$port/postgres"
+    export "PGTIDE_PG${major}_PORT=$port" "PGTIDE_PG${major}_BIN=$bin"
+    echo "PostgreSQL $major up: port $port" >&2
+  done
 }
 
 # psql against a cluster as the superuser over the socket: pgtide_psql source|target DB [psql args…]
