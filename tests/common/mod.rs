@@ -37,56 +37,110 @@ pub async fn connect(uri: &str) -> Client {
 
 /// Creates (or re-creates) database `name` on both clusters; returns (source URI, target URI).
 pub async fn fresh_db_pair(name: &str) -> (String, String) {
-    for which in ["source", "target"] {
-        let admin = connect(&admin_uri(which)).await;
-        // Slots pin a database: drop those a previous run of this test left.
-        admin
-            .execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = $1 AND active",
+    fresh_db_pair_between(&admin_uri("source"), &admin_uri("target"), name).await
+}
+
+/// The admin URI of the test cluster of PostgreSQL `major` that scripts/test.sh starts
+/// (`PGTIDE_TEST_MAJORS`); a missing one fails the test.
+pub fn version_uri(major: u32) -> String {
+    let var = format!("PGTIDE_TEST_PG{major}");
+    std::env::var(&var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests with scripts/test.sh, which starts a PostgreSQL {major} cluster (PGTIDE_TEST_MAJORS)")
+    })
+}
+
+/// The directory of the test cluster of PostgreSQL `major`'s server binaries.
+pub fn version_bin(major: u32) -> PathBuf {
+    let var = format!("PGTIDE_PG{major}_BIN");
+    PathBuf::from(
+        std::env::var(&var).unwrap_or_else(|_| panic!("{var} is not set: run scripts/test.sh")),
+    )
+}
+
+/// The client tools 18 (pg_dump, pg_restore, psql) that scripts/install-pg.sh installs.
+pub fn client18_bin() -> PathBuf {
+    PathBuf::from(std::env::var("PGTIDE_TEST_CLIENT18_BIN").expect(
+        "PGTIDE_TEST_CLIENT18_BIN is not set: run scripts/test.sh, which installs the client tools 18",
+    ))
+}
+
+/// Replaces database `name` on the cluster at `admin` URI with an empty one (every server
+/// version: no `DROP DATABASE … WITH (FORCE)` before 13), after dropping the slots and
+/// origins a previous run of the test left; returns the database's URI.
+pub async fn fresh_db(admin_uri: &str, name: &str) -> String {
+    let admin = connect(admin_uri).await;
+    // Slots pin a database: drop those a previous run of this test left.
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = $1 AND active",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        let active: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE database = $1 AND active",
                 &[&name],
             )
             .await
-            .unwrap();
-        for _ in 0..50 {
-            let active: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_replication_slots WHERE database = $1 AND active",
-                    &[&name],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if active == 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            .unwrap()
+            .get(0);
+        if active == 0 {
+            break;
         }
-        admin
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
-                &[&name],
-            )
-            .await
-            .unwrap();
-        // Replication origins are per cluster: drop the ones a previous run of this test left
-        // (the tests name their slots after their database).
-        admin
-            .execute(
-                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname LIKE 'pgtide\\_' || $1 || '%'",
-                &[&name],
-            )
-            .await
-            .unwrap();
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-            .unwrap();
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    (db_uri("source", name), db_uri("target", name))
+    admin
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    // Replication origins are per cluster: drop the ones a previous run of this test left
+    // (the tests name their slots after their database).
+    admin
+        .execute(
+            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname LIKE 'pgtide\\_' || $1 || '%'",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let base = admin_uri.rsplit_once('/').map(|x| x.0).unwrap_or(admin_uri);
+    format!("{base}/{name}")
+}
+
+/// Fresh databases `name` on the source cluster and the target cluster (`name_target` when
+/// both are one cluster, as in a same-major version cell); returns (source URI, target URI).
+pub async fn fresh_db_pair_between(
+    source_admin: &str,
+    target_admin: &str,
+    name: &str,
+) -> (String, String) {
+    let source = fresh_db(source_admin, name).await;
+    let target_name = if source_admin == target_admin {
+        format!("{name}_target")
+    } else {
+        name.to_string()
+    };
+    let target = fresh_db(target_admin, &target_name).await;
+    (source, target)
 }
 
 pub async fn exec(uri: &str, sql: &str) {
