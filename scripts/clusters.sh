@@ -24,6 +24,7 @@ pgtide_install_deps() {
   [ -f "/usr/share/postgresql/$PG_MAJOR/extension/hstore.control" ] || missing+=("postgresql-contrib-$PG_MAJOR" "postgresql-contrib")
   [ -f "/usr/lib/postgresql/$PG_MAJOR/lib/wal2json.so" ] || missing+=("postgresql-$PG_MAJOR-wal2json")
   command -v pgcopydb >/dev/null 2>&1 || missing+=("pgcopydb")
+  command -v npm >/dev/null 2>&1 || missing+=("npm")
   command -v openssl >/dev/null 2>&1 || missing+=("openssl")
   python3 -c "import yaml" 2>/dev/null || missing+=("python3-yaml")
   command -v pgbench >/dev/null 2>&1 || [ -x "$PG_BIN/pgbench" ] || missing+=("postgresql-client-$PG_MAJOR")
