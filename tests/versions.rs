@@ -294,6 +294,17 @@ async fn table_fingerprint(uri: &str, table: &str) -> (i64, String) {
     (row.get(0), row.get(1))
 }
 
+/// pgtide as a user with several client tool versions runs it: no PGTIDE_PG_BIN, the client
+/// tools 18 on the PATH and Debian's 15 in their usual directory; pgtide picks a pg_dump and
+/// pg_restore that fit both servers.
+fn pgtide_in_version_env(args: &[&str]) -> std::process::Command {
+    let mut cmd = pgtide_command(args);
+    let path = std::env::var("PATH").unwrap_or_default();
+    cmd.env_remove("PGTIDE_PG_BIN")
+        .env("PATH", format!("{}:{path}", client18_bin().display()));
+    cmd
+}
+
 /// Runs one cell; panics with the pgtide log on any difference.
 async fn run_cell(cell: Cell) {
     let name = cell.db_name();
@@ -317,10 +328,7 @@ async fn run_cell(cell: Cell) {
     if cell.plugin == Plugin::Wal2json {
         args.extend(["--plugin", "wal2json"]);
     }
-    // The client tools 18 dump every source major; pgtide is told where they are.
-    let client18 = client18_bin();
-    let mut child = pgtide_command(&args)
-        .env("PGTIDE_PG_BIN", &client18)
+    let mut child = pgtide_in_version_env(&args)
         .env("FAILPOINTS", "copy.before_commit=sleep(100)")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -337,7 +345,7 @@ async fn run_cell(cell: Cell) {
         String::from_utf8_lossy(&load.stderr)
     );
 
-    let cutover = pgtide_command(&[
+    let cutover = pgtide_in_version_env(&[
         "cutover",
         "--source",
         &src,
@@ -348,7 +356,6 @@ async fn run_cell(cell: Cell) {
         "--timeout",
         "240s",
     ])
-    .env("PGTIDE_PG_BIN", &client18)
     .output()
     .unwrap();
     let cutover_text = text(&cutover);
