@@ -443,3 +443,615 @@ async fn matrix_cell() {
     let cell = std::env::var("PGTIDE_MATRIX_CELL").unwrap_or_else(|_| "14:17".to_string());
     run_cell(Cell::parse(&cell)).await;
 }
+
+/// The 60 column types of the type matrix, each with four edge values (low, high, special,
+/// typical); a NULL row and a TOAST-sized row are added by `type_matrix`. Valid on 12+.
+const TYPE_MATRIX: &[(&str, &str, [&str; 4])] = &[
+    ("c_int2", "smallint", ["-32768", "32767", "0", "7"]),
+    (
+        "c_int4",
+        "integer",
+        ["-2147483648", "2147483647", "0", "42"],
+    ),
+    (
+        "c_int8",
+        "bigint",
+        [
+            "-9223372036854775808",
+            "9223372036854775807",
+            "9007199254740993",
+            "1",
+        ],
+    ),
+    (
+        "c_num",
+        "numeric",
+        [
+            "-1e-130",
+            "123456789012345678901234567890.123456789012345678901234567890",
+            "NaN",
+            "0.10",
+        ],
+    ),
+    (
+        "c_num_38_10",
+        "numeric(38,10)",
+        [
+            "-9999999999999999999999999999.9999999999",
+            "9999999999999999999999999999.9999999999",
+            "0.0000000001",
+            "1.5",
+        ],
+    ),
+    (
+        "c_real",
+        "real",
+        ["-3.4028235e38", "1.175494e-38", "NaN", "-0"],
+    ),
+    (
+        "c_float8",
+        "double precision",
+        ["-Infinity", "Infinity", "5e-324", "0.30000000000000004"],
+    ),
+    (
+        "c_money",
+        "money",
+        [
+            "-92233720368547758.08",
+            "92233720368547758.07",
+            "0",
+            "12.34",
+        ],
+    ),
+    (
+        "c_text",
+        "text",
+        [
+            "",
+            "it's a \"quote\" \\ back\\slash",
+            "ünïcødé ✓ 𝄞",
+            "line1\nline2\ttab",
+        ],
+    ),
+    (
+        "c_varchar",
+        "varchar(10)",
+        ["", "0123456789", "a,b{c}", " spaced "],
+    ),
+    ("c_char", "char(8)", ["", "AB", "abcdefgh", " x"]),
+    ("c_qchar", "\"char\"", ["a", "z", "\\", "q"]),
+    ("c_name", "name", ["", "a name", "ünï", "x"]),
+    (
+        "c_bytea",
+        "bytea",
+        ["\\x", "\\x00ff5c27", "\\x5c5c", "\\xdeadbeef"],
+    ),
+    ("c_bool", "boolean", ["false", "true", "true", "false"]),
+    (
+        "c_date",
+        "date",
+        ["-infinity", "infinity", "0001-01-01 BC", "2024-02-29"],
+    ),
+    (
+        "c_time",
+        "time",
+        ["00:00:00", "24:00:00", "23:59:59.999999", "12:34:56"],
+    ),
+    (
+        "c_timetz",
+        "timetz",
+        [
+            "00:00:00+15:59",
+            "24:00:00-15:59",
+            "12:00:00+05:30",
+            "01:02:03+00",
+        ],
+    ),
+    (
+        "c_ts",
+        "timestamp",
+        [
+            "-infinity",
+            "infinity",
+            "4713-01-01 00:00:00 BC",
+            "2024-02-29 12:34:56.789012",
+        ],
+    ),
+    (
+        "c_tstz",
+        "timestamptz",
+        [
+            "-infinity",
+            "infinity",
+            "294276-12-31 23:59:59.999999+00",
+            "2024-02-29 12:34:56.789012+05:30",
+        ],
+    ),
+    (
+        "c_interval",
+        "interval",
+        [
+            "-178000000 years",
+            "178000000 years",
+            "-1 day -02:00:00",
+            "1 mon 2 days 03:04:05.678",
+        ],
+    ),
+    (
+        "c_uuid",
+        "uuid",
+        [
+            "00000000-0000-0000-0000-000000000000",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "123e4567-e89b-12d3-a456-426614174000",
+        ],
+    ),
+    (
+        "c_json",
+        "json",
+        [
+            "{}",
+            "{\"a\": [1, 2.50, null], \"a\": \"dup key kept\"}",
+            "\"\\u00e9\\n\"",
+            "[1e400, -0]",
+        ],
+    ),
+    (
+        "c_jsonb",
+        "jsonb",
+        [
+            "{}",
+            "{\"nested\": {\"deep\": [true, false, null]}}",
+            "\"\\u00e9\\n\"",
+            "[1.0e3, -0.0]",
+        ],
+    ),
+    (
+        "c_xml",
+        "xml",
+        [
+            "<a/>",
+            "<doc><p x=\"1\">text &amp; more</p></doc>",
+            "plain text",
+            "<?xml version=\"1.0\"?><r/>",
+        ],
+    ),
+    (
+        "c_inet",
+        "inet",
+        ["0.0.0.0/0", "255.255.255.255", "::1/128", "192.168.1.5/24"],
+    ),
+    (
+        "c_cidr",
+        "cidr",
+        ["0.0.0.0/0", "255.255.255.255/32", "::/0", "10.0.0.0/8"],
+    ),
+    (
+        "c_macaddr",
+        "macaddr",
+        [
+            "00:00:00:00:00:00",
+            "ff:ff:ff:ff:ff:ff",
+            "08:00:2b:01:02:03",
+            "01:23:45:67:89:ab",
+        ],
+    ),
+    (
+        "c_macaddr8",
+        "macaddr8",
+        [
+            "00:00:00:00:00:00:00:00",
+            "ff:ff:ff:ff:ff:ff:ff:ff",
+            "08:00:2b:01:02:03:04:05",
+            "01:23:45:67:89:ab:cd:ef",
+        ],
+    ),
+    (
+        "c_point",
+        "point",
+        ["(0,0)", "(1e300,-1e300)", "(NaN,Infinity)", "(1.5,2.5)"],
+    ),
+    (
+        "c_line",
+        "line",
+        ["{1,-1,0}", "{1e10,1,-1e10}", "{0,1,5}", "{2,3,4}"],
+    ),
+    (
+        "c_lseg",
+        "lseg",
+        [
+            "[(0,0),(0,0)]",
+            "[(1e300,1),(-1e300,2)]",
+            "[(1,2),(3,4)]",
+            "[(0.5,0.5),(1,1)]",
+        ],
+    ),
+    (
+        "c_box",
+        "box",
+        [
+            "(0,0),(0,0)",
+            "(1e300,1e300),(-1e300,-1e300)",
+            "(1,1),(0,0)",
+            "(2,3),(1,1)",
+        ],
+    ),
+    (
+        "c_path",
+        "path",
+        [
+            "[(0,0)]",
+            "((0,0),(1,1),(2,0))",
+            "[(1,2),(3,4),(5,6)]",
+            "((1,1),(2,2))",
+        ],
+    ),
+    (
+        "c_polygon",
+        "polygon",
+        [
+            "((0,0))",
+            "((0,0),(1e300,0),(0,1e300))",
+            "((1,1),(2,2),(3,1))",
+            "((0,0),(0,1),(1,1),(1,0))",
+        ],
+    ),
+    (
+        "c_circle",
+        "circle",
+        [
+            "<(0,0),0>",
+            "<(1e300,1e300),1e300>",
+            "<(1,2),3>",
+            "<(0.5,0.5),0.25>",
+        ],
+    ),
+    (
+        "c_bit",
+        "bit(8)",
+        ["00000000", "11111111", "10101010", "00000001"],
+    ),
+    (
+        "c_varbit",
+        "bit varying",
+        [
+            "",
+            "1",
+            "1010101010101010101010101010101010101010101010101010101010101010101",
+            "01",
+        ],
+    ),
+    (
+        "c_tsvector",
+        "tsvector",
+        [
+            "",
+            "'a':1A 'b':2B,3C 'quote''s':4",
+            "'ünï' 'x'",
+            "fat:1 rat:2",
+        ],
+    ),
+    (
+        "c_tsquery",
+        "tsquery",
+        ["a", "(a & b) | !c", "'x' <-> 'y'", "fat:* & rat"],
+    ),
+    (
+        "c_int4range",
+        "int4range",
+        ["empty", "(,)", "[-2147483648,2147483647)", "[1,10)"],
+    ),
+    (
+        "c_int8range",
+        "int8range",
+        [
+            "empty",
+            "(,)",
+            "[-9223372036854775808,9223372036854775807)",
+            "[5,6)",
+        ],
+    ),
+    (
+        "c_numrange",
+        "numrange",
+        ["empty", "(,)", "[-1e100,1e100]", "(0.1,0.2]"],
+    ),
+    (
+        "c_daterange",
+        "daterange",
+        [
+            "empty",
+            "[-infinity,infinity)",
+            "[2000-01-01,)",
+            "[2024-02-28,2024-03-01)",
+        ],
+    ),
+    (
+        "c_tsrange",
+        "tsrange",
+        [
+            "empty",
+            "(,)",
+            "[-infinity,infinity]",
+            "[2024-01-01 00:00,2024-01-02 00:00)",
+        ],
+    ),
+    (
+        "c_tstzrange",
+        "tstzrange",
+        [
+            "empty",
+            "(,)",
+            "[-infinity,infinity]",
+            "[2024-01-01 00:00+00,2024-01-02 00:00+05)",
+        ],
+    ),
+    (
+        "c_int_arr",
+        "integer[]",
+        [
+            "{}",
+            "{{1,2},{3,4}}",
+            "{NULL,-2147483648,2147483647}",
+            "[0:2]={7,8,9}",
+        ],
+    ),
+    (
+        "c_text_arr",
+        "text[]",
+        [
+            "{}",
+            "{\"a,b\",\"quote\\\"d\",NULL,\"back\\\\slash\"}",
+            "{\"\",\" \",\"NULL\"}",
+            "{ünï,x}",
+        ],
+    ),
+    (
+        "c_num_arr",
+        "numeric[]",
+        [
+            "{}",
+            "{NaN,1e-100,-0.0}",
+            "{123456789012345678901234567890}",
+            "{1.50}",
+        ],
+    ),
+    (
+        "c_jsonb_arr",
+        "jsonb[]",
+        [
+            "{}",
+            "{\"{\\\"a\\\": 1}\",\"[]\"}",
+            "{NULL}",
+            "{\"\\\"s\\\"\"}",
+        ],
+    ),
+    (
+        "c_uuid_arr",
+        "uuid[]",
+        [
+            "{}",
+            "{00000000-0000-0000-0000-000000000000}",
+            "{NULL}",
+            "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}",
+        ],
+    ),
+    (
+        "c_bytea_arr",
+        "bytea[]",
+        ["{}", "{\"\\\\x00ff\"}", "{NULL,\"\\\\x\"}", "{\"\\\\x5c\"}"],
+    ),
+    (
+        "c_bool_arr",
+        "boolean[]",
+        ["{}", "{t,f,NULL}", "{t}", "{f}"],
+    ),
+    (
+        "c_ts_arr",
+        "timestamptz[]",
+        [
+            "{}",
+            "{infinity,-infinity}",
+            "{\"2024-02-29 12:00:00+00\"}",
+            "{NULL}",
+        ],
+    ),
+    ("c_enum", "tm_mood", ["sad", "happy", "ok", "sad"]),
+    ("c_domain", "tm_positive", ["1", "2147483647", "42", "7"]),
+    (
+        "c_composite",
+        "tm_address",
+        [
+            "(,)",
+            "(\"Main St, \\\"North\\\"\",00000)",
+            "(\"\",\"\")",
+            "(Elm,12345)",
+        ],
+    ),
+    ("c_oid", "oid", ["0", "4294967295", "1", "12345"]),
+    (
+        "c_pg_lsn",
+        "pg_lsn",
+        ["0/0", "FFFFFFFF/FFFFFFFF", "16/B374D848", "0/1"],
+    ),
+    (
+        "c_float4_arr",
+        "real[]",
+        ["{}", "{NaN,Infinity,-Infinity}", "{-0,1e-45}", "{1.5}"],
+    ),
+];
+
+/// The type matrix table: an id key, then one column per `TYPE_MATRIX` entry.
+fn type_matrix_ddl(table: &str) -> String {
+    let cols: Vec<String> = TYPE_MATRIX
+        .iter()
+        .map(|(name, ty, _)| format!("{name} {ty}"))
+        .collect();
+    format!(
+        "CREATE TABLE {table} (id bigint NOT NULL, {})",
+        cols.join(", ")
+    )
+}
+
+/// An INSERT of row `id` with value set `set` (0..4) of every column; set 4 is all NULL and
+/// set 5 puts TOAST-sized values in the text, bytea and jsonb columns on top of set 3.
+fn type_matrix_insert(table: &str, id: i64, set: usize) -> String {
+    let values: Vec<String> = TYPE_MATRIX
+        .iter()
+        .map(|(name, ty, edge)| match set {
+            4 => "NULL".to_string(),
+            5 if *name == "c_text" => {
+                "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 400) g)".to_string()
+            }
+            5 if *name == "c_bytea" => {
+                "decode((SELECT string_agg(md5(g::text), '') FROM generate_series(1, 300) g), 'hex')"
+                    .to_string()
+            }
+            5 if *name == "c_jsonb" => {
+                "(SELECT jsonb_agg(md5(g::text)) FROM generate_series(1, 300) g)".to_string()
+            }
+            _ => format!(
+                "E'{}'::{ty}",
+                edge[set.min(3)].replace('\\', "\\\\").replace('\'', "''")
+            ),
+        })
+        .collect();
+    format!("INSERT INTO {table} VALUES ({id}, {})", values.join(", "))
+}
+
+const TYPE_MATRIX_TYPES: &str = "
+    CREATE TYPE tm_mood AS ENUM ('sad', 'ok', 'happy');
+    CREATE DOMAIN tm_positive AS integer CHECK (VALUE > 0);
+    CREATE TYPE tm_address AS (street text, zip text);
+";
+
+/// 60 column types with edge values survive clone --follow, changes during follow (inserts,
+/// every column updated to another row's values, key updates, deletes; a keyed table and a
+/// REPLICA IDENTITY FULL one, where rows are matched by every column) and cutover.
+async fn type_matrix(cell: Cell) {
+    assert_eq!(TYPE_MATRIX.len(), 60);
+    let name = format!(
+        "t_tm_{}_{}_{}",
+        cell.source,
+        cell.target,
+        cell.plugin.name()
+    );
+    let (src, dst) = fresh_db_pair_between(
+        &cluster(cell.source, "source"),
+        &cluster(cell.target, "target"),
+        &name,
+    )
+    .await;
+    let mut setup = vec![
+        TYPE_MATRIX_TYPES.to_string(),
+        type_matrix_ddl("tm_keyed"),
+        "ALTER TABLE tm_keyed ADD PRIMARY KEY (id)".to_string(),
+        type_matrix_ddl("tm_full"),
+        "ALTER TABLE tm_full REPLICA IDENTITY FULL".to_string(),
+    ];
+    for table in ["tm_keyed", "tm_full"] {
+        for set in 0..6 {
+            setup.push(type_matrix_insert(table, set as i64 + 1, set));
+        }
+    }
+    exec(&src, &(setup.join(";\n") + ";")).await;
+
+    let dir = workdir(&name);
+    let d = dir.to_str().unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let log_path = dir.with_extension("log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut args = clone_follow_args(&src, &dst, d, &name);
+    if cell.plugin == Plugin::Wal2json {
+        args.extend(["--plugin", "wal2json"]);
+    }
+    let mut child = pgtide_in_version_env(&args)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("cannot start pgtide");
+    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_for_slot(&dir);
+    let client = connect(&src).await;
+    let all_columns = TYPE_MATRIX
+        .iter()
+        .map(|(n, _, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ");
+    for table in ["tm_keyed", "tm_full"] {
+        let mut changes = Vec::new();
+        // Every value set inserted again during follow.
+        for set in 0..6 {
+            changes.push(type_matrix_insert(table, 100 + set as i64, set));
+        }
+        // Every column of a row takes another row's values (NULL to edge, edge to NULL, TOAST
+        // to small and back).
+        for (row, from) in [(1, 5), (2, 4), (3, 6), (5, 1), (6, 2), (104, 103)] {
+            changes.push(format!(
+                "UPDATE {table} SET ({all_columns}) = (SELECT {all_columns} FROM {table} WHERE id = {from}) WHERE id = {row}"
+            ));
+        }
+        // One column changes and the TOASTed ones stay.
+        changes.push(format!(
+            "UPDATE {table} SET c_int4 = c_int4 / 2 WHERE id IN (4, 105)"
+        ));
+        changes.push(format!("UPDATE {table} SET id = id + 1000 WHERE id = 102"));
+        changes.push(format!("DELETE FROM {table} WHERE id IN (100, 101)"));
+        for sql in changes {
+            client
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    }
+    let cutover = pgtide_in_version_env(&[
+        "cutover",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--timeout",
+        "240s",
+    ])
+    .output()
+    .unwrap();
+    let cutover_text = text(&cutover);
+    assert!(
+        cutover.status.success() && cutover_text.contains("cutover complete"),
+        "{cell:?}: cutover failed:\n{cutover_text}\nclone --follow log:\n{}",
+        log_text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{cell:?}: clone --follow did not end:\n{}", log_text());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for table in ["tm_keyed", "tm_full"] {
+        let source = table_fingerprint(&src, table).await;
+        assert_eq!(source.0, 11, "{table}: the workload's rows");
+        assert_eq!(
+            source,
+            table_fingerprint(&dst, table).await,
+            "{cell:?}: {table} differs:\n{}",
+            log_text()
+        );
+    }
+    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    let _ = std::fs::remove_file(&log_path);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn type_matrix_pg12_to_pg18_pgoutput() {
+    type_matrix(Cell::parse("12:18")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn type_matrix_pg15_to_pg15_pgoutput() {
+    type_matrix(Cell::parse("15:15")).await;
+}

@@ -10,6 +10,7 @@ pub mod filters;
 pub mod indexes;
 pub mod large_objects;
 pub mod leave_out;
+pub mod restore_script;
 pub mod schedule;
 pub mod schema;
 pub mod sequences;
