@@ -257,6 +257,7 @@ async fn verify_across(source_major: u32) {
         reported.len() == 1 && reported[0].contains("NOT NULL"),
         "verify should report the NOT NULL of wide_docs.updated:\n{out}"
     );
+    assert!(out.contains("; 1 differ"), "only that difference:\n{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
