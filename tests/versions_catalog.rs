@@ -208,6 +208,23 @@ CREATE TABLE event_refs (
     event_at date,
     FOREIGN KEY (event_id, event_at) REFERENCES events (id, at)
 );
+CREATE SEQUENCE extras_seq START 100;
+CREATE TABLE extras (
+    id int PRIMARY KEY,
+    a int,
+    b text COLLATE \"C\",
+    due date DEFAULT (CURRENT_DATE + 7),
+    seq_val bigint DEFAULT nextval('public.extras_seq'),
+    parent_id int DEFAULT 1,
+    CONSTRAINT extras_a_b_key UNIQUE (a, b) DEFERRABLE INITIALLY DEFERRED,
+    CONSTRAINT extras_a_check CHECK (a IS NULL OR a > 0) NO INHERIT,
+    CONSTRAINT extras_parent_fkey FOREIGN KEY (parent_id) REFERENCES parent (id)
+        MATCH FULL ON UPDATE SET DEFAULT ON DELETE SET NULL DEFERRABLE
+);
+CREATE INDEX extras_include ON extras (a DESC NULLS LAST) INCLUDE (b);
+CREATE INDEX extras_hash ON extras USING hash (b);
+CREATE INDEX extras_brin ON extras USING brin (due);
+CREATE INDEX extras_opclass ON extras (b text_pattern_ops) WHERE a BETWEEN 1 AND 10;
 CREATE TABLE base_log (id int NOT NULL, msg text NOT NULL);
 CREATE TABLE child_log (extra int NOT NULL) INHERITS (base_log);
 INSERT INTO parent VALUES (1, 'one'), (2, 'two');
@@ -216,6 +233,7 @@ INSERT INTO counters (n) SELECT g FROM generate_series(1, 5) g;
 INSERT INTO bookings VALUES (1, 1, '[2025-01-01, 2025-01-02)'), (2, 1, '[2025-01-02, 2025-01-03)');
 INSERT INTO events VALUES (1, '2024-05-01', 'a', 1), (2, '2025-05-01', 'b', NULL), (3, '2030-01-01', 'c', 2);
 INSERT INTO event_refs VALUES (1, 1, '2024-05-01'), (2, NULL, NULL);
+INSERT INTO extras (id, a, b) VALUES (1, 1, 'x'), (2, NULL, 'y');
 INSERT INTO base_log VALUES (1, 'a');
 INSERT INTO child_log VALUES (2, 'b', 3);
 ";
@@ -224,8 +242,12 @@ INSERT INTO child_log VALUES (2, 'b', 3);
 /// a NOT NULL on the target: verify reports that column.
 async fn verify_across(source_major: u32) {
     let name = format!("t_vc_verify_{source_major}");
-    let (src, dst) =
-        fresh_db_pair_between(&version_uri(source_major), &version_uri(18), &name).await;
+    // The PostgreSQL 15 cluster is the suite's own source.
+    let source_admin = match source_major {
+        15 => admin_uri("source"),
+        major => version_uri(major),
+    };
+    let (src, dst) = fresh_db_pair_between(&source_admin, &version_uri(18), &name).await;
     exec(&src, SCHEMA).await;
     let dir = workdir(&format!("vc-verify-{source_major}"));
     let out = pgtide_command(&[
@@ -269,6 +291,16 @@ async fn verify_16_to_18_knows_not_null_constraints() {
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_17_to_18_knows_not_null_constraints() {
     verify_across(17).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_15_to_18_knows_not_null_constraints() {
+    verify_across(15).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_18_to_18_knows_not_null_constraints() {
+    verify_across(18).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
