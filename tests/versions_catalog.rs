@@ -307,3 +307,57 @@ async fn verify_18_to_18_knows_not_null_constraints() {
 async fn verify_12_to_18_knows_not_null_constraints() {
     verify_across(12).await;
 }
+
+/// The comparisons that know each major's catalogs still report what a migration lost: a
+/// column's type and default, a domain's NOT NULL (a constraint on 18, typnotnull before) and
+/// CHECK, a partition detached, a foreign key dropped; nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_16_to_18_still_reports_real_differences() {
+    let (src, dst) =
+        fresh_db_pair_between(&version_uri(16), &version_uri(18), "t_vc_verify_real").await;
+    exec(&src, SCHEMA).await;
+    let dir = workdir("vc-verify-real");
+    let out = pgtide_command(&[
+        "clone",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        dir.to_str().unwrap(),
+    ])
+    .env("PGTIDE_PG_BIN", client18_bin())
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "clone failed:\n{}", text(&out));
+    assert_identical(&src, &dst);
+
+    exec(
+        &dst,
+        "ALTER TABLE public.parent ALTER COLUMN name TYPE varchar(100);
+         ALTER TABLE public.extras ALTER COLUMN due SET DEFAULT CURRENT_DATE;
+         ALTER DOMAIN public.posint DROP NOT NULL;
+         ALTER TABLE public.events DETACH PARTITION public.events_default;
+         ALTER TABLE public.event_refs DROP CONSTRAINT event_refs_event_id_event_at_fkey;",
+    )
+    .await;
+    let out = pgtide_fails(&["verify", "--source", &src, "--target", &dst]);
+    for (kind, name) in [
+        ("column", "public.parent.name"),
+        ("column", "public.extras.due"),
+        ("domain", "public.posint"),
+        ("partition", "public.events_default"),
+        (
+            "constraint",
+            "public.event_refs.event_refs_event_id_event_at_fkey",
+        ),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{kind} {name}:"))),
+            "verify should report {kind} {name}:\n{out}"
+        );
+    }
+    assert!(out.contains("; 5 differ"), "only those differences:\n{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
