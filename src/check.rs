@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::clone::filters::Filters;
-use crate::clone::schema;
+use crate::clone::tools;
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Side};
 use crate::replication::{Plugin, slot};
@@ -113,6 +113,7 @@ pub async fn run(opts: &CheckOptions) -> Vec<Finding> {
     };
     let mut source_major = None;
     let mut source_size = None;
+    let mut target_major = None;
     if let Some(src) = &source {
         match source_checks(&mut report, src, opts).await {
             Ok((major, size)) => {
@@ -129,14 +130,13 @@ pub async fn run(opts: &CheckOptions) -> Vec<Finding> {
     if let Some(target_info) = &opts.target {
         match pg::connect(target_info, Side::Target, "check").await {
             Ok(dst) => {
-                if let Err(e) =
-                    target_checks(&mut report, &dst, source.as_ref(), source_major, opts).await
-                {
-                    report.fail(
+                match target_checks(&mut report, &dst, source.as_ref(), source_major, opts).await {
+                    Ok(major) => target_major = Some(major),
+                    Err(e) => report.fail(
                         "target",
                         format!("a check failed to run: {e:#}"),
                         "see the error",
-                    );
+                    ),
                 }
                 if let Some(src) = source.as_ref() {
                     let budget = (opts.table_jobs + opts.index_jobs + 2) as i64;
@@ -155,7 +155,7 @@ pub async fn run(opts: &CheckOptions) -> Vec<Finding> {
         }
     }
     if let Some(major) = source_major {
-        local_checks(&mut report, major, source_size, opts).await;
+        local_checks(&mut report, major, target_major, source_size, opts).await;
     }
     report.0
 }
@@ -519,13 +519,14 @@ fn is_relation(kind: &str) -> bool {
     matches!(kind, "view" | "materialized view")
 }
 
+/// The target's checks; returns its major version (which pg_dump to prefer).
 async fn target_checks(
     r: &mut Report,
     dst: &Client,
     src: Option<&Client>,
     source_major: Option<u32>,
     opts: &CheckOptions,
-) -> Result<()> {
+) -> Result<u32> {
     let row = dst
         .query_one(
             "SELECT current_setting('server_version_num')::int, current_setting('server_version'),
@@ -681,7 +682,7 @@ async fn target_checks(
             "give an empty target database, or add --drop-if-exists to replace the source's objects",
         ),
     }
-    Ok(())
+    Ok(major)
 }
 
 async fn connections_check(r: &mut Report, side: &str, client: &Client, budget: i64) -> Result<()> {
@@ -713,26 +714,13 @@ async fn connections_check(r: &mut Report, side: &str, client: &Client, budget: 
 async fn local_checks(
     r: &mut Report,
     source_major: u32,
+    target_major: Option<u32>,
     source_size: Option<i64>,
     opts: &CheckOptions,
 ) {
-    for tool in ["pg_dump", "pg_restore"] {
-        match schema::tool_major_version(tool).await {
-            Ok(v) if v >= source_major => r.ok(
-                &format!("local {tool}"),
-                format!("{} is version {v}", schema::pg_tool(tool).display()),
-            ),
-            Ok(v) => r.fail(
-                &format!("local {tool}"),
-                format!("{tool} is version {v}, older than the source server ({source_major})"),
-                format!("install the PostgreSQL {source_major} client tools (or newer) and set PGTIDE_PG_BIN to their bin directory"),
-            ),
-            Err(e) => r.fail(
-                &format!("local {tool}"),
-                format!("{e:#}"),
-                "install the PostgreSQL client tools, or set PGTIDE_PG_BIN to their bin directory",
-            ),
-        }
+    match tools::find(source_major, target_major).await {
+        Ok(tools) => r.ok("local pg_dump", tools.describe()),
+        Err(e) => r.fail("local pg_dump", e.message, e.fix),
     }
     match free_disk(&opts.dir) {
         Some(free) => {

@@ -15,6 +15,7 @@ pub mod schedule;
 pub mod schema;
 pub mod sequences;
 pub mod snapshot;
+pub mod tools;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -113,9 +114,10 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         return Ok(());
     }
 
-    check_tool_versions(&opts.source).await?;
     let source = pg::connect(&opts.source, Side::Source, "catalog").await?;
     let target = pg::connect(&opts.target, Side::Target, "admin").await?;
+    let tools = choose_tools(&source, &target).await?;
+    let tools = &tools;
     check_identity(state, &source, &target, opts).await?;
     state.set_meta(STATUS_KEY, "running")?;
     state.set_phase("snapshot")?;
@@ -181,6 +183,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
             let filters = catalog::sequences_for_dump(&source, &opts.filters).await?;
             let (pre, post) = tokio::join!(
                 schema::dump(
+                    tools,
                     &opts.source,
                     &snapshot.name,
                     &filters,
@@ -188,6 +191,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
                     &workdir.path
                 ),
                 schema::dump(
+                    tools,
                     &opts.source,
                     &snapshot.name,
                     &filters,
@@ -213,6 +217,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
                 &workdir.path.join("pre-data.dump"),
                 &opts.target,
                 &schema::RestoreOptions {
+                    tools,
                     skip_object_oids: &HashSet::new(),
                     leave_out: &leave_out,
                     clean,
@@ -276,6 +281,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
                 &workdir.path.join("post-data.dump"),
                 &opts.target,
                 &schema::RestoreOptions {
+                    tools,
                     skip_object_oids: &built_by_pgtide,
                     leave_out: &leave_out,
                     clean: false,
@@ -351,23 +357,19 @@ where
     }
 }
 
-/// pg_dump / pg_restore must be at least the source's major version to dump it faithfully.
-async fn check_tool_versions(source: &ConnInfo) -> Result<()> {
-    let client = pg::connect(source, Side::Source, "version check").await?;
-    let server: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await?
-        .get(0);
-    let server_major = (server / 10000) as u32;
-    for tool in ["pg_dump", "pg_restore"] {
-        let major = schema::tool_major_version(tool).await?;
-        if major < server_major {
-            bail!(
-                "{tool} is version {major} but the source server is version {server_major}: install the PostgreSQL {server_major} client tools (or newer) and put them on the PATH, or set PGTIDE_PG_BIN to their directory"
-            );
-        }
-    }
-    Ok(())
+/// The pg_dump / pg_restore pair for these servers (see `tools`), logged once.
+async fn choose_tools(
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+) -> Result<tools::PgTools> {
+    let source_major = pg::server_major(source).await?;
+    let target_major = pg::server_major(target).await?;
+    let tools = tools::find(source_major, Some(target_major)).await?;
+    tracing::info!(
+        "using {} for a PostgreSQL {source_major} source and {target_major} target",
+        tools.describe()
+    );
+    Ok(tools)
 }
 
 /// Ties the work dir to one source and target so that a resume against other servers is

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use tokio::process::Command;
 
 use crate::clone::filters::Filters;
+use crate::clone::tools::PgTools;
 use crate::conninfo::ConnInfo;
 
 /// Which half of the schema a dump holds.
@@ -35,39 +36,15 @@ impl Section {
     }
 }
 
-/// Where pg_dump / pg_restore are found: `PGTIDE_PG_BIN` if set, else the PATH.
-pub fn pg_tool(name: &str) -> PathBuf {
-    match std::env::var_os("PGTIDE_PG_BIN") {
-        Some(dir) => Path::new(&dir).join(name),
-        None => PathBuf::from(name),
-    }
-}
-
-/// The major version of a client tool (`pg_dump (PostgreSQL) 15.18` → 15).
-pub async fn tool_major_version(name: &str) -> Result<u32> {
-    let path = pg_tool(name);
-    let output = Command::new(&path).arg("--version").output().await.with_context(|| {
-        format!(
-            "cannot run {}: install the PostgreSQL client tools (apt-get install postgresql-client) or point PGTIDE_PG_BIN at their directory",
-            path.display()
-        )
-    })?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.split_whitespace()
-        .find_map(|w| w.split('.').next().and_then(|m| m.parse::<u32>().ok()))
-        .with_context(|| {
-            format!(
-                "cannot read the version of {} from \"{}\"",
-                path.display(),
-                text.trim()
-            )
-        })
-}
-
 /// Runs a pg tool, returning its stdout; a failure carries its stderr (which never holds the
 /// password: it is only in the environment).
-async fn run_tool(name: &str, args: &[String], conn: &ConnInfo) -> Result<Vec<u8>> {
-    let path = pg_tool(name);
+async fn run_tool(
+    tools: &PgTools,
+    name: &str,
+    args: &[String],
+    conn: &ConnInfo,
+) -> Result<Vec<u8>> {
+    let path = tools.path(name);
     let mut cmd = Command::new(&path);
     cmd.args(args)
         .envs(conn.child_env())
@@ -105,6 +82,7 @@ async fn run_tool(name: &str, args: &[String], conn: &ConnInfo) -> Result<Vec<u8
 
 /// Dumps one section of the source schema, as of `snapshot`, into `dir/<section>.dump`.
 pub async fn dump(
+    tools: &PgTools,
     source: &ConnInfo,
     snapshot: &str,
     filters: &Filters,
@@ -123,7 +101,7 @@ pub async fn dump(
     args.extend(filters.pg_dump_args());
     let mut attempt = 1;
     loop {
-        match run_tool("pg_dump", &args, source).await {
+        match run_tool(tools, "pg_dump", &args, source).await {
             Ok(_) => break,
             // pg_dump locks every table it dumps; an application transaction that locks two
             // of them the other way round (TRUNCATE a, b) can make it the victim of a deadlock
@@ -166,8 +144,9 @@ pub struct TocEntry {
 }
 
 /// Lists a dump's table of contents.
-pub async fn list(dump_file: &Path, conn: &ConnInfo) -> Result<Vec<TocEntry>> {
+pub async fn list(tools: &PgTools, dump_file: &Path, conn: &ConnInfo) -> Result<Vec<TocEntry>> {
     let out = run_tool(
+        tools,
         "pg_restore",
         &["--list".to_string(), dump_file.display().to_string()],
         conn,
@@ -300,6 +279,7 @@ impl LeaveOut {
 
 /// Options of a pg_restore run.
 pub struct RestoreOptions<'a> {
+    pub tools: &'a PgTools,
     /// Indexes and constraints (by OID) that pgtide's index workers build.
     pub skip_object_oids: &'a HashSet<u32>,
     pub leave_out: &'a LeaveOut,
@@ -311,7 +291,7 @@ pub struct RestoreOptions<'a> {
 /// Restores `dump_file` on the target in one transaction (so a crash leaves all or nothing),
 /// leaving out the TOC entries whose object OID is in `skip_object_oids`.
 pub async fn restore(dump_file: &Path, target: &ConnInfo, opts: &RestoreOptions<'_>) -> Result<()> {
-    let entries = list(dump_file, target).await?;
+    let entries = list(opts.tools, dump_file, target).await?;
     let mut use_list = String::new();
     for e in &entries {
         let skip = matches!(e.desc.as_str(), "INDEX" | "CONSTRAINT")
@@ -345,7 +325,7 @@ pub async fn restore(dump_file: &Path, target: &ConnInfo, opts: &RestoreOptions<
         args.push("--no-acl".into());
     }
     args.push(dump_file.display().to_string());
-    run_tool("pg_restore", &args, target)
+    run_tool(opts.tools, "pg_restore", &args, target)
         .await
         .with_context(|| format!("cannot restore {} on the target", dump_file.display()))?;
     Ok(())
