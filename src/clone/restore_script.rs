@@ -29,24 +29,6 @@ pub fn set_line_setting(line: &str) -> Option<&str> {
     (plain_name && value.ends_with(';') && !value.contains('\n')).then_some(name)
 }
 
-/// The settings of `lines` that the target does not know (`known`: the target's
-/// `pg_settings` names), in order of appearance, each once.
-pub fn unknown_settings<'a>(
-    lines: impl IntoIterator<Item = &'a str>,
-    known: &HashSet<String>,
-) -> Vec<String> {
-    let mut unknown: Vec<String> = Vec::new();
-    for line in lines {
-        if let Some(name) = set_line_setting(line)
-            && !known.contains(name)
-            && !unknown.iter().any(|u| u == name)
-        {
-            unknown.push(name.to_string());
-        }
-    }
-    unknown
-}
-
 /// Runs `pg_restore <args> -f -` and pipes its script into `psql --single-transaction` on
 /// the target, leaving out the `SET` lines of settings not in `known`. `args` are pg_restore's
 /// arguments without a target connection (no `--dbname`, `--single-transaction` or
@@ -158,21 +140,5 @@ mod tests {
         assert_eq!(set_line_setting("    SET x = 1;"), None);
         assert_eq!(set_line_setting("SET \"Odd\" = 1;"), None);
         assert_eq!(set_line_setting("SET x = 1"), None);
-    }
-
-    #[test]
-    fn only_settings_the_target_lacks_are_named() {
-        let known: HashSet<String> = ["statement_timeout", "lock_timeout"]
-            .into_iter()
-            .map(String::from)
-            .collect();
-        let script = [
-            "SET statement_timeout = 0;",
-            "SET lock_timeout = 0;",
-            "SET transaction_timeout = 0;",
-            "CREATE TABLE t (a int);",
-            "SET transaction_timeout = 0;",
-        ];
-        assert_eq!(unknown_settings(script, &known), ["transaction_timeout"]);
     }
 }

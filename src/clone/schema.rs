@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use tokio::process::Command;
 
 use crate::clone::filters::Filters;
+use crate::clone::restore_script;
 use crate::clone::tools::PgTools;
 use crate::conninfo::ConnInfo;
 
@@ -308,12 +309,7 @@ pub async fn restore(dump_file: &Path, target: &ConnInfo, opts: &RestoreOptions<
     let list_file = dump_file.with_extension("list");
     std::fs::write(&list_file, use_list)
         .with_context(|| format!("cannot write {}", list_file.display()))?;
-    let mut args = vec![
-        format!("--dbname={}", target.libpq_conninfo_without_password()),
-        format!("--use-list={}", list_file.display()),
-        "--exit-on-error".to_string(),
-        "--single-transaction".to_string(),
-    ];
+    let mut args = vec![format!("--use-list={}", list_file.display())];
     if opts.clean {
         args.push("--clean".into());
         args.push("--if-exists".into());
@@ -325,9 +321,62 @@ pub async fn restore(dump_file: &Path, target: &ConnInfo, opts: &RestoreOptions<
         args.push("--no-acl".into());
     }
     args.push(dump_file.display().to_string());
+    if opts.tools.newer_than_target() {
+        return restore_through_script(dump_file, target, opts.tools, &args).await;
+    }
+    args.extend([
+        format!("--dbname={}", target.libpq_conninfo_without_password()),
+        "--exit-on-error".to_string(),
+        "--single-transaction".to_string(),
+    ]);
     run_tool(opts.tools, "pg_restore", &args, target)
         .await
         .with_context(|| format!("cannot restore {} on the target", dump_file.display()))?;
+    Ok(())
+}
+
+/// The restore when pg_restore is newer than the target (no client tools of a fitting major
+/// were found): its script, minus the settings the target lacks, through psql.
+async fn restore_through_script(
+    dump_file: &Path,
+    target: &ConnInfo,
+    tools: &PgTools,
+    args: &[String],
+) -> Result<()> {
+    let psql = tools.path("psql");
+    if !psql.exists() {
+        bail!(
+            "pg_restore {} is newer than the target server and must restore through psql, but {} does not exist: install the target's PostgreSQL client tools, or psql next to pg_restore",
+            tools.chosen.version,
+            psql.display()
+        );
+    }
+    let client = crate::pg::connect(target, crate::pg::Side::Target, "restore settings").await?;
+    let known: HashSet<String> = client
+        .query("SELECT name FROM pg_catalog.pg_settings", &[])
+        .await
+        .context("cannot read the target's settings")?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    drop(client);
+    let left_out = restore_script::restore_through_psql(
+        &tools.path("pg_restore"),
+        &psql,
+        args,
+        target,
+        &known,
+    )
+    .await
+    .with_context(|| format!("cannot restore {} on the target", dump_file.display()))?;
+    if !left_out.is_empty() {
+        tracing::info!(
+            "restored {} with pg_restore {} through psql, leaving out the settings the target does not know: {}",
+            dump_file.display(),
+            tools.chosen.version,
+            left_out.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -3,7 +3,9 @@
 //! for an upgrade: so `PGTIDE_PG_BIN`, when set, is the operator's explicit choice (used or
 //! refused, never second-guessed); otherwise pgtide reads the version of every pair on the
 //! PATH and in the usual install directories and takes the target's major if present, else the
-//! newest one at least the source's. Clone and check both ask this module, so they agree.
+//! newest one between the source's and the target's (a pg_restore newer than the target writes
+//! settings the target does not know), else the newest one at least the source's (restored
+//! through `restore_script`). Clone and check both ask this module, so they agree.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -30,9 +32,18 @@ pub struct PgTools {
     pub chosen: Candidate,
     /// Whether it came from `PGTIDE_PG_BIN` rather than the search.
     pub explicit: bool,
+    /// The target's major, when known: a pair newer than it restores through
+    /// `restore_script`.
+    pub target_major: Option<u32>,
 }
 
 impl PgTools {
+    /// Whether pg_restore is of a newer major than the target (its fixed `SET` header may name
+    /// settings the target does not know).
+    pub fn newer_than_target(&self) -> bool {
+        self.target_major.is_some_and(|t| self.chosen.major > t)
+    }
+
     /// The path of one tool of the pair (`pg_dump`, `pg_restore`).
     pub fn path(&self, tool: &str) -> PathBuf {
         self.chosen.dir.join(tool)
@@ -69,18 +80,22 @@ pub fn fix(source_major: u32) -> String {
 }
 
 /// The choice, over candidates already read: the pair of the target's major if it is at least
-/// the source's, else the newest at least the source's; among pairs of one major the newest
-/// minor, then the first found (the PATH comes first).
+/// the source's, else the newest between the source's and the target's major, else the newest
+/// at least the source's; among pairs of one major the newest minor, then the first found (the
+/// PATH comes first).
 pub fn choose(
     candidates: &[Candidate],
     source_major: u32,
     target_major: Option<u32>,
 ) -> Option<&Candidate> {
     let fitting = || candidates.iter().filter(move |c| c.major >= source_major);
-    if let Some(target) = target_major.filter(|t| *t >= source_major)
-        && let Some(c) = newest(fitting().filter(|c| c.major == target))
-    {
-        return Some(c);
+    if let Some(target) = target_major.filter(|t| *t >= source_major) {
+        if let Some(c) = newest(fitting().filter(|c| c.major == target)) {
+            return Some(c);
+        }
+        if let Some(c) = newest(fitting().filter(|c| c.major <= target)) {
+            return Some(c);
+        }
     }
     newest(fitting())
 }
@@ -136,6 +151,7 @@ pub async fn find(source_major: u32, target_major: Option<u32>) -> Result<PgTool
         return Ok(PgTools {
             chosen,
             explicit: true,
+            target_major,
         });
     }
     let mut candidates = Vec::new();
@@ -149,6 +165,7 @@ pub async fn find(source_major: u32, target_major: Option<u32>) -> Result<PgTool
         Some(c) => Ok(PgTools {
             chosen: c.clone(),
             explicit: false,
+            target_major,
         }),
         None => {
             let found: Vec<String> = candidates
@@ -302,7 +319,10 @@ mod tests {
     #[test]
     fn else_the_newest_at_least_the_sources() {
         let cands = [c("/p15", "15.18"), c("/p18", "18.6"), c("/p17", "17.2")];
-        // No pair of the target's major: the newest.
+        // No pair of the target's major: the newest not newer than the target...
+        assert_eq!(chosen(&cands, 13, Some(16)), Some("/p15"));
+        assert_eq!(chosen(&cands, 14, Some(16)), Some("/p15"));
+        // ... else the newest (its restore goes through restore_script).
         assert_eq!(chosen(&cands, 16, Some(16)), Some("/p18"));
         assert_eq!(chosen(&cands, 12, None), Some("/p18"));
         // A target older than the source does not pull an older pg_dump in.
