@@ -134,16 +134,16 @@ async fn version_checks(
 async fn partitioned_tables(src: &Client, filters: &Filters) -> Result<Vec<String>> {
     let rows = src
         .query(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind = 'p' AND NOT c.relispartition ORDER BY 1, 2",
+            "SELECT n.nspname, c.relname, format('%I.%I', n.nspname, c.relname)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'p' AND NOT c.relispartition ORDER BY 1, 2",
             &[],
         )
         .await?;
     Ok(rows
         .iter()
-        .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
-        .filter(|(schema, name)| filters.includes_table(schema, name))
-        .map(|(schema, name)| pg::qualified(&schema, &name))
+        .filter(|row| filters.includes_table(row.get(0), row.get(1)))
+        .map(|row| row.get(2))
         .collect())
 }
 

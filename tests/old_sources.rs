@@ -27,6 +27,11 @@ CREATE TABLE plain (id int PRIMARY KEY, v text);
 INSERT INTO plain SELECT g, md5(g::text)::uuid::text FROM generate_series(1, 200) g;
 ";
 
+/// Analyzes the whole database now, so that no autoanalyze of these tables or of the catalogs
+/// (a transaction the stream would carry as an empty BEGIN/COMMIT before 15) comes later: the
+/// idle tests must reach endpos by the marker alone.
+const QUIET: &str = "ANALYZE";
+
 /// A pgtide child that is killed when the test ends, passed or failed: a failed test must
 /// not leave a follower holding its slot and origin for the next run.
 struct Running(Child);
@@ -245,6 +250,7 @@ async fn partitioned_source_12_follows_into_18() {
 async fn idle_source_13_reaches_endpos_on_16() {
     let (src, dst) = fresh_db_pair_between(&version_uri(13), &version_uri(16), "t_v13_idle").await;
     exec(&src, PARTITIONED).await;
+    exec(&src, QUIET).await;
     let dir = workdir("v13-idle");
     let d = dir_str(&dir);
     let log = std::env::temp_dir().join(format!("pgtide-v13-idle-{}.log", std::process::id()));
@@ -326,4 +332,60 @@ async fn check_says_what_12_and_13_sources_lack() {
     exec(&src, PARTITIONED).await;
     let out = check(&src, &dst);
     assert!(!out.contains(messages) && !out.contains(leaves), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_receive_reaches_endpos_on_an_idle_12_source() {
+    let v12 = version_uri(12);
+    let src = fresh_db(&v12, "t_v12_receive").await;
+    exec(&src, PARTITIONED).await;
+    exec(&src, QUIET).await;
+    let dir = workdir("v12-receive");
+    let d = dir_str(&dir);
+    pgtide_ok(&[
+        "stream",
+        "setup",
+        "--source",
+        &src,
+        "--dir",
+        d,
+        "--slot-name",
+        "t_v12_receive_slot",
+    ]);
+    // WAL after the slot, none of it in this database: only the receiver's marker
+    // transaction can show that nothing up to endpos is left.
+    exec(&v12, "SELECT pg_logical_emit_message(false, 'walgen', 'x')").await;
+    let endpos = current_lsn(&src).await;
+    let out = pgtide_command(&[
+        "stream", "receive", "--source", &src, "--dir", d, "--endpos", &endpos,
+    ])
+    .timeout_output(60);
+    assert!(out.contains(&format!("reached endpos {endpos}")), "{out}");
+    assert!(spool_show(&dir).is_empty());
+    pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
+}
+
+/// Runs a command to its end within `secs` (killed after); its output, or the failure.
+trait TimeoutOutput {
+    fn timeout_output(self, secs: u64) -> String;
+}
+
+impl TimeoutOutput for std::process::Command {
+    fn timeout_output(mut self, secs: u64) -> String {
+        let log = std::env::temp_dir().join(format!(
+            "pgtide-old-sources-{}-{}.log",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        wait_ok(Running(child), &log, secs)
+    }
 }

@@ -53,12 +53,6 @@ impl ServerVersion {
     pub fn has_pgoutput_messages(self) -> bool {
         self.major() >= 14
     }
-
-    /// pgoutput sends BEGIN and COMMIT even for a transaction with no published change (up
-    /// to 14; 15 skips such empty transactions). Before 14 the endpos marker relies on it.
-    pub fn sends_empty_transactions(self) -> bool {
-        self.major() <= 14
-    }
 }
 
 #[cfg(test)]
@@ -74,7 +68,7 @@ mod tests {
         assert_eq!((v12.major(), v13.major(), v18.major()), (12, 13, 18));
         assert!(!v12.can_publish_partitioned() && v13.can_publish_partitioned());
         assert!(!v13.has_pgoutput_messages() && v14.has_pgoutput_messages());
-        assert!(v13.sends_empty_transactions() && !v18.sends_empty_transactions());
+        assert!(v18.has_pgoutput_messages() && v18.can_publish_partitioned());
         assert!(ServerVersion::parse("x").is_err());
     }
 }
