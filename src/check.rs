@@ -339,17 +339,18 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
                 "their source rows and later changes stay on the source; remove them from [exclude-table-data] to migrate them",
             );
         }
-        let append_only = match slot::append_only_tables(&tables, &opts.identity.append_only) {
-            Ok(list) => list,
-            Err(e) => {
-                r.fail(
-                    "source append-only tables",
-                    format!("{e:#}"),
-                    "name existing tables with --append-only schema.table",
-                );
-                Vec::new()
-            }
-        };
+        let append_only =
+            match slot::append_only_published(src, &tables, &opts.identity.append_only).await {
+                Ok(list) => list,
+                Err(e) => {
+                    r.fail(
+                        "source append-only tables",
+                        format!("{e:#}"),
+                        "name existing tables with --append-only schema.table",
+                    );
+                    Vec::new()
+                }
+            };
         if !append_only.is_empty() {
             r.warn(
                 "source append-only tables",

@@ -389,3 +389,65 @@ impl TimeoutOutput for std::process::Command {
         wait_ok(Running(child), &log, secs)
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn append_only_partitioned_table_on_12() {
+    let v12 = version_uri(12);
+    let (src, dst) = fresh_db_pair_between(&v12, &v12, "t_v12_append").await;
+    // A log-like partitioned table without a primary key, declared --append-only: on 12 its
+    // leaves are what the INSERT/TRUNCATE-only publication names.
+    exec(
+        &src,
+        "CREATE TABLE events (at int NOT NULL, what text) PARTITION BY RANGE (at);
+         CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (1000);
+         CREATE TABLE events_2 PARTITION OF events FOR VALUES FROM (1000) TO (2000);
+         INSERT INTO events SELECT g, 'seed' FROM generate_series(0, 1999, 7) g;
+         CREATE TABLE plain (id int PRIMARY KEY, v text); INSERT INTO plain VALUES (1, 'a');",
+    )
+    .await;
+    let check_out = pgtide_command(&[
+        "check",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--append-only",
+        "events",
+    ])
+    .output()
+    .unwrap();
+    assert!(check_out.status.success(), "{}", text(&check_out));
+    let dir = workdir("v12-append");
+    let d = dir_str(&dir);
+    let log = std::env::temp_dir().join(format!("pgtide-v12-append-{}.log", std::process::id()));
+    let mut child = spawn_logged(
+        &[
+            clone_follow_args(&src, &dst, d, "t_v12_append_slot"),
+            vec!["--append-only", "events"],
+        ]
+        .concat(),
+        &[],
+        &log,
+    );
+    wait_for_slot_of(&mut child, &dir, &log);
+    exec(
+        &src,
+        "INSERT INTO events SELECT g, 'live' FROM generate_series(3, 1999, 11) g;
+         UPDATE plain SET v = 'b';",
+    )
+    .await;
+    // The leaves, not the partitioned table, are in the INSERT/TRUNCATE-only publication.
+    assert_eq!(
+        scalar_string(
+            &src,
+            "SELECT string_agg(pubname || ':' || tablename, ',' ORDER BY pubname, tablename)
+               FROM pg_publication_tables WHERE pubname LIKE 'pgtide_t_v12_append_slot%'"
+        )
+        .await,
+        "pgtide_t_v12_append_slot:plain,pgtide_t_v12_append_slot_append:events_1,pgtide_t_v12_append_slot_append:events_2"
+    );
+    cutover(&src, &dst, d, "checksums");
+    let out = wait_ok(child, &log, 120);
+    assert!(out.contains("reached endpos"), "{out}");
+    assert_identical(&src, &dst);
+}

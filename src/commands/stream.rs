@@ -76,7 +76,7 @@ pub async fn prepare_source(
     if !not_followed.is_empty() {
         tracing::warn!("{}", slot::not_followed_notice(&not_followed));
     }
-    let append_only = slot::append_only_tables(&tables, &identity.append_only)?;
+    let append_only = slot::append_only_published(&client, &tables, &identity.append_only).await?;
     if !append_only.is_empty() && plugin != Plugin::Pgoutput {
         bail!(
             "--append-only needs --plugin pgoutput (it publishes those tables for INSERT and TRUNCATE only; wal2json has no publications)"

@@ -315,6 +315,53 @@ pub async fn tables_without_identity(
     Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
 }
 
+/// [`append_only_tables`] on a source that publishes leaf partitions (12): a name that is no
+/// published table but a partitioned one stands for its published leaves, so `--append-only`
+/// names the same table on every version.
+pub async fn append_only_published(
+    client: &Client,
+    tables: &[(String, String)],
+    names: &[String],
+) -> Result<Vec<(String, String)>> {
+    let mut resolved = Vec::new();
+    for name in names {
+        match append_only_tables(tables, std::slice::from_ref(name)) {
+            Ok(found) => resolved.extend(found),
+            Err(e) => {
+                let leaves: Vec<(String, String)> = leaf_partitions(client, name)
+                    .await?
+                    .into_iter()
+                    .filter(|leaf| tables.contains(leaf))
+                    .collect();
+                if leaves.is_empty() {
+                    return Err(e);
+                }
+                resolved.extend(leaves);
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+/// The leaf partitions of the partitioned table `name` (as SQL reads it, unqualified in
+/// public); none when it is no partitioned table.
+async fn leaf_partitions(client: &Client, name: &str) -> Result<Vec<(String, String)>> {
+    let Ok(table) = crate::clone::filters::parse_table_name(name) else {
+        return Ok(Vec::new());
+    };
+    let rows = client
+        .query(
+            "SELECT n.nspname, c.relname
+               FROM pg_partition_tree(to_regclass(format('%I.%I', $1::text, $2::text))) t
+               JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE t.isleaf ORDER BY 1, 2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("cannot list the partitions of {name}"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// Resolves `--append-only` names (schema.table, or table in public) against the published
 /// tables; an unknown name is an error. A name is read as SQL reads it (quotes, case
 /// folding), so that it can be given exactly as `check` prints it (`public."Odd Name"`); the
