@@ -176,9 +176,11 @@ pub async fn run(opts: &CheckOptions) -> Vec<Finding> {
             ),
         }
     }
+    let mut target_version = None;
     if let Some(target_info) = &opts.target {
         match pg::connect(target_info, Side::Target, "check").await {
             Ok(dst) => {
+                target_version = pg::ServerVersion::of(&dst).await.ok();
                 if let Err(e) =
                     target_checks(&mut report, &dst, source.as_ref(), source_major, opts).await
                 {
@@ -205,7 +207,7 @@ pub async fn run(opts: &CheckOptions) -> Vec<Finding> {
         }
     }
     if let Some(major) = source_major {
-        local_checks(&mut report, major, source_size, opts).await;
+        local_checks(&mut report, major, target_version, source_size, opts).await;
     }
     report.0
 }
@@ -768,11 +770,15 @@ async fn connections_check(r: &mut Report, side: &str, client: &Client, budget: 
 async fn local_checks(
     r: &mut Report,
     source_major: u32,
+    target: Option<pg::ServerVersion>,
     source_size: Option<i64>,
     opts: &CheckOptions,
 ) {
     for tool in ["pg_dump", "pg_restore"] {
         match schema::tool_major_version(tool).await {
+            Ok(v) if tool == "pg_restore" && restore_fails_on(v, target) => {
+                pg_restore_too_new(r, v, source_major, target)
+            }
             Ok(v) if v >= source_major => r.ok(
                 &format!("local {tool}"),
                 format!("{} is version {v}", schema::pg_tool(tool).display()),
@@ -814,6 +820,38 @@ async fn local_checks(
             "check that --dir is on a disk with room for the spool",
         ),
     }
+}
+
+/// pg_restore 17 and newer set transaction_timeout, which a target before 17 refuses (seen:
+/// 13 -> 16 with the client tools 18).
+fn restore_fails_on(pg_restore_major: u32, target: Option<pg::ServerVersion>) -> bool {
+    pg_restore_major >= 17 && target.is_some_and(|t| !t.has_transaction_timeout())
+}
+
+/// The FAIL line for [`restore_fails_on`], with the client tools that fit both servers.
+fn pg_restore_too_new(
+    r: &mut Report,
+    pg_restore_major: u32,
+    source_major: u32,
+    target: Option<pg::ServerVersion>,
+) {
+    let target_major = target.map_or(0, pg::ServerVersion::major);
+    // Tools from the source's major up to 16 dump the source and restore on the target.
+    let upper = target_major.max(source_major).min(16);
+    let fix = if upper >= source_major {
+        format!(
+            "set PGTIDE_PG_BIN to the client tools (pg_dump and pg_restore) of a PostgreSQL major from {source_major} to {upper}"
+        )
+    } else {
+        "migrate to a target of the source's major version or newer".to_string()
+    };
+    r.fail(
+        "local pg_restore",
+        format!(
+            "pg_restore {pg_restore_major} sets transaction_timeout, which the target (PostgreSQL {target_major}) does not know: the restore would fail"
+        ),
+        fix,
+    );
 }
 
 /// Free bytes on the file system that holds `dir` (or its nearest existing parent).

@@ -454,3 +454,29 @@ async fn append_only_partitioned_table_on_12() {
     assert!(out.contains("reached endpos"), "{out}");
     assert_identical(&src, &dst);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_refuses_pg_restore_18_for_a_target_before_17() {
+    let (src, dst) = fresh_db_pair_between(&version_uri(13), &version_uri(16), "t_v13_tools").await;
+    exec(&src, "CREATE TABLE plain (id int PRIMARY KEY)").await;
+    // pg_restore 17+ sets transaction_timeout, which 16 does not know: the restore of a
+    // clone would fail (seen: 13 -> 16 with the client tools 18). check says so first.
+    let run = |bin: &Path| {
+        pgtide_command(&["check", "--source", &src, "--target", &dst])
+            .env("PGTIDE_PG_BIN", bin)
+            .output()
+            .unwrap()
+    };
+    let out = run(&client18_bin());
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("transaction_timeout"), "{}", text(&out));
+    // The tests' pg_dump / pg_restore 15 fit between the source (13) and the target (16).
+    let default_bin = PathBuf::from(std::env::var("PGTIDE_PG_BIN").unwrap());
+    let out = run(&default_bin);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !text(&out).contains("transaction_timeout"),
+        "{}",
+        text(&out)
+    );
+}
