@@ -1,8 +1,9 @@
 //! Sources (and targets) PostgreSQL 12 and 13 end to end (issue 11): 12 cannot publish a
 //! partitioned table, pgoutput before 14 has no logical messages (the endpos marker must still
 //! end a follow on an idle source), and check says what they lack. The tests run clone
-//! --follow, cutover and verify (or check) against the real version clusters scripts/test.sh starts (majors 12, 13,
-//! 16 and 18: `PGTIDE_TEST_MAJORS="12 13 16 18" scripts/test.sh --test old_sources`).
+//! --follow, cutover and verify (or check) against the real version clusters scripts/test.sh
+//! starts (majors 12, 13, 16 and 18:
+//! `PGTIDE_TEST_MAJORS="12 13 16 18" scripts/test.sh --test old_sources`).
 
 mod common;
 
