@@ -97,6 +97,56 @@ impl Report {
     }
 }
 
+/// What an older source lacks for an online migration, and the fallback pgtide uses
+/// (invariant 11); nothing on a source that lacks nothing.
+async fn version_checks(
+    r: &mut Report,
+    src: &Client,
+    version: pg::ServerVersion,
+    opts: &CheckOptions,
+) -> Result<()> {
+    let major = version.major();
+    if opts.plugin == Plugin::Pgoutput && !version.has_pgoutput_messages() {
+        r.ok(
+            "source logical messages",
+            format!(
+                "source {major}: pgoutput has no logical messages; the endpos marker uses an empty transaction"
+            ),
+        );
+    }
+    if opts.plugin == Plugin::Pgoutput && !version.can_publish_partitioned() {
+        let partitioned = partitioned_tables(src, &opts.filters).await?;
+        if !partitioned.is_empty() {
+            r.warn(
+                "source partitioned tables",
+                format!(
+                    "source {major} cannot publish a partitioned table: pgtide publishes the leaf partitions of {} as they are when it starts, so rows of a partition created or attached later are NOT followed",
+                    partitioned.join(", ")
+                ),
+                "create the partitions the application will need during the migration before it starts (or upgrade the source to 13+ first)",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The partitioned tables (roots) that the filters include.
+async fn partitioned_tables(src: &Client, filters: &Filters) -> Result<Vec<String>> {
+    let rows = src
+        .query(
+            "SELECT n.nspname, c.relname, format('%I.%I', n.nspname, c.relname)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'p' AND NOT c.relispartition ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter(|row| filters.includes_table(row.get(0), row.get(1)))
+        .map(|row| row.get(2))
+        .collect())
+}
+
 /// Runs every check; a server that cannot be reached is a FAIL line, not an error.
 pub async fn run(opts: &CheckOptions) -> Vec<Finding> {
     let mut report = Report::default();
@@ -244,7 +294,7 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
         }
     }
     // Every table the clone reads must be readable.
-    let tables = slot::replicated_tables(src, false).await?;
+    let tables = slot::replicated_tables(src, slot::Partitions::Roots).await?;
     let tables: Vec<(String, String)> = tables
         .into_iter()
         .filter(|(s, t)| opts.filters.includes_table(s, t))
@@ -280,7 +330,8 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
     filters_check(r, src, &opts.filters).await?;
     if opts.online {
         // The online checks concern what is published: not the [exclude-table-data] tables.
-        let (tables, not_followed) = slot::published_tables(src, false, &opts.filters).await?;
+        let (tables, not_followed) =
+            slot::published_tables(src, opts.plugin, &opts.filters).await?;
         if !not_followed.is_empty() {
             r.warn(
                 "source tables not followed",
@@ -288,17 +339,18 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
                 "their source rows and later changes stay on the source; remove them from [exclude-table-data] to migrate them",
             );
         }
-        let append_only = match slot::append_only_tables(&tables, &opts.identity.append_only) {
-            Ok(list) => list,
-            Err(e) => {
-                r.fail(
-                    "source append-only tables",
-                    format!("{e:#}"),
-                    "name existing tables with --append-only schema.table",
-                );
-                Vec::new()
-            }
-        };
+        let append_only =
+            match slot::append_only_published(src, &tables, &opts.identity.append_only).await {
+                Ok(list) => list,
+                Err(e) => {
+                    r.fail(
+                        "source append-only tables",
+                        format!("{e:#}"),
+                        "name existing tables with --append-only schema.table",
+                    );
+                    Vec::new()
+                }
+            };
         if !append_only.is_empty() {
             r.warn(
                 "source append-only tables",
@@ -357,6 +409,9 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
                 ),
             );
         }
+    }
+    if opts.online {
+        version_checks(r, src, pg::ServerVersion::from_num(version_num), opts).await?;
     }
     let warn_list = |sql: &'static str| async move {
         src.query(sql, &[]).await.map(|rows| {

@@ -51,8 +51,14 @@ impl PgTools {
 
     /// "pg_dump 18.6 (/usr/lib/postgresql/18/bin/pg_dump)": what check and the log print.
     pub fn describe(&self) -> String {
+        let restore = match self.target_major {
+            Some(target) if self.newer_than_target() => format!(
+                "; newer than the target (PostgreSQL {target}): restores through psql, leaving out the settings the target lacks"
+            ),
+            _ => String::new(),
+        };
         format!(
-            "pg_dump {} ({}), pg_restore from the same directory{}",
+            "pg_dump {} ({}), pg_restore from the same directory{}{restore}",
             self.chosen.version,
             self.path("pg_dump").display(),
             if self.explicit {

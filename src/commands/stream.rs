@@ -72,12 +72,11 @@ pub async fn prepare_source(
         );
     }
     pg::catalog::check_filters_name_real_objects(&client, filters).await?;
-    let (tables, not_followed) =
-        slot::published_tables(&client, plugin == Plugin::Wal2json, filters).await?;
+    let (tables, not_followed) = slot::published_tables(&client, plugin, filters).await?;
     if !not_followed.is_empty() {
         tracing::warn!("{}", slot::not_followed_notice(&not_followed));
     }
-    let append_only = slot::append_only_tables(&tables, &identity.append_only)?;
+    let append_only = slot::append_only_published(&client, &tables, &identity.append_only).await?;
     if !append_only.is_empty() && plugin != Plugin::Pgoutput {
         bail!(
             "--append-only needs --plugin pgoutput (it publishes those tables for INSERT and TRUNCATE only; wal2json has no publications)"
@@ -265,8 +264,7 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
         None => {
             let client = pg::connect(&source, Side::Source, "stream tables").await?;
             let filters = state.recorded_filters()?.unwrap_or_default();
-            let (tables, _) =
-                slot::published_tables(&client, plugin == Plugin::Wal2json, &filters).await?;
+            let (tables, _) = slot::published_tables(&client, plugin, &filters).await?;
             state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
             tables
         }

@@ -3,8 +3,10 @@
 
 pub mod catalog;
 pub mod lsn;
+pub mod version;
 
 pub use lsn::Lsn;
+pub use version::ServerVersion;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

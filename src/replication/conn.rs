@@ -40,7 +40,8 @@ pub struct ReplicationConnection {
     io: Box<dyn Io>,
     read_buf: BytesMut,
     write_buf: BytesMut,
-    /// The server's `server_version_num`, from ParameterStatus.
+    /// The server's `server_version` text ("12.22"), from ParameterStatus; read with
+    /// [`crate::pg::ServerVersion::parse`].
     pub server_version: String,
 }
 

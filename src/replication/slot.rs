@@ -90,23 +90,50 @@ pub async fn drop_publication(client: &Client, slot: &str) -> Result<()> {
     Ok(())
 }
 
-/// The tables a slot replicates: ordinary and partitioned tables outside system schemas.
-/// The publication covers partitions through their parent; wal2json filters on the leaf
-/// that a change arrives for, so its list names the partitions too.
+/// How a table list names partitioned tables: a publication names a partitioned table from
+/// 13 on (it covers its partitions) but only leaf partitions before; wal2json filters on the
+/// leaf a change arrives for. Changes always arrive for the leaf partitions (pgtide never sets
+/// publish_via_partition_root), so apply, clone and verify work on leaves in every case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Partitions {
+    /// Tables that are not partitions: plain tables and the roots of partitioned ones.
+    Roots,
+    /// Plain tables and leaf partitions, never a partitioned table (a publication before 13).
+    Leaves,
+    /// Every plain table, partitioned table and partition (wal2json's table filter).
+    All,
+}
+
+impl Partitions {
+    /// What a slot of this plugin on this source names.
+    pub fn published_by(plugin: Plugin, source: pg::ServerVersion) -> Self {
+        match plugin {
+            Plugin::Wal2json => Partitions::All,
+            Plugin::Pgoutput if source.can_publish_partitioned() => Partitions::Roots,
+            Plugin::Pgoutput => Partitions::Leaves,
+        }
+    }
+}
+
+/// The tables a slot replicates: ordinary and partitioned tables outside system schemas,
+/// partitions named as `partitions` says.
 pub async fn replicated_tables(
     client: &Client,
-    with_partitions: bool,
+    partitions: Partitions,
 ) -> Result<Vec<(String, String)>> {
+    let with_partitions = partitions != Partitions::Roots;
+    let with_partitioned = partitions != Partitions::Leaves;
     let rows = client
         .query(
             "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind IN ('r', 'p') AND ($1 OR NOT c.relispartition) AND c.relpersistence = 'p'
+             WHERE c.relkind IN ('r', 'p') AND ($1 OR NOT c.relispartition) AND ($2 OR c.relkind = 'r')
+               AND c.relpersistence = 'p'
                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtide')
                AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
                AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                                AND d.objid = c.oid AND d.deptype = 'e')
              ORDER BY 1, 2",
-            &[&with_partitions],
+            &[&with_partitions, &with_partitioned],
         )
         .await
         .context("cannot list the source tables")?;
@@ -114,20 +141,23 @@ pub async fn replicated_tables(
 }
 
 /// What a migration publishes, decided here and nowhere else: the replicated tables its
-/// filters include, except the `[exclude-table-data]` ones. Those are created empty on the
+/// filters include (partitions as the plugin and the source's version need them, see
+/// [`Partitions`]), except the `[exclude-table-data]` ones. Those are created empty on the
 /// target and their changes are NOT followed: their rows are not on the target, so the first
 /// UPDATE or DELETE of a pre-existing row could not be applied, and replicating only the new
 /// rows would leave a partial table that looks complete. Returns (published, not followed).
 pub async fn published_tables(
     client: &Client,
-    with_partitions: bool,
+    plugin: Plugin,
     filters: &crate::clone::filters::Filters,
 ) -> Result<(Vec<(String, String)>, Vec<(String, String)>)> {
-    let (published, not_followed) = replicated_tables(client, with_partitions)
-        .await?
-        .into_iter()
-        .filter(|(schema, table)| filters.includes_table(schema, table))
-        .partition(|(schema, table)| filters.copies_data(schema, table));
+    let version = pg::ServerVersion::of(client).await?;
+    let (published, not_followed) =
+        replicated_tables(client, Partitions::published_by(plugin, version))
+            .await?
+            .into_iter()
+            .filter(|(schema, table)| filters.includes_table(schema, table))
+            .partition(|(schema, table)| filters.copies_data(schema, table));
     Ok((published, not_followed))
 }
 
@@ -274,7 +304,8 @@ pub async fn tables_without_identity(
             "SELECT format('%I.%I', n.nspname, c.relname)
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind = 'r'
-               AND coalesce(pg_partition_root(c.oid), c.oid) = ANY($1::text[]::regclass[])
+               AND (c.oid = ANY($1::text[]::regclass[])
+                    OR pg_partition_root(c.oid) = ANY($1::text[]::regclass[]))
                AND (c.relreplident = 'n'
                     OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
              ORDER BY 1",
@@ -282,6 +313,53 @@ pub async fn tables_without_identity(
         )
         .await?;
     Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+/// [`append_only_tables`] on a source that publishes leaf partitions (12): a name that is no
+/// published table but a partitioned one stands for its published leaves, so `--append-only`
+/// names the same table on every version.
+pub async fn append_only_published(
+    client: &Client,
+    tables: &[(String, String)],
+    names: &[String],
+) -> Result<Vec<(String, String)>> {
+    let mut resolved = Vec::new();
+    for name in names {
+        match append_only_tables(tables, std::slice::from_ref(name)) {
+            Ok(found) => resolved.extend(found),
+            Err(e) => {
+                let leaves: Vec<(String, String)> = leaf_partitions(client, name)
+                    .await?
+                    .into_iter()
+                    .filter(|leaf| tables.contains(leaf))
+                    .collect();
+                if leaves.is_empty() {
+                    return Err(e);
+                }
+                resolved.extend(leaves);
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+/// The leaf partitions of the partitioned table `name` (as SQL reads it, unqualified in
+/// public); none when it is no partitioned table.
+async fn leaf_partitions(client: &Client, name: &str) -> Result<Vec<(String, String)>> {
+    let Ok(table) = crate::clone::filters::parse_table_name(name) else {
+        return Ok(Vec::new());
+    };
+    let rows = client
+        .query(
+            "SELECT n.nspname, c.relname
+               FROM pg_partition_tree(to_regclass(format('%I.%I', $1::text, $2::text))) t
+               JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE t.isleaf ORDER BY 1, 2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .with_context(|| format!("cannot list the partitions of {name}"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Resolves `--append-only` names (schema.table, or table in public) against the published

@@ -15,7 +15,7 @@ use super::conn::{ReplicationConnection, ServerError};
 use super::slot::publication_name;
 use crate::conninfo::ConnInfo;
 use crate::decode::{Change, pgoutput};
-use crate::pg::{Lsn, quote_ident, quote_literal};
+use crate::pg::{Lsn, ServerVersion, quote_ident, quote_literal};
 use crate::spool::{Record, SpoolWriter};
 use crate::state::StateDb;
 
@@ -176,20 +176,7 @@ impl Session {
             ))));
         }
         let options = match opts.plugin {
-            Plugin::Pgoutput => format!(
-                "proto_version '1', publication_names {}, messages 'true'",
-                quote_literal(
-                    &if opts.publications.is_empty() {
-                        vec![publication_name(&opts.slot)]
-                    } else {
-                        opts.publications.clone()
-                    }
-                    .iter()
-                    .map(|p| quote_ident(p))
-                    .collect::<Vec<_>>()
-                    .join(",")
-                )
-            ),
+            Plugin::Pgoutput => pgoutput_options(opts, ServerVersion::parse(&conn.server_version)?),
             Plugin::Wal2json => format!(
                 "\"format-version\" '2', \"include-xids\" '1', \"include-timestamp\" '1', \"include-lsn\" '1', \"include-transaction\" '1', \"include-type-oids\" '1', \"include-pk\" '1', \"add-tables\" {}",
                 quote_literal(&wal2json_table_filter(&opts.tables))
@@ -291,9 +278,38 @@ impl Session {
     }
 }
 
+/// pgoutput's START_REPLICATION options. Logical messages (the endpos marker's) are asked
+/// for from 14 on; before, pgoutput refuses the `messages` option, and the marker's
+/// transaction still arrives as an empty BEGIN/COMMIT (see [`emit_endpos_marker`]).
+fn pgoutput_options(opts: &ReceiveOptions, source: ServerVersion) -> String {
+    let publications = if opts.publications.is_empty() {
+        vec![publication_name(&opts.slot)]
+    } else {
+        opts.publications.clone()
+    };
+    let names = publications
+        .iter()
+        .map(|p| quote_ident(p))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "proto_version '1', publication_names {}{}",
+        quote_literal(&names),
+        if source.has_pgoutput_messages() {
+            ", messages 'true'"
+        } else {
+            ""
+        }
+    )
+}
+
 /// Writes a transactional logical message on the source once its WAL is past `endpos`: the
 /// message's transaction commits after endpos, so when its Begin arrives every transaction
-/// committed at or before endpos has been received (the stream is in commit order).
+/// committed at or before endpos has been received (the stream is in commit order). The
+/// message assigns the transaction an xid, so its Begin arrives on every version: with the
+/// message from 14 on (`messages 'true'`), as a BEGIN/COMMIT with nothing published in
+/// between on 12 and 13 (pgoutput skips empty transactions only from 15;
+/// tests/old_sources.rs proves it on an idle source).
 pub async fn emit_endpos_marker(source: &ConnInfo, endpos: Lsn) -> Result<bool> {
     let client = crate::pg::connect(source, crate::pg::Side::Source, "endpos marker").await?;
     let rows = client
