@@ -12,7 +12,6 @@ use crate::cli::FollowArgs;
 use crate::clone::sequences;
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Lsn, Side, catalog};
-use crate::replication::Plugin;
 use crate::replication::stream::{self, ReceiveOptions};
 use crate::state::StateDb;
 use crate::workdir::WorkDir;
@@ -91,13 +90,7 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
     let slot = state
         .get_meta("stream.slot")?
         .ok_or_else(|| anyhow!("the work dir {} has no stream: start with `pgtide clone --follow` or `pgtide stream setup`", workdir.path.display()))?;
-    let plugin = Plugin::parse(&state.get_meta("stream.plugin")?.unwrap_or_default())?;
-    if plugin != Plugin::Pgoutput {
-        bail!(
-            "apply reads pgoutput streams; this work dir's slot uses {}: set up a pgoutput slot",
-            plugin.name()
-        );
-    }
+    let plugin = state.stream_plugin()?;
     let start: Lsn = state
         .get_meta("stream.startpos")?
         .unwrap_or_else(|| "0/0".into())
@@ -228,11 +221,16 @@ async fn apply_and_set_sequences(
     };
     let resynced = crate::clone::resynced_tables(&state)?;
     let origin = apply::origin_name(&slot);
+    let source_of_apply = apply::Source {
+        dir: &workdir.path,
+        plugin: state.stream_plugin()?,
+        origin: &origin,
+    };
     let mut client = std::sync::Arc::new(pg::connect(target, Side::Target, "apply").await?);
     let mut backoff = Duration::from_millis(500);
     let applied = loop {
         let result = tokio::select! {
-            r = apply::run(&client, &workdir.path, &origin, &mut stop, &resynced, &progress) => r,
+            r = apply::run(&client, &source_of_apply, &mut stop, &resynced, &progress) => r,
             r = &mut task => {
                 endpos_poller.abort();
                 return match r {

@@ -14,11 +14,7 @@ use crate::state::StateDb;
 
 pub fn show(args: SpoolShowArgs) -> Result<()> {
     let state = StateDb::open(&args.dir.join("state.db"))?;
-    let plugin = Plugin::parse(
-        &state
-            .get_meta("stream.plugin")?
-            .unwrap_or_else(|| "pgoutput".into()),
-    )?;
+    let plugin = state.stream_plugin()?;
     let reader = SpoolReader::open(&args.dir)?;
     let from = args.from.unwrap_or(Lsn(0));
     let limit = args.limit.unwrap_or(usize::MAX);

@@ -46,6 +46,44 @@ pub fn recorded_publications(state: &crate::state::StateDb, slot: &str) -> Resul
     })
 }
 
+/// The output plugin a stream is set up with, and what its operator accepted of it.
+#[derive(Clone, Copy, Debug)]
+pub struct PluginChoice {
+    pub plugin: Plugin,
+    /// --wal2json-nan-as-null: NaN / ±Infinity of nullable numeric and float columns may
+    /// arrive as NULL.
+    pub nan_as_null: bool,
+}
+
+/// With wal2json, refuses (before anything is created) tables whose nullable numeric or
+/// float columns would silently turn NaN / ±Infinity into NULL, unless accepted; warns about
+/// NOT NULL ones (apply stops there).
+async fn refuse_inexact_wal2json(
+    client: &tokio_postgres::Client,
+    tables: &[(String, String)],
+    choice: PluginChoice,
+) -> Result<()> {
+    use crate::replication::wal2json as w;
+    if choice.plugin != Plugin::Wal2json {
+        return Ok(());
+    }
+    let columns = w::inexact_columns(client, tables).await?;
+    if columns.iter().any(|c| c.not_null) {
+        tracing::warn!("{}", w::not_null_message(&columns));
+    }
+    if columns.iter().any(|c| !c.not_null) {
+        if !choice.nan_as_null {
+            bail!(
+                "{}. Nothing was created. Fix: {}",
+                w::nullable_message(&columns, false),
+                w::NULLABLE_FIX
+            );
+        }
+        tracing::warn!("{}", w::nullable_message(&columns, true));
+    }
+    Ok(())
+}
+
 /// What a slot publishes: every selected table, the append-only ones in their own
 /// INSERT/TRUNCATE-only publication.
 pub struct Published {
@@ -58,7 +96,7 @@ pub struct Published {
 /// `--replica-identity-full` (pgtide sets it) or `--append-only` for them.
 pub async fn prepare_source(
     source: &ConnInfo,
-    plugin: Plugin,
+    choice: PluginChoice,
     slot_name: &str,
     filters: &crate::clone::filters::Filters,
     identity: &IdentityArgs,
@@ -71,6 +109,7 @@ pub async fn prepare_source(
             "the source's wal_level is {wal_level}, logical decoding needs logical: set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart the source server"
         );
     }
+    let plugin = choice.plugin;
     pg::catalog::check_filters_name_real_objects(&client, filters).await?;
     let (tables, not_followed) =
         slot::published_tables(&client, plugin == Plugin::Wal2json, filters).await?;
@@ -103,6 +142,7 @@ pub async fn prepare_source(
         }
     }
     refuse_tables_without_identity(&client, &regular).await?;
+    refuse_inexact_wal2json(&client, &tables, choice).await?;
     let mut publications = Vec::new();
     if plugin == Plugin::Pgoutput {
         if !regular.is_empty() || append_only.is_empty() {
@@ -141,7 +181,10 @@ pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.source.source, "source")?;
     prepare_source(
         &source,
-        args.slot.plugin,
+        PluginChoice {
+            plugin: args.slot.plugin,
+            nan_as_null: args.slot.wal2json_nan_as_null,
+        },
         &args.slot.slot_name,
         &super::load_filters(args.slot.filters.as_deref())?,
         &args.slot.identity,
@@ -178,7 +221,7 @@ pub async fn create_recorded_slot(
     source: &ConnInfo,
     state: &crate::state::StateDb,
     slot_name: &str,
-    plugin: Plugin,
+    choice: PluginChoice,
     filters: &crate::clone::filters::Filters,
     identity: &IdentityArgs,
     export: bool,
@@ -186,12 +229,13 @@ pub async fn create_recorded_slot(
     let Published {
         tables,
         publications,
-    } = prepare_source(source, plugin, slot_name, filters, identity).await?;
+    } = prepare_source(source, choice, slot_name, filters, identity).await?;
+    let plugin = choice.plugin;
     let mut conn = ReplicationConnection::connect(source).await?;
     let system = slot::identify_system(&mut conn).await?;
     let created = slot::create_slot(&mut conn, slot_name, plugin, export).await?;
     state.set_meta("stream.slot", slot_name)?;
-    state.set_meta("stream.plugin", plugin.name())?;
+    state.record_stream_plugin(plugin)?;
     state.set_meta("stream.startpos", &created.consistent_point.to_string())?;
     state.set_meta("stream.source.uri", &source.redacted())?;
     state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
@@ -216,7 +260,10 @@ pub async fn setup(args: StreamSetupArgs) -> Result<()> {
         &source,
         state,
         &args.slot.slot_name,
-        args.slot.plugin,
+        PluginChoice {
+            plugin: args.slot.plugin,
+            nan_as_null: args.slot.wal2json_nan_as_null,
+        },
         &filters,
         &args.slot.identity,
         false,
@@ -245,7 +292,7 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
         (None, Some(asked)) => {
             slot::check_slot_name(asked)?;
             state.set_meta("stream.slot", asked)?;
-            state.set_meta("stream.plugin", args.plugin.name())?;
+            state.record_stream_plugin(args.plugin)?;
             state.set_meta("stream.source.uri", &source.redacted())?;
             asked.clone()
         }
@@ -254,7 +301,7 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
             args.dir.display()
         ),
     };
-    let plugin = Plugin::parse(&state.get_meta("stream.plugin")?.unwrap_or_default())?;
+    let plugin = state.stream_plugin()?;
     let start: Lsn = state
         .get_meta("stream.startpos")?
         .unwrap_or_else(|| "0/0".into())
@@ -313,12 +360,8 @@ pub async fn cleanup(args: StreamCleanupArgs) -> Result<()> {
     conn.close().await;
     let client = pg::connect(&source, Side::Source, "cleanup").await?;
     slot::drop_publication(&client, &slot_name).await?;
-    for key in [
-        "stream.slot",
-        "stream.plugin",
-        "stream.startpos",
-        "stream.source.uri",
-    ] {
+    state.forget_stream_plugin()?;
+    for key in ["stream.slot", "stream.startpos", "stream.source.uri"] {
         state.delete_meta(key)?;
     }
     println!(
