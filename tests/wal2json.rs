@@ -379,6 +379,12 @@ async fn wal2json_apply_survives_sigkill_and_resume() {
     child.wait().unwrap();
     let applied = scalar_i64(&dst, "SELECT v FROM counter").await;
     assert!(applied < 100, "the kill came after everything was applied");
+    // status reads the wal2json spool: the lag is the age of the oldest unapplied commit
+    // (wal2json's commit timestamps), seconds, not decades.
+    let status: serde_json::Value =
+        serde_json::from_str(&pgtide_ok_stdout(&["status", "--dir", d, "--json"])).unwrap();
+    let lag = status["lag_seconds"].as_f64().unwrap_or(-1.0);
+    assert!((0.0..600.0).contains(&lag), "{status}");
     writes(100, 120).await;
     let end = current_lsn(&src).await;
     pgtide_ok(&["sentinel", "set", "endpos", &end, "--dir", d]);

@@ -47,6 +47,32 @@ fn array_field(obj: &Json, key: &str) -> Vec<Json> {
         .unwrap_or_default()
 }
 
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01), pgoutput's time base.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// The commit time (include-timestamp: "2026-11-26 03:44:08.756791+00", in the walsender's
+/// TimeZone) as pgoutput gives it, microseconds since 2000-01-01; 0 when absent or unreadable
+/// (it only feeds the lag figures and the origin's timestamp).
+fn commit_time(obj: &Json) -> i64 {
+    obj.get("timestamp")
+        .and_then(|t| t.as_str())
+        .and_then(parse_timestamptz)
+        .map_or(0, |unix_micros| unix_micros - PG_EPOCH_MICROS)
+}
+
+/// Unix microseconds of an ISO timestamptz with a numeric offset (`+00`, `-05:30`).
+fn parse_timestamptz(text: &str) -> Option<i64> {
+    let sign_at = text.rfind(['+', '-']).filter(|i| *i > 10)?;
+    let (local, offset) = text.split_at(sign_at);
+    let sign = if offset.starts_with('-') { -1 } else { 1 };
+    let mut parts = offset[1..].split(':');
+    let hours: i64 = parts.next()?.parse().ok()?;
+    let minutes: i64 = parts.next().map_or(Some(0), |m| m.parse().ok())?;
+    let utc = humantime::parse_rfc3339_weak(local).ok()?;
+    let micros = utc.duration_since(std::time::UNIX_EPOCH).ok()?.as_micros() as i64;
+    Some(micros - sign * (hours * 3600 + minutes * 60) * 1_000_000)
+}
+
 fn kind_of(action: &str) -> Result<&'static str> {
     Ok(match action {
         "B" => "begin",
@@ -138,13 +164,13 @@ impl Decoder {
         Ok(match action {
             "B" => vec![Change::Begin {
                 final_lsn: lsn,
-                commit_time: 0,
+                commit_time: commit_time(&obj),
                 xid,
             }],
             "C" => vec![Change::Commit {
                 commit_lsn: lsn,
                 end_lsn: lsn_field(&obj, "nextlsn").unwrap_or(lsn),
-                commit_time: 0,
+                commit_time: commit_time(&obj),
             }],
             "M" => vec![Change::Message {
                 transactional: obj
@@ -290,6 +316,23 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commit_times_are_pgoutput_micros() {
+        assert_eq!(
+            parse_timestamptz("2000-01-01 00:00:00+00"),
+            Some(PG_EPOCH_MICROS)
+        );
+        assert_eq!(
+            parse_timestamptz("2000-01-01 05:30:00.25+05:30"),
+            Some(PG_EPOCH_MICROS + 250_000)
+        );
+        assert_eq!(
+            parse_timestamptz("1999-12-31 23:00:00-01"),
+            Some(PG_EPOCH_MICROS)
+        );
+        assert_eq!(commit_time(&serde_json::json!({"action": "C"})), 0);
+    }
 
     #[test]
     fn numbers_keep_their_exact_text_and_missing_columns_are_unchanged() {
