@@ -500,7 +500,11 @@ async fn wal2json_refuses_columns_it_cannot_carry() {
     .await;
     let out = wait_exit(child, 120);
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("null value"), "{}", text(&out));
+    assert!(
+        text(&out).contains("null value") && text(&out).contains("most likely NaN, Infinity"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(
         scalar_i64(&dst, "SELECT count(*) FROM m WHERE id = 2").await,
         0,

@@ -244,7 +244,7 @@ pub async fn run(
                 applier.rewind().await?;
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(explain_wal2json_null(plugin, e)),
         }
         if applier.batch.transactions > 0 || applier.batch.open {
             progress_tx.send_replace(applier.progress);
@@ -258,6 +258,17 @@ pub async fn run(
             applier.reader.prune_through(applier.progress.durable)?;
             last_progress_read = Instant::now();
         }
+    }
+}
+
+/// wal2json prints NaN and ±Infinity of numeric, real and double precision columns as null:
+/// a NOT NULL violation on the target is most likely one of them (`check` warned about these
+/// columns). Apply stops there rather than write a wrong value; this says why.
+fn explain_wal2json_null(plugin: Plugin, e: anyhow::Error) -> anyhow::Error {
+    if plugin == Plugin::Wal2json && format!("{e:#}").contains("(SQLSTATE 23502)") {
+        e.context("wal2json sent null for a NOT NULL column: the source value is most likely NaN, Infinity or -Infinity in a numeric, real or double precision column, which wal2json prints as null. Nothing of this transaction was applied; migrate this table with --plugin pgoutput")
+    } else {
+        e
     }
 }
 
