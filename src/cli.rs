@@ -224,6 +224,11 @@ pub struct FollowArgs {
     /// `pgtide sentinel set endpos`).
     #[arg(long, value_parser = parse_lsn)]
     pub endpos: Option<crate::pg::Lsn>,
+    /// With a wal2json stream: accept that a NaN or ±Infinity written to a nullable numeric,
+    /// real or double precision column arrives on the target as NULL (recorded in the work
+    /// dir).
+    #[arg(long)]
+    pub wal2json_nan_as_null: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -98,6 +98,8 @@ CREATE TABLE IF NOT EXISTS large_objects (
 /// meta key of the migration's filters (JSON of `Filters`), recorded when it starts.
 /// The output plugin of the work dir's slot (see `record_stream_plugin`).
 const STREAM_PLUGIN_KEY: &str = "stream.plugin";
+/// The operator's --wal2json-nan-as-null (see `record_wal2json_nan_as_null`).
+const WAL2JSON_NAN_AS_NULL_KEY: &str = "stream.wal2json_nan_as_null";
 const FILTERS_KEY: &str = "migration.filters";
 /// meta key of the offset the last sequence copy added (verify expects the target ahead).
 const SEQUENCE_OFFSET_KEY: &str = "migration.sequence_offset";
@@ -369,6 +371,18 @@ impl StateDb {
                 .context("the plugin recorded in state.db is unknown: use the pgtide that started this migration"),
             None => Ok(crate::replication::Plugin::Pgoutput),
         }
+    }
+
+    /// Records that the operator accepted (`--wal2json-nan-as-null`) that wal2json turns NaN /
+    /// ±Infinity of nullable numeric and float columns into NULL: apply checks it before it
+    /// applies a wal2json stream.
+    pub fn record_wal2json_nan_as_null(&self) -> Result<()> {
+        self.set_meta(WAL2JSON_NAN_AS_NULL_KEY, "accepted")
+    }
+
+    /// Whether `--wal2json-nan-as-null` was accepted for this work dir.
+    pub fn wal2json_nan_as_null(&self) -> Result<bool> {
+        Ok(self.get_meta(WAL2JSON_NAN_AS_NULL_KEY)?.is_some())
     }
 
     /// Forgets the recorded plugin (the stream was dropped).

@@ -456,6 +456,29 @@ async fn wal2json_refuses_columns_it_cannot_carry() {
     let out = pgtide(&["check", "--source", &src, "--target", &dst]);
     assert!(!text(&out).contains("public.m.n"), "{}", text(&out));
 
+    // A stream only spooled (stream setup) is not refused, but follow will not apply it.
+    let sdir = workdir("w2j-nan-stream");
+    let sd = sdir.to_str().unwrap();
+    let out = pgtide_ok(&[
+        "stream",
+        "setup",
+        "--source",
+        &src,
+        "--dir",
+        sd,
+        "--plugin",
+        "wal2json",
+        "--slot-name",
+        "t_w2j_nan_stream",
+    ]);
+    assert!(out.contains("public.m.n"), "{out}");
+    let out = pgtide_fails(&["follow", "--source", &src, "--target", &dst, "--dir", sd]);
+    assert!(
+        out.contains("public.m.n") && out.contains("Nothing was applied"),
+        "{out}"
+    );
+    pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", sd]);
+
     let dir = workdir("w2j-nan");
     let d = dir.to_str().unwrap();
     let args = [

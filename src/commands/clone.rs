@@ -139,6 +139,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         super::stream::PluginChoice {
             plugin: args.plugin.unwrap_or(Plugin::Pgoutput),
             nan_as_null: args.wal2json_nan_as_null,
+            applied: true,
         },
         &opts.filters,
         &args.identity,

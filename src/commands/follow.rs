@@ -168,6 +168,7 @@ async fn apply_and_set_sequences(
 ) -> Result<Lsn> {
     let state = workdir.state.clone();
     let slot = state.get_meta("stream.slot")?.unwrap_or_default();
+    refuse_inexact_wal2json(source, &state).await?;
     state.set_meta(APPLY_KEY, "on")?;
     state.set_phase("following")?;
     let (endpos_tx, endpos_rx) = watch::channel(read_endpos(&state)?);
@@ -289,6 +290,31 @@ async fn apply_and_set_sequences(
     Ok(applied)
 }
 
+/// Before applying a wal2json stream: refuses, naming them, the published nullable numeric
+/// and float columns whose NaN / ±Infinity wal2json turns into NULL, unless the operator
+/// accepted it (`--wal2json-nan-as-null`, recorded). `clone --follow` checked it before it
+/// created anything; a stream set up by `stream setup` is checked here.
+async fn refuse_inexact_wal2json(source: &ConnInfo, state: &StateDb) -> Result<()> {
+    use crate::replication::{Plugin, wal2json as w};
+    if state.stream_plugin()? != Plugin::Wal2json || state.wal2json_nan_as_null()? {
+        return Ok(());
+    }
+    let tables: Vec<(String, String)> = match state.get_meta("stream.tables")? {
+        Some(json) => serde_json::from_str(&json)?,
+        None => Vec::new(),
+    };
+    let client = pg::connect(source, Side::Source, "wal2json columns").await?;
+    let columns = w::inexact_columns(&client, &tables).await?;
+    if columns.iter().any(|c| !c.not_null) {
+        bail!(
+            "{}. Nothing was applied. Fix: {}",
+            w::nullable_message(&columns, false),
+            w::NULLABLE_FIX
+        );
+    }
+    Ok(())
+}
+
 /// What status and the metrics read of apply: the durable position and a rate sample.
 fn record_progress(state: &StateDb, p: &Progress) -> Result<()> {
     state.record_durable_lsn(p.durable)?;
@@ -315,6 +341,9 @@ pub async fn run(args: FollowArgs) -> Result<()> {
     super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
     if let Some(endpos) = args.endpos {
         set_endpos(&workdir.state, endpos)?;
+    }
+    if args.wal2json_nan_as_null {
+        workdir.state.record_wal2json_nan_as_null()?;
     }
     let receiver = start_receiver(&source, &workdir)?;
     let applied = tokio::select! {

@@ -53,11 +53,15 @@ pub struct PluginChoice {
     /// --wal2json-nan-as-null: NaN / ±Infinity of nullable numeric and float columns may
     /// arrive as NULL.
     pub nan_as_null: bool,
+    /// The stream will be applied by this command (clone --follow): columns wal2json cannot
+    /// carry are refused now. A stream only spooled (stream setup, snapshot) gets a warning,
+    /// and apply refuses it later unless accepted.
+    pub applied: bool,
 }
 
 /// With wal2json, refuses (before anything is created) tables whose nullable numeric or
-/// float columns would silently turn NaN / ±Infinity into NULL, unless accepted; warns about
-/// NOT NULL ones (apply stops there).
+/// float columns would silently turn NaN / ±Infinity into NULL, unless accepted or the stream
+/// is only spooled here; warns about NOT NULL ones (apply stops there).
 async fn refuse_inexact_wal2json(
     client: &tokio_postgres::Client,
     tables: &[(String, String)],
@@ -72,7 +76,12 @@ async fn refuse_inexact_wal2json(
         tracing::warn!("{}", w::not_null_message(&columns));
     }
     if columns.iter().any(|c| !c.not_null) {
-        if !choice.nan_as_null {
+        if !choice.nan_as_null && !choice.applied {
+            tracing::warn!(
+                "{}; `follow` will refuse to apply this stream unless given --wal2json-nan-as-null",
+                w::nullable_message(&columns, false)
+            );
+        } else if !choice.nan_as_null {
             bail!(
                 "{}. Nothing was created. Fix: {}",
                 w::nullable_message(&columns, false),
@@ -184,6 +193,7 @@ pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
         PluginChoice {
             plugin: args.slot.plugin,
             nan_as_null: args.slot.wal2json_nan_as_null,
+            applied: false,
         },
         &args.slot.slot_name,
         &super::load_filters(args.slot.filters.as_deref())?,
@@ -236,6 +246,9 @@ pub async fn create_recorded_slot(
     let created = slot::create_slot(&mut conn, slot_name, plugin, export).await?;
     state.set_meta("stream.slot", slot_name)?;
     state.record_stream_plugin(plugin)?;
+    if choice.nan_as_null {
+        state.record_wal2json_nan_as_null()?;
+    }
     state.set_meta("stream.startpos", &created.consistent_point.to_string())?;
     state.set_meta("stream.source.uri", &source.redacted())?;
     state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
@@ -263,6 +276,7 @@ pub async fn setup(args: StreamSetupArgs) -> Result<()> {
         PluginChoice {
             plugin: args.slot.plugin,
             nan_as_null: args.slot.wal2json_nan_as_null,
+            applied: false,
         },
         &filters,
         &args.slot.identity,
