@@ -29,6 +29,7 @@ const CARRIABLE: &str = "
     CREATE TABLE twins (a int, b text);
     ALTER TABLE twins REPLICA IDENTITY FULL;
     INSERT INTO twins VALUES (1, 'same'), (1, 'same'), (2, NULL);
+    ALTER TABLE \"Mixed Case\" REPLICA IDENTITY FULL;
     CREATE TABLE people (id int PRIMARY KEY, email text UNIQUE);
     INSERT INTO people VALUES (1, 'a'), (2, 'b');
     CREATE TABLE by_index (a int NOT NULL, b text);
@@ -96,6 +97,10 @@ async fn traffic(src: &str, rounds: i64) {
              DELETE FROM twins WHERE a = 2;
              -- REPLICA IDENTITY USING INDEX without a primary key: updates, a key change, a delete.
              UPDATE by_index SET b = 'changed' WHERE a = 1;
+             -- REPLICA IDENTITY FULL with a primary key: found by the key.
+             UPDATE \"Mixed Case\" SET \"Other Col\" = 'y' WHERE \"Col\" = 1;
+             UPDATE \"Mixed Case\" SET \"Col\" = 100 WHERE \"Col\" = 2;
+             DELETE FROM \"Mixed Case\" WHERE \"Col\" = 3;
              UPDATE by_index SET a = 100 WHERE a = 2;
              DELETE FROM by_index WHERE a = 3;
              -- TRUNCATE of a FULL table, then of two tables joined by a foreign key (wal2json

@@ -261,13 +261,12 @@ impl Decoder {
         };
         // The old image. wal2json's "identity" is the primary key (a default replica
         // identity), the columns of a REPLICA IDENTITY USING INDEX index, or the whole old row
-        // (FULL). Only the first is a key lookup; the others are matched as a whole over the
-        // columns they carry (the others left out of the match as `Unchanged`), exactly one
-        // row, as pgoutput's 'O' images are.
+        // (FULL). When it holds the primary key, the row is found by that key (unique, and an
+        // index lookup); otherwise it is matched as a whole over the columns it carries (the
+        // others left out of the match as `Unchanged`), exactly one row, as pgoutput's 'O'
+        // images are.
         let identity_names = names(&identity);
-        let is_key = !key_names.is_empty()
-            && identity_names.len() == key_names.len()
-            && identity_names.iter().all(|n| key_names.contains(n));
+        let is_key = !key_names.is_empty() && key_names.iter().all(|k| identity_names.contains(k));
         let old = |identity: &[Json]| -> (OldImage, Vec<Value>) {
             if is_key {
                 (OldImage::Key, image(identity, Value::Null))
@@ -369,5 +368,34 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_full_identity_holding_the_primary_key_is_found_by_the_key() {
+        let mut d = Decoder::default();
+        let changes = d
+            .decode(br#"{"action":"D","schema":"public","table":"f","identity":[{"name":"id","typeoid":23,"value":3},{"name":"b","typeoid":17,"value":"00ff"}],"pk":[{"name":"id","typeoid":23}]}"#)
+            .unwrap();
+        match &changes[1] {
+            Change::Delete {
+                old: (OldImage::Key, old),
+                ..
+            } => {
+                assert_eq!(old[0], Value::Text(Bytes::from_static(b"3")));
+                assert_eq!(old[1], Value::Text(Bytes::from_static(b"\\x00ff")));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without a primary key the same identity is matched whole.
+        let changes = d
+            .decode(br#"{"action":"D","schema":"public","table":"g","identity":[{"name":"id","typeoid":23,"value":3}],"pk":[]}"#)
+            .unwrap();
+        assert!(matches!(
+            &changes[1],
+            Change::Delete {
+                old: (OldImage::Full, _),
+                ..
+            }
+        ));
     }
 }
