@@ -476,7 +476,12 @@ async fn wal2json_refuses_columns_it_cannot_carry() {
         "--slot-name",
         "t_w2j_nan_stream",
     ]);
-    assert!(out.contains("public.m.n"), "{out}");
+    assert!(
+        out.contains("public.m.n")
+            && out.contains("`follow` will refuse")
+            && !out.contains("accepted"),
+        "{out}"
+    );
     let out = pgtide_fails(&["follow", "--source", &src, "--target", &dst, "--dir", sd]);
     assert!(
         out.contains("public.m.n") && out.contains("Nothing was applied"),

@@ -76,19 +76,18 @@ async fn refuse_inexact_wal2json(
         tracing::warn!("{}", w::not_null_message(&columns));
     }
     if columns.iter().any(|c| !c.not_null) {
-        if !choice.nan_as_null && !choice.applied {
-            tracing::warn!(
+        match (choice.nan_as_null, choice.applied) {
+            (true, _) => tracing::warn!("{}", w::nullable_message(&columns, true)),
+            (false, false) => tracing::warn!(
                 "{}; `follow` will refuse to apply this stream unless given --wal2json-nan-as-null",
                 w::nullable_message(&columns, false)
-            );
-        } else if !choice.nan_as_null {
-            bail!(
+            ),
+            (false, true) => bail!(
                 "{}. Nothing was created. Fix: {}",
                 w::nullable_message(&columns, false),
                 w::NULLABLE_FIX
-            );
+            ),
         }
-        tracing::warn!("{}", w::nullable_message(&columns, true));
     }
     Ok(())
 }
