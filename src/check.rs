@@ -51,6 +51,9 @@ pub struct CheckOptions {
     /// The clone's --no-owner / --no-acl: roles are then not needed on the target.
     pub no_owner: bool,
     pub no_acl: bool,
+    /// --wal2json-nan-as-null: the operator accepts that wal2json turns NaN / ±Infinity of
+    /// numeric and float columns into NULL.
+    pub wal2json_nan_as_null: bool,
 }
 
 impl CheckOptions {
@@ -70,6 +73,7 @@ impl CheckOptions {
             identity: Default::default(),
             no_owner: false,
             no_acl: false,
+            wal2json_nan_as_null: false,
         }
     }
 }
@@ -408,6 +412,9 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
                     "give them a primary key, or run {alter} (pgtide does it with --replica-identity-full), or declare log-like tables with --append-only TABLE, or exclude them with --filters"
                 ),
             );
+        }
+        if opts.plugin == Plugin::Wal2json {
+            wal2json_exactness(r, src, &regular, opts.wal2json_nan_as_null).await?;
         }
     }
     if opts.online {
@@ -823,6 +830,34 @@ fn free_disk(dir: &Path) -> Option<u64> {
 /// The FAIL-level checks, run by clone (and clone --follow) before it creates anything.
 pub async fn preflight(opts: &CheckOptions) -> Result<()> {
     preflight_only(opts, |_| true).await
+}
+
+/// With wal2json: the published numeric / float columns whose NaN or ±Infinity would arrive
+/// as NULL (FAIL for nullable ones unless accepted, WARN for NOT NULL ones, whose NULL the
+/// target refuses).
+async fn wal2json_exactness(
+    r: &mut Report,
+    src: &Client,
+    tables: &[(String, String)],
+    accepted: bool,
+) -> Result<()> {
+    use crate::replication::wal2json as w;
+    let columns = w::inexact_columns(src, tables).await?;
+    let check = "source wal2json exactness";
+    if columns.iter().any(|c| !c.not_null) {
+        if accepted {
+            r.warn(check, w::nullable_message(&columns, true), w::NULLABLE_FIX);
+        } else {
+            r.fail(check, w::nullable_message(&columns, false), w::NULLABLE_FIX);
+        }
+    }
+    if columns.iter().any(|c| c.not_null) {
+        r.warn(check, w::not_null_message(&columns), w::NULLABLE_FIX);
+    }
+    if columns.is_empty() {
+        r.ok(check, "wal2json carries every published column exactly");
+    }
+    Ok(())
 }
 
 /// The checks that concern `pgtide follow` on an existing stream: both servers reachable,

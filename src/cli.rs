@@ -89,6 +89,10 @@ pub struct CheckArgs {
     /// The logical decoding plugin follow will use.
     #[arg(long, value_enum, default_value = "pgoutput")]
     pub plugin: crate::replication::Plugin,
+    /// With wal2json: accept that a NaN or ±Infinity written to a nullable numeric, real or
+    /// double precision column arrives on the target as NULL (wal2json prints them as null).
+    #[arg(long)]
+    pub wal2json_nan_as_null: bool,
     /// The filters file the migration will use.
     #[arg(long)]
     pub filters: Option<PathBuf>,
@@ -220,6 +224,11 @@ pub struct FollowArgs {
     /// `pgtide sentinel set endpos`).
     #[arg(long, value_parser = parse_lsn)]
     pub endpos: Option<crate::pg::Lsn>,
+    /// With a wal2json stream: accept that a NaN or ±Infinity written to a nullable numeric,
+    /// real or double precision column arrives on the target as NULL (recorded in the work
+    /// dir).
+    #[arg(long)]
+    pub wal2json_nan_as_null: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -278,6 +287,10 @@ pub struct SlotArgs {
     /// Logical decoding output plugin.
     #[arg(long, value_enum, default_value = "pgoutput")]
     pub plugin: crate::replication::Plugin,
+    /// With wal2json: accept that a NaN or ±Infinity written to a nullable numeric, real or
+    /// double precision column arrives on the target as NULL (wal2json prints them as null).
+    #[arg(long)]
+    pub wal2json_nan_as_null: bool,
     /// Replication slot name; the publication is pgtide_<slot>.
     #[arg(long, default_value = "pgtide")]
     pub slot_name: String,
@@ -419,6 +432,14 @@ pub struct CloneArgs {
     /// The slot for --follow; the publication is pgtide_<slot>, the origin pgtide_<slot>.
     #[arg(long, default_value = "pgtide")]
     pub slot_name: String,
+    /// The logical decoding plugin for --follow (default pgoutput); recorded in the work dir,
+    /// so follow, cutover, cleanup and --resume use the same.
+    #[arg(long, value_enum, requires = "follow")]
+    pub plugin: Option<crate::replication::Plugin>,
+    /// With wal2json: accept that a NaN or ±Infinity written to a nullable numeric, real or
+    /// double precision column arrives on the target as NULL (wal2json prints them as null).
+    #[arg(long, requires = "follow")]
+    pub wal2json_nan_as_null: bool,
 }
 
 #[derive(Args, Debug)]

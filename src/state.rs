@@ -96,6 +96,10 @@ CREATE TABLE IF NOT EXISTS large_objects (
 "#;
 
 /// meta key of the migration's filters (JSON of `Filters`), recorded when it starts.
+/// The output plugin of the work dir's slot (see `record_stream_plugin`).
+const STREAM_PLUGIN_KEY: &str = "stream.plugin";
+/// The operator's --wal2json-nan-as-null (see `record_wal2json_nan_as_null`).
+const WAL2JSON_NAN_AS_NULL_KEY: &str = "stream.wal2json_nan_as_null";
 const FILTERS_KEY: &str = "migration.filters";
 /// meta key of the offset the last sequence copy added (verify expects the target ahead).
 const SEQUENCE_OFFSET_KEY: &str = "migration.sequence_offset";
@@ -351,6 +355,39 @@ impl StateDb {
             )?)),
             None => Ok(None),
         }
+    }
+
+    /// Records the output plugin the work dir's slot was created with: every later stage
+    /// (follow, cutover, status, cleanup, a resume) decodes the stream with it.
+    pub fn record_stream_plugin(&self, plugin: crate::replication::Plugin) -> Result<()> {
+        self.set_meta(STREAM_PLUGIN_KEY, plugin.name())
+    }
+
+    /// The recorded output plugin; pgoutput for a work dir that recorded none (an earlier
+    /// pgtide only streamed pgoutput into apply).
+    pub fn stream_plugin(&self) -> Result<crate::replication::Plugin> {
+        match self.get_meta(STREAM_PLUGIN_KEY)? {
+            Some(name) => crate::replication::Plugin::parse(&name)
+                .context("the plugin recorded in state.db is unknown: use the pgtide that started this migration"),
+            None => Ok(crate::replication::Plugin::Pgoutput),
+        }
+    }
+
+    /// Records that the operator accepted (`--wal2json-nan-as-null`) that wal2json turns NaN /
+    /// ±Infinity of nullable numeric and float columns into NULL: apply checks it before it
+    /// applies a wal2json stream.
+    pub fn record_wal2json_nan_as_null(&self) -> Result<()> {
+        self.set_meta(WAL2JSON_NAN_AS_NULL_KEY, "accepted")
+    }
+
+    /// Whether `--wal2json-nan-as-null` was accepted for this work dir.
+    pub fn wal2json_nan_as_null(&self) -> Result<bool> {
+        Ok(self.get_meta(WAL2JSON_NAN_AS_NULL_KEY)?.is_some())
+    }
+
+    /// Forgets the recorded plugin (the stream was dropped).
+    pub fn forget_stream_plugin(&self) -> Result<()> {
+        self.delete_meta(STREAM_PLUGIN_KEY)
     }
 
     /// The offset the target's sequences were set with (`--sequence-offset`, `--offset`).

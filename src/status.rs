@@ -12,7 +12,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::conninfo::ConnInfo;
-use crate::decode::{Change, pgoutput};
+use crate::decode::{Change, StreamDecoder};
 use crate::pg::{self, Lsn, Side};
 use crate::state::{StateDb, now};
 
@@ -215,7 +215,7 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
     if status.slot.is_some() {
         let endpos = status.endpos.as_deref().and_then(|e| e.parse().ok());
         status.lag_seconds =
-            oldest_unapplied_commit_age(&spool_path, applied.unwrap_or(Lsn(0)), endpos);
+            oldest_unapplied_commit_age(&spool_path, state, applied.unwrap_or(Lsn(0)), endpos);
         if let (Some(lag), Some(rates)) = (status.lag_bytes, state.apply_rates(60.0)?)
             && rates.wal_bytes > 0.0
         {
@@ -270,7 +270,12 @@ async fn ask_target(target: &ConnInfo, origin: &str) -> Result<Option<Lsn>> {
 /// Seconds since the oldest spooled commit after `applied` (and not past `endpos`: those are
 /// not to be applied) was committed on the source; 0 when none is waiting. None when the spool
 /// cannot be read.
-fn oldest_unapplied_commit_age(spool: &Path, applied: Lsn, endpos: Option<Lsn>) -> Option<f64> {
+fn oldest_unapplied_commit_age(
+    spool: &Path,
+    state: &StateDb,
+    applied: Lsn,
+    endpos: Option<Lsn>,
+) -> Option<f64> {
     if !spool.exists() {
         return Some(0.0);
     }
@@ -290,10 +295,11 @@ fn oldest_unapplied_commit_age(spool: &Path, applied: Lsn, endpos: Option<Lsn>) 
     let Some(payload) = payload else {
         return Some(0.0);
     };
-    match pgoutput::Decoder::default().decode(bytes::Bytes::from(payload)) {
-        Ok(Change::Commit { commit_time, .. }) => {
-            // pgoutput times are microseconds since 2000-01-01.
-            let commit = commit_time as f64 / 1e6 + 946_684_800.0;
+    let mut decoder = StreamDecoder::new(state.stream_plugin().ok()?);
+    match decoder.decode(bytes::Bytes::from(payload)).as_deref() {
+        Ok([Change::Commit { commit_time, .. }]) => {
+            // Commit times are microseconds since 2000-01-01 (both decoders).
+            let commit = *commit_time as f64 / 1e6 + 946_684_800.0;
             Some((now() - commit).max(0.0))
         }
         _ => None,

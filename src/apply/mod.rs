@@ -20,8 +20,9 @@ use anyhow::{Result, anyhow, bail};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use crate::decode::{Change, Relation, pgoutput};
+use crate::decode::{Change, Relation, StreamDecoder};
 use crate::pg::{Lsn, describe};
+use crate::replication::Plugin;
 use crate::spool::SpoolReader;
 use sets::SetQueue;
 use statements::{Statements, TargetTable};
@@ -142,22 +143,37 @@ pub struct Progress {
     pub changes: u64,
 }
 
+/// Where apply reads and what it applies to.
+pub struct Source<'a> {
+    /// The spool's work dir.
+    pub dir: &'a Path,
+    /// The plugin the spool was written by (recorded in state.db).
+    pub plugin: Plugin,
+    /// The replication origin tracking the target's progress.
+    pub origin: &'a str,
+}
+
 /// Runs until the stop rule says every transaction up to endpos is applied.
 pub async fn run(
     target: &Arc<Client>,
-    dir: &Path,
-    origin: &str,
+    source: &Source<'_>,
     stop: &mut StopRule,
     resynced: &Resynced,
     progress_tx: &watch::Sender<Progress>,
 ) -> Result<Lsn> {
+    let Source {
+        dir,
+        plugin,
+        origin,
+    } = *source;
     let start = setup_origin(target, origin).await?;
     let reader = SpoolReader::open(dir)?;
     let after_seq = reader.seq_through(start)?;
     let mut applier = Applier {
         target,
         reader,
-        decoder: pgoutput::Decoder::default(),
+        plugin,
+        decoder: StreamDecoder::new(plugin),
         statements: Statements::default(),
         sets: SetQueue::default(),
         tables: HashMap::new(),
@@ -173,13 +189,18 @@ pub async fn run(
         final_lsn: Lsn(0),
         skipping: false,
         undescribed: HashMap::new(),
+        pending_truncate: None,
     };
     // Only the last description of each relation counts, and it is matched with the target
     // only when a change of it comes: an older one may name a column dropped since (on both
     // sides), a table dropped since may never send a change again.
+    // (A wal2json spool has no Relation records: its decoder announces each table again at
+    // its first change.)
     for payload in applier.reader.relations_before(after_seq)? {
-        if let Change::Relation(r) = applier.decoder.decode(payload)? {
-            applier.undescribed.insert(r.oid, r);
+        for change in applier.decoder.decode(payload)? {
+            if let Change::Relation(r) = change {
+                applier.undescribed.insert(r.oid, r);
+            }
         }
     }
     tracing::info!("apply: resuming after {start} (origin {origin})");
@@ -223,7 +244,7 @@ pub async fn run(
                 applier.rewind().await?;
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(explain_wal2json_null(plugin, e)),
         }
         if applier.batch.transactions > 0 || applier.batch.open {
             progress_tx.send_replace(applier.progress);
@@ -240,6 +261,17 @@ pub async fn run(
     }
 }
 
+/// wal2json prints NaN and ±Infinity of numeric, real and double precision columns as null:
+/// a NOT NULL violation on the target is most likely one of them (`check` warned about these
+/// columns). Apply stops there rather than write a wrong value; this says why.
+fn explain_wal2json_null(plugin: Plugin, e: anyhow::Error) -> anyhow::Error {
+    if plugin == Plugin::Wal2json && format!("{e:#}").contains("(SQLSTATE 23502)") {
+        e.context("wal2json sent null for a NOT NULL column: the source value is most likely NaN, Infinity or -Infinity in a numeric, real or double precision column, which wal2json prints as null. Nothing of this transaction was applied; migrate this table with --plugin pgoutput")
+    } else {
+        e
+    }
+}
+
 /// What the apply loop does after a spool record.
 enum Step {
     Continue,
@@ -253,7 +285,8 @@ enum Step {
 struct Applier<'a> {
     target: &'a Arc<Client>,
     reader: SpoolReader,
-    decoder: pgoutput::Decoder,
+    plugin: Plugin,
+    decoder: StreamDecoder,
     statements: Statements,
     sets: SetQueue,
     tables: HashMap<u32, TargetTable>,
@@ -271,6 +304,10 @@ struct Applier<'a> {
     skipping: bool,
     /// Relations read back from the spool on a resume, matched with the target on first use.
     undescribed: HashMap<u32, Relation>,
+    /// wal2json sends one message per table of a TRUNCATE: the tables gathered so far, and
+    /// RESTART IDENTITY, applied as one statement at the next other change (a TRUNCATE of a
+    /// table referenced by a foreign key is refused unless the other table is in it too).
+    pending_truncate: Option<(Vec<u32>, bool)>,
 }
 
 impl Applier<'_> {
@@ -292,7 +329,21 @@ impl Applier<'_> {
     }
 
     async fn handle(&mut self, payload: bytes::Bytes, stop: &StopRule) -> Result<Step> {
-        let change = self.decoder.decode(payload)?;
+        for change in self.decoder.decode(payload)? {
+            let step = self.handle_change(change, stop).await?;
+            if !matches!(step, Step::Continue) {
+                return Ok(step);
+            }
+        }
+        Ok(Step::Continue)
+    }
+
+    async fn handle_change(&mut self, change: Change, stop: &StopRule) -> Result<Step> {
+        if !matches!(change, Change::Truncate { .. } | Change::Relation(_))
+            && let Some((relations, restart_identity)) = self.pending_truncate.take()
+        {
+            self.truncate(relations, restart_identity).await?;
+        }
         match change {
             Change::Relation(r) => {
                 self.send_queued().await?;
@@ -364,41 +415,17 @@ impl Applier<'_> {
                 relations,
                 cascade: _,
                 restart_identity,
-            } => {
-                for oid in &relations {
-                    self.describe_pending(*oid).await?;
-                }
-                let listed = relations.len();
-                let relations: Vec<u32> = relations
-                    .into_iter()
-                    .filter(|oid| !self.in_copy(*oid))
-                    .collect();
-                if relations.is_empty() {
-                    return Ok(Step::Continue);
-                }
-                self.send_queued().await?;
-                if relations.len() < listed {
-                    // A table of this truncate was resynced after it and keeps its copy; a
-                    // TRUNCATE of the others alone would be refused by the foreign keys
-                    // between them. Emptied row by row instead (foreign keys are not checked
-                    // in the apply session): the same final state.
-                    self.statements
-                        .delete_all(self.target, &self.tables, &relations)
-                        .await?;
-                } else {
-                    // Never CASCADE on the target: the source already lists every table its
-                    // cascade emptied. The same rule as native logical replication.
-                    let change = Change::Truncate {
-                        relations,
-                        cascade: false,
-                        restart_identity,
-                    };
-                    self.statements
-                        .apply(self.target, &self.tables, &change)
-                        .await?;
-                }
-                self.count_change();
+            } if self.plugin == Plugin::Wal2json => {
+                let pending = self
+                    .pending_truncate
+                    .get_or_insert_with(|| (Vec::new(), restart_identity));
+                pending.0.extend(relations);
             }
+            Change::Truncate {
+                relations,
+                cascade: _,
+                restart_identity,
+            } => self.truncate(relations, restart_identity).await?,
             Change::Insert { .. } | Change::Update { .. } | Change::Delete { .. } => {
                 let Some(oid) = change.relation() else {
                     return Ok(Step::Continue);
@@ -407,6 +434,10 @@ impl Applier<'_> {
                 if self.in_copy(oid) {
                     return Ok(Step::Continue);
                 }
+                let change = match self.tables.get(&oid) {
+                    Some(table) => table.without_generated(change),
+                    None => change,
+                };
                 if self.after_seq <= self.one_row_at_a_time_through {
                     self.statements
                         .apply(self.target, &self.tables, &change)
@@ -423,6 +454,45 @@ impl Applier<'_> {
             _ => {}
         }
         Ok(Step::Continue)
+    }
+
+    /// Applies a TRUNCATE of these relations (never CASCADE; a table resynced after it keeps
+    /// its copy).
+    async fn truncate(&mut self, relations: Vec<u32>, restart_identity: bool) -> Result<()> {
+        for oid in &relations {
+            self.describe_pending(*oid).await?;
+        }
+        let listed = relations.len();
+        let relations: Vec<u32> = relations
+            .into_iter()
+            .filter(|oid| !self.in_copy(*oid))
+            .collect();
+        if relations.is_empty() {
+            return Ok(());
+        }
+        self.send_queued().await?;
+        if relations.len() < listed {
+            // A table of this truncate was resynced after it and keeps its copy; a
+            // TRUNCATE of the others alone would be refused by the foreign keys
+            // between them. Emptied row by row instead (foreign keys are not checked
+            // in the apply session): the same final state.
+            self.statements
+                .delete_all(self.target, &self.tables, &relations)
+                .await?;
+        } else {
+            // Never CASCADE on the target: the source already lists every table its
+            // cascade emptied. The same rule as native logical replication.
+            let change = Change::Truncate {
+                relations,
+                cascade: false,
+                restart_identity,
+            };
+            self.statements
+                .apply(self.target, &self.tables, &change)
+                .await?;
+        }
+        self.count_change();
+        Ok(())
     }
 
     fn count_change(&mut self) {
@@ -460,7 +530,8 @@ impl Applier<'_> {
         self.batch = Batch::default();
         self.skipping = false;
         self.after_seq = self.reader.seq_through(self.progress.applied)?;
-        self.decoder = pgoutput::Decoder::default();
+        self.decoder = StreamDecoder::new(self.plugin);
+        self.pending_truncate = None;
         Ok(())
     }
 }

@@ -25,6 +25,9 @@ pub struct TargetTable {
     /// Per source column: a `GENERATED ALWAYS AS IDENTITY` column on the target, which an
     /// UPDATE cannot assign; apply matches it instead (its value never changes in practice).
     pub generated_always: Vec<bool>,
+    /// Per source column: a generated (computed) column on the target. wal2json sends their
+    /// values; the target computes its own, so they are never written.
+    pub generated: Vec<bool>,
 }
 
 impl TargetTable {
@@ -34,7 +37,7 @@ impl TargetTable {
         let name = qualified(&relation.schema, &relation.name);
         let rows = target
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attidentity = 'a'
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attidentity = 'a', a.attgenerated <> ''
                  FROM pg_attribute a
                  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
                 &[&name],
@@ -48,17 +51,19 @@ impl TargetTable {
                 relation.name
             );
         }
-        let target_columns: HashMap<String, (String, bool)> = rows
+        let target_columns: HashMap<String, (String, bool, bool)> = rows
             .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
             .collect();
         let mut types = Vec::with_capacity(relation.columns.len());
         let mut generated_always = Vec::with_capacity(relation.columns.len());
+        let mut generated = Vec::with_capacity(relation.columns.len());
         for column in &relation.columns {
             match target_columns.get(&column.name) {
-                Some((t, always)) => {
+                Some((t, always, computed)) => {
                     types.push(t.clone());
                     generated_always.push(*always);
+                    generated.push(*computed);
                 }
                 None => bail!(
                     "schema drift on {}.{}: the source has column \"{}\" that the target lacks. Add it on the target (ALTER TABLE {name} ADD COLUMN …) and rerun follow; nothing after this change was applied.",
@@ -73,7 +78,38 @@ impl TargetTable {
             qualified: name,
             types,
             generated_always,
+            generated,
         })
+    }
+
+    /// The change without the values of generated columns (as `Unchanged`: never written,
+    /// never matched), which wal2json sends and pgoutput does not.
+    pub fn without_generated(&self, mut change: Change) -> Change {
+        if !self.generated.contains(&true) {
+            return change;
+        }
+        let mask = |values: &mut Vec<Value>| {
+            for (v, computed) in values.iter_mut().zip(&self.generated) {
+                if *computed {
+                    *v = Value::Unchanged;
+                }
+            }
+        };
+        match &mut change {
+            Change::Insert { new, .. } => mask(new),
+            Change::Update { old, new, .. } => {
+                mask(new);
+                if let Some((OldImage::Full, values)) = old {
+                    mask(values);
+                }
+            }
+            Change::Delete {
+                old: (OldImage::Full, values),
+                ..
+            } => mask(values),
+            _ => {}
+        }
+        change
     }
 
     fn column(&self, i: usize) -> String {

@@ -23,6 +23,7 @@ pub async fn run(args: CheckArgs) -> Result<()> {
         identity: args.identity.clone(),
         no_owner: args.no_owner,
         no_acl: args.no_acl,
+        wal2json_nan_as_null: args.wal2json_nan_as_null,
     };
     let findings = check::run(&opts).await;
     if args.json {

@@ -38,6 +38,8 @@ pub async fn run(args: CloneArgs) -> Result<()> {
             identity: args.identity.clone(),
             no_owner: args.no_owner,
             no_acl: args.no_acl,
+            plugin: args.plugin.unwrap_or(Plugin::Pgoutput),
+            wal2json_nan_as_null: args.wal2json_nan_as_null,
             ..crate::check::CheckOptions::new(
                 source.clone(),
                 Some(target.clone()),
@@ -83,7 +85,20 @@ pub async fn run(args: CloneArgs) -> Result<()> {
                 args.slot_name
             );
         }
-        tracing::info!("resuming clone --follow on slot {slot}");
+        // The plugin the slot was created with is the one its spool holds.
+        let recorded = workdir.state.stream_plugin()?;
+        if let Some(asked) = args.plugin
+            && asked != recorded
+        {
+            bail!(
+                "the work dir {} follows slot \"{slot}\" with --plugin {}, not {}: rerun without --plugin (or with --plugin {})",
+                args.dir.display(),
+                recorded.name(),
+                asked.name(),
+                recorded.name()
+            );
+        }
+        tracing::info!("resuming clone --follow on slot {slot} ({})", recorded.name());
         let receiver = follow::start_receiver(&opts.source, &workdir)?;
         interruptible(clone::run(&workdir, &opts), &args.dir).await?;
         return apply_phase(&opts, &workdir, receiver).await;
@@ -121,7 +136,11 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         &opts.source,
         &workdir.state,
         &slot_name,
-        Plugin::Pgoutput,
+        super::stream::PluginChoice {
+            plugin: args.plugin.unwrap_or(Plugin::Pgoutput),
+            nan_as_null: args.wal2json_nan_as_null,
+            applied: true,
+        },
         &opts.filters,
         &args.identity,
         true,

@@ -12,7 +12,6 @@ use crate::cli::FollowArgs;
 use crate::clone::sequences;
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Lsn, Side, catalog};
-use crate::replication::Plugin;
 use crate::replication::stream::{self, ReceiveOptions};
 use crate::state::StateDb;
 use crate::workdir::WorkDir;
@@ -91,13 +90,7 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
     let slot = state
         .get_meta("stream.slot")?
         .ok_or_else(|| anyhow!("the work dir {} has no stream: start with `pgtide clone --follow` or `pgtide stream setup`", workdir.path.display()))?;
-    let plugin = Plugin::parse(&state.get_meta("stream.plugin")?.unwrap_or_default())?;
-    if plugin != Plugin::Pgoutput {
-        bail!(
-            "apply reads pgoutput streams; this work dir's slot uses {}: set up a pgoutput slot",
-            plugin.name()
-        );
-    }
+    let plugin = state.stream_plugin()?;
     let start: Lsn = state
         .get_meta("stream.startpos")?
         .unwrap_or_else(|| "0/0".into())
@@ -175,6 +168,7 @@ async fn apply_and_set_sequences(
 ) -> Result<Lsn> {
     let state = workdir.state.clone();
     let slot = state.get_meta("stream.slot")?.unwrap_or_default();
+    refuse_inexact_wal2json(source, &state).await?;
     state.set_meta(APPLY_KEY, "on")?;
     state.set_phase("following")?;
     let (endpos_tx, endpos_rx) = watch::channel(read_endpos(&state)?);
@@ -228,11 +222,16 @@ async fn apply_and_set_sequences(
     };
     let resynced = crate::clone::resynced_tables(&state)?;
     let origin = apply::origin_name(&slot);
+    let source_of_apply = apply::Source {
+        dir: &workdir.path,
+        plugin: state.stream_plugin()?,
+        origin: &origin,
+    };
     let mut client = std::sync::Arc::new(pg::connect(target, Side::Target, "apply").await?);
     let mut backoff = Duration::from_millis(500);
     let applied = loop {
         let result = tokio::select! {
-            r = apply::run(&client, &workdir.path, &origin, &mut stop, &resynced, &progress) => r,
+            r = apply::run(&client, &source_of_apply, &mut stop, &resynced, &progress) => r,
             r = &mut task => {
                 endpos_poller.abort();
                 return match r {
@@ -291,6 +290,31 @@ async fn apply_and_set_sequences(
     Ok(applied)
 }
 
+/// Before applying a wal2json stream: refuses, naming them, the published nullable numeric
+/// and float columns whose NaN / ±Infinity wal2json turns into NULL, unless the operator
+/// accepted it (`--wal2json-nan-as-null`, recorded). `clone --follow` checked it before it
+/// created anything; a stream set up by `stream setup` is checked here.
+async fn refuse_inexact_wal2json(source: &ConnInfo, state: &StateDb) -> Result<()> {
+    use crate::replication::{Plugin, wal2json as w};
+    if state.stream_plugin()? != Plugin::Wal2json || state.wal2json_nan_as_null()? {
+        return Ok(());
+    }
+    let tables: Vec<(String, String)> = match state.get_meta("stream.tables")? {
+        Some(json) => serde_json::from_str(&json)?,
+        None => Vec::new(),
+    };
+    let client = pg::connect(source, Side::Source, "wal2json columns").await?;
+    let columns = w::inexact_columns(&client, &tables).await?;
+    if columns.iter().any(|c| !c.not_null) {
+        bail!(
+            "{}. Nothing was applied. Fix: {}",
+            w::nullable_message(&columns, false),
+            w::NULLABLE_FIX
+        );
+    }
+    Ok(())
+}
+
 /// What status and the metrics read of apply: the durable position and a rate sample.
 fn record_progress(state: &StateDb, p: &Progress) -> Result<()> {
     state.record_durable_lsn(p.durable)?;
@@ -317,6 +341,9 @@ pub async fn run(args: FollowArgs) -> Result<()> {
     super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
     if let Some(endpos) = args.endpos {
         set_endpos(&workdir.state, endpos)?;
+    }
+    if args.wal2json_nan_as_null {
+        workdir.state.record_wal2json_nan_as_null()?;
     }
     let receiver = start_receiver(&source, &workdir)?;
     let applied = tokio::select! {

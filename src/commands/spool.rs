@@ -6,25 +6,19 @@ use std::io::Write;
 use anyhow::Result;
 
 use crate::cli::SpoolShowArgs;
-use crate::decode::{Change, Relation, change_json, pgoutput, wal2json};
+use crate::decode::{Change, Relation, StreamDecoder, change_json};
 use crate::pg::Lsn;
-use crate::replication::Plugin;
 use crate::spool::SpoolReader;
 use crate::state::StateDb;
 
 pub fn show(args: SpoolShowArgs) -> Result<()> {
     let state = StateDb::open(&args.dir.join("state.db"))?;
-    let plugin = Plugin::parse(
-        &state
-            .get_meta("stream.plugin")?
-            .unwrap_or_else(|| "pgoutput".into()),
-    )?;
+    let plugin = state.stream_plugin()?;
     let reader = SpoolReader::open(&args.dir)?;
     let from = args.from.unwrap_or(Lsn(0));
     let limit = args.limit.unwrap_or(usize::MAX);
     let mut relations: HashMap<u32, Relation> = HashMap::new();
-    let mut pg_decoder = pgoutput::Decoder::default();
-    let mut json_decoder = wal2json::Decoder::default();
+    let mut decoder = StreamDecoder::new(plugin);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut printed = 0usize;
@@ -36,10 +30,7 @@ pub fn show(args: SpoolShowArgs) -> Result<()> {
         }
         for stored in batch {
             after = stored.seq;
-            let changes = match plugin {
-                Plugin::Pgoutput => vec![pg_decoder.decode(stored.payload.clone())?],
-                Plugin::Wal2json => json_decoder.decode(&stored.payload)?,
-            };
+            let changes = decoder.decode(stored.payload)?;
             for change in changes {
                 if let Change::Relation(r) = &change {
                     relations.insert(r.oid, r.clone());

@@ -46,6 +46,52 @@ pub fn recorded_publications(state: &crate::state::StateDb, slot: &str) -> Resul
     })
 }
 
+/// The output plugin a stream is set up with, and what its operator accepted of it.
+#[derive(Clone, Copy, Debug)]
+pub struct PluginChoice {
+    pub plugin: Plugin,
+    /// --wal2json-nan-as-null: NaN / ±Infinity of nullable numeric and float columns may
+    /// arrive as NULL.
+    pub nan_as_null: bool,
+    /// The stream will be applied by this command (clone --follow): columns wal2json cannot
+    /// carry are refused now. A stream only spooled (stream setup, snapshot) gets a warning,
+    /// and apply refuses it later unless accepted.
+    pub applied: bool,
+}
+
+/// With wal2json, refuses (before anything is created) tables whose nullable numeric or
+/// float columns would silently turn NaN / ±Infinity into NULL, unless accepted or the stream
+/// is only spooled here; warns about NOT NULL ones (apply stops there).
+async fn refuse_inexact_wal2json(
+    client: &tokio_postgres::Client,
+    tables: &[(String, String)],
+    choice: PluginChoice,
+) -> Result<()> {
+    use crate::replication::wal2json as w;
+    if choice.plugin != Plugin::Wal2json {
+        return Ok(());
+    }
+    let columns = w::inexact_columns(client, tables).await?;
+    if columns.iter().any(|c| c.not_null) {
+        tracing::warn!("{}", w::not_null_message(&columns));
+    }
+    if columns.iter().any(|c| !c.not_null) {
+        match (choice.nan_as_null, choice.applied) {
+            (true, _) => tracing::warn!("{}", w::nullable_message(&columns, true)),
+            (false, false) => tracing::warn!(
+                "{}; `follow` will refuse to apply this stream unless given --wal2json-nan-as-null",
+                w::nullable_message(&columns, false)
+            ),
+            (false, true) => bail!(
+                "{}. Nothing was created. Fix: {}",
+                w::nullable_message(&columns, false),
+                w::NULLABLE_FIX
+            ),
+        }
+    }
+    Ok(())
+}
+
 /// What a slot publishes: every selected table, the append-only ones in their own
 /// INSERT/TRUNCATE-only publication.
 pub struct Published {
@@ -58,7 +104,7 @@ pub struct Published {
 /// `--replica-identity-full` (pgtide sets it) or `--append-only` for them.
 pub async fn prepare_source(
     source: &ConnInfo,
-    plugin: Plugin,
+    choice: PluginChoice,
     slot_name: &str,
     filters: &crate::clone::filters::Filters,
     identity: &IdentityArgs,
@@ -71,6 +117,7 @@ pub async fn prepare_source(
             "the source's wal_level is {wal_level}, logical decoding needs logical: set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart the source server"
         );
     }
+    let plugin = choice.plugin;
     pg::catalog::check_filters_name_real_objects(&client, filters).await?;
     let (tables, not_followed) = slot::published_tables(&client, plugin, filters).await?;
     if !not_followed.is_empty() {
@@ -102,6 +149,7 @@ pub async fn prepare_source(
         }
     }
     refuse_tables_without_identity(&client, &regular).await?;
+    refuse_inexact_wal2json(&client, &tables, choice).await?;
     let mut publications = Vec::new();
     if plugin == Plugin::Pgoutput {
         if !regular.is_empty() || append_only.is_empty() {
@@ -140,7 +188,11 @@ pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.source.source, "source")?;
     prepare_source(
         &source,
-        args.slot.plugin,
+        PluginChoice {
+            plugin: args.slot.plugin,
+            nan_as_null: args.slot.wal2json_nan_as_null,
+            applied: false,
+        },
         &args.slot.slot_name,
         &super::load_filters(args.slot.filters.as_deref())?,
         &args.slot.identity,
@@ -177,7 +229,7 @@ pub async fn create_recorded_slot(
     source: &ConnInfo,
     state: &crate::state::StateDb,
     slot_name: &str,
-    plugin: Plugin,
+    choice: PluginChoice,
     filters: &crate::clone::filters::Filters,
     identity: &IdentityArgs,
     export: bool,
@@ -185,12 +237,16 @@ pub async fn create_recorded_slot(
     let Published {
         tables,
         publications,
-    } = prepare_source(source, plugin, slot_name, filters, identity).await?;
+    } = prepare_source(source, choice, slot_name, filters, identity).await?;
+    let plugin = choice.plugin;
     let mut conn = ReplicationConnection::connect(source).await?;
     let system = slot::identify_system(&mut conn).await?;
     let created = slot::create_slot(&mut conn, slot_name, plugin, export).await?;
     state.set_meta("stream.slot", slot_name)?;
-    state.set_meta("stream.plugin", plugin.name())?;
+    state.record_stream_plugin(plugin)?;
+    if choice.nan_as_null {
+        state.record_wal2json_nan_as_null()?;
+    }
     state.set_meta("stream.startpos", &created.consistent_point.to_string())?;
     state.set_meta("stream.source.uri", &source.redacted())?;
     state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
@@ -215,7 +271,11 @@ pub async fn setup(args: StreamSetupArgs) -> Result<()> {
         &source,
         state,
         &args.slot.slot_name,
-        args.slot.plugin,
+        PluginChoice {
+            plugin: args.slot.plugin,
+            nan_as_null: args.slot.wal2json_nan_as_null,
+            applied: false,
+        },
         &filters,
         &args.slot.identity,
         false,
@@ -244,7 +304,7 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
         (None, Some(asked)) => {
             slot::check_slot_name(asked)?;
             state.set_meta("stream.slot", asked)?;
-            state.set_meta("stream.plugin", args.plugin.name())?;
+            state.record_stream_plugin(args.plugin)?;
             state.set_meta("stream.source.uri", &source.redacted())?;
             asked.clone()
         }
@@ -253,7 +313,7 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
             args.dir.display()
         ),
     };
-    let plugin = Plugin::parse(&state.get_meta("stream.plugin")?.unwrap_or_default())?;
+    let plugin = state.stream_plugin()?;
     let start: Lsn = state
         .get_meta("stream.startpos")?
         .unwrap_or_else(|| "0/0".into())
@@ -311,12 +371,8 @@ pub async fn cleanup(args: StreamCleanupArgs) -> Result<()> {
     conn.close().await;
     let client = pg::connect(&source, Side::Source, "cleanup").await?;
     slot::drop_publication(&client, &slot_name).await?;
-    for key in [
-        "stream.slot",
-        "stream.plugin",
-        "stream.startpos",
-        "stream.source.uri",
-    ] {
+    state.forget_stream_plugin()?;
+    for key in ["stream.slot", "stream.startpos", "stream.source.uri"] {
         state.delete_meta(key)?;
     }
     println!(

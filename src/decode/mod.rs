@@ -13,6 +13,31 @@ use serde_json::{Map, Value as Json, json};
 
 use crate::pg::Lsn;
 
+/// The decoder of the work dir's plugin: apply and `spool show` read a pgoutput or a
+/// wal2json spool through the same `Change` model.
+pub enum StreamDecoder {
+    Pgoutput(pgoutput::Decoder),
+    Wal2json(wal2json::Decoder),
+}
+
+impl StreamDecoder {
+    pub fn new(plugin: crate::replication::Plugin) -> Self {
+        match plugin {
+            crate::replication::Plugin::Pgoutput => Self::Pgoutput(Default::default()),
+            crate::replication::Plugin::Wal2json => Self::Wal2json(Default::default()),
+        }
+    }
+
+    /// Decodes one spooled message: one change for pgoutput; for wal2json a row change on a
+    /// table (or column set) not seen before comes after the `Relation` it implies.
+    pub fn decode(&mut self, payload: Bytes) -> anyhow::Result<Vec<Change>> {
+        match self {
+            Self::Pgoutput(d) => Ok(vec![d.decode(payload)?]),
+            Self::Wal2json(d) => d.decode(&payload),
+        }
+    }
+}
+
 /// One column value of a row image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Value {

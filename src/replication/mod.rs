@@ -1,9 +1,11 @@
 //! The change stream's source side: our walsender client (`conn`), the publication and slot
-//! (`slot`), and the receive loop that spools the stream and sends feedback (`stream`).
+//! (`slot`), the receive loop that spools the stream and sends feedback (`stream`), and what
+//! wal2json cannot carry exactly (`wal2json`).
 
 pub mod conn;
 pub mod slot;
 pub mod stream;
+pub mod wal2json;
 
 use clap::ValueEnum;
 
