@@ -143,8 +143,18 @@ fn pgbench_ok(uri: &str, args: &[&str]) {
     );
 }
 
+/// Float values of the hard changes: the edges, and with wal2json only finite ones (it prints
+/// NaN and ±Infinity as JSON null: check refuses such columns unless told
+/// `--wal2json-nan-as-null`, which the wal2json cells pass).
+fn hard_floats(plugin: Plugin) -> [&'static str; 5] {
+    match plugin {
+        Plugin::Pgoutput => ["NaN", "Infinity", "-Infinity", "1e-300", "-0"],
+        Plugin::Wal2json => ["1e-300", "-0", "1.7976931348623157e308", "5e-324", "0.1"],
+    }
+}
+
 /// The hard changes, `rounds` times, each statement its own transaction but the swap.
-async fn hard_changes(src: &str, rounds: i64) {
+async fn hard_changes(src: &str, rounds: i64, plugin: Plugin) {
     let client = connect(src).await;
     for i in 0..rounds {
         let id = 9_007_199_254_740_993i64 + i; // above 2^53: a double cannot hold it
@@ -156,7 +166,7 @@ async fn hard_changes(src: &str, rounds: i64) {
                     &format!("it's a \"quote\" \\ back\\slash {i}"),
                     &vec![0u8, 1, 2, 255, b'\\'],
                     &"1234567890123456789012345678.0123456789",
-                    &["NaN", "Infinity", "-Infinity", "1e-300", "-0"][(i % 5) as usize],
+                    &hard_floats(plugin)[(i % 5) as usize],
                 ],
             )
             .await
@@ -326,7 +336,7 @@ async fn run_cell(cell: Cell) {
     let mut args = clone_follow_args(&src, &dst, d, &name);
     args.extend(["--table-jobs", "2"]);
     if cell.plugin == Plugin::Wal2json {
-        args.extend(["--plugin", "wal2json"]);
+        args.extend(["--plugin", "wal2json", "--wal2json-nan-as-null"]);
     }
     let mut child = pgtide_in_version_env(&args)
         .env("FAILPOINTS", "copy.before_commit=sleep(100)")
@@ -337,7 +347,7 @@ async fn run_cell(cell: Cell) {
     let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
     wait_for_slot(&dir);
     let load = pgbench(&src, &["-n", "-c", "2", "-T", "3"]);
-    hard_changes(&src, 40).await;
+    hard_changes(&src, 40, cell.plugin).await;
     let load = load.wait_with_output().unwrap();
     assert!(
         load.status.success(),
@@ -435,6 +445,16 @@ async fn pg17_to_pg18() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pg15_to_pg15() {
     run_cell(Cell::parse("15:15")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pg15_to_pg15_wal2json() {
+    run_cell(Cell::parse("15:15:wal2json")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pg15_to_pg18_wal2json() {
+    run_cell(Cell::parse("15:18:wal2json")).await;
 }
 
 /// The cell `scripts/matrix.sh` asks for in `PGTIDE_MATRIX_CELL`; 16 → 16 in CI (client tools
@@ -895,9 +915,23 @@ fn type_matrix_ddl(table: &str) -> String {
     )
 }
 
+/// The columns whose NaN / ±Infinity wal2json prints as JSON null (plain numeric, real and
+/// double precision): through wal2json the matrix gives them finite values instead.
+const WAL2JSON_NAN_COLUMNS: &[&str] = &["c_num", "c_real", "c_float8"];
+
+/// An edge value as the plugin can carry it (see `WAL2JSON_NAN_COLUMNS`).
+fn carried_value(name: &str, value: &'static str, plugin: Plugin) -> &'static str {
+    let special = ["NaN", "Infinity", "-Infinity"].contains(&value);
+    if plugin == Plugin::Wal2json && special && WAL2JSON_NAN_COLUMNS.contains(&name) {
+        "-1.5e-30"
+    } else {
+        value
+    }
+}
+
 /// An INSERT of row `id` with value set `set` (0..4) of every column; set 4 is all NULL and
 /// set 5 puts TOAST-sized values in the text, bytea and jsonb columns on top of set 3.
-fn type_matrix_insert(table: &str, id: i64, set: usize) -> String {
+fn type_matrix_insert(table: &str, id: i64, set: usize, plugin: Plugin) -> String {
     let values: Vec<String> = TYPE_MATRIX
         .iter()
         .map(|(name, ty, edge)| match set {
@@ -914,7 +948,9 @@ fn type_matrix_insert(table: &str, id: i64, set: usize) -> String {
             }
             _ => format!(
                 "E'{}'::{ty}",
-                edge[set.min(3)].replace('\\', "\\\\").replace('\'', "''")
+                carried_value(name, edge[set.min(3)], plugin)
+                    .replace('\\', "\\\\")
+                    .replace('\'', "''")
             ),
         })
         .collect();
@@ -953,7 +989,7 @@ async fn type_matrix(cell: Cell) {
     ];
     for table in ["tm_keyed", "tm_full"] {
         for set in 0..6 {
-            setup.push(type_matrix_insert(table, set as i64 + 1, set));
+            setup.push(type_matrix_insert(table, set as i64 + 1, set, cell.plugin));
         }
     }
     exec(&src, &(setup.join(";\n") + ";")).await;
@@ -965,7 +1001,7 @@ async fn type_matrix(cell: Cell) {
     let log = std::fs::File::create(&log_path).unwrap();
     let mut args = clone_follow_args(&src, &dst, d, &name);
     if cell.plugin == Plugin::Wal2json {
-        args.extend(["--plugin", "wal2json"]);
+        args.extend(["--plugin", "wal2json", "--wal2json-nan-as-null"]);
     }
     let mut child = pgtide_in_version_env(&args)
         .stdout(log.try_clone().unwrap())
@@ -984,7 +1020,12 @@ async fn type_matrix(cell: Cell) {
         let mut changes = Vec::new();
         // Every value set inserted again during follow.
         for set in 0..6 {
-            changes.push(type_matrix_insert(table, 100 + set as i64, set));
+            changes.push(type_matrix_insert(
+                table,
+                100 + set as i64,
+                set,
+                cell.plugin,
+            ));
         }
         // Every column of a row takes another row's values (NULL to edge, edge to NULL, TOAST
         // to small and back).
@@ -1055,4 +1096,9 @@ async fn type_matrix_pg12_to_pg18_pgoutput() {
 #[tokio::test(flavor = "multi_thread")]
 async fn type_matrix_pg15_to_pg15_pgoutput() {
     type_matrix(Cell::parse("15:15")).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn type_matrix_pg15_to_pg18_wal2json() {
+    type_matrix(Cell::parse("15:18:wal2json")).await;
 }
