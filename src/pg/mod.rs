@@ -94,12 +94,7 @@ pub async fn pin_search_path(client: &Client) -> Result<()> {
 /// The server's major version (`server_version_num` / 10000): what pg_dump must match and
 /// what decides the catalogs verify reads.
 pub async fn server_major(client: &Client) -> Result<u32> {
-    let num: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(|e| anyhow!("cannot read the server version: {}", describe(&e)))?
-        .get(0);
-    Ok((num / 10000) as u32)
+    Ok(ServerVersion::of(client).await?.major())
 }
 
 /// Server notices received on pgtide's connections, for the count at the end of a run.

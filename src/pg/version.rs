@@ -49,12 +49,6 @@ impl ServerVersion {
         self.major() >= 13
     }
 
-    /// The server knows `transaction_timeout` (17+), which pg_restore 17 and newer set: their
-    /// restore fails on an older server.
-    pub fn has_transaction_timeout(self) -> bool {
-        self.major() >= 17
-    }
-
     /// pgoutput sends logical messages (its `messages` option, 14+).
     pub fn has_pgoutput_messages(self) -> bool {
         self.major() >= 14
@@ -75,7 +69,6 @@ mod tests {
         assert!(!v12.can_publish_partitioned() && v13.can_publish_partitioned());
         assert!(!v13.has_pgoutput_messages() && v14.has_pgoutput_messages());
         assert!(v18.has_pgoutput_messages() && v18.can_publish_partitioned());
-        assert!(!v14.has_transaction_timeout() && v18.has_transaction_timeout());
         assert!(ServerVersion::parse("x").is_err());
     }
 }
