@@ -324,12 +324,16 @@ pub async fn restore(dump_file: &Path, target: &ConnInfo, opts: &RestoreOptions<
     if opts.tools.newer_than_target() {
         return restore_through_script(dump_file, target, opts.tools, &args).await;
     }
-    args.extend([
-        format!("--dbname={}", target.libpq_conninfo_without_password()),
+    let mut args_with_target = vec![format!(
+        "--dbname={}",
+        target.libpq_conninfo_without_password()
+    )];
+    args_with_target.extend(args);
+    args_with_target.extend([
         "--exit-on-error".to_string(),
         "--single-transaction".to_string(),
     ]);
-    run_tool(opts.tools, "pg_restore", &args, target)
+    run_tool(opts.tools, "pg_restore", &args_with_target, target)
         .await
         .with_context(|| format!("cannot restore {} on the target", dump_file.display()))?;
     Ok(())
