@@ -1654,12 +1654,27 @@ mod tests {
     use crate::replication::Plugin;
     use std::time::Duration;
 
-    /// A fresh state.db path of its own for one test.
-    fn scratch(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("pgtide-state-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir.join("state.db")
+    /// A directory of its own for one test's state.db, removed when the test ends.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("pgtide-state-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            Scratch(dir)
+        }
+
+        fn db(&self) -> std::path::PathBuf {
+            self.0.join("state.db")
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     fn lsn(text: &str) -> Lsn {
@@ -1668,7 +1683,8 @@ mod tests {
 
     #[test]
     fn a_state_db_written_with_the_earlier_string_keys_opens_and_resumes() {
-        let path = scratch("old-keys");
+        let scratch = Scratch::new("old-keys");
+        let path = scratch.db();
         {
             // What the earlier pgtide (string keys through set_meta) left behind.
             let c = Connection::open(&path).unwrap();
@@ -1823,7 +1839,8 @@ mod tests {
 
     #[test]
     fn stream_cleanup_forgets_the_whole_stream_record() {
-        let state = StateDb::open(&scratch("forget-stream")).unwrap();
+        let scratch = Scratch::new("forget-stream");
+        let state = StateDb::open(&scratch.db()).unwrap();
         assert_eq!(state.stream().unwrap(), None);
         state
             .record_stream(&StreamRecord {
@@ -1891,7 +1908,8 @@ mod tests {
 
     #[test]
     fn a_phase_keeps_its_start_and_a_new_one_clears_the_error() {
-        let state = StateDb::open(&scratch("phase")).unwrap();
+        let scratch = Scratch::new("phase");
+        let state = StateDb::open(&scratch.db()).unwrap();
         assert_eq!(state.phase().unwrap(), PhaseRecord::default());
         state.set_phase(Phase::Copying).unwrap();
         let since = state.phase().unwrap().since;
