@@ -164,7 +164,7 @@ pub fn exposition(s: &Status) -> Result<String, std::fmt::Error> {
     int(
         "error",
         "1 when the migration stopped on an error",
-        Some(u64::from(s.phase == "failed")),
+        Some(u64::from(s.phase == crate::state::Phase::Failed)),
     );
     let mut float = |name: &str, help: &str, value: Option<f64>| {
         if let Some(v) = value {
@@ -196,7 +196,7 @@ pub fn exposition(s: &Status) -> Result<String, std::fmt::Error> {
     let phase: Family<PhaseLabel, Gauge> = Family::default();
     phase
         .get_or_create(&PhaseLabel {
-            phase: s.phase.clone(),
+            phase: s.phase.as_str().to_string(),
         })
         .set(1);
     registry.register("phase", "The current phase (label), always 1", phase);

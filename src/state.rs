@@ -2,6 +2,12 @@
 //! snapshot, one progress row per step, table part and index (with start/end times and attempt
 //! counts), and the identity of the migration the work dir belongs to.
 //!
+//! Everything else a migration records is a typed record with its own methods: the stream
+//! (`StreamRecord`, written and cleared as one), its positions, the `Sentinel`, the `Phase`,
+//! clone `Step`s, resync positions, the fence, the filters (invariant 9). They are stored in
+//! the `meta` table under the keys earlier versions wrote (see `key`), so an older work dir
+//! opens and resumes as it is; no string key is used outside this file.
+//!
 //! Resume correctness depends on this file: a part or index is only marked `done` after the
 //! target committed it, so a crash can leave a row `running` (redone or checked on resume) but
 //! never `done` for work the target does not have.
@@ -10,7 +16,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::pg::Lsn;
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Bumped whenever the schema below changes; `open` migrates older files forward.
@@ -95,17 +103,350 @@ CREATE TABLE IF NOT EXISTS large_objects (
 );
 "#;
 
-/// meta key of the migration's filters (JSON of `Filters`), recorded when it starts.
-/// The output plugin of the work dir's slot (see `record_stream_plugin`).
-const STREAM_PLUGIN_KEY: &str = "stream.plugin";
-/// The operator's --wal2json-nan-as-null (see `record_wal2json_nan_as_null`).
-const WAL2JSON_NAN_AS_NULL_KEY: &str = "stream.wal2json_nan_as_null";
-const FILTERS_KEY: &str = "migration.filters";
-/// meta key of the offset the last sequence copy added (verify expects the target ahead).
-const SEQUENCE_OFFSET_KEY: &str = "migration.sequence_offset";
-/// meta keys of apply's positions: durable on the target (every second) and at endpos.
-const DURABLE_LSN_KEY: &str = "apply.durable_lsn";
-const APPLIED_AT_ENDPOS_KEY: &str = "sentinel.applied_lsn";
+/// The `meta` keys the typed records below are stored under: the keys earlier pgtide versions
+/// wrote, so that a work dir they created opens and resumes as it is. No key leaves this file.
+mod key {
+    pub const STREAM_SLOT: &str = "stream.slot";
+    pub const STREAM_PLUGIN: &str = "stream.plugin";
+    pub const STREAM_WAL2JSON_NAN_AS_NULL: &str = "stream.wal2json_nan_as_null";
+    pub const STREAM_STARTPOS: &str = "stream.startpos";
+    pub const STREAM_SOURCE_URI: &str = "stream.source.uri";
+    pub const STREAM_TABLES: &str = "stream.tables";
+    pub const STREAM_PUBLICATIONS: &str = "stream.publications";
+    pub const STREAM_SYSTEM_ID: &str = "stream.system_id";
+    /// Every key of the stream record: written and cleared together.
+    pub const STREAM_RECORD: [&str; 8] = [
+        STREAM_SLOT,
+        STREAM_PLUGIN,
+        STREAM_WAL2JSON_NAN_AS_NULL,
+        STREAM_STARTPOS,
+        STREAM_SOURCE_URI,
+        STREAM_TABLES,
+        STREAM_PUBLICATIONS,
+        STREAM_SYSTEM_ID,
+    ];
+    pub const STREAM_RECEIVED_LSN: &str = "stream.received_lsn";
+    pub const STREAM_FLUSHED_LSN: &str = "stream.flushed_lsn";
+    /// JSON {"schema.table": "X/Y"}.
+    pub const STREAM_RESYNCED: &str = "stream.resynced";
+    pub const SENTINEL_ENDPOS: &str = "sentinel.endpos";
+    /// "on" once apply is switched on.
+    pub const SENTINEL_APPLY: &str = "sentinel.apply";
+    pub const SENTINEL_REACHED_ENDPOS: &str = "sentinel.reached_endpos";
+    pub const SENTINEL_APPLIED_LSN: &str = "sentinel.applied_lsn";
+    pub const APPLY_APPLIED_LSN: &str = "apply.applied_lsn";
+    pub const APPLY_DURABLE_LSN: &str = "apply.durable_lsn";
+    pub const PHASE: &str = "phase";
+    pub const PHASE_SINCE: &str = "phase.since";
+    pub const PHASE_ERROR: &str = "phase.error";
+    /// JSON of `Filters`.
+    pub const MIGRATION_FILTERS: &str = "migration.filters";
+    pub const MIGRATION_SEQUENCE_OFFSET: &str = "migration.sequence_offset";
+    /// "cleaned up" once `pgtide cleanup` ran.
+    pub const MIGRATION_STATUS: &str = "migration.status";
+    pub const MIGRATION_CLEANED_UP: &str = "cleaned up";
+    pub const CLONE_STATUS: &str = "clone.status";
+    pub const CLONE_BYTES_COPIED: &str = "clone.bytes_copied";
+    pub const CLONE_ROWS_COPIED: &str = "clone.rows_copied";
+    pub const SNAPSHOT: &str = "snapshot";
+    pub const SPOOL_BYTES: &str = "spool.bytes";
+    /// JSON list of `FencedRole`.
+    pub const CUTOVER_FENCE: &str = "cutover.fence";
+
+    /// The key of a server's identity (system identifier / database).
+    pub fn identity(side: crate::pg::Side) -> &'static str {
+        match side {
+            crate::pg::Side::Source => "source.identity",
+            crate::pg::Side::Target => "target.identity",
+        }
+    }
+
+    /// The key of a server's connection string, password removed.
+    pub fn uri(side: crate::pg::Side) -> &'static str {
+        match side {
+            crate::pg::Side::Source => "source.uri",
+            crate::pg::Side::Target => "target.uri",
+        }
+    }
+}
+
+/// The work dir's change stream as `stream setup` or `clone --follow` created it (or `stream
+/// receive --slot-name` adopted it): what every later stage (receive, follow, cutover,
+/// status, cleanup, a resume) reads back. Written and cleared as one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamRecord {
+    pub slot: String,
+    /// The output plugin the slot was created with: the spool holds its messages.
+    pub plugin: crate::replication::Plugin,
+    /// The operator accepted (`--wal2json-nan-as-null`) that wal2json turns NaN / ±Infinity
+    /// of nullable numeric and float columns into NULL.
+    pub wal2json_nan_as_null: bool,
+    /// The slot's consistent point: where the copy ends and the stream begins (None for an
+    /// adopted slot).
+    pub startpos: Option<Lsn>,
+    /// The source's connection string, password removed (invariant 7).
+    pub source_uri: Option<String>,
+    /// The published tables (schema, name), as the stream decodes and status shows them.
+    pub tables: Option<Vec<(String, String)>>,
+    /// The publications a pgoutput stream reads (None: the slot's default one).
+    pub publications: Option<Vec<String>>,
+    /// The source's system identifier, so that a stream from another server is refused.
+    pub system_id: Option<String>,
+}
+
+/// Where the receiver stands (recorded about every second): what it received and what is
+/// durable in the spool (and acknowledged to the source as flushed).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StreamPositions {
+    pub received: Option<Lsn>,
+    pub flushed: Option<Lsn>,
+}
+
+/// The operator's handle on a running follow (`pgtide sentinel`) and how it ended: follow
+/// re-reads `endpos` every half second; cutover waits for `reached_endpos`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Sentinel {
+    /// Apply stops after the last transaction committed at or before it.
+    pub endpos: Option<Lsn>,
+    /// Apply was switched on.
+    pub apply: bool,
+    /// The endpos a follow stopped at, once everything up to it was applied.
+    pub reached_endpos: Option<Lsn>,
+    /// The position apply stopped at when it reached endpos.
+    pub applied_lsn: Option<Lsn>,
+}
+
+/// The phase of the migration, as `pgtide status` and the metrics show it. The text of each
+/// (`as_str`) is what state.db stores and status prints: a stable interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing recorded yet (never stored).
+    #[default]
+    NotStarted,
+    Snapshot,
+    Schema,
+    Copying,
+    Constraints,
+    Vacuum,
+    Cloned,
+    Following,
+    StoppedAtEndpos,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    const ALL: [Phase; 11] = [
+        Phase::NotStarted,
+        Phase::Snapshot,
+        Phase::Schema,
+        Phase::Copying,
+        Phase::Constraints,
+        Phase::Vacuum,
+        Phase::Cloned,
+        Phase::Following,
+        Phase::StoppedAtEndpos,
+        Phase::Done,
+        Phase::Failed,
+    ];
+
+    /// The phase's text in state.db and in status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::NotStarted => "not started",
+            Phase::Snapshot => "snapshot",
+            Phase::Schema => "schema",
+            Phase::Copying => "copying",
+            Phase::Constraints => "constraints",
+            Phase::Vacuum => "vacuum",
+            Phase::Cloned => "cloned",
+            Phase::Following => "following",
+            Phase::StoppedAtEndpos => "stopped at endpos",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+
+    /// The phase `as_str` wrote, if `text` is one.
+    pub fn parse(text: &str) -> Option<Phase> {
+        Phase::ALL.into_iter().find(|p| p.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `pgtide status --json` prints the phase as its text.
+impl serde::Serialize for Phase {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// The phase with when it began and, for `Failed`, the error it stopped on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PhaseRecord {
+    pub phase: Phase,
+    /// Seconds since the epoch.
+    pub since: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// A clone step: each is recorded in the `steps` table with its times, so `--resume` skips
+/// the ones done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Catalog,
+    Dump,
+    PreData,
+    Copy,
+    Indexes,
+    LargeObjects,
+    PostData,
+    Sequences,
+    Vacuum,
+}
+
+impl Step {
+    const ALL: [Step; 9] = [
+        Step::Catalog,
+        Step::Dump,
+        Step::PreData,
+        Step::Copy,
+        Step::Indexes,
+        Step::LargeObjects,
+        Step::PostData,
+        Step::Sequences,
+        Step::Vacuum,
+    ];
+
+    /// The step's name in state.db, the logs and the clone summary.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Catalog => "catalog",
+            Step::Dump => "dump",
+            Step::PreData => "pre-data",
+            Step::Copy => "copy",
+            Step::Indexes => "indexes",
+            Step::LargeObjects => "large-objects",
+            Step::PostData => "post-data",
+            Step::Sequences => "sequences",
+            Step::Vacuum => "vacuum",
+        }
+    }
+
+    /// The step `as_str` named, if `name` is one.
+    pub fn parse(name: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// The migration phase status shows while this step runs.
+    pub fn phase(self) -> Phase {
+        match self {
+            Step::Catalog => Phase::Snapshot,
+            Step::Dump | Step::PreData => Phase::Schema,
+            Step::Copy | Step::Indexes | Step::LargeObjects => Phase::Copying,
+            Step::PostData | Step::Sequences => Phase::Constraints,
+            Step::Vacuum => Phase::Vacuum,
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a step stands: `Done` only once its work is committed on the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepStatus {
+    Running,
+    Done,
+    Failed,
+}
+
+impl StepStatus {
+    /// The status's text in state.db and the clone summary.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Running => "running",
+            StepStatus::Done => "done",
+            StepStatus::Failed => "failed",
+        }
+    }
+
+    fn parse(text: &str) -> Option<StepStatus> {
+        [StepStatus::Running, StepStatus::Done, StepStatus::Failed]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
+/// One line of the clone summary's step table.
+#[derive(Clone, Copy, Debug)]
+pub struct StepRecord {
+    pub step: Step,
+    pub status: StepStatus,
+    /// From start to end, None while it runs.
+    pub seconds: Option<f64>,
+}
+
+/// Whether the work dir's clone finished: a fresh `clone` refuses a dir holding either, and
+/// cutover one whose clone is still running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloneStatus {
+    Running,
+    Done,
+}
+
+impl CloneStatus {
+    /// The status's text in state.db and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloneStatus::Running => "running",
+            CloneStatus::Done => "done",
+        }
+    }
+}
+
+impl std::fmt::Display for CloneStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The running clone's live counters (every second), for `pgtide status` in another shell.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CloneProgress {
+    pub bytes_copied: u64,
+    pub rows_copied: u64,
+}
+
+/// The server a work dir is tied to, so that a resume against other servers is refused.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerIdentity {
+    /// The system identifier and the database name.
+    pub identity: String,
+    /// Its connection string, password removed, for messages and status.
+    pub uri: Option<String>,
+}
+
+/// One role a cutover fenced and its own `default_transaction_read_only` in the database
+/// before, so that the fence can be lifted exactly (also after a crash, with `--unfence`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FencedRole {
+    pub role: String,
+    pub previous: Option<String>,
+}
+
+/// Per table ("schema"."table", quoted) copied again under a later snapshot: the LSN of that
+/// snapshot. Apply skips the table's changes from transactions that commit before it (they
+/// are in its copy).
+pub type ResyncPositions = std::collections::HashMap<String, Lsn>;
 
 /// What the work dir knows of the follow process (the one applying the stream): written by it
 /// every second, so that cutover can tell at once when apply is no longer running.
@@ -316,40 +657,211 @@ impl StateDb {
         f(&conn).context("state database error")
     }
 
-    pub fn get_meta(&self, key: &str) -> Result<Option<String>> {
+    fn get_meta(&self, key: &str) -> Result<Option<String>> {
+        self.with(|c| meta_get(c, key))
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.with(|c| meta_set(c, key, value))
+    }
+
+    fn delete_meta(&self, key: &str) -> Result<()> {
+        self.with(|c| meta_delete(c, key))
+    }
+
+    /// A meta value parsed; an unreadable one is an error naming the key.
+    fn get_parsed<T>(&self, key: &str) -> Result<Option<T>>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+    {
+        self.get_meta(key)?
+            .map(|text| {
+                text.parse::<T>()
+                    .map_err(|e| anyhow!("state.db holds an unreadable {key} \"{text}\": {e}"))
+            })
+            .transpose()
+    }
+
+    /// A meta value holding JSON; an unreadable one is an error naming the key.
+    fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.get_meta(key)?
+            .map(|json| {
+                serde_json::from_str(&json)
+                    .with_context(|| format!("state.db holds an unreadable {key}"))
+            })
+            .transpose()
+    }
+
+    /// Several meta writes in one SQLite transaction: a crash leaves all or none of them.
+    fn write_meta(&self, write: impl FnOnce(&Connection) -> rusqlite::Result<()>) -> Result<()> {
         self.with(|c| {
-            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-                .optional()
+            let tx = c.unchecked_transaction()?;
+            write(&tx)?;
+            tx.commit()
         })
     }
 
-    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![key, value],
-            )
-            .map(|_| ())
+    /// Records the work dir's stream (`stream setup`, `clone --follow`, an adopted slot) in
+    /// one transaction; a field that is None is removed, so nothing of an earlier stream stays.
+    pub fn record_stream(&self, stream: &StreamRecord) -> Result<()> {
+        let tables = stream
+            .tables
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()?;
+        let publications = stream
+            .publications
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()?;
+        let startpos = stream.startpos.map(|l| l.to_string());
+        let fields: [(&str, Option<&str>); 8] = [
+            (key::STREAM_SLOT, Some(&stream.slot)),
+            (key::STREAM_PLUGIN, Some(stream.plugin.name())),
+            (
+                key::STREAM_WAL2JSON_NAN_AS_NULL,
+                stream.wal2json_nan_as_null.then_some("accepted"),
+            ),
+            (key::STREAM_STARTPOS, startpos.as_deref()),
+            (key::STREAM_SOURCE_URI, stream.source_uri.as_deref()),
+            (key::STREAM_TABLES, tables.as_deref()),
+            (key::STREAM_PUBLICATIONS, publications.as_deref()),
+            (key::STREAM_SYSTEM_ID, stream.system_id.as_deref()),
+        ];
+        self.write_meta(|c| {
+            for (key, value) in fields {
+                match value {
+                    Some(value) => meta_set(c, key, value)?,
+                    None => meta_delete(c, key)?,
+                }
+            }
+            Ok(())
         })
     }
 
-    pub fn delete_meta(&self, key: &str) -> Result<()> {
-        self.with(|c| {
-            c.execute("DELETE FROM meta WHERE key = ?1", [key])
-                .map(|_| ())
+    /// The work dir's stream, None when it has none (never set up, or cleaned up).
+    pub fn stream(&self) -> Result<Option<StreamRecord>> {
+        let Some(slot) = self.stream_slot()? else {
+            return Ok(None);
+        };
+        Ok(Some(StreamRecord {
+            slot,
+            plugin: self.stream_plugin()?,
+            wal2json_nan_as_null: self.wal2json_nan_as_null()?,
+            startpos: self.get_parsed(key::STREAM_STARTPOS)?,
+            source_uri: self.get_meta(key::STREAM_SOURCE_URI)?,
+            tables: self.get_json(key::STREAM_TABLES)?,
+            publications: self.get_json(key::STREAM_PUBLICATIONS)?,
+            system_id: self.get_meta(key::STREAM_SYSTEM_ID)?,
+        }))
+    }
+
+    /// The slot of the work dir's stream, if it has one.
+    pub fn stream_slot(&self) -> Result<Option<String>> {
+        self.get_meta(key::STREAM_SLOT)
+    }
+
+    /// The published tables, found later for an adopted slot (`stream receive`).
+    pub fn record_stream_tables(&self, tables: &[(String, String)]) -> Result<()> {
+        self.set_meta(key::STREAM_TABLES, &serde_json::to_string(tables)?)
+    }
+
+    /// Forgets the whole stream record (the slot was dropped): a later `stream setup` starts
+    /// from nothing.
+    pub fn forget_stream(&self) -> Result<()> {
+        self.write_meta(|c| {
+            key::STREAM_RECORD
+                .iter()
+                .try_for_each(|k| meta_delete(c, k))
         })
+    }
+
+    /// The receiver's positions, recorded about every second and when it stops.
+    pub fn record_stream_positions(&self, received: Lsn, flushed: Lsn) -> Result<()> {
+        self.write_meta(|c| {
+            meta_set(c, key::STREAM_RECEIVED_LSN, &received.to_string())?;
+            meta_set(c, key::STREAM_FLUSHED_LSN, &flushed.to_string())
+        })
+    }
+
+    /// The receiver's positions as last recorded.
+    pub fn stream_positions(&self) -> Result<StreamPositions> {
+        Ok(StreamPositions {
+            received: self.get_parsed(key::STREAM_RECEIVED_LSN)?,
+            flushed: self.get_parsed(key::STREAM_FLUSHED_LSN)?,
+        })
+    }
+
+    /// Records the tables copied again under a later snapshot, with that snapshot's LSN
+    /// (before their target rows are removed, so a crash in between only resyncs again).
+    pub fn record_resync_positions(&self, positions: &ResyncPositions) -> Result<()> {
+        let text: std::collections::HashMap<&str, String> = positions
+            .iter()
+            .map(|(table, lsn)| (table.as_str(), lsn.to_string()))
+            .collect();
+        self.set_meta(key::STREAM_RESYNCED, &serde_json::to_string(&text)?)
+    }
+
+    /// The per-table resync LSNs (empty when every table was copied under the slot's own
+    /// snapshot).
+    pub fn resync_positions(&self) -> Result<ResyncPositions> {
+        let text: std::collections::HashMap<String, String> =
+            self.get_json(key::STREAM_RESYNCED)?.unwrap_or_default();
+        text.into_iter()
+            .map(|(table, lsn)| {
+                lsn.parse().map(|lsn| (table, lsn)).map_err(|e: String| {
+                    anyhow!("state.db holds an unreadable {}: {e}", key::STREAM_RESYNCED)
+                })
+            })
+            .collect()
+    }
+
+    /// The sentinel as recorded.
+    pub fn sentinel(&self) -> Result<Sentinel> {
+        Ok(Sentinel {
+            endpos: self.endpos()?,
+            apply: self.get_meta(key::SENTINEL_APPLY)?.as_deref() == Some("on"),
+            reached_endpos: self.get_parsed(key::SENTINEL_REACHED_ENDPOS)?,
+            applied_lsn: self.get_parsed(key::SENTINEL_APPLIED_LSN)?,
+        })
+    }
+
+    /// The endpos apply stops at, if one is pinned (follow re-reads it every half second).
+    pub fn endpos(&self) -> Result<Option<Lsn>> {
+        self.get_parsed(key::SENTINEL_ENDPOS)
+    }
+
+    /// Pins endpos (the caller checked it is not behind what the target applied).
+    pub fn set_endpos(&self, endpos: Lsn) -> Result<()> {
+        self.set_meta(key::SENTINEL_ENDPOS, &endpos.to_string())
+    }
+
+    /// Clears endpos: a follow keeps following until one is set again.
+    pub fn clear_endpos(&self) -> Result<()> {
+        self.delete_meta(key::SENTINEL_ENDPOS)
+    }
+
+    /// Switches apply on (`sentinel set apply`, and every follow that applies).
+    pub fn switch_apply_on(&self) -> Result<()> {
+        self.set_meta(key::SENTINEL_APPLY, "on")
+    }
+
+    /// A follow applied everything up to `endpos` and stopped there (cutover waits for it).
+    pub fn record_reached_endpos(&self, endpos: Lsn) -> Result<()> {
+        self.set_meta(key::SENTINEL_REACHED_ENDPOS, &endpos.to_string())
     }
 
     /// Records the migration's filters (invariant 9): every later stage reads them back with
     /// `recorded_filters`.
     pub fn record_filters(&self, filters: &crate::clone::filters::Filters) -> Result<()> {
-        self.set_meta(FILTERS_KEY, &serde_json::to_string(filters)?)
+        self.set_meta(key::MIGRATION_FILTERS, &serde_json::to_string(filters)?)
     }
 
     /// The filters the migration recorded when it started; None for a work dir that has none
     /// recorded (it was started by an older pgtide, or nothing started yet).
     pub fn recorded_filters(&self) -> Result<Option<crate::clone::filters::Filters>> {
-        match self.get_meta(FILTERS_KEY)? {
+        match self.get_meta(key::MIGRATION_FILTERS)? {
             Some(json) => Ok(Some(serde_json::from_str(&json).context(
                 "the filters recorded in state.db cannot be read: use the pgtide that started this migration",
             )?)),
@@ -357,16 +869,10 @@ impl StateDb {
         }
     }
 
-    /// Records the output plugin the work dir's slot was created with: every later stage
-    /// (follow, cutover, status, cleanup, a resume) decodes the stream with it.
-    pub fn record_stream_plugin(&self, plugin: crate::replication::Plugin) -> Result<()> {
-        self.set_meta(STREAM_PLUGIN_KEY, plugin.name())
-    }
-
     /// The recorded output plugin; pgoutput for a work dir that recorded none (an earlier
     /// pgtide only streamed pgoutput into apply).
     pub fn stream_plugin(&self) -> Result<crate::replication::Plugin> {
-        match self.get_meta(STREAM_PLUGIN_KEY)? {
+        match self.get_meta(key::STREAM_PLUGIN)? {
             Some(name) => crate::replication::Plugin::parse(&name)
                 .context("the plugin recorded in state.db is unknown: use the pgtide that started this migration"),
             None => Ok(crate::replication::Plugin::Pgoutput),
@@ -377,62 +883,203 @@ impl StateDb {
     /// ±Infinity of nullable numeric and float columns into NULL: apply checks it before it
     /// applies a wal2json stream.
     pub fn record_wal2json_nan_as_null(&self) -> Result<()> {
-        self.set_meta(WAL2JSON_NAN_AS_NULL_KEY, "accepted")
+        self.set_meta(key::STREAM_WAL2JSON_NAN_AS_NULL, "accepted")
     }
 
     /// Whether `--wal2json-nan-as-null` was accepted for this work dir.
     pub fn wal2json_nan_as_null(&self) -> Result<bool> {
-        Ok(self.get_meta(WAL2JSON_NAN_AS_NULL_KEY)?.is_some())
-    }
-
-    /// Forgets the recorded plugin (the stream was dropped).
-    pub fn forget_stream_plugin(&self) -> Result<()> {
-        self.delete_meta(STREAM_PLUGIN_KEY)
+        Ok(self.get_meta(key::STREAM_WAL2JSON_NAN_AS_NULL)?.is_some())
     }
 
     /// The offset the target's sequences were set with (`--sequence-offset`, `--offset`).
     pub fn record_sequence_offset(&self, offset: i64) -> Result<()> {
-        self.set_meta(SEQUENCE_OFFSET_KEY, &offset.to_string())
+        self.set_meta(key::MIGRATION_SEQUENCE_OFFSET, &offset.to_string())
     }
 
     /// The recorded sequence offset (0 when none was recorded).
     pub fn sequence_offset(&self) -> Result<i64> {
         Ok(self
-            .get_meta(SEQUENCE_OFFSET_KEY)?
+            .get_meta(key::MIGRATION_SEQUENCE_OFFSET)?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0))
     }
 
+    /// `pgtide cleanup` removed everything the migration created on both servers.
+    pub fn record_cleaned_up(&self) -> Result<()> {
+        self.set_meta(key::MIGRATION_STATUS, key::MIGRATION_CLEANED_UP)
+    }
+
+    /// Whether `pgtide cleanup` ran for this work dir.
+    pub fn cleaned_up(&self) -> Result<bool> {
+        Ok(self.get_meta(key::MIGRATION_STATUS)?.as_deref() == Some(key::MIGRATION_CLEANED_UP))
+    }
+
+    /// Where the work dir's clone stands.
+    pub fn set_clone_status(&self, status: CloneStatus) -> Result<()> {
+        self.set_meta(key::CLONE_STATUS, status.as_str())
+    }
+
+    /// Where the work dir's clone stands; None before one started.
+    pub fn clone_status(&self) -> Result<Option<CloneStatus>> {
+        match self.get_meta(key::CLONE_STATUS)?.as_deref() {
+            None => Ok(None),
+            Some("running") => Ok(Some(CloneStatus::Running)),
+            Some("done") => Ok(Some(CloneStatus::Done)),
+            Some(other) => bail!(
+                "state.db holds an unknown clone status \"{other}\": use the pgtide that started this migration"
+            ),
+        }
+    }
+
+    /// The running clone's live counters.
+    pub fn record_clone_progress(&self, progress: CloneProgress) -> Result<()> {
+        self.write_meta(|c| {
+            meta_set(
+                c,
+                key::CLONE_BYTES_COPIED,
+                &progress.bytes_copied.to_string(),
+            )?;
+            meta_set(c, key::CLONE_ROWS_COPIED, &progress.rows_copied.to_string())
+        })
+    }
+
+    /// The clone's live counters as last recorded (0 before any).
+    pub fn clone_progress(&self) -> Result<CloneProgress> {
+        Ok(CloneProgress {
+            bytes_copied: self.get_parsed(key::CLONE_BYTES_COPIED)?.unwrap_or(0),
+            rows_copied: self.get_parsed(key::CLONE_ROWS_COPIED)?.unwrap_or(0),
+        })
+    }
+
+    /// The snapshot the clone copies under (for the operator reading state.db).
+    pub fn record_snapshot_name(&self, name: &str) -> Result<()> {
+        self.set_meta(key::SNAPSHOT, name)
+    }
+
+    /// The spool's size on disk, after each group commit.
+    pub fn record_spool_bytes(&self, bytes: u64) -> Result<()> {
+        self.set_meta(key::SPOOL_BYTES, &bytes.to_string())
+    }
+
+    /// Ties the work dir to a server: its identity and redacted connection string, together.
+    pub fn record_server_identity(
+        &self,
+        side: crate::pg::Side,
+        server: &ServerIdentity,
+    ) -> Result<()> {
+        self.write_meta(|c| {
+            meta_set(c, key::identity(side), &server.identity)?;
+            match &server.uri {
+                Some(uri) => meta_set(c, key::uri(side), uri),
+                None => meta_delete(c, key::uri(side)),
+            }
+        })
+    }
+
+    /// The server the work dir is tied to on `side`, if any yet.
+    pub fn server_identity(&self, side: crate::pg::Side) -> Result<Option<ServerIdentity>> {
+        let Some(identity) = self.get_meta(key::identity(side))? else {
+            return Ok(None);
+        };
+        Ok(Some(ServerIdentity {
+            identity,
+            uri: self.get_meta(key::uri(side))?,
+        }))
+    }
+
+    /// The redacted connection string recorded for `side` (by clone), if any.
+    pub fn server_uri(&self, side: crate::pg::Side) -> Result<Option<String>> {
+        self.get_meta(key::uri(side))
+    }
+
+    /// Records the fence before it is put in force, so that it can always be lifted.
+    pub fn record_fence(&self, fenced: &[FencedRole]) -> Result<()> {
+        self.set_meta(key::CUTOVER_FENCE, &serde_json::to_string(fenced)?)
+    }
+
+    /// The fence in force, if any.
+    pub fn fence(&self) -> Result<Option<Vec<FencedRole>>> {
+        self.get_json(key::CUTOVER_FENCE)
+    }
+
+    /// The fence was lifted.
+    pub fn forget_fence(&self) -> Result<()> {
+        self.delete_meta(key::CUTOVER_FENCE)
+    }
+
+    /// Apply's latest applied position (recorded every second while apply runs).
+    pub fn record_applied_lsn(&self, lsn: Lsn) -> Result<()> {
+        self.set_meta(key::APPLY_APPLIED_LSN, &lsn.to_string())
+    }
+
     /// Apply's position durable on the target (recorded every second while apply runs).
-    pub fn record_durable_lsn(&self, lsn: crate::pg::Lsn) -> Result<()> {
-        self.set_meta(DURABLE_LSN_KEY, &lsn.to_string())
+    pub fn record_durable_lsn(&self, lsn: Lsn) -> Result<()> {
+        self.set_meta(key::APPLY_DURABLE_LSN, &lsn.to_string())
+    }
+
+    /// Apply's position durable on the target as last recorded.
+    pub fn durable_lsn(&self) -> Result<Option<Lsn>> {
+        self.get_parsed(key::APPLY_DURABLE_LSN)
     }
 
     /// The position apply stopped at when it reached endpos.
-    pub fn record_applied_at_endpos(&self, lsn: crate::pg::Lsn) -> Result<()> {
-        self.set_meta(APPLIED_AT_ENDPOS_KEY, &lsn.to_string())
+    pub fn record_applied_at_endpos(&self, lsn: Lsn) -> Result<()> {
+        self.set_meta(key::SENTINEL_APPLIED_LSN, &lsn.to_string())
     }
 
     /// The furthest position the target is known to have applied, if any.
-    pub fn applied_lsn(&self) -> Result<Option<crate::pg::Lsn>> {
-        let mut best: Option<crate::pg::Lsn> = None;
-        for key in [DURABLE_LSN_KEY, APPLIED_AT_ENDPOS_KEY] {
-            if let Some(lsn) = self
-                .get_meta(key)?
-                .and_then(|v| v.parse::<crate::pg::Lsn>().ok())
-            {
+    pub fn applied_lsn(&self) -> Result<Option<Lsn>> {
+        let mut best: Option<Lsn> = None;
+        for key in [key::APPLY_DURABLE_LSN, key::SENTINEL_APPLIED_LSN] {
+            if let Some(lsn) = self.get_meta(key)?.and_then(|v| v.parse::<Lsn>().ok()) {
                 best = Some(best.map_or(lsn, |b| b.max(lsn)));
             }
         }
         Ok(best.filter(|l| l.0 > 0))
     }
 
+    /// The phase of the migration for `pgtide status`, with the time it began (kept when the
+    /// phase does not change).
+    pub fn set_phase(&self, phase: Phase) -> Result<()> {
+        self.with(|c| {
+            if meta_get(c, key::PHASE)?.as_deref() == Some(phase.as_str()) {
+                return Ok(());
+            }
+            let tx = c.unchecked_transaction()?;
+            meta_set(&tx, key::PHASE, phase.as_str())?;
+            meta_set(&tx, key::PHASE_SINCE, &format!("{:.3}", now()))?;
+            meta_delete(&tx, key::PHASE_ERROR)?;
+            tx.commit()
+        })
+    }
+
+    /// The migration stopped on an error: status shows it until the next run changes phase.
+    pub fn set_failed(&self, error: &str) -> Result<()> {
+        self.set_phase(Phase::Failed)?;
+        self.set_meta(key::PHASE_ERROR, error)
+    }
+
+    /// The phase as recorded (`NotStarted` before any), when it began, and its error.
+    pub fn phase(&self) -> Result<PhaseRecord> {
+        let phase = match self.get_meta(key::PHASE)? {
+            None => Phase::NotStarted,
+            Some(text) => Phase::parse(&text).ok_or_else(|| {
+                anyhow!("state.db holds an unknown phase \"{text}\": use the pgtide that started this migration")
+            })?,
+        };
+        Ok(PhaseRecord {
+            phase,
+            since: self.get_parsed(key::PHASE_SINCE)?,
+            error: self.get_meta(key::PHASE_ERROR)?,
+        })
+    }
+
     /// The error the migration last stopped on (`set_failed`), while its phase is `failed`.
     pub fn failure(&self) -> Result<Option<String>> {
-        if self.get_meta("phase")?.as_deref() != Some("failed") {
+        if self.get_meta(key::PHASE)?.as_deref() != Some(Phase::Failed.as_str()) {
             return Ok(None);
         }
-        self.get_meta("phase.error")
+        self.get_meta(key::PHASE_ERROR)
     }
 
     /// A follow process starts applying (or spooling for) this work dir.
@@ -499,60 +1146,92 @@ impl StateDb {
         })
     }
 
-    pub fn step_status(&self, name: &str) -> Result<Option<String>> {
-        self.with(|c| {
-            c.query_row("SELECT status FROM steps WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
+    /// Where a clone step stands, None before it first started.
+    pub fn step_status(&self, step: Step) -> Result<Option<StepStatus>> {
+        let text: Option<String> = self.with(|c| {
+            c.query_row(
+                "SELECT status FROM steps WHERE name = ?1",
+                [step.as_str()],
+                |r| r.get(0),
+            )
             .optional()
+        })?;
+        text.map(|text| {
+            StepStatus::parse(&text).ok_or_else(|| {
+                anyhow!("state.db holds an unknown status \"{text}\" for step {step}")
+            })
         })
+        .transpose()
     }
 
-    pub fn step_started(&self, name: &str) -> Result<()> {
+    /// Whether a clone step is done (`--resume` skips it).
+    pub fn step_is_done(&self, step: Step) -> Result<bool> {
+        Ok(self.step_status(step)? == Some(StepStatus::Done))
+    }
+
+    /// A clone step starts (again).
+    pub fn step_started(&self, step: Step) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "INSERT INTO steps(name, status, started_at, attempts) VALUES (?1, 'running', ?2, 1)
                  ON CONFLICT(name) DO UPDATE SET status = 'running', started_at = ?2, done_at = NULL,
                  error = NULL, attempts = attempts + 1",
-                params![name, now()],
+                params![step.as_str(), now()],
             )
             .map(|_| ())
         })
     }
 
-    pub fn step_done(&self, name: &str) -> Result<()> {
+    /// A clone step's work is committed on the target.
+    pub fn step_done(&self, step: Step) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE steps SET status = 'done', done_at = ?2 WHERE name = ?1",
-                params![name, now()],
+                params![step.as_str(), now()],
             )
             .map(|_| ())
         })
     }
 
-    pub fn step_failed(&self, name: &str, error: &str) -> Result<()> {
+    /// A clone step stopped on `error`.
+    pub fn step_failed(&self, step: Step, error: &str) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE steps SET status = 'failed', done_at = ?2, error = ?3 WHERE name = ?1",
-                params![name, now(), error],
+                params![step.as_str(), now(), error],
             )
             .map(|_| ())
         })
     }
 
-    /// (name, status, seconds) of every step in the order they started.
-    pub fn steps(&self) -> Result<Vec<(String, String, Option<f64>)>> {
-        self.with(|c| {
+    /// Every step in the order they started, for the clone summary.
+    pub fn steps(&self) -> Result<Vec<StepRecord>> {
+        let rows: Vec<(String, String, Option<f64>)> = self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT name, status, done_at - started_at FROM steps ORDER BY started_at",
             )?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.collect()
-        })
+        })?;
+        rows.into_iter()
+            .map(|(name, status, seconds)| {
+                let step = Step::parse(&name)
+                    .ok_or_else(|| anyhow!("state.db holds an unknown step \"{name}\""))?;
+                let status = StepStatus::parse(&status).ok_or_else(|| {
+                    anyhow!("state.db holds an unknown status \"{status}\" for step {step}")
+                })?;
+                Ok(StepRecord {
+                    step,
+                    status,
+                    seconds,
+                })
+            })
+            .collect()
     }
 
+    /// Whether the catalog read under the snapshot is stored (its step is done).
     pub fn has_catalog(&self) -> Result<bool> {
-        Ok(self.step_status("catalog")?.as_deref() == Some("done"))
+        self.step_is_done(Step::Catalog)
     }
 
     /// Stores the catalog in one SQLite transaction, so a crash never leaves half of it.
@@ -725,23 +1404,6 @@ impl StateDb {
         })
     }
 
-    /// The phase of the migration for `pgtide status`, with the time it began (kept when the
-    /// phase does not change).
-    pub fn set_phase(&self, phase: &str) -> Result<()> {
-        if self.get_meta("phase")?.as_deref() != Some(phase) {
-            self.set_meta("phase", phase)?;
-            self.set_meta("phase.since", &format!("{:.3}", now()))?;
-            self.delete_meta("phase.error")?;
-        }
-        Ok(())
-    }
-
-    /// The migration stopped on an error: status shows it until the next run changes phase.
-    pub fn set_failed(&self, error: &str) -> Result<()> {
-        self.set_phase("failed")?;
-        self.set_meta("phase.error", error)
-    }
-
     /// One apply progress sample (cumulative counters of process `pid`), for rates over the
     /// last minute; samples older than ten minutes are dropped.
     pub fn apply_sample(&self, pid: u32, changes: u64, transactions: u64, lsn: u64) -> Result<()> {
@@ -807,11 +1469,11 @@ impl StateDb {
     }
 
     /// When a step started (seconds since the epoch), if it did.
-    pub fn step_started_at(&self, name: &str) -> Result<Option<f64>> {
+    pub fn step_started_at(&self, step: Step) -> Result<Option<f64>> {
         self.with(|c| {
             c.query_row(
                 "SELECT started_at FROM steps WHERE name = ?1",
-                [name],
+                [step.as_str()],
                 |r| r.get(0),
             )
             .optional()
@@ -967,10 +1629,300 @@ impl StateDb {
     }
 }
 
+fn meta_get(c: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}
+
+fn meta_set(c: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )
+    .map(|_| ())
+}
+
+fn meta_delete(c: &Connection, key: &str) -> rusqlite::Result<()> {
+    c.execute("DELETE FROM meta WHERE key = ?1", [key])
+        .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::FollowLiveness;
+    use super::*;
+    use crate::pg::Side;
+    use crate::replication::Plugin;
     use std::time::Duration;
+
+    /// A directory of its own for one test's state.db, removed when the test ends.
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("pgtide-state-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            Scratch(dir)
+        }
+
+        fn db(&self) -> std::path::PathBuf {
+            self.0.join("state.db")
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn lsn(text: &str) -> Lsn {
+        text.parse().expect("test LSN")
+    }
+
+    #[test]
+    fn a_state_db_written_with_the_earlier_string_keys_opens_and_resumes() {
+        let scratch = Scratch::new("old-keys");
+        let path = scratch.db();
+        {
+            // What the earlier pgtide (string keys through set_meta) left behind.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            for (k, v) in [
+                ("stream.slot", "pgtide_old"),
+                ("stream.plugin", "wal2json"),
+                ("stream.wal2json_nan_as_null", "accepted"),
+                ("stream.startpos", "0/1A2B3C8"),
+                ("stream.source.uri", "postgresql://app@src:5432/shop"),
+                ("stream.tables", r#"[["public","orders"],["s","t"]]"#),
+                ("stream.publications", r#"["pgtide_old_pub"]"#),
+                ("stream.system_id", "7312345678901234567"),
+                ("stream.received_lsn", "0/3000100"),
+                ("stream.flushed_lsn", "0/30000D8"),
+                (
+                    "stream.resynced",
+                    r#"{"\"public\".\"orders\"":"0/2000060"}"#,
+                ),
+                ("sentinel.endpos", "0/3000060"),
+                ("sentinel.apply", "on"),
+                ("sentinel.reached_endpos", "0/3000060"),
+                ("sentinel.applied_lsn", "0/3000028"),
+                ("apply.durable_lsn", "0/3000010"),
+                ("phase", "stopped at endpos"),
+                ("phase.since", "1764130000.125"),
+                ("clone.status", "done"),
+                ("clone.bytes_copied", "123456"),
+                ("clone.rows_copied", "789"),
+                ("source.identity", "7312345678901234567/shop"),
+                ("source.uri", "postgresql://app@src:5432/shop"),
+                ("target.identity", "7398765432109876543/shop"),
+                (
+                    "cutover.fence",
+                    r#"[{"role":"app","previous":null},{"role":"batch","previous":"off"}]"#,
+                ),
+                ("migration.status", "cleaned up"),
+                ("migration.sequence_offset", "1000"),
+            ] {
+                c.execute("INSERT INTO meta VALUES (?1, ?2)", [k, v])
+                    .unwrap();
+            }
+            c.execute_batch(
+                "INSERT INTO steps(name, status, started_at, done_at) VALUES ('catalog', 'done', 1, 2), ('pre-data', 'done', 3, 5), ('copy', 'running', 6, NULL);",
+            )
+            .unwrap();
+        }
+        let state = StateDb::open(&path).unwrap();
+        assert_eq!(
+            state.stream().unwrap(),
+            Some(StreamRecord {
+                slot: "pgtide_old".into(),
+                plugin: Plugin::Wal2json,
+                wal2json_nan_as_null: true,
+                startpos: Some(lsn("0/1A2B3C8")),
+                source_uri: Some("postgresql://app@src:5432/shop".into()),
+                tables: Some(vec![
+                    ("public".into(), "orders".into()),
+                    ("s".into(), "t".into())
+                ]),
+                publications: Some(vec!["pgtide_old_pub".into()]),
+                system_id: Some("7312345678901234567".into()),
+            })
+        );
+        assert_eq!(
+            state.stream_positions().unwrap(),
+            StreamPositions {
+                received: Some(lsn("0/3000100")),
+                flushed: Some(lsn("0/30000D8")),
+            }
+        );
+        assert_eq!(
+            state.resync_positions().unwrap(),
+            ResyncPositions::from([("\"public\".\"orders\"".to_string(), lsn("0/2000060"))])
+        );
+        assert_eq!(
+            state.sentinel().unwrap(),
+            Sentinel {
+                endpos: Some(lsn("0/3000060")),
+                apply: true,
+                reached_endpos: Some(lsn("0/3000060")),
+                applied_lsn: Some(lsn("0/3000028")),
+            }
+        );
+        assert_eq!(state.applied_lsn().unwrap(), Some(lsn("0/3000028")));
+        assert_eq!(state.durable_lsn().unwrap(), Some(lsn("0/3000010")));
+        assert_eq!(
+            state.phase().unwrap(),
+            PhaseRecord {
+                phase: Phase::StoppedAtEndpos,
+                since: Some(1764130000.125),
+                error: None,
+            }
+        );
+        assert_eq!(state.clone_status().unwrap(), Some(CloneStatus::Done));
+        assert_eq!(
+            state.clone_progress().unwrap(),
+            CloneProgress {
+                bytes_copied: 123456,
+                rows_copied: 789,
+            }
+        );
+        assert_eq!(
+            state.server_identity(Side::Source).unwrap(),
+            Some(ServerIdentity {
+                identity: "7312345678901234567/shop".into(),
+                uri: Some("postgresql://app@src:5432/shop".into()),
+            })
+        );
+        assert_eq!(
+            state.server_identity(Side::Target).unwrap().map(|t| t.uri),
+            Some(None)
+        );
+        assert_eq!(
+            state.fence().unwrap(),
+            Some(vec![
+                FencedRole {
+                    role: "app".into(),
+                    previous: None
+                },
+                FencedRole {
+                    role: "batch".into(),
+                    previous: Some("off".into())
+                },
+            ])
+        );
+        assert!(state.cleaned_up().unwrap());
+        assert_eq!(state.sequence_offset().unwrap(), 1000);
+        assert!(state.has_catalog().unwrap());
+        assert!(state.step_is_done(Step::PreData).unwrap());
+        assert_eq!(
+            state.step_status(Step::Copy).unwrap(),
+            Some(StepStatus::Running)
+        );
+        assert_eq!(state.step_status(Step::Dump).unwrap(), None);
+        let steps: Vec<(Step, StepStatus)> = state
+            .steps()
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.step, s.status))
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                (Step::Catalog, StepStatus::Done),
+                (Step::PreData, StepStatus::Done),
+                (Step::Copy, StepStatus::Running)
+            ]
+        );
+    }
+
+    #[test]
+    fn stream_cleanup_forgets_the_whole_stream_record() {
+        let scratch = Scratch::new("forget-stream");
+        let state = StateDb::open(&scratch.db()).unwrap();
+        assert_eq!(state.stream().unwrap(), None);
+        state
+            .record_stream(&StreamRecord {
+                slot: "pgtide_x".into(),
+                plugin: Plugin::Pgoutput,
+                wal2json_nan_as_null: true,
+                startpos: Some(lsn("0/10")),
+                source_uri: Some("postgresql://u@h/db".into()),
+                tables: Some(vec![("public".into(), "t".into())]),
+                publications: Some(vec!["pgtide_x_pub".into()]),
+                system_id: Some("42".into()),
+            })
+            .unwrap();
+        assert_eq!(state.stream_slot().unwrap().as_deref(), Some("pgtide_x"));
+        state.forget_stream().unwrap();
+        assert_eq!(state.stream().unwrap(), None);
+        assert!(!state.wal2json_nan_as_null().unwrap());
+        let left: i64 = state
+            .with(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM meta WHERE key LIKE 'stream.%'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(left, 0);
+        // An adopted slot records what it knows and nothing of an earlier stream.
+        state
+            .record_stream(&StreamRecord {
+                slot: "pgtide_y".into(),
+                plugin: Plugin::Wal2json,
+                wal2json_nan_as_null: false,
+                startpos: None,
+                source_uri: None,
+                tables: None,
+                publications: None,
+                system_id: None,
+            })
+            .unwrap();
+        let adopted = state.stream().unwrap().unwrap();
+        assert_eq!(
+            (adopted.plugin, adopted.startpos, adopted.tables),
+            (Plugin::Wal2json, None, None)
+        );
+    }
+
+    #[test]
+    fn phases_and_steps_keep_their_text() {
+        for phase in Phase::ALL {
+            assert_eq!(Phase::parse(phase.as_str()), Some(phase));
+        }
+        assert_eq!(Phase::StoppedAtEndpos.as_str(), "stopped at endpos");
+        assert_eq!(
+            serde_json::to_string(&Phase::NotStarted).unwrap(),
+            "\"not started\""
+        );
+        for step in Step::ALL {
+            assert_eq!(Step::parse(step.as_str()), Some(step));
+        }
+        assert_eq!(Step::PreData.as_str(), "pre-data");
+        assert_eq!(Step::LargeObjects.phase(), Phase::Copying);
+        assert_eq!(Phase::parse("copy"), None);
+    }
+
+    #[test]
+    fn a_phase_keeps_its_start_and_a_new_one_clears_the_error() {
+        let scratch = Scratch::new("phase");
+        let state = StateDb::open(&scratch.db()).unwrap();
+        assert_eq!(state.phase().unwrap(), PhaseRecord::default());
+        state.set_phase(Phase::Copying).unwrap();
+        let since = state.phase().unwrap().since;
+        assert!(since.is_some());
+        state.set_phase(Phase::Copying).unwrap();
+        assert_eq!(state.phase().unwrap().since, since);
+        state.set_failed("boom").unwrap();
+        assert_eq!(state.failure().unwrap().as_deref(), Some("boom"));
+        state.set_phase(Phase::Following).unwrap();
+        let now = state.phase().unwrap();
+        assert_eq!((now.phase, now.error), (Phase::Following, None));
+        assert_eq!(state.failure().unwrap(), None);
+    }
 
     #[test]
     fn a_follow_is_running_until_it_stops_or_its_heartbeat_ages() {

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::conninfo::ConnInfo;
 use crate::decode::{Change, StreamDecoder};
 use crate::pg::{self, Lsn, Side};
-use crate::state::{StateDb, now};
+use crate::state::{Phase, StateDb, Step, now};
 
 /// Lag (seconds) under which a follower is "ready to cut over" rather than "catching up".
 pub const READY_LAG_SECONDS: f64 = 5.0;
@@ -35,7 +35,7 @@ pub struct InFlight {
 /// "Watching a migration"). LSNs are "X/Y" strings, null where unknown.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Status {
-    pub phase: String,
+    pub phase: Phase,
     /// Seconds since the epoch when the phase began.
     pub phase_since: Option<f64>,
     pub phase_seconds: Option<f64>,
@@ -76,37 +76,33 @@ pub struct Servers {
 
 impl Servers {
     pub fn from_state(state: &StateDb, source: Option<ConnInfo>, target: Option<ConnInfo>) -> Self {
-        let recorded = |key: &str| {
-            state
-                .get_meta(key)
-                .ok()
+        let recorded = |uri: Result<Option<String>>| {
+            uri.ok()
                 .flatten()
                 .and_then(|uri| ConnInfo::parse_recorded(&uri).ok())
         };
+        let stream_source = || state.stream().map(|s| s.and_then(|s| s.source_uri));
         Servers {
             source: source
-                .or_else(|| recorded("stream.source.uri"))
-                .or_else(|| recorded("source.uri")),
-            target: target.or_else(|| recorded("target.uri")),
+                .or_else(|| recorded(stream_source()))
+                .or_else(|| recorded(state.server_uri(Side::Source))),
+            target: target.or_else(|| recorded(state.server_uri(Side::Target))),
         }
     }
 }
 
-fn meta_lsn(state: &StateDb, key: &str) -> Option<Lsn> {
-    state.get_meta(key).ok().flatten()?.parse().ok()
-}
-
 /// Reads the work dir and asks the servers; never fails because a server is down.
 pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<Status> {
+    let phase = state.phase()?;
+    let stream = state.stream()?;
+    let startpos = stream.as_ref().and_then(|s| s.startpos);
     let mut status = Status {
-        phase: state
-            .get_meta("phase")?
-            .unwrap_or_else(|| "not started".into()),
-        error: state.get_meta("phase.error")?,
-        slot: state.get_meta("stream.slot")?,
+        phase: phase.phase,
+        error: phase.error,
+        slot: stream.map(|s| s.slot),
         ..Default::default()
     };
-    status.phase_since = state.get_meta("phase.since")?.and_then(|t| t.parse().ok());
+    status.phase_since = phase.since;
     status.phase_seconds = status.phase_since.map(|t| (now() - t).max(0.0));
 
     // Clone progress.
@@ -128,9 +124,9 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
         .map(|t| (t.heap_bytes + t.toast_bytes).max(0) as u64)
         .sum();
     let (done_bytes, done_rows) = state.copied_so_far()?;
-    let live = |key: &str| -> Option<u64> { state.get_meta(key).ok().flatten()?.parse().ok() };
-    status.bytes_copied = live("clone.bytes_copied").unwrap_or(0).max(done_bytes);
-    status.rows_copied = live("clone.rows_copied").unwrap_or(0).max(done_rows);
+    let live = state.clone_progress()?;
+    status.bytes_copied = live.bytes_copied.max(done_bytes);
+    status.rows_copied = live.rows_copied.max(done_rows);
     let indexes = state.indexes()?;
     status.indexes_total = indexes.len() as u64;
     status.indexes_done = indexes.iter().filter(|i| i.status == "done").count() as u64;
@@ -146,8 +142,8 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
             expected_bytes: p.expected_bytes,
         })
         .collect();
-    if status.phase == "copying"
-        && let Some(started) = state.step_started_at("copy")?
+    if status.phase == Phase::Copying
+        && let Some(started) = state.step_started_at(Step::Copy)?
     {
         let rate = status.bytes_copied as f64 / (now() - started).max(1.0);
         if rate > 0.0 {
@@ -157,10 +153,11 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
     }
 
     // Stream and apply positions as the running processes recorded them.
-    let received = meta_lsn(state, "stream.received_lsn");
-    let spooled = meta_lsn(state, "stream.flushed_lsn");
-    let mut applied = meta_lsn(state, "apply.durable_lsn");
-    status.endpos = state.get_meta("sentinel.endpos")?;
+    let positions = state.stream_positions()?;
+    let (received, spooled) = (positions.received, positions.flushed);
+    let mut applied = state.durable_lsn()?;
+    let endpos = state.endpos()?;
+    status.endpos = endpos.map(|e| e.to_string());
     if let Some(rates) = state.apply_rates(60.0)? {
         status.apply_changes_per_second = Some(rates.changes);
         status.apply_transactions_per_second = Some(rates.transactions);
@@ -192,7 +189,7 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
     }
     // The copy holds everything up to the slot's start: until apply commits something, that
     // is where the target stands.
-    if let Some(start) = meta_lsn(state, "stream.startpos") {
+    if let Some(start) = startpos {
         applied = Some(applied.map_or(start, |a| a.max(start)));
     }
     // Each figure was recorded at its own moment: what is applied was spooled and received.
@@ -209,11 +206,10 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
     status.spooled_lsn = spooled.map(|l| l.to_string());
     status.applied_lsn = applied.map(|l| l.to_string());
     if let Some(source_lsn) = source_lsn {
-        let from = applied.or(meta_lsn(state, "stream.startpos"));
+        let from = applied.or(startpos);
         status.lag_bytes = from.map(|a| source_lsn.0.saturating_sub(a.0));
     }
     if status.slot.is_some() {
-        let endpos = status.endpos.as_deref().and_then(|e| e.parse().ok());
         status.lag_seconds =
             oldest_unapplied_commit_age(&spool_path, state, applied.unwrap_or(Lsn(0)), endpos);
         if let (Some(lag), Some(rates)) = (status.lag_bytes, state.apply_rates(60.0)?)
@@ -308,15 +304,15 @@ fn oldest_unapplied_commit_age(
 
 /// The one line an operator reads first.
 pub fn verdict(s: &Status) -> String {
-    match s.phase.as_str() {
-        "failed" => format!("stopped: {}", s.error.as_deref().unwrap_or("unknown error")),
-        "stopped at endpos" => format!(
+    match s.phase {
+        Phase::Failed => format!("stopped: {}", s.error.as_deref().unwrap_or("unknown error")),
+        Phase::StoppedAtEndpos => format!(
             "stopped at endpos {}: every transaction up to it is applied; point the application at the target, then `pgtide cleanup`",
             s.endpos.as_deref().unwrap_or("?")
         ),
-        "done" => "done".into(),
-        "not started" => "not started".into(),
-        "following" => match (s.lag_seconds, s.lag_bytes) {
+        Phase::Done => "done".into(),
+        Phase::NotStarted => "not started".into(),
+        Phase::Following => match (s.lag_seconds, s.lag_bytes) {
             (Some(lag), _) if lag <= READY_LAG_SECONDS => {
                 format!("ready to cut over: lag {lag:.1} s")
             }
@@ -330,7 +326,12 @@ pub fn verdict(s: &Status) -> String {
                     .map_or(String::new(), |e| format!(", est. {}", human_seconds(e)))
             ),
         },
-        phase => {
+        phase @ (Phase::Snapshot
+        | Phase::Schema
+        | Phase::Copying
+        | Phase::Constraints
+        | Phase::Vacuum
+        | Phase::Cloned) => {
             let pct = if s.bytes_total > 0 {
                 format!(
                     "{:.0}% of {} copied",

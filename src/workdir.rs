@@ -80,7 +80,7 @@ impl WorkDir {
         SpoolWriter::open(
             &self.path,
             Box::new(move |bytes| {
-                let _ = state.set_meta("spool.bytes", &bytes.to_string());
+                let _ = state.record_spool_bytes(bytes);
             }),
         )
     }

@@ -29,7 +29,9 @@ use tracing::Instrument;
 
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Side, catalog};
-use crate::state::{IndexRow, PartRow, StateDb, TableRow};
+use crate::state::{
+    CloneProgress, CloneStatus, IndexRow, PartRow, Phase, ServerIdentity, StateDb, Step, TableRow,
+};
 use crate::workdir::WorkDir;
 use copy::{CopyCounters, CopyWorker};
 use filters::Filters;
@@ -59,28 +61,6 @@ pub struct CloneOptions {
     pub follow: bool,
 }
 
-/// state.db key of the per-table resync LSNs: {"schema.table": "X/Y"}. Apply skips a listed
-/// table's changes from transactions that commit before its LSN (they are in its copy).
-pub const RESYNC_KEY: &str = "stream.resynced";
-
-/// Reads the per-table resync LSNs (empty when every table was copied under the slot's own
-/// snapshot).
-pub fn resynced_tables(state: &StateDb) -> Result<HashMap<String, crate::pg::Lsn>> {
-    let Some(json) = state.get_meta(RESYNC_KEY)? else {
-        return Ok(HashMap::new());
-    };
-    let text: HashMap<String, String> = serde_json::from_str(&json)?;
-    text.into_iter()
-        .map(|(table, lsn)| {
-            lsn.parse()
-                .map(|lsn| (table, lsn))
-                .map_err(|e: String| anyhow::anyhow!(e))
-        })
-        .collect()
-}
-
-const STATUS_KEY: &str = "clone.status";
-
 /// Runs (or resumes) a clone in `workdir`.
 pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     let state = &workdir.state;
@@ -88,9 +68,9 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     if opts.restart {
         state.reset()?;
     }
-    let resuming = match state.get_meta(STATUS_KEY)?.as_deref() {
+    let resuming = match state.clone_status()? {
         None => false,
-        Some("done") if !opts.resume => bail!(
+        Some(CloneStatus::Done) if !opts.resume => bail!(
             "the work dir {} holds a clone that already finished. To copy again, give another --dir, or add --restart (with --drop-if-exists to replace what is on the target).",
             workdir.path.display()
         ),
@@ -105,7 +85,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         // recorded once and every later stage reads them back (invariant 9).
         state.record_filters(&opts.filters)?;
     }
-    if resuming && state.get_meta(STATUS_KEY)?.as_deref() == Some("done") {
+    if resuming && state.clone_status()? == Some(CloneStatus::Done) {
         tracing::info!(
             "the clone in {} is already done; nothing to resume",
             workdir.path.display()
@@ -119,8 +99,8 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     let tools = choose_tools(&source, &target).await?;
     let tools = &tools;
     check_identity(state, &source, &target, opts).await?;
-    state.set_meta(STATUS_KEY, "running")?;
-    state.set_phase("snapshot")?;
+    state.set_clone_status(CloneStatus::Running)?;
+    state.set_phase(Phase::Snapshot)?;
 
     let (snapshot, resync_lsn) = match &opts.snapshot {
         Some(name) => (Snapshot::external(name), None),
@@ -143,10 +123,10 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
             snapshot.lsn
         );
     }
-    state.set_meta("snapshot", &snapshot.name)?;
+    state.record_snapshot_name(&snapshot.name)?;
 
     if !state.has_catalog()? {
-        run_step(state, "catalog", async {
+        run_step(state, Step::Catalog, async {
             // Reading table sizes locks each table in turn: an application transaction that
             // locks two of them the other way round can make this read a deadlock's victim
             // (transient: read again, the snapshot is still held).
@@ -175,11 +155,11 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         prepare_empty_target(&target, &tables, opts.drop_if_exists).await?;
     }
 
-    if state.step_status("dump")?.as_deref() != Some("done") {
+    if !state.step_is_done(Step::Dump)? {
         fail::fail_point!("clone.before_dump", |_| Err(anyhow!(
             "failpoint clone.before_dump"
         )));
-        run_step(state, "dump", async {
+        run_step(state, Step::Dump, async {
             let filters = catalog::sequences_for_dump(&source, &opts.filters).await?;
             let (pre, post) = tokio::join!(
                 schema::dump(
@@ -209,9 +189,9 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         .iter()
         .flat_map(|i| std::iter::once(i.oid).chain(i.constraint.as_ref().map(|c| c.oid)))
         .collect();
-    if state.step_status("pre-data")?.as_deref() != Some("done") {
+    if !state.step_is_done(Step::PreData)? {
         let clean = opts.drop_if_exists;
-        run_step(state, "pre-data", async {
+        run_step(state, Step::PreData, async {
             let leave_out = leave_out::decide(&source, &target).await?;
             schema::restore(
                 &workdir.path.join("pre-data.dump"),
@@ -230,35 +210,33 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         .await?;
     }
 
-    if state.step_status("copy")?.as_deref() != Some("done")
-        || state.step_status("indexes")?.as_deref() != Some("done")
-    {
+    if !state.step_is_done(Step::Copy)? || !state.step_is_done(Step::Indexes)? {
         copy::prepare_target(&target).await?;
         reconcile_with_target(state, &target, &tables, &all_indexes).await?;
         if let Some(lsn) = resync_lsn {
             resync_unfinished_tables(state, &target, &tables, lsn).await?;
         }
-        state.set_phase("copying")?;
-        state.step_started("copy")?;
-        state.step_started("indexes")?;
+        state.set_phase(Phase::Copying)?;
+        state.step_started(Step::Copy)?;
+        state.step_started(Step::Indexes)?;
         let result = copy_resyncing_rewritten(opts, state, &target, &snapshot.name, &tables).await;
         match &result {
             Ok(()) => {
-                state.step_done("copy")?;
-                state.step_done("indexes")?;
+                state.step_done(Step::Copy)?;
+                state.step_done(Step::Indexes)?;
             }
             Err(e) => {
-                state.step_failed("copy", &format!("{e:#}"))?;
-                state.step_failed("indexes", &format!("{e:#}"))?;
+                state.step_failed(Step::Copy, &format!("{e:#}"))?;
+                state.step_failed(Step::Indexes, &format!("{e:#}"))?;
             }
         }
         result?;
     }
 
-    if state.step_status("large-objects")?.as_deref() != Some("done") {
+    if !state.step_is_done(Step::LargeObjects)? {
         let oids = state.large_objects()?;
         let skip = opts.skip_large_objects;
-        run_step(state, "large-objects", async {
+        run_step(state, Step::LargeObjects, async {
             if skip {
                 tracing::info!(
                     "skipping {} large objects (--skip-large-objects)",
@@ -274,8 +252,8 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     }
     drop(snapshot);
 
-    if state.step_status("post-data")?.as_deref() != Some("done") {
-        run_step(state, "post-data", async {
+    if !state.step_is_done(Step::PostData)? {
+        run_step(state, Step::PostData, async {
             let leave_out = leave_out::decide(&source, &target).await?;
             schema::restore(
                 &workdir.path.join("post-data.dump"),
@@ -294,21 +272,21 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         .await?;
     }
 
-    if state.step_status("sequences")?.as_deref() != Some("done") {
+    if !state.step_is_done(Step::Sequences)? {
         let seqs = state.sequences()?;
         run_step(
             state,
-            "sequences",
+            Step::Sequences,
             sequences::set_on_target(&target, &seqs, 0),
         )
         .await?;
     }
 
-    if !opts.skip_vacuum && state.step_status("vacuum")?.as_deref() != Some("done") {
+    if !opts.skip_vacuum && !state.step_is_done(Step::Vacuum)? {
         let left = state.tables_not_vacuumed()?;
         run_step(
             state,
-            "vacuum",
+            Step::Vacuum,
             vacuum_analyze(&opts.target, state, &left, opts.table_jobs),
         )
         .await?;
@@ -323,26 +301,20 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
                 pg::describe(&e)
             )
         })?;
-    state.set_meta(STATUS_KEY, "done")?;
-    state.set_phase("cloned")?;
+    state.set_clone_status(CloneStatus::Done)?;
+    state.set_phase(Phase::Cloned)?;
     print_summary(state, started.elapsed())?;
     Ok(())
 }
 
 /// Records a step's start, end or failure around `work`.
-async fn run_step<F>(state: &StateDb, name: &str, work: F) -> Result<()>
+async fn run_step<F>(state: &StateDb, name: Step, work: F) -> Result<()>
 where
     F: std::future::Future<Output = Result<()>>,
 {
     tracing::info!("step {name}: started");
     let t0 = Instant::now();
-    state.set_phase(match name {
-        "catalog" => "snapshot",
-        "dump" | "pre-data" => "schema",
-        "large-objects" => "copying",
-        "post-data" | "sequences" => "constraints",
-        other => other,
-    })?;
+    state.set_phase(name.phase())?;
     state.step_started(name)?;
     match work.await {
         Ok(()) => {
@@ -388,19 +360,23 @@ async fn check_identity(
             opts.target
         );
     }
-    for (key, id, side, info) in [
-        ("source.identity", &source_id, "source", &opts.source),
-        ("target.identity", &target_id, "target", &opts.target),
+    for (side, id, info) in [
+        (Side::Source, source_id, &opts.source),
+        (Side::Target, target_id, &opts.target),
     ] {
-        match state.get_meta(key)? {
-            Some(stored) if &stored != id => bail!(
+        match state.server_identity(side)? {
+            Some(stored) if stored.identity != id => bail!(
                 "this work dir belongs to another migration: its {side} was {} but this run's {side} is {info}. Use another --dir, or --restart to start over here.",
-                state.get_meta(&format!("{side}.uri"))?.unwrap_or(stored)
+                stored.uri.unwrap_or(stored.identity),
+                side = side.name()
             ),
-            _ => {
-                state.set_meta(key, id)?;
-                state.set_meta(&format!("{side}.uri"), &info.redacted())?;
-            }
+            _ => state.record_server_identity(
+                side,
+                &ServerIdentity {
+                    identity: id,
+                    uri: Some(info.redacted()),
+                },
+            )?,
         }
     }
     Ok(())
@@ -539,18 +515,15 @@ async fn resync_unfinished_tables(
         .filter(|p| p.status != "done")
         .map(|p| p.table_oid)
         .collect();
-    let mut resynced: HashMap<String, String> = resynced_tables(state)?
-        .into_iter()
-        .map(|(t, l)| (t, l.to_string()))
-        .collect();
+    let mut resynced = state.resync_positions()?;
     let again: Vec<&TableRow> = tables
         .iter()
         .filter(|t| unfinished.contains(&t.oid))
         .collect();
     for table in &again {
-        resynced.insert(pg::qualified(&table.schema, &table.name), lsn.to_string());
+        resynced.insert(pg::qualified(&table.schema, &table.name), lsn);
     }
-    state.set_meta(RESYNC_KEY, &serde_json::to_string(&resynced)?)?;
+    state.record_resync_positions(&resynced)?;
     for table in again {
         let name = pg::qualified(&table.schema, &table.name);
         tracing::info!(
@@ -766,8 +739,10 @@ async fn copy_and_index(
                 let bytes = done_bytes + counters.bytes.load(Ordering::Relaxed);
                 let rows = done_rows + counters.rows.load(Ordering::Relaxed);
                 // For `pgtide status` in another shell: live figures, every second.
-                let _ = state.set_meta("clone.bytes_copied", &bytes.to_string());
-                let _ = state.set_meta("clone.rows_copied", &rows.to_string());
+                let _ = state.record_clone_progress(CloneProgress {
+                    bytes_copied: bytes,
+                    rows_copied: rows,
+                });
                 match bars.as_mut() {
                     Some(bars) => {
                         let indexes_done = state
@@ -875,12 +850,13 @@ pub fn human_bytes(bytes: u64) -> String {
 pub fn print_summary(state: &StateDb, elapsed: Duration) -> Result<()> {
     println!();
     println!("{:<24} {:>10} {:>12}", "step", "status", "seconds");
-    for (name, status, secs) in state.steps()? {
+    for step in state.steps()? {
         println!(
             "{:<24} {:>10} {:>12}",
-            name,
-            status,
-            secs.map(|s| format!("{s:.1}"))
+            step.step.as_str(),
+            step.status.as_str(),
+            step.seconds
+                .map(|s| format!("{s:.1}"))
                 .unwrap_or_else(|| "-".into())
         );
     }

@@ -9,6 +9,7 @@ use crate::cli::CleanupArgs;
 use crate::pg::{self, Side, describe};
 use crate::replication::conn::ReplicationConnection;
 use crate::replication::slot;
+use crate::state::Phase;
 use crate::workdir::WorkDir;
 
 pub async fn cleanup(args: CleanupArgs) -> Result<()> {
@@ -16,7 +17,7 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
     let workdir = WorkDir::open(&args.dir, "cleanup")?;
     let state = &workdir.state;
-    let slot_name = match (args.slot_name, state.get_meta("stream.slot")?) {
+    let slot_name = match (args.slot_name, state.stream_slot()?) {
         (Some(s), _) | (None, Some(s)) => s,
         (None, None) => bail!("the work dir names no slot: give --slot-name"),
     };
@@ -43,8 +44,8 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
                 describe(&e)
             )
         })?;
-    state.set_meta("migration.status", "cleaned up")?;
-    state.set_phase("done")?;
+    state.record_cleaned_up()?;
+    state.set_phase(Phase::Done)?;
     println!(
         "source: slot {slot_name} {}, publication {} dropped; target: origin {origin} {}; work dir {} marked done",
         if dropped_slot {

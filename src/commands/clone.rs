@@ -5,6 +5,7 @@ use anyhow::{Result, bail};
 use crate::cli::CloneArgs;
 use crate::clone::{self, CloneOptions};
 use crate::replication::Plugin;
+use crate::state::Phase;
 use crate::workdir::WorkDir;
 
 use super::follow;
@@ -26,8 +27,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     // A fresh start (also with --resume on an empty work dir, as a container restarting the
     // same command does): every hazard that would stop this migration is reported now, before
     // anything is created. A real resume has its own checks: the work dir's identity.
-    let fresh = workdir.state.get_meta("clone.status")?.is_none()
-        && workdir.state.get_meta("stream.slot")?.is_none();
+    let fresh = workdir.state.clone_status()?.is_none() && workdir.state.stream_slot()?.is_none();
     if fresh {
         crate::check::preflight(&crate::check::CheckOptions {
             filters: filters.clone(),
@@ -69,11 +69,11 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     };
     if !args.follow {
         interruptible(clone::run(&workdir, &opts), &args.dir).await?;
-        workdir.state.set_phase("done")?;
+        workdir.state.set_phase(Phase::Done)?;
         return Ok(());
     }
     if args.resume
-        && let Some(slot) = workdir.state.get_meta("stream.slot")?
+        && let Some(slot) = workdir.state.stream_slot()?
     {
         // The slot and its spool survive; its exported snapshot does not. Tables the clone has
         // not finished are copied again under a new snapshot at a known LSN, and apply skips
@@ -109,8 +109,8 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     if args.restart {
         // Starting over forgets the earlier run first: the slot recorded below must survive
         // the clone's own reset.
-        let cleaned = workdir.state.get_meta("migration.status")?.as_deref() == Some("cleaned up");
-        if let Some(old) = workdir.state.get_meta("stream.slot")?
+        let cleaned = workdir.state.cleaned_up()?;
+        if let Some(old) = workdir.state.stream_slot()?
             && !cleaned
         {
             bail!(

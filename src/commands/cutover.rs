@@ -8,27 +8,15 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use super::follow::{self, LIVENESS_TIMEOUT, REACHED_KEY};
+use super::follow::{self, LIVENESS_TIMEOUT};
 use crate::cli::{CutoverArgs, VerifyMode};
 use crate::clone::{filters::Filters, sequences};
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Lsn, Side, catalog};
-use crate::state::StateDb;
+use crate::state::{CloneStatus, FencedRole, StateDb};
 use crate::workdir::WorkDir;
-
-/// state.db key of the fence in force: the roles and their earlier setting, so that it can be
-/// lifted exactly (also after a crash, with `--unfence`).
-const FENCE_KEY: &str = "cutover.fence";
-
-/// One fenced role and its own `default_transaction_read_only` in the database before.
-#[derive(Serialize, Deserialize, Debug)]
-struct FencedRole {
-    role: String,
-    previous: Option<String>,
-}
 
 pub async fn run(args: CutoverArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
@@ -40,7 +28,7 @@ pub async fn run(args: CutoverArgs) -> Result<()> {
         println!("fence lifted on the source for: {}", list_or_none(&roles));
         return Ok(());
     }
-    let slot = state.get_meta("stream.slot")?.ok_or_else(|| {
+    let slot = state.stream_slot()?.ok_or_else(|| {
         anyhow!(
             "the work dir {} has no change stream: cutover follows a `pgtide clone --follow` (or `stream setup` + `follow`) migration",
             args.dir.display()
@@ -101,14 +89,20 @@ pub async fn run(args: CutoverArgs) -> Result<()> {
                     ),
                 }
             };
-            let applied = state
-                .get_meta("sentinel.applied_lsn")?
-                .unwrap_or_else(|| "unknown".into());
+            let applied = applied_at_endpos(&state)?;
             Err(e.context(format!(
                 "cutover failed.{lifted} The source is unchanged otherwise (the slot keeps the changes); the target has applied through {applied}. Fix the cause and run cutover again."
             )))
         }
     }
+}
+
+/// The position apply stopped at when it reached endpos, for the report ("unknown" if none).
+fn applied_at_endpos(state: &StateDb) -> Result<String> {
+    Ok(state
+        .sentinel()?
+        .applied_lsn
+        .map_or_else(|| "unknown".into(), |lsn| lsn.to_string()))
 }
 
 struct Report {
@@ -209,9 +203,7 @@ async fn switch_over(
     };
     Ok(Report {
         endpos,
-        applied: state
-            .get_meta("sentinel.applied_lsn")?
-            .unwrap_or_else(|| "unknown".into()),
+        applied: applied_at_endpos(state)?,
         sequences: seqs.len(),
         refreshed,
         ready_at,
@@ -230,8 +222,8 @@ async fn reach_endpos(
 ) -> Result<()> {
     match WorkDir::open(dir, "cutover") {
         Ok(workdir) => {
-            if let Some(status) = state.get_meta("clone.status")?
-                && status != "done"
+            if let Some(status) = state.clone_status()?
+                && status != CloneStatus::Done
             {
                 bail!(
                     "the clone in {} is not finished ({status}): resume it with `pgtide clone --follow --resume`, then cut over",
@@ -246,7 +238,7 @@ async fn reach_endpos(
         Err(_) => {
             let waiting_since = Instant::now();
             loop {
-                if state.get_meta(REACHED_KEY)?.as_deref() == Some(&endpos.to_string()) {
+                if state.sentinel()?.reached_endpos == Some(endpos) {
                     return Ok(());
                 }
                 if let Some(why) = apply_not_running(state, waiting_since.elapsed())? {
@@ -282,7 +274,7 @@ fn apply_not_running(state: &StateDb, waited: Duration) -> Result<Option<String>
 /// Makes the roles read-only in the source database and ends their sessions there. The
 /// earlier settings are recorded first, so that a failure at any point can restore them.
 async fn fence(src: &Client, state: &StateDb, asked: &[String]) -> Result<Vec<String>> {
-    if state.get_meta(FENCE_KEY)?.is_some() {
+    if state.fence()?.is_some() {
         bail!(
             "a fence from an earlier cutover is still recorded in this work dir: lift it with `pgtide cutover --unfence`, then run cutover again"
         );
@@ -321,7 +313,7 @@ async fn fence(src: &Client, state: &StateDb, asked: &[String]) -> Result<Vec<St
             previous: row.get(0),
         });
     }
-    state.set_meta(FENCE_KEY, &serde_json::to_string(&fenced)?)?;
+    state.record_fence(&fenced)?;
     let db: String = src
         .query_one("SELECT current_database()::text", &[])
         .await?
@@ -353,10 +345,9 @@ async fn fence(src: &Client, state: &StateDb, asked: &[String]) -> Result<Vec<St
 
 /// Restores the fenced roles' earlier setting and forgets the fence.
 async fn unfence(src: &Client, state: &StateDb) -> Result<Vec<String>> {
-    let Some(json) = state.get_meta(FENCE_KEY)? else {
+    let Some(fenced) = state.fence()? else {
         return Ok(Vec::new());
     };
-    let fenced: Vec<FencedRole> = serde_json::from_str(&json)?;
     let db: String = src
         .query_one("SELECT current_database()::text", &[])
         .await?
@@ -382,7 +373,7 @@ async fn unfence(src: &Client, state: &StateDb) -> Result<Vec<String>> {
             )
         })?;
     }
-    state.delete_meta(FENCE_KEY)?;
+    state.forget_fence()?;
     Ok(fenced.into_iter().map(|f| f.role).collect())
 }
 

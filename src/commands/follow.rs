@@ -13,14 +13,8 @@ use crate::clone::sequences;
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Lsn, Side, catalog};
 use crate::replication::stream::{self, ReceiveOptions};
-use crate::state::StateDb;
+use crate::state::{Phase, StateDb};
 use crate::workdir::WorkDir;
-
-/// The sentinel keys in state.db (`pgtide sentinel get|set` reads and writes them).
-pub const ENDPOS_KEY: &str = "sentinel.endpos";
-pub const APPLY_KEY: &str = "sentinel.apply";
-/// The endpos a follow stopped at, once everything up to it is applied (cutover waits on it).
-pub const REACHED_KEY: &str = "sentinel.reached_endpos";
 
 /// A receiver running in the background, and what it publishes.
 pub struct Receiver {
@@ -87,29 +81,19 @@ impl Drop for Liveness {
 /// Starts spooling the work dir's stream (set up by `stream setup` or `clone --follow`).
 pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> {
     let state = workdir.state.clone();
-    let slot = state
-        .get_meta("stream.slot")?
+    let stream = state
+        .stream()?
         .ok_or_else(|| anyhow!("the work dir {} has no stream: start with `pgtide clone --follow` or `pgtide stream setup`", workdir.path.display()))?;
-    let plugin = state.stream_plugin()?;
-    let start: Lsn = state
-        .get_meta("stream.startpos")?
-        .unwrap_or_else(|| "0/0".into())
-        .parse()
-        .map_err(|e: String| anyhow!(e))?;
-    let tables = match state.get_meta("stream.tables")? {
-        Some(json) => serde_json::from_str(&json)?,
-        None => Vec::new(),
-    };
     let (progress, progress_rx) = watch::channel(Progress::default());
     let opts = ReceiveOptions {
-        publications: super::stream::recorded_publications(&state, &slot)?,
-        slot,
-        plugin,
-        start,
+        publications: super::stream::recorded_publications(&stream),
+        slot: stream.slot,
+        plugin: stream.plugin,
+        start: stream.startpos.unwrap_or_default(),
         endpos: None,
         status_interval: Duration::from_secs(1),
-        tables,
-        system_id: state.get_meta("stream.system_id")?,
+        tables: stream.tables.unwrap_or_default(),
+        system_id: stream.system_id,
         applied: Some(progress_rx),
     };
     let mut spool = workdir.spool_writer()?;
@@ -137,7 +121,7 @@ pub fn set_endpos(state: &StateDb, endpos: Lsn) -> Result<()> {
             "endpos {endpos} is behind the position the target has already applied, {applied}: the transactions committed between them are on the target and cannot be taken back. Give an endpos at or after {applied} (`pgtide sentinel set endpos --current` takes the source's current position)"
         );
     }
-    state.set_meta(ENDPOS_KEY, &endpos.to_string())
+    state.set_endpos(endpos)
 }
 
 /// Replays the spool until endpos (from `--endpos` or the sentinel, re-read every half
@@ -167,11 +151,11 @@ async fn apply_and_set_sequences(
     progress: watch::Sender<Progress>,
 ) -> Result<Lsn> {
     let state = workdir.state.clone();
-    let slot = state.get_meta("stream.slot")?.unwrap_or_default();
+    let slot = state.stream_slot()?.unwrap_or_default();
     refuse_inexact_wal2json(source, &state).await?;
-    state.set_meta(APPLY_KEY, "on")?;
-    state.set_phase("following")?;
-    let (endpos_tx, endpos_rx) = watch::channel(read_endpos(&state)?);
+    state.switch_apply_on()?;
+    state.set_phase(Phase::Following)?;
+    let (endpos_tx, endpos_rx) = watch::channel(state.endpos()?);
     let poll_state = state.clone();
     let marker_source = source.clone();
     let endpos_poller = tokio::spawn(async move {
@@ -179,7 +163,7 @@ async fn apply_and_set_sequences(
         let mut last_try = std::time::Instant::now() - Duration::from_secs(60);
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            if let Ok(endpos) = read_endpos(&poll_state) {
+            if let Ok(endpos) = poll_state.endpos() {
                 endpos_tx.send_if_modified(|current| {
                     let changed = *current != endpos;
                     *current = endpos;
@@ -213,14 +197,14 @@ async fn apply_and_set_sequences(
             loop {
                 tick.tick().await;
                 let p = *progress.borrow();
-                let _ = state.set_meta("apply.applied_lsn", &p.applied.to_string());
+                let _ = state.record_applied_lsn(p.applied);
                 let _ = state.record_durable_lsn(p.durable);
                 let _ =
                     state.apply_sample(std::process::id(), p.changes, p.transactions, p.applied.0);
             }
         })
     };
-    let resynced = crate::clone::resynced_tables(&state)?;
+    let resynced = state.resync_positions()?;
     let origin = apply::origin_name(&slot);
     let source_of_apply = apply::Source {
         dir: &workdir.path,
@@ -260,10 +244,10 @@ async fn apply_and_set_sequences(
     recorder.abort();
     if let Ok(applied) = &applied {
         record_progress(&state, &progress.borrow())?;
-        state.set_phase("stopped at endpos")?;
+        state.set_phase(Phase::StoppedAtEndpos)?;
         state.record_applied_at_endpos(*applied)?;
         if let Some(endpos) = *stop.endpos.borrow() {
-            state.set_meta(REACHED_KEY, &endpos.to_string())?;
+            state.record_reached_endpos(endpos)?;
         }
     }
     // Give the receiver one status tick to report the final apply position, then stop it.
@@ -299,10 +283,10 @@ async fn refuse_inexact_wal2json(source: &ConnInfo, state: &StateDb) -> Result<(
     if state.stream_plugin()? != Plugin::Wal2json || state.wal2json_nan_as_null()? {
         return Ok(());
     }
-    let tables: Vec<(String, String)> = match state.get_meta("stream.tables")? {
-        Some(json) => serde_json::from_str(&json)?,
-        None => Vec::new(),
-    };
+    let tables = state
+        .stream()?
+        .and_then(|stream| stream.tables)
+        .unwrap_or_default();
     let client = pg::connect(source, Side::Source, "wal2json columns").await?;
     let columns = w::inexact_columns(&client, &tables).await?;
     if columns.iter().any(|c| !c.not_null) {
@@ -319,13 +303,6 @@ async fn refuse_inexact_wal2json(source: &ConnInfo, state: &StateDb) -> Result<(
 fn record_progress(state: &StateDb, p: &Progress) -> Result<()> {
     state.record_durable_lsn(p.durable)?;
     state.apply_sample(std::process::id(), p.changes, p.transactions, p.applied.0)
-}
-
-fn read_endpos(state: &StateDb) -> Result<Option<Lsn>> {
-    match state.get_meta(ENDPOS_KEY)? {
-        Some(text) => Ok(Some(text.parse().map_err(|e: String| anyhow!(e))?)),
-        None => Ok(None),
-    }
 }
 
 pub async fn run(args: FollowArgs) -> Result<()> {

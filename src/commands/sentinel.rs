@@ -4,7 +4,6 @@
 use anyhow::{Result, anyhow, bail};
 use serde_json::json;
 
-use super::follow::{APPLY_KEY, ENDPOS_KEY};
 use crate::cli::{SentinelCommand, SentinelSetArgs};
 use crate::pg::{self, Lsn, Side};
 use crate::state::StateDb;
@@ -13,16 +12,19 @@ pub async fn run(command: SentinelCommand) -> Result<()> {
     match command {
         SentinelCommand::Get { dir } => {
             let state = open(&dir)?;
-            let get = |k: &str| state.get_meta(k).ok().flatten();
+            let sentinel = state.sentinel()?;
+            let positions = state.stream_positions()?;
+            let startpos = state.stream()?.and_then(|stream| stream.startpos);
+            let text = |lsn: Option<Lsn>| lsn.map(|lsn| lsn.to_string());
             println!(
                 "{}",
                 serde_json::to_string_pretty(&json!({
-                    "startpos": get("stream.startpos"),
-                    "endpos": get(ENDPOS_KEY),
-                    "apply": get(APPLY_KEY).as_deref() == Some("on"),
-                    "received_lsn": get("stream.received_lsn"),
-                    "spooled_lsn": get("stream.flushed_lsn"),
-                    "applied_lsn": get("sentinel.applied_lsn"),
+                    "startpos": text(startpos),
+                    "endpos": text(sentinel.endpos),
+                    "apply": sentinel.apply,
+                    "received_lsn": text(positions.received),
+                    "spooled_lsn": text(positions.flushed),
+                    "applied_lsn": text(sentinel.applied_lsn),
                 }))?
             );
             Ok(())
@@ -38,7 +40,7 @@ pub async fn run(command: SentinelCommand) -> Result<()> {
             match what.as_str() {
                 // A long-running follower past its endpos keeps following once it is cleared.
                 "endpos" if lsn.as_deref() == Some("none") && !current => {
-                    state.delete_meta(ENDPOS_KEY)?;
+                    state.clear_endpos()?;
                     println!("endpos cleared: follow runs until an endpos is set again");
                 }
                 "endpos" => {
@@ -64,7 +66,7 @@ pub async fn run(command: SentinelCommand) -> Result<()> {
                     println!("endpos set to {endpos}");
                 }
                 "apply" => {
-                    state.set_meta(APPLY_KEY, "on")?;
+                    state.switch_apply_on()?;
                     println!("apply switched on");
                 }
                 other => bail!("unknown sentinel field \"{other}\": use endpos or apply"),

@@ -8,10 +8,11 @@ use crate::cli::{
     IdentityArgs, SnapshotArgs, StreamCleanupArgs, StreamReceiveArgs, StreamSetupArgs,
 };
 use crate::conninfo::ConnInfo;
-use crate::pg::{self, Lsn, Side};
+use crate::pg::{self, Side};
 use crate::replication::conn::ReplicationConnection;
 use crate::replication::stream::{self, Ended, ReceiveOptions};
 use crate::replication::{Plugin, slot};
+use crate::state::StreamRecord;
 use crate::workdir::WorkDir;
 
 /// Refuses, before anything is created, to publish tables without a replica identity, naming
@@ -35,15 +36,12 @@ async fn refuse_tables_without_identity(
     );
 }
 
-/// state.db key of the publications a pgoutput stream reads (JSON list).
-pub const PUBLICATIONS_KEY: &str = "stream.publications";
-
-/// The publications recorded for the work dir's stream (by default the slot's one).
-pub fn recorded_publications(state: &crate::state::StateDb, slot: &str) -> Result<Vec<String>> {
-    Ok(match state.get_meta(PUBLICATIONS_KEY)? {
-        Some(json) => serde_json::from_str(&json)?,
-        None => vec![slot::publication_name(slot)],
-    })
+/// The publications the work dir's stream reads (by default the slot's one).
+pub fn recorded_publications(stream: &StreamRecord) -> Vec<String> {
+    stream
+        .publications
+        .clone()
+        .unwrap_or_else(|| vec![slot::publication_name(&stream.slot)])
 }
 
 /// The output plugin a stream is set up with, and what its operator accepted of it.
@@ -242,16 +240,16 @@ pub async fn create_recorded_slot(
     let mut conn = ReplicationConnection::connect(source).await?;
     let system = slot::identify_system(&mut conn).await?;
     let created = slot::create_slot(&mut conn, slot_name, plugin, export).await?;
-    state.set_meta("stream.slot", slot_name)?;
-    state.record_stream_plugin(plugin)?;
-    if choice.nan_as_null {
-        state.record_wal2json_nan_as_null()?;
-    }
-    state.set_meta("stream.startpos", &created.consistent_point.to_string())?;
-    state.set_meta("stream.source.uri", &source.redacted())?;
-    state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
-    state.set_meta(PUBLICATIONS_KEY, &serde_json::to_string(&publications)?)?;
-    state.set_meta("stream.system_id", &system.system_id)?;
+    state.record_stream(&StreamRecord {
+        slot: slot_name.to_string(),
+        plugin,
+        wal2json_nan_as_null: choice.nan_as_null,
+        startpos: Some(created.consistent_point),
+        source_uri: Some(source.redacted()),
+        tables: Some(tables),
+        publications: Some(publications),
+        system_id: Some(system.system_id),
+    })?;
     state.record_filters(filters)?;
     Ok((conn, created))
 }
@@ -260,7 +258,7 @@ pub async fn setup(args: StreamSetupArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.source.source, "source")?;
     let workdir = WorkDir::open(&args.dir, "stream setup")?;
     let state = &workdir.state;
-    if let Some(existing) = state.get_meta("stream.slot")? {
+    if let Some(existing) = state.stream_slot()? {
         bail!(
             "the work dir {} already has a stream on slot \"{existing}\": run `pgtide stream receive` to continue it, or `pgtide stream cleanup` first",
             args.dir.display()
@@ -295,50 +293,56 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.source.source, "source")?;
     let workdir = WorkDir::open(&args.dir, "stream receive")?;
     let state = workdir.state.clone();
-    let slot_name = match (state.get_meta("stream.slot")?, &args.slot_name) {
-        (Some(recorded), Some(asked)) if &recorded != asked => bail!(
-            "the work dir {} streams from slot \"{recorded}\", not \"{asked}\": use another --dir",
-            args.dir.display()
+    let stream = match (state.stream()?, &args.slot_name) {
+        (Some(recorded), Some(asked)) if &recorded.slot != asked => bail!(
+            "the work dir {} streams from slot \"{}\", not \"{asked}\": use another --dir",
+            args.dir.display(),
+            recorded.slot
         ),
         (Some(recorded), _) => recorded,
         (None, Some(asked)) => {
             slot::check_slot_name(asked)?;
-            state.set_meta("stream.slot", asked)?;
-            state.record_stream_plugin(args.plugin)?;
-            state.set_meta("stream.source.uri", &source.redacted())?;
-            asked.clone()
+            // An adopted slot: its start, tables and publications are not known here.
+            let adopted = StreamRecord {
+                slot: asked.clone(),
+                plugin: args.plugin,
+                wal2json_nan_as_null: state.wal2json_nan_as_null()?,
+                startpos: None,
+                source_uri: Some(source.redacted()),
+                tables: None,
+                publications: None,
+                system_id: None,
+            };
+            state.record_stream(&adopted)?;
+            adopted
         }
         (None, None) => bail!(
             "the work dir {} has no stream: run `pgtide stream setup` first, or give --slot-name to adopt an existing slot",
             args.dir.display()
         ),
     };
-    let plugin = state.stream_plugin()?;
-    let start: Lsn = state
-        .get_meta("stream.startpos")?
-        .unwrap_or_else(|| "0/0".into())
-        .parse()
-        .map_err(|e: String| anyhow!(e))?;
-    let tables: Vec<(String, String)> = match state.get_meta("stream.tables")? {
-        Some(json) => serde_json::from_str(&json)?,
+    let plugin = stream.plugin;
+    let start = stream.startpos.unwrap_or_default();
+    let tables: Vec<(String, String)> = match &stream.tables {
+        Some(tables) => tables.clone(),
         None => {
             let client = pg::connect(&source, Side::Source, "stream tables").await?;
             let filters = state.recorded_filters()?.unwrap_or_default();
             let (tables, _) = slot::published_tables(&client, plugin, &filters).await?;
-            state.set_meta("stream.tables", &serde_json::to_string(&tables)?)?;
+            state.record_stream_tables(&tables)?;
             tables
         }
     };
     let mut spool = workdir.spool_writer()?;
     let opts = ReceiveOptions {
-        publications: recorded_publications(&state, &slot_name)?,
-        slot: slot_name,
+        publications: recorded_publications(&stream),
+        slot: stream.slot,
         plugin,
         start,
         endpos: args.endpos,
         status_interval: Duration::from_secs(1),
         tables,
-        system_id: state.get_meta("stream.system_id")?,
+        system_id: stream.system_id,
         applied: None,
     };
     let ended = stream::receive(&source, &mut spool, &state, &opts).await;
@@ -362,7 +366,7 @@ pub async fn cleanup(args: StreamCleanupArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.source.source, "source")?;
     let workdir = WorkDir::open(&args.dir, "stream cleanup")?;
     let state = &workdir.state;
-    let slot_name = match (args.slot_name, state.get_meta("stream.slot")?) {
+    let slot_name = match (args.slot_name, state.stream_slot()?) {
         (Some(s), _) | (None, Some(s)) => s,
         (None, None) => bail!("no slot to drop: the work dir names none; give --slot-name"),
     };
@@ -371,10 +375,7 @@ pub async fn cleanup(args: StreamCleanupArgs) -> Result<()> {
     conn.close().await;
     let client = pg::connect(&source, Side::Source, "cleanup").await?;
     slot::drop_publication(&client, &slot_name).await?;
-    state.forget_stream_plugin()?;
-    for key in ["stream.slot", "stream.startpos", "stream.source.uri"] {
-        state.delete_meta(key)?;
-    }
+    state.forget_stream()?;
     println!(
         "{} slot {slot_name} and publication {}",
         if dropped {

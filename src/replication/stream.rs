@@ -268,8 +268,7 @@ impl Session {
                     // a waiting endpos) move on without waiting for the server's own timer.
                     send_status(&mut conn, spool, opts, positions, in_transaction.is_none()).await?;
                     if last_state_write.elapsed() >= Duration::from_millis(900) {
-                        state.set_meta("stream.received_lsn", &positions.received.to_string())?;
-                        state.set_meta("stream.flushed_lsn", &positions.flushed.to_string())?;
+                        state.record_stream_positions(positions.received, positions.flushed)?;
                         last_state_write = Instant::now();
                     }
                 }
@@ -462,8 +461,7 @@ async fn finish(
 ) -> Result<Ended> {
     let durable = spool.sync().await?;
     send_status(&mut conn, spool, opts, positions, false).await?;
-    state.set_meta("stream.received_lsn", &positions.received.to_string())?;
-    state.set_meta("stream.flushed_lsn", &positions.flushed.to_string())?;
+    state.record_stream_positions(positions.received, positions.flushed)?;
     if let Err(e) = conn.finish_copy().await {
         tracing::debug!("ending the copy: {e:#}");
     }
