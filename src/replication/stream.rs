@@ -209,7 +209,7 @@ impl Session {
                             }
                             let record = to_record(opts.plugin, &mut decoder, wal_start, data, &mut in_transaction)
                                 .map_err(|e| e.context(Fatal(format!(
-                                    "cannot decode the replication stream at {wal_start}: reconnecting would receive the same message again, so the receiver stops (nothing after the last spooled commit was kept). Report it with the source's version and plugin"
+                                    "cannot decode the replication stream at {wal_start}: the source would send the same message again, so the receiver stops instead of retrying (nothing after the last spooled commit was kept). Report it with the source's version and plugin"
                                 ))))?;
                             if let (Some(endpos), Some(final_lsn)) = (opts.endpos, record.begin_final)
                                 && final_lsn > endpos
