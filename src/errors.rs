@@ -47,7 +47,20 @@ pub struct Fatal(pub String);
 #[error("{message}")]
 pub struct Classified {
     pub class: ErrorClass,
+    /// The server's SQLSTATE, when it sent one.
+    pub sqlstate: Option<String>,
     pub message: String,
+}
+
+impl Classified {
+    /// A tokio-postgres error told as `message`, keeping its class and SQLSTATE.
+    pub fn pg(e: &tokio_postgres::Error, class: ErrorClass, message: String) -> Self {
+        Classified {
+            class,
+            sqlstate: e.code().map(|c| c.code().to_string()),
+            message,
+        }
+    }
 }
 
 /// Classifies a SQLSTATE. An unknown one stops.
@@ -141,6 +154,10 @@ pub fn sqlstate(e: &anyhow::Error) -> Option<String> {
     e.chain().find_map(|c| {
         c.downcast_ref::<ServerError>()
             .map(|s| s.code.clone())
+            .or_else(|| {
+                c.downcast_ref::<Classified>()
+                    .and_then(|k| k.sqlstate.clone())
+            })
             .or_else(|| {
                 c.downcast_ref::<tokio_postgres::Error>()
                     .and_then(|p| p.code())
@@ -260,5 +277,19 @@ mod tests {
         let e = server("55006").context("starting the stream");
         assert_eq!(sqlstate(&e).as_deref(), Some("55006"));
         assert_eq!(sqlstate(&anyhow!("no server")), None);
+        let told = anyhow::Error::new(Classified {
+            class: ErrorClass::Stop,
+            sqlstate: Some("23502".into()),
+            message: "cannot apply an insert".into(),
+        })
+        .context("apply");
+        assert_eq!(sqlstate(&told).as_deref(), Some("23502"));
+        assert_eq!(classify(&told), ErrorClass::Stop);
+        let lost = anyhow::Error::new(Classified {
+            class: ErrorClass::Transient,
+            sqlstate: None,
+            message: "cannot connect".into(),
+        });
+        assert_eq!(classify(&lost), ErrorClass::Transient);
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::decode::{Change, Relation, StreamDecoder};
-use crate::errors::{Classified, ErrorClass, classify, classify_pg};
+use crate::errors::{Classified, ErrorClass, classify, classify_pg, sqlstate};
 use crate::pg::{Lsn, describe};
 use crate::replication::Plugin;
 use crate::spool::SpoolReader;
@@ -44,10 +44,7 @@ pub fn target_error(e: &tokio_postgres::Error, context: impl std::fmt::Display) 
     if class == ErrorClass::Transient {
         anyhow::Error::new(TargetLost(text))
     } else {
-        anyhow::Error::new(Classified {
-            class,
-            message: text,
-        })
+        anyhow::Error::new(Classified::pg(e, class, text))
     }
 }
 
@@ -289,7 +286,7 @@ pub async fn run(
 /// a NOT NULL violation on the target is most likely one of them (`check` warned about these
 /// columns). Apply stops there rather than write a wrong value; this says why.
 fn explain_wal2json_null(plugin: Plugin, e: anyhow::Error) -> anyhow::Error {
-    if plugin == Plugin::Wal2json && format!("{e:#}").contains("(SQLSTATE 23502)") {
+    if plugin == Plugin::Wal2json && sqlstate(&e).as_deref() == Some("23502") {
         e.context("wal2json sent null for a NOT NULL column: the source value is most likely NaN, Infinity or -Infinity in a numeric, real or double precision column, which wal2json prints as null. Nothing of this transaction was applied; migrate this table with --plugin pgoutput")
     } else {
         e

@@ -56,10 +56,11 @@ pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Clien
     // The explanation is text: its class (a restarting server is transient, a wrong
     // password is not) travels with it for the retry loops.
     let (client, connection) = connected.map_err(|e| {
-        anyhow::Error::new(Classified {
-            class: classify_connect(&e),
-            message: format!("{:#}", explain_connect_error(info, side, &e)),
-        })
+        anyhow::Error::new(Classified::pg(
+            &e,
+            classify_connect(&e),
+            format!("{:#}", explain_connect_error(info, side, &e)),
+        ))
     })?;
     let label = format!("{} {purpose}", side.name());
     tokio::spawn(drive_connection(connection, label));
