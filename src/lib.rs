@@ -8,6 +8,8 @@ pub mod clone;
 pub mod commands;
 pub mod conninfo;
 pub mod decode;
+pub mod errors;
+pub mod failpoints;
 pub mod metrics;
 pub mod pg;
 pub mod progress;

@@ -322,10 +322,10 @@ fn write_loop(
                 }
             }
         }
-        fail::fail_point!("spool.before_commit");
+        fail::fail_point!(crate::failpoints::SPOOL_BEFORE_COMMIT);
         tx.commit()
             .context("cannot commit to the spool (is the disk full?)")?;
-        fail::fail_point!("spool.after_write");
+        fail::fail_point!(crate::failpoints::SPOOL_AFTER_WRITE);
         durable_tx.send_replace(Durable {
             commit_end,
             records,

@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use pgtide::failpoints::{COPY_AFTER_COMMIT, COPY_BEFORE_COMMIT};
 
 /// Waits for clone --follow to reach an endpos set at the source's current position, and
 /// asserts it succeeded.
@@ -66,7 +67,10 @@ async fn source_session_settings_neither_alter_values_nor_kill_the_snapshot() {
             vec!["--table-jobs", "1"],
         ]
         .concat(),
-        &[("FAILPOINTS", "copy.after_commit=sleep(1500)")],
+        &[(
+            "FAILPOINTS",
+            format!("{COPY_AFTER_COMMIT}=sleep(1500)").as_str(),
+        )],
     );
     wait_for_slot(&dir);
     exec(
@@ -416,7 +420,10 @@ async fn truncate_cascade_before_a_resynced_child_keeps_its_copy() {
             vec!["--table-jobs", "1"],
         ]
         .concat(),
-        &[("FAILPOINTS", "copy.after_commit=sleep(3000)")],
+        &[(
+            "FAILPOINTS",
+            format!("{COPY_AFTER_COMMIT}=sleep(3000)").as_str(),
+        )],
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while parts_done(&dir) < 1 {
@@ -517,7 +524,10 @@ async fn truncate_during_the_copy_resyncs_the_table() {
             vec!["--table-jobs", "1"],
         ]
         .concat(),
-        &[("FAILPOINTS", "copy.before_commit=sleep(3000)")],
+        &[(
+            "FAILPOINTS",
+            format!("{COPY_BEFORE_COMMIT}=sleep(3000)").as_str(),
+        )],
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !big_is_being_copied(&dir) {
@@ -553,7 +563,10 @@ async fn truncate_during_the_copy_resyncs_the_table() {
             "--table-jobs",
             "1",
         ],
-        &[("FAILPOINTS", "copy.before_commit=sleep(3000)")],
+        &[(
+            "FAILPOINTS",
+            format!("{COPY_BEFORE_COMMIT}=sleep(3000)").as_str(),
+        )],
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !big_is_being_copied(&dir) {

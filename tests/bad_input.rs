@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgtide::failpoints::COPY_BEFORE_COMMIT;
 
 fn assert_no_password(output: &str) {
     let password = password();
@@ -142,7 +143,10 @@ async fn second_pgtide_on_the_same_work_dir_is_refused() {
     let dir = workdir("lock");
     let d = dir.to_str().unwrap();
     let mut first = pgtide_command(&clone_args(&src, &dst, d))
-        .env("FAILPOINTS", "copy.before_commit=sleep(5000)")
+        .env(
+            "FAILPOINTS",
+            format!("{COPY_BEFORE_COMMIT}=sleep(5000)").as_str(),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -5,6 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgtide::failpoints::{COPY_AFTER_COMMIT, COPY_BEFORE_COMMIT, INDEX_AFTER_STATEMENT};
 
 /// Every object kind of the hard-case fixture arrives, and verify proves the rows identical.
 #[tokio::test(flavor = "multi_thread")]
@@ -325,7 +326,10 @@ async fn resume_after_crash_between_target_commit_and_state_update() {
         "--table-jobs",
         "1",
     ])
-    .env("FAILPOINTS", "copy.after_commit=3*off->panic")
+    .env(
+        "FAILPOINTS",
+        format!("{COPY_AFTER_COMMIT}=3*off->panic").as_str(),
+    )
     .output()
     .unwrap();
     assert!(
@@ -395,7 +399,10 @@ async fn resume_after_sigkill_during_copy() {
         "--table-jobs",
         "1",
     ])
-    .env("FAILPOINTS", "copy.before_commit=sleep(300)")
+    .env(
+        "FAILPOINTS",
+        format!("{COPY_BEFORE_COMMIT}=sleep(300)").as_str(),
+    )
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null())
     .spawn()
@@ -484,7 +491,10 @@ async fn resume_after_crash_between_unique_index_and_constraint() {
         "--index-jobs",
         "1",
     ])
-    .env("FAILPOINTS", "index.after_statement=panic")
+    .env(
+        "FAILPOINTS",
+        format!("{INDEX_AFTER_STATEMENT}=panic").as_str(),
+    )
     .output()
     .unwrap();
     assert!(

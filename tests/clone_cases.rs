@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use pgtide::failpoints::CLONE_BEFORE_DUMP;
 
 /// Writes a filters file into `dir`; returns its path.
 fn write_filters(dir: &std::path::Path, text: &str) -> String {
@@ -449,7 +450,10 @@ async fn a_source_read_losing_a_deadlock_to_the_application_is_retried() {
     let d = dir.to_str().unwrap();
     let child = spawn_pgtide(
         &clone_args(&src, &dst, d),
-        &[("FAILPOINTS", "clone.before_dump=sleep(3000)")],
+        &[(
+            "FAILPOINTS",
+            format!("{CLONE_BEFORE_DUMP}=sleep(3000)").as_str(),
+        )],
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let catalog_read = || {

@@ -6,6 +6,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 
 use common::*;
+use pgtide::failpoints::COPY_BEFORE_COMMIT;
 
 fn without_password(uri: &str) -> String {
     uri.replace(&format!(":{}@", password()), "@")
@@ -161,7 +162,10 @@ async fn ctrl_c_stops_cleanly_and_resume_finishes() {
         "--table-jobs",
         "1",
     ])
-    .env("FAILPOINTS", "copy.before_commit=sleep(400)")
+    .env(
+        "FAILPOINTS",
+        format!("{COPY_BEFORE_COMMIT}=sleep(400)").as_str(),
+    )
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::piped())
     .spawn()

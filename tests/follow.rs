@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgtide::failpoints::{APPLY_BEFORE_COMMIT, COPY_BEFORE_COMMIT};
 
 /// Tricky values: quotes, backslashes, bytea, bigints above 2^53, numeric(38,10), NaN and
 /// ±Infinity, NULLs that are updated and deleted again.
@@ -185,7 +186,10 @@ async fn clone_follow_catches_up_a_live_source() {
             vec!["--table-jobs", "2"],
         ]
         .concat(),
-        &[("FAILPOINTS", "copy.before_commit=sleep(150)")],
+        &[(
+            "FAILPOINTS",
+            format!("{COPY_BEFORE_COMMIT}=sleep(150)").as_str(),
+        )],
     );
     wait_for_slot(&dir);
     let load = pgbench(&["-n", "-c", "2", "-T", "4"]);
@@ -319,7 +323,10 @@ async fn endpos_is_exact_and_apply_survives_sigkill() {
     // The copy is slowed so that the changes and the endpos are in place before apply starts.
     let child = spawn_pgtide(
         &clone_follow_args(&src, &dst, d, "t_follow_endpos_slot"),
-        &[("FAILPOINTS", "copy.before_commit=sleep(2000)")],
+        &[(
+            "FAILPOINTS",
+            format!("{COPY_BEFORE_COMMIT}=sleep(2000)").as_str(),
+        )],
     );
     wait_for_slot(&dir);
     let client = connect(&src).await;
@@ -364,7 +371,10 @@ async fn endpos_is_exact_and_apply_survives_sigkill() {
         &[
             "follow", "--source", &src, "--target", &dst, "--dir", d, "--endpos", &end,
         ],
-        &[("FAILPOINTS", "apply.before_commit=sleep(5000)")],
+        &[(
+            "FAILPOINTS",
+            format!("{APPLY_BEFORE_COMMIT}=sleep(5000)").as_str(),
+        )],
     );
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(
@@ -444,7 +454,10 @@ async fn apply_reconnects_after_losing_the_target() {
     let d = dir.to_str().unwrap();
     let child = spawn_pgtide(
         &clone_follow_args(&src, &dst, d, "t_follow_lost_slot"),
-        &[("FAILPOINTS", "apply.before_commit=sleep(300)")],
+        &[(
+            "FAILPOINTS",
+            format!("{APPLY_BEFORE_COMMIT}=sleep(300)").as_str(),
+        )],
     );
     wait_for_slot(&dir);
     let client = connect(&src).await;
@@ -598,8 +611,9 @@ async fn clone_follow_survives_ten_sigkills() {
         }
         // The first rounds slow every copied part, so that kills land in the copy; later ones
         // let the clone finish, so that kills land in receive and apply.
+        let slow_copy = format!("{COPY_BEFORE_COMMIT}=sleep(300)");
         let env: &[(&str, &str)] = if round < 5 {
-            &[("FAILPOINTS", "copy.before_commit=sleep(300)")]
+            &[("FAILPOINTS", slow_copy.as_str())]
         } else {
             &[]
         };
@@ -818,7 +832,10 @@ async fn apply_survives_a_target_restart() {
     let d = dir.to_str().unwrap();
     let child = spawn_pgtide(
         &clone_follow_args(&src, &dst, d, "t_restart_slot"),
-        &[("FAILPOINTS", "apply.before_commit=sleep(200)")],
+        &[(
+            "FAILPOINTS",
+            format!("{APPLY_BEFORE_COMMIT}=sleep(200)").as_str(),
+        )],
     );
     wait_for_slot(&dir);
     let client = connect(&src).await;

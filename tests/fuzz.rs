@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use generator::{Case, Features};
+use pgtide::failpoints::COPY_BEFORE_COMMIT;
 
 /// What every comparing session sets, whatever the database's defaults: the text form of
 /// every value is then the same on all three sides.
@@ -248,7 +249,7 @@ async fn run_seed(case: &Case) -> Result<String, String> {
     )
     .await;
 
-    let failpoints = format!("copy.before_commit=sleep({})", case.copy_sleep_ms);
+    let failpoints = format!("{COPY_BEFORE_COMMIT}=sleep({})", case.copy_sleep_ms);
     let child = spawn_pgtide(
         &[
             clone_follow_args(&src, &dst, &d, &slot),

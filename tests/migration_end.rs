@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgtide::failpoints::APPLY_BEFORE_COMMIT;
 
 /// Writes on the source (a change after the slot's snapshot, in the table `tick` each test
 /// creates) and waits until apply has
@@ -238,7 +239,10 @@ async fn cutover_notices_at_once_that_follow_died() {
     // is killed below.
     let mut child = spawn_pgtide(
         &clone_follow_args(&src, &dst, d, "t_deadfollow_slot"),
-        &[("FAILPOINTS", "apply.before_commit=sleep(8000)")],
+        &[(
+            "FAILPOINTS",
+            format!("{APPLY_BEFORE_COMMIT}=sleep(8000)").as_str(),
+        )],
     );
     wait_for_slot(&dir);
     wait_applied(&src, &dst, "t_deadfollow_slot", &mut child).await;
@@ -301,7 +305,10 @@ async fn cutover_names_the_error_the_follow_stopped_on() {
     // after cutover has started waiting.
     let mut child = spawn_pgtide(
         &clone_follow_args(&src, &dst, d, "t_failfollow_slot"),
-        &[("FAILPOINTS", "apply.before_commit=sleep(8000)")],
+        &[(
+            "FAILPOINTS",
+            format!("{APPLY_BEFORE_COMMIT}=sleep(8000)").as_str(),
+        )],
     );
     wait_for_slot(&dir);
     wait_applied(&src, &dst, "t_failfollow_slot", &mut child).await;

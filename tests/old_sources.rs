@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 
 use common::*;
+use pgtide::failpoints::COPY_BEFORE_COMMIT;
 
 /// A partitioned `orders` (list partitions, a default one, and a sub-partitioned one whose
 /// leaves are two levels down) and a plain table, with rows.
@@ -204,7 +205,10 @@ async fn partitioned_source_12_follows_into_18() {
     let mut child = spawn_logged(
         &clone_follow_args(&src, &dst, d, "t_v12_parts_slot"),
         &[
-            ("FAILPOINTS", "copy.before_commit=sleep(100)"),
+            (
+                "FAILPOINTS",
+                format!("{COPY_BEFORE_COMMIT}=sleep(100)").as_str(),
+            ),
             ("PGTIDE_PG_BIN", client18_bin().to_str().unwrap()),
         ],
         &log,

@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgtide::failpoints::{APPLY_BEFORE_COMMIT, COPY_BEFORE_COMMIT};
 use serde_json::Value;
 
 fn status(d: &str, src: &str, dst: &str) -> Value {
@@ -68,7 +69,10 @@ async fn status_reports_backlog_lag_and_catch_up() {
             vec!["--metrics-addr", &metrics_addr],
         ]
         .concat(),
-        &[("FAILPOINTS", "apply.before_commit=sleep(1500)")],
+        &[(
+            "FAILPOINTS",
+            format!("{APPLY_BEFORE_COMMIT}=sleep(1500)").as_str(),
+        )],
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -299,7 +303,10 @@ async fn status_shows_clone_progress() {
             "--table-jobs",
             "1",
         ],
-        &[("FAILPOINTS", "copy.before_commit=sleep(1500)")],
+        &[(
+            "FAILPOINTS",
+            format!("{COPY_BEFORE_COMMIT}=sleep(1500)").as_str(),
+        )],
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     let during = loop {

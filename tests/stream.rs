@@ -8,6 +8,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgtide::failpoints::SPOOL_BEFORE_COMMIT;
 use serde_json::Value;
 
 fn interrupt(child: &Child) {
@@ -725,7 +726,10 @@ async fn flushed_never_passes_durable_and_filters_apply() {
     // second; the second batch fails. The receiver must stop, and must not have reported
     // anything beyond the first batch as flushed.
     let mut child = pgtide_command(&["stream", "receive", "--source", &src, "--dir", d])
-        .env("FAILPOINTS", "spool.before_commit=1*sleep(1500)->panic")
+        .env(
+            "FAILPOINTS",
+            format!("{SPOOL_BEFORE_COMMIT}=1*sleep(1500)->panic").as_str(),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -16,6 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgtide::failpoints::COPY_BEFORE_COMMIT;
 
 /// The output plugin a cell streams with.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -339,7 +340,10 @@ async fn run_cell(cell: Cell) {
         args.extend(["--plugin", "wal2json", "--wal2json-nan-as-null"]);
     }
     let mut child = pgtide_in_version_env(&args)
-        .env("FAILPOINTS", "copy.before_commit=sleep(100)")
+        .env(
+            "FAILPOINTS",
+            format!("{COPY_BEFORE_COMMIT}=sleep(100)").as_str(),
+        )
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()

@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgtide::failpoints::{APPLY_BEFORE_COMMIT, COPY_BEFORE_COMMIT};
 
 /// The hard cases made carriable by wal2json: it prints numeric/real/double precision NaN and
 /// ±Infinity as null, so those values are replaced and the columns made NOT NULL (a NaN there
@@ -196,7 +197,10 @@ async fn clone_follow_wal2json_catches_up_a_live_source() {
             vec!["--plugin", "wal2json", "--table-jobs", "2"],
         ]
         .concat(),
-        &[("FAILPOINTS", "copy.before_commit=sleep(150)")],
+        &[(
+            "FAILPOINTS",
+            format!("{COPY_BEFORE_COMMIT}=sleep(150)").as_str(),
+        )],
     );
     wait_for_slot(&dir);
     let load = pgbench("t_w2j_follow", &["-n", "-c", "2", "-T", "4"]);
@@ -329,7 +333,7 @@ async fn wal2json_apply_survives_sigkill_and_resume() {
         .concat(),
         &[(
             "FAILPOINTS",
-            "copy.before_commit=sleep(1000);apply.before_commit=sleep(700)",
+            format!("{COPY_BEFORE_COMMIT}=sleep(1000);{APPLY_BEFORE_COMMIT}=sleep(700)").as_str(),
         )],
     );
     wait_for_slot(&dir);

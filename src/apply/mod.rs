@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::decode::{Change, Relation, StreamDecoder};
+use crate::errors::{Classified, ErrorClass, classify, classify_pg, sqlstate};
 use crate::pg::{Lsn, describe};
 use crate::replication::Plugin;
 use crate::spool::SpoolReader;
@@ -33,25 +34,23 @@ use statements::{Statements, TargetTable};
 #[error("lost the connection to the target: {0}")]
 pub struct TargetLost(pub String);
 
-/// A target error with its context; a lost connection or a shutting-down server becomes
-/// `TargetLost`, everything else (constraint violations, drift…) stays fatal.
+/// A target error with its context, classified by [`crate::errors::classify_pg`]: a lost
+/// connection or a shutting-down server becomes `TargetLost` (follow reconnects); everything
+/// else (constraint violations, drift…) keeps its class and stops, except a serialization
+/// failure or deadlock, after which apply re-runs the batch.
 pub fn target_error(e: &tokio_postgres::Error, context: impl std::fmt::Display) -> anyhow::Error {
-    let lost = match e.as_db_error() {
-        None => true,
-        Some(db) => {
-            let code = db.code().code();
-            // 08P01 protocol_violation (a message over the server's limit, say) would
-            // happen again on every retry: it is not a lost connection.
-            code.starts_with("57P") || (code.starts_with("08") && code != "08P01")
-        }
-    };
+    let class = classify_pg(e);
     let text = format!("{context}: {}", describe(e));
-    if lost {
+    if class == ErrorClass::Transient {
         anyhow::Error::new(TargetLost(text))
     } else {
-        anyhow!(text)
+        anyhow::Error::new(Classified::pg(e, class, text))
     }
 }
+
+/// How many times in a row a batch that hit a deadlock or serialization failure is re-run
+/// before apply stops with it.
+const MAX_CONFLICT_RETRIES: u32 = 5;
 
 /// How many source transactions / changes one target transaction may merge, and for how long.
 const BATCH_TRANSACTIONS: usize = 1_000;
@@ -82,9 +81,9 @@ pub async fn setup_origin(target: &Client, origin: &str) -> Result<Lsn> {
             .await
         {
             Ok(_) => break,
+            // 55006 object_in_use: the origin is active for another session's PID.
             Err(e)
-                if e.as_db_error()
-                    .is_some_and(|d| d.message().contains("already active"))
+                if classify_pg(&e) == ErrorClass::Busy
                     && started.elapsed() < Duration::from_secs(20) =>
             {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -205,6 +204,8 @@ pub async fn run(
     }
     tracing::info!("apply: resuming after {start} (origin {origin})");
     let mut last_progress_read = Instant::now();
+    // Serialization failures / deadlocks in a row at the same applied position.
+    let mut conflicts = (start, 0u32);
     loop {
         let records = applier.reader.read(applier.after_seq, Lsn(0), 2_000)?;
         let idle = records.is_empty();
@@ -233,7 +234,27 @@ pub async fn run(
             Ok(Step::Done) => {
                 return finish(target, origin, applier.progress, progress_tx).await;
             }
-            Err(e) if applier.batch.used_sets && !e.chain().any(|c| c.is::<TargetLost>()) => {
+            // A deadlock or serialization failure with a session on the target rolled the
+            // batch back: re-run it from the last commit, a few times.
+            Err(e)
+                if classify(&e) == ErrorClass::Conflict && {
+                    if conflicts.0 != applier.progress.applied {
+                        conflicts = (applier.progress.applied, 0);
+                    }
+                    conflicts.1 += 1;
+                    conflicts.1 <= MAX_CONFLICT_RETRIES
+                } =>
+            {
+                tracing::warn!(
+                    "apply: {e:#}; re-running the batch after {} (attempt {} of {MAX_CONFLICT_RETRIES})",
+                    applier.progress.applied,
+                    conflicts.1
+                );
+                applier.rewind().await?;
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(conflicts.1))).await;
+                continue;
+            }
+            Err(e) if applier.batch.used_sets && classify(&e) != ErrorClass::Transient => {
                 // A merged statement failed (a transient conflict inside the batch, or a real
                 // divergence): replay this batch one row at a time, which either applies it
                 // or stops with the precise row that fails.
@@ -265,7 +286,7 @@ pub async fn run(
 /// a NOT NULL violation on the target is most likely one of them (`check` warned about these
 /// columns). Apply stops there rather than write a wrong value; this says why.
 fn explain_wal2json_null(plugin: Plugin, e: anyhow::Error) -> anyhow::Error {
-    if plugin == Plugin::Wal2json && format!("{e:#}").contains("(SQLSTATE 23502)") {
+    if plugin == Plugin::Wal2json && sqlstate(&e).as_deref() == Some("23502") {
         e.context("wal2json sent null for a NOT NULL column: the source value is most likely NaN, Infinity or -Infinity in a numeric, real or double precision column, which wal2json prints as null. Nothing of this transaction was applied; migrate this table with --plugin pgoutput")
     } else {
         e
@@ -431,6 +452,9 @@ impl Applier<'_> {
                     return Ok(Step::Continue);
                 };
                 self.describe_pending(oid).await?;
+                if let Some(table) = self.tables.get(&oid) {
+                    table.source.check_width(&change)?;
+                }
                 if self.in_copy(oid) {
                     return Ok(Step::Continue);
                 }
@@ -603,11 +627,12 @@ impl Batch {
             )
             .await
             .map_err(|e| target_error(&e, "cannot record the origin position on the target"))?;
-        fail::fail_point!("apply.before_commit");
+        fail::fail_point!(crate::failpoints::APPLY_BEFORE_COMMIT);
         target
             .batch_execute("COMMIT")
             .await
             .map_err(|e| target_error(&e, "cannot commit on the target"))?;
+        fail::fail_point!(crate::failpoints::APPLY_AFTER_COMMIT);
         progress.applied = end_lsn;
         progress.transactions += self.transactions as u64;
         *self = Batch::default();

@@ -183,7 +183,7 @@ impl CopyWorker {
         if rewritten {
             return Err(anyhow::Error::new(TableRewritten(name)));
         }
-        fail::fail_point!("copy.before_commit");
+        fail::fail_point!(crate::failpoints::COPY_BEFORE_COMMIT);
         self.target
             .execute(
                 "INSERT INTO pgtide.copied_parts VALUES ($1, $2)",
@@ -195,7 +195,7 @@ impl CopyWorker {
             .batch_execute("COMMIT")
             .await
             .map_err(|e| anyhow!("cannot commit {name} on the target: {}", describe(&e)))?;
-        fail::fail_point!("copy.after_commit");
+        fail::fail_point!(crate::failpoints::COPY_AFTER_COMMIT);
         Ok(PartResult { rows, bytes })
     }
 }

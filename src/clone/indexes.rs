@@ -117,7 +117,7 @@ pub async fn build(
                 describe(&e)
             )
         })?;
-        fail::fail_point!("index.after_statement");
+        fail::fail_point!(crate::failpoints::INDEX_AFTER_STATEMENT);
     }
     Ok(())
 }

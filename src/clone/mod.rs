@@ -156,8 +156,9 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     }
 
     if !state.step_is_done(Step::Dump)? {
-        fail::fail_point!("clone.before_dump", |_| Err(anyhow!(
-            "failpoint clone.before_dump"
+        fail::fail_point!(crate::failpoints::CLONE_BEFORE_DUMP, |_| Err(anyhow!(
+            "failpoint {}",
+            crate::failpoints::CLONE_BEFORE_DUMP
         )));
         run_step(state, Step::Dump, async {
             let filters = catalog::sequences_for_dump(&source, &opts.filters).await?;

@@ -11,6 +11,7 @@ use crate::apply::{self, Progress, StopRule};
 use crate::cli::FollowArgs;
 use crate::clone::sequences;
 use crate::conninfo::ConnInfo;
+use crate::errors::{ErrorClass, classify};
 use crate::pg::{self, Lsn, Side, catalog};
 use crate::replication::stream::{self, ReceiveOptions};
 use crate::state::{Phase, StateDb};
@@ -228,13 +229,19 @@ async fn apply_and_set_sequences(
         match result {
             // A lost target connection (a restart, a terminated session): reconnect and
             // resume from the origin, which is exactly where the target's committed state ends.
-            Err(e) if e.chain().any(|c| c.is::<apply::TargetLost>()) => {
+            // Only what the one classification calls transient is retried (errors.rs): a
+            // decode error, drift or bad input stops with its reason.
+            Err(e) if classify(&e) == ErrorClass::Transient => {
                 tracing::warn!("{e:#}; reconnecting to the target in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 match pg::connect(target, Side::Target, "apply").await {
                     Ok(c) => client = std::sync::Arc::new(c),
-                    Err(e) => tracing::warn!("the target is not back yet: {e:#}"),
+                    Err(e) if classify(&e) == ErrorClass::Transient => {
+                        tracing::warn!("the target is not back yet: {e:#}")
+                    }
+                    // A wrong password, a dropped database…: no reconnect will succeed.
+                    Err(e) => break Err(e.context("cannot reconnect to the target")),
                 }
             }
             other => break other,

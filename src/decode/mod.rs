@@ -78,6 +78,36 @@ pub struct Relation {
     pub columns: Vec<Column>,
 }
 
+impl Relation {
+    /// Checks that a row change of this relation carries one value per column: apply indexes
+    /// the relation's columns by the tuple's positions, so a tuple of another width (a
+    /// corrupt spool, a decoder bug, a relation message missed) stops here, naming the table,
+    /// instead of writing values into the wrong columns or panicking.
+    pub fn check_width(&self, change: &Change) -> anyhow::Result<()> {
+        let tuples: Vec<(&str, usize)> = match change {
+            Change::Insert { new, .. } => vec![("new", new.len())],
+            Change::Update { old, new, .. } => old
+                .iter()
+                .map(|(_, o)| ("old", o.len()))
+                .chain([("new", new.len())])
+                .collect(),
+            Change::Delete { old, .. } => vec![("old", old.1.len())],
+            _ => Vec::new(),
+        };
+        let expected = self.columns.len();
+        match tuples.iter().find(|(_, n)| *n != expected) {
+            None => Ok(()),
+            Some((which, n)) => Err(anyhow::Error::new(crate::errors::Fatal(format!(
+                "the stream's {} of {}.{} (relation {}) carries {n} values in its {which} row, but the table's relation message describes {expected} columns. The change cannot be matched with the columns, so apply stops; nothing of this transaction was applied. Check the spool with `pgtide spool show` and report it with the source's version and plugin",
+                change.kind(),
+                self.schema,
+                self.name,
+                self.oid
+            )))),
+        }
+    }
+}
+
 /// One decoded message of the stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {

@@ -368,6 +368,55 @@ mod tests {
         );
     }
 
+    /// A tuple of another width than its relation's stops with the table named, never an
+    /// index out of bounds in apply.
+    #[test]
+    fn a_tuple_wider_or_narrower_than_its_relation_is_refused() {
+        let mut d = Decoder::default();
+        let mut rel = vec![b'R'];
+        rel.put_u32(16384);
+        rel.put_slice(b"public\0items\0");
+        rel.put_u8(b'd');
+        rel.put_i16(2);
+        for name in ["id", "v"] {
+            rel.put_u8(u8::from(name == "id"));
+            rel.put_slice(name.as_bytes());
+            rel.put_u8(0);
+            rel.put_u32(23);
+            rel.put_i32(-1);
+        }
+        let Change::Relation(relation) = d.decode(Bytes::from(rel)).unwrap() else {
+            panic!("not a relation");
+        };
+        let insert = |values: &[Option<&str>]| {
+            let mut m = vec![b'I'];
+            m.put_u32(16384);
+            m.put_u8(b'N');
+            tuple(&mut m, values);
+            Decoder::default().decode(Bytes::from(m)).unwrap()
+        };
+        assert!(
+            relation
+                .check_width(&insert(&[Some("1"), Some("x")]))
+                .is_ok()
+        );
+        for values in [&[Some("1")][..], &[Some("1"), Some("x"), None][..]] {
+            let e = relation.check_width(&insert(values)).unwrap_err();
+            let text = format!("{e:#}");
+            assert!(
+                text.contains("public.items") && text.contains("describes 2 columns"),
+                "{text}"
+            );
+            assert_eq!(crate::errors::classify(&e), crate::errors::ErrorClass::Stop);
+        }
+        let mut del = vec![b'D'];
+        del.put_u32(16384);
+        del.put_u8(b'K');
+        tuple(&mut del, &[Some("1")]);
+        let delete = Decoder::default().decode(Bytes::from(del)).unwrap();
+        assert!(relation.check_width(&delete).is_err());
+    }
+
     #[test]
     fn truncated_messages_are_errors() {
         assert!(

@@ -15,6 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client};
 
 use crate::conninfo::ConnInfo;
+use crate::errors::{Classified, Disconnected, classify_connect};
 
 /// Which server a connection goes to; named in every connection error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,16 +44,24 @@ pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Clien
     let connecting = config.connect(tls);
     let connected = match info.connect_timeout {
         Some(limit) => tokio::time::timeout(limit, connecting).await.map_err(|_| {
-            anyhow!(
+            anyhow::Error::new(Disconnected(format!(
                 "cannot connect to the {} server at {}: no answer within connect_timeout ({} s). Check that the host and port are those of a PostgreSQL server and that it is not overloaded, or raise connect_timeout.",
                 side.name(),
                 info.endpoint(),
                 limit.as_secs()
-            )
+            )))
         })?,
         None => connecting.await,
     };
-    let (client, connection) = connected.map_err(|e| explain_connect_error(info, side, &e))?;
+    // The explanation is text: its class (a restarting server is transient, a wrong
+    // password is not) travels with it for the retry loops.
+    let (client, connection) = connected.map_err(|e| {
+        anyhow::Error::new(Classified::pg(
+            &e,
+            classify_connect(&e),
+            format!("{:#}", explain_connect_error(info, side, &e)),
+        ))
+    })?;
     let label = format!("{} {purpose}", side.name());
     tokio::spawn(drive_connection(connection, label));
     client

@@ -15,6 +15,7 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::conninfo::ConnInfo;
+use crate::errors::Disconnected;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -70,11 +71,11 @@ impl ReplicationConnection {
         let connecting = Self::connect_inner(info);
         match info.connect_timeout {
             Some(limit) => tokio::time::timeout(limit, connecting).await.map_err(|_| {
-                anyhow!(
+                anyhow::Error::new(Disconnected(format!(
                     "cannot open a replication connection to the source at {}: no answer within connect_timeout ({} s)",
                     info.endpoint(),
                     limit.as_secs()
-                )
+                )))
             })?,
             None => connecting.await,
         }
@@ -83,14 +84,16 @@ impl ReplicationConnection {
     async fn connect_inner(info: &ConnInfo) -> Result<Self> {
         let endpoint = info.endpoint();
         let mut io: Box<dyn Io> = if info.uses_unix_socket() {
-            Box::new(tokio::net::UnixStream::connect(&endpoint).await.with_context(|| {
-                format!("cannot open a replication connection to the source at {endpoint}: is PostgreSQL running there?")
+            // A failed connect may be a restarting server: Disconnected lets a receiver that
+            // was streaming retry it (one that never streamed stops at once).
+            Box::new(tokio::net::UnixStream::connect(&endpoint).await.map_err(|e| {
+                Disconnected(format!("cannot open a replication connection to the source at {endpoint}: {e}. Is PostgreSQL running there?"))
             })?)
         } else {
             let tcp = tokio::net::TcpStream::connect((info.host.as_str(), info.port))
                 .await
-                .with_context(|| {
-                    format!("cannot open a replication connection to the source at {endpoint}: is PostgreSQL running there and listening on that address?")
+                .map_err(|e| {
+                    Disconnected(format!("cannot open a replication connection to the source at {endpoint}: {e}. Is PostgreSQL running there and listening on that address?"))
                 })?;
             tcp.set_nodelay(true)?;
             if info.wants_tls() {
@@ -249,7 +252,9 @@ impl ReplicationConnection {
                 .await
                 .context("the replication connection to the source failed")?;
             if n == 0 {
-                bail!("the source closed the replication connection");
+                return Err(
+                    Disconnected("the source closed the replication connection".into()).into(),
+                );
             }
         }
     }
@@ -427,6 +432,10 @@ fn explain_login_error(info: &ConnInfo, err: ServerError) -> anyhow::Error {
             "the source at {endpoint} has no free connection or WAL sender: {}. Raise max_wal_senders / max_connections or stop another consumer.",
             err.message
         ),
-        _ => anyhow!("cannot open a replication connection to the source at {endpoint}: {err}"),
+        // Kept in the chain: its SQLSTATE (57P03 cannot connect now…) is what the retry loop
+        // classifies.
+        _ => anyhow::Error::new(err).context(format!(
+            "cannot open a replication connection to the source at {endpoint}"
+        )),
     }
 }

@@ -11,10 +11,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
 
 use super::Plugin;
-use super::conn::{ReplicationConnection, ServerError};
+use super::conn::ReplicationConnection;
 use super::slot::publication_name;
 use crate::conninfo::ConnInfo;
 use crate::decode::{Change, pgoutput};
+use crate::errors::{ErrorClass, Fatal, classify, sqlstate};
 use crate::pg::{Lsn, ServerVersion, quote_ident, quote_literal};
 use crate::spool::{Record, SpoolWriter};
 use crate::state::StateDb;
@@ -59,37 +60,17 @@ struct WrongServer(String);
 /// just died.
 const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(20);
 
-fn slot_busy(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<ServerError>()
-            .is_some_and(|s| s.code == "55006")
-    })
-}
-
-/// Errors after which reconnecting cannot help.
-fn is_fatal(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<WrongServer>().is_some())
-        || e.chain().any(|c| {
-            c.downcast_ref::<ServerError>().is_some_and(|s| {
-                matches!(
-                    s.code.as_str(),
-                    "55006" | "42704" | "28P01" | "28000" | "3D000" | "42501" | "22023" | "42601"
-                )
-            })
-        })
-}
-
+/// The reason and the fix for the errors the receiver stops on that the server's message
+/// alone does not explain.
 fn explain(e: anyhow::Error, slot: &str) -> anyhow::Error {
-    let server = e.chain().find_map(|c| c.downcast_ref::<ServerError>());
-    match server {
-        Some(s) if s.code == "55006" => anyhow!(
-            "the replication slot \"{slot}\" is in use by another process ({}). Another pgtide (or another consumer) is streaming from it: stop that one first, or use another --slot-name.",
-            s.message
-        ),
-        Some(s) if s.code == "42704" => anyhow!(
-            "{}: run `pgtide stream setup` first (or check --slot-name)",
-            s.message
-        ),
+    match sqlstate(&e).as_deref() {
+        Some("55006") => {
+            let e = format!("{e:#}");
+            anyhow!(
+                "the replication slot \"{slot}\" is in use by another process ({e}). Another pgtide (or another consumer) is streaming from it: stop that one first, or use another --slot-name."
+            )
+        }
+        Some("42704") => e.context("run `pgtide stream setup` first (or check --slot-name)"),
         _ => e,
     }
 }
@@ -103,7 +84,8 @@ pub async fn receive(
 ) -> Result<Ended> {
     let mut positions = Positions::default();
     let mut backoff = Duration::from_millis(200);
-    let started = std::time::Instant::now();
+    // Since when the slot has been reported busy without a break.
+    let mut busy_since: Option<Instant> = None;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
@@ -118,27 +100,36 @@ pub async fn receive(
                 return Ok(Ended::Interrupted { flushed: d.commit_end });
             }
         };
-        match result {
+        let e = match result {
             Ok(ended) => return Ok(ended),
-            // A pgtide killed a moment ago leaves its walsender holding the slot until the
-            // source notices the closed connection: wait for it a little.
-            Err(e) if slot_busy(&e) && started.elapsed() < SLOT_RELEASE_WAIT => {
+            Err(e) => e,
+        };
+        match classify(&e) {
+            // A pgtide killed a moment ago (or our own connection that just died) leaves its
+            // walsender holding the slot until the source notices the closed connection:
+            // wait for it a little.
+            ErrorClass::Busy
+                if busy_since.get_or_insert_with(Instant::now).elapsed() < SLOT_RELEASE_WAIT =>
+            {
                 tracing::info!(
                     "the slot {} is still held by a previous connection; waiting for the source to release it",
                     opts.slot
                 );
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            // Before the stream ever started (bad password, TLS, unreachable source, missing
-            // slot) retrying cannot help: say so at once. Afterwards a lost connection is
-            // retried.
-            Err(e) if is_fatal(&e) || !positions.streamed => return Err(explain(e, &opts.slot)),
-            Err(e) => {
+            // Once the stream has started, a lost connection or a restarting source is
+            // retried from the last durable commit. Before it ever started (bad password,
+            // TLS, unreachable source, missing slot) retrying cannot help: say so at once.
+            ErrorClass::Transient if positions.streamed => {
+                busy_since = None;
                 tracing::warn!("replication connection lost: {e:#}; reconnecting in {backoff:?}");
                 spool.rollback_to_commit()?;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
+            // Anything else (a decode error, the wrong server, a missing slot, permission
+            // denied, an unknown SQLSTATE) would fail again on every retry.
+            _ => return Err(explain(e, &opts.slot)),
         }
     }
 }
@@ -198,7 +189,8 @@ impl Session {
             tokio::select! {
                 message = conn.recv_copy_data() => {
                     let Some(mut data) = message? else {
-                        bail!("the source ended the replication stream");
+                        // The server ends the copy when it shuts down: reconnect.
+                        return Err(crate::errors::Disconnected("the source ended the replication stream".into()).into());
                     };
                     if data.is_empty() {
                         continue;
@@ -215,7 +207,10 @@ impl Session {
                             if wal_start.0 != 0 {
                                 positions.received = positions.received.max(wal_start);
                             }
-                            let record = to_record(opts.plugin, &mut decoder, wal_start, data, &mut in_transaction)?;
+                            let record = to_record(opts.plugin, &mut decoder, wal_start, data, &mut in_transaction)
+                                .map_err(|e| e.context(Fatal(format!(
+                                    "cannot decode the replication stream at {wal_start}: the source would send the same message again, so the receiver stops instead of retrying (nothing after the last spooled commit was kept). Report it with the source's version and plugin"
+                                ))))?;
                             if let (Some(endpos), Some(final_lsn)) = (opts.endpos, record.begin_final)
                                 && final_lsn > endpos
                             {
@@ -352,6 +347,10 @@ fn to_record(
     payload: Bytes,
     in_transaction: &mut Option<u32>,
 ) -> Result<Decoded> {
+    fail::fail_point!(crate::failpoints::RECEIVE_DECODE, |_| Err(anyhow!(
+        "failpoint {}",
+        crate::failpoints::RECEIVE_DECODE
+    )));
     match plugin {
         Plugin::Pgoutput => {
             let change = decoder.decode(payload.clone())?;
