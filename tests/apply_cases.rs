@@ -12,7 +12,7 @@ use common::*;
 
 /// Waits for clone --follow to reach an endpos set at the source's current position, and
 /// asserts it succeeded.
-fn finish_at_current_position(child: std::process::Child, src: &str, d: &str) -> String {
+fn finish_at_current_position(child: PgtideChild, src: &str, d: &str) -> String {
     pgtide_ok(&[
         "sentinel",
         "set",

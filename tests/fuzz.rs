@@ -294,10 +294,10 @@ async fn drive(
     dst: &str,
     nat: &str,
     d: &str,
-    mut child: std::process::Child,
+    mut child: PgtideChild,
     times: &mut Times,
 ) -> Result<(), String> {
-    let dead = |child: std::process::Child, when: &str| {
+    let dead = |child: PgtideChild, when: &str| {
         let out = wait_exit(child, 5);
         fail(
             case,

@@ -12,7 +12,7 @@ use common::*;
 /// Writes on the source (a change after the slot's snapshot, in the table `tick` each test
 /// creates) and waits until apply has
 /// committed it on the target.
-async fn wait_applied(src: &str, dst: &str, slot: &str, child: &mut std::process::Child) {
+async fn wait_applied(src: &str, dst: &str, slot: &str, child: &mut PgtideChild) {
     exec(src, "INSERT INTO tick VALUES (1)").await;
     let deadline = Instant::now() + Duration::from_secs(90);
     let applied = format!(
@@ -22,12 +22,8 @@ async fn wait_applied(src: &str, dst: &str, slot: &str, child: &mut std::process
     while scalar_i64(dst, &applied).await == 0 {
         if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
             child.kill().ok();
-            let mut out = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use std::io::Read;
-                e.read_to_string(&mut out).ok();
-            }
-            panic!("apply never started:\n{out}");
+            child.wait().ok();
+            panic!("apply never started:\n{}", child.output_so_far());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
