@@ -205,17 +205,7 @@ async fn clone_follow_catches_up_a_live_source() {
     .await;
     // The writes have stopped: cutover pins endpos, waits for this follow to reach it, sets
     // the sequences and verifies.
-    let out = pgtide_ok(&[
-        "cutover",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--timeout",
-        "150s",
-    ]);
+    let out = pgtide_ok(&Args::cutover(&src, &dst, d).args(&["--timeout", "150s"]));
     assert!(
         out.contains("cutover complete") && out.contains("tables identical"),
         "{out}"
@@ -268,7 +258,7 @@ async fn clone_follow_catches_up_a_live_source() {
     );
     // cleanup removes what pgtide created on both sides, and can run again.
     for _ in 0..2 {
-        pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+        pgtide_ok(&Args::cleanup(&src, &dst, d));
     }
     assert_eq!(
         scalar_i64(
@@ -805,7 +795,7 @@ async fn cutover_fences_catches_up_verifies_and_unfences_on_failure() {
     app.execute("INSERT INTO orders (item) VALUES ('writable again')", &[])
         .await
         .unwrap();
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// The target server is restarted (pg_ctl restart) while apply runs: follow reconnects,
@@ -870,7 +860,7 @@ async fn apply_survives_a_target_restart() {
         text(&out)
     );
     assert_identical(&src, &dst);
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// --replica-identity-full sets FULL on a table without a key (pgtide runs the ALTER); an
@@ -891,18 +881,7 @@ async fn replica_identity_full_and_append_only_tables() {
     // Without either option the keyless tables are refused before anything is created.
     let dir = workdir("identity");
     let d = dir.to_str().unwrap();
-    let out = pgtide_fails(&[
-        "clone",
-        "--follow",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--slot-name",
-        "t_identity_slot",
-    ]);
+    let out = pgtide_fails(&Args::clone_follow(&src, &dst, d, "t_identity_slot"));
     assert!(
         out.contains("public.bag") && out.contains("public.log") && out.contains("--append-only"),
         "{out}"
@@ -981,7 +960,7 @@ async fn replica_identity_full_and_append_only_tables() {
         "one",
         "the update of an append-only table is not replicated, as declared"
     );
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
     assert_eq!(
         scalar_i64(
             &src,

@@ -30,20 +30,12 @@ async fn logs_to_a_file_or_a_pipe_have_no_colour() {
     // stderr to a file, as a service manager or `2> pgtide.log` has it.
     let log =
         std::env::temp_dir().join(format!("pgtide-test-plain-logs-{}.log", std::process::id()));
-    let status = pgtide_command(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        dir.join("w").to_str().unwrap(),
-    ])
-    .env_remove("NO_COLOR")
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(&log).unwrap())
-    .status()
-    .unwrap();
+    let status = pgtide_command(&Args::clone(&src, &dst, dir.join("w").to_str().unwrap()))
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .status()
+        .unwrap();
     let logged = std::fs::read(&log).unwrap();
     assert!(
         status.success(),
@@ -58,7 +50,7 @@ async fn logs_to_a_file_or_a_pipe_have_no_colour() {
     );
     assert_no_escape("the log file", &logged);
     // stdout and stderr to pipes, as when another program reads them.
-    let out = pgtide_command(&["verify", "--source", &src, "--target", &dst])
+    let out = pgtide_command(&Args::verify(&src, &dst))
         .env_remove("NO_COLOR")
         .env("PGTIDE_LOG", "debug")
         .output()

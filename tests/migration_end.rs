@@ -107,7 +107,7 @@ async fn exclude_table_data_tables_are_created_empty_and_not_followed() {
     )
     .await;
     assert_eq!(published, 0, "public.audit is published");
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
     let _ = std::fs::remove_file(filters);
 }
 
@@ -146,19 +146,12 @@ async fn recorded_filters_are_honoured_by_follow_cutover_and_verify() {
     )
     .await;
     // No --filters here: cutover uses the ones the migration recorded.
-    let out = pgtide_ok(&[
-        "cutover",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
+    let out = pgtide_ok(&Args::cutover(&src, &dst, d).args(&[
         "--timeout",
         "60s",
         "--sequence-offset",
         "1000",
-    ]);
+    ]));
     assert!(out.contains("tables identical"), "{out}");
     let out = wait_exit(child, 60);
     assert!(
@@ -171,7 +164,7 @@ async fn recorded_filters_are_honoured_by_follow_cutover_and_verify() {
         scalar_i64(&dst, last).await,
         scalar_i64(&src, last).await + 1000
     );
-    let out = pgtide_ok(&["verify", "--source", &src, "--target", &dst, "--dir", d]);
+    let out = pgtide_ok(&Args::verify(&src, &dst).args(&["--dir", d]));
     assert!(out.contains("source and target are identical"), "{out}");
     // copy sequences with the work dir: the recorded filters, the offset recorded for verify.
     pgtide_ok(&[
@@ -190,29 +183,24 @@ async fn recorded_filters_are_honoured_by_follow_cutover_and_verify() {
         scalar_i64(&dst, last).await,
         scalar_i64(&src, last).await + 2000
     );
-    pgtide_ok(&["verify", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::verify(&src, &dst).args(&["--dir", d]));
     // Other filters than the recorded ones are refused, naming the fix.
     let other = filters_file("recfilt-other", "[exclude-table]\npublic.tmp\n");
-    let out = pgtide_fails(&[
-        "verify",
-        "--source",
-        &src,
-        "--target",
-        &dst,
+    let out = pgtide_fails(&Args::verify(&src, &dst).args(&[
         "--dir",
         d,
         "--filters",
         other.to_str().unwrap(),
-    ]);
+    ]));
     assert!(
         out.contains("differs from the filters this migration recorded"),
         "{out}"
     );
     let _ = std::fs::remove_file(other);
     // Without the work dir, verify knows neither the filters nor the offset: it says so.
-    let out = pgtide_fails(&["verify", "--source", &src, "--target", &dst]);
+    let out = pgtide_fails(&Args::verify(&src, &dst));
     assert!(out.contains("public.tmp"), "{out}");
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
     let _ = std::fs::remove_file(filters);
 }
 
@@ -240,17 +228,7 @@ async fn cutover_notices_at_once_that_follow_died() {
     wait_applied(&src, &dst, "t_deadfollow_slot", &mut child).await;
     exec(&src, "INSERT INTO t VALUES (11, 'late')").await;
     let cutover = spawn_pgtide(
-        &[
-            "cutover",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--timeout",
-            "300s",
-        ],
+        &Args::cutover(&src, &dst, d).args(&["--timeout", "300s"]),
         &[],
     );
     // Once cutover has pinned endpos it waits for the follow; then the follow dies.
@@ -276,7 +254,7 @@ async fn cutover_notices_at_once_that_follow_died() {
         killed.elapsed()
     );
     assert!(all.contains("apply is not running"), "{all}");
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// Item 13, the error path: a follow that stops on an apply error while cutover waits is
@@ -309,17 +287,7 @@ async fn cutover_names_the_error_the_follow_stopped_on() {
     exec(&src, "UPDATE t SET v = 'y' WHERE id = 1").await;
     let started = Instant::now();
     let cutover = spawn_pgtide(
-        &[
-            "cutover",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--timeout",
-            "300s",
-        ],
+        &Args::cutover(&src, &dst, d).args(&["--timeout", "300s"]),
         &[],
     );
     let out = wait_exit(cutover, 60);
@@ -336,7 +304,7 @@ async fn cutover_names_the_error_the_follow_stopped_on() {
     );
     let out = wait_exit(child, 30);
     assert!(!out.status.success(), "{}", text(&out));
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// Item 14: materialized views are compared and reported as such; --refresh-matviews
@@ -363,18 +331,8 @@ async fn matviews_are_compared_and_refreshed_on_cutover() {
          REFRESH MATERIALIZED VIEW totals;",
     )
     .await;
-    let out = pgtide_ok(&[
-        "cutover",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--timeout",
-        "60s",
-        "--refresh-matviews",
-    ]);
+    let out =
+        pgtide_ok(&Args::cutover(&src, &dst, d).args(&["--timeout", "60s", "--refresh-matviews"]));
     assert!(
         out.contains("1 materialized view") && out.contains("refreshed"),
         "{out}"
@@ -389,7 +347,7 @@ async fn matviews_are_compared_and_refreshed_on_cutover() {
     // The source's matview is emptied (the tables stay identical): verify lists it as a
     // differing materialized view, apart from the tables, and passes.
     exec(&src, "REFRESH MATERIALIZED VIEW totals WITH NO DATA").await;
-    let out = pgtide_ok(&["verify", "--source", &src, "--target", &dst]);
+    let out = pgtide_ok(&Args::verify(&src, &dst));
     assert!(
         out.contains("public.totals") && out.contains("differs (materialized view)"),
         "{out}"
@@ -398,7 +356,7 @@ async fn matviews_are_compared_and_refreshed_on_cutover() {
         out.contains("1 materialized view compared: 0 identical, 1 differs (public.totals)"),
         "{out}"
     );
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// Item 15: an endpos behind what the target has applied is refused, naming both positions.
@@ -455,5 +413,5 @@ async fn endpos_behind_the_applied_position_is_refused() {
     ]);
     let out = wait_exit(child, 60);
     assert!(out.status.success(), "{}", text(&out));
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }

@@ -2,6 +2,8 @@
 //! background (`PgtideChild`, its pipes drained all along).
 
 use std::io::Read;
+
+use super::args::Args;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -164,7 +166,7 @@ pub fn pgtide_ok_stdout(args: &[&str]) -> String {
 
 /// verify must say identical and exit 0.
 pub fn assert_identical(source: &str, target: &str) {
-    let out = pgtide_ok(&["verify", "--source", source, "--target", target]);
+    let out = pgtide_ok(&Args::verify(source, target));
     assert!(out.contains("source and target are identical"), "{out}");
 }
 
