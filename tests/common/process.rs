@@ -2,10 +2,10 @@
 //! background (`PgtideChild`, its pipes drained all along).
 
 use std::io::Read;
-
-use super::args::Args;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
+
+use super::args::Args;
 
 /// The pgtide binary with an environment free of the operator's PGTIDE_* settings.
 pub fn pgtide_command(args: &[&str]) -> Command {
