@@ -66,3 +66,39 @@ async fn logs_to_a_file_or_a_pipe_have_no_colour() {
     let _ = std::fs::remove_file(&log);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A pgtide that writes far more than a pipe holds (64 kB) while the test is busy elsewhere
+/// runs to its end: spawn_pgtide's children have their pipes read all along, not only at exit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chatty_pgtide_never_blocks_on_its_pipes() {
+    let (src, dst) = fresh_db_pair("t_chatty_logs").await;
+    // Forty tables: each adds its own catalog queries and checksums to the trace.
+    let tables = "DO $$ BEGIN FOR i IN 1..40 LOOP
+                    EXECUTE format('CREATE TABLE t%s (id int PRIMARY KEY, v text)', i);
+                  END LOOP; END $$;";
+    exec(&src, tables).await;
+    exec(
+        &src,
+        "INSERT INTO t1 SELECT g, 'row ' || g FROM generate_series(1, 1000) g",
+    )
+    .await;
+    exec(&dst, tables).await;
+    // trace: every protocol message of every connection is logged.
+    let child = spawn_pgtide(&Args::verify(&src, &dst), &[("PGTIDE_LOG", "trace")]);
+    // Nobody reads the output before the exit: with undrained pipes pgtide would block here.
+    let out = wait_exit(child, 120);
+    assert!(
+        out.stderr.len() > 2 * 64 * 1024,
+        "pgtide wrote only {} bytes to stderr: the test does not fill a pipe",
+        out.stderr.len()
+    );
+    // verify ran to its end and found the target's t1 empty.
+    let tail_of = |all: &str| all.lines().rev().take(30).collect::<Vec<_>>().join("\n");
+    assert!(!out.status.success(), "{}", tail_of(&text(&out)));
+    let all = text(&out);
+    assert!(
+        all.contains("public.t1") && all.contains("DIFFERENT"),
+        "{}",
+        tail_of(&all)
+    );
+}
