@@ -701,18 +701,7 @@ async fn cutover_fences_catches_up_verifies_and_unfences_on_failure() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let out = pgtide_ok(&[
-        "cutover",
-        "--fence",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--timeout",
-        "60s",
-    ]);
+    let out = pgtide_ok(&Args::cutover(&src, &dst, d).args(&["--fence", "--timeout", "60s"]));
     assert!(out.contains("cutover complete"), "{out}");
     assert!(out.contains("write downtime"), "{out}");
     assert!(out.contains("tables identical"), "{out}");
@@ -754,16 +743,7 @@ async fn cutover_fences_catches_up_verifies_and_unfences_on_failure() {
         refused.to_string().contains("read-only") || format!("{refused:?}").contains("25006"),
         "{refused:?}"
     );
-    pgtide_ok(&[
-        "cutover",
-        "--unfence",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-    ]);
+    pgtide_ok(&Args::cutover(&src, &dst, d).arg("--unfence"));
     let app = connect(&app_src).await;
     app.execute("INSERT INTO orders (item) VALUES ('unfenced')", &[])
         .await
@@ -776,18 +756,7 @@ async fn cutover_fences_catches_up_verifies_and_unfences_on_failure() {
         "UPDATE orders SET item = 'changed by hand' WHERE id = 1",
     )
     .await;
-    let err = pgtide_fails(&[
-        "cutover",
-        "--fence",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--timeout",
-        "60s",
-    ]);
+    let err = pgtide_fails(&Args::cutover(&src, &dst, d).args(&["--fence", "--timeout", "60s"]));
     assert!(err.contains("verify found differences"), "{err}");
     assert!(err.contains("fence is lifted"), "{err}");
     assert!(!err.contains(&password()), "{err}");
