@@ -13,7 +13,7 @@ use pgtide::failpoints::{COPY_AFTER_COMMIT, COPY_BEFORE_COMMIT};
 
 /// Waits for clone --follow to reach an endpos set at the source's current position, and
 /// asserts it succeeded.
-fn finish_at_current_position(child: std::process::Child, src: &str, d: &str) -> String {
+fn finish_at_current_position(child: PgtideChild, src: &str, d: &str) -> String {
     pgtide_ok(&[
         "sentinel",
         "set",
@@ -92,7 +92,7 @@ async fn source_session_settings_neither_alter_values_nor_kill_the_snapshot() {
         "-1 days -02:00:00",
         "the interval arrives as the same interval"
     );
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// Items 2, 4 and 7: REPLICA IDENTITY FULL rows matched through their column types (char(n)
@@ -164,7 +164,7 @@ async fn full_identity_char_toast_and_generated_always_columns() {
         out.contains("\"public\".\"legacy\"") && out.contains("no matching row"),
         "{out}"
     );
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// Waits until a count on the target is 1: apply has reached a known change.
@@ -281,7 +281,7 @@ async fn flip_flop_updates_on_full_identity_partitions() {
             "round {round}"
         );
         assert_identical(&src, &dst);
-        pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+        pgtide_ok(&Args::cleanup(&src, &dst, d));
     }
 }
 
@@ -342,7 +342,7 @@ async fn wide_rows_are_applied_in_bounded_statements_and_memory() {
     assert!(peak < 800, "pgtide's peak RSS was {peak} MiB");
     assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM wide").await, 1089);
     assert_identical(&src, &dst);
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// Item 9: a column dropped on both sides, then pgtide killed and restarted: apply reads the
@@ -393,7 +393,7 @@ async fn restart_after_a_dropped_column_and_table() {
     ]);
     assert!(out.contains("reached endpos"), "{out}");
     assert_identical(&src, &dst);
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// Item 10: `TRUNCATE parent CASCADE` committed between the slot's snapshot and the resync
@@ -454,7 +454,7 @@ async fn truncate_cascade_before_a_resynced_child_keeps_its_copy() {
     finish_at_current_position(child, &src, d);
     assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM child").await, 4);
     assert_identical(&src, &dst);
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// `clone --follow --restart` on a work dir whose earlier run recorded a slot: refused until
@@ -484,13 +484,13 @@ async fn clone_follow_restart_needs_cleanup_then_starts_over() {
     .concat();
     let out = pgtide_fails(&restart);
     assert!(out.contains("pgtide cleanup"), "{out}");
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
     let child = spawn_pgtide(&restart, &[]);
     wait_for_slot(&dir);
     exec(&src, "INSERT INTO r VALUES (11)").await;
     finish_at_current_position(child, &src, d);
     assert_identical(&src, &dst);
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// Whether the copy of the first (largest) table is under way: one part running.
@@ -545,24 +545,14 @@ async fn truncate_during_the_copy_resyncs_the_table() {
     assert!(out.contains("truncated or rewritten"), "{out}");
     assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM small").await, 2);
     assert_identical(&src, &dst);
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 
     // A plain clone cannot mix snapshots: it stops, naming the table and the fix.
     exec(&dst, "DROP TABLE big, small").await;
     let dir = workdir("apply-trunc-copy-plain");
     let d = dir.to_str().unwrap();
     let child = spawn_pgtide(
-        &[
-            "clone",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--table-jobs",
-            "1",
-        ],
+        &Args::clone(&src, &dst, d).args(&["--table-jobs", "1"]),
         &[(
             "FAILPOINTS",
             format!("{COPY_BEFORE_COMMIT}=sleep(3000)").as_str(),

@@ -212,7 +212,7 @@ async fn work_dir_of_another_migration_is_refused() {
     exec(&src2, "CREATE TABLE a (id int);").await;
     let dir = workdir("other-migration");
     let d = dir.to_str().unwrap();
-    let out = pgtide(&["clone", "--source", &src, "--target", &dst, "--dir", d]);
+    let out = pgtide(&Args::clone(&src, &dst, d));
     assert!(out.status.success(), "{}", text(&out));
     // Simulate an unfinished clone, then resume it against other databases.
     let conn = rusqlite::Connection::open(dir.join("state.db")).unwrap();
@@ -222,9 +222,7 @@ async fn work_dir_of_another_migration_is_refused() {
     )
     .unwrap();
     drop(conn);
-    let out = pgtide_fails(&[
-        "clone", "--source", &src2, "--target", &dst2, "--dir", d, "--resume",
-    ]);
+    let out = pgtide_fails(&Args::clone(&src2, &dst2, d).args(&["--resume"]));
     assert!(out.contains("belongs to another migration"), "{out}");
     assert_no_password(&out);
 }
@@ -319,7 +317,7 @@ async fn clone_follow_preflight_names_each_hazard() {
         0
     );
     // The role granted on the source is missing on the target: named before anything is created.
-    let out = pgtide_fails(&["clone", "--source", &src, "--target", &dst, "--dir", d]);
+    let out = pgtide_fails(&Args::clone(&src, &dst, d));
     assert!(
         out.contains("target roles")
             && out.contains("t_preflight_user")
@@ -352,18 +350,7 @@ async fn slot_limit_reached_is_named() {
         out.contains("FAIL  source replication slots") && out.contains("max_replication_slots"),
         "{out}"
     );
-    let out = pgtide_fails(&[
-        "clone",
-        "--follow",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--slot-name",
-        "t_slots_slot",
-    ]);
+    let out = pgtide_fails(&Args::clone_follow(&src, &dst, d, "t_slots_slot"));
     assert!(out.contains("all 1 replication slots are in use"), "{out}");
     assert!(out.contains("max_replication_slots"), "{out}");
     assert_no_password(&out);
@@ -378,15 +365,11 @@ async fn slot_limit_reached_is_named() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_host_is_named() {
     let dir = workdir("unknown-host");
-    let out = pgtide_fails(&[
-        "clone",
-        "--source",
+    let out = pgtide_fails(&Args::clone(
         "postgres://postgres:hunter2secret@no-such-host.invalid:5432/db",
-        "--target",
         &db_uri("target", "postgres"),
-        "--dir",
         dir.to_str().unwrap(),
-    ]);
+    ));
     assert!(out.contains("no-such-host.invalid"), "{out}");
     assert!(!out.contains("hunter2secret"), "{out}");
     assert_no_password(&out);

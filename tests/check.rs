@@ -245,7 +245,7 @@ async fn work_dir_is_private() {
     .await;
     let dir = workdir("private");
     let d = dir.to_str().unwrap();
-    pgtide_ok(&["clone", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::clone(&src, &dst, d));
     let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "work dir mode {mode:o}");
     let mut files = 0;

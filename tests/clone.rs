@@ -13,19 +13,12 @@ async fn clone_copies_every_hard_case_identically() {
     let (src, dst) = fresh_db_pair("t_hard").await;
     exec(&src, &hard_cases_sql()).await;
     let dir = workdir("hard");
-    let out = pgtide_ok(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        dir.to_str().unwrap(),
+    let out = pgtide_ok(&Args::clone(&src, &dst, dir.to_str().unwrap()).args(&[
         "--table-jobs",
         "2",
         "--index-jobs",
         "2",
-    ]);
+    ]));
     assert!(out.contains("clone finished"), "{out}");
     assert_identical(&src, &dst);
 
@@ -127,23 +120,16 @@ async fn clone_copies_every_hard_case_identically() {
         "UPDATE uuid_pk SET v = v || ' ' WHERE id = md5('u7')::uuid",
     )
     .await;
-    let out = pgtide_fails(&["verify", "--source", &src, "--target", &dst]);
+    let out = pgtide_fails(&Args::verify(&src, &dst));
     assert!(
         out.contains("public.uuid_pk") && out.contains("DIFFERENT"),
         "{out}"
     );
-    let json = pgtide(&["verify", "--source", &src, "--target", &dst, "--json"]);
+    let json = pgtide(&Args::verify(&src, &dst).args(&["--json"]));
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(report["all_match"], false);
     // Counts alone cannot see that change; the checksum does.
-    pgtide_ok(&[
-        "verify",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--counts-only",
-    ]);
+    pgtide_ok(&Args::verify(&src, &dst).args(&["--counts-only"]));
 }
 
 /// A table larger than the threshold is copied as several ctid ranges and arrives whole.
@@ -161,19 +147,12 @@ async fn split_table_is_copied_in_parts() {
     )
     .await;
     let dir = workdir("split");
-    pgtide_ok(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        dir.to_str().unwrap(),
+    pgtide_ok(&Args::clone(&src, &dst, dir.to_str().unwrap()).args(&[
         "--split-tables-larger-than",
         "1MB",
         "--table-jobs",
         "3",
-    ]);
+    ]));
     let parts = state_query_i64(
         &dir,
         "SELECT count(*) FROM parts p JOIN tables t ON t.oid = p.table_oid WHERE t.table_name = 'big'",
@@ -225,17 +204,7 @@ async fn clone_uses_the_given_snapshot() {
     )
     .await;
     let dir = workdir("snap");
-    pgtide_ok(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        dir.to_str().unwrap(),
-        "--snapshot",
-        &snapshot,
-    ]);
+    pgtide_ok(&Args::clone(&src, &dst, dir.to_str().unwrap()).args(&["--snapshot", &snapshot]));
     assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM t").await, 100);
     assert_eq!(scalar_i64(&dst, "SELECT min(id)::bigint FROM t").await, 1);
     holder.batch_execute("COMMIT").await.unwrap();
@@ -259,17 +228,7 @@ async fn filters_select_what_is_copied() {
     let filters = dir.join("filters.ini");
     std::fs::write(&filters, "[exclude-schema]\nscratch\n[exclude-table]\npublic.skipped\n[exclude-table-data]\npublic.audit_log\n").unwrap();
     let f = filters.to_str().unwrap();
-    pgtide_ok(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        dir.join("w").to_str().unwrap(),
-        "--filters",
-        f,
-    ]);
+    pgtide_ok(&Args::clone(&src, &dst, dir.join("w").to_str().unwrap()).args(&["--filters", f]));
     assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM keep").await, 10);
     assert_eq!(scalar_i64(&dst, "SELECT count(*) FROM audit_log").await, 0);
     assert_eq!(
@@ -296,7 +255,7 @@ async fn filters_select_what_is_copied() {
         .await,
         0
     );
-    let out = pgtide_ok(&["verify", "--source", &src, "--target", &dst, "--filters", f]);
+    let out = pgtide_ok(&Args::verify(&src, &dst).args(&["--filters", f]));
     assert!(out.contains("identical"), "{out}");
 }
 
@@ -315,23 +274,13 @@ async fn resume_after_crash_between_target_commit_and_state_update() {
     exec(&src, &sql).await;
     let dir = workdir("crash-commit");
     let d = dir.to_str().unwrap();
-    let out = pgtide_command(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--table-jobs",
-        "1",
-    ])
-    .env(
-        "FAILPOINTS",
-        format!("{COPY_AFTER_COMMIT}=3*off->panic").as_str(),
-    )
-    .output()
-    .unwrap();
+    let out = pgtide_command(&Args::clone(&src, &dst, d).args(&["--table-jobs", "1"]))
+        .env(
+            "FAILPOINTS",
+            format!("{COPY_AFTER_COMMIT}=3*off->panic").as_str(),
+        )
+        .output()
+        .unwrap();
     assert!(
         !out.status.success(),
         "the failpoint should have stopped the clone: {}",
@@ -344,21 +293,10 @@ async fn resume_after_crash_between_target_commit_and_state_update() {
         1
     );
 
-    let refused = pgtide_fails(&["clone", "--source", &src, "--target", &dst, "--dir", d]);
+    let refused = pgtide_fails(&Args::clone(&src, &dst, d));
     assert!(refused.contains("--resume"), "{refused}");
 
-    pgtide_ok(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--table-jobs",
-        "2",
-        "--resume",
-    ]);
+    pgtide_ok(&Args::clone(&src, &dst, d).args(&["--table-jobs", "2", "--resume"]));
     assert_identical(&src, &dst);
     // The part committed before the crash was found on the target, not copied again.
     assert_eq!(state_query_i64(&dir, "SELECT max(attempts) FROM parts"), 1);
@@ -388,25 +326,15 @@ async fn resume_after_sigkill_during_copy() {
     exec(&src, &sql).await;
     let dir = workdir("sigkill");
     let d = dir.to_str().unwrap();
-    let mut child = pgtide_command(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--table-jobs",
-        "1",
-    ])
-    .env(
-        "FAILPOINTS",
-        format!("{COPY_BEFORE_COMMIT}=sleep(300)").as_str(),
-    )
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .unwrap();
+    let mut child = pgtide_command(&Args::clone(&src, &dst, d).args(&["--table-jobs", "1"]))
+        .env(
+            "FAILPOINTS",
+            format!("{COPY_BEFORE_COMMIT}=sleep(300)").as_str(),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(
@@ -428,9 +356,7 @@ async fn resume_after_sigkill_during_copy() {
     let done_at_kill = state_query_i64(&dir, "SELECT count(*) FROM parts WHERE status = 'done'");
     assert!(done_at_kill < 10, "the kill came too late to test anything");
 
-    pgtide_ok(&[
-        "clone", "--source", &src, "--target", &dst, "--dir", d, "--resume",
-    ]);
+    pgtide_ok(&Args::clone(&src, &dst, d).args(&["--resume"]));
     assert_identical(&src, &dst);
     // Parts done before the kill ran once; at most the one in flight ran twice.
     assert!(state_query_i64(&dir, "SELECT count(*) FROM parts WHERE attempts > 1") <= 1);
@@ -456,19 +382,12 @@ async fn parallel_index_builds_on_one_table() {
     }
     exec(&src, &sql).await;
     let dir = workdir("many-idx");
-    pgtide_ok(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        dir.to_str().unwrap(),
+    pgtide_ok(&Args::clone(&src, &dst, dir.to_str().unwrap()).args(&[
         "--table-jobs",
         "3",
         "--index-jobs",
         "4",
-    ]);
+    ]));
     assert_identical(&src, &dst);
 }
 
@@ -480,23 +399,13 @@ async fn resume_after_crash_between_unique_index_and_constraint() {
     exec(&src, "CREATE TABLE p (id int PRIMARY KEY, v text); INSERT INTO p SELECT g, 'v' FROM generate_series(1, 1000) g;").await;
     let dir = workdir("crash-idx");
     let d = dir.to_str().unwrap();
-    let out = pgtide_command(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--index-jobs",
-        "1",
-    ])
-    .env(
-        "FAILPOINTS",
-        format!("{INDEX_AFTER_STATEMENT}=panic").as_str(),
-    )
-    .output()
-    .unwrap();
+    let out = pgtide_command(&Args::clone(&src, &dst, d).args(&["--index-jobs", "1"]))
+        .env(
+            "FAILPOINTS",
+            format!("{INDEX_AFTER_STATEMENT}=panic").as_str(),
+        )
+        .output()
+        .unwrap();
     assert!(
         !out.status.success(),
         "the failpoint should have stopped the clone: {}",
@@ -518,9 +427,7 @@ async fn resume_after_crash_between_unique_index_and_constraint() {
         .await,
         0
     );
-    pgtide_ok(&[
-        "clone", "--source", &src, "--target", &dst, "--dir", d, "--resume",
-    ]);
+    pgtide_ok(&Args::clone(&src, &dst, d).args(&["--resume"]));
     assert_eq!(
         scalar_i64(
             &dst,
@@ -549,15 +456,7 @@ async fn replica_identity_using_index_survives_the_clone() {
     )
     .await;
     let dir = workdir("replident");
-    pgtide_ok(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        dir.to_str().unwrap(),
-    ]);
+    pgtide_ok(&Args::clone(&src, &dst, dir.to_str().unwrap()));
     let identities = "SELECT string_agg(c.relname || ':' || c.relreplident::text || ':' ||
                              coalesce((SELECT i.indexrelid::regclass::text FROM pg_index i
                                        WHERE i.indrelid = c.oid AND i.indisreplident), '-'), ' ' ORDER BY c.relname)

@@ -553,13 +553,13 @@ async fn verify_compares_replica_identities() {
     let dir = workdir("c-replident");
     let d = dir.to_str().unwrap();
     pgtide_ok(&clone_args(&src, &dst, d));
-    let out = pgtide_ok(&["verify", "--source", &src, "--target", &dst]);
+    let out = pgtide_ok(&Args::verify(&src, &dst));
     assert!(
         out.contains("2 replica identities compared; 0 differ"),
         "{out}"
     );
     exec(&dst, "ALTER TABLE f REPLICA IDENTITY DEFAULT").await;
-    let out = pgtide_fails(&["verify", "--source", &src, "--target", &dst]);
+    let out = pgtide_fails(&Args::verify(&src, &dst));
     assert!(
         out.contains("replica identity public.f: source full / target default"),
         "{out}"

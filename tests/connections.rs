@@ -51,15 +51,11 @@ async fn password_from_env_pgpass_and_key_value_strings() {
             port(uri)
         )
     };
-    let out = pgtide_command(&[
-        "clone",
-        "--source",
+    let out = pgtide_command(&Args::clone(
         &kv(&src),
-        "--target",
         &kv(&dst),
-        "--dir",
         dir.join("w").to_str().unwrap(),
-    ])
+    ))
     .env("PGPASSFILE", &pgpass)
     .output()
     .unwrap();
@@ -68,7 +64,7 @@ async fn password_from_env_pgpass_and_key_value_strings() {
 
     // A pgpass file readable by others is ignored, as libpq does: the login then fails.
     std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = pgtide_command(&["verify", "--source", &kv(&src), "--target", &kv(&dst)])
+    let out = pgtide_command(&Args::verify(&kv(&src), &kv(&dst)))
         .env("PGPASSFILE", &pgpass)
         .output()
         .unwrap();
@@ -114,18 +110,10 @@ async fn children_never_see_the_password_in_argv() {
         .unwrap();
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let out = pgtide_command(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        dir.join("w").to_str().unwrap(),
-    ])
-    .env("PGTIDE_PG_BIN", &bin)
-    .output()
-    .unwrap();
+    let out = pgtide_command(&Args::clone(&src, &dst, dir.join("w").to_str().unwrap()))
+        .env("PGTIDE_PG_BIN", &bin)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let recorded = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -151,25 +139,15 @@ async fn ctrl_c_stops_cleanly_and_resume_finishes() {
     exec(&src, &sql).await;
     let dir = workdir("sigint");
     let d = dir.to_str().unwrap();
-    let child = pgtide_command(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--table-jobs",
-        "1",
-    ])
-    .env(
-        "FAILPOINTS",
-        format!("{COPY_BEFORE_COMMIT}=sleep(400)").as_str(),
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    let child = pgtide_command(&Args::clone(&src, &dst, d).args(&["--table-jobs", "1"]))
+        .env(
+            "FAILPOINTS",
+            format!("{COPY_BEFORE_COMMIT}=sleep(400)").as_str(),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while parts_done(&dir) < 1 {
         assert!(
@@ -200,8 +178,6 @@ async fn ctrl_c_stops_cleanly_and_resume_finishes() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    pgtide_ok(&[
-        "clone", "--source", &src, "--target", &dst, "--dir", d, "--resume",
-    ]);
+    pgtide_ok(&Args::clone(&src, &dst, d).args(&["--resume"]));
     assert_identical(&src, &dst);
 }

@@ -262,7 +262,7 @@ async fn run_seed(case: &Case) -> Result<String, String> {
     let result = drive(case, &db, &src, &dst, &nat, &d, child, &mut times).await;
     // Whatever happened: the subscription and its slot go, pgtide cleans up after itself.
     let _ = try_exec(&nat, &format!("DROP SUBSCRIPTION IF EXISTS {sub}")).await;
-    let _ = pgtide(&["cleanup", "--source", &src, "--target", &dst, "--dir", &d]);
+    let _ = pgtide(&Args::cleanup(&src, &dst, &d));
     if result.is_ok() {
         let _ = std::fs::remove_dir_all(&dir);
         let drop_sql = format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)");
@@ -295,10 +295,10 @@ async fn drive(
     dst: &str,
     nat: &str,
     d: &str,
-    mut child: std::process::Child,
+    mut child: PgtideChild,
     times: &mut Times,
 ) -> Result<(), String> {
-    let dead = |child: std::process::Child, when: &str| {
+    let dead = |child: PgtideChild, when: &str| {
         let out = wait_exit(child, 5);
         fail(
             case,

@@ -13,7 +13,7 @@ use pgtide::failpoints::APPLY_BEFORE_COMMIT;
 /// Writes on the source (a change after the slot's snapshot, in the table `tick` each test
 /// creates) and waits until apply has
 /// committed it on the target.
-async fn wait_applied(src: &str, dst: &str, slot: &str, child: &mut std::process::Child) {
+async fn wait_applied(src: &str, dst: &str, slot: &str, child: &mut PgtideChild) {
     exec(src, "INSERT INTO tick VALUES (1)").await;
     let deadline = Instant::now() + Duration::from_secs(90);
     let applied = format!(
@@ -23,12 +23,8 @@ async fn wait_applied(src: &str, dst: &str, slot: &str, child: &mut std::process
     while scalar_i64(dst, &applied).await == 0 {
         if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
             child.kill().ok();
-            let mut out = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                use std::io::Read;
-                e.read_to_string(&mut out).ok();
-            }
-            panic!("apply never started:\n{out}");
+            child.wait().ok();
+            panic!("apply never started:\n{}", child.output_so_far());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -112,7 +108,7 @@ async fn exclude_table_data_tables_are_created_empty_and_not_followed() {
     )
     .await;
     assert_eq!(published, 0, "public.audit is published");
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
     let _ = std::fs::remove_file(filters);
 }
 
@@ -151,19 +147,12 @@ async fn recorded_filters_are_honoured_by_follow_cutover_and_verify() {
     )
     .await;
     // No --filters here: cutover uses the ones the migration recorded.
-    let out = pgtide_ok(&[
-        "cutover",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
+    let out = pgtide_ok(&Args::cutover(&src, &dst, d).args(&[
         "--timeout",
         "60s",
         "--sequence-offset",
         "1000",
-    ]);
+    ]));
     assert!(out.contains("tables identical"), "{out}");
     let out = wait_exit(child, 60);
     assert!(
@@ -176,7 +165,7 @@ async fn recorded_filters_are_honoured_by_follow_cutover_and_verify() {
         scalar_i64(&dst, last).await,
         scalar_i64(&src, last).await + 1000
     );
-    let out = pgtide_ok(&["verify", "--source", &src, "--target", &dst, "--dir", d]);
+    let out = pgtide_ok(&Args::verify(&src, &dst).args(&["--dir", d]));
     assert!(out.contains("source and target are identical"), "{out}");
     // copy sequences with the work dir: the recorded filters, the offset recorded for verify.
     pgtide_ok(&[
@@ -195,29 +184,24 @@ async fn recorded_filters_are_honoured_by_follow_cutover_and_verify() {
         scalar_i64(&dst, last).await,
         scalar_i64(&src, last).await + 2000
     );
-    pgtide_ok(&["verify", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::verify(&src, &dst).args(&["--dir", d]));
     // Other filters than the recorded ones are refused, naming the fix.
     let other = filters_file("recfilt-other", "[exclude-table]\npublic.tmp\n");
-    let out = pgtide_fails(&[
-        "verify",
-        "--source",
-        &src,
-        "--target",
-        &dst,
+    let out = pgtide_fails(&Args::verify(&src, &dst).args(&[
         "--dir",
         d,
         "--filters",
         other.to_str().unwrap(),
-    ]);
+    ]));
     assert!(
         out.contains("differs from the filters this migration recorded"),
         "{out}"
     );
     let _ = std::fs::remove_file(other);
     // Without the work dir, verify knows neither the filters nor the offset: it says so.
-    let out = pgtide_fails(&["verify", "--source", &src, "--target", &dst]);
+    let out = pgtide_fails(&Args::verify(&src, &dst));
     assert!(out.contains("public.tmp"), "{out}");
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
     let _ = std::fs::remove_file(filters);
 }
 
@@ -248,17 +232,7 @@ async fn cutover_notices_at_once_that_follow_died() {
     wait_applied(&src, &dst, "t_deadfollow_slot", &mut child).await;
     exec(&src, "INSERT INTO t VALUES (11, 'late')").await;
     let cutover = spawn_pgtide(
-        &[
-            "cutover",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--timeout",
-            "300s",
-        ],
+        &Args::cutover(&src, &dst, d).args(&["--timeout", "300s"]),
         &[],
     );
     // Once cutover has pinned endpos it waits for the follow; then the follow dies.
@@ -284,7 +258,7 @@ async fn cutover_notices_at_once_that_follow_died() {
         killed.elapsed()
     );
     assert!(all.contains("apply is not running"), "{all}");
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// Item 13, the error path: a follow that stops on an apply error while cutover waits is
@@ -320,17 +294,7 @@ async fn cutover_names_the_error_the_follow_stopped_on() {
     exec(&src, "UPDATE t SET v = 'y' WHERE id = 1").await;
     let started = Instant::now();
     let cutover = spawn_pgtide(
-        &[
-            "cutover",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--timeout",
-            "300s",
-        ],
+        &Args::cutover(&src, &dst, d).args(&["--timeout", "300s"]),
         &[],
     );
     let out = wait_exit(cutover, 60);
@@ -347,7 +311,7 @@ async fn cutover_names_the_error_the_follow_stopped_on() {
     );
     let out = wait_exit(child, 30);
     assert!(!out.status.success(), "{}", text(&out));
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// Item 14: materialized views are compared and reported as such; --refresh-matviews
@@ -374,18 +338,8 @@ async fn matviews_are_compared_and_refreshed_on_cutover() {
          REFRESH MATERIALIZED VIEW totals;",
     )
     .await;
-    let out = pgtide_ok(&[
-        "cutover",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--timeout",
-        "60s",
-        "--refresh-matviews",
-    ]);
+    let out =
+        pgtide_ok(&Args::cutover(&src, &dst, d).args(&["--timeout", "60s", "--refresh-matviews"]));
     assert!(
         out.contains("1 materialized view") && out.contains("refreshed"),
         "{out}"
@@ -400,7 +354,7 @@ async fn matviews_are_compared_and_refreshed_on_cutover() {
     // The source's matview is emptied (the tables stay identical): verify lists it as a
     // differing materialized view, apart from the tables, and passes.
     exec(&src, "REFRESH MATERIALIZED VIEW totals WITH NO DATA").await;
-    let out = pgtide_ok(&["verify", "--source", &src, "--target", &dst]);
+    let out = pgtide_ok(&Args::verify(&src, &dst));
     assert!(
         out.contains("public.totals") && out.contains("differs (materialized view)"),
         "{out}"
@@ -409,7 +363,7 @@ async fn matviews_are_compared_and_refreshed_on_cutover() {
         out.contains("1 materialized view compared: 0 identical, 1 differs (public.totals)"),
         "{out}"
     );
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// Item 15: an endpos behind what the target has applied is refused, naming both positions.
@@ -466,5 +420,5 @@ async fn endpos_behind_the_applied_position_is_refused() {
     ]);
     let out = wait_exit(child, 60);
     assert!(out.status.success(), "{}", text(&out));
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }

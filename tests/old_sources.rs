@@ -86,19 +86,12 @@ fn wait_ok(running: Running, log: &Path, secs: u64) -> String {
 
 /// `pgtide cutover` with this `--verify` mode; must complete with identical tables.
 fn cutover(src: &str, dst: &str, dir: &str, verify: &str) -> String {
-    let out = pgtide_command(&[
-        "cutover",
-        "--source",
-        src,
-        "--target",
-        dst,
-        "--dir",
-        dir,
+    let out = pgtide_command(&Args::cutover(src, dst, dir).args(&[
         "--timeout",
         "120s",
         "--verify",
         verify,
-    ])
+    ]))
     .output()
     .unwrap();
     let all = text(&out);
@@ -301,7 +294,7 @@ async fn source_12_into_target_12() {
         "{status}"
     );
     assert!(status.contains("stopped at endpos"), "{status}");
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
     assert_eq!(
         scalar_i64(
             &v12,
@@ -483,15 +476,7 @@ async fn pg_restore_18_restores_into_a_target_before_17() {
         text(&out)
     );
     let dir = workdir("v13-tools");
-    let out = with_18(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        dir.to_str().unwrap(),
-    ]);
+    let out = with_18(&Args::clone(&src, &dst, dir.to_str().unwrap()));
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out)

@@ -219,7 +219,7 @@ async fn status_reports_backlog_lag_and_catch_up() {
             .starts_with("stopped at endpos"),
         "{stopped}"
     );
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
     assert_eq!(status(d, &src, &dst)["phase"], "done");
     // A whole migration ran with the password in both URIs: no file pgtide wrote holds it.
     assert_no_file_holds_password(&dir);
@@ -292,17 +292,7 @@ async fn status_shows_clone_progress() {
     let dir = workdir("status-clone");
     let d = dir.to_str().unwrap();
     let child = spawn_pgtide(
-        &[
-            "clone",
-            "--source",
-            &src,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--table-jobs",
-            "1",
-        ],
+        &Args::clone(&src, &dst, d).args(&["--table-jobs", "1"]),
         &[(
             "FAILPOINTS",
             format!("{COPY_BEFORE_COMMIT}=sleep(1500)").as_str(),

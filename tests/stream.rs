@@ -281,7 +281,12 @@ async fn slot_snapshot_splits_copy_and_stream() {
     )
     .await;
     let slot = "t_stream_snap_slot";
-    let mut holder = spawn_pgtide(&["snapshot", "--source", &src, "--slot-name", slot], &[]);
+    // stdout read line by line as the holder prints it: its own pipe, not spawn_pgtide's drain.
+    let mut holder = pgtide_command(&["snapshot", "--source", &src, "--slot-name", slot])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start pgtide");
     let mut stdout = std::io::BufReader::new(holder.stdout.take().unwrap());
     let mut snapshot = String::new();
     for _ in 0..10 {

@@ -65,23 +65,15 @@ async fn sslmodes_against_a_tls_only_source() {
         &format!("sslmode=verify-full&sslrootcert={}", ca()),
     );
     let dir = workdir("tls");
-    pgtide_ok(&[
-        "clone",
-        "--source",
-        &full,
-        "--target",
-        &dst,
-        "--dir",
-        dir.to_str().unwrap(),
-    ]);
-    pgtide_ok(&["verify", "--source", &full, "--target", &dst]);
+    pgtide_ok(&Args::clone(&full, &dst, dir.to_str().unwrap()));
+    pgtide_ok(&Args::verify(&full, &dst));
 
     // verify-full against an address the certificate does not name is refused.
     let wrong_name = tls_uri(
         "127.0.0.1",
         &format!("sslmode=verify-full&sslrootcert={}", ca()),
     );
-    let out = pgtide_fails(&["verify", "--source", &wrong_name, "--target", &dst]);
+    let out = pgtide_fails(&Args::verify(&wrong_name, &dst));
     assert!(
         out.contains("TLS failed") || out.contains("certificate"),
         "{out}"
@@ -93,23 +85,17 @@ async fn sslmodes_against_a_tls_only_source() {
         "127.0.0.1",
         &format!("sslmode=verify-ca&sslrootcert={}", ca()),
     );
-    pgtide_ok(&["verify", "--source", &ca_only, "--target", &dst]);
+    pgtide_ok(&Args::verify(&ca_only, &dst));
 
     // require encrypts without verifying; disable is refused by the server's hostnossl rule.
-    pgtide_ok(&[
-        "verify",
-        "--source",
+    pgtide_ok(&Args::verify(
         &tls_uri("127.0.0.1", "sslmode=require"),
-        "--target",
         &dst,
-    ]);
-    let out = pgtide_fails(&[
-        "verify",
-        "--source",
+    ));
+    let out = pgtide_fails(&Args::verify(
         &tls_uri("127.0.0.1", "sslmode=disable"),
-        "--target",
         &dst,
-    ]);
+    ));
     assert!(
         out.contains("no encryption") || out.contains("pg_hba.conf"),
         "{out}"
@@ -141,20 +127,17 @@ async fn sslmodes_against_a_tls_only_source() {
         "localhost",
         &format!("sslmode=verify-full&sslrootcert={}", other_ca.display()),
     );
-    let out = pgtide_fails(&["verify", "--source", &untrusted, "--target", &dst]);
+    let out = pgtide_fails(&Args::verify(&untrusted, &dst));
     assert!(
         out.contains("TLS failed") || out.contains("certificate"),
         "{out}"
     );
 
     // verify-ca without any root certificate says how to give one.
-    let out = pgtide_fails(&[
-        "verify",
-        "--source",
+    let out = pgtide_fails(&Args::verify(
         &tls_uri("localhost", "sslmode=verify-ca"),
-        "--target",
         &dst,
-    ]);
+    ));
     assert!(
         out.contains("needs a root certificate") && out.contains("sslrootcert"),
         "{out}"
@@ -196,18 +179,7 @@ async fn clone_follow_over_tls_with_a_client_certificate() {
     let dir = workdir("tls-follow");
     let d = dir.to_str().unwrap();
     let wrong = cert_source("127.0.0.1");
-    let out = pgtide_fails(&[
-        "clone",
-        "--follow",
-        "--source",
-        &wrong,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--slot-name",
-        "t_tls_slot",
-    ]);
+    let out = pgtide_fails(&Args::clone_follow(&wrong, &dst, d, "t_tls_slot"));
     assert!(
         out.contains("127.0.0.1") && out.to_lowercase().contains("certificate"),
         "{out}"
@@ -222,21 +194,7 @@ async fn clone_follow_over_tls_with_a_client_certificate() {
     );
 
     let source = cert_source("localhost");
-    let child = spawn_pgtide(
-        &[
-            "clone",
-            "--follow",
-            "--source",
-            &source,
-            "--target",
-            &dst,
-            "--dir",
-            d,
-            "--slot-name",
-            "t_tls_slot",
-        ],
-        &[],
-    );
+    let child = spawn_pgtide(&Args::clone_follow(&source, &dst, d, "t_tls_slot"), &[]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     // The walsender serving pgtide runs over TLS.
     while scalar_i64(
@@ -272,5 +230,5 @@ async fn clone_follow_over_tls_with_a_client_certificate() {
         scalar_i64(&dst, "SELECT count(*) FROM pg_publication").await,
         0
     );
-    pgtide_ok(&["cleanup", "--source", &source, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&source, &dst, d));
 }

@@ -359,19 +359,9 @@ async fn run_cell(cell: Cell) {
         String::from_utf8_lossy(&load.stderr)
     );
 
-    let cutover = pgtide_in_version_env(&[
-        "cutover",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--timeout",
-        "240s",
-    ])
-    .output()
-    .unwrap();
+    let cutover = pgtide_in_version_env(&Args::cutover(&src, &dst, d).args(&["--timeout", "240s"]))
+        .output()
+        .unwrap();
     let cutover_text = text(&cutover);
     assert!(
         cutover.status.success() && cutover_text.contains("cutover complete"),
@@ -419,7 +409,7 @@ async fn run_cell(cell: Cell) {
         scalar_i64(&src, "SELECT last_value FROM tickets").await,
         "{cell:?}: the sequence was not carried"
     );
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
     assert_eq!(
         scalar_i64(
             &src,
@@ -1051,19 +1041,9 @@ async fn type_matrix(cell: Cell) {
                 .unwrap_or_else(|e| panic!("{sql}: {e}"));
         }
     }
-    let cutover = pgtide_in_version_env(&[
-        "cutover",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--timeout",
-        "240s",
-    ])
-    .output()
-    .unwrap();
+    let cutover = pgtide_in_version_env(&Args::cutover(&src, &dst, d).args(&["--timeout", "240s"]))
+        .output()
+        .unwrap();
     let cutover_text = text(&cutover);
     assert!(
         cutover.status.success() && cutover_text.contains("cutover complete"),
@@ -1088,7 +1068,7 @@ async fn type_matrix(cell: Cell) {
             log_text()
         );
     }
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
     let _ = std::fs::remove_file(&log_path);
 }
 

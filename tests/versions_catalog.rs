@@ -92,7 +92,7 @@ async fn without_pg_bin_the_targets_pg_dump_is_found() {
         "check should name the client tools 18:\n{all}"
     );
 
-    let out = pgtide_command(&["clone", "--source", &src, "--target", &dst, "--dir", d])
+    let out = pgtide_command(&Args::clone(&src, &dst, d))
         .env_remove("PGTIDE_PG_BIN")
         .env("PATH", &path)
         .env("PGTIDE_LOG", "info")
@@ -143,7 +143,7 @@ async fn an_explicit_pg_bin_too_old_is_refused_with_the_fix() {
     );
     assert!(line.contains(fix), "{all}");
 
-    let out = pgtide_command(&["clone", "--source", &src, "--target", &dst, "--dir", d])
+    let out = pgtide_command(&Args::clone(&src, &dst, d))
         .env("PGTIDE_PG_BIN", &old)
         .env("PATH", &path)
         .output()
@@ -250,18 +250,10 @@ async fn verify_across(source_major: u32) {
     let (src, dst) = fresh_db_pair_between(&source_admin, &version_uri(18), &name).await;
     exec(&src, SCHEMA).await;
     let dir = workdir(&format!("vc-verify-{source_major}"));
-    let out = pgtide_command(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        dir.to_str().unwrap(),
-    ])
-    .env("PGTIDE_PG_BIN", client18_bin())
-    .output()
-    .unwrap();
+    let out = pgtide_command(&Args::clone(&src, &dst, dir.to_str().unwrap()))
+        .env("PGTIDE_PG_BIN", client18_bin())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "clone failed:\n{}", text(&out));
     assert_identical(&src, &dst);
 
@@ -270,7 +262,7 @@ async fn verify_across(source_major: u32) {
         "ALTER TABLE public.wide_docs ALTER COLUMN updated DROP NOT NULL",
     )
     .await;
-    let out = pgtide_fails(&["verify", "--source", &src, "--target", &dst]);
+    let out = pgtide_fails(&Args::verify(&src, &dst));
     let reported: Vec<&str> = out
         .lines()
         .filter(|l| l.contains("public.wide_docs.updated"))
@@ -317,18 +309,10 @@ async fn verify_16_to_18_still_reports_real_differences() {
         fresh_db_pair_between(&version_uri(16), &version_uri(18), "t_vc_verify_real").await;
     exec(&src, SCHEMA).await;
     let dir = workdir("vc-verify-real");
-    let out = pgtide_command(&[
-        "clone",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        dir.to_str().unwrap(),
-    ])
-    .env("PGTIDE_PG_BIN", client18_bin())
-    .output()
-    .unwrap();
+    let out = pgtide_command(&Args::clone(&src, &dst, dir.to_str().unwrap()))
+        .env("PGTIDE_PG_BIN", client18_bin())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "clone failed:\n{}", text(&out));
     assert_identical(&src, &dst);
 
@@ -341,7 +325,7 @@ async fn verify_16_to_18_still_reports_real_differences() {
          ALTER TABLE public.event_refs DROP CONSTRAINT event_refs_event_id_event_at_fkey;",
     )
     .await;
-    let out = pgtide_fails(&["verify", "--source", &src, "--target", &dst]);
+    let out = pgtide_fails(&Args::verify(&src, &dst));
     for (kind, name) in [
         ("column", "public.parent.name"),
         ("column", "public.extras.due"),

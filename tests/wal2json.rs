@@ -212,17 +212,7 @@ async fn clone_follow_wal2json_catches_up_a_live_source() {
         String::from_utf8_lossy(&load.stderr)
     );
     exec(&src, "SELECT nextval('standalone_seq')").await;
-    let out = pgtide_ok(&[
-        "cutover",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--timeout",
-        "150s",
-    ]);
+    let out = pgtide_ok(&Args::cutover(&src, &dst, d).args(&["--timeout", "150s"]));
     assert!(
         out.contains("cutover complete") && out.contains("tables identical"),
         "{out}"
@@ -290,7 +280,7 @@ async fn clone_follow_wal2json_catches_up_a_live_source() {
         "2030-01-01"
     );
     for _ in 0..2 {
-        pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+        pgtide_ok(&Args::cleanup(&src, &dst, d));
     }
     assert_eq!(
         scalar_i64(
@@ -428,7 +418,7 @@ async fn wal2json_apply_survives_sigkill_and_resume() {
         .concat(),
     );
     assert!(out.contains("with --plugin wal2json"), "{out}");
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// wal2json prints numeric/real/double precision NaN and ±Infinity as null: check and
@@ -547,5 +537,5 @@ async fn wal2json_refuses_columns_it_cannot_carry() {
         0,
         "no wrong value was written"
     );
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }

@@ -327,20 +327,55 @@ async fn fence(src: &Client, state: &StateDb, asked: &[String]) -> Result<Vec<St
         .await
         .map_err(|e| anyhow!("cannot fence role {role}: {}", pg::describe(&e)))?;
     }
-    let ended = src
+    let ended: Vec<i32> = src
         .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity
              WHERE usename = ANY($1) AND datname = current_database() AND pid <> pg_backend_pid()",
             &[&roles],
         )
         .await
         .context("cannot end the fenced roles' sessions")?
-        .len();
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    wait_sessions_gone(src, &ended).await?;
+    let ended = ended.len();
     tracing::info!(
         "fenced {} on the source (read-only in {db}); ended {ended} of their sessions",
         roles.join(", ")
     );
     Ok(roles)
+}
+
+/// Waits until the backends that `fence` signalled have exited. pg_terminate_backend only
+/// sends SIGTERM: a session in the middle of a commit finishes it first, and that commit must
+/// come before endpos, which is pinned next. A session still there after the wait is only
+/// warned about: a write it commits after endpos makes the verify fail, which lifts the fence.
+async fn wait_sessions_gone(src: &Client, pids: &[i32]) -> Result<()> {
+    if pids.is_empty() {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: i64 = src
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
+            )
+            .await
+            .context("cannot check that the fenced roles' sessions ended")?
+            .get(0);
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(
+                "{left} of the fenced roles' sessions have not exited 30 s after they were ended; cutting over anyway (the verify finds any write they commit after endpos)"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Restores the fenced roles' earlier setting and forgets the fence.

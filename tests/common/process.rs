@@ -1,0 +1,189 @@
+//! Running the pgtide binary: in the foreground (exit status and output checked) or in the
+//! background (`PgtideChild`, its pipes drained all along).
+
+use std::io::Read;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+use super::args::Args;
+
+/// The pgtide binary with an environment free of the operator's PGTIDE_* settings.
+pub fn pgtide_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgtide"));
+    cmd.args(args)
+        .env_remove("PGTIDE_SOURCE_PGURI")
+        .env_remove("PGTIDE_TARGET_PGURI")
+        .env_remove("PGTIDE_DIR")
+        .env_remove("PGPASSWORD")
+        .env_remove("FAILPOINTS")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+/// A pgtide running in the background whose stdout and stderr are read as it writes them, by
+/// one thread each, into buffers: a chatty pgtide never blocks on a full pipe (64 kB) however
+/// long the test takes to look at its output. Derefs to its `Child` (kill, id, try_wait, wait).
+pub struct PgtideChild {
+    child: Child,
+    stdout: Drain,
+    stderr: Drain,
+}
+
+/// A pipe read to its end by a thread; the bytes so far are in `buf`.
+struct Drain {
+    buf: Arc<Mutex<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drain {
+    fn start(pipe: Option<impl Read + Send + 'static>) -> Self {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let thread = pipe.map(|mut pipe| {
+            let buf = Arc::clone(&buf);
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            })
+        });
+        Drain { buf, thread }
+    }
+
+    /// Everything once the pipe is closed (the child exited, and any child of its own that
+    /// inherited the pipe too).
+    fn finish(mut self) -> Vec<u8> {
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+        std::mem::take(&mut *self.buf.lock().unwrap())
+    }
+
+    fn so_far(&self) -> Vec<u8> {
+        self.buf.lock().unwrap().clone()
+    }
+}
+
+impl PgtideChild {
+    /// Waits for the exit and returns the whole output, like `Child::wait_with_output`.
+    pub fn wait_with_output(mut self) -> std::io::Result<Output> {
+        let status = self.child.wait()?;
+        Ok(Output {
+            status,
+            stdout: self.stdout.finish(),
+            stderr: self.stderr.finish(),
+        })
+    }
+
+    /// stdout then stderr as written so far (the child may still run).
+    pub fn output_so_far(&self) -> String {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&self.stdout.so_far()),
+            String::from_utf8_lossy(&self.stderr.so_far())
+        )
+    }
+}
+
+impl std::ops::Deref for PgtideChild {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for PgtideChild {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+/// Starts pgtide in the background with extra environment (failpoints), its output read into
+/// buffers as it comes (see `PgtideChild`).
+pub fn spawn_pgtide(args: &[&str], env: &[(&str, &str)]) -> PgtideChild {
+    let mut cmd = pgtide_command(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start pgtide");
+    let stdout = Drain::start(child.stdout.take());
+    let stderr = Drain::start(child.stderr.take());
+    PgtideChild {
+        child,
+        stdout,
+        stderr,
+    }
+}
+
+pub fn pgtide(args: &[&str]) -> Output {
+    pgtide_command(args).output().expect("cannot run pgtide")
+}
+
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs pgtide and fails the test with its output when it does not exit 0.
+pub fn pgtide_ok(args: &[&str]) -> String {
+    let out = pgtide(args);
+    let all = text(&out);
+    assert!(out.status.success(), "pgtide {args:?} failed:\n{all}");
+    all
+}
+
+/// Runs pgtide expecting failure; returns the output for the message checks.
+pub fn pgtide_fails(args: &[&str]) -> String {
+    let out = pgtide(args);
+    let all = text(&out);
+    assert!(
+        !out.status.success(),
+        "pgtide {args:?} should have failed:\n{all}"
+    );
+    all
+}
+
+/// Runs pgtide, fails the test on a non-zero exit, returns stdout alone.
+pub fn pgtide_ok_stdout(args: &[&str]) -> String {
+    let out = pgtide(args);
+    assert!(
+        out.status.success(),
+        "pgtide {args:?} failed:\n{}",
+        text(&out)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// verify must say identical and exit 0.
+pub fn assert_identical(source: &str, target: &str) {
+    let out = pgtide_ok(&Args::verify(source, target));
+    assert!(out.contains("source and target are identical"), "{out}");
+}
+
+/// Waits for a pgtide child to exit (killing it after `secs`) and returns its output (read all
+/// along, see `PgtideChild`).
+pub fn wait_exit(child: PgtideChild, secs: u64) -> Output {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut child = child;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("pgtide did not finish in {secs} s:\n{}", text(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
