@@ -7,10 +7,8 @@ pub mod slot;
 pub mod stream;
 pub mod wal2json;
 
-use clap::ValueEnum;
-
 /// The logical decoding output plugin.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Plugin {
     Pgoutput,
     Wal2json,

@@ -1,4 +1,9 @@
-//! One file per subcommand; each wires stages together and owns nothing else.
+//! The CLI layer: the clap definitions (`args.rs`, re-exported here) and one thin file per
+//! subcommand that parses its arguments, calls an engine and prints the outcome. The engines
+//! live below (`follow/`, `cutover/`, `replication/`, `clone/`, …); nothing here owns one.
+
+mod args;
+pub use args::*;
 
 pub mod check;
 pub mod cleanup;
