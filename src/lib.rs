@@ -9,6 +9,7 @@ pub mod conninfo;
 pub mod decode;
 pub mod errors;
 pub mod failpoints;
+pub mod follow;
 pub mod metrics;
 pub mod pg;
 pub mod progress;

@@ -8,7 +8,7 @@ use crate::replication::Plugin;
 use crate::state::Phase;
 use crate::workdir::WorkDir;
 
-use super::follow;
+use crate::follow;
 
 pub async fn run(args: CloneArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;

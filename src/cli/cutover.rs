@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use tokio_postgres::Client;
 
-use super::follow::{self, LIVENESS_TIMEOUT};
 use crate::cli::{CutoverArgs, VerifyMode};
 use crate::clone::{filters::Filters, sequences};
 use crate::conninfo::ConnInfo;
+use crate::follow::{self, LIVENESS_TIMEOUT};
 use crate::pg::{self, Lsn, Side, catalog};
 use crate::state::{CloneStatus, FencedRole, StateDb};
 use crate::workdir::WorkDir;

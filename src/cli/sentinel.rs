@@ -62,7 +62,7 @@ pub async fn run(command: SentinelCommand) -> Result<()> {
                         }
                         _ => bail!("give either an LSN (such as 0/3000060) or --current"),
                     };
-                    super::follow::set_endpos(&state, endpos)?;
+                    crate::follow::set_endpos(&state, endpos)?;
                     println!("endpos set to {endpos}");
                 }
                 "apply" => {

@@ -1,8 +1,9 @@
 //! The change stream's source side: our walsender client (`conn`), the publication and slot
-//! (`slot`), the receive loop that spools the stream and sends feedback (`stream`), and what
+//! (`slot`), the endpos marker's one rule (`marker`), the receive loop that spools the stream and sends feedback (`stream`), and what
 //! wal2json cannot carry exactly (`wal2json`).
 
 pub mod conn;
+pub mod marker;
 pub mod slot;
 pub mod stream;
 pub mod wal2json;
