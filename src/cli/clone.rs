@@ -132,17 +132,17 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         }
         conn.close().await;
     }
-    let (holder, created) = super::stream::create_recorded_slot(
+    let (holder, created) = crate::replication::setup::create_recorded_slot(
         &opts.source,
         &workdir.state,
         &slot_name,
-        super::stream::PluginChoice {
+        crate::replication::setup::PluginChoice {
             plugin: args.plugin.unwrap_or(Plugin::Pgoutput),
             nan_as_null: args.wal2json_nan_as_null,
             applied: true,
         },
         &opts.filters,
-        &args.identity,
+        &super::stream::identity(&args.identity),
         true,
     )
     .await?;

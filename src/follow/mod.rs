@@ -42,7 +42,7 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
         .ok_or_else(|| anyhow!("the work dir {} has no stream: start with `pgtide clone --follow` or `pgtide stream setup`", workdir.path.display()))?;
     let (progress, progress_rx) = watch::channel(Progress::default());
     let opts = ReceiveOptions {
-        publications: crate::cli::stream::recorded_publications(&stream),
+        publications: crate::replication::setup::recorded_publications(&stream),
         slot: stream.slot,
         plugin: stream.plugin,
         start: stream.startpos.unwrap_or_default(),
