@@ -6,6 +6,7 @@ pub mod check;
 pub mod cli;
 pub mod clone;
 pub mod conninfo;
+pub mod cutover;
 pub mod decode;
 pub mod errors;
 pub mod failpoints;

@@ -172,11 +172,21 @@ pub struct CutoverArgs {
     pub refresh_matviews: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum VerifyMode {
-    Checksums,
-    Counts,
-    None,
+pub use crate::cutover::VerifyMode;
+
+/// `--verify checksums|counts|none`: the cutover's verify mode as a clap value.
+impl ValueEnum for VerifyMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Checksums, Self::Counts, Self::None]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(match self {
+            Self::Checksums => "checksums",
+            Self::Counts => "counts",
+            Self::None => "none",
+        }))
+    }
 }
 
 #[derive(Args, Debug)]
