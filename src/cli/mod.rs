@@ -85,3 +85,11 @@ pub async fn start_metrics(
     }
     Ok(())
 }
+
+/// The engine's view of `--replica-identity-full` / `--append-only`.
+pub fn identity(args: &IdentityArgs) -> crate::replication::setup::IdentityChoice {
+    crate::replication::setup::IdentityChoice {
+        replica_identity_full: args.replica_identity_full,
+        append_only: args.append_only.clone(),
+    }
+}

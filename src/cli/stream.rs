@@ -6,28 +6,15 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 
-use crate::cli::{
-    IdentityArgs, SnapshotArgs, StreamCleanupArgs, StreamReceiveArgs, StreamSetupArgs,
-};
-use crate::pg::{self, Side};
-use crate::replication::conn::ReplicationConnection;
-use crate::replication::setup::{self, IdentityChoice};
+use crate::cli::{SnapshotArgs, StreamCleanupArgs, StreamReceiveArgs, StreamSetupArgs};
+use crate::replication::setup;
 use crate::replication::slot;
 use crate::replication::stream::{self, Ended, ReceiveOptions};
-use crate::state::StreamRecord;
 use crate::workdir::WorkDir;
-
-/// The engine's view of `--replica-identity-full` / `--append-only`.
-pub fn identity(args: &IdentityArgs) -> IdentityChoice {
-    IdentityChoice {
-        replica_identity_full: args.replica_identity_full,
-        append_only: args.append_only.clone(),
-    }
-}
 
 pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.source.source, "source")?;
-    setup::prepare_source(
+    let (conn, created) = setup::create_exported_slot(
         &source,
         setup::PluginChoice {
             plugin: args.slot.plugin,
@@ -36,12 +23,9 @@ pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
         },
         &args.slot.slot_name,
         &super::load_filters(args.slot.filters.as_deref())?,
-        &identity(&args.slot.identity),
+        &super::identity(&args.slot.identity),
     )
     .await?;
-    let mut conn = ReplicationConnection::connect(&source).await?;
-    let created =
-        slot::create_slot(&mut conn, &args.slot.slot_name, args.slot.plugin, true).await?;
     let snapshot = created
         .snapshot
         .ok_or_else(|| anyhow!("the source exported no snapshot"))?;
@@ -83,7 +67,7 @@ pub async fn setup(args: StreamSetupArgs) -> Result<()> {
             applied: false,
         },
         &filters,
-        &identity(&args.slot.identity),
+        &super::identity(&args.slot.identity),
         false,
     )
     .await?;
@@ -101,48 +85,16 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.source.source, "source")?;
     let workdir = WorkDir::open(&args.dir, "stream receive")?;
     let state = workdir.state.clone();
-    let stream = match (state.stream()?, &args.slot_name) {
-        (Some(recorded), Some(asked)) if &recorded.slot != asked => bail!(
-            "the work dir {} streams from slot \"{}\", not \"{asked}\": use another --dir",
-            args.dir.display(),
-            recorded.slot
-        ),
-        (Some(recorded), _) => recorded,
-        (None, Some(asked)) => {
-            slot::check_slot_name(asked)?;
-            // An adopted slot: its start, tables and publications are not known here.
-            let adopted = StreamRecord {
-                slot: asked.clone(),
-                plugin: args.plugin,
-                wal2json_nan_as_null: state.wal2json_nan_as_null()?,
-                startpos: None,
-                source_uri: Some(source.redacted()),
-                tables: None,
-                publications: None,
-                system_id: None,
-            };
-            state.record_stream(&adopted)?;
-            adopted
-        }
-        (None, None) => bail!(
-            "the work dir {} has no stream: run `pgtide stream setup` first, or give --slot-name to adopt an existing slot",
-            args.dir.display()
-        ),
-    };
+    let (stream, tables) = setup::stream_to_receive(
+        &source,
+        &state,
+        &args.dir,
+        args.slot_name.as_deref(),
+        args.plugin,
+    )
+    .await?;
     let plugin = stream.plugin;
     let start = stream.startpos.unwrap_or_default();
-    let tables: Vec<(String, String)> = match &stream.tables {
-        Some(tables) => tables.clone(),
-        None => {
-            let client = pg::connect(&source, Side::Source, "stream tables").await?;
-            let filters = state.recorded_filters()?.unwrap_or_default();
-            let tables = setup::PublicationPlan::decide(&client, plugin, &filters)
-                .await?
-                .tables;
-            state.record_stream_tables(&tables)?;
-            tables
-        }
-    };
     let mut spool = workdir.spool_writer()?;
     let opts = ReceiveOptions {
         publications: setup::recorded_publications(&stream),
@@ -180,11 +132,7 @@ pub async fn cleanup(args: StreamCleanupArgs) -> Result<()> {
         (Some(s), _) | (None, Some(s)) => s,
         (None, None) => bail!("no slot to drop: the work dir names none; give --slot-name"),
     };
-    let mut conn = ReplicationConnection::connect(&source).await?;
-    let dropped = slot::drop_slot(&mut conn, &slot_name).await?;
-    conn.close().await;
-    let client = pg::connect(&source, Side::Source, "cleanup").await?;
-    slot::drop_publication(&client, &slot_name).await?;
+    let dropped = setup::drop_stream(&source, &slot_name).await?;
     state.forget_stream()?;
     println!(
         "{} slot {slot_name} and publication {}",

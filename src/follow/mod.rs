@@ -4,10 +4,12 @@
 //! apply's progress for status and the metrics, and the endpos task (`endpos.rs`, the one
 //! endpos rule) follows the sentinel; at endpos the sequences are set.
 
+mod clone;
 mod endpos;
 mod liveness;
 mod recorder;
 
+pub use clone::{CloneFollow, clone_and_follow, interruptible};
 pub use endpos::set_endpos;
 pub use liveness::LIVENESS_TIMEOUT;
 use liveness::Liveness;

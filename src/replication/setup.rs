@@ -276,3 +276,84 @@ pub async fn create_recorded_slot(
     state.record_filters(filters)?;
     Ok((conn, created))
 }
+
+/// The stream `stream receive` continues: the work dir's, or an existing slot it adopts
+/// (`--slot-name`, e.g. one `pgtide snapshot` created; its start, tables and publications are
+/// not known, so the tables are decided by the plan and recorded). Returns it with the tables
+/// it carries.
+pub async fn stream_to_receive(
+    source: &ConnInfo,
+    state: &crate::state::StateDb,
+    dir: &std::path::Path,
+    slot_name: Option<&str>,
+    plugin: Plugin,
+) -> Result<(StreamRecord, Vec<(String, String)>)> {
+    let stream = match (state.stream()?, slot_name) {
+        (Some(recorded), Some(asked)) if recorded.slot != asked => bail!(
+            "the work dir {} streams from slot \"{}\", not \"{asked}\": use another --dir",
+            dir.display(),
+            recorded.slot
+        ),
+        (Some(recorded), _) => recorded,
+        (None, Some(asked)) => {
+            slot::check_slot_name(asked)?;
+            // An adopted slot: its start, tables and publications are not known here.
+            let adopted = StreamRecord {
+                slot: asked.to_string(),
+                plugin,
+                wal2json_nan_as_null: state.wal2json_nan_as_null()?,
+                startpos: None,
+                source_uri: Some(source.redacted()),
+                tables: None,
+                publications: None,
+                system_id: None,
+            };
+            state.record_stream(&adopted)?;
+            adopted
+        }
+        (None, None) => bail!(
+            "the work dir {} has no stream: run `pgtide stream setup` first, or give --slot-name to adopt an existing slot",
+            dir.display()
+        ),
+    };
+    let plugin = stream.plugin;
+    let tables: Vec<(String, String)> = match &stream.tables {
+        Some(tables) => tables.clone(),
+        None => {
+            let client = pg::connect(source, Side::Source, "stream tables").await?;
+            let filters = state.recorded_filters()?.unwrap_or_default();
+            let tables = PublicationPlan::decide(&client, plugin, &filters)
+                .await?
+                .tables;
+            state.record_stream_tables(&tables)?;
+            tables
+        }
+    };
+    Ok((stream, tables))
+}
+
+/// `pgtide snapshot`: the publication(s) and a slot exporting its snapshot, recorded nowhere;
+/// the returned connection holds the snapshot until it is closed.
+pub async fn create_exported_slot(
+    source: &ConnInfo,
+    choice: PluginChoice,
+    slot_name: &str,
+    filters: &Filters,
+    identity: &IdentityChoice,
+) -> Result<(ReplicationConnection, slot::CreatedSlot)> {
+    prepare_source(source, choice, slot_name, filters, identity).await?;
+    let mut conn = ReplicationConnection::connect(source).await?;
+    let created = slot::create_slot(&mut conn, slot_name, choice.plugin, true).await?;
+    Ok((conn, created))
+}
+
+/// Drops a stream's slot and publication(s) (both idempotent, invariant 8); whether the slot
+/// existed.
+pub async fn drop_stream(source: &ConnInfo, slot_name: &str) -> Result<bool> {
+    let mut conn = ReplicationConnection::connect(source).await?;
+    let dropped = slot::drop_slot(&mut conn, slot_name).await?;
+    conn.close().await;
+    let client = pg::connect(source, Side::Source, "cleanup").await?;
+    slot::drop_publication(&client, slot_name).await?;
+    Ok(dropped)
+}
