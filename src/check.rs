@@ -12,6 +12,7 @@ use crate::clone::filters::Filters;
 use crate::clone::tools;
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Side};
+use crate::replication::setup::PublicationPlan;
 use crate::replication::{Plugin, slot};
 
 /// The oldest source server pgtide supports (publications and pg_partition_root).
@@ -334,27 +335,26 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
     filters_check(r, src, &opts.filters).await?;
     if opts.online {
         // The online checks concern what is published: not the [exclude-table-data] tables.
-        let (tables, not_followed) =
-            slot::published_tables(src, opts.plugin, &opts.filters).await?;
-        if !not_followed.is_empty() {
+        // What is published: the plan stream setup and clone --follow use.
+        let mut plan = PublicationPlan::decide(src, opts.plugin, &opts.filters).await?;
+        if !plan.not_followed.is_empty() {
             r.warn(
                 "source tables not followed",
-                slot::not_followed_notice(&not_followed),
+                slot::not_followed_notice(&plan.not_followed),
                 "their source rows and later changes stay on the source; remove them from [exclude-table-data] to migrate them",
             );
         }
-        let append_only =
-            match slot::append_only_published(src, &tables, &opts.identity.append_only).await {
-                Ok(list) => list,
-                Err(e) => {
-                    r.fail(
-                        "source append-only tables",
-                        format!("{e:#}"),
-                        "name existing tables with --append-only schema.table",
-                    );
-                    Vec::new()
-                }
-            };
+        if let Err(e) = plan
+            .declare_append_only(src, &opts.identity.append_only)
+            .await
+        {
+            r.fail(
+                "source append-only tables",
+                format!("{e:#}"),
+                "name existing tables with --append-only schema.table",
+            );
+        }
+        let append_only = &plan.append_only;
         if !append_only.is_empty() {
             r.warn(
                 "source append-only tables",
@@ -369,11 +369,7 @@ async fn source_checks(r: &mut Report, src: &Client, opts: &CheckOptions) -> Res
                 "declare only tables the application never updates or deletes from",
             );
         }
-        let regular: Vec<(String, String)> = tables
-            .iter()
-            .filter(|t| !append_only.contains(t))
-            .cloned()
-            .collect();
+        let regular = plan.regular();
         let missing = slot::tables_without_identity(src, &regular).await?;
         let alter = missing
             .iter()
@@ -789,9 +785,9 @@ async fn local_checks(
             let need = source_size.unwrap_or(0).max(0) as u64;
             let text = format!(
                 "{} free for the work dir {}; the source database is {}",
-                crate::clone::human_bytes(free),
+                crate::units::human_bytes(free),
                 opts.dir.display(),
-                crate::clone::human_bytes(need)
+                crate::units::human_bytes(need)
             );
             if !opts.online || free >= need {
                 r.ok("local disk", text);

@@ -4,7 +4,6 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use pgtide::cli::{self, Cli, Command, LogFormat};
-use pgtide::commands;
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("PGTIDE_LOG")
@@ -51,26 +50,20 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Clone(args) => commands::clone::run(args).await,
-            Command::Verify(args) => commands::verify::run(args).await,
-            Command::Snapshot(args) => commands::stream::snapshot(args).await,
-            Command::Stream(cli::StreamCommand::Setup(args)) => commands::stream::setup(args).await,
-            Command::Stream(cli::StreamCommand::Receive(args)) => {
-                commands::stream::receive(args).await
-            }
-            Command::Stream(cli::StreamCommand::Cleanup(args)) => {
-                commands::stream::cleanup(args).await
-            }
-            Command::Spool(cli::SpoolCommand::Show(args)) => commands::spool::show(args),
-            Command::Follow(args) => commands::follow::run(args).await,
-            Command::Sentinel(command) => commands::sentinel::run(command).await,
-            Command::Cleanup(args) => commands::cleanup::cleanup(args).await,
-            Command::Copy(cli::CopyCommand::Sequences(args)) => {
-                commands::copy::sequences(args).await
-            }
-            Command::Cutover(args) => commands::cutover::run(args).await,
-            Command::Status(args) => commands::status::run(args).await,
-            Command::Check(args) => commands::check::run(args).await,
+            Command::Clone(args) => cli::clone::run(args).await,
+            Command::Verify(args) => cli::verify::run(args).await,
+            Command::Snapshot(args) => cli::stream::snapshot(args).await,
+            Command::Stream(cli::StreamCommand::Setup(args)) => cli::stream::setup(args).await,
+            Command::Stream(cli::StreamCommand::Receive(args)) => cli::stream::receive(args).await,
+            Command::Stream(cli::StreamCommand::Cleanup(args)) => cli::stream::cleanup(args).await,
+            Command::Spool(cli::SpoolCommand::Show(args)) => cli::spool::show(args),
+            Command::Follow(args) => cli::follow::run(args).await,
+            Command::Sentinel(command) => cli::sentinel::run(command).await,
+            Command::Cleanup(args) => cli::cleanup::cleanup(args).await,
+            Command::Copy(cli::CopyCommand::Sequences(args)) => cli::copy::sequences(args).await,
+            Command::Cutover(args) => cli::cutover::run(args).await,
+            Command::Status(args) => cli::status::run(args).await,
+            Command::Check(args) => cli::check::run(args).await,
         }
     });
     pgtide::pg::log_notice_count();

@@ -609,6 +609,19 @@ pub struct StateDb {
 }
 
 impl StateDb {
+    /// Opens a migration's state.db in its work dir without the work dir lock (a follow may be
+    /// running): what status, sentinel, verify, copy and cutover read and write.
+    pub fn open_in_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("state.db");
+        if !path.exists() {
+            anyhow::bail!(
+                "{} has no state.db: give the --dir of the migration",
+                dir.display()
+            );
+        }
+        Self::open(&path)
+    }
+
     pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open the state database {}", path.display()))?;

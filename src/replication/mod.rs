@@ -1,16 +1,16 @@
-//! The change stream's source side: our walsender client (`conn`), the publication and slot
-//! (`slot`), the receive loop that spools the stream and sends feedback (`stream`), and what
+//! The change stream's source side: our walsender client (`conn`), what is published and the
+//! setup of the publication and slot (`setup`, over `slot`'s catalog and DDL), the endpos marker's one rule (`marker`), the receive loop that spools the stream and sends feedback (`stream`), and what
 //! wal2json cannot carry exactly (`wal2json`).
 
 pub mod conn;
+pub mod marker;
+pub mod setup;
 pub mod slot;
 pub mod stream;
 pub mod wal2json;
 
-use clap::ValueEnum;
-
 /// The logical decoding output plugin.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Plugin {
     Pgoutput,
     Wal2json,

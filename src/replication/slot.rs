@@ -140,27 +140,6 @@ pub async fn replicated_tables(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// What a migration publishes, decided here and nowhere else: the replicated tables its
-/// filters include (partitions as the plugin and the source's version need them, see
-/// [`Partitions`]), except the `[exclude-table-data]` ones. Those are created empty on the
-/// target and their changes are NOT followed: their rows are not on the target, so the first
-/// UPDATE or DELETE of a pre-existing row could not be applied, and replicating only the new
-/// rows would leave a partial table that looks complete. Returns (published, not followed).
-pub async fn published_tables(
-    client: &Client,
-    plugin: Plugin,
-    filters: &crate::clone::filters::Filters,
-) -> Result<(Vec<(String, String)>, Vec<(String, String)>)> {
-    let version = pg::ServerVersion::of(client).await?;
-    let (published, not_followed) =
-        replicated_tables(client, Partitions::published_by(plugin, version))
-            .await?
-            .into_iter()
-            .filter(|(schema, table)| filters.includes_table(schema, table))
-            .partition(|(schema, table)| filters.copies_data(schema, table));
-    Ok((published, not_followed))
-}
-
 /// The notice naming the tables whose changes a migration does not follow (check and clone
 /// print it).
 pub fn not_followed_notice(tables: &[(String, String)]) -> String {

@@ -182,7 +182,7 @@ impl Session {
         tracing::info!("streaming from slot {} at {start}", opts.slot);
         let mut decoder = pgoutput::Decoder::default();
         let mut in_transaction: Option<u32> = None;
-        let mut marker_sent = false;
+        let marker = super::marker::EndposMarker::new(info);
         let mut tick = tokio::time::interval(opts.status_interval);
         let mut last_state_write = Instant::now();
         loop {
@@ -240,15 +240,8 @@ impl Session {
                             if let Some(endpos) = opts.endpos
                                 && in_transaction.is_none()
                                 && wal_end >= endpos
-                                && !marker_sent
                             {
-                                marker_sent = true;
-                                let info = info.clone();
-                                tokio::spawn(async move {
-                                    if let Err(e) = emit_endpos_marker(&info, endpos).await {
-                                        tracing::warn!("cannot write the endpos marker on the source: {e:#}");
-                                    }
-                                });
+                                marker.request(endpos);
                             }
                             if reply {
                                 send_status(&mut conn, spool, opts, positions, false).await?;
@@ -274,7 +267,7 @@ impl Session {
 
 /// pgoutput's START_REPLICATION options. Logical messages (the endpos marker's) are asked
 /// for from 14 on; before, pgoutput refuses the `messages` option, and the marker's
-/// transaction still arrives as an empty BEGIN/COMMIT (see [`emit_endpos_marker`]).
+/// transaction still arrives as an empty BEGIN/COMMIT (see [`super::marker`]).
 fn pgoutput_options(opts: &ReceiveOptions, source: ServerVersion) -> String {
     let publications = if opts.publications.is_empty() {
         vec![publication_name(&opts.slot)]
@@ -295,24 +288,6 @@ fn pgoutput_options(opts: &ReceiveOptions, source: ServerVersion) -> String {
             ""
         }
     )
-}
-
-/// Writes a transactional logical message on the source once its WAL is past `endpos`: the
-/// message's transaction commits after endpos, so when its Begin arrives every transaction
-/// committed at or before endpos has been received (the stream is in commit order). The
-/// message assigns the transaction an xid, so its Begin arrives on every version: with the
-/// message from 14 on (`messages 'true'`), as a BEGIN/COMMIT with nothing published in
-/// between on 12 and 13 (pgoutput skips empty transactions only from 15;
-/// tests/old_sources.rs proves it on an idle source).
-pub async fn emit_endpos_marker(source: &ConnInfo, endpos: Lsn) -> Result<bool> {
-    let client = crate::pg::connect(source, crate::pg::Side::Source, "endpos marker").await?;
-    let rows = client
-        .query(
-            "SELECT pg_logical_emit_message(true, 'pgtide', 'endpos ' || $1) WHERE pg_current_wal_insert_lsn() >= $1::text::pg_lsn",
-            &[&endpos.to_string()],
-        )
-        .await?;
-    Ok(!rows.is_empty())
 }
 
 /// wal2json's `add-tables` value: `schema.table` entries separated by commas, with `\`

@@ -1,4 +1,5 @@
-//! Command-line definitions (clap), logging setup and exit codes.
+//! The command line: every subcommand's clap definitions, and the clap side of the engine
+//! types it parses (the plugin). Nothing outside `cli/` and `main.rs` names clap.
 
 use std::path::PathBuf;
 
@@ -171,11 +172,21 @@ pub struct CutoverArgs {
     pub refresh_matviews: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum VerifyMode {
-    Checksums,
-    Counts,
-    None,
+pub use crate::cutover::VerifyMode;
+
+/// `--verify checksums|counts|none`: the cutover's verify mode as a clap value.
+impl ValueEnum for VerifyMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Checksums, Self::Counts, Self::None]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(match self {
+            Self::Checksums => "checksums",
+            Self::Counts => "counts",
+            Self::None => "none",
+        }))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -360,6 +371,18 @@ pub struct SpoolShowArgs {
     pub limit: Option<usize>,
 }
 
+/// The plugin as a clap value (`--plugin pgoutput|wal2json`): the replication module knows
+/// nothing of clap.
+impl ValueEnum for crate::replication::Plugin {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Pgoutput, Self::Wal2json]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 fn parse_lsn(text: &str) -> Result<crate::pg::Lsn, String> {
     text.parse()
 }
@@ -395,7 +418,7 @@ pub struct CloneArgs {
     pub index_jobs: usize,
     /// Split tables whose heap + TOAST size exceeds this into ctid ranges copied in parallel
     /// (e.g. 1GB, 200MB); 0 disables splitting.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
+    #[arg(long, default_value = "0", value_parser = crate::units::parse_size)]
     pub split_tables_larger_than: u64,
     /// Filters file (INI sections include-only-schema, exclude-schema, include-only-table,
     /// exclude-table, exclude-table-data).
@@ -458,46 +481,4 @@ pub struct VerifyArgs {
     /// The migration's work dir: its recorded filters and sequence offset are used.
     #[arg(long, env = "PGTIDE_DIR")]
     pub dir: Option<PathBuf>,
-}
-
-/// Parses "200MB", "1.5 GB", "1048576" (bytes), "0".
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let number: f64 = number.parse().map_err(|_| {
-        format!(
-            "invalid size \"{text}\": expected a number with an optional unit such as 200MB or 1GB"
-        )
-    })?;
-    let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" | "kib" => 1024.0,
-        "m" | "mb" | "mib" => 1024.0 * 1024.0,
-        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "t" | "tb" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "invalid size unit \"{other}\" in \"{text}\": use B, kB, MB, GB or TB"
-            ));
-        }
-    };
-    Ok((number * factor) as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("0"), Ok(0));
-        assert_eq!(parse_size("200MB"), Ok(200 * 1024 * 1024));
-        assert_eq!(parse_size("1.5 GB"), Ok(1536 * 1024 * 1024));
-        assert_eq!(parse_size("64kB"), Ok(65536));
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("lots").is_err());
-    }
 }

@@ -1,5 +1,18 @@
-//! `pgtide follow` (and the follow half of `clone --follow`): the receiver spools the stream
-//! while apply replays it on the target, until the sentinel's endpos; then sequences are set.
+//! The follow engine (`pgtide follow`, the follow half of `clone --follow`, and a cutover with
+//! no follow running): the receiver task spools the stream while apply replays it on the
+//! target (reconnecting on what errors.rs calls transient), the recorder task publishes
+//! apply's progress for status and the metrics, and the endpos task (`endpos.rs`, the one
+//! endpos rule) follows the sentinel; at endpos the sequences are set.
+
+mod clone;
+mod endpos;
+mod liveness;
+mod recorder;
+
+pub use clone::{CloneFollow, clone_and_follow, interruptible};
+pub use endpos::set_endpos;
+pub use liveness::LIVENESS_TIMEOUT;
+use liveness::Liveness;
 
 use std::time::Duration;
 
@@ -8,7 +21,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::apply::{self, Progress, StopRule};
-use crate::cli::FollowArgs;
 use crate::clone::sequences;
 use crate::conninfo::ConnInfo;
 use crate::errors::{ErrorClass, classify};
@@ -24,61 +36,6 @@ pub struct Receiver {
     liveness: Liveness,
 }
 
-/// Heartbeat seconds: cutover takes a follow whose heartbeat is older than
-/// `LIVENESS_TIMEOUT` for dead.
-const HEARTBEAT: Duration = Duration::from_secs(1);
-/// How old a follow's heartbeat may get before cutover says that apply is not running.
-pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The follow process's liveness in state.db: a heartbeat every second from a thread of its
-/// own (so a busy or blocked async runtime does not fake a death), until dropped or the
-/// process dies; `stopped` records how it ended. Cutover reads it while it waits, so that a
-/// dead follow is reported within seconds, not at the end of --timeout.
-struct Liveness {
-    state: StateDb,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Liveness {
-    fn start(state: &StateDb) -> Result<Self> {
-        let pid = std::process::id();
-        state.follow_started(pid)?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (beat_state, beat_stop) = (state.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("pgtide-heartbeat".into())
-            .spawn(move || {
-                while !beat_stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::sleep(HEARTBEAT);
-                    if let Err(e) = beat_state.follow_heartbeat(pid) {
-                        tracing::warn!("cannot record the follow heartbeat: {e:#}");
-                    }
-                }
-            })?;
-        Ok(Liveness {
-            state: state.clone(),
-            stop,
-        })
-    }
-
-    /// Records that this follow stopped: at endpos (None) or on an error.
-    fn stopped(&self, error: Option<String>) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = self
-            .state
-            .follow_stopped(std::process::id(), error.as_deref())
-        {
-            tracing::warn!("cannot record that the follow stopped: {e:#}");
-        }
-    }
-}
-
-impl Drop for Liveness {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Starts spooling the work dir's stream (set up by `stream setup` or `clone --follow`).
 pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> {
     let state = workdir.state.clone();
@@ -87,7 +44,7 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
         .ok_or_else(|| anyhow!("the work dir {} has no stream: start with `pgtide clone --follow` or `pgtide stream setup`", workdir.path.display()))?;
     let (progress, progress_rx) = watch::channel(Progress::default());
     let opts = ReceiveOptions {
-        publications: super::stream::recorded_publications(&stream),
+        publications: crate::replication::setup::recorded_publications(&stream),
         slot: stream.slot,
         plugin: stream.plugin,
         start: stream.startpos.unwrap_or_default(),
@@ -110,19 +67,6 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
         progress,
         liveness,
     })
-}
-
-/// Pins endpos, refusing one behind the position the target has already applied: the
-/// transactions between them are on the target and cannot be taken back.
-pub fn set_endpos(state: &StateDb, endpos: Lsn) -> Result<()> {
-    if let Some(applied) = state.applied_lsn()?
-        && endpos < applied
-    {
-        bail!(
-            "endpos {endpos} is behind the position the target has already applied, {applied}: the transactions committed between them are on the target and cannot be taken back. Give an endpos at or after {applied} (`pgtide sentinel set endpos --current` takes the source's current position)"
-        );
-    }
-    state.set_endpos(endpos)
 }
 
 /// Replays the spool until endpos (from `--endpos` or the sentinel, re-read every half
@@ -156,55 +100,9 @@ async fn apply_and_set_sequences(
     refuse_inexact_wal2json(source, &state).await?;
     state.switch_apply_on()?;
     state.set_phase(Phase::Following)?;
-    let (endpos_tx, endpos_rx) = watch::channel(state.endpos()?);
-    let poll_state = state.clone();
-    let marker_source = source.clone();
-    let endpos_poller = tokio::spawn(async move {
-        let mut marked: Option<Lsn> = None;
-        let mut last_try = std::time::Instant::now() - Duration::from_secs(60);
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if let Ok(endpos) = poll_state.endpos() {
-                endpos_tx.send_if_modified(|current| {
-                    let changed = *current != endpos;
-                    *current = endpos;
-                    changed
-                });
-                // Once the source is past endpos, a marker transaction after it lets apply
-                // see that nothing committed before endpos is still to come.
-                if let Some(endpos) = endpos
-                    && marked != Some(endpos)
-                    && last_try.elapsed() >= Duration::from_secs(2)
-                {
-                    last_try = std::time::Instant::now();
-                    match stream::emit_endpos_marker(&marker_source, endpos).await {
-                        Ok(true) => marked = Some(endpos),
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!("cannot write the endpos marker on the source: {e:#}")
-                        }
-                    }
-                }
-            }
-        }
-    });
+    let (endpos_poller, endpos_rx) = endpos::follow_sentinel(&state, source)?;
     let mut stop = StopRule { endpos: endpos_rx };
-    // For `pgtide status` and the metrics: the apply positions and counters, every second.
-    let recorder = {
-        let state = state.clone();
-        let progress = progress.subscribe();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let p = *progress.borrow();
-                let _ = state.record_applied_lsn(p.applied);
-                let _ = state.record_durable_lsn(p.durable);
-                let _ =
-                    state.apply_sample(std::process::id(), p.changes, p.transactions, p.applied.0);
-            }
-        })
-    };
+    let recorder = recorder::start(&state, &progress);
     let resynced = state.resync_positions()?;
     let origin = apply::origin_name(&slot);
     let source_of_apply = apply::Source {
@@ -250,7 +148,7 @@ async fn apply_and_set_sequences(
     endpos_poller.abort();
     recorder.abort();
     if let Ok(applied) = &applied {
-        record_progress(&state, &progress.borrow())?;
+        recorder::record_progress(&state, &progress.borrow())?;
         state.set_phase(Phase::StoppedAtEndpos)?;
         state.record_applied_at_endpos(*applied)?;
         if let Some(endpos) = *stop.endpos.borrow() {
@@ -303,40 +201,5 @@ async fn refuse_inexact_wal2json(source: &ConnInfo, state: &StateDb) -> Result<(
             w::NULLABLE_FIX
         );
     }
-    Ok(())
-}
-
-/// What status and the metrics read of apply: the durable position and a rate sample.
-fn record_progress(state: &StateDb, p: &Progress) -> Result<()> {
-    state.record_durable_lsn(p.durable)?;
-    state.apply_sample(std::process::id(), p.changes, p.transactions, p.applied.0)
-}
-
-pub async fn run(args: FollowArgs) -> Result<()> {
-    let source = super::parse_conninfo(&args.endpoints.source, "source")?;
-    let target = super::parse_conninfo(&args.endpoints.target, "target")?;
-    let workdir = WorkDir::open(&args.dir, "follow")?;
-    crate::check::preflight_follow(&crate::check::CheckOptions::new(
-        source.clone(),
-        Some(target.clone()),
-        args.dir.clone(),
-    ))
-    .await?;
-    super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
-    if let Some(endpos) = args.endpos {
-        set_endpos(&workdir.state, endpos)?;
-    }
-    if args.wal2json_nan_as_null {
-        workdir.state.record_wal2json_nan_as_null()?;
-    }
-    let receiver = start_receiver(&source, &workdir)?;
-    let applied = tokio::select! {
-        r = apply_until_endpos(&source, &target, &workdir, receiver) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted: rerun `pgtide follow` to continue; nothing applied is lost or applied twice")),
-    };
-    let applied = super::record_failure(&workdir.state, applied)?;
-    println!(
-        "reached endpos: applied through {applied}; sequences set. The slot is kept until `pgtide stream cleanup`."
-    );
     Ok(())
 }

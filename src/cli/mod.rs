@@ -1,4 +1,9 @@
-//! One file per subcommand; each wires stages together and owns nothing else.
+//! The CLI layer: the clap definitions (`args.rs`, re-exported here) and one thin file per
+//! subcommand that parses its arguments, calls an engine and prints the outcome. The engines
+//! live below (`follow/`, `cutover/`, `replication/`, `clone/`, …); nothing here owns one.
+
+mod args;
+pub use args::*;
 
 pub mod check;
 pub mod cleanup;
@@ -79,4 +84,12 @@ pub async fn start_metrics(
         .await?;
     }
     Ok(())
+}
+
+/// The engine's view of `--replica-identity-full` / `--append-only`.
+pub fn identity(args: &IdentityArgs) -> crate::replication::setup::IdentityChoice {
+    crate::replication::setup::IdentityChoice {
+        replica_identity_full: args.replica_identity_full,
+        append_only: args.append_only.clone(),
+    }
 }

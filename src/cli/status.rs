@@ -9,7 +9,7 @@ use crate::cli::StatusArgs;
 use crate::status::{self, Servers};
 
 pub async fn run(args: StatusArgs) -> Result<()> {
-    let state = super::sentinel::open(&args.dir)?;
+    let state = crate::state::StateDb::open_in_dir(&args.dir)?;
     let parse = |value: &Option<String>, which: &str| -> Result<_> {
         value
             .as_deref()

@@ -11,7 +11,7 @@ use crate::state::StateDb;
 pub async fn run(command: SentinelCommand) -> Result<()> {
     match command {
         SentinelCommand::Get { dir } => {
-            let state = open(&dir)?;
+            let state = StateDb::open_in_dir(&dir)?;
             let sentinel = state.sentinel()?;
             let positions = state.stream_positions()?;
             let startpos = state.stream()?.and_then(|stream| stream.startpos);
@@ -36,7 +36,7 @@ pub async fn run(command: SentinelCommand) -> Result<()> {
             current,
             source,
         }) => {
-            let state = open(&dir)?;
+            let state = StateDb::open_in_dir(&dir)?;
             match what.as_str() {
                 // A long-running follower past its endpos keeps following once it is cleared.
                 "endpos" if lsn.as_deref() == Some("none") && !current => {
@@ -62,7 +62,7 @@ pub async fn run(command: SentinelCommand) -> Result<()> {
                         }
                         _ => bail!("give either an LSN (such as 0/3000060) or --current"),
                     };
-                    super::follow::set_endpos(&state, endpos)?;
+                    crate::follow::set_endpos(&state, endpos)?;
                     println!("endpos set to {endpos}");
                 }
                 "apply" => {
@@ -74,16 +74,4 @@ pub async fn run(command: SentinelCommand) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// Opens a migration's state.db without the work dir lock (a follow may be running).
-pub fn open(dir: &std::path::Path) -> Result<StateDb> {
-    let path = dir.join("state.db");
-    if !path.exists() {
-        bail!(
-            "{} has no state.db: give the --dir of the migration",
-            dir.display()
-        );
-    }
-    StateDb::open(&path)
 }

@@ -11,7 +11,7 @@ pub async fn run(args: VerifyArgs) -> Result<()> {
     // With the migration's work dir: the filters and sequence offset it recorded.
     let (filters, sequence_offset) = match &args.dir {
         Some(dir) => {
-            let state = super::sentinel::open(dir)?;
+            let state = crate::state::StateDb::open_in_dir(dir)?;
             (
                 super::migration_filters(&state, args.filters.as_deref())?,
                 state.sequence_offset()?,

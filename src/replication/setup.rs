@@ -1,24 +1,82 @@
-//! `pgtide snapshot` and `pgtide stream setup|receive|cleanup`: the change stream on its own.
-
-use std::time::Duration;
+//! Publication and slot setup, the one place that decides what a migration publishes: the
+//! `PublicationPlan` (which tables, partitions listed as the plugin and the source's version
+//! need, which are append-only) that `stream setup`, `snapshot`, `clone --follow` and `check`
+//! share; then the checks before anything is created, the publication(s), the slot, and the
+//! stream record in state.db (invariant 6: refusals come before anything exists).
 
 use anyhow::{Result, anyhow, bail};
+use tokio_postgres::Client;
 
-use crate::cli::{
-    IdentityArgs, SnapshotArgs, StreamCleanupArgs, StreamReceiveArgs, StreamSetupArgs,
-};
+use super::Plugin;
+use super::conn::ReplicationConnection;
+use super::slot::{self, Partitions};
+use crate::clone::filters::Filters;
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Side};
-use crate::replication::conn::ReplicationConnection;
-use crate::replication::stream::{self, Ended, ReceiveOptions};
-use crate::replication::{Plugin, slot};
 use crate::state::StreamRecord;
-use crate::workdir::WorkDir;
+
+/// What a migration publishes, decided here and nowhere else.
+#[derive(Clone, Debug, Default)]
+pub struct PublicationPlan {
+    /// Every published table (append-only ones included).
+    pub tables: Vec<(String, String)>,
+    /// Included tables whose changes are not followed (`[exclude-table-data]`).
+    pub not_followed: Vec<(String, String)>,
+    /// The published tables declared append-only: their own INSERT/TRUNCATE-only publication.
+    pub append_only: Vec<(String, String)>,
+}
+
+impl PublicationPlan {
+    /// The replicated tables the filters include (partitions as the plugin and the source's
+    /// version need them, see [`Partitions`]), except the `[exclude-table-data]` ones. Those
+    /// are created empty on the target and their changes are NOT followed: their rows are not
+    /// on the target, so the first UPDATE or DELETE of a pre-existing row could not be
+    /// applied, and replicating only the new rows would leave a partial table that looks
+    /// complete. No table is append-only yet: see [`Self::declare_append_only`].
+    pub async fn decide(client: &Client, plugin: Plugin, filters: &Filters) -> Result<Self> {
+        let version = pg::ServerVersion::of(client).await?;
+        let (tables, not_followed) =
+            slot::replicated_tables(client, Partitions::published_by(plugin, version))
+                .await?
+                .into_iter()
+                .filter(|(schema, table)| filters.includes_table(schema, table))
+                .partition(|(schema, table)| filters.copies_data(schema, table));
+        Ok(PublicationPlan {
+            tables,
+            not_followed,
+            append_only: Vec::new(),
+        })
+    }
+
+    /// Marks the published tables named by `--append-only` (a partitioned table names its
+    /// published leaves); an error names what is not a published table.
+    pub async fn declare_append_only(&mut self, client: &Client, names: &[String]) -> Result<()> {
+        self.append_only = slot::append_only_published(client, &self.tables, names).await?;
+        Ok(())
+    }
+
+    /// The published tables that are not append-only: they need a replica identity.
+    pub fn regular(&self) -> Vec<(String, String)> {
+        self.tables
+            .iter()
+            .filter(|t| !self.append_only.contains(t))
+            .cloned()
+            .collect()
+    }
+}
+
+/// How tables without a primary key are published (the operator's `--replica-identity-full`
+/// and `--append-only`).
+#[derive(Clone, Debug, Default)]
+pub struct IdentityChoice {
+    pub replica_identity_full: bool,
+    pub append_only: Vec<String>,
+}
 
 /// Refuses, before anything is created, to publish tables without a replica identity, naming
 /// each table and the fix.
 async fn refuse_tables_without_identity(
-    client: &tokio_postgres::Client,
+    client: &Client,
     tables: &[(String, String)],
 ) -> Result<()> {
     let list = slot::tables_without_identity(client, tables).await?;
@@ -61,7 +119,7 @@ pub struct PluginChoice {
 /// float columns would silently turn NaN / ±Infinity into NULL, unless accepted or the stream
 /// is only spooled here; warns about NOT NULL ones (apply stops there).
 async fn refuse_inexact_wal2json(
-    client: &tokio_postgres::Client,
+    client: &Client,
     tables: &[(String, String)],
     choice: PluginChoice,
 ) -> Result<()> {
@@ -104,8 +162,8 @@ pub async fn prepare_source(
     source: &ConnInfo,
     choice: PluginChoice,
     slot_name: &str,
-    filters: &crate::clone::filters::Filters,
-    identity: &IdentityArgs,
+    filters: &Filters,
+    identity: &IdentityChoice,
 ) -> Result<Published> {
     slot::check_slot_name(slot_name)?;
     let client = pg::connect(source, Side::Source, "stream setup").await?;
@@ -117,21 +175,23 @@ pub async fn prepare_source(
     }
     let plugin = choice.plugin;
     pg::catalog::check_filters_name_real_objects(&client, filters).await?;
-    let (tables, not_followed) = slot::published_tables(&client, plugin, filters).await?;
-    if !not_followed.is_empty() {
-        tracing::warn!("{}", slot::not_followed_notice(&not_followed));
+    let mut plan = PublicationPlan::decide(&client, plugin, filters).await?;
+    if !plan.not_followed.is_empty() {
+        tracing::warn!("{}", slot::not_followed_notice(&plan.not_followed));
     }
-    let append_only = slot::append_only_published(&client, &tables, &identity.append_only).await?;
-    if !append_only.is_empty() && plugin != Plugin::Pgoutput {
+    plan.declare_append_only(&client, &identity.append_only)
+        .await?;
+    if !plan.append_only.is_empty() && plugin != Plugin::Pgoutput {
         bail!(
             "--append-only needs --plugin pgoutput (it publishes those tables for INSERT and TRUNCATE only; wal2json has no publications)"
         );
     }
-    let regular: Vec<(String, String)> = tables
-        .iter()
-        .filter(|t| !append_only.contains(t))
-        .cloned()
-        .collect();
+    let regular = plan.regular();
+    let PublicationPlan {
+        tables,
+        append_only,
+        ..
+    } = plan;
     if identity.replica_identity_full {
         for table in slot::tables_without_identity(&client, &regular).await? {
             client
@@ -182,43 +242,6 @@ pub async fn prepare_source(
     })
 }
 
-pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
-    let source = super::parse_conninfo(&args.source.source, "source")?;
-    prepare_source(
-        &source,
-        PluginChoice {
-            plugin: args.slot.plugin,
-            nan_as_null: args.slot.wal2json_nan_as_null,
-            applied: false,
-        },
-        &args.slot.slot_name,
-        &super::load_filters(args.slot.filters.as_deref())?,
-        &args.slot.identity,
-    )
-    .await?;
-    let mut conn = ReplicationConnection::connect(&source).await?;
-    let created =
-        slot::create_slot(&mut conn, &args.slot.slot_name, args.slot.plugin, true).await?;
-    let snapshot = created
-        .snapshot
-        .ok_or_else(|| anyhow!("the source exported no snapshot"))?;
-    println!("slot:           {}", args.slot.slot_name);
-    println!("snapshot:       {snapshot}");
-    println!("consistent LSN: {}", created.consistent_point);
-    println!(
-        "The snapshot stays valid until this command is interrupted (Ctrl-C). The slot stays;"
-    );
-    println!(
-        "drop it with `pgtide stream cleanup --slot-name {}`.",
-        args.slot.slot_name
-    );
-    use std::io::Write;
-    std::io::stdout().flush()?;
-    tokio::signal::ctrl_c().await?;
-    conn.close().await;
-    Ok(())
-}
-
 /// Creates the publication and the slot and records the stream in state.db (slot, plugin,
 /// start position, source, published tables, system identifier): what `stream receive`,
 /// `follow` and `cleanup` read back. With `export`, the returned connection holds the slot's
@@ -228,8 +251,8 @@ pub async fn create_recorded_slot(
     state: &crate::state::StateDb,
     slot_name: &str,
     choice: PluginChoice,
-    filters: &crate::clone::filters::Filters,
-    identity: &IdentityArgs,
+    filters: &Filters,
+    identity: &IdentityChoice,
     export: bool,
 ) -> Result<(ReplicationConnection, slot::CreatedSlot)> {
     let Published {
@@ -254,49 +277,21 @@ pub async fn create_recorded_slot(
     Ok((conn, created))
 }
 
-pub async fn setup(args: StreamSetupArgs) -> Result<()> {
-    let source = super::parse_conninfo(&args.source.source, "source")?;
-    let workdir = WorkDir::open(&args.dir, "stream setup")?;
-    let state = &workdir.state;
-    if let Some(existing) = state.stream_slot()? {
-        bail!(
-            "the work dir {} already has a stream on slot \"{existing}\": run `pgtide stream receive` to continue it, or `pgtide stream cleanup` first",
-            args.dir.display()
-        );
-    }
-    let filters = super::load_filters(args.slot.filters.as_deref())?;
-    let (conn, created) = create_recorded_slot(
-        &source,
-        state,
-        &args.slot.slot_name,
-        PluginChoice {
-            plugin: args.slot.plugin,
-            nan_as_null: args.slot.wal2json_nan_as_null,
-            applied: false,
-        },
-        &filters,
-        &args.slot.identity,
-        false,
-    )
-    .await?;
-    conn.close().await;
-    println!(
-        "slot {} ({}) created; the stream starts at {}",
-        args.slot.slot_name,
-        args.slot.plugin.name(),
-        created.consistent_point
-    );
-    Ok(())
-}
-
-pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
-    let source = super::parse_conninfo(&args.source.source, "source")?;
-    let workdir = WorkDir::open(&args.dir, "stream receive")?;
-    let state = workdir.state.clone();
-    let stream = match (state.stream()?, &args.slot_name) {
-        (Some(recorded), Some(asked)) if &recorded.slot != asked => bail!(
+/// The stream `stream receive` continues: the work dir's, or an existing slot it adopts
+/// (`--slot-name`, e.g. one `pgtide snapshot` created; its start, tables and publications are
+/// not known, so the tables are decided by the plan and recorded). Returns it with the tables
+/// it carries.
+pub async fn stream_to_receive(
+    source: &ConnInfo,
+    state: &crate::state::StateDb,
+    dir: &std::path::Path,
+    slot_name: Option<&str>,
+    plugin: Plugin,
+) -> Result<(StreamRecord, Vec<(String, String)>)> {
+    let stream = match (state.stream()?, slot_name) {
+        (Some(recorded), Some(asked)) if recorded.slot != asked => bail!(
             "the work dir {} streams from slot \"{}\", not \"{asked}\": use another --dir",
-            args.dir.display(),
+            dir.display(),
             recorded.slot
         ),
         (Some(recorded), _) => recorded,
@@ -304,8 +299,8 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
             slot::check_slot_name(asked)?;
             // An adopted slot: its start, tables and publications are not known here.
             let adopted = StreamRecord {
-                slot: asked.clone(),
-                plugin: args.plugin,
+                slot: asked.to_string(),
+                plugin,
                 wal2json_nan_as_null: state.wal2json_nan_as_null()?,
                 startpos: None,
                 source_uri: Some(source.redacted()),
@@ -318,72 +313,47 @@ pub async fn receive(args: StreamReceiveArgs) -> Result<()> {
         }
         (None, None) => bail!(
             "the work dir {} has no stream: run `pgtide stream setup` first, or give --slot-name to adopt an existing slot",
-            args.dir.display()
+            dir.display()
         ),
     };
     let plugin = stream.plugin;
-    let start = stream.startpos.unwrap_or_default();
     let tables: Vec<(String, String)> = match &stream.tables {
         Some(tables) => tables.clone(),
         None => {
-            let client = pg::connect(&source, Side::Source, "stream tables").await?;
+            let client = pg::connect(source, Side::Source, "stream tables").await?;
             let filters = state.recorded_filters()?.unwrap_or_default();
-            let (tables, _) = slot::published_tables(&client, plugin, &filters).await?;
+            let tables = PublicationPlan::decide(&client, plugin, &filters)
+                .await?
+                .tables;
             state.record_stream_tables(&tables)?;
             tables
         }
     };
-    let mut spool = workdir.spool_writer()?;
-    let opts = ReceiveOptions {
-        publications: recorded_publications(&stream),
-        slot: stream.slot,
-        plugin,
-        start,
-        endpos: args.endpos,
-        status_interval: Duration::from_secs(1),
-        tables,
-        system_id: stream.system_id,
-        applied: None,
-    };
-    let ended = stream::receive(&source, &mut spool, &state, &opts).await;
-    spool.close()?;
-    match ended? {
-        Ended::Endpos { flushed } => {
-            println!(
-                "reached endpos {}: spooled through {flushed}",
-                args.endpos.unwrap_or_default()
-            );
-            Ok(())
-        }
-        Ended::Interrupted { flushed } => {
-            println!("interrupted: spooled through {flushed}; rerun to continue");
-            Ok(())
-        }
-    }
+    Ok((stream, tables))
 }
 
-pub async fn cleanup(args: StreamCleanupArgs) -> Result<()> {
-    let source = super::parse_conninfo(&args.source.source, "source")?;
-    let workdir = WorkDir::open(&args.dir, "stream cleanup")?;
-    let state = &workdir.state;
-    let slot_name = match (args.slot_name, state.stream_slot()?) {
-        (Some(s), _) | (None, Some(s)) => s,
-        (None, None) => bail!("no slot to drop: the work dir names none; give --slot-name"),
-    };
-    let mut conn = ReplicationConnection::connect(&source).await?;
-    let dropped = slot::drop_slot(&mut conn, &slot_name).await?;
+/// `pgtide snapshot`: the publication(s) and a slot exporting its snapshot, recorded nowhere;
+/// the returned connection holds the snapshot until it is closed.
+pub async fn create_exported_slot(
+    source: &ConnInfo,
+    choice: PluginChoice,
+    slot_name: &str,
+    filters: &Filters,
+    identity: &IdentityChoice,
+) -> Result<(ReplicationConnection, slot::CreatedSlot)> {
+    prepare_source(source, choice, slot_name, filters, identity).await?;
+    let mut conn = ReplicationConnection::connect(source).await?;
+    let created = slot::create_slot(&mut conn, slot_name, choice.plugin, true).await?;
+    Ok((conn, created))
+}
+
+/// Drops a stream's slot and publication(s) (both idempotent, invariant 8); whether the slot
+/// existed.
+pub async fn drop_stream(source: &ConnInfo, slot_name: &str) -> Result<bool> {
+    let mut conn = ReplicationConnection::connect(source).await?;
+    let dropped = slot::drop_slot(&mut conn, slot_name).await?;
     conn.close().await;
-    let client = pg::connect(&source, Side::Source, "cleanup").await?;
-    slot::drop_publication(&client, &slot_name).await?;
-    state.forget_stream()?;
-    println!(
-        "{} slot {slot_name} and publication {}",
-        if dropped {
-            "dropped"
-        } else {
-            "no slot to drop:"
-        },
-        slot::publication_name(&slot_name)
-    );
-    Ok(())
+    let client = pg::connect(source, Side::Source, "cleanup").await?;
+    slot::drop_publication(&client, slot_name).await?;
+    Ok(dropped)
 }

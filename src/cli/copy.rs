@@ -11,7 +11,11 @@ pub async fn sequences(args: CopySequencesArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
     // With the migration's work dir: the filters it recorded (invariant 9).
-    let state = args.dir.as_deref().map(super::sentinel::open).transpose()?;
+    let state = args
+        .dir
+        .as_deref()
+        .map(crate::state::StateDb::open_in_dir)
+        .transpose()?;
     let filters = match &state {
         Some(state) => super::migration_filters(state, args.filters.as_deref())?,
         None => super::load_filters(args.filters.as_deref())?,

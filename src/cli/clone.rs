@@ -1,0 +1,91 @@
+//! `pgtide clone`: parse options, lock the work dir, run the clone, handle Ctrl-C.
+
+use anyhow::{Result, bail};
+
+use crate::cli::CloneArgs;
+use crate::clone::{self, CloneOptions};
+use crate::replication::Plugin;
+use crate::state::Phase;
+use crate::workdir::WorkDir;
+
+use crate::follow;
+
+pub async fn run(args: CloneArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.endpoints.source, "source")?;
+    let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    if args.table_jobs == 0 || args.index_jobs == 0 {
+        bail!("--table-jobs and --index-jobs must be at least 1");
+    }
+    let workdir = WorkDir::open(&args.dir, "clone")?;
+    // A resumed migration keeps the filters it recorded when it started (invariant 9).
+    let filters = if args.restart {
+        super::load_filters(args.filters.as_deref())?
+    } else {
+        super::migration_filters(&workdir.state, args.filters.as_deref())?
+    };
+    super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
+    // A fresh start (also with --resume on an empty work dir, as a container restarting the
+    // same command does): every hazard that would stop this migration is reported now, before
+    // anything is created. A real resume has its own checks: the work dir's identity.
+    let fresh = workdir.state.clone_status()?.is_none() && workdir.state.stream_slot()?.is_none();
+    if fresh {
+        crate::check::preflight(&crate::check::CheckOptions {
+            filters: filters.clone(),
+            online: args.follow,
+            table_jobs: args.table_jobs,
+            index_jobs: args.index_jobs,
+            drop_if_exists: args.drop_if_exists,
+            identity: args.identity.clone(),
+            no_owner: args.no_owner,
+            no_acl: args.no_acl,
+            plugin: args.plugin.unwrap_or(Plugin::Pgoutput),
+            wal2json_nan_as_null: args.wal2json_nan_as_null,
+            ..crate::check::CheckOptions::new(
+                source.clone(),
+                Some(target.clone()),
+                args.dir.clone(),
+            )
+        })
+        .await?;
+    }
+    let result = async {
+    let opts = CloneOptions {
+        source,
+        target,
+        table_jobs: args.table_jobs,
+        index_jobs: args.index_jobs,
+        split_bytes: (args.split_tables_larger_than > 0).then_some(args.split_tables_larger_than),
+        filters,
+        drop_if_exists: args.drop_if_exists,
+        resume: args.resume,
+        restart: args.restart,
+        snapshot: args.snapshot,
+        skip_vacuum: args.skip_vacuum,
+        skip_large_objects: args.skip_large_objects,
+        no_owner: args.no_owner,
+        no_acl: args.no_acl,
+        resync_for_follow: args.follow && args.resume,
+        follow: args.follow,
+    };
+    if !args.follow {
+        follow::interruptible(clone::run(&workdir, &opts), &args.dir).await?;
+        workdir.state.set_phase(Phase::Done)?;
+        return Ok(());
+    }
+    let with = follow::CloneFollow {
+        slot_name: args.slot_name,
+        plugin: args.plugin,
+        nan_as_null: args.wal2json_nan_as_null,
+        identity: super::identity(&args.identity),
+        resume: args.resume,
+        restart: args.restart,
+    };
+    let applied = follow::clone_and_follow(&workdir, &args.dir, opts, &with).await?;
+    println!(
+        "reached endpos: applied through {applied}; sequences set. The slot is kept until `pgtide stream cleanup`."
+    );
+    Ok(())
+    }
+    .await;
+    super::record_failure(&workdir.state, result)
+}

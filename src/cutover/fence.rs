@@ -1,0 +1,152 @@
+//! The cutover fence: the application roles made read-only in the source database (their
+//! earlier setting recorded first) and their sessions ended and waited for, so that nothing
+//! commits after endpos; and the unfence that restores the recorded settings.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio_postgres::Client;
+
+use crate::pg;
+use crate::state::{FencedRole, StateDb};
+
+/// Makes the roles read-only in the source database and ends their sessions there. The
+/// earlier settings are recorded first, so that a failure at any point can restore them.
+pub async fn fence(src: &Client, state: &StateDb, asked: &[String]) -> Result<Vec<String>> {
+    if state.fence()?.is_some() {
+        bail!(
+            "a fence from an earlier cutover is still recorded in this work dir: lift it with `pgtide cutover --unfence`, then run cutover again"
+        );
+    }
+    let roles: Vec<String> = if asked.is_empty() {
+        src.query(
+            "SELECT rolname::text FROM pg_roles WHERE rolcanlogin AND NOT rolsuper AND rolname <> current_user ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    } else {
+        asked.to_vec()
+    };
+    if roles.is_empty() {
+        bail!(
+            "--fence found no role to fence (no non-superuser login role besides pgtide's own): name them with --fence-role, or stop the writers yourself and cut over without --fence"
+        );
+    }
+    let mut fenced = Vec::new();
+    for role in &roles {
+        let row = src
+            .query_opt(
+                "SELECT (SELECT split_part(c, '=', 2) FROM unnest(s.setconfig) c WHERE c LIKE 'default_transaction_read_only=%')
+                 FROM pg_roles r LEFT JOIN pg_db_role_setting s
+                   ON s.setrole = r.oid AND s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 WHERE r.rolname = $1",
+                &[role],
+            )
+            .await?
+            .ok_or_else(|| anyhow!("--fence-role {role}: no such role on the source"))?;
+        fenced.push(FencedRole {
+            role: role.clone(),
+            previous: row.get(0),
+        });
+    }
+    state.record_fence(&fenced)?;
+    let db: String = src
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0);
+    for role in &roles {
+        src.batch_execute(&format!(
+            "ALTER ROLE {} IN DATABASE {} SET default_transaction_read_only = on",
+            pg::quote_ident(role),
+            pg::quote_ident(&db)
+        ))
+        .await
+        .map_err(|e| anyhow!("cannot fence role {role}: {}", pg::describe(&e)))?;
+    }
+    let ended: Vec<i32> = src
+        .query(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE usename = ANY($1) AND datname = current_database() AND pid <> pg_backend_pid()",
+            &[&roles],
+        )
+        .await
+        .context("cannot end the fenced roles' sessions")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    wait_sessions_gone(src, &ended).await?;
+    let ended = ended.len();
+    tracing::info!(
+        "fenced {} on the source (read-only in {db}); ended {ended} of their sessions",
+        roles.join(", ")
+    );
+    Ok(roles)
+}
+
+/// Waits until the backends that `fence` signalled have exited. pg_terminate_backend only
+/// sends SIGTERM: a session in the middle of a commit finishes it first, and that commit must
+/// come before endpos, which is pinned next. A session still there after the wait is only
+/// warned about: a write it commits after endpos makes the verify fail, which lifts the fence.
+async fn wait_sessions_gone(src: &Client, pids: &[i32]) -> Result<()> {
+    if pids.is_empty() {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: i64 = src
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
+            )
+            .await
+            .context("cannot check that the fenced roles' sessions ended")?
+            .get(0);
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(
+                "{left} of the fenced roles' sessions have not exited 30 s after they were ended; cutting over anyway (the verify finds any write they commit after endpos)"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Restores the fenced roles' earlier setting and forgets the fence.
+pub async fn unfence(src: &Client, state: &StateDb) -> Result<Vec<String>> {
+    let Some(fenced) = state.fence()? else {
+        return Ok(Vec::new());
+    };
+    let db: String = src
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0);
+    for f in &fenced {
+        let role = pg::quote_ident(&f.role);
+        let sql = match &f.previous {
+            Some(v) => format!(
+                "ALTER ROLE {role} IN DATABASE {} SET default_transaction_read_only = {}",
+                pg::quote_ident(&db),
+                pg::quote_literal(v)
+            ),
+            None => format!(
+                "ALTER ROLE {role} IN DATABASE {} RESET default_transaction_read_only",
+                pg::quote_ident(&db)
+            ),
+        };
+        src.batch_execute(&sql).await.map_err(|e| {
+            anyhow!(
+                "cannot lift the fence of role {}: {}",
+                f.role,
+                pg::describe(&e)
+            )
+        })?;
+    }
+    state.forget_fence()?;
+    Ok(fenced.into_iter().map(|f| f.role).collect())
+}

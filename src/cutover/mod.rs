@@ -1,0 +1,281 @@
+//! The cutover engine: the switch-over in one call. Optionally fences writes on the source
+//! (`fence.rs`: the application roles made read-only in the source database and their
+//! sessions ended), pins endpos at the source's current position, waits until apply reaches it
+//! (a running follow, or this process when none runs), copies sequences, verifies, and
+//! measures the write-downtime window. On any failure the fence is lifted and the error says
+//! where both sides stand. `cli/cutover.rs` prints the report.
+
+mod fence;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use tokio_postgres::Client;
+
+use crate::clone::{filters::Filters, sequences};
+use crate::conninfo::ConnInfo;
+use crate::follow::{self, LIVENESS_TIMEOUT};
+use crate::pg::{self, Lsn, Side, catalog};
+use crate::state::{CloneStatus, StateDb};
+use crate::workdir::WorkDir;
+
+/// What a cutover is asked to do (`pgtide cutover`'s options).
+pub struct Options {
+    pub dir: PathBuf,
+    /// Fence the source's application roles before pinning endpos.
+    pub fence: bool,
+    /// The roles to fence; empty: every non-superuser login role but pgtide's own.
+    pub fence_roles: Vec<String>,
+    /// How long to wait for apply to reach endpos.
+    pub timeout: Duration,
+    pub verify: VerifyMode,
+    pub sequence_offset: i64,
+    pub refresh_matviews: bool,
+}
+
+/// How the target is verified once endpos is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyMode {
+    Checksums,
+    Counts,
+    None,
+}
+
+/// Lifts the fence of an earlier cutover (`--unfence`); returns the roles that can write again.
+pub async fn lift_fence(source: &ConnInfo, dir: &Path) -> Result<Vec<String>> {
+    let state = StateDb::open_in_dir(dir)?;
+    let src = pg::connect(source, Side::Source, "cutover").await?;
+    fence::unfence(&src, &state).await
+}
+
+/// Runs the cutover: fence (if asked), endpos, sequences, verify. On failure the fence is
+/// lifted and the error says where both sides stand.
+pub async fn run(source: &ConnInfo, target: &ConnInfo, opts: &Options) -> Result<Report> {
+    let state = StateDb::open_in_dir(&opts.dir)?;
+    let src = pg::connect(source, Side::Source, "cutover").await?;
+    let slot = state.stream_slot()?.ok_or_else(|| {
+        anyhow!(
+            "the work dir {} has no change stream: cutover follows a `pgtide clone --follow` (or `stream setup` + `follow`) migration",
+            opts.dir.display()
+        )
+    })?;
+    let window_start = Instant::now();
+    let fenced = if opts.fence {
+        fence::fence(&src, &state, &opts.fence_roles).await?
+    } else {
+        Vec::new()
+    };
+    match switch_over(opts, source, target, &src, &state).await {
+        Ok(switched) => Ok(Report {
+            slot,
+            window: switched.ready_at.duration_since(window_start),
+            fenced,
+            switched,
+        }),
+        Err(e) => {
+            let lifted = if fenced.is_empty() {
+                String::new()
+            } else {
+                match fence::unfence(&src, &state).await {
+                    Ok(roles) => format!(
+                        " The fence is lifted: {} can write on the source again.",
+                        roles.join(", ")
+                    ),
+                    Err(u) => format!(
+                        " Lifting the fence FAILED ({u:#}): run `pgtide cutover --unfence` with the same --dir."
+                    ),
+                }
+            };
+            let applied = applied_at_endpos(&state)?;
+            Err(e.context(format!(
+                "cutover failed.{lifted} The source is unchanged otherwise (the slot keeps the changes); the target has applied through {applied}. Fix the cause and run cutover again."
+            )))
+        }
+    }
+}
+
+/// A completed cutover, for the report.
+pub struct Report {
+    pub slot: String,
+    /// The write downtime: from the fence (or endpos pinned) to the target ready.
+    pub window: Duration,
+    /// The roles left read-only on the source.
+    pub fenced: Vec<String>,
+    pub switched: Switched,
+}
+
+/// The position apply stopped at when it reached endpos, for the report ("unknown" if none).
+fn applied_at_endpos(state: &StateDb) -> Result<String> {
+    Ok(state
+        .sentinel()?
+        .applied_lsn
+        .map_or_else(|| "unknown".into(), |lsn| lsn.to_string()))
+}
+
+/// What the switch-over did once endpos was pinned.
+pub struct Switched {
+    pub endpos: Lsn,
+    pub applied: String,
+    pub sequences: usize,
+    /// What --refresh-matviews refreshed.
+    pub refreshed: Option<String>,
+    pub ready_at: Instant,
+    pub verdict: String,
+}
+
+async fn switch_over(
+    args: &Options,
+    source: &ConnInfo,
+    target: &ConnInfo,
+    src: &Client,
+    state: &StateDb,
+) -> Result<Switched> {
+    // The insert position covers every commit already visible (asynchronous commit included).
+    let text: String = src
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot read the source's WAL position: {}",
+                pg::describe(&e)
+            )
+        })?
+        .get(0);
+    let endpos: Lsn = text.parse().map_err(|e: String| anyhow!(e))?;
+    // Recorded before endpos: a running follow sets the sequences when it reaches endpos too,
+    // and must add the same offset (and verify --dir expects it).
+    state.record_sequence_offset(args.sequence_offset)?;
+    follow::set_endpos(state, endpos)?;
+    tracing::info!("endpos pinned at {endpos}; waiting for apply to reach it");
+    tokio::time::timeout(
+        args.timeout,
+        reach_endpos(source, target, &args.dir, state, endpos),
+    )
+    .await
+    .map_err(|_| {
+        anyhow!(
+            "apply did not reach endpos {endpos} within {} (is `pgtide follow` or `clone --follow` running and done copying? see `pgtide sentinel get`); raise --timeout to wait longer",
+            humantime::format_duration(args.timeout)
+        )
+    })??;
+    let dst = pg::connect(target, Side::Target, "cutover").await?;
+    // The filters the migration recorded when it started (invariant 9).
+    let filters: Filters = state.recorded_filters()?.unwrap_or_default();
+    let seqs = catalog::read_sequences(src, &filters).await?;
+    sequences::set_on_target(&dst, &seqs, args.sequence_offset).await?;
+    let ready_at = Instant::now();
+    let refreshed = if args.refresh_matviews {
+        let names = crate::verify::refresh_matviews(target, &filters).await?;
+        Some(format!(
+            "{} materialized view{} refreshed on the target{}",
+            names.len(),
+            if names.len() == 1 { "" } else { "s" },
+            if names.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", names.join(", "))
+            }
+        ))
+    } else {
+        None
+    };
+    let verdict = match args.verify {
+        VerifyMode::None => "skipped (--verify none)".to_string(),
+        mode => {
+            let opts = crate::verify::Options {
+                filters,
+                counts_only: mode == VerifyMode::Counts,
+                sequence_offset: args.sequence_offset,
+            };
+            let report = crate::verify::run(source, target, &opts).await?;
+            let what = if mode == VerifyMode::Counts {
+                "row counts"
+            } else {
+                "row counts and checksums"
+            };
+            if !report.all_match {
+                crate::verify::print_report(&report);
+                bail!("verify found differences between source and target (see the report above)");
+            }
+            let matviews = if report.matviews.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", crate::verify::matview_summary(&report))
+            };
+            format!(
+                "{} tables identical ({what}), taking {:.1} s after the target was ready{matviews}",
+                report.tables.len(),
+                ready_at.elapsed().as_secs_f64()
+            )
+        }
+    };
+    Ok(Switched {
+        endpos,
+        applied: applied_at_endpos(state)?,
+        sequences: seqs.len(),
+        refreshed,
+        ready_at,
+        verdict,
+    })
+}
+
+/// Waits for a running follow to reach endpos, or, when none holds the work dir, runs the
+/// follow to endpos in this process.
+async fn reach_endpos(
+    source: &ConnInfo,
+    target: &ConnInfo,
+    dir: &std::path::Path,
+    state: &StateDb,
+    endpos: Lsn,
+) -> Result<()> {
+    match WorkDir::open(dir, "cutover") {
+        Ok(workdir) => {
+            if let Some(status) = state.clone_status()?
+                && status != CloneStatus::Done
+            {
+                bail!(
+                    "the clone in {} is not finished ({status}): resume it with `pgtide clone --follow --resume`, then cut over",
+                    dir.display()
+                );
+            }
+            tracing::info!("no follow is running on this work dir: applying to endpos here");
+            let receiver = follow::start_receiver(source, &workdir)?;
+            follow::apply_until_endpos(source, target, &workdir, receiver).await?;
+            Ok(())
+        }
+        Err(_) => {
+            let waiting_since = Instant::now();
+            loop {
+                if state.sentinel()?.reached_endpos == Some(endpos) {
+                    return Ok(());
+                }
+                if let Some(why) = apply_not_running(state, waiting_since.elapsed())? {
+                    bail!(
+                        "apply is not running, so endpos {endpos} cannot be reached: {why}. Restart it (`pgtide follow` with the same --dir), or run cutover again: with no follow running it applies to endpos itself"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Why the follow that cutover waits for is not running, if it is not (see
+/// `FollowLiveness::not_running`; a process holding the work dir that never recorded a follow
+/// counts after the same grace), with the last error the work dir recorded.
+fn apply_not_running(state: &StateDb, waited: Duration) -> Result<Option<String>> {
+    let why = match state.follow_liveness()? {
+        Some(live) => live.not_running(crate::state::now(), LIVENESS_TIMEOUT),
+        None => (waited > LIVENESS_TIMEOUT).then(|| {
+            "no follow process has run in this work dir (the process holding it does not apply the stream)".to_string()
+        }),
+    };
+    // A killed follow leaves no error of its own: name the last one the work dir recorded.
+    Ok(why.map(|why| match state.failure() {
+        Ok(Some(error)) if !why.contains(&error) => {
+            format!("{why}; the last error recorded: {error}")
+        }
+        _ => why,
+    }))
+}
