@@ -789,9 +789,9 @@ async fn local_checks(
             let need = source_size.unwrap_or(0).max(0) as u64;
             let text = format!(
                 "{} free for the work dir {}; the source database is {}",
-                crate::clone::human_bytes(free),
+                crate::units::human_bytes(free),
                 opts.dir.display(),
-                crate::clone::human_bytes(need)
+                crate::units::human_bytes(need)
             );
             if !opts.online || free >= need {
                 r.ok("local disk", text);

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::units::parse_size;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "pgtide",
@@ -458,46 +460,4 @@ pub struct VerifyArgs {
     /// The migration's work dir: its recorded filters and sequence offset are used.
     #[arg(long, env = "PGTIDE_DIR")]
     pub dir: Option<PathBuf>,
-}
-
-/// Parses "200MB", "1.5 GB", "1048576" (bytes), "0".
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let number: f64 = number.parse().map_err(|_| {
-        format!(
-            "invalid size \"{text}\": expected a number with an optional unit such as 200MB or 1GB"
-        )
-    })?;
-    let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" | "kib" => 1024.0,
-        "m" | "mb" | "mib" => 1024.0 * 1024.0,
-        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "t" | "tb" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "invalid size unit \"{other}\" in \"{text}\": use B, kB, MB, GB or TB"
-            ));
-        }
-    };
-    Ok((number * factor) as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("0"), Ok(0));
-        assert_eq!(parse_size("200MB"), Ok(200 * 1024 * 1024));
-        assert_eq!(parse_size("1.5 GB"), Ok(1536 * 1024 * 1024));
-        assert_eq!(parse_size("64kB"), Ok(65536));
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("lots").is_err());
-    }
 }

@@ -17,5 +17,6 @@ pub mod replication;
 pub mod spool;
 pub mod state;
 pub mod status;
+pub mod units;
 pub mod verify;
 pub mod workdir;

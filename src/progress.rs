@@ -95,8 +95,8 @@ impl CloneBars {
                 bar.set_message(format!(
                     "{}: {} of ~{}",
                     label(p),
-                    crate::clone::human_bytes(p.bytes),
-                    crate::clone::human_bytes(p.expected_bytes)
+                    crate::units::human_bytes(p.bytes),
+                    crate::units::human_bytes(p.expected_bytes)
                 ));
             }
         }

@@ -318,7 +318,7 @@ pub fn verdict(s: &Status) -> String {
             }
             (lag, bytes) => format!(
                 "catching up: {} behind{}{}",
-                bytes.map_or("?".into(), crate::clone::human_bytes),
+                bytes.map_or("?".into(), crate::units::human_bytes),
                 lag.map_or(String::new(), |l| format!(
                     ", oldest pending commit {l:.0} s old"
                 )),
@@ -336,7 +336,7 @@ pub fn verdict(s: &Status) -> String {
                 format!(
                     "{:.0}% of {} copied",
                     100.0 * (s.bytes_copied as f64 / s.bytes_total as f64).min(1.0),
-                    crate::clone::human_bytes(s.bytes_total)
+                    crate::units::human_bytes(s.bytes_total)
                 )
             } else {
                 String::new()
@@ -392,8 +392,8 @@ pub fn render(dir: &Path, s: &Status) -> String {
                 "{}/{} tables, {} copied of ~{} on disk, {} rows, {}/{} indexes{}",
                 s.tables_done,
                 s.tables_total,
-                crate::clone::human_bytes(s.bytes_copied),
-                crate::clone::human_bytes(s.bytes_total),
+                crate::units::human_bytes(s.bytes_copied),
+                crate::units::human_bytes(s.bytes_total),
                 s.rows_copied,
                 s.indexes_done,
                 s.indexes_total,
@@ -433,7 +433,7 @@ pub fn render(dir: &Path, s: &Status) -> String {
             "lag",
             format!(
                 "{} of WAL, {}",
-                s.lag_bytes.map_or_else(none, crate::clone::human_bytes),
+                s.lag_bytes.map_or_else(none, crate::units::human_bytes),
                 s.lag_seconds.map_or_else(none, |l| format!("{l:.1} s"))
             ),
         );
@@ -448,12 +448,12 @@ pub fn render(dir: &Path, s: &Status) -> String {
         );
         line(
             "spool",
-            s.spool_bytes.map_or_else(none, crate::clone::human_bytes),
+            s.spool_bytes.map_or_else(none, crate::units::human_bytes),
         );
         line(
             "slot retains",
             s.slot_retained_bytes.map_or_else(none, |b| {
-                format!("{} of WAL on the source", crate::clone::human_bytes(b))
+                format!("{} of WAL on the source", crate::units::human_bytes(b))
             }),
         );
     }

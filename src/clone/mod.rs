@@ -32,6 +32,7 @@ use crate::pg::{self, Side, catalog};
 use crate::state::{
     CloneProgress, CloneStatus, IndexRow, PartRow, Phase, ServerIdentity, StateDb, Step, TableRow,
 };
+use crate::units::human_bytes;
 use crate::workdir::WorkDir;
 use copy::{CopyCounters, CopyWorker};
 use filters::Filters;
@@ -829,22 +830,6 @@ async fn vacuum_analyze(
         r.map_err(|e| anyhow!("a vacuum worker crashed: {e}"))??;
     }
     Ok(())
-}
-
-/// "1.2 GB" style sizes for logs and summaries.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 /// The end-of-clone summary: each step's wall time, then per-table rows, bytes and time.
