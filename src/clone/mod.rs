@@ -28,10 +28,9 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::conninfo::ConnInfo;
+use crate::pg::catalog::{IndexRow, PartRow, TableRow};
 use crate::pg::{self, Side, catalog};
-use crate::state::{
-    CloneProgress, CloneStatus, IndexRow, PartRow, Phase, ServerIdentity, StateDb, Step, TableRow,
-};
+use crate::state::{CloneProgress, CloneStatus, Phase, ServerIdentity, StateDb, Step};
 use crate::units::human_bytes;
 use crate::workdir::WorkDir;
 use copy::{CopyCounters, CopyWorker};
