@@ -728,8 +728,10 @@ async fn copy_and_index(
         let counters = counters.clone();
         let state = state.clone();
         tokio::spawn(async move {
-            let mut bars =
-                crate::progress::CloneBars::start(total_bytes.max(0) as u64, indexes_total);
+            let mut bars = crate::observe::progress::CloneBars::start(
+                total_bytes.max(0) as u64,
+                indexes_total,
+            );
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
             for n in 1u64.. {
