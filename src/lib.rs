@@ -2,7 +2,6 @@
 //! The library holds every stage (see DESIGN.md for the pipeline); `main.rs` is the CLI.
 
 pub mod apply;
-pub mod check;
 pub mod cli;
 pub mod clone;
 pub mod commands;
@@ -12,6 +11,7 @@ pub mod errors;
 pub mod failpoints;
 pub mod observe;
 pub mod pg;
+pub mod preflight;
 pub mod replication;
 pub mod spool;
 pub mod state;
