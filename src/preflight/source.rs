@@ -3,13 +3,15 @@
 //! identities, append-only tables), and what logical decoding does not carry.
 
 use anyhow::Result;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Row};
 
 use super::{CheckId, CheckOptions, MIN_SERVER_VERSION, Report};
 use crate::clone::filters::Filters;
 use crate::pg;
 use crate::replication::{Plugin, slot};
 
+/// The source's checks, in the order the report prints them; returns the source's major
+/// version and database size.
 pub(super) async fn source_checks(
     r: &mut Report,
     src: &Client,
@@ -28,6 +30,52 @@ pub(super) async fn source_checks(
         )
         .await?;
     let version_num: i32 = row.get(0);
+    version_check(r, &row);
+    let role: String = row.get(8);
+    let size: i64 = row.get(9);
+    if opts.online {
+        wal_level_check(r, &row);
+        replication_slots_check(r, &row);
+        wal_senders_check(r, &row);
+        replication_role_check(r, &row);
+    }
+    read_access_check(r, src, opts, &role).await?;
+    filters_check(r, src, &opts.filters).await?;
+    if opts.online {
+        // The online checks concern what is published: not the [exclude-table-data] tables.
+        let (tables, not_followed) =
+            slot::published_tables(src, opts.plugin, &opts.filters).await?;
+        tables_not_followed_check(r, &not_followed);
+        let append_only = append_only_check(r, src, &tables, opts).await?;
+        let regular: Vec<(String, String)> = tables
+            .iter()
+            .filter(|t| !append_only.contains(t))
+            .cloned()
+            .collect();
+        replica_identity_check(r, src, &regular, opts).await?;
+        if opts.plugin == Plugin::Wal2json {
+            super::wal2json::wal2json_exactness(r, src, &regular, opts.wal2json_nan_as_null)
+                .await?;
+        }
+    }
+    if opts.online {
+        version_checks(r, src, pg::ServerVersion::from_num(version_num), opts).await?;
+    }
+    unlogged_tables_check(r, src).await?;
+    materialized_views_check(r, src, opts.online).await?;
+    large_objects_check(r, src, opts.online).await?;
+    if opts.online {
+        if opts.plugin == Plugin::Wal2json {
+            wal2json_plugin_check(r, src).await;
+        }
+        earlier_runs_check(r, src).await?;
+    }
+    Ok(((version_num / 10000) as u32, size))
+}
+
+/// The source's version: 12 and newer are supported.
+fn version_check(r: &mut Report, row: &Row) {
+    let version_num: i32 = row.get(0);
     let version: String = row.get(1);
     if version_num < MIN_SERVER_VERSION {
         r.fail(
@@ -41,63 +89,84 @@ pub(super) async fn source_checks(
             format!("PostgreSQL {version} (supported: 12 and newer)"),
         );
     }
-    let role: String = row.get(8);
-    let size: i64 = row.get(9);
-    if opts.online {
-        let wal_level: String = row.get(2);
-        if wal_level == "logical" {
-            r.ok(CheckId::SourceWalLevel, "logical");
-        } else {
-            r.fail(
-                CheckId::SourceWalLevel,
-                format!("wal_level is {wal_level}; logical decoding needs logical"),
-                "ALTER SYSTEM SET wal_level = logical; then restart the source server",
-            );
-        }
-        let (max_slots, slots, max_senders, senders): (i32, i32, i32, i32) =
-            (row.get(3), row.get(5), row.get(4), row.get(6));
-        if slots < max_slots {
-            r.ok(
-                CheckId::SourceReplicationSlots,
-                format!("{slots} of {max_slots} in use"),
-            );
-        } else {
-            r.fail(
-                CheckId::SourceReplicationSlots,
-                format!("all {max_slots} replication slots are in use"),
-                "raise max_replication_slots (restart) or drop an unused slot with pg_drop_replication_slot()",
-            );
-        }
-        if senders < max_senders {
-            r.ok(
-                CheckId::SourceWalSenders,
-                format!("{senders} of {max_senders} in use"),
-            );
-        } else {
-            r.fail(
-                CheckId::SourceWalSenders,
-                format!("all {max_senders} WAL senders are in use"),
-                "raise max_wal_senders (restart) or stop an idle replication client",
-            );
-        }
-        let can_replicate: Option<bool> = row.get(7);
-        if can_replicate == Some(true) {
-            r.ok(
-                CheckId::SourceReplicationRole,
-                format!("role {role} may open replication connections"),
-            );
-        } else {
-            r.fail(
-                CheckId::SourceReplicationRole,
-                format!("role {role} has neither REPLICATION nor SUPERUSER"),
-                format!(
-                    "ALTER ROLE {} REPLICATION;  (and allow it in pg_hba.conf for replication connections)",
-                    pg::quote_ident(&role)
-                ),
-            );
-        }
+}
+
+/// Logical decoding needs wal_level = logical.
+fn wal_level_check(r: &mut Report, row: &Row) {
+    let wal_level: String = row.get(2);
+    if wal_level == "logical" {
+        r.ok(CheckId::SourceWalLevel, "logical");
+    } else {
+        r.fail(
+            CheckId::SourceWalLevel,
+            format!("wal_level is {wal_level}; logical decoding needs logical"),
+            "ALTER SYSTEM SET wal_level = logical; then restart the source server",
+        );
     }
-    // Every table the clone reads must be readable.
+}
+
+/// A free replication slot for pgtide's slot.
+fn replication_slots_check(r: &mut Report, row: &Row) {
+    let (max_slots, slots): (i32, i32) = (row.get(3), row.get(5));
+    if slots < max_slots {
+        r.ok(
+            CheckId::SourceReplicationSlots,
+            format!("{slots} of {max_slots} in use"),
+        );
+    } else {
+        r.fail(
+            CheckId::SourceReplicationSlots,
+            format!("all {max_slots} replication slots are in use"),
+            "raise max_replication_slots (restart) or drop an unused slot with pg_drop_replication_slot()",
+        );
+    }
+}
+
+/// A free WAL sender for pgtide's replication connection.
+fn wal_senders_check(r: &mut Report, row: &Row) {
+    let (max_senders, senders): (i32, i32) = (row.get(4), row.get(6));
+    if senders < max_senders {
+        r.ok(
+            CheckId::SourceWalSenders,
+            format!("{senders} of {max_senders} in use"),
+        );
+    } else {
+        r.fail(
+            CheckId::SourceWalSenders,
+            format!("all {max_senders} WAL senders are in use"),
+            "raise max_wal_senders (restart) or stop an idle replication client",
+        );
+    }
+}
+
+/// The role may open replication connections.
+fn replication_role_check(r: &mut Report, row: &Row) {
+    let role: String = row.get(8);
+    let can_replicate: Option<bool> = row.get(7);
+    if can_replicate == Some(true) {
+        r.ok(
+            CheckId::SourceReplicationRole,
+            format!("role {role} may open replication connections"),
+        );
+    } else {
+        r.fail(
+            CheckId::SourceReplicationRole,
+            format!("role {role} has neither REPLICATION nor SUPERUSER"),
+            format!(
+                "ALTER ROLE {} REPLICATION;  (and allow it in pg_hba.conf for replication connections)",
+                pg::quote_ident(&role)
+            ),
+        );
+    }
+}
+
+/// Every table the clone reads must be readable.
+async fn read_access_check(
+    r: &mut Report,
+    src: &Client,
+    opts: &CheckOptions,
+    role: &str,
+) -> Result<()> {
     let tables = slot::replicated_tables(src, slot::Partitions::Roots).await?;
     let tables: Vec<(String, String)> = tables
         .into_iter()
@@ -126,109 +195,122 @@ pub(super) async fn source_checks(
             format!(
                 "GRANT SELECT ON {} TO {};  (or GRANT pg_read_all_data TO {})",
                 unreadable.join(", "),
-                pg::quote_ident(&role),
-                pg::quote_ident(&role)
+                pg::quote_ident(role),
+                pg::quote_ident(role)
             ),
         );
     }
-    filters_check(r, src, &opts.filters).await?;
-    if opts.online {
-        // The online checks concern what is published: not the [exclude-table-data] tables.
-        let (tables, not_followed) =
-            slot::published_tables(src, opts.plugin, &opts.filters).await?;
-        if !not_followed.is_empty() {
-            r.warn(
-                CheckId::SourceTablesNotFollowed,
-                slot::not_followed_notice(&not_followed),
-                "their source rows and later changes stay on the source; remove them from [exclude-table-data] to migrate them",
-            );
-        }
-        let append_only =
-            match slot::append_only_published(src, &tables, &opts.identity.append_only).await {
-                Ok(list) => list,
-                Err(e) => {
-                    r.fail(
-                        CheckId::SourceAppendOnlyTables,
-                        format!("{e:#}"),
-                        "name existing tables with --append-only schema.table",
-                    );
-                    Vec::new()
-                }
-            };
-        if !append_only.is_empty() {
-            r.warn(
-                CheckId::SourceAppendOnlyTables,
-                format!(
-                    "{}: published for INSERT and TRUNCATE only; an UPDATE or DELETE on them is NOT replicated",
-                    append_only
-                        .iter()
-                        .map(|(s, t)| format!("{s}.{t}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                "declare only tables the application never updates or deletes from",
-            );
-        }
-        let regular: Vec<(String, String)> = tables
-            .iter()
-            .filter(|t| !append_only.contains(t))
-            .cloned()
-            .collect();
-        let missing = slot::tables_without_identity(src, &regular).await?;
-        let alter = missing
-            .iter()
-            .map(|t| format!("ALTER TABLE {t} REPLICA IDENTITY FULL;"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        if missing.is_empty() {
-            r.ok(
-                CheckId::SourceReplicaIdentity,
-                "every table has a primary key or a replica identity",
-            );
-        } else if opts.identity.replica_identity_full {
-            r.warn(
-                CheckId::SourceReplicaIdentity,
-                format!(
-                    "{} table(s) without a primary key: pgtide will run {alter} (--replica-identity-full)",
-                    missing.len()
-                ),
-                "FULL identity logs whole old rows: a primary key is cheaper where one can be added",
-            );
-        } else {
-            let why = match opts.plugin {
-                Plugin::Pgoutput => {
-                    "once published, an UPDATE or DELETE on them fails on the source"
-                }
-                Plugin::Wal2json => "wal2json would silently drop their updates and deletes",
-            };
-            r.fail(
-                CheckId::SourceReplicaIdentity,
-                format!(
-                    "{} table(s) without a primary key or replica identity: {} ({why})",
-                    missing.len(),
-                    missing.join(", ")
-                ),
-                format!(
-                    "give them a primary key, or run {alter} (pgtide does it with --replica-identity-full), or declare log-like tables with --append-only TABLE, or exclude them with --filters"
-                ),
-            );
-        }
-        if opts.plugin == Plugin::Wal2json {
-            super::wal2json::wal2json_exactness(r, src, &regular, opts.wal2json_nan_as_null)
-                .await?;
-        }
+    Ok(())
+}
+
+/// Tables copied but not published ([exclude-table-data]).
+fn tables_not_followed_check(r: &mut Report, not_followed: &[(String, String)]) {
+    if !not_followed.is_empty() {
+        r.warn(
+            CheckId::SourceTablesNotFollowed,
+            slot::not_followed_notice(not_followed),
+            "their source rows and later changes stay on the source; remove them from [exclude-table-data] to migrate them",
+        );
     }
-    if opts.online {
-        version_checks(r, src, pg::ServerVersion::from_num(version_num), opts).await?;
+}
+
+/// The tables declared --append-only, as published; a declaration that names no table fails.
+async fn append_only_check(
+    r: &mut Report,
+    src: &Client,
+    tables: &[(String, String)],
+    opts: &CheckOptions,
+) -> Result<Vec<(String, String)>> {
+    let append_only =
+        match slot::append_only_published(src, tables, &opts.identity.append_only).await {
+            Ok(list) => list,
+            Err(e) => {
+                r.fail(
+                    CheckId::SourceAppendOnlyTables,
+                    format!("{e:#}"),
+                    "name existing tables with --append-only schema.table",
+                );
+                Vec::new()
+            }
+        };
+    if !append_only.is_empty() {
+        r.warn(
+            CheckId::SourceAppendOnlyTables,
+            format!(
+                "{}: published for INSERT and TRUNCATE only; an UPDATE or DELETE on them is NOT replicated",
+                append_only
+                    .iter()
+                    .map(|(s, t)| format!("{s}.{t}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "declare only tables the application never updates or deletes from",
+        );
     }
-    let warn_list = |sql: &'static str| async move {
-        src.query(sql, &[]).await.map(|rows| {
-            rows.iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<_>>()
-        })
-    };
-    let unlogged = warn_list(
+    Ok(append_only)
+}
+
+/// Every published table (append-only ones aside) has a primary key or replica identity.
+async fn replica_identity_check(
+    r: &mut Report,
+    src: &Client,
+    regular: &[(String, String)],
+    opts: &CheckOptions,
+) -> Result<()> {
+    let missing = slot::tables_without_identity(src, regular).await?;
+    let alter = missing
+        .iter()
+        .map(|t| format!("ALTER TABLE {t} REPLICA IDENTITY FULL;"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if missing.is_empty() {
+        r.ok(
+            CheckId::SourceReplicaIdentity,
+            "every table has a primary key or a replica identity",
+        );
+    } else if opts.identity.replica_identity_full {
+        r.warn(
+            CheckId::SourceReplicaIdentity,
+            format!(
+                "{} table(s) without a primary key: pgtide will run {alter} (--replica-identity-full)",
+                missing.len()
+            ),
+            "FULL identity logs whole old rows: a primary key is cheaper where one can be added",
+        );
+    } else {
+        let why = match opts.plugin {
+            Plugin::Pgoutput => "once published, an UPDATE or DELETE on them fails on the source",
+            Plugin::Wal2json => "wal2json would silently drop their updates and deletes",
+        };
+        r.fail(
+            CheckId::SourceReplicaIdentity,
+            format!(
+                "{} table(s) without a primary key or replica identity: {} ({why})",
+                missing.len(),
+                missing.join(", ")
+            ),
+            format!(
+                "give them a primary key, or run {alter} (pgtide does it with --replica-identity-full), or declare log-like tables with --append-only TABLE, or exclude them with --filters"
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The names a query returns (one text column).
+async fn names(src: &Client, sql: &str) -> Result<Vec<String>> {
+    Ok(src
+        .query(sql, &[])
+        .await?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect())
+}
+
+/// Unlogged tables: copied, but their changes are not in the WAL.
+async fn unlogged_tables_check(r: &mut Report, src: &Client) -> Result<()> {
+    let unlogged = names(
+        src,
         "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE c.relkind = 'r' AND c.relpersistence = 'u' AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
     )
@@ -240,63 +322,80 @@ pub(super) async fn source_checks(
             "make them logged (ALTER TABLE … SET LOGGED) before the migration, or copy them again at cutover",
         );
     }
-    let matviews =
-        warn_list("SELECT format('%I.%I', schemaname, matviewname) FROM pg_matviews ORDER BY 1")
-            .await?;
-    if !matviews.is_empty() && opts.online {
+    Ok(())
+}
+
+/// Materialized views: their refreshes are not decoded.
+async fn materialized_views_check(r: &mut Report, src: &Client, online: bool) -> Result<()> {
+    let matviews = names(
+        src,
+        "SELECT format('%I.%I', schemaname, matviewname) FROM pg_matviews ORDER BY 1",
+    )
+    .await?;
+    if !matviews.is_empty() && online {
         r.warn(
             CheckId::SourceMaterializedViews,
             format!("{}: created and populated by clone; logical decoding does not carry their refreshes", matviews.join(", ")),
             "run REFRESH MATERIALIZED VIEW on the target after the cutover",
         );
     }
+    Ok(())
+}
+
+/// Large objects: later changes to them are not decoded.
+async fn large_objects_check(r: &mut Report, src: &Client, online: bool) -> Result<()> {
     let large_objects: i64 = src
         .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
         .await?
         .get(0);
-    if large_objects > 0 && opts.online {
+    if large_objects > 0 && online {
         r.warn(
             CheckId::SourceLargeObjects,
             format!("{large_objects} large objects: copied by clone; logical decoding does not carry later changes to them"),
             "keep large objects unchanged during the migration, or copy them again at cutover",
         );
     }
-    if opts.online {
-        if opts.plugin == Plugin::Wal2json {
-            match src
-                .query_one(
-                    "SELECT slot_name::text FROM pg_create_logical_replication_slot($1, 'wal2json', true)",
-                    &[&format!("pgtide_check_{}", std::process::id())],
-                )
-                .await
-            {
-                Ok(_) => r.ok(CheckId::SourceWal2json, "the wal2json plugin loads"),
-                Err(e) => r.fail(
-                    CheckId::SourceWal2json,
-                    format!("the source cannot use wal2json: {}", pg::describe(&e)),
-                    "install postgresql-NN-wal2json on the source server, or use --plugin pgoutput",
-                ),
-            }
-        }
-        let leftovers: Vec<String> = src
-            .query(
-                "SELECT 'slot ' || slot_name FROM pg_replication_slots WHERE slot_name LIKE 'pgtide%' AND NOT temporary
-                 UNION ALL SELECT 'publication ' || pubname FROM pg_publication WHERE pubname LIKE 'pgtide%' ORDER BY 1",
-                &[],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if !leftovers.is_empty() {
-            r.warn(
-                CheckId::SourceEarlierRuns,
-                format!("pgtide objects from an earlier run: {}", leftovers.join(", ")),
-                "continue that migration with `--resume` (same --dir), or remove them with `pgtide cleanup --slot-name NAME`",
-            );
-        }
+    Ok(())
+}
+
+/// With wal2json: the plugin loads on the source.
+async fn wal2json_plugin_check(r: &mut Report, src: &Client) {
+    match src
+        .query_one(
+            "SELECT slot_name::text FROM pg_create_logical_replication_slot($1, 'wal2json', true)",
+            &[&format!("pgtide_check_{}", std::process::id())],
+        )
+        .await
+    {
+        Ok(_) => r.ok(CheckId::SourceWal2json, "the wal2json plugin loads"),
+        Err(e) => r.fail(
+            CheckId::SourceWal2json,
+            format!("the source cannot use wal2json: {}", pg::describe(&e)),
+            "install postgresql-NN-wal2json on the source server, or use --plugin pgoutput",
+        ),
     }
-    Ok(((version_num / 10000) as u32, size))
+}
+
+/// pgtide objects left by an earlier run.
+async fn earlier_runs_check(r: &mut Report, src: &Client) -> Result<()> {
+    let leftovers: Vec<String> = src
+        .query(
+            "SELECT 'slot ' || slot_name FROM pg_replication_slots WHERE slot_name LIKE 'pgtide%' AND NOT temporary
+             UNION ALL SELECT 'publication ' || pubname FROM pg_publication WHERE pubname LIKE 'pgtide%' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !leftovers.is_empty() {
+        r.warn(
+            CheckId::SourceEarlierRuns,
+            format!("pgtide objects from an earlier run: {}", leftovers.join(", ")),
+            "continue that migration with `--resume` (same --dir), or remove them with `pgtide cleanup --slot-name NAME`",
+        );
+    }
+    Ok(())
 }
 
 /// The filters must not leave out a relation that a copied view, foreign key or inheritance
