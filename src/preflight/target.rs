@@ -2,12 +2,13 @@
 //! roles, emptiness, and (for both sides) free connections.
 
 use anyhow::Result;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Row};
 
 use super::{CheckId, CheckOptions, Report};
 use crate::pg::{self, Side};
 
-/// The target's checks; returns its major version (which pg_dump to prefer).
+/// The target's checks, in the order the report prints them; returns its major version
+/// (which pg_dump to prefer).
 pub(super) async fn target_checks(
     r: &mut Report,
     dst: &Client,
@@ -31,6 +32,23 @@ pub(super) async fn target_checks(
             &[],
         )
         .await?;
+    let major = version_check(r, &row, source_major);
+    privileges_check(r, &row);
+    if opts.online {
+        replication_origin_check(r, &row);
+    }
+    if let Some(src) = src {
+        extensions_check(r, src, dst).await?;
+    }
+    if let Some(src) = src {
+        roles_check(r, src, dst, opts).await?;
+    }
+    empty_check(r, &row, opts);
+    Ok(major)
+}
+
+/// The target's version: the source's major or newer.
+fn version_check(r: &mut Report, row: &Row, source_major: Option<u32>) -> u32 {
     let version_num: i32 = row.get(0);
     let version: String = row.get(1);
     let major = (version_num / 10000) as u32;
@@ -44,6 +62,11 @@ pub(super) async fn target_checks(
         ),
         _ => r.ok(CheckId::TargetVersion, format!("PostgreSQL {version}")),
     }
+    major
+}
+
+/// The role may create schemas in the target database.
+fn privileges_check(r: &mut Report, row: &Row) {
     let role: String = row.get(4);
     if row.get::<_, bool>(2) {
         r.ok(
@@ -57,108 +80,127 @@ pub(super) async fn target_checks(
             format!("GRANT CREATE ON DATABASE … TO {}", pg::quote_ident(&role)),
         );
     }
-    if opts.online {
-        if row.get::<_, Option<bool>>(3) == Some(true) {
-            r.ok(
-                CheckId::TargetReplicationOrigin,
-                "apply can track its position in an origin",
-            );
-        } else {
-            r.fail(
-                CheckId::TargetReplicationOrigin,
-                format!("{role} may not create replication origins"),
-                format!(
-                    "run apply as a superuser, or GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text), pg_replication_origin_xact_setup(pg_lsn, timestamptz), pg_replication_origin_progress(text, boolean) TO {}",
-                    pg::quote_ident(&role)
-                ),
-            );
-        }
+}
+
+/// Apply can track its position in a replication origin.
+fn replication_origin_check(r: &mut Report, row: &Row) {
+    let role: String = row.get(4);
+    if row.get::<_, Option<bool>>(3) == Some(true) {
+        r.ok(
+            CheckId::TargetReplicationOrigin,
+            "apply can track its position in an origin",
+        );
+    } else {
+        r.fail(
+            CheckId::TargetReplicationOrigin,
+            format!("{role} may not create replication origins"),
+            format!(
+                "run apply as a superuser, or GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text), pg_replication_origin_xact_setup(pg_lsn, timestamptz), pg_replication_origin_progress(text, boolean) TO {}",
+                pg::quote_ident(&role)
+            ),
+        );
     }
-    if let Some(src) = src {
-        let used: Vec<String> = src
-            .query(
-                "SELECT extname::text FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1",
-                &[],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let available: Vec<String> = dst
-            .query("SELECT name::text FROM pg_available_extensions", &[])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let missing: Vec<&String> = used.iter().filter(|e| !available.contains(e)).collect();
-        if missing.is_empty() {
-            r.ok(
-                CheckId::TargetExtensions,
-                format!("all {} extensions of the source are available", used.len()),
-            );
-        } else {
-            r.fail(
-                CheckId::TargetExtensions,
-                format!(
-                    "not installed on the target server: {}",
-                    missing
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                "install their packages on the target server (e.g. postgresql-NN-<extension>)",
-            );
-        }
+}
+
+/// Every extension the source uses is available on the target server.
+async fn extensions_check(r: &mut Report, src: &Client, dst: &Client) -> Result<()> {
+    let used: Vec<String> = src
+        .query(
+            "SELECT extname::text FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let available: Vec<String> = dst
+        .query("SELECT name::text FROM pg_available_extensions", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&String> = used.iter().filter(|e| !available.contains(e)).collect();
+    if missing.is_empty() {
+        r.ok(
+            CheckId::TargetExtensions,
+            format!("all {} extensions of the source are available", used.len()),
+        );
+    } else {
+        r.fail(
+            CheckId::TargetExtensions,
+            format!(
+                "not installed on the target server: {}",
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "install their packages on the target server (e.g. postgresql-NN-<extension>)",
+        );
     }
-    if let Some(src) = src {
-        // pg_restore sets owners and grants: every role they name must exist on the target.
-        let needed: Vec<String> = src
-            .query(
-                "WITH owners AS (
-                   SELECT c.relowner AS r FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
-                   UNION SELECT nspowner FROM pg_namespace WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg_%'
-                 ), grantees AS (
-                   SELECT (aclexplode(c.relacl)).grantee AS r FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                    WHERE c.relacl IS NOT NULL AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                   UNION SELECT (aclexplode(nspacl)).grantee FROM pg_namespace WHERE nspacl IS NOT NULL AND nspname NOT LIKE 'pg_%' AND nspname <> 'information_schema'
-                 )
-                 SELECT DISTINCT rolname::text FROM pg_roles
-                  WHERE oid IN (SELECT r FROM owners WHERE NOT $1 UNION SELECT r FROM grantees WHERE NOT $2)
-                  ORDER BY 1",
-                &[&opts.no_owner, &opts.no_acl],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let present: Vec<String> = dst
-            .query(
-                "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)",
-                &[&needed],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let missing: Vec<&String> = needed.iter().filter(|r| !present.contains(r)).collect();
-        if missing.is_empty() {
-            r.ok(
-                CheckId::TargetRoles,
-                format!("the {} roles owning or granted objects exist", needed.len()),
-            );
-        } else {
-            r.fail(
-                CheckId::TargetRoles,
-                format!(
-                    "roles that own or are granted source objects are missing on the target: {}",
-                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-                ),
-                "create them on the target first (pg_dumpall --roles-only on the source, then psql on the target), or clone with --no-owner / --no-acl",
-            );
-        }
+    Ok(())
+}
+
+/// Every role that owns or is granted a copied object exists on the target (unless --no-owner
+/// / --no-acl).
+async fn roles_check(
+    r: &mut Report,
+    src: &Client,
+    dst: &Client,
+    opts: &CheckOptions,
+) -> Result<()> {
+    // pg_restore sets owners and grants: every role they name must exist on the target.
+    let needed: Vec<String> = src
+        .query(
+            "WITH owners AS (
+               SELECT c.relowner AS r FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+               UNION SELECT nspowner FROM pg_namespace WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg_%'
+             ), grantees AS (
+               SELECT (aclexplode(c.relacl)).grantee AS r FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relacl IS NOT NULL AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+               UNION SELECT (aclexplode(nspacl)).grantee FROM pg_namespace WHERE nspacl IS NOT NULL AND nspname NOT LIKE 'pg_%' AND nspname <> 'information_schema'
+             )
+             SELECT DISTINCT rolname::text FROM pg_roles
+              WHERE oid IN (SELECT r FROM owners WHERE NOT $1 UNION SELECT r FROM grantees WHERE NOT $2)
+              ORDER BY 1",
+            &[&opts.no_owner, &opts.no_acl],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let present: Vec<String> = dst
+        .query(
+            "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)",
+            &[&needed],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&String> = needed.iter().filter(|r| !present.contains(r)).collect();
+    if missing.is_empty() {
+        r.ok(
+            CheckId::TargetRoles,
+            format!("the {} roles owning or granted objects exist", needed.len()),
+        );
+    } else {
+        r.fail(
+            CheckId::TargetRoles,
+            format!(
+                "roles that own or are granted source objects are missing on the target: {}",
+                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+            "create them on the target first (pg_dumpall --roles-only on the source, then psql on the target), or clone with --no-owner / --no-acl",
+        );
     }
+    Ok(())
+}
+
+/// The target database is empty (or --drop-if-exists says what to replace).
+fn empty_check(r: &mut Report, row: &Row, opts: &CheckOptions) {
     let tables: i64 = row.get(5);
     match (tables, opts.drop_if_exists) {
         (0, _) => r.ok(CheckId::TargetEmpty, "the target database has no tables"),
@@ -173,7 +215,6 @@ pub(super) async fn target_checks(
             "give an empty target database, or add --drop-if-exists to replace the source's objects",
         ),
     }
-    Ok(major)
 }
 
 /// Whether a side has the connections pgtide will open (table-jobs + index-jobs + 2).
