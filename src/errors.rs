@@ -10,7 +10,20 @@
 //! Errors are classified by their types and SQLSTATEs along the anyhow chain, never by their
 //! message text.
 
-use crate::replication::conn::ServerError;
+/// A server error with its SQLSTATE, so callers can branch on it (slot busy, missing…).
+#[derive(Debug, thiserror::Error)]
+#[error("{message} (SQLSTATE {code}){}", detail.as_ref().map(|d| format!("; detail: {d}")).unwrap_or_default())]
+pub struct ServerError {
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+}
+
+/// The target connection was lost (a restart, the network, a terminated session): follow
+/// reconnects and resumes from the origin, which says exactly where the target is.
+#[derive(Debug, thiserror::Error)]
+#[error("lost the connection to the target: {0}")]
+pub struct TargetLost(pub String);
 
 /// What a retry loop may do with an error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,7 +139,7 @@ pub fn classify_connect(e: &tokio_postgres::Error) -> ErrorClass {
 fn classify_one(e: &(dyn std::error::Error + 'static)) -> Option<ErrorClass> {
     if e.is::<Fatal>() {
         Some(ErrorClass::Stop)
-    } else if e.is::<Disconnected>() || e.is::<crate::apply::TargetLost>() {
+    } else if e.is::<Disconnected>() || e.is::<TargetLost>() {
         Some(ErrorClass::Transient)
     } else if let Some(c) = e.downcast_ref::<Classified>() {
         Some(c.class)
@@ -252,7 +265,7 @@ mod tests {
         let e = lost.context("streaming").unwrap_err();
         assert_eq!(classify(&e), ErrorClass::Transient);
         assert_eq!(
-            classify(&anyhow::Error::new(crate::apply::TargetLost("x".into()))),
+            classify(&anyhow::Error::new(TargetLost("x".into()))),
             ErrorClass::Transient
         );
         // A fatal error stops even when an I/O error lies under it, as context or as source.

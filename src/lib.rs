@@ -2,7 +2,6 @@
 //! The library holds every stage (see DESIGN.md for the pipeline); `main.rs` is the CLI.
 
 pub mod apply;
-pub mod check;
 pub mod cli;
 pub mod clone;
 pub mod conninfo;
@@ -11,13 +10,12 @@ pub mod decode;
 pub mod errors;
 pub mod failpoints;
 pub mod follow;
-pub mod metrics;
+pub mod observe;
 pub mod pg;
-pub mod progress;
+pub mod preflight;
 pub mod replication;
 pub mod spool;
 pub mod state;
-pub mod status;
 pub mod units;
 pub mod verify;
 pub mod workdir;

@@ -12,7 +12,7 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(log_colour())
-        .with_writer(pgtide::progress::log_writer);
+        .with_writer(pgtide::observe::progress::log_writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -358,6 +358,69 @@ pub struct Stored {
     pub payload: Bytes,
 }
 
+/// The spool's size on disk (its database and WAL files); None when there is none.
+pub fn disk_bytes(dir: &Path) -> Option<u64> {
+    ["spool.db", "spool.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .reduce(|a, b| a + b)
+}
+
+/// A read-only view of the spool for questions about what it holds (status, metrics): it
+/// never creates the spool, changes it, or waits long for the writer.
+pub struct SpoolView {
+    conn: Connection,
+}
+
+impl SpoolView {
+    /// Opens the work dir's spool read-only; `Ok(None)` when there is no spool yet.
+    pub fn open(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join("spool.db");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(2))?;
+        Ok(Some(SpoolView { conn }))
+    }
+
+    /// When the oldest spooled commit after `after` (and not past `through`) was committed on
+    /// the source, in seconds since the Unix epoch; `Ok(None)` when no such commit is found.
+    /// `plugin` is asked only when there is a record to decode.
+    pub fn oldest_pending_commit_time(
+        &self,
+        after: Lsn,
+        through: Option<Lsn>,
+        plugin: impl FnOnce() -> Result<crate::replication::Plugin>,
+    ) -> Result<Option<f64>> {
+        let payload: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT payload FROM changes WHERE kind = 'commit' AND end_lsn > ?1 AND end_lsn <= ?2 ORDER BY seq LIMIT 1",
+                [after.0 as i64, through.map_or(i64::MAX, |e| e.0 as i64)],
+                |r| r.get(0),
+            )
+            .ok();
+        let Some(payload) = payload else {
+            return Ok(None);
+        };
+        let mut decoder = crate::decode::StreamDecoder::new(plugin()?);
+        match decoder.decode(Bytes::from(payload)).as_deref() {
+            Ok([crate::decode::Change::Commit { commit_time, .. }]) => {
+                // Commit times are microseconds since 2000-01-01 (both decoders).
+                Ok(Some(*commit_time as f64 / 1e6 + 946_684_800.0))
+            }
+            _ => Err(anyhow!(
+                "the oldest pending commit in the spool cannot be decoded"
+            )),
+        }
+    }
+}
+
 /// The reading side: in order, from any position.
 pub struct SpoolReader {
     conn: Connection,

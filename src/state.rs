@@ -19,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail};
 
 use crate::pg::Lsn;
+use crate::pg::catalog::{ConstraintRow, IndexRow, PartRow, SequenceRow, TableRow};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Bumped whenever the schema below changes; `open` migrates older files forward.
@@ -516,79 +517,6 @@ pub fn now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-/// One table as the catalog saw it under the snapshot.
-#[derive(Clone, Debug)]
-pub struct TableRow {
-    pub oid: u32,
-    pub schema: String,
-    pub name: String,
-    pub heap_bytes: i64,
-    pub toast_bytes: i64,
-    pub pages: i64,
-    pub est_rows: i64,
-    pub has_pk: bool,
-    pub columns: Vec<String>,
-    pub binary_copy: bool,
-    pub copy_data: bool,
-}
-
-impl TableRow {
-    pub fn total_bytes(&self) -> i64 {
-        self.heap_bytes + self.toast_bytes
-    }
-    pub fn qualified(&self) -> String {
-        crate::pg::qualified(&self.schema, &self.name)
-    }
-    pub fn display_name(&self) -> String {
-        format!("{}.{}", self.schema, self.name)
-    }
-}
-
-/// One index (and the constraint it backs, if any) to build on the target.
-#[derive(Clone, Debug)]
-pub struct IndexRow {
-    pub oid: u32,
-    pub table_oid: u32,
-    pub schema: String,
-    pub name: String,
-    pub definition: String,
-    pub constraint: Option<ConstraintRow>,
-    /// The index is the table's REPLICA IDENTITY (USING INDEX): pg_dump says so in the index's
-    /// own entry, which the index workers replace, so they must say it again.
-    pub replica_identity: bool,
-    pub status: String,
-}
-
-/// A primary key, unique or exclusion constraint backed by an index.
-#[derive(Clone, Debug)]
-pub struct ConstraintRow {
-    pub oid: u32,
-    pub name: String,
-    pub kind: String,
-    pub definition: String,
-    pub deferrable: bool,
-    pub deferred: bool,
-}
-
-/// One ctid range of a table.
-#[derive(Clone, Debug)]
-pub struct PartRow {
-    pub table_oid: u32,
-    pub part: i64,
-    pub nparts: i64,
-    pub first_page: i64,
-    pub end_page: Option<i64>,
-    pub status: String,
-}
-
-#[derive(Clone, Debug)]
-pub struct SequenceRow {
-    pub schema: String,
-    pub name: String,
-    pub last_value: i64,
-    pub is_called: bool,
 }
 
 /// One line of the end-of-clone summary.

@@ -1,5 +1,6 @@
-//! Sizes for people: `parse_size` reads "200MB" from the command line, `human_bytes` prints
-//! "1.2 GB" in logs, status and check. Shared by every stage, owned by none.
+//! Byte sizes for people: `human_bytes` formats them for logs, status and summaries,
+//! `parse_size` reads them from options ("200MB", "1.5 GB"). A leaf module so that every
+//! stage (clone, observe, preflight, the CLI) can use them without depending on each other.
 
 /// "1.2 GB" style sizes for logs and summaries.
 pub fn human_bytes(bytes: u64) -> String {
@@ -62,5 +63,6 @@ mod tests {
     fn human() {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 kB");
+        assert_eq!(human_bytes(3 * 1024 * 1024 * 1024), "3.0 GB");
     }
 }

@@ -8,6 +8,7 @@
 //! (invariant 4). Values go to the target as text parameters cast by the column's own type
 //! (invariant 5); an unchanged TOAST column is left out of the SET list.
 
+pub mod run;
 pub mod sets;
 pub mod statements;
 
@@ -21,18 +22,13 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::decode::{Change, Relation, StreamDecoder};
+pub use crate::errors::TargetLost;
 use crate::errors::{Classified, ErrorClass, classify, classify_pg, sqlstate};
 use crate::pg::{Lsn, describe};
 use crate::replication::Plugin;
 use crate::spool::SpoolReader;
 use sets::SetQueue;
 use statements::{Statements, TargetTable};
-
-/// The target connection was lost (a restart, the network, a terminated session): follow
-/// reconnects and resumes from the origin, which says exactly where the target is.
-#[derive(Debug, thiserror::Error)]
-#[error("lost the connection to the target: {0}")]
-pub struct TargetLost(pub String);
 
 /// A target error with its context, classified by [`crate::errors::classify_pg`]: a lost
 /// connection or a shutting-down server becomes `TargetLost` (follow reconnects); everything

@@ -15,7 +15,8 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 
-use super::statements::{Statements, TargetTable, text_of};
+use super::run::{Run, RunShape, text_of, value_bytes};
+use super::statements::{Statements, TargetTable};
 use crate::decode::{Change, OldImage, Value};
 
 /// Rows per statement: bounds the parameter arrays and the statement's memory on both sides.
@@ -27,47 +28,6 @@ const RUN_BYTES: usize = 32 << 20;
 const QUEUED_ROWS: usize = 50_000;
 /// Value bytes queued across all tables before the queues are sent.
 const QUEUED_BYTES: usize = 64 << 20;
-
-/// The bytes of a row's text values: what it costs in memory and in the statement.
-pub fn value_bytes(values: &[Option<String>]) -> usize {
-    values
-        .iter()
-        .map(|v| v.as_ref().map_or(0, String::len))
-        .sum()
-}
-
-/// The kind of a run and the columns its rows carry.
-#[derive(Clone, PartialEq, Eq, Hash, Debug)]
-pub enum RunShape {
-    /// Values of `columns`.
-    Insert { columns: Vec<usize> },
-    /// New values of `set`, then the key values that find the row (the key did not change).
-    Update { set: Vec<usize>, key: Vec<usize> },
-    /// The key values of the deleted rows.
-    Delete { key: Vec<usize> },
-}
-
-/// Like changes of one table, stored column-major as the statement takes them.
-pub struct Run {
-    pub shape: RunShape,
-    /// One array per parameter: the shape's columns in order (for updates, set then key).
-    pub values: Vec<Vec<Option<String>>>,
-    /// Update runs: the row index of each key, so a later update of it replaces the earlier.
-    by_key: HashMap<Vec<Option<String>>, usize>,
-    /// Value bytes held (replaced values of compacted updates included: an upper bound).
-    bytes: usize,
-}
-
-impl Run {
-    pub fn rows(&self) -> usize {
-        self.values.first().map_or(0, Vec::len)
-    }
-
-    /// Value bytes held: what the statement will carry, at most.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
 
 enum Entry {
     Run(Run),

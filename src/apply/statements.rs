@@ -11,7 +11,7 @@ use anyhow::{Result, anyhow, bail};
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
-use super::sets::{Run, RunShape, value_bytes};
+use super::run::{Run, RunShape, text_of, value_bytes};
 use super::target_error;
 use crate::decode::{Change, OldImage, Relation, Value};
 use crate::pg::{qualified, quote_ident};
@@ -184,17 +184,6 @@ pub struct Statements {
     prepared: HashMap<(u32, Shape), Statement>,
     pending: Vec<Pending>,
     pending_bytes: usize,
-}
-
-pub(super) fn text_of(v: &Value) -> Result<Option<String>> {
-    Ok(match v {
-        Value::Null => None,
-        Value::Text(b) => {
-            Some(String::from_utf8(b.to_vec()).map_err(|_| anyhow!("a text value is not UTF-8"))?)
-        }
-        Value::Binary(_) => bail!("binary tuple values are not requested by pgtide"),
-        Value::Unchanged => bail!("internal error: an unchanged TOAST value used as a parameter"),
-    })
 }
 
 impl Statements {

@@ -2,8 +2,8 @@
 
 use anyhow::{Result, bail};
 
-use crate::check::{self, CheckOptions, Level};
 use crate::cli::CheckArgs;
+use crate::preflight::{self as check, CheckOptions, Identity, Level};
 
 pub async fn run(args: CheckArgs) -> Result<()> {
     let opts = CheckOptions {
@@ -20,7 +20,10 @@ pub async fn run(args: CheckArgs) -> Result<()> {
         index_jobs: args.index_jobs,
         dir: args.dir.clone(),
         drop_if_exists: args.drop_if_exists,
-        identity: args.identity.clone(),
+        identity: Identity {
+            replica_identity_full: args.identity.replica_identity_full,
+            append_only: args.identity.append_only.clone(),
+        },
         no_owner: args.no_owner,
         no_acl: args.no_acl,
         wal2json_nan_as_null: args.wal2json_nan_as_null,

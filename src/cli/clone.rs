@@ -29,18 +29,21 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     // anything is created. A real resume has its own checks: the work dir's identity.
     let fresh = workdir.state.clone_status()?.is_none() && workdir.state.stream_slot()?.is_none();
     if fresh {
-        crate::check::preflight(&crate::check::CheckOptions {
+        crate::preflight::preflight(&crate::preflight::CheckOptions {
             filters: filters.clone(),
             online: args.follow,
             table_jobs: args.table_jobs,
             index_jobs: args.index_jobs,
             drop_if_exists: args.drop_if_exists,
-            identity: args.identity.clone(),
+            identity: crate::preflight::Identity {
+                replica_identity_full: args.identity.replica_identity_full,
+                append_only: args.identity.append_only.clone(),
+            },
             no_owner: args.no_owner,
             no_acl: args.no_acl,
             plugin: args.plugin.unwrap_or(Plugin::Pgoutput),
             wal2json_nan_as_null: args.wal2json_nan_as_null,
-            ..crate::check::CheckOptions::new(
+            ..crate::preflight::CheckOptions::new(
                 source.clone(),
                 Some(target.clone()),
                 args.dir.clone(),

@@ -10,7 +10,7 @@ pub async fn run(args: FollowArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
     let workdir = WorkDir::open(&args.dir, "follow")?;
-    crate::check::preflight_follow(&crate::check::CheckOptions::new(
+    crate::preflight::preflight_follow(&crate::preflight::CheckOptions::new(
         source.clone(),
         Some(target.clone()),
         args.dir.clone(),

@@ -72,11 +72,11 @@ pub async fn start_metrics(
     target: &ConnInfo,
 ) -> Result<()> {
     if let Some(addr) = addr {
-        crate::metrics::serve(
+        crate::observe::metrics::serve(
             addr,
             workdir.path.clone(),
             workdir.state.clone(),
-            crate::status::Servers {
+            crate::observe::status::Servers {
                 source: Some(source.clone()),
                 target: Some(target.clone()),
             },

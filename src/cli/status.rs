@@ -6,7 +6,7 @@ use std::io::{IsTerminal, Write};
 use anyhow::Result;
 
 use crate::cli::StatusArgs;
-use crate::status::{self, Servers};
+use crate::observe::status::{self, Servers};
 
 pub async fn run(args: StatusArgs) -> Result<()> {
     let state = crate::state::StateDb::open_in_dir(&args.dir)?;

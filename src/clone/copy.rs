@@ -16,8 +16,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
 use crate::clone::snapshot;
+use crate::pg::catalog::{PartRow, TableRow};
 use crate::pg::{self, describe, quote_ident};
-use crate::state::{PartRow, TableRow};
 
 /// Bytes gathered before one CopyData message is sent to the target.
 const CHUNK_BYTES: usize = 256 * 1024;

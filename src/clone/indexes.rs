@@ -7,8 +7,8 @@
 use anyhow::{Result, anyhow};
 use tokio_postgres::Client;
 
+use crate::pg::catalog::{IndexRow, TableRow};
 use crate::pg::{describe, quote_ident};
-use crate::state::{IndexRow, TableRow};
 
 /// How much of an index build the target already has: a resumed build that committed before
 /// the crash is not redone.

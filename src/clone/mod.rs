@@ -28,10 +28,9 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::conninfo::ConnInfo;
+use crate::pg::catalog::{IndexRow, PartRow, TableRow};
 use crate::pg::{self, Side, catalog};
-use crate::state::{
-    CloneProgress, CloneStatus, IndexRow, PartRow, Phase, ServerIdentity, StateDb, Step, TableRow,
-};
+use crate::state::{CloneProgress, CloneStatus, Phase, ServerIdentity, StateDb, Step};
 use crate::units::human_bytes;
 use crate::workdir::WorkDir;
 use copy::{CopyCounters, CopyWorker};
@@ -729,8 +728,10 @@ async fn copy_and_index(
         let counters = counters.clone();
         let state = state.clone();
         tokio::spawn(async move {
-            let mut bars =
-                crate::progress::CloneBars::start(total_bytes.max(0) as u64, indexes_total);
+            let mut bars = crate::observe::progress::CloneBars::start(
+                total_bytes.max(0) as u64,
+                indexes_total,
+            );
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
             for n in 1u64.. {

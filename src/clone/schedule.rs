@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use crate::state::{IndexRow, PartRow};
+use crate::pg::catalog::{IndexRow, PartRow};
 
 /// What a worker should do after a part landed.
 #[derive(Debug)]

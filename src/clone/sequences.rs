@@ -4,8 +4,8 @@
 use anyhow::{Result, anyhow};
 use tokio_postgres::Client;
 
+use crate::pg::catalog::SequenceRow;
 use crate::pg::{describe, qualified, quote_literal};
-use crate::state::SequenceRow;
 
 /// Sets every sequence; `offset` is added to the value (a safety gap some operators want).
 pub async fn set_on_target(target: &Client, sequences: &[SequenceRow], offset: i64) -> Result<()> {

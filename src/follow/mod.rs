@@ -52,7 +52,7 @@ pub fn start_receiver(source: &ConnInfo, workdir: &WorkDir) -> Result<Receiver> 
         status_interval: Duration::from_secs(1),
         tables: stream.tables.unwrap_or_default(),
         system_id: stream.system_id,
-        applied: Some(progress_rx),
+        applied: Some(Box::new(move || progress_rx.borrow().durable)),
     };
     let mut spool = workdir.spool_writer()?;
     let liveness = Liveness::start(&state)?;

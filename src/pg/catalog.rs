@@ -5,7 +5,6 @@ use anyhow::{Context, Result, bail};
 use tokio_postgres::Client;
 
 use crate::clone::filters::{Filters, TableName};
-use crate::state::{ConstraintRow, IndexRow, PartRow, SequenceRow, TableRow};
 
 /// Everything the clone needs to know about the source, as of the snapshot.
 pub struct Catalog {
@@ -504,6 +503,79 @@ pub fn split_table(table: &TableRow, split_bytes: Option<u64>) -> Vec<PartRow> {
             status: "pending".into(),
         })
         .collect()
+}
+
+/// One table as the catalog saw it under the snapshot.
+#[derive(Clone, Debug)]
+pub struct TableRow {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    pub heap_bytes: i64,
+    pub toast_bytes: i64,
+    pub pages: i64,
+    pub est_rows: i64,
+    pub has_pk: bool,
+    pub columns: Vec<String>,
+    pub binary_copy: bool,
+    pub copy_data: bool,
+}
+
+impl TableRow {
+    pub fn total_bytes(&self) -> i64 {
+        self.heap_bytes + self.toast_bytes
+    }
+    pub fn qualified(&self) -> String {
+        crate::pg::qualified(&self.schema, &self.name)
+    }
+    pub fn display_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+}
+
+/// One index (and the constraint it backs, if any) to build on the target.
+#[derive(Clone, Debug)]
+pub struct IndexRow {
+    pub oid: u32,
+    pub table_oid: u32,
+    pub schema: String,
+    pub name: String,
+    pub definition: String,
+    pub constraint: Option<ConstraintRow>,
+    /// The index is the table's REPLICA IDENTITY (USING INDEX): pg_dump says so in the index's
+    /// own entry, which the index workers replace, so they must say it again.
+    pub replica_identity: bool,
+    pub status: String,
+}
+
+/// A primary key, unique or exclusion constraint backed by an index.
+#[derive(Clone, Debug)]
+pub struct ConstraintRow {
+    pub oid: u32,
+    pub name: String,
+    pub kind: String,
+    pub definition: String,
+    pub deferrable: bool,
+    pub deferred: bool,
+}
+
+/// One ctid range of a table.
+#[derive(Clone, Debug)]
+pub struct PartRow {
+    pub table_oid: u32,
+    pub part: i64,
+    pub nparts: i64,
+    pub first_page: i64,
+    pub end_page: Option<i64>,
+    pub status: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct SequenceRow {
+    pub schema: String,
+    pub name: String,
+    pub last_value: i64,
+    pub is_called: bool,
 }
 
 #[cfg(test)]

@@ -16,18 +16,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::conninfo::ConnInfo;
 use crate::errors::Disconnected;
+pub use crate::errors::ServerError;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// A server error with its SQLSTATE, so callers can branch on it (slot busy, missing…).
-#[derive(Debug, thiserror::Error)]
-#[error("{message} (SQLSTATE {code}){}", detail.as_ref().map(|d| format!("; detail: {d}")).unwrap_or_default())]
-pub struct ServerError {
-    pub code: String,
-    pub message: String,
-    pub detail: Option<String>,
-}
 
 /// What one backend message is, for the few that matter here (CopyBothResponse is not in
 /// postgres-protocol's enum, so framing is done here and the rest delegated).

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Result, anyhow, bail};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::sync::watch;
 
 use super::Plugin;
 use super::conn::ReplicationConnection;
@@ -39,10 +38,14 @@ pub struct ReceiveOptions {
     /// The source's system identifier recorded at setup: streaming from another server is
     /// refused.
     pub system_id: Option<String>,
-    /// The target's apply progress, when an apply loop runs (its durable position is
-    /// reported as "apply").
-    pub applied: Option<watch::Receiver<crate::apply::Progress>>,
+    /// Where the target durably stands, when an apply loop runs beside the receiver: reported
+    /// to the source as "apply".
+    pub applied: Option<AppliedPosition>,
 }
+
+/// Asks the apply loop running beside the receiver for the position the target has durably
+/// committed. A plain position, so the receiver does not depend on apply.
+pub type AppliedPosition = Box<dyn Fn() -> Lsn + Send + Sync>;
 
 /// Why the loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -406,10 +409,7 @@ async fn send_status(
     positions.flushed = positions.flushed.max(durable.commit_end);
     positions.received = positions.received.max(positions.flushed);
     if let Some(applied) = &opts.applied {
-        positions.applied = positions
-            .applied
-            .max(applied.borrow().durable)
-            .min(positions.flushed);
+        positions.applied = positions.applied.max(applied()).min(positions.flushed);
     }
     let micros = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -13,9 +13,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::status::{self, Servers, Status};
 use crate::pg::Lsn;
 use crate::state::StateDb;
-use crate::status::{self, Servers, Status};
 
 /// What a scrape needs to build the status.
 struct Source {

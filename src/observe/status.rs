@@ -12,8 +12,8 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::conninfo::ConnInfo;
-use crate::decode::{Change, StreamDecoder};
 use crate::pg::{self, Lsn, Side};
+use crate::spool::{self, SpoolView};
 use crate::state::{Phase, StateDb, Step, now};
 
 /// Lag (seconds) under which a follower is "ready to cut over" rather than "catching up".
@@ -162,12 +162,7 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
         status.apply_changes_per_second = Some(rates.changes);
         status.apply_transactions_per_second = Some(rates.transactions);
     }
-    let spool_path = dir.join("spool.db");
-    status.spool_bytes = ["spool.db", "spool.db-wal"]
-        .iter()
-        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
-        .map(|m| m.len())
-        .reduce(|a, b| a + b);
+    status.spool_bytes = spool::disk_bytes(dir);
 
     // The servers' own view, where they answer.
     let mut source_lsn = None;
@@ -211,7 +206,7 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
     }
     if status.slot.is_some() {
         status.lag_seconds =
-            oldest_unapplied_commit_age(&spool_path, state, applied.unwrap_or(Lsn(0)), endpos);
+            oldest_unapplied_commit_age(dir, state, applied.unwrap_or(Lsn(0)), endpos);
         if let (Some(lag), Some(rates)) = (status.lag_bytes, state.apply_rates(60.0)?)
             && rates.wal_bytes > 0.0
         {
@@ -267,38 +262,18 @@ async fn ask_target(target: &ConnInfo, origin: &str) -> Result<Option<Lsn>> {
 /// not to be applied) was committed on the source; 0 when none is waiting. None when the spool
 /// cannot be read.
 fn oldest_unapplied_commit_age(
-    spool: &Path,
+    dir: &Path,
     state: &StateDb,
     applied: Lsn,
     endpos: Option<Lsn>,
 ) -> Option<f64> {
-    if !spool.exists() {
-        return Some(0.0);
-    }
-    let conn = rusqlite::Connection::open_with_flags(
-        spool,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .ok()?;
-    conn.busy_timeout(Duration::from_secs(2)).ok()?;
-    let payload: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT payload FROM changes WHERE kind = 'commit' AND end_lsn > ?1 AND end_lsn <= ?2 ORDER BY seq LIMIT 1",
-            [applied.0 as i64, endpos.map_or(i64::MAX, |e| e.0 as i64)],
-            |r| r.get(0),
-        )
-        .ok();
-    let Some(payload) = payload else {
+    let Some(spool) = SpoolView::open(dir).ok()? else {
         return Some(0.0);
     };
-    let mut decoder = StreamDecoder::new(state.stream_plugin().ok()?);
-    match decoder.decode(bytes::Bytes::from(payload)).as_deref() {
-        Ok([Change::Commit { commit_time, .. }]) => {
-            // Commit times are microseconds since 2000-01-01 (both decoders).
-            let commit = *commit_time as f64 / 1e6 + 946_684_800.0;
-            Some((now() - commit).max(0.0))
-        }
-        _ => None,
+    match spool.oldest_pending_commit_time(applied, endpos, || state.stream_plugin()) {
+        Ok(Some(commit)) => Some((now() - commit).max(0.0)),
+        Ok(None) => Some(0.0),
+        Err(_) => None,
     }
 }
 
