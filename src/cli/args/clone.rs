@@ -1,0 +1,133 @@
+//! The arguments of `clone`, `verify` and `check`: what is copied and compared, and how.
+
+use super::*;
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    /// Source connection string.
+    #[arg(long, env = "PGTIDE_SOURCE_PGURI", hide_env_values = true)]
+    pub source: String,
+    /// Target connection string (without it only the source and the local tools are checked).
+    #[arg(long, env = "PGTIDE_TARGET_PGURI", hide_env_values = true)]
+    pub target: Option<String>,
+    /// The logical decoding plugin follow will use.
+    #[arg(long, value_enum, default_value = "pgoutput")]
+    pub plugin: crate::replication::Plugin,
+    /// With wal2json: accept that a NaN or ±Infinity written to a nullable numeric, real or
+    /// double precision column arrives on the target as NULL (wal2json prints them as null).
+    #[arg(long)]
+    pub wal2json_nan_as_null: bool,
+    /// The filters file the migration will use.
+    #[arg(long)]
+    pub filters: Option<PathBuf>,
+    /// Check for a plain clone (no logical decoding, no replica identities needed).
+    #[arg(long)]
+    pub offline: bool,
+    /// Print one JSON array instead of the report.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// The clone's --table-jobs (for the connection budget).
+    #[arg(long, default_value_t = 4)]
+    pub table_jobs: usize,
+    /// The clone's --index-jobs (for the connection budget).
+    #[arg(long, default_value_t = 4)]
+    pub index_jobs: usize,
+    /// The clone will run with --drop-if-exists (a non-empty target is then a warning).
+    #[arg(long)]
+    pub drop_if_exists: bool,
+    /// The clone will run with --no-owner (owners' roles are then not needed on the target).
+    #[arg(long)]
+    pub no_owner: bool,
+    /// The clone will run with --no-acl (grantees are then not needed on the target).
+    #[arg(long)]
+    pub no_acl: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CloneArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics while this runs.
+    #[arg(long, env = "PGTIDE_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Work dir holding state.db and the schema dumps.
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Parallel table copy workers (each uses one connection on each server).
+    #[arg(long, default_value_t = 4)]
+    pub table_jobs: usize,
+    /// Parallel index build workers (each uses one target connection).
+    #[arg(long, default_value_t = 4)]
+    pub index_jobs: usize,
+    /// Split tables whose heap + TOAST size exceeds this into ctid ranges copied in parallel
+    /// (e.g. 1GB, 200MB); 0 disables splitting.
+    #[arg(long, default_value = "0", value_parser = crate::units::parse_size)]
+    pub split_tables_larger_than: u64,
+    /// Filters file (INI sections include-only-schema, exclude-schema, include-only-table,
+    /// exclude-table, exclude-table-data).
+    #[arg(long)]
+    pub filters: Option<PathBuf>,
+    /// Drop target objects that already exist (a previous attempt) before creating them.
+    #[arg(long)]
+    pub drop_if_exists: bool,
+    /// Continue an interrupted clone in the same work dir.
+    #[arg(long, conflicts_with = "restart")]
+    pub resume: bool,
+    /// Forget the work dir's previous clone and start over.
+    #[arg(long)]
+    pub restart: bool,
+    /// Use this exported snapshot instead of exporting one (its exporter must stay open).
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// Do not run VACUUM ANALYZE on the target tables at the end.
+    #[arg(long)]
+    pub skip_vacuum: bool,
+    /// Do not copy large object contents.
+    #[arg(long)]
+    pub skip_large_objects: bool,
+    /// Do not restore object ownership (pg_restore --no-owner).
+    #[arg(long)]
+    pub no_owner: bool,
+    /// Do not restore privileges (pg_restore --no-acl).
+    #[arg(long)]
+    pub no_acl: bool,
+    /// The whole migration: create a slot, copy under its snapshot while spooling the change
+    /// stream, then apply it until endpos (`pgtide sentinel set endpos`).
+    #[arg(long)]
+    pub follow: bool,
+    /// The slot for --follow; the publication is pgtide_<slot>, the origin pgtide_<slot>.
+    #[arg(long, default_value = "pgtide")]
+    pub slot_name: String,
+    /// The logical decoding plugin for --follow (default pgoutput); recorded in the work dir,
+    /// so follow, cutover, cleanup and --resume use the same.
+    #[arg(long, value_enum, requires = "follow")]
+    pub plugin: Option<crate::replication::Plugin>,
+    /// With wal2json: accept that a NaN or ±Infinity written to a nullable numeric, real or
+    /// double precision column arrives on the target as NULL (wal2json prints them as null).
+    #[arg(long, requires = "follow")]
+    pub wal2json_nan_as_null: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    /// Compare row counts only (fast), not content checksums.
+    #[arg(long)]
+    pub counts_only: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// The filters file the clone used, so excluded tables are not reported as missing.
+    #[arg(long)]
+    pub filters: Option<PathBuf>,
+    /// The migration's work dir: its recorded filters and sequence offset are used.
+    #[arg(long, env = "PGTIDE_DIR")]
+    pub dir: Option<PathBuf>,
+}

@@ -1,0 +1,124 @@
+//! The arguments of the live-migration commands: `follow`, `cutover`, `status`, `cleanup`
+//! and `copy sequences`.
+
+use super::*;
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Print one JSON object (the fields are documented in the README).
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every INTERVAL (default 2s) until interrupted.
+    #[arg(long, num_args = 0..=1, default_missing_value = "2s", value_parser = humantime::parse_duration)]
+    pub watch: Option<std::time::Duration>,
+    /// Source to ask (default: the one the work dir recorded, password from PGPASSWORD/.pgpass).
+    #[arg(long, env = "PGTIDE_SOURCE_PGURI", hide_env_values = true)]
+    pub source: Option<String>,
+    /// Target to ask (default: the one the work dir recorded).
+    #[arg(long, env = "PGTIDE_TARGET_PGURI", hide_env_values = true)]
+    pub target: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CutoverArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Make the application roles read-only on the source database and end their sessions
+    /// before pinning endpos (restored if the cutover fails; lift with --unfence).
+    #[arg(long)]
+    pub fence: bool,
+    /// The roles to fence (repeatable); by default every non-superuser login role except the
+    /// one pgtide connects as.
+    #[arg(long = "fence-role", requires = "fence")]
+    pub fence_roles: Vec<String>,
+    /// Lift the fence of an earlier cutover and exit.
+    #[arg(long, conflicts_with = "fence")]
+    pub unfence: bool,
+    /// How long to wait for apply to reach endpos.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// How to verify the target once endpos is reached.
+    #[arg(long, value_enum, default_value_t = VerifyMode::Checksums)]
+    pub verify: VerifyMode,
+    /// Added to every sequence value set on the target.
+    #[arg(long, default_value_t = 0)]
+    pub sequence_offset: i64,
+    /// Refresh the materialized views on the target once the data is final, before verify
+    /// (a materialized view holds what its last REFRESH saw).
+    #[arg(long)]
+    pub refresh_matviews: bool,
+}
+
+pub use crate::cutover::VerifyMode;
+
+/// `--verify checksums|counts|none`: the cutover's verify mode as a clap value.
+impl ValueEnum for VerifyMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Checksums, Self::Counts, Self::None]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(match self {
+            Self::Checksums => "checksums",
+            Self::Counts => "counts",
+            Self::None => "none",
+        }))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// The slot to clean up when the work dir does not name one.
+    #[arg(long)]
+    pub slot_name: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CopyCommand {
+    /// Set every target sequence from the source's current value (plus --offset).
+    Sequences(CopySequencesArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CopySequencesArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    /// Added to every value: a safety gap before traffic switches to the target.
+    #[arg(long, default_value_t = 0)]
+    pub offset: i64,
+    /// The filters file the migration used.
+    #[arg(long)]
+    pub filters: Option<PathBuf>,
+    /// The migration's work dir: its recorded filters are used and the offset is recorded
+    /// (so that `verify --dir` expects the target ahead).
+    #[arg(long, env = "PGTIDE_DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct FollowArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics while this runs.
+    #[arg(long, env = "PGTIDE_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Stop after the last transaction committed at or before this LSN (or set it later with
+    /// `pgtide sentinel set endpos`).
+    #[arg(long, value_parser = parse_lsn)]
+    pub endpos: Option<crate::pg::Lsn>,
+    /// With a wal2json stream: accept that a NaN or ±Infinity written to a nullable numeric,
+    /// real or double precision column arrives on the target as NULL (recorded in the work
+    /// dir).
+    #[arg(long)]
+    pub wal2json_nan_as_null: bool,
+}
