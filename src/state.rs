@@ -153,6 +153,12 @@ mod key {
     pub const SPOOL_BYTES: &str = "spool.bytes";
     /// JSON list of `FencedRole`.
     pub const CUTOVER_FENCE: &str = "cutover.fence";
+    /// JSON of `replication::ddl_capture::Capture`.
+    pub const DDL_CAPTURE: &str = "ddl.capture";
+    /// JSON of `DdlStop`.
+    pub const DDL_STOPPED: &str = "ddl.stopped";
+    /// JSON list of (`DdlId`, `DdlDecision`).
+    pub const DDL_DECISIONS: &str = "ddl.decisions";
 
     /// The key of a server's identity (system identifier / database).
     pub fn identity(side: crate::pg::Side) -> &'static str {
@@ -193,6 +199,37 @@ pub struct StreamRecord {
     pub publications: Option<Vec<String>>,
     /// The source's system identifier, so that a stream from another server is refused.
     pub system_id: Option<String>,
+}
+
+/// One captured schema change in the stream: the commit LSN of its source transaction and
+/// its rank among that transaction's schema changes (a transaction can hold several).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct DdlId {
+    pub commit: Lsn,
+    pub ordinal: u32,
+}
+
+impl std::fmt::Display for DdlId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.commit, self.ordinal)
+    }
+}
+
+/// What the operator decided for a schema change apply stopped on (`pgtide ddl skip|retry`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DdlDecision {
+    /// Go past it without running it on the target (the operator ran it, or it is unwanted).
+    Skip,
+    /// Run it on the target although pgtide judged it unsafe.
+    Replay,
+}
+
+/// The schema change apply stopped on, for `pgtide ddl` and status.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DdlStop {
+    pub id: DdlId,
+    pub statement: String,
+    pub reason: String,
 }
 
 /// Where the receiver stands (recorded about every second): what it received and what is
@@ -797,6 +834,49 @@ impl StateDb {
     /// `recorded_filters`.
     pub fn record_filters(&self, filters: &crate::clone::filters::Filters) -> Result<()> {
         self.set_meta(key::MIGRATION_FILTERS, &serde_json::to_string(filters)?)
+    }
+
+    /// The DDL capture installed on the source for this work dir's stream.
+    pub fn record_ddl_capture(
+        &self,
+        capture: Option<&crate::replication::ddl_capture::Capture>,
+    ) -> Result<()> {
+        match capture {
+            Some(capture) => self.set_meta(key::DDL_CAPTURE, &serde_json::to_string(capture)?),
+            None => self.delete_meta(key::DDL_CAPTURE),
+        }
+    }
+
+    /// The DDL capture of this work dir's stream (None: not installed, --no-ddl-capture).
+    pub fn ddl_capture(&self) -> Result<Option<crate::replication::ddl_capture::Capture>> {
+        self.get_json(key::DDL_CAPTURE)
+    }
+
+    /// Records (or clears) the schema change apply stopped on.
+    pub fn record_ddl_stop(&self, stop: Option<&DdlStop>) -> Result<()> {
+        match stop {
+            Some(stop) => self.set_meta(key::DDL_STOPPED, &serde_json::to_string(stop)?),
+            None => self.delete_meta(key::DDL_STOPPED),
+        }
+    }
+
+    /// The schema change apply last stopped on, if it has not been decided since.
+    pub fn ddl_stop(&self) -> Result<Option<DdlStop>> {
+        self.get_json(key::DDL_STOPPED)
+    }
+
+    /// Records the operator's decision for a schema change and clears the stop.
+    pub fn decide_ddl(&self, id: DdlId, decision: DdlDecision) -> Result<()> {
+        let mut decisions = self.ddl_decisions()?;
+        decisions.retain(|(d, _)| *d != id);
+        decisions.push((id, decision));
+        self.set_meta(key::DDL_DECISIONS, &serde_json::to_string(&decisions)?)?;
+        self.record_ddl_stop(None)
+    }
+
+    /// Every decision the operator took on schema changes.
+    pub fn ddl_decisions(&self) -> Result<Vec<(DdlId, DdlDecision)>> {
+        Ok(self.get_json(key::DDL_DECISIONS)?.unwrap_or_default())
     }
 
     /// The filters the migration recorded when it started; None for a work dir that has none

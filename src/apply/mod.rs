@@ -8,11 +8,12 @@
 //! (invariant 4). Values go to the target as text parameters cast by the column's own type
 //! (invariant 5); an unchanged TOAST column is left out of the SET list.
 
+pub mod ddl;
 pub mod run;
 pub mod sets;
 pub mod statements;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -146,6 +147,8 @@ pub struct Source<'a> {
     pub plugin: Plugin,
     /// The replication origin tracking the target's progress.
     pub origin: &'a str,
+    /// How captured schema changes are recognized and replayed.
+    pub ddl: &'a ddl::DdlRules,
 }
 
 /// Runs until the stop rule says every transaction up to endpos is applied.
@@ -160,6 +163,7 @@ pub async fn run(
         dir,
         plugin,
         origin,
+        ddl,
     } = *source;
     let start = setup_origin(target, origin).await?;
     let reader = SpoolReader::open(dir)?;
@@ -185,6 +189,11 @@ pub async fn run(
         skipping: false,
         undescribed: HashMap::new(),
         pending_truncate: None,
+        ddl,
+        ddl_ordinal: 0,
+        ddl_replayed: HashSet::new(),
+        set_aside: HashSet::new(),
+        ddl_log: None,
     };
     // Only the last description of each relation counts, and it is matched with the target
     // only when a change of it comes: an older one may name a column dropped since (on both
@@ -193,7 +202,9 @@ pub async fn run(
     // its first change.)
     for payload in applier.reader.relations_before(after_seq)? {
         for change in applier.decoder.decode(payload)? {
-            if let Change::Relation(r) = change {
+            if let Change::Relation(r) = change
+                && !applier.sets_aside(&r)
+            {
                 applier.undescribed.insert(r.oid, r);
             }
         }
@@ -250,7 +261,11 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(conflicts.1))).await;
                 continue;
             }
-            Err(e) if applier.batch.used_sets && classify(&e) != ErrorClass::Transient => {
+            Err(e)
+                if applier.batch.used_sets
+                    && classify(&e) != ErrorClass::Transient
+                    && !e.is::<ddl::DdlStopped>() =>
+            {
                 // A merged statement failed (a transient conflict inside the batch, or a real
                 // divergence): replay this batch one row at a time, which either applies it
                 // or stops with the precise row that fails.
@@ -325,9 +340,52 @@ struct Applier<'a> {
     /// RESTART IDENTITY, applied as one statement at the next other change (a TRUNCATE of a
     /// table referenced by a foreign key is refused unless the other table is in it too).
     pending_truncate: Option<(Vec<u32>, bool)>,
+    ddl: &'a ddl::DdlRules,
+    /// The rank of the next schema change in the current source transaction.
+    ddl_ordinal: u32,
+    /// The query strings replayed in the current source transaction.
+    ddl_replayed: HashSet<String>,
+    /// Relations whose changes apply leaves aside: the DDL log table (its rows are schema
+    /// changes) and tables the migration does not follow.
+    set_aside: HashSet<u32>,
+    /// The DDL log table's relation in the stream (12, 13).
+    ddl_log: Option<u32>,
 }
 
 impl Applier<'_> {
+    /// Whether a relation's changes are left aside (see `set_aside`); records it if so.
+    fn sets_aside(&mut self, r: &Relation) -> bool {
+        let is_log = self.ddl.is_log_table(&r.schema, &r.name);
+        if is_log {
+            self.ddl_log = Some(r.oid);
+        }
+        let aside = is_log || ddl::ignores_changes(self.ddl, &r.schema, &r.name);
+        if aside {
+            self.set_aside.insert(r.oid);
+        } else {
+            self.set_aside.remove(&r.oid);
+        }
+        aside
+    }
+
+    /// Replays a captured schema change at its place in the transaction.
+    async fn replay_ddl(&mut self, content: &[u8]) -> Result<()> {
+        self.send_queued().await?;
+        self.ddl_ordinal += 1;
+        let id = crate::state::DdlId {
+            commit: self.final_lsn,
+            ordinal: self.ddl_ordinal,
+        };
+        if ddl::replay(self.target, self.ddl, id, content, &mut self.ddl_replayed).await? {
+            // The target's tables may have changed: describe them again at their next change.
+            for (oid, table) in self.tables.drain() {
+                self.statements.forget(oid);
+                self.undescribed.insert(oid, table.source);
+            }
+        }
+        Ok(())
+    }
+
     /// Matches a relation read back at resume with the target, now that a change needs it.
     async fn describe_pending(&mut self, oid: u32) -> Result<()> {
         if let Some(relation) = self.undescribed.remove(&oid) {
@@ -362,6 +420,10 @@ impl Applier<'_> {
             self.truncate(relations, restart_identity).await?;
         }
         match change {
+            Change::Relation(r) if self.sets_aside(&r) => {
+                self.undescribed.remove(&r.oid);
+                self.tables.remove(&r.oid);
+            }
             Change::Relation(r) => {
                 self.send_queued().await?;
                 self.undescribed.remove(&r.oid);
@@ -383,6 +445,8 @@ impl Applier<'_> {
             _ if self.skipping && !matches!(change, Change::Relation(_)) => {}
             Change::Begin { final_lsn, .. } => {
                 self.final_lsn = final_lsn;
+                self.ddl_ordinal = 0;
+                self.ddl_replayed.clear();
                 if let Some(endpos) = *stop.endpos.borrow()
                     && final_lsn > endpos
                 {
@@ -443,6 +507,28 @@ impl Applier<'_> {
                 cascade: _,
                 restart_identity,
             } => self.truncate(relations, restart_identity).await?,
+            Change::Message {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if self.ddl.prefix.as_deref() == Some(prefix.as_str()) => {
+                self.replay_ddl(&content).await?;
+            }
+            Change::Insert { relation, new } if self.ddl_log == Some(relation) => {
+                // The DDL log table's row: (id, message).
+                match new.get(1) {
+                    Some(crate::decode::Value::Text(message)) => {
+                        let message = message.clone();
+                        self.replay_ddl(&message).await?;
+                    }
+                    _ => bail!("a row of the DDL log table without its message: report it"),
+                }
+            }
+            Change::Insert { .. } | Change::Update { .. } | Change::Delete { .. }
+                if change
+                    .relation()
+                    .is_some_and(|oid| self.set_aside.contains(&oid)) => {}
             Change::Insert { .. } | Change::Update { .. } | Change::Delete { .. } => {
                 let Some(oid) = change.relation() else {
                     return Ok(Step::Continue);
@@ -479,6 +565,13 @@ impl Applier<'_> {
     /// Applies a TRUNCATE of these relations (never CASCADE; a table resynced after it keeps
     /// its copy).
     async fn truncate(&mut self, relations: Vec<u32>, restart_identity: bool) -> Result<()> {
+        let relations: Vec<u32> = relations
+            .into_iter()
+            .filter(|oid| !self.set_aside.contains(oid))
+            .collect();
+        if relations.is_empty() {
+            return Ok(());
+        }
         for oid in &relations {
             self.describe_pending(*oid).await?;
         }

@@ -7,7 +7,6 @@ use anyhow::{Result, bail};
 use crate::apply;
 use crate::cli::CleanupArgs;
 use crate::pg::{self, Side, describe};
-use crate::replication::conn::ReplicationConnection;
 use crate::replication::slot;
 use crate::state::Phase;
 use crate::workdir::WorkDir;
@@ -21,11 +20,7 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
         (Some(s), _) | (None, Some(s)) => s,
         (None, None) => bail!("the work dir names no slot: give --slot-name"),
     };
-    let mut conn = ReplicationConnection::connect(&source).await?;
-    let dropped_slot = slot::drop_slot(&mut conn, &slot_name).await?;
-    conn.close().await;
-    let source_client = pg::connect(&source, Side::Source, "cleanup").await?;
-    slot::drop_publication(&source_client, &slot_name).await?;
+    let dropped_slot = crate::replication::setup::drop_stream(&source, &slot_name).await?;
     let target_client = pg::connect(&target, Side::Target, "cleanup").await?;
     let origin = apply::origin_name(&slot_name);
     let dropped_origin = target_client

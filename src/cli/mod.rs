@@ -91,5 +91,6 @@ pub fn identity(args: &IdentityArgs) -> crate::replication::setup::IdentityChoic
     crate::replication::setup::IdentityChoice {
         replica_identity_full: args.replica_identity_full,
         append_only: args.append_only.clone(),
+        ddl_capture: !args.no_ddl_capture,
     }
 }

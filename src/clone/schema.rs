@@ -273,8 +273,14 @@ impl LeaveOut {
         // pgtide's publications (`pgtide_<slot>`, invariant 8) exist on the source only; the
         // publication itself is also known by name ("- pgtide_x owner"), should its OID have
         // changed since the dump.
-        (entry.desc == "PUBLICATION" && entry.rest.starts_with("- pgtide_"))
-            .then_some("pgtide's own, source only")
+        let pgtide_own = (entry.desc == "PUBLICATION" && entry.rest.starts_with("- pgtide_"))
+            // The DDL capture (replication::ddl_capture): its event triggers and the `pgtide`
+            // schema's functions and tables ("<schema> <tag> <owner>"), their ACLs.
+            || (entry.desc == "EVENT TRIGGER" && entry.rest.starts_with("- pgtide_ddl_"))
+            || (entry.desc == "SCHEMA" && entry.rest.starts_with("- pgtide "))
+            || (entry.desc == "ACL" && entry.rest.starts_with("- SCHEMA pgtide "))
+            || entry.rest.starts_with("pgtide ");
+        pgtide_own.then_some("pgtide's own, source only")
     }
 }
 

@@ -105,10 +105,12 @@ async fn apply_and_set_sequences(
     let recorder = recorder::start(&state, &progress);
     let resynced = state.resync_positions()?;
     let origin = apply::origin_name(&slot);
+    let ddl_rules = apply::ddl::DdlRules::load(&state)?;
     let source_of_apply = apply::Source {
         dir: &workdir.path,
         plugin: state.stream_plugin()?,
         origin: &origin,
+        ddl: &ddl_rules,
     };
     let mut client = std::sync::Arc::new(pg::connect(target, Side::Target, "apply").await?);
     let mut backoff = Duration::from_millis(500);

@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod lsn;
+pub mod sql_text;
 pub mod version;
 
 pub use lsn::Lsn;

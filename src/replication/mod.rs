@@ -3,6 +3,7 @@
 //! wal2json cannot carry exactly (`wal2json`).
 
 pub mod conn;
+pub mod ddl_capture;
 pub mod marker;
 pub mod setup;
 pub mod slot;

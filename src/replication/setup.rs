@@ -65,12 +65,16 @@ impl PublicationPlan {
     }
 }
 
-/// How tables without a primary key are published (the operator's `--replica-identity-full`
-/// and `--append-only`).
+/// How tables are published: those without a primary key (the operator's
+/// `--replica-identity-full` and `--append-only`), and those created during follow (DDL
+/// capture, unless `--no-ddl-capture`).
 #[derive(Clone, Debug, Default)]
 pub struct IdentityChoice {
     pub replica_identity_full: bool,
     pub append_only: Vec<String>,
+    /// Install the DDL capture (pgoutput only: wal2json streams the tables named when it
+    /// starts).
+    pub ddl_capture: bool,
 }
 
 /// Refuses, before anything is created, to publish tables without a replica identity, naming
@@ -260,6 +264,10 @@ pub async fn create_recorded_slot(
         publications,
     } = prepare_source(source, choice, slot_name, filters, identity).await?;
     let plugin = choice.plugin;
+    // Installed before the slot exists, so that no schema change falls between the slot's
+    // snapshot and the capture: one made before the slot is consistent is in its snapshot.
+    let capture = install_ddl_capture(source, slot_name, plugin, &publications, identity).await?;
+    state.record_ddl_capture(capture.as_ref())?;
     let mut conn = ReplicationConnection::connect(source).await?;
     let system = slot::identify_system(&mut conn).await?;
     let created = slot::create_slot(&mut conn, slot_name, plugin, export).await?;
@@ -275,6 +283,38 @@ pub async fn create_recorded_slot(
     })?;
     state.record_filters(filters)?;
     Ok((conn, created))
+}
+
+/// Installs the DDL capture when asked and possible (see [`super::ddl_capture`]).
+async fn install_ddl_capture(
+    source: &ConnInfo,
+    slot_name: &str,
+    plugin: Plugin,
+    publications: &[String],
+    identity: &IdentityChoice,
+) -> Result<Option<super::ddl_capture::Capture>> {
+    if !identity.ddl_capture {
+        tracing::info!(
+            "DDL capture off (--no-ddl-capture): a schema change on the source stops apply until it is made on the target"
+        );
+        return Ok(None);
+    }
+    if plugin != Plugin::Pgoutput {
+        tracing::warn!(
+            "DDL capture needs --plugin pgoutput (wal2json streams only the tables named when it starts): a schema change on the source stops apply until it is made on the target"
+        );
+        return Ok(None);
+    }
+    let client = pg::connect(source, Side::Source, "DDL capture").await?;
+    if let Err(why) = super::ddl_capture::check_privileges(&client).await {
+        tracing::warn!("no DDL capture: {why:#}");
+        return Ok(None);
+    }
+    let version = pg::ServerVersion::of(&client).await?;
+    let publication = publications.first().map(String::as_str);
+    super::ddl_capture::install(&client, slot_name, publication, version)
+        .await
+        .map(Some)
 }
 
 /// The stream `stream receive` continues: the work dir's, or an existing slot it adopts
@@ -350,10 +390,15 @@ pub async fn create_exported_slot(
 /// Drops a stream's slot and publication(s) (both idempotent, invariant 8); whether the slot
 /// existed.
 pub async fn drop_stream(source: &ConnInfo, slot_name: &str) -> Result<bool> {
+    let client = pg::connect(source, Side::Source, "cleanup").await?;
+    // The capture first: a schema change made meanwhile would otherwise fail on a missing
+    // publication.
+    if super::ddl_capture::remove(&client, slot_name).await? {
+        tracing::info!("DDL capture removed from the source");
+    }
     let mut conn = ReplicationConnection::connect(source).await?;
     let dropped = slot::drop_slot(&mut conn, slot_name).await?;
     conn.close().await;
-    let client = pg::connect(source, Side::Source, "cleanup").await?;
     slot::drop_publication(&client, slot_name).await?;
     Ok(dropped)
 }

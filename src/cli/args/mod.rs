@@ -71,9 +71,14 @@ pub enum Command {
     Spool(SpoolCommand),
 }
 
-/// How tables without a primary key are published.
+/// How tables are published: those without a primary key, and those created during follow.
 #[derive(Args, Debug, Clone, Default)]
 pub struct IdentityArgs {
+    /// Do not install the DDL capture event triggers on the source: a schema change during
+    /// follow then stops apply until you make it on the target yourself, and tables created
+    /// on the source are not followed.
+    #[arg(long)]
+    pub no_ddl_capture: bool,
     /// Run ALTER TABLE … REPLICA IDENTITY FULL on the source for every published table that has
     /// neither a primary key nor a replica identity.
     #[arg(long)]

@@ -1,0 +1,214 @@
+//! Schema changes during follow (DDL capture): made on the source under traffic, replayed on
+//! the target at their place in the commit order; what cannot be replayed faithfully stops
+//! apply with the statement and the fix, and `pgtide ddl skip|retry` decides; cleanup removes
+//! the capture.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Waits until the target's origin is past the source's current position: everything
+/// committed so far is applied.
+async fn wait_caught_up(src: &str, dst: &str, slot: &str, child: &mut PgtideChild) {
+    let lsn = current_lsn(src).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let sql = format!(
+        "SELECT count(*) FROM pg_replication_origin_status
+         WHERE external_id = 'pgtide_{slot}' AND remote_lsn >= '{lsn}'"
+    );
+    // The origin moves only with a commit after `lsn`.
+    exec(src, "INSERT INTO tick VALUES (DEFAULT)").await;
+    while scalar_i64(dst, &sql).await == 0 {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("apply did not catch up:\n{}", child.output_so_far());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `pg_dump --schema-only` of a database without pgtide's own objects and without the lines
+/// that differ by nature (the server's version banner).
+fn schema_dump(uri: &str) -> String {
+    let bin = std::path::PathBuf::from(std::env::var("PGTIDE_PG_BIN").expect("PGTIDE_PG_BIN"));
+    let out = std::process::Command::new(bin.join("pg_dump"))
+        .args([
+            "--schema-only",
+            "--no-comments",
+            "--exclude-schema=pgtide",
+            "-d",
+            uri,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One block per object ("--\n-- Name: …"): pgtide's publications and event triggers go
+    // whole; `\restrict` lines carry a random key.
+    let dump = String::from_utf8(out.stdout).unwrap();
+    let body = dump
+        .split("-- PostgreSQL database dump complete")
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    body.split("\n--\n-- Name: ")
+        .filter(|block| !block.contains("pgtide"))
+        .flat_map(|block| block.lines())
+        .filter(|l| {
+            !l.starts_with("-- Dumped")
+                && !l.contains("restrict ")
+                && !l.trim().is_empty()
+                && l.trim() != "--"
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The tables' comments (pg_dump --no-comments leaves them out of the comparison above).
+async fn comments(uri: &str) -> String {
+    scalar_string(
+        uri,
+        "SELECT coalesce(string_agg(c.relname || '=' || d.description, ',' ORDER BY c.relname), '')
+           FROM pg_description d JOIN pg_class c ON c.oid = d.objoid AND d.classoid = 'pg_class'::regclass
+          WHERE d.objsubid = 0",
+    )
+    .await
+}
+
+/// Writes to `orders` and `tick` until stopped: inserts, updates and deletes of rows, whatever
+/// the columns are at the moment (only `id` is never changed).
+fn traffic(src: &str, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let src = src.to_string();
+    tokio::spawn(async move {
+        let client = connect(&src).await;
+        let mut n = 1_000_000i64;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO orders (id) VALUES ({n}); UPDATE orders SET id = id WHERE id = {}; DELETE FROM orders WHERE id = {};",
+                    n - 3,
+                    n - 7
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (n - 1_000_000) as u64
+    })
+}
+
+/// The done-when test of issue 13: under traffic, the source adds and drops columns, renames a
+/// column and a table, creates an index (CONCURRENTLY), creates and fills a new table (in its
+/// creating transaction and after), a partitioned table with a partition, a schema with a
+/// table, a view, a function, a sequence, comments, a type change and constraints; apply never
+/// stops; after cutover the data and `pg_dump --schema-only` are identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_changes_under_traffic_are_replayed_in_order() {
+    let (src, dst) = fresh_db_pair("t_ddl").await;
+    exec(
+        &src,
+        "CREATE TABLE tick (id serial PRIMARY KEY);
+         CREATE TABLE orders (id bigint PRIMARY KEY, a int DEFAULT 1, b text DEFAULT 'b');
+         CREATE TABLE items (id int PRIMARY KEY, v text);
+         INSERT INTO orders SELECT g, g, 'x' FROM generate_series(1, 500) g;
+         INSERT INTO items SELECT g, 'i' || g FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let dir = workdir("ddl");
+    let d = dir.to_str().unwrap();
+    let mut child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "t_ddl_slot"), &[]);
+    wait_for_slot(&dir);
+    wait_caught_up(&src, &dst, "t_ddl_slot", &mut child).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = traffic(&src, stop.clone());
+    let changes = [
+        "ALTER TABLE orders ADD COLUMN note text DEFAULT 'n'",
+        "UPDATE orders SET note = 'noted ' || id WHERE id % 3 = 0",
+        "ALTER TABLE orders DROP COLUMN b",
+        "ALTER TABLE orders RENAME COLUMN a TO amount",
+        "ALTER TABLE items RENAME TO products",
+        "INSERT INTO products VALUES (1000, 'renamed')",
+        "CREATE INDEX CONCURRENTLY orders_amount_idx ON orders (amount)",
+        "BEGIN; CREATE TABLE fresh (id int PRIMARY KEY, v text); INSERT INTO fresh SELECT g, 'f' FROM generate_series(1, 50) g; COMMIT",
+        "INSERT INTO fresh SELECT g, 'later' FROM generate_series(51, 80) g; UPDATE fresh SET v = 'upd' WHERE id < 10; DELETE FROM fresh WHERE id > 75",
+        "CREATE TABLE events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)",
+        "CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')",
+        "INSERT INTO events SELECT g, date '2026-03-01' + g FROM generate_series(1, 40) g",
+        "CREATE SCHEMA reporting; CREATE TABLE reporting.daily (d date PRIMARY KEY, n int NOT NULL DEFAULT 0)",
+        "INSERT INTO reporting.daily SELECT date '2026-01-01' + g, g FROM generate_series(1, 30) g",
+        "ALTER TABLE orders ALTER COLUMN amount TYPE bigint",
+        "UPDATE orders SET note = 'x' WHERE note IS NULL; ALTER TABLE orders ALTER COLUMN note SET NOT NULL",
+        "ALTER TABLE orders ADD CONSTRAINT amount_positive CHECK (amount > 0) NOT VALID",
+        "ALTER TABLE orders ALTER COLUMN amount SET DEFAULT 7",
+        "COMMENT ON TABLE orders IS 'the orders'",
+        "CREATE VIEW big_orders AS SELECT id, amount FROM orders WHERE amount > 100",
+        "CREATE FUNCTION order_count() RETURNS bigint LANGUAGE sql AS $$ SELECT count(*) FROM orders $$",
+        "CREATE SEQUENCE invoice_no START 500",
+        "ALTER TABLE fresh ADD COLUMN w int; INSERT INTO fresh VALUES (1000, 'multi', 1)",
+        "CREATE TABLE gone (id int PRIMARY KEY); INSERT INTO gone VALUES (1)",
+        "DROP TABLE gone",
+        "DROP INDEX CONCURRENTLY orders_amount_idx",
+        "CREATE UNIQUE INDEX products_v ON products (v)",
+    ];
+    for sql in changes {
+        exec(&src, sql).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    assert!(written > 20, "the traffic wrote only {written} times");
+    wait_caught_up(&src, &dst, "t_ddl_slot", &mut child).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "apply stopped:\n{}",
+        child.output_so_far()
+    );
+    let out = pgtide_ok(&Args::cutover(&src, &dst, d).args(&["--timeout", "120s"]));
+    assert!(out.contains("cutover complete"), "{out}");
+    let out = wait_exit(child, 120);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("replayed schema change"),
+        "{}",
+        text(&out)
+    );
+    assert_identical(&src, &dst);
+    for table in ["orders", "products", "fresh", "events", "reporting.daily"] {
+        let sql = format!("SELECT md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t");
+        assert_eq!(
+            scalar_string(&src, &sql).await,
+            scalar_string(&dst, &sql).await,
+            "{table} differs"
+        );
+    }
+    assert_eq!(schema_dump(&src), schema_dump(&dst));
+    assert_eq!(comments(&src).await, comments(&dst).await);
+    // cleanup removes the capture from the source.
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'pgtide%'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgtide'"
+        )
+        .await,
+        0
+    );
+}
