@@ -57,6 +57,7 @@ fn main() -> std::process::ExitCode {
             Command::Stream(cli::StreamCommand::Receive(args)) => cli::stream::receive(args).await,
             Command::Stream(cli::StreamCommand::Cleanup(args)) => cli::stream::cleanup(args).await,
             Command::Spool(cli::SpoolCommand::Show(args)) => cli::spool::show(args),
+            Command::Ddl(command) => cli::ddl::run(command),
             Command::Follow(args) => cli::follow::run(args).await,
             Command::Sentinel(command) => cli::sentinel::run(command).await,
             Command::Cleanup(args) => cli::cleanup::cleanup(args).await,

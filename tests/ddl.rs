@@ -212,3 +212,96 @@ async fn schema_changes_under_traffic_are_replayed_in_order() {
         0
     );
 }
+
+/// What cannot be replayed faithfully stops apply with the statement, the reason and the
+/// fix, and the operator decides: a column added with a volatile default (its values come
+/// from the source's table rewrite, which is not in the stream) is skipped after the operator
+/// made the target's column equal; DDL run inside a DO block is replayed as captured with
+/// `pgtide ddl retry`. Nothing is lost or applied twice around the stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn unsafe_schema_changes_stop_and_the_operator_decides() {
+    let (src, dst) = fresh_db_pair("t_ddl_stop").await;
+    exec(
+        &src,
+        "CREATE TABLE tick (id serial PRIMARY KEY);
+         CREATE TABLE orders (id bigint PRIMARY KEY, amount int);
+         INSERT INTO orders SELECT g, g FROM generate_series(1, 200) g;",
+    )
+    .await;
+    let dir = workdir("ddl_stop");
+    let d = dir.to_str().unwrap();
+    let mut child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "t_ddl_stop_slot"), &[]);
+    wait_for_slot(&dir);
+    wait_caught_up(&src, &dst, "t_ddl_stop_slot", &mut child).await;
+    exec(
+        &src,
+        "ALTER TABLE orders ADD COLUMN created timestamptz DEFAULT clock_timestamp()",
+    )
+    .await;
+    exec(&src, "INSERT INTO orders (id, amount) VALUES (1002, 2)").await;
+    let out = wait_exit(child, 60);
+    let log = text(&out);
+    assert!(!out.status.success(), "apply did not stop:\n{log}");
+    assert!(
+        log.contains("apply stopped at the schema change")
+            && log.contains("clock_timestamp()")
+            && log.contains("public.orders.created")
+            && log.contains("pgtide ddl skip"),
+        "{log}"
+    );
+    // Nothing of the stopped transaction or after it was applied.
+    assert_eq!(
+        scalar_i64(&dst, "SELECT count(*) FROM orders WHERE id > 1000").await,
+        0
+    );
+    let show = pgtide_ok(&["ddl", "show", "--dir", d]);
+    assert!(show.contains("clock_timestamp()"), "{show}");
+    // The operator makes the target's column equal by hand, then skips the change.
+    let values = scalar_string(
+        &src,
+        "SELECT string_agg(format('(%s, %L::timestamptz)', id, created), ',') FROM orders WHERE id <= 200",
+    )
+    .await;
+    exec(
+        &dst,
+        &format!(
+            "ALTER TABLE orders ADD COLUMN created timestamptz DEFAULT clock_timestamp();
+             UPDATE orders o SET created = v.c FROM (VALUES {values}) v(id, c) WHERE o.id = v.id"
+        ),
+    )
+    .await;
+    pgtide_ok(&["ddl", "skip", "--dir", d]);
+    // A schema change inside a DO block: stopped, then replayed as captured.
+    exec(
+        &src,
+        "DO $$ BEGIN EXECUTE 'CREATE TABLE made_in_do (id int PRIMARY KEY, v text)'; END $$",
+    )
+    .await;
+    exec(&src, "INSERT INTO made_in_do VALUES (1, 'one'), (2, 'two')").await;
+    let follow = Args::new(&["follow", "--source", &src, "--target", &dst, "--dir", d]);
+    let out = wait_exit(spawn_pgtide(&follow, &[]), 60);
+    let log = text(&out);
+    assert!(
+        !out.status.success() && log.contains("DO") && log.contains("pgtide ddl skip"),
+        "{log}"
+    );
+    // The target stops at the last batch committed before the transaction: a batch merges
+    // whole transactions, and the one that stopped is rolled back with those before it.
+    pgtide_ok(&["ddl", "retry", "--dir", d]);
+    let mut child = spawn_pgtide(&follow, &[]);
+    exec(&src, "UPDATE made_in_do SET v = 'uno' WHERE id = 1").await;
+    wait_caught_up(&src, &dst, "t_ddl_stop_slot", &mut child).await;
+    let out = pgtide_ok(&Args::cutover(&src, &dst, d).args(&["--timeout", "120s"]));
+    assert!(out.contains("cutover complete"), "{out}");
+    let out = wait_exit(child, 120);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_identical(&src, &dst);
+    for table in ["orders", "made_in_do"] {
+        let sql = format!("SELECT md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t");
+        assert_eq!(
+            scalar_string(&src, &sql).await,
+            scalar_string(&dst, &sql).await,
+            "{table} differs"
+        );
+    }
+}

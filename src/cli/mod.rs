@@ -10,6 +10,7 @@ pub mod cleanup;
 pub mod clone;
 pub mod copy;
 pub mod cutover;
+pub mod ddl;
 pub mod follow;
 pub mod sentinel;
 pub mod spool;

@@ -69,6 +69,28 @@ pub enum Command {
     /// Inspect the spool.
     #[command(subcommand)]
     Spool(SpoolCommand),
+    /// The schema change apply stopped on (DDL capture): show it, skip it, or replay it anyway.
+    #[command(subcommand)]
+    Ddl(DdlCommand),
+}
+
+/// `pgtide ddl show|skip|retry`: the operator's say on a schema change apply stopped on. The
+/// decision is recorded in the work dir; start the follow again to act on it.
+#[derive(Subcommand, Debug)]
+pub enum DdlCommand {
+    /// Print the schema change apply stopped on, why, and the decisions taken so far.
+    Show(DdlArgs),
+    /// Go past it without running it on the target (you made the change yourself, or do not
+    /// want it there).
+    Skip(DdlArgs),
+    /// Run it on the target as captured, although pgtide judged it unsafe to replay.
+    Retry(DdlArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DdlArgs {
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
 }
 
 /// How tables are published: those without a primary key, and those created during follow.
