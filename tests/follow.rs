@@ -382,8 +382,9 @@ async fn endpos_is_exact_and_apply_survives_sigkill() {
     pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
 }
 
-/// A column added on the source stops apply before the first change that carries it, with the
-/// table and the fix named; once the target has the column, follow continues to identical.
+/// Without DDL capture (`--no-ddl-capture`), a column added on the source stops apply before
+/// the first change that carries it, with the table and the fix named; once the target has the
+/// column, follow continues to identical.
 #[tokio::test(flavor = "multi_thread")]
 async fn schema_drift_stops_apply_with_the_fix() {
     let (src, dst) = fresh_db_pair("t_follow_drift").await;
@@ -395,7 +396,11 @@ async fn schema_drift_stops_apply_with_the_fix() {
     let dir = workdir("follow-drift");
     let d = dir.to_str().unwrap();
     let child = spawn_pgtide(
-        &clone_follow_args(&src, &dst, d, "t_follow_drift_slot"),
+        &[
+            clone_follow_args(&src, &dst, d, "t_follow_drift_slot"),
+            vec!["--no-ddl-capture"],
+        ]
+        .concat(),
         &[],
     );
     wait_for_slot(&dir);

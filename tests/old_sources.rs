@@ -486,3 +486,56 @@ async fn pg_restore_18_restores_into_a_target_before_17() {
     );
     assert_identical(&src, &dst);
 }
+
+/// Schema changes on a 12 source, whose pgoutput has no logical messages: the capture writes
+/// them as rows of its published log table, apply replays them in order. A column added and
+/// renamed, a table created and filled in its creating transaction, a new leaf partition
+/// (12 publishes leaves: the capture adds it); cleanup removes the capture and its table.
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_changes_on_a_12_source_arrive_through_the_log_table() {
+    let v12 = version_uri(12);
+    let (src, dst) = fresh_db_pair_between(&v12, &v12, "t_v12_ddl").await;
+    exec(&src, PARTITIONED).await;
+    let dir = workdir("v12-ddl");
+    let d = dir_str(&dir);
+    let log = std::env::temp_dir().join(format!("pgtide-v12-ddl-{}.log", std::process::id()));
+    let mut child = spawn_logged(
+        &clone_follow_args(&src, &dst, d, "t_v12_ddl_slot"),
+        &[],
+        &log,
+    );
+    wait_for_slot_of(&mut child, &dir, &log);
+    for sql in [
+        "ALTER TABLE plain ADD COLUMN extra int DEFAULT 5",
+        "UPDATE plain SET extra = id WHERE id < 50",
+        "ALTER TABLE plain RENAME COLUMN v TO label",
+        "BEGIN; CREATE TABLE fresh (id int PRIMARY KEY, v text); INSERT INTO fresh SELECT g, 'f' FROM generate_series(1, 30) g; COMMIT",
+        "DELETE FROM fresh WHERE id > 25",
+        "ALTER TABLE orders DETACH PARTITION orders_other",
+        "CREATE TABLE orders_mars PARTITION OF orders FOR VALUES IN ('mars')",
+        "INSERT INTO orders VALUES (90001, 'mars', 1, 'new leaf'), (90002, 'eu', 2, 'eu')",
+    ] {
+        exec(&src, sql).await;
+    }
+    cutover(&src, &dst, d, "checksums");
+    let out = wait_ok(child, &log, 120);
+    assert!(out.contains("replayed schema change"), "{out}");
+    assert_identical(&src, &dst);
+    for table in ["plain", "fresh", "orders_mars", "orders_eu", "orders_other"] {
+        let sql = format!("SELECT md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t");
+        assert_eq!(
+            scalar_string(&src, &sql).await,
+            scalar_string(&dst, &sql).await,
+            "{table} differs"
+        );
+    }
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
+    assert_eq!(
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgtide'"
+        )
+        .await,
+        0
+    );
+}

@@ -35,6 +35,13 @@ pub struct DdlMessage {
     /// Tables the trigger added to the publication (new tables).
     #[serde(default)]
     pub published: Vec<String>,
+    /// Tables published by this change that already hold rows (they got a primary key, or
+    /// were created by CREATE TABLE AS): rows written before are not in the stream.
+    #[serde(default)]
+    pub late_with_rows: Vec<String>,
+    /// Tables created without a primary key or replica identity: not published.
+    #[serde(default)]
+    pub unpublished: Vec<String>,
     /// Columns whose existing rows the target would compute differently.
     #[serde(default, rename = "unsafe")]
     pub unsafe_columns: Option<String>,
@@ -206,6 +213,24 @@ fn plan(
             fix: SKIP_FIX.into(),
         };
     }
+    let late: Vec<&str> = message
+        .late_with_rows
+        .iter()
+        .map(String::as_str)
+        .filter(|t| parse_table_name(t).is_ok_and(|t| follows_table(filters, &t.schema, &t.name)))
+        .collect();
+    if !late.is_empty() {
+        return Plan::Stop {
+            reason: format!(
+                "{} joined the publication only now (it got a primary key, or was created with its rows by CREATE TABLE AS / SELECT INTO) and already holds rows, which are not in the change stream",
+                late.join(", ")
+            ),
+            fix: format!(
+                "run `pgtide ddl retry --dir <work dir>` to replay the change, start the follow again and run `pgtide follow --resync {}` to copy the rows",
+                late.join(" --resync ")
+            ),
+        };
+    }
     if let Some(columns) = &message.unsafe_columns {
         return Plan::Stop {
             reason: format!(
@@ -299,6 +324,11 @@ pub async fn replay(
         }
         Plan::Stop { reason, fix } => Err(rules.stop(id, &message, &reason, &fix)),
         Plan::Replay(statements) => {
+            for table in &message.unpublished {
+                tracing::warn!(
+                    "{table} was created on the source without a primary key or replica identity: its rows are not followed until it gets one (ALTER TABLE … ADD PRIMARY KEY or REPLICA IDENTITY FULL on the source); verify will show it differs"
+                );
+            }
             run_statements(target, &message, &statements)
                 .await
                 .map_err(|e| {
@@ -405,6 +435,8 @@ mod tests {
                 .collect(),
             dropped: vec![],
             published: vec![],
+            late_with_rows: vec![],
+            unpublished: vec![],
             unsafe_columns: None,
         }
     }

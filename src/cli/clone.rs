@@ -38,6 +38,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
             identity: crate::preflight::Identity {
                 replica_identity_full: args.identity.replica_identity_full,
                 append_only: args.identity.append_only.clone(),
+                no_ddl_capture: args.identity.no_ddl_capture,
             },
             no_owner: args.no_owner,
             no_acl: args.no_acl,

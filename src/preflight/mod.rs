@@ -60,6 +60,7 @@ pub enum CheckId {
     SourceLargeObjects,
     SourceWal2json,
     SourceEarlierRuns,
+    SourceDdlCapture,
     SourceConnections,
     TargetConnection,
     /// A target check failed to run (the error says why).
@@ -99,6 +100,7 @@ impl CheckId {
             CheckId::SourceLargeObjects => "source large objects",
             CheckId::SourceWal2json => "source wal2json",
             CheckId::SourceEarlierRuns => "source earlier runs",
+            CheckId::SourceDdlCapture => "source DDL capture",
             CheckId::SourceConnections => "source connections",
             CheckId::TargetConnection => "target connection",
             CheckId::TargetCheckError => "target",
@@ -157,6 +159,8 @@ pub struct Identity {
     pub replica_identity_full: bool,
     /// Tables declared append-only (schema.table or table): published for INSERT and TRUNCATE.
     pub append_only: Vec<String>,
+    /// --no-ddl-capture: schema changes during follow are not captured.
+    pub no_ddl_capture: bool,
 }
 
 impl CheckOptions {

@@ -65,6 +65,7 @@ pub(super) async fn source_checks(
         if opts.plugin == Plugin::Wal2json {
             wal2json_plugin_check(r, src).await;
         }
+        ddl_capture_check(r, src, opts).await;
         earlier_runs_check(r, src).await?;
     }
     Ok(((version_num / 10000) as u32, size))
@@ -377,7 +378,8 @@ async fn earlier_runs_check(r: &mut Report, src: &Client) -> Result<()> {
     let leftovers: Vec<String> = src
         .query(
             "SELECT 'slot ' || slot_name FROM pg_replication_slots WHERE slot_name LIKE 'pgtide%' AND NOT temporary
-             UNION ALL SELECT 'publication ' || pubname FROM pg_publication WHERE pubname LIKE 'pgtide%' ORDER BY 1",
+             UNION ALL SELECT 'publication ' || pubname FROM pg_publication WHERE pubname LIKE 'pgtide%'
+             UNION ALL SELECT 'event trigger ' || evtname FROM pg_event_trigger WHERE evtname LIKE 'pgtide\\_ddl\\_%' ORDER BY 1",
             &[],
         )
         .await?
@@ -525,4 +527,37 @@ async fn partitioned_tables(src: &Client, filters: &Filters) -> Result<Vec<Strin
         .filter(|row| filters.includes_table(row.get(0), row.get(1)))
         .map(|row| row.get(2))
         .collect())
+}
+
+/// Whether schema changes during follow will be captured (replication::ddl_capture): the
+/// event triggers need a superuser and pgoutput.
+async fn ddl_capture_check(r: &mut Report, src: &Client, opts: &CheckOptions) {
+    const NOT_CAPTURED: &str = "a schema change on the source during follow stops apply until you make it on the target, and tables created on the source are not followed";
+    if opts.identity.no_ddl_capture {
+        r.warn(
+            CheckId::SourceDdlCapture,
+            format!("off (--no-ddl-capture): {NOT_CAPTURED}"),
+            "leave out --no-ddl-capture to replay schema changes in order",
+        );
+        return;
+    }
+    if opts.plugin != Plugin::Pgoutput {
+        r.warn(
+            CheckId::SourceDdlCapture,
+            format!("not with wal2json: {NOT_CAPTURED}"),
+            "use --plugin pgoutput to replay schema changes in order",
+        );
+        return;
+    }
+    match crate::replication::ddl_capture::check_privileges(src).await {
+        Ok(()) => r.ok(
+            CheckId::SourceDdlCapture,
+            "schema changes during follow are replayed in commit order (event triggers pgtide_ddl_*, removed by cleanup); tables created on the source are followed",
+        ),
+        Err(why) => r.warn(
+            CheckId::SourceDdlCapture,
+            format!("not possible: {why:#}"),
+            "connect to the source as a superuser, or accept that schema changes stop apply",
+        ),
+    }
 }

@@ -113,6 +113,17 @@ pub async fn install(
                     EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {pub}, command.objid::regclass);
                     PERFORM set_config('pgtide.capturing', 'off', true);
                     published := published || to_jsonb(command.object_identity);
+                    -- Published by a later command (it got a primary key) or created with
+                    -- rows (CREATE TABLE AS): rows written before are not in the stream.
+                    IF command.command_tag <> 'CREATE TABLE' THEN
+                        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', command.objid::regclass) INTO has_rows;
+                        IF has_rows THEN
+                            late_with_rows := late_with_rows || to_jsonb(command.object_identity);
+                        END IF;
+                    END IF;
+                ELSIF FOUND AND relation.relpersistence = 'p' AND relation.relkind = 'r'
+                   AND NOT relation.is_published AND NOT relation.identified THEN
+                    unpublished := unpublished || to_jsonb(command.object_identity);
                 END IF;
             END IF;",
             pub = quote_literal(name),
@@ -135,6 +146,9 @@ DECLARE
     relation record;
     commands jsonb := '[]';
     published jsonb := '[]';
+    late_with_rows jsonb := '[]';
+    unpublished jsonb := '[]';
+    has_rows boolean;
     dropped jsonb := coalesce(nullif(current_setting('pgtide.dropped', true), ''), '[]')::jsonb;
     rewritten oid[] := coalesce(nullif(current_setting('pgtide.rewritten', true), ''), '{{}}')::oid[];
     unsafe text;
@@ -177,6 +191,8 @@ BEGIN
         'commands', commands,
         'dropped', dropped,
         'published', published,
+        'late_with_rows', late_with_rows,
+        'unpublished', unpublished,
         'unsafe', unsafe)::text;
     {emit}
 END
