@@ -439,7 +439,8 @@ async fn append_only_partitioned_table_on_12() {
         scalar_string(
             &src,
             "SELECT string_agg(pubname || ':' || tablename, ',' ORDER BY pubname, tablename)
-               FROM pg_publication_tables WHERE pubname LIKE 'pgtide_t_v12_append_slot%'"
+               FROM pg_publication_tables WHERE pubname LIKE 'pgtide_t_v12_append_slot%'
+                AND schemaname <> 'pgtide'"
         )
         .await,
         "pgtide_t_v12_append_slot:plain,pgtide_t_v12_append_slot_append:events_1,pgtide_t_v12_append_slot_append:events_2"
@@ -505,6 +506,16 @@ async fn schema_changes_on_a_12_source_arrive_through_the_log_table() {
         &log,
     );
     wait_for_slot_of(&mut child, &dir, &log);
+    // Schema changes are replayed from the end of the copy on (a change during the copy
+    // stops the clone, see tests/ddl.rs): wait until apply runs.
+    let applied = "SELECT count(*) FROM pg_replication_origin_status
+                   WHERE external_id = 'pgtide_t_v12_ddl_slot' AND remote_lsn > '0/0'";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while scalar_i64(&dst, applied).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "apply never started");
+        exec(&src, "UPDATE plain SET v = v WHERE id = 1").await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
     for sql in [
         "ALTER TABLE plain ADD COLUMN extra int DEFAULT 5",
         "UPDATE plain SET extra = id WHERE id < 50",

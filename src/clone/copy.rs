@@ -127,7 +127,23 @@ impl CopyWorker {
             .source
             .copy_out(source_sql)
             .await
-            .map_err(|e| anyhow!("cannot read {name} from the source: {}", describe(&e)))?;
+            .map_err(|e| {
+                // A column or the table itself renamed or dropped since the snapshot: the
+                // statement is parsed against the source's current catalog.
+                let changed = matches!(
+                    e.code(),
+                    Some(c) if *c == tokio_postgres::error::SqlState::UNDEFINED_COLUMN
+                        || *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE
+                );
+                if changed {
+                    anyhow!(
+                        "cannot read {name} from the source: {}. Its definition changed on the source during the copy (a schema change after the snapshot), so it cannot be copied under the snapshot. Start over (`pgtide cleanup`, then `pgtide clone --follow`) and make schema changes once `pgtide status` shows the copy done: from then on they are replayed in order",
+                        describe(&e)
+                    )
+                } else {
+                    anyhow!("cannot read {name} from the source: {}", describe(&e))
+                }
+            })?;
         let sink = self
             .target
             .copy_in::<_, Bytes>(target_sql)
