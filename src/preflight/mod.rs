@@ -60,6 +60,8 @@ pub enum CheckId {
     SourceLargeObjects,
     SourceWal2json,
     SourceEarlierRuns,
+    /// How much WAL a stopped follower may make the source keep (max_slot_wal_keep_size).
+    SourceSlotWalLimit,
     SourceConnections,
     TargetConnection,
     /// A target check failed to run (the error says why).
@@ -99,6 +101,7 @@ impl CheckId {
             CheckId::SourceLargeObjects => "source large objects",
             CheckId::SourceWal2json => "source wal2json",
             CheckId::SourceEarlierRuns => "source earlier runs",
+            CheckId::SourceSlotWalLimit => "source slot WAL limit",
             CheckId::SourceConnections => "source connections",
             CheckId::TargetConnection => "target connection",
             CheckId::TargetCheckError => "target",

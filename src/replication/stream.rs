@@ -68,6 +68,13 @@ const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(20);
 /// The reason and the fix for the errors the receiver stops on that the server's message
 /// alone does not explain.
 fn explain(e: anyhow::Error, slot: &str) -> anyhow::Error {
+    if super::slot::is_slot_lost(&e) {
+        let e = format!("{e:#}");
+        return anyhow::Error::new(Fatal(format!(
+            "the replication slot \"{slot}\" is lost: the source removed WAL it still needed, because it retained more than max_slot_wal_keep_size while pgtide was behind or stopped (or invalidated the slot) ({e}). {}",
+            super::slot::LOST_SLOT_FIX
+        )));
+    }
     match sqlstate(&e).as_deref() {
         Some("55006") => {
             let e = format!("{e:#}");
