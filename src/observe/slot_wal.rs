@@ -150,3 +150,38 @@ pub fn seconds_to_limit(wal: &SlotWal, limit: Option<i64>, rate: Option<f64>) ->
     })?;
     Some(left.max(0) as f64 / rate)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_slot_says_why() {
+        assert_eq!(lost_reason(Some("reserved"), None), None);
+        assert_eq!(lost_reason(None, None), None);
+        let lost = lost_reason(Some("lost"), None).unwrap_or_default();
+        assert!(lost.contains("max_slot_wal_keep_size"), "{lost}");
+        let removed = lost_reason(Some("lost"), Some("wal_removed")).unwrap_or_default();
+        assert!(removed.contains("max_slot_wal_keep_size"), "{removed}");
+        let conflict = lost_reason(Some("lost"), Some("rows_removed")).unwrap_or_default();
+        assert!(conflict.contains("conflict with recovery"), "{conflict}");
+    }
+
+    #[test]
+    fn time_to_the_limit_needs_a_limit_and_a_rate() {
+        let wal = SlotWal {
+            exists: true,
+            retained_bytes: Some(10),
+            ..Default::default()
+        };
+        assert_eq!(seconds_to_limit(&wal, Some(-1), Some(5.0)), None);
+        assert_eq!(seconds_to_limit(&wal, None, Some(5.0)), None);
+        assert_eq!(seconds_to_limit(&wal, Some(110), Some(0.0)), None);
+        assert_eq!(seconds_to_limit(&wal, Some(110), Some(5.0)), Some(20.0));
+        let safe = SlotWal {
+            safe_wal_bytes: Some(50),
+            ..wal
+        };
+        assert_eq!(seconds_to_limit(&safe, Some(110), Some(5.0)), Some(10.0));
+    }
+}

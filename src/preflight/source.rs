@@ -378,7 +378,12 @@ async fn earlier_runs_check(r: &mut Report, src: &Client) -> Result<()> {
     let mut leftovers: Vec<String> = Vec::new();
     let slots: Vec<String> = src
         .query(
-            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'pgtide%' AND NOT temporary ORDER BY 1",
+            "SELECT slot_name::text FROM pg_replication_slots
+             WHERE NOT temporary
+               AND (slot_name LIKE 'pgtide%'
+                    OR (database = current_database()
+                        AND EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'pgtide_' || slot_name)))
+             ORDER BY 1",
             &[],
         )
         .await?
