@@ -230,6 +230,12 @@ impl SpoolWriter {
         *self.durable.borrow()
     }
 
+    /// Whether every record appended so far is durable (nothing received is pending): the
+    /// receiver may then report a keepalive's position as flushed (`replication::stream`).
+    pub fn all_durable(&self) -> bool {
+        self.durable.borrow().records >= self.sent
+    }
+
     /// Waits until every appended record is durable.
     pub async fn sync(&mut self) -> Result<Durable> {
         let target = self.sent;

@@ -63,6 +63,17 @@ pub struct CloneOptions {
 
 /// Runs (or resumes) a clone in `workdir`.
 pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
+    run_holding(workdir, opts, None).await
+}
+
+/// Runs a clone whose snapshot (`opts.snapshot`) was exported by `holder` (clone --follow's
+/// slot): the holder is closed as soon as the last copy part is done, not kept through index
+/// builds and post-data.
+pub async fn run_holding(
+    workdir: &WorkDir,
+    opts: &CloneOptions,
+    holder: Option<crate::replication::conn::ReplicationConnection>,
+) -> Result<()> {
     let state = &workdir.state;
     let started = Instant::now();
     if opts.restart {
@@ -103,7 +114,7 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
     state.set_phase(Phase::Snapshot)?;
 
     let (snapshot, resync_lsn) = match &opts.snapshot {
-        Some(name) => (Snapshot::external(name), None),
+        Some(name) => (Snapshot::external(name, holder), None),
         None if opts.resync_for_follow => {
             let (snapshot, lsn) = Snapshot::at_known_lsn(&opts.source).await?;
             (snapshot, Some(lsn))
@@ -211,6 +222,27 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         .await?;
     }
 
+    // The snapshot is shared by the copy workers; the last one to finish releases it.
+    let snapshot = snapshot::Lease::new(snapshot);
+    // Large objects first: they read the snapshot too, and then nothing after the last copy
+    // part does.
+    if !state.step_is_done(Step::LargeObjects)? {
+        let oids = state.large_objects()?;
+        let skip = opts.skip_large_objects;
+        run_step(state, Step::LargeObjects, async {
+            if skip {
+                tracing::info!(
+                    "skipping {} large objects (--skip-large-objects)",
+                    oids.len()
+                );
+                return Ok(());
+            }
+            let bytes = large_objects::copy(&source, &target, snapshot.name(), &oids).await?;
+            tracing::info!("copied {} large objects ({} bytes)", oids.len(), bytes);
+            Ok(())
+        })
+        .await?;
+    }
     if !state.step_is_done(Step::Copy)? || !state.step_is_done(Step::Indexes)? {
         copy::prepare_target(&target).await?;
         reconcile_with_target(state, &target, &tables, &all_indexes).await?;
@@ -220,7 +252,8 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         state.set_phase(Phase::Copying)?;
         state.step_started(Step::Copy)?;
         state.step_started(Step::Indexes)?;
-        let result = copy_resyncing_rewritten(opts, state, &target, &snapshot.name, &tables).await;
+        let result =
+            copy_resyncing_rewritten(opts, state, &target, snapshot.clone(), &tables).await;
         match &result {
             Ok(()) => {
                 state.step_done(Step::Copy)?;
@@ -233,25 +266,6 @@ pub async fn run(workdir: &WorkDir, opts: &CloneOptions) -> Result<()> {
         }
         result?;
     }
-
-    if !state.step_is_done(Step::LargeObjects)? {
-        let oids = state.large_objects()?;
-        let skip = opts.skip_large_objects;
-        run_step(state, Step::LargeObjects, async {
-            if skip {
-                tracing::info!(
-                    "skipping {} large objects (--skip-large-objects)",
-                    oids.len()
-                );
-                return Ok(());
-            }
-            let bytes = large_objects::copy(&source, &target, &snapshot.name, &oids).await?;
-            tracing::info!("copied {} large objects ({} bytes)", oids.len(), bytes);
-            Ok(())
-        })
-        .await?;
-    }
-    drop(snapshot);
 
     if !state.step_is_done(Step::PostData)? {
         run_step(state, Step::PostData, async {
@@ -470,16 +484,14 @@ async fn copy_resyncing_rewritten(
     opts: &CloneOptions,
     state: &StateDb,
     target: &tokio_postgres::Client,
-    snapshot_name: &str,
+    mut lease: snapshot::Lease,
     tables: &[TableRow],
 ) -> Result<()> {
     /// Resyncs in one run before giving up: a source that rewrites a table faster than it can
     /// be copied needs the operator.
     const RESYNCS: usize = 5;
-    let mut snapshot_name = snapshot_name.to_string();
-    let mut _resync_snapshot = None;
     for attempt in 0.. {
-        let result = copy_and_index(opts, state, &snapshot_name, tables).await;
+        let result = copy_and_index(opts, state, &lease, tables).await;
         match result {
             Err(e)
                 if opts.follow
@@ -492,10 +504,13 @@ async fn copy_resyncing_rewritten(
                 // but not yet recorded), as a resume finds it.
                 reconcile_with_target(state, target, tables, &state.indexes()?).await?;
                 resync_unfinished_tables(state, target, tables, lsn).await?;
-                snapshot_name = snapshot.name.clone();
-                _resync_snapshot = Some(snapshot);
+                lease.release();
+                lease = snapshot::Lease::new(snapshot);
             }
-            other => return other,
+            other => {
+                lease.release();
+                return other;
+            }
         }
     }
     unreachable!("the loop returns")
@@ -582,7 +597,7 @@ async fn reconcile_with_target(
 async fn copy_and_index(
     opts: &CloneOptions,
     state: &StateDb,
-    snapshot_name: &str,
+    lease: &snapshot::Lease,
     tables: &[TableRow],
 ) -> Result<()> {
     let by_oid: Arc<HashMap<u32, TableRow>> =
@@ -612,11 +627,14 @@ async fn copy_and_index(
 
     let counters = Arc::new(CopyCounters::default());
     let mut workers: JoinSet<Result<()>> = JoinSet::new();
+    // Copy workers still copying: the last one to find the queue empty releases the snapshot
+    // (index builds and vacuum do not need it).
+    let copying = Arc::new(std::sync::atomic::AtomicUsize::new(opts.table_jobs.max(1)));
     for n in 0..opts.table_jobs.max(1) {
         let worker = CopyWorker {
             source: pg::connect(&opts.source, Side::Source, "copy").await?,
             target: pg::connect(&opts.target, Side::Target, "copy").await?,
-            snapshot: snapshot_name.to_string(),
+            snapshot: lease.name().to_string(),
             counters: counters.clone(),
             state: state.clone(),
         };
@@ -628,9 +646,14 @@ async fn copy_and_index(
         let schedule = schedule.clone();
         let index_tx = index_tx.clone();
         let state = state.clone();
+        let copying = copying.clone();
+        let lease = lease.clone();
         workers.spawn(async move {
             loop {
                 let Some((table, part)) = queue.lock().await.pop_front() else {
+                    if copying.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        lease.release();
+                    }
                     return Ok(());
                 };
                 let label = if part.nparts > 1 {

@@ -1,6 +1,11 @@
 //! The source snapshot every copy worker imports. Either pgtide exports one itself (a
 //! REPEATABLE READ transaction kept open until the copy is done) or the caller hands one in:
 //! `--snapshot NAME`, or the replication slot's exported snapshot in the follow pipeline.
+//! The copy holds it through a [`Lease`], released by the last copy worker to finish: a
+//! snapshot held through index builds and post-data would keep the source's vacuum horizon
+//! (and, for a slot's snapshot, its walsender) pinned for nothing.
+
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use tokio_postgres::Client;
@@ -64,12 +69,48 @@ impl Snapshot {
     }
 
     /// A snapshot exported by someone else; its exporter must keep it alive for the whole copy.
-    pub fn external(name: &str) -> Self {
+    /// `holder`, when given, is the replication connection that exported it (clone --follow's
+    /// slot): it is closed with this value, as soon as the copy no longer needs the snapshot.
+    pub fn external(name: &str, holder: Option<ReplicationConnection>) -> Self {
         Snapshot {
             name: name.to_string(),
             lsn: String::new(),
             _holder: None,
-            _slot_holder: None,
+            _slot_holder: holder,
+        }
+    }
+}
+
+/// A snapshot shared by the copy workers; [`Lease::release`] ends it (closes the exporting
+/// session) once, whoever calls it first. Cloning shares the same snapshot.
+#[derive(Clone)]
+pub struct Lease {
+    name: String,
+    held: Arc<Mutex<Option<Snapshot>>>,
+}
+
+impl Lease {
+    pub fn new(snapshot: Snapshot) -> Self {
+        Lease {
+            name: snapshot.name.clone(),
+            held: Arc::new(Mutex::new(Some(snapshot))),
+        }
+    }
+
+    /// The snapshot's name, for `SET TRANSACTION SNAPSHOT`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Ends the exporting session (its transaction rolls back, or its replication connection
+    /// closes): nothing imports the snapshot after this.
+    pub fn release(&self) {
+        let taken = self.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(snapshot) = taken {
+            tracing::info!(
+                "the copy is done: released snapshot {} on the source",
+                snapshot.name
+            );
         }
     }
 }

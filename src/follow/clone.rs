@@ -115,8 +115,9 @@ pub async fn clone_and_follow(
     let receiver = super::start_receiver(&opts.source, workdir)?;
     opts.snapshot = created.snapshot;
     opts.resync_for_follow = false;
-    interruptible(clone::run(workdir, &opts), dir).await?;
-    holder.close().await;
+    // The slot's connection holds the exported snapshot: the clone closes it as soon as the
+    // last copy part is done (the slot itself stays, for the stream).
+    interruptible(clone::run_holding(workdir, &opts, Some(holder)), dir).await?;
     apply_phase(&opts, workdir, receiver).await
 }
 

@@ -162,6 +162,11 @@ pub fn exposition(s: &Status) -> Result<String, std::fmt::Error> {
         s.slot_retained_bytes,
     );
     int(
+        "slot_lost",
+        "1 when the slot is lost or invalidated on the source (only a new clone helps)",
+        s.slot.as_ref().map(|_| u64::from(s.slot_lost.is_some())),
+    );
+    int(
         "error",
         "1 when the migration stopped on an error",
         Some(u64::from(s.phase == crate::state::Phase::Failed)),
@@ -187,6 +192,26 @@ pub fn exposition(s: &Status) -> Result<String, std::fmt::Error> {
         "apply_transactions_per_second",
         "Source transactions applied per second over the last minute",
         s.apply_transactions_per_second,
+    );
+    float(
+        "slot_wal_limit_bytes",
+        "max_slot_wal_keep_size in bytes; -1 = unlimited (a stopped pgtide retains WAL until the disk fills)",
+        s.slot_wal_limit_bytes.map(|l| l as f64),
+    );
+    float(
+        "slot_safe_wal_bytes",
+        "safe_wal_size: WAL the source may still write before the slot is in danger (13+)",
+        s.slot_safe_wal_bytes.map(|l| l as f64),
+    );
+    float(
+        "source_wal_bytes_per_second",
+        "The source's WAL rate, measured between scrapes",
+        s.source_wal_bytes_per_second,
+    );
+    float(
+        "slot_seconds_to_limit",
+        "At that rate, seconds until a stopped pgtide's slot reaches max_slot_wal_keep_size",
+        s.slot_seconds_to_limit,
     );
     float(
         "phase_seconds",

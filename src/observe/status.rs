@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Result;
 use serde::Serialize;
 
+use super::slot_wal::{self, SlotWal};
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Lsn, Side};
 use crate::spool::{self, SpoolView};
@@ -62,6 +63,21 @@ pub struct Status {
     pub catch_up_eta_seconds: Option<f64>,
     pub spool_bytes: Option<u64>,
     pub slot_retained_bytes: Option<u64>,
+    /// The slot's `wal_status` on the source (13+): reserved, extended, unreserved, lost.
+    pub slot_wal_status: Option<String>,
+    /// `safe_wal_size` (13+, with a limit): WAL the source may still write before the slot is
+    /// in danger.
+    pub slot_safe_wal_bytes: Option<i64>,
+    /// `max_slot_wal_keep_size` in bytes; -1 = unlimited (a stopped pgtide then retains WAL
+    /// until the source's disk fills); null before 13 (no limit exists).
+    pub slot_wal_limit_bytes: Option<i64>,
+    /// The source's WAL rate, measured by status (over one second, or since the previous
+    /// scrape of the metrics endpoint).
+    pub source_wal_bytes_per_second: Option<f64>,
+    /// At that rate, seconds until the slot reaches the limit if pgtide stops acknowledging.
+    pub slot_seconds_to_limit: Option<f64>,
+    /// Why the slot is lost or invalidated (then only a new clone helps); null while usable.
+    pub slot_lost: Option<String>,
     /// Servers status could not ask, with why (the figures above then come from state.db).
     pub unreachable: Vec<String>,
     pub verdict: String,
@@ -168,9 +184,21 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
     let mut source_lsn = None;
     if let (Some(source), Some(slot)) = (&servers.source, &status.slot) {
         match ask_source(source, slot).await {
-            Ok((lsn, retained)) => {
-                source_lsn = Some(lsn);
-                status.slot_retained_bytes = retained;
+            Ok(answer) => {
+                source_lsn = Some(answer.lsn);
+                let wal = &answer.slot;
+                status.slot_retained_bytes = wal.retained_bytes;
+                status.slot_wal_status = wal.wal_status.clone();
+                status.slot_safe_wal_bytes = wal.safe_wal_bytes;
+                status.slot_wal_limit_bytes = answer.limit;
+                status.source_wal_bytes_per_second = answer.rate;
+                status.slot_seconds_to_limit =
+                    slot_wal::seconds_to_limit(wal, answer.limit, answer.rate);
+                status.slot_lost = if wal.exists {
+                    wal.lost.clone()
+                } else {
+                    Some("missing: it no longer exists on the source".into())
+                };
             }
             Err(e) => status.unreachable.push(format!("source: {e:#}")),
         }
@@ -217,27 +245,34 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
     Ok(status)
 }
 
-async fn ask_source(source: &ConnInfo, slot: &str) -> Result<(Lsn, Option<u64>)> {
+/// What the source says about its WAL and the slot.
+struct SourceAnswer {
+    lsn: Lsn,
+    slot: SlotWal,
+    limit: Option<i64>,
+    rate: Option<f64>,
+}
+
+async fn ask_source(source: &ConnInfo, slot: &str) -> Result<SourceAnswer> {
     let client = tokio::time::timeout(
         Duration::from_secs(5),
         pg::connect(source, Side::Source, "status"),
     )
     .await
     .map_err(|_| anyhow::anyhow!("no answer within 5 s"))??;
-    let row = client
-        .query_one(
-            "SELECT pg_current_wal_lsn()::text,
-                    (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
-                     FROM pg_replication_slots WHERE slot_name = $1)",
-            &[&slot],
-        )
-        .await?;
-    let lsn: String = row.get(0);
-    let retained: Option<i64> = row.get(1);
-    Ok((
-        lsn.parse().map_err(|e: String| anyhow::anyhow!(e))?,
-        retained.map(|r| r.max(0) as u64),
-    ))
+    let wal = slot_wal::ask(&client, slot).await?;
+    let limit = slot_wal::keep_limit(&client).await?;
+    let rate = slot_wal::wal_rate(&client).await.ok();
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    Ok(SourceAnswer {
+        lsn: lsn.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        slot: wal,
+        limit,
+        rate,
+    })
 }
 
 async fn ask_target(target: &ConnInfo, origin: &str) -> Result<Option<Lsn>> {
@@ -279,6 +314,14 @@ fn oldest_unapplied_commit_age(
 
 /// The one line an operator reads first.
 pub fn verdict(s: &Status) -> String {
+    if let (Some(lost), Some(slot)) = (&s.slot_lost, &s.slot)
+        && !matches!(s.phase, Phase::Done | Phase::StoppedAtEndpos)
+    {
+        return format!(
+            "stopped: the slot \"{slot}\" is {lost}. {}",
+            crate::replication::slot::LOST_SLOT_FIX
+        );
+    }
     match s.phase {
         Phase::Failed => format!("stopped: {}", s.error.as_deref().unwrap_or("unknown error")),
         Phase::StoppedAtEndpos => format!(
@@ -338,6 +381,42 @@ pub fn verdict(s: &Status) -> String {
 
 pub fn human_seconds(seconds: f64) -> String {
     humantime::format_duration(Duration::from_secs(seconds.max(0.0).round() as u64)).to_string()
+}
+
+/// The slot's cost to the source in one line: retained WAL, the limit (or that there is
+/// none), the WAL rate and the time to the limit at that rate; or that the slot is lost.
+fn slot_wal_line(s: &Status) -> String {
+    use crate::units::human_bytes;
+    if let Some(lost) = &s.slot_lost {
+        return format!("nothing: the slot is {lost}");
+    }
+    let mut out = s.slot_retained_bytes.map_or_else(
+        || "—".to_string(),
+        |b| format!("{} of WAL on the source", human_bytes(b)),
+    );
+    if let Some(w) = &s.slot_wal_status {
+        out.push_str(&format!(" ({w})"));
+    }
+    match s.slot_wal_limit_bytes {
+        Some(l) if l >= 0 => out.push_str(&format!(
+            "; limit max_slot_wal_keep_size = {}",
+            human_bytes(l as u64)
+        )),
+        Some(_) => out.push_str(
+            "; no limit (max_slot_wal_keep_size = -1): a stopped pgtide makes the source keep WAL until its disk fills",
+        ),
+        None => {}
+    }
+    if let Some(rate) = s.source_wal_bytes_per_second {
+        out.push_str(&format!("; source writes {}/s", human_bytes(rate as u64)));
+        if let Some(t) = s.slot_seconds_to_limit {
+            out.push_str(&format!(
+                ", at that rate a stopped pgtide loses its slot in about {}",
+                human_seconds(t)
+            ));
+        }
+    }
+    out
 }
 
 /// The human-readable report.
@@ -425,12 +504,7 @@ pub fn render(dir: &Path, s: &Status) -> String {
             "spool",
             s.spool_bytes.map_or_else(none, crate::units::human_bytes),
         );
-        line(
-            "slot retains",
-            s.slot_retained_bytes.map_or_else(none, |b| {
-                format!("{} of WAL on the source", crate::units::human_bytes(b))
-            }),
-        );
+        line("slot retains", slot_wal_line(s));
     }
     for u in &s.unreachable {
         line("not asked", u.clone());

@@ -61,6 +61,8 @@ pub enum CheckId {
     SourceWal2json,
     SourceEarlierRuns,
     SourceDdlCapture,
+    /// How much WAL a stopped follower may make the source keep (max_slot_wal_keep_size).
+    SourceSlotWalLimit,
     SourceConnections,
     TargetConnection,
     /// A target check failed to run (the error says why).
@@ -101,6 +103,7 @@ impl CheckId {
             CheckId::SourceWal2json => "source wal2json",
             CheckId::SourceEarlierRuns => "source earlier runs",
             CheckId::SourceDdlCapture => "source DDL capture",
+            CheckId::SourceSlotWalLimit => "source slot WAL limit",
             CheckId::SourceConnections => "source connections",
             CheckId::TargetConnection => "target connection",
             CheckId::TargetCheckError => "target",

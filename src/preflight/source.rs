@@ -67,6 +67,7 @@ pub(super) async fn source_checks(
         }
         ddl_capture_check(r, src, opts).await;
         earlier_runs_check(r, src).await?;
+        slot_wal_limit_check(r, src).await?;
     }
     Ok(((version_num / 10000) as u32, size))
 }
@@ -375,23 +376,94 @@ async fn wal2json_plugin_check(r: &mut Report, src: &Client) {
 
 /// pgtide objects left by an earlier run.
 async fn earlier_runs_check(r: &mut Report, src: &Client) -> Result<()> {
-    let leftovers: Vec<String> = src
+    let mut leftovers: Vec<String> = Vec::new();
+    let slots: Vec<String> = src
         .query(
-            "SELECT 'slot ' || slot_name FROM pg_replication_slots WHERE slot_name LIKE 'pgtide%' AND NOT temporary
-             UNION ALL SELECT 'publication ' || pubname FROM pg_publication WHERE pubname LIKE 'pgtide%'
-             UNION ALL SELECT 'event trigger ' || evtname FROM pg_event_trigger WHERE evtname LIKE 'pgtide\\_ddl\\_%' ORDER BY 1",
+            "SELECT slot_name::text FROM pg_replication_slots
+             WHERE NOT temporary
+               AND (slot_name LIKE 'pgtide%'
+                    OR (database = current_database()
+                        AND EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'pgtide_' || slot_name)))
+             ORDER BY 1",
             &[],
         )
         .await?
         .iter()
         .map(|r| r.get(0))
         .collect();
+    for slot in slots {
+        // A lost slot cannot be resumed: say so, with why.
+        let wal = crate::observe::slot_wal::ask(src, &slot).await?;
+        leftovers.push(match wal.lost {
+            Some(why) => format!(
+                "slot {slot} ({why}; it cannot be resumed: `pgtide cleanup`, then a new clone --follow)"
+            ),
+            None => format!("slot {slot}"),
+        });
+    }
+    leftovers.extend(
+        src.query(
+            "SELECT 'publication ' || pubname FROM pg_publication WHERE pubname LIKE 'pgtide%'
+             UNION ALL SELECT 'event trigger ' || evtname FROM pg_event_trigger WHERE evtname LIKE 'pgtide\\_ddl\\_%' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get::<_, String>(0)),
+    );
     if !leftovers.is_empty() {
         r.warn(
             CheckId::SourceEarlierRuns,
             format!("pgtide objects from an earlier run: {}", leftovers.join(", ")),
             "continue that migration with `--resume` (same --dir), or remove them with `pgtide cleanup --slot-name NAME`",
         );
+    }
+    Ok(())
+}
+
+/// What a stopped (or stalled) follower may cost the source: the slot retains WAL from its
+/// last acknowledgement on, up to max_slot_wal_keep_size (then the slot is lost and only a new
+/// clone helps) or, with -1 (and on 12, which has no limit), until the source's disk fills.
+/// The time to the limit is measured at the source's current WAL rate (one second's sample).
+/// While pgtide runs it acknowledges as it spools, also during the copy, so a running pgtide
+/// keeps the slot far below the limit.
+async fn slot_wal_limit_check(r: &mut Report, src: &Client) -> Result<()> {
+    use crate::observe::{slot_wal, status::human_seconds};
+    use crate::units::human_bytes;
+    let limit = slot_wal::keep_limit(src).await?;
+    let rate = slot_wal::wal_rate(src).await.ok().filter(|r| *r > 0.0);
+    let rate_text = rate.map_or_else(
+        || "the source wrote no WAL during the one-second sample".to_string(),
+        |r| format!("the source writes {}/s now", human_bytes(r as u64)),
+    );
+    match limit {
+        Some(limit) if limit >= 0 => {
+            let window = rate.map_or_else(String::new, |r| {
+                format!(
+                    ": a pgtide stopped for more than about {} loses its slot (then only a new clone helps)",
+                    human_seconds(limit as f64 / r)
+                )
+            });
+            r.ok(
+                CheckId::SourceSlotWalLimit,
+                format!(
+                    "max_slot_wal_keep_size = {}; {rate_text}{window}",
+                    human_bytes(limit as u64)
+                ),
+            );
+        }
+        limit => r.warn(
+            CheckId::SourceSlotWalLimit,
+            format!(
+                "{}: a stopped or stalled pgtide makes the source keep WAL until its disk fills ({rate_text})",
+                if limit.is_some() {
+                    "max_slot_wal_keep_size = -1 (unlimited)"
+                } else {
+                    "PostgreSQL 12 has no max_slot_wal_keep_size"
+                }
+            ),
+            "set max_slot_wal_keep_size (13+: ALTER SYSTEM SET max_slot_wal_keep_size = '…'; SELECT pg_reload_conf()) to what the source's disk can spare, and watch `pgtide status` (slot retains) while pgtide is stopped; `pgtide cleanup` drops the slot",
+        ),
     }
     Ok(())
 }

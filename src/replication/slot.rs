@@ -8,6 +8,29 @@ use super::Plugin;
 use super::conn::{ReplicationConnection, ServerError};
 use crate::pg::{self, Lsn, quote_ident};
 
+/// The way out of a lost or invalidated slot, said by follow's error and status' verdict: the
+/// changes the slot held are gone, so only a new clone restores a consistent target.
+pub const LOST_SLOT_FIX: &str = "The changes it held are gone, so this migration cannot continue: start a new one with `pgtide cleanup` (same --dir: drops the slot, its publication and the target's origin) and then `pgtide clone --follow` (add --drop-if-exists to replace what is on the target). To keep it from happening again, keep pgtide running and raise max_slot_wal_keep_size on the source (or set it to -1, watching the source's disk).";
+
+/// Whether a source error says that the slot is lost: WAL it needs was removed
+/// (`max_slot_wal_keep_size`; 13–15: "cannot read from logical replication slot" with the
+/// detail "This slot has been invalidated because …", 16+: "can no longer get changes from
+/// replication slot", 55000) or invalidated (16+: a conflict with recovery), or a segment is
+/// gone (12: "requested WAL segment … has already been removed", 58P01). SQLSTATE 55000 also means other unmet prerequisites, so the server's message tells
+/// them apart; this only explains an error that is classified (a stop) by its SQLSTATE anyway.
+pub fn is_slot_lost(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<crate::errors::ServerError>())
+        .any(|s| {
+            (s.code == "55000"
+                && (s.message.contains("can no longer")
+                    || s.detail
+                        .as_deref()
+                        .is_some_and(|d| d.contains("invalidated"))))
+                || (s.code == "58P01" && s.message.contains("has already been removed"))
+        })
+}
+
 /// The publication that goes with a slot.
 pub fn publication_name(slot: &str) -> String {
     format!("pgtide_{slot}")

@@ -1,6 +1,8 @@
 //! The receive loop: START_REPLICATION, XLogData into the spool, primary keepalives answered,
 //! standby status updates on a timer with write = received, flush = durably spooled (never
-//! more: invariant 1), apply = durably applied on the target. Positions never move backwards.
+//! more: invariant 1) or, when nothing received is pending, the last keepalive's position (so
+//! an idle slot keeps moving: invariant 12), apply = durably applied on the target. Positions
+//! never move backwards.
 //! A lost connection is retried with backoff from the last durable commit; the partial
 //! transaction it interrupted is dropped from the spool because the source sends it again.
 
@@ -66,6 +68,13 @@ const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(20);
 /// The reason and the fix for the errors the receiver stops on that the server's message
 /// alone does not explain.
 fn explain(e: anyhow::Error, slot: &str) -> anyhow::Error {
+    if super::slot::is_slot_lost(&e) {
+        let e = format!("{e:#}");
+        return anyhow::Error::new(Fatal(format!(
+            "the replication slot \"{slot}\" is lost: the source removed WAL it still needed, because it retained more than max_slot_wal_keep_size while pgtide was behind or stopped (or invalidated the slot) ({e}). {}",
+            super::slot::LOST_SLOT_FIX
+        )));
+    }
     match sqlstate(&e).as_deref() {
         Some("55006") => {
             let e = format!("{e:#}");
@@ -145,6 +154,9 @@ struct Positions {
     received: Lsn,
     flushed: Lsn,
     applied: Lsn,
+    /// The last keepalive position received between transactions: reported as flushed once
+    /// everything received before it is durable (see [`send_status`]).
+    keepalive: Lsn,
 }
 
 struct Session;
@@ -236,6 +248,7 @@ impl Session {
                             let reply = data.get_u8() == 1;
                             if in_transaction.is_none() {
                                 positions.received = positions.received.max(wal_end);
+                                positions.keepalive = positions.keepalive.max(wal_end);
                             }
                             // The source is past endpos but no transaction after it has come:
                             // write one (a logical message) so that its Begin proves every
@@ -247,7 +260,7 @@ impl Session {
                                 marker.request(endpos);
                             }
                             if reply {
-                                send_status(&mut conn, spool, opts, positions, false).await?;
+                                send_status(&mut conn, spool, opts, positions, in_transaction.is_none(), false).await?;
                             }
                         }
                         other => bail!("unknown replication message {:?} from the source", other as char),
@@ -257,7 +270,8 @@ impl Session {
                     spool.check_alive()?;
                     // Between transactions, ask for a keepalive: its position lets an idle source's slot (and
                     // a waiting endpos) move on without waiting for the server's own timer.
-                    send_status(&mut conn, spool, opts, positions, in_transaction.is_none()).await?;
+                    let idle = in_transaction.is_none();
+                    send_status(&mut conn, spool, opts, positions, idle, idle).await?;
                     if last_state_write.elapsed() >= Duration::from_millis(900) {
                         state.record_stream_positions(positions.received, positions.flushed)?;
                         last_state_write = Instant::now();
@@ -394,19 +408,42 @@ fn to_record(
     }
 }
 
-/// Sends a standby status update with the current positions.
+/// Sends a standby status update with the current positions. `idle`: no transaction is being
+/// received (no Begin without its Commit).
+///
+/// Flushed is the end of the last durable commit, or — the rule of PostgreSQL's own apply
+/// worker (worker.c, `send_feedback` / `get_flush_position`: with nothing pending flush,
+/// flushpos = writepos = the last position received) — the last keepalive position when
+/// nothing received is pending: not inside a transaction, and every record received is
+/// durable in the spool. That keeps a slot whose published tables are idle moving while
+/// other databases or unpublished tables write WAL (invariant 12); otherwise a stopped
+/// pgtide would make the source keep everything since the last published commit.
+///
+/// Why a keepalive's position is safe then (invariant 1), checked in walsender.c of 12…18:
+/// the keepalive carries `sentPtr`, which `XLogSendLogical` sets to the end of a WAL record
+/// only after decoding it, and decoding a commit record sends its whole transaction first. So
+/// every transaction committing before the keepalive's position was sent before the
+/// keepalive, and received and spooled here before it was read. A transaction the source is
+/// still decoding (even a large one spilled to disk, whose replay sends keepalives through
+/// `WalSndUpdateProgress` / `ProcessPendingWrites`) commits at or after `sentPtr`, and a
+/// restart from `confirmed_flush` skips only commits before it, so it is sent again whole.
+/// The one keepalive carrying another position (`WalSndUpdateProgress` for a skipped empty
+/// transaction under synchronous replication, 15+) carries the end of that skipped commit,
+/// which was just decoded with nothing sent: the same argument holds. Inside a transaction a
+/// keepalive is never used (its Begin was sent, its Commit not yet durable here).
 async fn send_status(
     conn: &mut ReplicationConnection,
     spool: &SpoolWriter,
     opts: &ReceiveOptions,
     positions: &mut Positions,
+    idle: bool,
     reply_requested: bool,
 ) -> Result<()> {
-    // Only the end of the last durable commit: a keepalive's position can run ahead of a
-    // transaction the source has not sent yet (seen with a large spilled transaction), so it
-    // is never reported as flushed (invariant 1).
     let durable = spool.durable();
     positions.flushed = positions.flushed.max(durable.commit_end);
+    if idle && spool.all_durable() {
+        positions.flushed = positions.flushed.max(positions.keepalive);
+    }
     positions.received = positions.received.max(positions.flushed);
     if let Some(applied) = &opts.applied {
         positions.applied = positions.applied.max(applied()).min(positions.flushed);
@@ -434,7 +471,7 @@ async fn finish(
     positions: &mut Positions,
 ) -> Result<Ended> {
     let durable = spool.sync().await?;
-    send_status(&mut conn, spool, opts, positions, false).await?;
+    send_status(&mut conn, spool, opts, positions, false, false).await?;
     state.record_stream_positions(positions.received, positions.flushed)?;
     if let Err(e) = conn.finish_copy().await {
         tracing::debug!("ending the copy: {e:#}");
