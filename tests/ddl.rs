@@ -157,6 +157,10 @@ async fn schema_changes_under_traffic_are_replayed_in_order() {
         "CREATE TABLE gone (id int PRIMARY KEY); INSERT INTO gone VALUES (1)",
         "DROP TABLE gone",
         "DROP INDEX CONCURRENTLY orders_amount_idx",
+        "CREATE SCHEMA scratch; CREATE TABLE scratch.t (id int PRIMARY KEY); DROP SCHEMA scratch CASCADE",
+        "CREATE TABLE events_2027 (LIKE events INCLUDING ALL)",
+        "ALTER TABLE events ATTACH PARTITION events_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')",
+        "INSERT INTO events VALUES (1, '2027-05-01'), (2, '2027-06-01')",
         "CREATE UNIQUE INDEX products_v ON products (v)",
     ];
     for sql in changes {
@@ -183,7 +187,14 @@ async fn schema_changes_under_traffic_are_replayed_in_order() {
         text(&out)
     );
     assert_identical(&src, &dst);
-    for table in ["orders", "products", "fresh", "events", "reporting.daily"] {
+    for table in [
+        "orders",
+        "products",
+        "fresh",
+        "events",
+        "events_2027",
+        "reporting.daily",
+    ] {
         let sql = format!("SELECT md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t");
         assert_eq!(
             scalar_string(&src, &sql).await,
@@ -288,6 +299,26 @@ async fn unsafe_schema_changes_stop_and_the_operator_decides() {
     // The target stops at the last batch committed before the transaction: a batch merges
     // whole transactions, and the one that stopped is rolled back with those before it.
     pgtide_ok(&["ddl", "retry", "--dir", d]);
+    // Ownership given to a role the target lacks: the target refuses, apply stops naming it.
+    exec(
+        &src,
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 't_ddl_source_only') THEN
+             CREATE ROLE t_ddl_source_only;
+           END IF;
+         END $$",
+    )
+    .await;
+    exec(&src, "ALTER TABLE made_in_do OWNER TO t_ddl_source_only").await;
+    let out = wait_exit(spawn_pgtide(&follow, &[]), 60);
+    let log = text(&out);
+    assert!(
+        !out.status.success()
+            && log.contains("the target refused it")
+            && log.contains("t_ddl_source_only"),
+        "{log}"
+    );
+    pgtide_ok(&["ddl", "skip", "--dir", d]);
     let mut child = spawn_pgtide(&follow, &[]);
     exec(&src, "UPDATE made_in_do SET v = 'uno' WHERE id = 1").await;
     wait_caught_up(&src, &dst, "t_ddl_stop_slot", &mut child).await;

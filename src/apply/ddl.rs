@@ -39,6 +39,9 @@ pub struct DdlMessage {
     /// were created by CREATE TABLE AS): rows written before are not in the stream.
     #[serde(default)]
     pub late_with_rows: Vec<String>,
+    /// Tables the capture could not add to the publication, each with the source's error.
+    #[serde(default)]
+    pub publish_failed: Vec<String>,
     /// Tables created without a primary key or replica identity: not published.
     #[serde(default)]
     pub unpublished: Vec<String>,
@@ -211,6 +214,15 @@ fn plan(
                     .unwrap_or_default()
             ),
             fix: SKIP_FIX.into(),
+        };
+    }
+    if !message.publish_failed.is_empty() {
+        return Plan::Stop {
+            reason: format!(
+                "the capture could not add a new table to the publication on the source ({}): its changes are not in the stream",
+                message.publish_failed.join("; ")
+            ),
+            fix: "fix the cause on the source, run `pgtide ddl retry --dir <work dir>`, start the follow again and run `pgtide follow --add-table <table>` to copy and follow it".into(),
         };
     }
     let late: Vec<&str> = message
@@ -436,6 +448,7 @@ mod tests {
             dropped: vec![],
             published: vec![],
             late_with_rows: vec![],
+            publish_failed: vec![],
             unpublished: vec![],
             unsafe_columns: None,
         }

@@ -103,16 +103,25 @@ pub async fn install(
                 SELECT c.relkind, c.relpersistence,
                        c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
                            AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))) AS identified,
-                       EXISTS (SELECT 1 FROM pg_publication_tables p WHERE p.pubname = {pub}
+                       EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                               WHERE p.pubname = {pub} AND pr.prrelid = c.oid)
+                       OR EXISTS (SELECT 1 FROM pg_publication_tables p WHERE p.pubname = {pub}
                            AND p.schemaname = n.nspname AND p.tablename = c.relname) AS is_published
                   INTO relation
                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = command.objid;
                 IF FOUND AND relation.relpersistence = 'p' AND relation.relkind = ANY ({kinds}::\"char\"[])
                    AND NOT relation.is_published AND (relation.relkind = 'p' OR relation.identified) THEN
-                    PERFORM set_config('pgtide.capturing', 'on', true);
-                    EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {pub}, command.objid::regclass);
-                    PERFORM set_config('pgtide.capturing', 'off', true);
-                    published := published || to_jsonb(command.object_identity);
+                    -- Never make the application's DDL fail: a table that cannot be added is
+                    -- named in the message, and apply stops there with the fix.
+                    BEGIN
+                        PERFORM set_config('pgtide.capturing', 'on', true);
+                        EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {pub}, command.objid::regclass);
+                        PERFORM set_config('pgtide.capturing', 'off', true);
+                        published := published || to_jsonb(command.object_identity);
+                    EXCEPTION WHEN OTHERS THEN
+                        PERFORM set_config('pgtide.capturing', 'off', true);
+                        publish_failed := publish_failed || to_jsonb(command.object_identity || ': ' || SQLERRM);
+                    END;
                     -- Published by a later command (it got a primary key) or created with
                     -- rows (CREATE TABLE AS): rows written before are not in the stream.
                     IF command.command_tag <> 'CREATE TABLE' THEN
@@ -147,6 +156,7 @@ DECLARE
     commands jsonb := '[]';
     published jsonb := '[]';
     late_with_rows jsonb := '[]';
+    publish_failed jsonb := '[]';
     unpublished jsonb := '[]';
     has_rows boolean;
     dropped jsonb := coalesce(nullif(current_setting('pgtide.dropped', true), ''), '[]')::jsonb;
@@ -193,6 +203,7 @@ BEGIN
         'published', published,
         'late_with_rows', late_with_rows,
         'unpublished', unpublished,
+        'publish_failed', publish_failed,
         'unsafe', unsafe)::text;
     {emit}
 END
