@@ -271,7 +271,7 @@ async fn user_tables(uri: &str) -> Vec<String> {
         .await
         .query(
             "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
-              WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+              WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pgtide') ORDER BY 1",
             &[],
         )
         .await

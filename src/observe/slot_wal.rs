@@ -42,33 +42,39 @@ pub async fn keep_limit(client: &Client) -> Result<Option<i64>> {
     Ok(row.get(0))
 }
 
-/// The last WAL position sampled by this process, so that a long-lived process (the metrics
-/// endpoint) measures the rate between two scrapes instead of waiting.
-static LAST_SAMPLE: Mutex<Option<(Instant, Lsn)>> = Mutex::new(None);
+/// The last WAL position sampled by this process and the rate measured then, so that a
+/// long-lived process (the metrics endpoint, `status --watch`) measures the rate between two
+/// samples instead of waiting.
+static LAST_SAMPLE: Mutex<Option<(Instant, Lsn, f64)>> = Mutex::new(None);
 
 /// The source's WAL rate in bytes per second: between the last sample this process took
-/// (when 1 s to 10 min old) and now, or else over one second measured here.
+/// (when 1 s to 10 min old) and now; the rate measured then when the last sample is younger
+/// than a second (`status --watch 300ms` does not wait for a second each time); or else over
+/// half a second measured here.
 pub async fn wal_rate(client: &Client) -> Result<f64> {
     let now = current_lsn(client).await?;
     let at = Instant::now();
     let previous = *LAST_SAMPLE.lock().unwrap_or_else(|e| e.into_inner());
-    let (from_time, from_lsn) = match previous {
-        Some((t, l))
+    let rate = match previous {
+        Some((t, l, _))
             if at.duration_since(t) >= Duration::from_secs(1)
                 && at.duration_since(t) <= Duration::from_secs(600)
                 && l <= now =>
         {
-            (t, l)
+            now.0.saturating_sub(l.0) as f64 / at.duration_since(t).as_secs_f64()
         }
+        Some((t, _, rate)) if at.duration_since(t) < Duration::from_secs(1) => return Ok(rate),
         _ => {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
             let later = current_lsn(client).await?;
-            *LAST_SAMPLE.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), later));
-            return Ok(later.0.saturating_sub(now.0) as f64 / at.elapsed().as_secs_f64());
+            let rate = later.0.saturating_sub(now.0) as f64 / at.elapsed().as_secs_f64();
+            *LAST_SAMPLE.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((Instant::now(), later, rate));
+            return Ok(rate);
         }
     };
-    *LAST_SAMPLE.lock().unwrap_or_else(|e| e.into_inner()) = Some((at, now));
-    Ok(now.0.saturating_sub(from_lsn.0) as f64 / at.duration_since(from_time).as_secs_f64())
+    *LAST_SAMPLE.lock().unwrap_or_else(|e| e.into_inner()) = Some((at, now, rate));
+    Ok(rate)
 }
 
 async fn current_lsn(client: &Client) -> Result<Lsn> {
