@@ -154,7 +154,11 @@ async fn an_explicit_pg_bin_too_old_is_refused_with_the_fix() {
     assert!(all.contains("nothing was created"), "{all}");
     assert_target_untouched(&dst).await;
     assert_eq!(
-        scalar_i64(&src, "SELECT count(*) FROM pg_replication_slots").await,
+        scalar_i64(
+            &src,
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        )
+        .await,
         0,
         "no slot left on the source"
     );
