@@ -467,7 +467,25 @@ async fn create_on_target(
     )
     .await?;
     drop(snapshot);
-    let leave_out = leave_out::decide(source, target).await?;
+    let mut leave_out = leave_out::decide(source, target).await?;
+    // A sequence the table owns may be on the target already (the clone copies every
+    // sequence of an included schema): used as it is, its OWNED BY still restored.
+    for row in source
+        .query(
+            "SELECT 'pg_catalog.pg_class'::regclass::oid, s.oid, format('%I.%I', n.nspname, s.relname)
+             FROM pg_depend d JOIN pg_class s ON s.oid = d.objid JOIN pg_namespace n ON n.oid = s.relnamespace
+             WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+               AND d.refobjid = to_regclass($1) AND d.deptype = 'a' AND s.relkind = 'S'",
+            &[&qualified],
+        )
+        .await
+        .map_err(|e| anyhow!("cannot list the sequences {} owns: {}", shown(t), pg::describe(&e)))?
+    {
+        let sequence: String = row.get(2);
+        if exists_on_target(target, &sequence).await? {
+            leave_out.object(row.get(0), row.get(1), "exists on the target already");
+        }
+    }
     schema::restore(
         &file,
         &opts.target,
