@@ -863,6 +863,9 @@ impl StateDb {
     /// Every table sync record and the generation they are at, read together.
     pub fn table_syncs(&self) -> Result<(u64, Vec<TableSync>)> {
         let (generation, rows) = self.with(|c| {
+            // One read transaction: the rows and their generation from the same commit.
+            let tx = c.unchecked_transaction()?;
+            let c = &*tx;
             let generation = meta_get(c, key::TABLE_SYNC_GENERATION)?;
             let mut stmt = c.prepare(
                 "SELECT table_name, kind, stage, lsn, generation FROM table_sync ORDER BY table_name",
@@ -963,17 +966,22 @@ impl StateDb {
         &self,
         write: impl FnOnce(&Connection, u64) -> rusqlite::Result<()>,
     ) -> Result<u64> {
-        let mut written = 0;
-        self.write_meta(|c| {
-            let generation = meta_get(c, key::TABLE_SYNC_GENERATION)?
+        self.with(|c| {
+            // IMMEDIATE: the write lock is taken (waiting under busy_timeout) before the
+            // generation is read. A deferred transaction that reads, then writes, fails at
+            // once with SQLITE_BUSY when another connection (apply, the heartbeat) wrote
+            // in between.
+            let tx =
+                rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
+            let generation = meta_get(&tx, key::TABLE_SYNC_GENERATION)?
                 .and_then(|g| g.parse::<u64>().ok())
                 .unwrap_or_default()
                 + 1;
-            meta_set(c, key::TABLE_SYNC_GENERATION, &generation.to_string())?;
-            written = generation;
-            write(c, generation)
-        })?;
-        Ok(written)
+            meta_set(&tx, key::TABLE_SYNC_GENERATION, &generation.to_string())?;
+            write(&tx, generation)?;
+            tx.commit()?;
+            Ok(generation)
+        })
     }
 
     /// Records the migration's filters (invariant 9): every later stage reads them back with

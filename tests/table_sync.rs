@@ -278,6 +278,39 @@ async fn a_removed_table_is_left_alone_and_left_out() {
     assert!(out.contains("REPLICA IDENTITY FULL"), "{out}");
     // A table created after the clone and not added is a real difference for verify.
     exec(&src, "DROP TABLE nokey").await;
+    // A table whose foreign key names a table the target lacks cannot be created there: the
+    // request is given up whole (nothing recorded, nothing published) and says why.
+    exec(
+        &src,
+        "CREATE TABLE newparent (id int PRIMARY KEY); INSERT INTO newparent VALUES (1), (2);
+         CREATE TABLE newchild (id int PRIMARY KEY, p int REFERENCES newparent);
+         INSERT INTO newchild VALUES (1, 1), (2, 2);",
+    )
+    .await;
+    let out = pgtide_fails(&follow_request(&src, &dst, d, "--add-table", "newchild"));
+    assert!(
+        out.contains("gave up") && out.contains("newparent"),
+        "{out}"
+    );
+    assert_eq!(
+        state_query_i64(&dir, "SELECT count(*) FROM table_sync"),
+        0,
+        "{out}"
+    );
+    // Both in one command, the referenced table first: both join.
+    let out = pgtide_ok(
+        &follow_request(&src, &dst, d, "--add-table", "newparent")
+            .args(&["--add-table", "newchild"]),
+    );
+    assert!(
+        out.contains("public.newparent: joined") && out.contains("public.newchild: joined"),
+        "{out}"
+    );
+    exec(
+        &src,
+        "INSERT INTO newparent VALUES (3); INSERT INTO newchild VALUES (3, 3)",
+    )
+    .await;
 
     let out = pgtide_ok(&follow_request(&src, &dst, d, "--remove-table", "z"));
     assert!(

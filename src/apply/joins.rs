@@ -108,6 +108,18 @@ impl Joins {
         }
     }
 
+    /// [`Self::decide`], but a `Wait` is checked against the records once more first (a cheap
+    /// generation check): the copy may have moved on since the last reload, and a rewind
+    /// costs the whole open batch.
+    pub fn decide_now(&mut self, table: &str, commit: Lsn) -> Result<Decision> {
+        let decision = self.decide(table, commit);
+        if decision != Decision::Wait {
+            return Ok(decision);
+        }
+        self.reload(false)?;
+        Ok(self.decide(table, commit))
+    }
+
     /// The periodic generation check (at most once a second).
     pub fn reload_if_due(&mut self) -> Result<()> {
         if self.checked.elapsed() >= RELOAD_EVERY {

@@ -346,15 +346,15 @@ impl Applier<'_> {
     /// What to do with a change of this relation in the current transaction: apply it, skip
     /// it (already in the table's copy, or the table is no longer followed), or wait for the
     /// table's copy (then `waiting` names it).
-    fn in_copy(&mut self, oid: u32) -> joins::Decision {
+    fn in_copy(&mut self, oid: u32) -> Result<joins::Decision> {
         let Some(table) = self.tables.get(&oid) else {
-            return joins::Decision::Apply;
+            return Ok(joins::Decision::Apply);
         };
-        let decision = self.resynced.decide(&table.qualified, self.final_lsn);
+        let decision = self.resynced.decide_now(&table.qualified, self.final_lsn)?;
         if decision == joins::Decision::Wait {
             self.waiting = Some((table.qualified.clone(), self.final_lsn));
         }
-        decision
+        Ok(decision)
     }
 
     async fn handle(&mut self, payload: bytes::Bytes, stop: &StopRule) -> Result<Step> {
@@ -467,7 +467,7 @@ impl Applier<'_> {
                 if let Some(table) = self.tables.get(&oid) {
                     table.source.check_width(&change)?;
                 }
-                match self.in_copy(oid) {
+                match self.in_copy(oid)? {
                     joins::Decision::Apply => {}
                     joins::Decision::Skip => return Ok(Step::Continue),
                     joins::Decision::Wait => return Ok(Step::Rewind),
@@ -503,7 +503,7 @@ impl Applier<'_> {
         let listed = relations.len();
         let mut kept = Vec::with_capacity(listed);
         for oid in relations {
-            match self.in_copy(oid) {
+            match self.in_copy(oid)? {
                 joins::Decision::Apply => kept.push(oid),
                 joins::Decision::Skip => {}
                 joins::Decision::Wait => return Ok(Step::Rewind),

@@ -323,29 +323,55 @@ async fn join(
     } else {
         state.record_table_sync(&qualified, kind, SyncStage::Pending)?
     };
-    if let Err(e) = wait_for_apply(state, generation, opts.ack_timeout).await {
-        if !resuming {
-            // Nothing was done on either server: the request is given up whole.
-            state.cancel_table_sync(&qualified)?;
-        }
-        return Err(e);
-    }
-    let created = match kind {
-        SyncKind::Add => create_on_target(opts, source, target, t).await?,
-        _ => {
-            if !exists_on_target(target, &qualified).await? {
-                bail!(
-                    "{name} does not exist on the target: create it there (or remove it from the migration with --remove-table {name})"
-                );
+    // Until the table is published (an addition) or a snapshot LSN is recorded (apply may
+    // skip changes against it), nothing depends on the record: a failure gives it up whole.
+    // After that, apply waits for the table's changes until the command is run again.
+    let mut published = false;
+    let steps = async {
+        wait_for_apply(state, generation, opts.ack_timeout).await?;
+        let created = match kind {
+            SyncKind::Add => create_on_target(opts, source, target, t).await?,
+            _ => {
+                if !exists_on_target(target, &qualified).await? {
+                    bail!(
+                        "{name} does not exist on the target: create it there (or remove it from the migration with --remove-table {name})"
+                    );
+                }
+                false
             }
-            false
+        };
+        let publication = match kind {
+            SyncKind::Add => {
+                published = true;
+                Some(add_to_publication(source, stream, t).await?)
+            }
+            _ => None,
+        };
+        let (lsn, rows) = copy_under_new_snapshot(opts, state, source, target, t, kind).await?;
+        Ok((created, publication, lsn, rows))
+    }
+    .await;
+    let (created, publication, lsn, rows) = match steps {
+        Ok(done) => done,
+        Err(e) => {
+            let (_, syncs) = state.table_syncs()?;
+            let still_pending = syncs
+                .iter()
+                .any(|s| s.table == qualified && s.stage == SyncStage::Pending);
+            if !resuming && still_pending && !published {
+                state.cancel_table_sync(&qualified)?;
+                return Err(e.context(format!(
+                    "{} {name} gave up: nothing depends on it, the follow goes on as before",
+                    flag(kind)
+                )));
+            }
+            return Err(e.context(format!(
+                "{} {name} stopped midway: the follow applies no change of {name} (it waits for them) until `pgtide follow {} {name}` is run again and succeeds",
+                flag(kind),
+                flag(kind)
+            )));
         }
     };
-    let publication = match kind {
-        SyncKind::Add => Some(add_to_publication(source, stream, t).await?),
-        _ => None,
-    };
-    let (lsn, rows) = copy_under_new_snapshot(opts, state, source, target, t, kind).await?;
     let filters = state.recorded_filters()?.unwrap_or_default();
     let mut tables = stream.tables.clone().unwrap_or_default();
     let filters = match kind {
