@@ -1838,6 +1838,52 @@ mod tests {
         }
     }
 
+    #[test]
+    fn table_sync_records_bump_their_generation_and_finish_with_the_filters() {
+        let scratch = Scratch::new("table-sync");
+        let db = StateDb::open(&scratch.db()).unwrap();
+        assert_eq!(db.table_syncs().unwrap(), (0, Vec::new()));
+        let t = "\"public\".\"x\"";
+        assert_eq!(
+            db.record_table_sync(t, SyncKind::Add, SyncStage::Pending)
+                .unwrap(),
+            1
+        );
+        let at = lsn("0/3000060");
+        assert_eq!(
+            db.record_table_sync(t, SyncKind::Add, SyncStage::CopyingAt(at))
+                .unwrap(),
+            2
+        );
+        let filters = crate::clone::filters::Filters::default()
+            .with_table_added(&crate::clone::filters::parse_table_name("scratch.x").unwrap());
+        let tables = vec![("public".to_string(), "x".to_string())];
+        let generation = db
+            .finish_table_sync(
+                t,
+                SyncKind::Add,
+                SyncStage::Done(at),
+                &FollowedTables {
+                    filters: &filters,
+                    stream_tables: &tables,
+                },
+            )
+            .unwrap();
+        assert_eq!(generation, 3);
+        let (generation, syncs) = db.table_syncs().unwrap();
+        assert_eq!(generation, 3);
+        assert_eq!(syncs.len(), 1);
+        assert_eq!(
+            (syncs[0].kind, syncs[0].stage),
+            (SyncKind::Add, SyncStage::Done(at))
+        );
+        assert_eq!(db.recorded_filters().unwrap(), Some(filters));
+        assert_eq!(db.cancel_table_sync(t).unwrap(), 4);
+        assert_eq!(db.table_syncs().unwrap(), (4, Vec::new()));
+        db.record_table_sync_seen(4).unwrap();
+        assert_eq!(db.table_sync_seen().unwrap(), 4);
+    }
+
     fn lsn(text: &str) -> Lsn {
         text.parse().expect("test LSN")
     }
