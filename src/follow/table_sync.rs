@@ -703,6 +703,6 @@ async fn remove(
         }
     }
     Ok(format!(
-        "{name}: removed from the migration: no longer published, its changes are no longer applied, and verify and cutover leave it out. Its table on the target is kept as it is (drop it there if it is not needed)"
+        "{name}: removed from the migration: no longer published, its changes are no longer applied, and verify and cutover leave it out. Its table on the target is kept as it is (drop it there after cutover if it is not needed)"
     ))
 }
