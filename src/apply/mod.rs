@@ -399,7 +399,12 @@ impl Applier<'_> {
             _ if self.skipping && !matches!(change, Change::Relation(_)) => {}
             Change::Begin { final_lsn, .. } => {
                 self.final_lsn = final_lsn;
-                if let Some(endpos) = *stop.endpos.borrow()
+                // Copied out of the watch first: its guard held across the commit's await
+                // blocks the endpos poller's send, which blocks a worker thread (and whatever
+                // task waits in its queue, the target connection's included): a deadlock seen
+                // under load.
+                let endpos = *stop.endpos.borrow();
+                if let Some(endpos) = endpos
                     && final_lsn > endpos
                 {
                     tracing::debug!(
