@@ -49,3 +49,9 @@ pub const COPY_AFTER_COMMIT: &str = "copy.after_commit";
 /// `return`), so that tests can prove a decode error stops the receiver with the reason instead
 /// of reconnecting forever.
 pub const RECEIVE_DECODE: &str = "receive.decode";
+
+/// `follow --add-table` / `--resync`: the table's copy is committed on the target under a
+/// snapshot at L (recorded as copying at L), its end not yet recorded: a crash here leaves apply
+/// waiting for the table, and the rerun of the same command copies it again under a later
+/// snapshot (nothing applied twice, nothing lost).
+pub const TABLE_SYNC_AFTER_COPY: &str = "table_sync.after_copy";

@@ -159,6 +159,10 @@ mod key {
     pub const DDL_STOPPED: &str = "ddl.stopped";
     /// JSON list of (`DdlId`, `DdlDecision`).
     pub const DDL_DECISIONS: &str = "ddl.decisions";
+    /// The generation of the `table_sync` table: bumped by every change of it.
+    pub const TABLE_SYNC_GENERATION: &str = "table_sync.generation";
+    /// The generation the running apply has loaded (its acknowledgement).
+    pub const TABLE_SYNC_SEEN: &str = "table_sync.seen";
 
     /// The key of a server's identity (system identifier / database).
     pub fn identity(side: crate::pg::Side) -> &'static str {
@@ -486,6 +490,68 @@ pub struct FencedRole {
 /// are in its copy).
 pub type ResyncPositions = std::collections::HashMap<String, Lsn>;
 
+/// Why a table's rows are (or were) copied while the follow runs: `follow --add-table`,
+/// `follow --resync`; or, `follow --remove-table`, why its changes are no longer applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncKind {
+    /// A table the migration did not follow joins it: created on the target if missing,
+    /// published, copied.
+    Add,
+    /// A followed table is copied again (it diverged, or an unsafe DDL changed it).
+    Resync,
+    /// The table leaves the migration: unpublished, its changes ignored, its target table kept.
+    Remove,
+}
+
+impl SyncKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            SyncKind::Add => "add",
+            SyncKind::Resync => "resync",
+            SyncKind::Remove => "remove",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        [SyncKind::Add, SyncKind::Resync, SyncKind::Remove]
+            .into_iter()
+            .find(|k| k.as_str() == text)
+    }
+}
+
+/// Where a table's copy stands. Apply's rule for a change committing at C (apply/joins.rs):
+/// Pending: wait (the LSN is not known); CopyingAt(L): skip when C < L, else wait; Done(L):
+/// skip when C < L, else apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncStage {
+    /// Recorded; no snapshot yet.
+    Pending,
+    /// Being copied under a snapshot at this LSN: every transaction committing before it is in
+    /// the copy, every later one in the stream.
+    CopyingAt(Lsn),
+    /// Copied (committed on the target) under a snapshot at this LSN; for a removal, the
+    /// source position when it was recorded.
+    Done(Lsn),
+}
+
+/// One table's sync record (the `table_sync` table): `table` is the quoted qualified name
+/// (`pg::qualified`), as apply names tables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSync {
+    pub table: String,
+    pub kind: SyncKind,
+    pub stage: SyncStage,
+    /// The generation that recorded this state.
+    pub generation: u64,
+}
+
+/// What the filters and the stream's table list become when a table sync finishes, written
+/// in the same SQLite transaction as its `Done` (invariant 9: every stage agrees at once).
+pub struct FollowedTables<'a> {
+    pub filters: &'a crate::clone::filters::Filters,
+    pub stream_tables: &'a [(String, String)],
+}
+
 /// What the work dir knows of the follow process (the one applying the stream): written by it
 /// every second, so that cutover can tell at once when apply is no longer running.
 #[derive(Clone, Debug)]
@@ -607,7 +673,8 @@ impl StateDb {
         // Added without a version bump: created wherever it is missing.
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS apply_samples (at REAL NOT NULL, pid INTEGER NOT NULL, changes INTEGER NOT NULL, transactions INTEGER NOT NULL, lsn INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS follow_process (id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER NOT NULL, started_at REAL NOT NULL, heartbeat_at REAL NOT NULL, stopped_at REAL, last_error TEXT);",
+             CREATE TABLE IF NOT EXISTS follow_process (id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER NOT NULL, started_at REAL NOT NULL, heartbeat_at REAL NOT NULL, stopped_at REAL, last_error TEXT);
+             CREATE TABLE IF NOT EXISTS table_sync (table_name TEXT PRIMARY KEY, kind TEXT NOT NULL, stage TEXT NOT NULL, lsn TEXT, generation INTEGER NOT NULL);",
         )
         .context("cannot create the state database schema")?;
         let has_replica_identity: bool = conn.query_row(
@@ -828,6 +895,130 @@ impl StateDb {
     /// A follow applied everything up to `endpos` and stopped there (cutover waits for it).
     pub fn record_reached_endpos(&self, endpos: Lsn) -> Result<()> {
         self.set_meta(key::SENTINEL_REACHED_ENDPOS, &endpos.to_string())
+    }
+
+    /// Every table sync record and the generation they are at, read together.
+    pub fn table_syncs(&self) -> Result<(u64, Vec<TableSync>)> {
+        let (generation, rows) = self.with(|c| {
+            // One read transaction: the rows and their generation from the same commit.
+            let tx = c.unchecked_transaction()?;
+            let c = &*tx;
+            let generation = meta_get(c, key::TABLE_SYNC_GENERATION)?;
+            let mut stmt = c.prepare(
+                "SELECT table_name, kind, stage, lsn, generation FROM table_sync ORDER BY table_name",
+            )?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((generation, rows))
+        })?;
+        let generation = parse_generation(generation)?;
+        let syncs = rows
+            .into_iter()
+            .map(|(table, kind, stage, lsn, generation)| {
+                let unreadable =
+                    || anyhow!("state.db holds an unreadable table_sync row for {table}");
+                let kind = SyncKind::parse(&kind).ok_or_else(unreadable)?;
+                let lsn: Option<Lsn> = lsn
+                    .map(|l| l.parse().map_err(|e: String| anyhow!("{e}")))
+                    .transpose()
+                    .map_err(|_| unreadable())?;
+                let stage = match (stage.as_str(), lsn) {
+                    ("pending", _) => SyncStage::Pending,
+                    ("copying", Some(l)) => SyncStage::CopyingAt(l),
+                    ("done", Some(l)) => SyncStage::Done(l),
+                    _ => return Err(unreadable()),
+                };
+                Ok(TableSync {
+                    table,
+                    kind,
+                    stage,
+                    generation: generation as u64,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((generation, syncs))
+    }
+
+    /// The generation of the table sync records (0 when none was ever written).
+    pub fn table_sync_generation(&self) -> Result<u64> {
+        parse_generation(self.get_meta(key::TABLE_SYNC_GENERATION)?)
+    }
+
+    /// Records a table's sync state under a new generation, returned.
+    pub fn record_table_sync(&self, table: &str, kind: SyncKind, stage: SyncStage) -> Result<u64> {
+        self.write_table_sync(|c, generation| upsert_table_sync(c, table, kind, stage, generation))
+    }
+
+    /// Forgets a table's sync record (a request given up before anything was done).
+    pub fn cancel_table_sync(&self, table: &str) -> Result<u64> {
+        self.write_table_sync(|c, _| {
+            c.execute(
+                "DELETE FROM table_sync WHERE table_name = ?1",
+                params![table],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Records the end of a table sync with what the migration follows from now on: the stage
+    /// (`Done`), the filters and the stream's tables, in one SQLite transaction.
+    pub fn finish_table_sync(
+        &self,
+        table: &str,
+        kind: SyncKind,
+        stage: SyncStage,
+        followed: &FollowedTables<'_>,
+    ) -> Result<u64> {
+        let filters = serde_json::to_string(followed.filters)?;
+        let tables = serde_json::to_string(followed.stream_tables)?;
+        self.write_table_sync(|c, generation| {
+            upsert_table_sync(c, table, kind, stage, generation)?;
+            meta_set(c, key::MIGRATION_FILTERS, &filters)?;
+            meta_set(c, key::STREAM_TABLES, &tables)
+        })
+    }
+
+    /// Apply has loaded the table sync records of this generation.
+    pub fn record_table_sync_seen(&self, generation: u64) -> Result<()> {
+        self.set_meta(key::TABLE_SYNC_SEEN, &generation.to_string())
+    }
+
+    /// The generation the running apply last acknowledged.
+    pub fn table_sync_seen(&self) -> Result<u64> {
+        parse_generation(self.get_meta(key::TABLE_SYNC_SEEN)?)
+    }
+
+    /// Bumps the generation and runs `write` with it, in one SQLite transaction; returns the
+    /// new generation.
+    fn write_table_sync(
+        &self,
+        write: impl FnOnce(&Connection, u64) -> rusqlite::Result<()>,
+    ) -> Result<u64> {
+        self.with(|c| {
+            // IMMEDIATE: the write lock is taken (waiting under busy_timeout) before the
+            // generation is read. A deferred transaction that reads, then writes, fails at
+            // once with SQLITE_BUSY when another connection (apply, the heartbeat) wrote
+            // in between.
+            let tx =
+                rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
+            let generation = meta_get(&tx, key::TABLE_SYNC_GENERATION)?
+                .and_then(|g| g.parse::<u64>().ok())
+                .unwrap_or_default()
+                + 1;
+            meta_set(&tx, key::TABLE_SYNC_GENERATION, &generation.to_string())?;
+            write(&tx, generation)?;
+            tx.commit()?;
+            Ok(generation)
+        })
     }
 
     /// Records the migration's filters (invariant 9): every later stage reads them back with
@@ -1162,7 +1353,7 @@ impl StateDb {
             c.execute_batch(
                 "DELETE FROM meta; DELETE FROM steps; DELETE FROM tables; DELETE FROM parts;
                  DELETE FROM indexes; DELETE FROM sequences; DELETE FROM large_objects;
-                 DELETE FROM constraints; DELETE FROM follow_process;",
+                 DELETE FROM constraints; DELETE FROM follow_process; DELETE FROM table_sync;",
             )
         })
     }
@@ -1650,6 +1841,35 @@ impl StateDb {
     }
 }
 
+fn parse_generation(text: Option<String>) -> Result<u64> {
+    text.map(|g| {
+        g.parse::<u64>()
+            .map_err(|e| anyhow!("state.db holds an unreadable table sync generation \"{g}\": {e}"))
+    })
+    .transpose()
+    .map(Option::unwrap_or_default)
+}
+
+fn upsert_table_sync(
+    c: &Connection,
+    table: &str,
+    kind: SyncKind,
+    stage: SyncStage,
+    generation: u64,
+) -> rusqlite::Result<()> {
+    let (stage, lsn) = match stage {
+        SyncStage::Pending => ("pending", None),
+        SyncStage::CopyingAt(l) => ("copying", Some(l.to_string())),
+        SyncStage::Done(l) => ("done", Some(l.to_string())),
+    };
+    c.execute(
+        "INSERT INTO table_sync (table_name, kind, stage, lsn, generation) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(table_name) DO UPDATE SET kind = ?2, stage = ?3, lsn = ?4, generation = ?5",
+        params![table, kind.as_str(), stage, lsn, generation as i64],
+    )
+    .map(|_| ())
+}
+
 fn meta_get(c: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
     c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
         .optional()
@@ -1696,6 +1916,52 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[test]
+    fn table_sync_records_bump_their_generation_and_finish_with_the_filters() {
+        let scratch = Scratch::new("table-sync");
+        let db = StateDb::open(&scratch.db()).unwrap();
+        assert_eq!(db.table_syncs().unwrap(), (0, Vec::new()));
+        let t = "\"public\".\"x\"";
+        assert_eq!(
+            db.record_table_sync(t, SyncKind::Add, SyncStage::Pending)
+                .unwrap(),
+            1
+        );
+        let at = lsn("0/3000060");
+        assert_eq!(
+            db.record_table_sync(t, SyncKind::Add, SyncStage::CopyingAt(at))
+                .unwrap(),
+            2
+        );
+        let filters = crate::clone::filters::Filters::default()
+            .with_table_added(&crate::clone::filters::parse_table_name("scratch.x").unwrap());
+        let tables = vec![("public".to_string(), "x".to_string())];
+        let generation = db
+            .finish_table_sync(
+                t,
+                SyncKind::Add,
+                SyncStage::Done(at),
+                &FollowedTables {
+                    filters: &filters,
+                    stream_tables: &tables,
+                },
+            )
+            .unwrap();
+        assert_eq!(generation, 3);
+        let (generation, syncs) = db.table_syncs().unwrap();
+        assert_eq!(generation, 3);
+        assert_eq!(syncs.len(), 1);
+        assert_eq!(
+            (syncs[0].kind, syncs[0].stage),
+            (SyncKind::Add, SyncStage::Done(at))
+        );
+        assert_eq!(db.recorded_filters().unwrap(), Some(filters));
+        assert_eq!(db.cancel_table_sync(t).unwrap(), 4);
+        assert_eq!(db.table_syncs().unwrap(), (4, Vec::new()));
+        db.record_table_sync_seen(4).unwrap();
+        assert_eq!(db.table_sync_seen().unwrap(), 4);
     }
 
     fn lsn(text: &str) -> Lsn {

@@ -9,6 +9,7 @@
 //! (invariant 5); an unchanged TOAST column is left out of the SET list.
 
 pub mod ddl;
+pub mod joins;
 pub mod run;
 pub mod sets;
 pub mod statements;
@@ -123,10 +124,11 @@ pub struct StopRule {
     pub endpos: watch::Receiver<Option<Lsn>>,
 }
 
-/// Tables copied under a later snapshot than the slot's (a resumed clone --follow), with that
-/// snapshot's LSN: their changes from transactions committing before it are already in the
-/// copy and are skipped, the way native table synchronization does.
-pub type Resynced = HashMap<String, Lsn>;
+/// Tables copied under a later snapshot than the slot's (a resumed clone --follow, `follow
+/// --add-table` / `--resync`), with that snapshot's LSN: their changes from transactions
+/// committing before it are already in the copy and are skipped, the way native table
+/// synchronization does; the rules are in `joins.rs`.
+pub type Resynced = joins::Joins;
 
 /// Apply progress, for feedback to the source and for status.
 #[derive(Clone, Copy, Debug, Default)]
@@ -156,7 +158,7 @@ pub async fn run(
     target: &Arc<Client>,
     source: &Source<'_>,
     stop: &mut StopRule,
-    resynced: &Resynced,
+    resynced: &mut Resynced,
     progress_tx: &watch::Sender<Progress>,
 ) -> Result<Lsn> {
     let Source {
@@ -185,6 +187,7 @@ pub async fn run(
         after_seq,
         one_row_at_a_time_through: 0,
         resynced,
+        waiting: None,
         final_lsn: Lsn(0),
         skipping: false,
         undescribed: HashMap::new(),
@@ -214,6 +217,7 @@ pub async fn run(
     // Serialization failures / deadlocks in a row at the same applied position.
     let mut conflicts = (start, 0u32);
     loop {
+        applier.resynced.reload_if_due()?;
         let records = applier.reader.read(applier.after_seq, Lsn(0), 2_000)?;
         let idle = records.is_empty();
         let mut step = Ok(Step::Continue);
@@ -329,7 +333,9 @@ struct Applier<'a> {
     /// Records up to this sequence number are applied one statement per row: a merged
     /// statement of their batch failed.
     one_row_at_a_time_through: i64,
-    resynced: &'a Resynced,
+    resynced: &'a mut Resynced,
+    /// The table (and commit LSN) whose copy apply waits for after its rewind.
+    waiting: Option<(String, Lsn)>,
     /// The commit LSN of the source transaction being read.
     final_lsn: Lsn,
     /// Inside a transaction that was already applied (re-sent by the source).
@@ -395,12 +401,18 @@ impl Applier<'_> {
         Ok(())
     }
 
-    /// A change of this relation in the current transaction is already in the table's copy.
-    fn in_copy(&self, oid: u32) -> bool {
-        self.tables
-            .get(&oid)
-            .and_then(|t| self.resynced.get(&t.qualified))
-            .is_some_and(|copied_at| self.final_lsn < *copied_at)
+    /// What to do with a change of this relation in the current transaction: apply it, skip
+    /// it (already in the table's copy, or the table is no longer followed), or wait for the
+    /// table's copy (then `waiting` names it).
+    fn in_copy(&mut self, oid: u32) -> Result<joins::Decision> {
+        let Some(table) = self.tables.get(&oid) else {
+            return Ok(joins::Decision::Apply);
+        };
+        let decision = self.resynced.decide_now(&table.qualified, self.final_lsn)?;
+        if decision == joins::Decision::Wait {
+            self.waiting = Some((table.qualified.clone(), self.final_lsn));
+        }
+        Ok(decision)
     }
 
     async fn handle(&mut self, payload: bytes::Bytes, stop: &StopRule) -> Result<Step> {
@@ -417,7 +429,10 @@ impl Applier<'_> {
         if !matches!(change, Change::Truncate { .. } | Change::Relation(_))
             && let Some((relations, restart_identity)) = self.pending_truncate.take()
         {
-            self.truncate(relations, restart_identity).await?;
+            let step = self.truncate(relations, restart_identity).await?;
+            if !matches!(step, Step::Continue) {
+                return Ok(step);
+            }
         }
         match change {
             Change::Relation(r) if self.sets_aside(&r) => {
@@ -429,6 +444,7 @@ impl Applier<'_> {
                 self.undescribed.remove(&r.oid);
                 let table = TargetTable::describe(self.target, r).await?;
                 self.statements.forget(table.source.oid);
+                self.resynced.relation(&table.qualified)?;
                 self.tables.insert(table.source.oid, table);
             }
             Change::Begin { final_lsn, .. } if final_lsn < self.progress.applied => {
@@ -447,7 +463,12 @@ impl Applier<'_> {
                 self.final_lsn = final_lsn;
                 self.ddl_ordinal = 0;
                 self.ddl_replayed.clear();
-                if let Some(endpos) = *stop.endpos.borrow()
+                // Copied out of the watch first: its guard held across the commit's await
+                // blocks the endpos poller's send, which blocks a worker thread (and whatever
+                // task waits in its queue, the target connection's included): a deadlock seen
+                // under load.
+                let endpos = *stop.endpos.borrow();
+                if let Some(endpos) = endpos
                     && final_lsn > endpos
                 {
                     tracing::debug!(
@@ -506,7 +527,7 @@ impl Applier<'_> {
                 relations,
                 cascade: _,
                 restart_identity,
-            } => self.truncate(relations, restart_identity).await?,
+            } => return self.truncate(relations, restart_identity).await,
             Change::Message {
                 transactional: true,
                 prefix,
@@ -537,8 +558,10 @@ impl Applier<'_> {
                 if let Some(table) = self.tables.get(&oid) {
                     table.source.check_width(&change)?;
                 }
-                if self.in_copy(oid) {
-                    return Ok(Step::Continue);
+                match self.in_copy(oid)? {
+                    joins::Decision::Apply => {}
+                    joins::Decision::Skip => return Ok(Step::Continue),
+                    joins::Decision::Wait => return Ok(Step::Rewind),
                 }
                 let change = match self.tables.get(&oid) {
                     Some(table) => table.without_generated(change),
@@ -563,25 +586,30 @@ impl Applier<'_> {
     }
 
     /// Applies a TRUNCATE of these relations (never CASCADE; a table resynced after it keeps
-    /// its copy).
-    async fn truncate(&mut self, relations: Vec<u32>, restart_identity: bool) -> Result<()> {
+    /// its copy); `Rewind` when one of them waits for its copy.
+    async fn truncate(&mut self, relations: Vec<u32>, restart_identity: bool) -> Result<Step> {
         let relations: Vec<u32> = relations
             .into_iter()
             .filter(|oid| !self.set_aside.contains(oid))
             .collect();
         if relations.is_empty() {
-            return Ok(());
+            return Ok(Step::Continue);
         }
         for oid in &relations {
             self.describe_pending(*oid).await?;
         }
         let listed = relations.len();
-        let relations: Vec<u32> = relations
-            .into_iter()
-            .filter(|oid| !self.in_copy(*oid))
-            .collect();
+        let mut kept = Vec::with_capacity(listed);
+        for oid in relations {
+            match self.in_copy(oid)? {
+                joins::Decision::Apply => kept.push(oid),
+                joins::Decision::Skip => {}
+                joins::Decision::Wait => return Ok(Step::Rewind),
+            }
+        }
+        let relations = kept;
         if relations.is_empty() {
-            return Ok(());
+            return Ok(Step::Continue);
         }
         self.send_queued().await?;
         if relations.len() < listed {
@@ -605,7 +633,7 @@ impl Applier<'_> {
                 .await?;
         }
         self.count_change();
-        Ok(())
+        Ok(Step::Continue)
     }
 
     fn count_change(&mut self) {
@@ -645,6 +673,10 @@ impl Applier<'_> {
         self.after_seq = self.reader.seq_through(self.progress.applied)?;
         self.decoder = StreamDecoder::new(self.plugin);
         self.pending_truncate = None;
+        // Rolled back because a table's copy is not ready: wait for it, holding no lock.
+        if let Some((table, commit)) = self.waiting.take() {
+            self.resynced.wait(&table, commit).await?;
+        }
         Ok(())
     }
 }

@@ -9,6 +9,12 @@ use crate::workdir::WorkDir;
 pub async fn run(args: FollowArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    if !(args.add_tables.is_empty()
+        && args.resync_tables.is_empty()
+        && args.remove_tables.is_empty())
+    {
+        return table_requests(args, source, target).await;
+    }
     let workdir = WorkDir::open(&args.dir, "follow")?;
     crate::preflight::preflight_follow(&crate::preflight::CheckOptions::new(
         source.clone(),
@@ -32,5 +38,36 @@ pub async fn run(args: FollowArgs) -> Result<()> {
     println!(
         "reached endpos: applied through {applied}; sequences set. The slot is kept until `pgtide stream cleanup`."
     );
+    Ok(())
+}
+
+/// `follow --add-table / --resync / --remove-table`: runs the requests against the work dir
+/// (a follow may be running there) and exits.
+async fn table_requests(
+    args: FollowArgs,
+    source: crate::conninfo::ConnInfo,
+    target: crate::conninfo::ConnInfo,
+) -> Result<()> {
+    use crate::clone::filters::parse_table_name;
+    use follow::table_sync::{TableRequest, TableSyncOptions};
+    let mut requests = Vec::new();
+    for (names, make) in [
+        (&args.remove_tables, TableRequest::Remove as fn(_) -> _),
+        (&args.add_tables, TableRequest::Add as fn(_) -> _),
+        (&args.resync_tables, TableRequest::Resync as fn(_) -> _),
+    ] {
+        for name in names {
+            requests.push(make(parse_table_name(name)?));
+        }
+    }
+    let opts = TableSyncOptions {
+        source,
+        target,
+        dir: args.dir,
+        ack_timeout: args.request_timeout,
+    };
+    for line in follow::table_sync::run(&opts, &requests).await? {
+        println!("{line}");
+    }
     Ok(())
 }

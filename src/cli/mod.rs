@@ -48,7 +48,7 @@ pub fn migration_filters(
         (Some(recorded), None) => Ok(recorded),
         (Some(recorded), Some(given)) if recorded == given => Ok(recorded),
         (Some(_), Some(_)) => anyhow::bail!(
-            "--filters {} differs from the filters this migration recorded when it started: leave --filters out (the recorded ones are used), or start a new migration in another --dir",
+            "--filters {} differs from the filters this migration recorded (when it started, and as `follow --add-table` / `--remove-table` changed them since): leave --filters out (the recorded ones are used), or start a new migration in another --dir",
             path.map(|p| p.display().to_string()).unwrap_or_default()
         ),
         (None, Some(given)) => Ok(given),

@@ -123,82 +123,24 @@ impl CopyWorker {
                 describe(&e)
             )
         })?;
-        let out = self
-            .source
-            .copy_out(source_sql)
-            .await
-            .map_err(|e| {
-                // A column or the table itself renamed or dropped since the snapshot: the
-                // statement is parsed against the source's current catalog.
-                let changed = matches!(
-                    e.code(),
-                    Some(c) if *c == tokio_postgres::error::SqlState::UNDEFINED_COLUMN
-                        || *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE
-                );
-                if changed {
-                    anyhow!(
-                        "cannot read {name} from the source: {}. Its definition changed on the source during the copy (a schema change after the snapshot), so it cannot be copied under the snapshot. Start over (`pgtide cleanup`, then `pgtide clone --follow`) and make schema changes once `pgtide status` shows the copy done: from then on they are replayed in order",
-                        describe(&e)
-                    )
-                } else {
-                    anyhow!("cannot read {name} from the source: {}", describe(&e))
-                }
-            })?;
-        let sink = self
-            .target
-            .copy_in::<_, Bytes>(target_sql)
-            .await
-            .map_err(|e| anyhow!("cannot load {name} on the target: {}", describe(&e)))?;
-        futures_util::pin_mut!(out);
-        futures_util::pin_mut!(sink);
-        let mut buffer = BytesMut::with_capacity(CHUNK_BYTES * 2);
-        let mut bytes = 0u64;
         let mut recorded = std::time::Instant::now();
-        while let Some(chunk) = out.next().await {
-            let chunk = chunk
-                .map_err(|e| anyhow!("reading {name} from the source failed: {}", describe(&e)))?;
-            bytes += chunk.len() as u64;
-            if recorded.elapsed() >= std::time::Duration::from_secs(1) {
-                let _ = self.state.part_progress(table.oid, part.part, bytes);
-                recorded = std::time::Instant::now();
-            }
-            self.counters
-                .bytes
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            buffer.put(chunk);
-            if buffer.len() >= CHUNK_BYTES {
-                sink.send(buffer.split().freeze()).await.map_err(|e| {
-                    anyhow!("loading {name} on the target failed: {}", describe(&e))
-                })?;
-            }
-        }
-        if !buffer.is_empty() {
-            sink.send(buffer.split().freeze())
-                .await
-                .map_err(|e| anyhow!("loading {name} on the target failed: {}", describe(&e)))?;
-        }
-        let rows = sink
-            .as_mut()
-            .finish()
-            .await
-            .map_err(|e| anyhow!("loading {name} on the target failed: {}", describe(&e)))?;
+        let (rows, bytes) = pump(
+            &self.source,
+            &self.target,
+            &name,
+            source_sql,
+            target_sql,
+            |chunk, bytes| {
+                if recorded.elapsed() >= std::time::Duration::from_secs(1) {
+                    let _ = self.state.part_progress(table.oid, part.part, bytes);
+                    recorded = std::time::Instant::now();
+                }
+                self.counters.bytes.fetch_add(chunk, Ordering::Relaxed);
+            },
+        )
+        .await?;
         self.counters.rows.fetch_add(rows, Ordering::Relaxed);
-        // The COPY holds its lock on the source table from its start: a rewrite committed
-        // before that is seen now, as pg_class under the snapshot naming another file than the
-        // table has (TRUNCATE and table rewrites are not MVCC-safe: the snapshot saw the new,
-        // empty file, while the stream still carries changes to the rows it lost).
-        let rewritten: bool = self
-            .source
-            .query_one(
-                "SELECT relfilenode IS DISTINCT FROM pg_relation_filenode(oid) FROM pg_class WHERE oid = $1",
-                &[&table.oid],
-            )
-            .await
-            .map_err(|e| anyhow!("cannot check {name} on the source: {}", describe(&e)))?
-            .get(0);
-        if rewritten {
-            return Err(anyhow::Error::new(TableRewritten(name)));
-        }
+        check_not_rewritten(&self.source, table).await?;
         fail::fail_point!(crate::failpoints::COPY_BEFORE_COMMIT);
         self.target
             .execute(
@@ -214,6 +156,165 @@ impl CopyWorker {
         fail::fail_point!(crate::failpoints::COPY_AFTER_COMMIT);
         Ok(PartResult { rows, bytes })
     }
+}
+
+/// Streams `COPY … TO STDOUT` on the source into `COPY … FROM STDIN` on the target (both
+/// sessions already in their transactions), regrouped into large CopyData messages;
+/// `on_chunk(chunk bytes, bytes so far)` after each source chunk. Returns rows and bytes.
+async fn pump(
+    source: &Client,
+    target: &Client,
+    name: &str,
+    source_sql: &str,
+    target_sql: &str,
+    mut on_chunk: impl FnMut(u64, u64),
+) -> Result<(u64, u64)> {
+    let out = source
+        .copy_out(source_sql)
+        .await
+        .map_err(|e| {
+            // A column or the table itself renamed or dropped since the snapshot: the
+            // statement is parsed against the source's current catalog.
+            let changed = matches!(
+                e.code(),
+                Some(c) if *c == tokio_postgres::error::SqlState::UNDEFINED_COLUMN
+                    || *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE
+            );
+            if changed {
+                anyhow!(
+                    "cannot read {name} from the source: {}. Its definition changed on the source during the copy (a schema change after the snapshot), so it cannot be copied under the snapshot. Start over (`pgtide cleanup`, then `pgtide clone --follow`) and make schema changes once `pgtide status` shows the copy done: from then on they are replayed in order",
+                    describe(&e)
+                )
+            } else {
+                anyhow!("cannot read {name} from the source: {}", describe(&e))
+            }
+        })?;
+    let sink = target
+        .copy_in::<_, Bytes>(target_sql)
+        .await
+        .map_err(|e| anyhow!("cannot load {name} on the target: {}", describe(&e)))?;
+    futures_util::pin_mut!(out);
+    futures_util::pin_mut!(sink);
+    let mut buffer = BytesMut::with_capacity(CHUNK_BYTES * 2);
+    let mut bytes = 0u64;
+    while let Some(chunk) = out.next().await {
+        let chunk = chunk
+            .map_err(|e| anyhow!("reading {name} from the source failed: {}", describe(&e)))?;
+        bytes += chunk.len() as u64;
+        on_chunk(chunk.len() as u64, bytes);
+        buffer.put(chunk);
+        if buffer.len() >= CHUNK_BYTES {
+            sink.send(buffer.split().freeze())
+                .await
+                .map_err(|e| anyhow!("loading {name} on the target failed: {}", describe(&e)))?;
+        }
+    }
+    if !buffer.is_empty() {
+        sink.send(buffer.split().freeze())
+            .await
+            .map_err(|e| anyhow!("loading {name} on the target failed: {}", describe(&e)))?;
+    }
+    let rows = sink
+        .as_mut()
+        .finish()
+        .await
+        .map_err(|e| anyhow!("loading {name} on the target failed: {}", describe(&e)))?;
+    Ok((rows, bytes))
+}
+
+/// The COPY holds its lock on the source table from its start: a rewrite committed before
+/// that is seen now, as pg_class under the snapshot naming another file than the table has
+/// (TRUNCATE and table rewrites are not MVCC-safe: the snapshot saw the new, empty file, while
+/// the stream still carries changes to the rows it lost).
+async fn check_not_rewritten(source: &Client, table: &TableRow) -> Result<()> {
+    let name = table.display_name();
+    let rewritten: bool = source
+        .query_one(
+            "SELECT relfilenode IS DISTINCT FROM pg_relation_filenode(oid) FROM pg_class WHERE oid = $1",
+            &[&table.oid],
+        )
+        .await
+        .map_err(|e| anyhow!("cannot check {name} on the source: {}", describe(&e)))?
+        .get(0);
+    if rewritten {
+        return Err(anyhow::Error::new(TableRewritten(name)));
+    }
+    Ok(())
+}
+
+/// Replaces every row of `table` on the target with its rows under `snapshot`, in one target
+/// transaction (`follow --add-table` / `--resync`): emptied (TRUNCATE, or DELETE when another
+/// table's foreign key refers to it, which TRUNCATE refuses) and loaded as the clone loads a
+/// whole table, in `session_replication_role = replica` like apply (no trigger fires, foreign
+/// keys are not checked: the rows are the source's). Returns the rows loaded; a table rewritten
+/// on the source after the snapshot is a `TableRewritten` error with nothing committed.
+pub async fn replace_table(
+    source: &Client,
+    target: &Client,
+    table: &TableRow,
+    snapshot_name: &str,
+) -> Result<u64> {
+    let name = table.display_name();
+    let columns = table
+        .columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let format = if table.binary_copy { "binary" } else { "text" };
+    let (source_sql, target_sql) = if table.columns.is_empty() {
+        (
+            format!("COPY {} TO STDOUT (FORMAT {format})", table.qualified()),
+            format!("COPY {} FROM STDIN (FORMAT {format})", table.qualified()),
+        )
+    } else {
+        (
+            format!(
+                "COPY {} ({columns}) TO STDOUT (FORMAT {format})",
+                table.qualified()
+            ),
+            format!(
+                "COPY {} ({columns}) FROM STDIN (FORMAT {format})",
+                table.qualified()
+            ),
+        )
+    };
+    let referenced: bool = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' AND confrelid = $1::text::regclass AND conrelid <> confrelid)",
+            &[&table.qualified()],
+        )
+        .await
+        .map_err(|e| anyhow!("cannot find {name} on the target: {}", describe(&e)))?
+        .get(0);
+    let empty = if referenced {
+        "DELETE FROM ONLY"
+    } else {
+        "TRUNCATE ONLY"
+    };
+    snapshot::import(source, snapshot_name).await?;
+    let result = async {
+        target
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL session_replication_role = replica; {empty} {}",
+                table.qualified()
+            ))
+            .await
+            .map_err(|e| anyhow!("cannot empty {name} on the target: {}", describe(&e)))?;
+        let (rows, _) = pump(source, target, &name, &source_sql, &target_sql, |_, _| {}).await?;
+        check_not_rewritten(source, table).await?;
+        target
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| anyhow!("cannot commit {name} on the target: {}", describe(&e)))?;
+        Ok(rows)
+    }
+    .await;
+    let _ = source.batch_execute("ROLLBACK").await;
+    if result.is_err() {
+        let _ = target.batch_execute("ROLLBACK").await;
+    }
+    result
 }
 
 /// A table truncated or rewritten (ALTER TABLE … TYPE, VACUUM FULL, CLUSTER) on the source

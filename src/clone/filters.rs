@@ -40,6 +40,11 @@ pub struct Filters {
     pub include_only_tables: Vec<TableName>,
     pub exclude_tables: Vec<TableName>,
     pub exclude_table_data: Vec<TableName>,
+    /// Tables that joined the migration while it followed (`follow --add-table`): included
+    /// whatever the sections above say. Never in a filters file; recorded in state.db only
+    /// (absent from what an earlier pgtide recorded, hence the default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added_tables: Vec<TableName>,
 }
 
 impl Filters {
@@ -107,6 +112,9 @@ impl Filters {
 
     pub fn includes_table(&self, schema: &str, name: &str) -> bool {
         let matches = |t: &TableName| t.schema == schema && t.name == name;
+        if schema != "pgtide" && self.added_tables.iter().any(matches) {
+            return true;
+        }
         self.includes_schema(schema)
             && !self.exclude_tables.iter().any(matches)
             && (self.include_only_tables.is_empty() || self.include_only_tables.iter().any(matches))
@@ -117,6 +125,29 @@ impl Filters {
             .exclude_table_data
             .iter()
             .any(|t| t.schema == schema && t.name == name)
+    }
+
+    /// The filters once `table` joined the migration (`follow --add-table`): included, with
+    /// its data, whatever the file said.
+    pub fn with_table_added(&self, table: &TableName) -> Filters {
+        let mut filters = self.clone();
+        filters.exclude_tables.retain(|t| t != table);
+        filters.exclude_table_data.retain(|t| t != table);
+        if !filters.includes_table(&table.schema, &table.name) {
+            filters.added_tables.push(table.clone());
+        }
+        filters
+    }
+
+    /// The filters once `table` left the migration (`follow --remove-table`): excluded.
+    pub fn with_table_removed(&self, table: &TableName) -> Filters {
+        let mut filters = self.clone();
+        filters.added_tables.retain(|t| t != table);
+        filters.include_only_tables.retain(|t| t != table);
+        if filters.includes_table(&table.schema, &table.name) {
+            filters.exclude_tables.push(table.clone());
+        }
+        filters
     }
 
     /// Every table named in the file, so that a typo is reported instead of silently ignored.
@@ -327,6 +358,27 @@ mod tests {
         assert_eq!((t.schema.as_str(), t.name.as_str()), ("public", "logs"));
         assert!(parse_table_name("a.b.c").is_err());
         assert!(parse_table_name("public.Odd Name").is_err());
+    }
+
+    #[test]
+    fn added_and_removed_tables() {
+        let f = Filters::parse("[exclude-schema]\nscratch\n[exclude-table]\npublic.x\n").unwrap();
+        let x = parse_table_name("x").unwrap();
+        let s = parse_table_name("scratch.s").unwrap();
+        let added = f.with_table_added(&x).with_table_added(&s);
+        assert!(added.includes_table("public", "x") && added.copies_data("public", "x"));
+        assert!(added.includes_table("scratch", "s"));
+        assert!(!added.includes_table("scratch", "other"));
+        assert!(added.exclude_tables.is_empty());
+        let removed = added.with_table_removed(&x).with_table_removed(&s);
+        assert!(!removed.includes_table("public", "x"));
+        assert!(!removed.includes_table("scratch", "s"));
+        // What an earlier pgtide recorded (no added_tables) still reads.
+        let old: Filters = serde_json::from_str(
+            r#"{"include_only_schemas":[],"exclude_schemas":[],"include_only_tables":[],"exclude_tables":[],"exclude_table_data":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(old, Filters::default());
     }
 
     #[test]

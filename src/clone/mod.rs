@@ -345,7 +345,7 @@ where
 }
 
 /// The pg_dump / pg_restore pair for these servers (see `tools`), logged once.
-async fn choose_tools(
+pub(crate) async fn choose_tools(
     source: &tokio_postgres::Client,
     target: &tokio_postgres::Client,
 ) -> Result<tools::PgTools> {

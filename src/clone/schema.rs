@@ -20,6 +20,8 @@ use crate::conninfo::ConnInfo;
 pub enum Section {
     PreData,
     PostData,
+    /// Both halves in one dump (`follow --add-table` creates one table whole, in one restore).
+    Whole,
 }
 
 impl Section {
@@ -27,12 +29,14 @@ impl Section {
         match self {
             Section::PreData => "--section=pre-data",
             Section::PostData => "--section=post-data",
+            Section::Whole => "--schema-only",
         }
     }
     pub fn file_stem(self) -> &'static str {
         match self {
             Section::PreData => "pre-data",
             Section::PostData => "post-data",
+            Section::Whole => "schema",
         }
     }
 }

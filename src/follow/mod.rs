@@ -8,6 +8,7 @@ mod clone;
 mod endpos;
 mod liveness;
 mod recorder;
+pub mod table_sync;
 
 pub use clone::{CloneFollow, clone_and_follow, interruptible};
 pub use endpos::set_endpos;
@@ -103,7 +104,7 @@ async fn apply_and_set_sequences(
     let (endpos_poller, endpos_rx) = endpos::follow_sentinel(&state, source)?;
     let mut stop = StopRule { endpos: endpos_rx };
     let recorder = recorder::start(&state, &progress);
-    let resynced = state.resync_positions()?;
+    let mut resynced = apply::Resynced::load(&state)?;
     let origin = apply::origin_name(&slot);
     let ddl_rules = apply::ddl::DdlRules::load(&state)?;
     let source_of_apply = apply::Source {
@@ -116,7 +117,7 @@ async fn apply_and_set_sequences(
     let mut backoff = Duration::from_millis(500);
     let applied = loop {
         let result = tokio::select! {
-            r = apply::run(&client, &source_of_apply, &mut stop, &resynced, &progress) => r,
+            r = apply::run(&client, &source_of_apply, &mut stop, &mut resynced, &progress) => r,
             r = &mut task => {
                 endpos_poller.abort();
                 return match r {

@@ -121,4 +121,21 @@ pub struct FollowArgs {
     /// dir).
     #[arg(long)]
     pub wal2json_nan_as_null: bool,
+    /// Add a source table to the migration while its follow runs (repeatable): created on the
+    /// target if missing, published, copied under its own snapshot, then followed. Exits when
+    /// done; the running follow keeps going.
+    #[arg(long = "add-table", value_name = "TABLE")]
+    pub add_tables: Vec<String>,
+    /// Copy a followed table again under a new snapshot (repeatable), e.g. after it diverged
+    /// on the target; the running follow keeps going.
+    #[arg(long = "resync", value_name = "TABLE")]
+    pub resync_tables: Vec<String>,
+    /// Stop following a table (repeatable): unpublished, its changes no longer applied, left
+    /// out of verify and cutover. Its table on the target is kept.
+    #[arg(long = "remove-table", value_name = "TABLE")]
+    pub remove_tables: Vec<String>,
+    /// With --add-table / --resync: how long to wait for the running follow to take the
+    /// request into account.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub request_timeout: std::time::Duration,
 }
