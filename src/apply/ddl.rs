@@ -105,6 +105,27 @@ impl DdlRules {
             .is_some_and(|(s, n)| s == schema && n == name)
     }
 
+    /// Records the tables the capture published in the stream's table list: the migration
+    /// follows them from now on (status, `follow --resync`, verify know them).
+    fn record_published(&self, published: &[String]) -> Result<()> {
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        if published.is_empty() {
+            return Ok(());
+        }
+        let mut tables = state.stream()?.and_then(|s| s.tables).unwrap_or_default();
+        for name in published {
+            if let Ok(t) = parse_table_name(name) {
+                let entry = (t.schema, t.name);
+                if !tables.contains(&entry) {
+                    tables.push(entry);
+                }
+            }
+        }
+        state.record_stream_tables(&tables)
+    }
+
     /// Records the stop and returns the error apply stops with.
     fn stop(&self, id: DdlId, message: &DdlMessage, reason: &str, fix: &str) -> anyhow::Error {
         let stop = DdlStop {
@@ -352,6 +373,7 @@ pub async fn replay(
                     )
                 })?;
             replayed_in_transaction.insert(message.query.clone());
+            rules.record_published(&message.published)?;
             tracing::info!(
                 "replayed schema change {id} on the target: {}",
                 statements.join("; ")
