@@ -10,36 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use pgtide::failpoints::APPLY_BEFORE_COMMIT;
 
-/// Writes on the source (a change after the slot's snapshot, in the table `tick` each test
-/// creates) and waits until apply has
-/// committed it on the target.
-async fn wait_applied(src: &str, dst: &str, slot: &str, child: &mut PgtideChild) {
-    exec(src, "INSERT INTO tick VALUES (1)").await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let applied = format!(
-        "SELECT count(*) FROM pg_replication_origin_status
-         WHERE external_id = 'pgtide_{slot}' AND remote_lsn > '0/0'"
-    );
-    while scalar_i64(dst, &applied).await == 0 {
-        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("apply never started:\n{}", child.output_so_far());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A filters file outside the work dir.
-fn filters_file(name: &str, text: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "pgtide-test-{name}-filters-{}.ini",
-        std::process::id()
-    ));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// Item 5: an `[exclude-table-data]` table is created empty and not published, so the first
 /// UPDATE of one of its source rows does not stop apply; check and clone say so.
 #[tokio::test(flavor = "multi_thread")]

@@ -12,34 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use pgtide::failpoints::TABLE_SYNC_AFTER_COPY;
 
-/// Waits until apply has committed something (clone done, apply running).
-async fn wait_applied(src: &str, dst: &str, slot: &str, child: &mut PgtideChild) {
-    exec(src, "INSERT INTO tick VALUES (1) ON CONFLICT DO NOTHING").await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let applied = format!(
-        "SELECT count(*) FROM pg_replication_origin_status
-         WHERE external_id = 'pgtide_{slot}' AND remote_lsn > '0/0'"
-    );
-    while scalar_i64(dst, &applied).await == 0 {
-        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("apply never started:\n{}", child.output_so_far());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A filters file outside the work dir.
-fn filters_file(name: &str, text: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "pgtide-test-{name}-filters-{}.ini",
-        std::process::id()
-    ));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// Application traffic until stopped: each statement list runs as one transaction, in turn,
 /// with `{i}` replaced by the round number. Returns the rounds committed.
 struct Traffic {

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 
 use super::args::Args;
+use super::servers::{exec, scalar_i64};
 
 /// The pgtide binary with an environment free of the operator's PGTIDE_* settings.
 pub fn pgtide_command(args: &[&str]) -> Command {
@@ -186,4 +187,34 @@ pub fn wait_exit(child: PgtideChild, secs: u64) -> Output {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// Writes on the source (a change after the slot's snapshot, in the table `tick` the test
+/// created with a primary key) and waits until apply has committed something: the clone is
+/// done and apply runs.
+pub async fn wait_applied(src: &str, dst: &str, slot: &str, child: &mut PgtideChild) {
+    exec(src, "INSERT INTO tick VALUES (1) ON CONFLICT DO NOTHING").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let applied = format!(
+        "SELECT count(*) FROM pg_replication_origin_status
+         WHERE external_id = 'pgtide_{slot}' AND remote_lsn > '0/0'"
+    );
+    while scalar_i64(dst, &applied).await == 0 {
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("apply never started:\n{}", child.output_so_far());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A filters file outside the work dir.
+pub fn filters_file(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "pgtide-test-{name}-filters-{}.ini",
+        std::process::id()
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
 }
