@@ -69,6 +69,7 @@ WORK=$(mktemp -d /tmp/pgtide-soak.XXXXXX)   # outlives the clusters: logs, CSV, 
 DIR=$WORK/work
 CSV=$DIR/soak.csv
 LOG=$WORK/pgtide.log
+: > "$LOG"
 PGTIDE_PID=
 PGBENCH_PID=
 
@@ -153,6 +154,7 @@ SQL
 
 now() { date +%s; }
 start_follow() { # clone --follow (first start) or follow (every restart)
+  LOG_MARK=$(( $(wc -l < "$LOG") + 1 ))   # its log starts at this line
   if [ "$1" = clone ]; then
     "$PGTIDE" clone --follow --slot-name "$SLOT" --table-jobs 2 --index-jobs 2 >> "$LOG" 2>&1 &
   else
@@ -249,6 +251,13 @@ kill_pgtide() {
   wait "$PGTIDE_PID" 2>/dev/null || true
   echo "-- pgtide pid $PGTIDE_PID killed by soak.sh ($(date -u +%FT%TZ))" >> "$LOG"
   start_follow follow
+  # Let it get going before the next disturbance: `pgtide follow` checks both servers when it
+  # starts and stops at once if one is down (the running follower reconnects instead).
+  local t=0
+  until sed -n "$LOG_MARK,\$p" "$LOG" | grep -q 'apply: resuming after'; do
+    alive && [ "$t" -lt 60 ] || break
+    sleep 1; t=$((t + 1))
+  done
 }
 restart_target() {
   echo "== restart of the target server (pg_ctl restart -m fast)"
@@ -296,9 +305,10 @@ while :; do
   check_alive
   kill -0 "$PGBENCH_PID" 2>/dev/null || { echo "!! the traffic (pgbench) stopped:"; tail -5 "$WORK/traffic.log"; FAILURES+=("traffic stopped early"); break; }
   if [ "$t" -ge "$next_ddl" ]; then ddl; LAST_EVENT+="ddl $DDL_N;"; next_ddl=$(( next_ddl + DDL_EVERY )); fi
-  if [ "$t" -ge "$next_kill" ]; then kill_pgtide; LAST_EVENT+="kill;"; next_kill=$(( next_kill + KILL_EVERY )); fi
-  if [ "$t" -ge "$next_target" ]; then restart_target; LAST_EVENT+="target restart;"; next_target=$(( next_target + TARGET_EVERY )); fi
-  if [ "$t" -ge "$next_walsender" ]; then terminate_walsender; LAST_EVENT+="walsender;"; next_walsender=$(( next_walsender + WALSENDER_EVERY )); fi
+  # One failure at a time (a second one due waits for the next tick).
+  if [ "$t" -ge "$next_kill" ]; then kill_pgtide; LAST_EVENT+="kill;"; next_kill=$(( next_kill + KILL_EVERY ))
+  elif [ "$t" -ge "$next_target" ]; then restart_target; LAST_EVENT+="target restart;"; next_target=$(( next_target + TARGET_EVERY ))
+  elif [ "$t" -ge "$next_walsender" ]; then terminate_walsender; LAST_EVENT+="walsender;"; next_walsender=$(( next_walsender + WALSENDER_EVERY )); fi
   if [ "$t" -ge "$next_sample" ]; then sample "$t"; next_sample=$(( next_sample + SAMPLE )); fi
   sleep 2
 done
