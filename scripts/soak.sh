@@ -5,8 +5,9 @@
 # What it proves: a `pgtide clone --follow` that keeps following while the source writes all
 # the time and, periodically,
 #   - changes its schema (columns added with a constant default, indexes created, also
-#     CONCURRENTLY, a new table created and filled, columns renamed, a column added to a
-#     partitioned table: what DDL capture replays, README "Schema changes during follow"),
+#     CONCURRENTLY, a new table created and filled, columns renamed, a column added to the
+#     REPLICA IDENTITY FULL table: what DDL capture replays, README "Schema changes during
+#     follow"),
 #   - loses pgtide (SIGKILL, then `pgtide follow` resumes from the work dir),
 #   - loses the target server (pg_ctl restart -m fast) and the walsender
 #     (pg_terminate_backend on the slot's active_pid),
@@ -16,7 +17,7 @@
 #
 # How to read its output (stdout; pgtide's own log is in WORK/pgtide.log):
 #   - one line per sample (every PGTIDE_SOAK_SAMPLE seconds, default 30), e.g.
-#       t=  90s following   spool 4.1 MiB   retained WAL 1.2 MiB   rss 38.5 MiB   lag 0.3s / 120 kB
+#       t=   90s following  spool    4.1 MiB   retained WAL    0.3 MiB   rss   15.3 MiB   lag   0.7s / 0.1 MiB
 #     t is counted from the moment apply started following (the clone ran before that);
 #     the same figures, raw, go to WORK/soak.csv (elapsed_s,phase,pid,spool_bytes,
 #     retained_wal_bytes,rss_kb,lag_seconds,lag_bytes,event);
@@ -26,8 +27,9 @@
 #     while following, and a verdict per figure: "flat" when the maximum over the last third
 #     of the run is at most twice the maximum over the first third plus a slack (spool 16 MiB,
 #     WAL 64 MiB, RSS 32 MiB), "GROWING" otherwise; then the content comparison.
-# Exit status: 0 when everything is identical, pgtide never died on its own and every figure
-# stayed flat; 1 otherwise (the reason is printed last).
+#     (lag: seconds, then bytes of WAL behind the source, as `pgtide status` reports them)
+# Exit status: 0 when everything is identical, pgtide never died on its own, the source took
+# every schema change and every figure stayed flat; 1 otherwise (the reasons are printed last).
 #
 # Runs its own PostgreSQL 15 pair (scripts/clusters.sh: a temp dir, random free ports, as the
 # postgres OS user), so it does not collide with a concurrent scripts/test.sh; both are stopped
