@@ -38,8 +38,6 @@
 # PGTIDE_SOAK_SAMPLE (seconds, 30), PGTIDE_SOAK_DDL_EVERY (120), PGTIDE_SOAK_KILL_EVERY (300),
 # PGTIDE_SOAK_TARGET_RESTART_EVERY (900), PGTIDE_SOAK_WALSENDER_EVERY (420): each period is also
 # capped to a fraction of DURATION so that a short run sees every disturbance at least once.
-# PGTIDE_SOAK_KNOWN_BUGS=on also runs what a known, not yet fixed bug breaks (an ALTER TABLE of
-# the partitioned table, refused on the source by the DDL capture's trigger).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,7 +57,6 @@ min() { [ "$1" -lt "$2" ] && echo "$1" || echo "$2"; }
 DDL_EVERY=$(min "${PGTIDE_SOAK_DDL_EVERY:-120}" $(( DURATION / 5 )))
 KILL_EVERY=$(min "${PGTIDE_SOAK_KILL_EVERY:-300}" $(( DURATION / 3 )))
 TARGET_EVERY=$(min "${PGTIDE_SOAK_TARGET_RESTART_EVERY:-900}" $(( DURATION / 2 )))
-KNOWN_BUGS=${PGTIDE_SOAK_KNOWN_BUGS:-off}
 WALSENDER_EVERY=$(min "${PGTIDE_SOAK_WALSENDER_EVERY:-420}" $(( DURATION / 3 )))
 SLOT=soak
 
@@ -235,16 +232,9 @@ ddl() {
        fi
        ddl_sql -c "ALTER TABLE wide RENAME COLUMN $LAST_EXTRA TO ${LAST_EXTRA}_r$n"
        LAST_EXTRA=${LAST_EXTRA}_r$n;;
-    4) if [ "$KNOWN_BUGS" = on ]; then
-         echo "== ddl $n: ALTER TABLE events (partitioned) ADD COLUMN tag_$n text DEFAULT 'soak'"
-         ddl_sql -c "ALTER TABLE events ADD COLUMN tag_$n text DEFAULT 'soak'"
-       else
-         # Known bug: any ALTER TABLE of a published partitioned table fails on the source
-         # ("relation … is already member of publication pgtide_<slot>" from the capture's
-         # ALTER PUBLICATION ADD TABLE): PGTIDE_SOAK_KNOWN_BUGS=on runs it anyway.
-         echo "== ddl $n: ALTER TABLE full_ident (REPLICA IDENTITY FULL) ADD COLUMN tag_$n text DEFAULT 'soak' (the partitioned table's ALTER is a known bug, off)"
-         ddl_sql -c "ALTER TABLE full_ident ADD COLUMN tag_$n text DEFAULT 'soak'"
-       fi;;
+    4) echo "== ddl $n: ALTER TABLE events (partitioned) ADD COLUMN tag_$n text DEFAULT 'soak'; ALTER TABLE full_ident (REPLICA IDENTITY FULL) ADD COLUMN tag_$n text DEFAULT 'soak'"
+       ddl_sql -c "ALTER TABLE events ADD COLUMN tag_$n text DEFAULT 'soak'"
+       ddl_sql -c "ALTER TABLE full_ident ADD COLUMN tag_$n text DEFAULT 'soak'";;
   esac
 }
 kill_pgtide() {
