@@ -72,10 +72,12 @@ impl PgtideChild {
     /// Waits for the exit and returns the whole output, like `Child::wait_with_output`.
     pub fn wait_with_output(mut self) -> std::io::Result<Output> {
         let status = self.child.wait()?;
+        let stdout = std::mem::replace(&mut self.stdout, Drain::start(None::<std::io::Empty>));
+        let stderr = std::mem::replace(&mut self.stderr, Drain::start(None::<std::io::Empty>));
         Ok(Output {
             status,
-            stdout: self.stdout.finish(),
-            stderr: self.stderr.finish(),
+            stdout: stdout.finish(),
+            stderr: stderr.finish(),
         })
     }
 
@@ -86,6 +88,17 @@ impl PgtideChild {
             String::from_utf8_lossy(&self.stdout.so_far()),
             String::from_utf8_lossy(&self.stderr.so_far())
         )
+    }
+}
+
+/// A test that fails (panics) while its pgtide runs must not leave it behind, holding its
+/// slot and origin and retrying for ever: the child is killed when its handle goes.
+impl Drop for PgtideChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
