@@ -267,6 +267,21 @@ async fn unsafe_schema_changes_stop_and_the_operator_decides() {
     );
     let show = pgtide_ok(&["ddl", "show", "--dir", d]);
     assert!(show.contains("clock_timestamp()"), "{show}");
+    // status says where apply stopped and what to do.
+    let status: serde_json::Value = serde_json::from_str(&pgtide_ok_stdout(&[
+        "status", "--json", "--dir", d, "--source", &src, "--target", &dst,
+    ]))
+    .unwrap();
+    assert!(
+        status["ddl_stopped"]["statement"]
+            .as_str()
+            .is_some_and(|s| s.contains("clock_timestamp()"))
+            && status["verdict"].as_str().is_some_and(|v| v
+                .starts_with("stopped at schema change")
+                && v.contains("pgtide ddl skip"))
+            && status["ddl_capture"] == true,
+        "{status}"
+    );
     // The operator makes the target's column equal by hand, then skips the change.
     let values = scalar_string(
         &src,

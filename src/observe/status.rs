@@ -15,7 +15,7 @@ use super::slot_wal::{self, SlotWal};
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Lsn, Side};
 use crate::spool::{self, SpoolView};
-use crate::state::{Phase, StateDb, Step, now};
+use crate::state::{Phase, StateDb, Step, SyncKind, SyncStage, now};
 
 /// Lag (seconds) under which a follower is "ready to cut over" rather than "catching up".
 pub const READY_LAG_SECONDS: f64 = 5.0;
@@ -30,6 +30,27 @@ pub struct InFlight {
     pub bytes: u64,
     /// The part's share of the table's on-disk size (COPY bytes differ from it).
     pub expected_bytes: u64,
+}
+
+/// The schema change apply stopped on.
+#[derive(Debug, Clone, Serialize)]
+pub struct DdlStopped {
+    /// Commit LSN of its source transaction and its rank in it ("0/1A2B3C#1").
+    pub id: String,
+    pub statement: String,
+    pub reason: String,
+}
+
+/// A table sync in progress.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableSyncInFlight {
+    pub table: String,
+    /// add | resync
+    pub kind: String,
+    /// pending (no snapshot yet) | copying
+    pub stage: String,
+    /// The copy's snapshot LSN, once taken.
+    pub at: Option<String>,
 }
 
 /// Everything `pgtide status --json` prints; the field names are a stable interface (README,
@@ -78,6 +99,12 @@ pub struct Status {
     pub slot_seconds_to_limit: Option<f64>,
     /// Why the slot is lost or invalidated (then only a new clone helps); null while usable.
     pub slot_lost: Option<String>,
+    /// DDL capture is installed on the source for this stream.
+    pub ddl_capture: bool,
+    /// The schema change apply stopped on (`pgtide ddl show|skip|retry`), if undecided.
+    pub ddl_stopped: Option<DdlStopped>,
+    /// Tables being added or copied again (`follow --add-table / --resync`), not yet done.
+    pub table_syncs: Vec<TableSyncInFlight>,
     /// Servers status could not ask, with why (the figures above then come from state.db).
     pub unreachable: Vec<String>,
     pub verdict: String,
@@ -119,6 +146,35 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
         ..Default::default()
     };
     status.phase_since = phase.since;
+    status.ddl_capture = state.ddl_capture()?.is_some();
+    status.ddl_stopped = state.ddl_stop()?.map(|stop| DdlStopped {
+        id: stop.id.to_string(),
+        statement: stop.statement.trim().to_string(),
+        reason: stop.reason,
+    });
+    status.table_syncs = state
+        .table_syncs()?
+        .1
+        .into_iter()
+        .filter_map(|sync| {
+            let kind = match sync.kind {
+                SyncKind::Add => "add",
+                SyncKind::Resync => "resync",
+                SyncKind::Remove => return None,
+            };
+            let (stage, at) = match sync.stage {
+                SyncStage::Pending => ("pending", None),
+                SyncStage::CopyingAt(lsn) => ("copying", Some(lsn.to_string())),
+                SyncStage::Done(_) => return None,
+            };
+            Some(TableSyncInFlight {
+                table: sync.table,
+                kind: kind.into(),
+                stage: stage.into(),
+                at,
+            })
+        })
+        .collect();
     status.phase_seconds = status.phase_since.map(|t| (now() - t).max(0.0));
 
     // Clone progress.
@@ -322,6 +378,14 @@ pub fn verdict(s: &Status) -> String {
             crate::replication::slot::LOST_SLOT_FIX
         );
     }
+    if let Some(stop) = &s.ddl_stopped
+        && !matches!(s.phase, Phase::Done | Phase::StoppedAtEndpos)
+    {
+        return format!(
+            "stopped at schema change {}: {}. Decide with `pgtide ddl skip` or `pgtide ddl retry`, then start the follow again",
+            stop.id, stop.reason
+        );
+    }
     match s.phase {
         Phase::Failed => format!("stopped: {}", s.error.as_deref().unwrap_or("unknown error")),
         Phase::StoppedAtEndpos => format!(
@@ -470,8 +534,38 @@ pub fn render(dir: &Path, s: &Status) -> String {
             );
         }
     }
+    if let Some(stop) = &s.ddl_stopped {
+        line(
+            "DDL stopped",
+            format!("{}: {} ({})", stop.id, stop.statement, stop.reason),
+        );
+    }
+    for sync in &s.table_syncs {
+        line(
+            "  table sync",
+            format!(
+                "{} {} {}{}",
+                sync.kind,
+                sync.table,
+                sync.stage,
+                sync.at
+                    .as_ref()
+                    .map_or(String::new(), |at| format!(" at {at}"))
+            ),
+        );
+    }
     if let Some(slot) = &s.slot {
-        line("slot", slot.clone());
+        line(
+            "slot",
+            format!(
+                "{slot}{}",
+                if s.ddl_capture {
+                    " (schema changes captured)"
+                } else {
+                    ""
+                }
+            ),
+        );
         line(
             "positions",
             format!(
