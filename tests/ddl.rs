@@ -354,8 +354,8 @@ async fn unsafe_schema_changes_stop_and_the_operator_decides() {
 
 /// A table created without a primary key is not published (its UPDATEs would fail on the
 /// source); when it gets one, the capture publishes it, but its earlier rows are not in the
-/// stream: apply stops naming `follow --resync`, and `ddl retry` + `follow --resync` bring
-/// it to identical while the follower runs.
+/// stream: apply stops naming `follow --resync`; `follow --resync` (copying the table under a
+/// snapshot of its own) and `ddl retry` bring it to identical, changes made meanwhile included.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_table_given_its_primary_key_later_is_resynced() {
     let (src, dst) = fresh_db_pair("t_ddl_late").await;
@@ -380,15 +380,13 @@ async fn a_table_given_its_primary_key_later_is_resynced() {
             && log.contains("--resync public.late"),
         "{log}"
     );
-    pgtide_ok(&["ddl", "retry", "--dir", d]);
-    let follow = Args::new(&["follow", "--source", &src, "--target", &dst, "--dir", d]);
-    let mut child = spawn_pgtide(&follow, &[]);
-    wait_caught_up(&src, &dst, "t_ddl_late_slot", &mut child).await;
+    // Changes of the table keep coming while no follow runs.
     exec(
         &src,
         "UPDATE late SET v = 'y' WHERE id < 5; INSERT INTO late VALUES (21, 'z')",
     )
     .await;
+    // The fix as the error gives it: copy the table now, then replay the change.
     pgtide_ok(&[
         "follow",
         "--source",
@@ -400,6 +398,11 @@ async fn a_table_given_its_primary_key_later_is_resynced() {
         "--resync",
         "public.late",
     ]);
+    pgtide_ok(&["ddl", "retry", "--dir", d]);
+    let follow = Args::new(&["follow", "--source", &src, "--target", &dst, "--dir", d]);
+    let mut child = spawn_pgtide(&follow, &[]);
+    wait_caught_up(&src, &dst, "t_ddl_late_slot", &mut child).await;
+    exec(&src, "UPDATE late SET v = 'w' WHERE id = 7").await;
     exec(&src, "DELETE FROM late WHERE id = 20").await;
     let out = pgtide_ok(&Args::cutover(&src, &dst, d).args(&["--timeout", "120s"]));
     assert!(out.contains("cutover complete"), "{out}");

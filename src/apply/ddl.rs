@@ -259,7 +259,7 @@ fn plan(
                 late.join(", ")
             ),
             fix: format!(
-                "run `pgtide ddl retry --dir <work dir>` to replay the change, start the follow again and run `pgtide follow --resync {}` to copy the rows",
+                "run `pgtide follow --resync {}` (it copies the table now, with no follow running), then `pgtide ddl retry --dir <work dir>` and start the follow again",
                 late.join(" --resync ")
             ),
         };
@@ -285,6 +285,14 @@ fn plan(
 /// judged by their name; extensions, roles…) are followed.
 fn is_followed(object: &CapturedObject, filters: &Filters) -> bool {
     match object.object_type.as_str() {
+        // pgtide's own publications ("pgtide_<slot>", "… in publication pgtide_<slot>"),
+        // changed by `follow --add-table` and the capture: source only.
+        t if t.starts_with("publication")
+            && (object.identity.starts_with("pgtide_")
+                || object.identity.contains(" in publication pgtide_")) =>
+        {
+            false
+        }
         "schema" => filters.includes_schema(object.identity.trim_matches('"')),
         "table" | "table column" => {
             let identity = match object.object_type.as_str() {
@@ -355,7 +363,12 @@ pub async fn replay(
             );
             Ok(false)
         }
-        Plan::Stop { reason, fix } => Err(rules.stop(id, &message, &reason, &fix)),
+        Plan::Stop { reason, fix } => {
+            // Published on the source already: the migration follows them, so that
+            // `follow --resync` accepts them before the change is replayed.
+            rules.record_published(&message.published)?;
+            Err(rules.stop(id, &message, &reason, &fix))
+        }
         Plan::Replay(statements) => {
             for table in &message.unpublished {
                 tracing::warn!(
@@ -525,6 +538,25 @@ mod tests {
                 Some(DdlDecision::Skip),
                 &HashSet::new()
             ),
+            Plan::Skip(_)
+        ));
+    }
+
+    #[test]
+    fn pgtide_publications_are_never_replayed() {
+        let mut m = message(
+            "ALTER PUBLICATION \"pgtide_s\" ADD TABLE \"public\".\"x\"",
+            &[],
+        );
+        m.commands.push(CapturedObject {
+            object_type: "publication relation".into(),
+            schema: None,
+            identity: "public.x in publication pgtide_s".into(),
+            tag: None,
+            in_extension: false,
+        });
+        assert!(matches!(
+            plan(&m, &Filters::default(), None, &HashSet::new()),
             Plan::Skip(_)
         ));
     }

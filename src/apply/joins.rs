@@ -120,6 +120,13 @@ impl Joins {
         Ok(self.decide(table, commit))
     }
 
+    /// Whether `table` (quoted qualified name) has a sync record: `follow --add-table`,
+    /// `--resync` or `--remove-table` decide its changes, whatever the filters the apply run
+    /// started with say.
+    pub fn has_sync(&self, table: &str) -> bool {
+        self.syncs.contains_key(table)
+    }
+
     /// The periodic generation check (at most once a second).
     pub fn reload_if_due(&mut self) -> Result<()> {
         if self.checked.elapsed() >= RELOAD_EVERY {

@@ -206,7 +206,7 @@ pub async fn run(
     for payload in applier.reader.relations_before(after_seq)? {
         for change in applier.decoder.decode(payload)? {
             if let Change::Relation(r) = change
-                && !applier.sets_aside(&r)
+                && !applier.sets_aside(&r)?
             {
                 applier.undescribed.insert(r.oid, r);
             }
@@ -360,18 +360,24 @@ struct Applier<'a> {
 
 impl Applier<'_> {
     /// Whether a relation's changes are left aside (see `set_aside`); records it if so.
-    fn sets_aside(&mut self, r: &Relation) -> bool {
+    fn sets_aside(&mut self, r: &Relation) -> Result<bool> {
         let is_log = self.ddl.is_log_table(&r.schema, &r.name);
         if is_log {
             self.ddl_log = Some(r.oid);
         }
-        let aside = is_log || ddl::ignores_changes(self.ddl, &r.schema, &r.name);
+        let qualified = crate::pg::qualified(&r.schema, &r.name);
+        // A table joined by `follow --add-table` is followed whatever the filters this run
+        // started with: its sync record decides (joins.rs).
+        self.resynced.relation(&qualified)?;
+        let aside = is_log
+            || (!self.resynced.has_sync(&qualified)
+                && ddl::ignores_changes(self.ddl, &r.schema, &r.name));
         if aside {
             self.set_aside.insert(r.oid);
         } else {
             self.set_aside.remove(&r.oid);
         }
-        aside
+        Ok(aside)
     }
 
     /// Replays a captured schema change at its place in the transaction.
@@ -435,7 +441,7 @@ impl Applier<'_> {
             }
         }
         match change {
-            Change::Relation(r) if self.sets_aside(&r) => {
+            Change::Relation(r) if self.sets_aside(&r)? => {
                 self.undescribed.remove(&r.oid);
                 self.tables.remove(&r.oid);
             }

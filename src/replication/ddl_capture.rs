@@ -167,8 +167,9 @@ BEGIN
     FOR command IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
         -- pgtide's own publication changes (this function's, a table sync's) and temporary
         -- objects are not the application's schema.
-        IF command.object_type = 'publication' AND command.object_identity LIKE 'pgtide\_%'
-           OR command.schema_name = 'pg_temp' OR command.command_tag = 'ALTER PUBLICATION' AND command.object_identity LIKE 'pgtide\_%' THEN
+        IF command.object_type LIKE 'publication%'
+               AND (command.object_identity LIKE 'pgtide\_%' OR command.object_identity LIKE '% in publication pgtide\_%')
+           OR command.schema_name = 'pg_temp' THEN
             CONTINUE;
         END IF;
         commands := commands || jsonb_build_object('tag', command.command_tag, 'type', command.object_type,
