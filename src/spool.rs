@@ -477,8 +477,19 @@ impl SpoolReader {
     /// The sequence number of the last record of the transaction whose commit ended at
     /// `applied`, or of the last commit before it: apply resumes after it.
     pub fn seq_through(&self, applied: Lsn) -> Result<i64> {
+        // The last commit at or before `applied` may be pruned already (only the relation
+        // descriptions of pruned transactions stay): then the position is just before the
+        // first record left that is not a relation description. Starting at 0 instead would
+        // replay every stale description kept, and one naming a column renamed or dropped
+        // since stops apply as drift (found by scripts/soak.sh: a restart after a rename).
         Ok(self.conn.query_row(
-            "SELECT coalesce(max(seq), 0) FROM changes WHERE end_lsn IS NOT NULL AND end_lsn <= ?1",
+            "WITH last_commit AS (
+                 SELECT coalesce(max(seq), 0) AS seq FROM changes
+                  WHERE end_lsn IS NOT NULL AND end_lsn <= ?1)
+             SELECT coalesce(
+                 (SELECT min(c.seq) - 1 FROM changes c, last_commit l
+                   WHERE c.kind <> 'relation' AND c.seq > l.seq),
+                 (SELECT coalesce(max(seq), 0) FROM changes))",
             [applied.0 as i64],
             |r| r.get(0),
         )?)
@@ -585,6 +596,51 @@ mod tests {
             after.iter().map(|s| s.lsn.0).collect::<Vec<_>>(),
             vec![30, 31, 32]
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// After pruning, the position of the last applied commit is still known: a resume reads
+    /// the kept relation descriptions as history (the last one of each table counts), never
+    /// again as changes to match with the target.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_applied_position_survives_pruning() {
+        let dir = std::env::temp_dir().join(format!("pgtide-spool-through-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = SpoolWriter::open(&dir, Box::new(|_| {})).unwrap();
+        for r in [
+            rec(10, "begin", None),
+            rec(0, "relation", None),
+            rec(11, "insert", None),
+            rec(12, "commit", Some(20)),
+            rec(30, "begin", None),
+            rec(0, "relation", None),
+            rec(31, "insert", None),
+            rec(32, "commit", Some(40)),
+            rec(50, "begin", None),
+            rec(51, "insert", None),
+            rec(52, "commit", Some(60)),
+        ] {
+            w.append(r).unwrap();
+        }
+        w.sync().await.unwrap();
+        w.close().unwrap();
+        let reader = SpoolReader::open(&dir).unwrap();
+        let all = reader.read(0, Lsn(0), 100).unwrap();
+        let seq_of = |i: usize| all[i].seq;
+        assert_eq!(reader.seq_through(Lsn(40)).unwrap(), seq_of(7));
+        reader.prune_through(Lsn(40)).unwrap();
+        // Both commits are gone; the position is still after the second transaction.
+        assert_eq!(reader.seq_through(Lsn(40)).unwrap(), seq_of(8) - 1);
+        assert_eq!(reader.relations_before(seq_of(8) - 1).unwrap().len(), 2);
+        let next = reader
+            .read(reader.seq_through(Lsn(40)).unwrap(), Lsn(0), 100)
+            .unwrap();
+        assert_eq!(next.first().map(|r| r.lsn.0), Some(50));
+        // Everything applied and pruned: the position is the end of the spool.
+        reader.prune_through(Lsn(60)).unwrap();
+        let end = reader.seq_through(Lsn(60)).unwrap();
+        assert!(reader.read(end, Lsn(0), 100).unwrap().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
