@@ -1,6 +1,13 @@
 //! Statement building for apply: one prepared statement per (table, operation, column set),
 //! every value sent as text and cast by the target column's own type (`$1::text::numeric`), so
-//! nothing goes through a lossy conversion. Unchanged TOAST columns are left out of SET.
+//! nothing goes through a lossy conversion (invariant 5). Unchanged TOAST columns are left out
+//! of SET and out of every match.
+//!
+//! A REPLICA IDENTITY FULL row is found by its whole old image compared as text through each
+//! column's type; that comparison cannot use an index, so when the target has a btree index
+//! whose columns the old row covers (`TargetTable::index`), its columns are also matched with
+//! `col = value` / `col IS NULL`, which the planner answers with an index scan. Those conjuncts
+//! only narrow the scan: the full-row comparison is kept, so correctness never rests on them.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,6 +35,9 @@ pub struct TargetTable {
     /// Per source column: a generated (computed) column on the target. wal2json sends their
     /// values; the target computes its own, so they are never written.
     pub generated: Vec<bool>,
+    /// Source column positions of the target btree index that FULL-identity matches narrow
+    /// by (see `usable_index`); empty when the target has none usable.
+    pub index: Vec<usize>,
 }
 
 impl TargetTable {
@@ -73,13 +83,23 @@ impl TargetTable {
                 ),
             }
         }
+        let index = usable_index(target, &name, &relation, &generated).await?;
         Ok(TargetTable {
             source: relation,
             qualified: name,
             types,
             generated_always,
             generated,
+            index,
         })
+    }
+
+    /// The index columns a FULL-identity match of this old row can narrow by, with whether
+    /// each value is NULL (`col IS NULL`, which a btree answers too); empty, so the plain
+    /// full-row match, when the table has no usable index or one of its columns' old value is
+    /// not in the row (an unchanged TOAST value, or a generated column's, masked).
+    fn narrowing(&self, old: &[Value]) -> Vec<(usize, bool)> {
+        narrowing(&self.index, old)
     }
 
     /// The change without the values of generated columns (as `Unchanged`: never written,
@@ -123,6 +143,82 @@ impl TargetTable {
     }
 }
 
+/// See `TargetTable::narrowing`.
+fn narrowing(index: &[usize], old: &[Value]) -> Vec<(usize, bool)> {
+    if index.is_empty()
+        || index
+            .iter()
+            .any(|i| old.get(*i).is_none_or(|v| *v == Value::Unchanged))
+    {
+        return Vec::new();
+    }
+    index.iter().map(|i| (*i, old[*i] == Value::Null)).collect()
+}
+
+/// The target index a FULL-identity update or delete can find its row through, as source
+/// column positions (empty: none). Only a valid, non-partial btree index on plain columns
+/// qualifies, and only if every key column uses its type's default btree operator class with
+/// the column's own collation: then `col = value` is the operator the index answers (a type
+/// without a default btree class, json or point, is never indexed this way), and since that
+/// `=` is reflexive it cannot exclude the row the full-row text comparison finds. Every index
+/// column must be a source column the old row carries, and not generated on the target (its
+/// value is never sent). Preferred: the primary key, then a unique index, then the most
+/// columns (the most selective), then the name, so the choice is stable.
+async fn usable_index(
+    target: &Client,
+    name: &str,
+    relation: &Relation,
+    generated: &[bool],
+) -> Result<Vec<usize>> {
+    let rows = target
+        .query(
+            "SELECT array_agg(a.attname::text ORDER BY k.n)
+             FROM pg_index i
+             JOIN pg_class c ON c.oid = i.indexrelid
+             JOIN pg_am am ON am.oid = c.relam
+             CROSS JOIN LATERAL unnest(i.indkey::int2[], i.indclass::oid[], i.indcollation::oid[])
+                 WITH ORDINALITY AS k(attnum, opclass, coll, n)
+             LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             LEFT JOIN pg_opclass oc ON oc.oid = k.opclass
+             WHERE i.indrelid = to_regclass($1)
+               AND i.indisvalid AND i.indisready AND i.indislive
+               AND i.indpred IS NULL AND i.indexprs IS NULL
+               AND am.amname = 'btree'
+               AND k.n <= i.indnkeyatts
+             GROUP BY i.indexrelid, i.indisprimary, i.indisunique, i.indnkeyatts
+             HAVING bool_and(k.attnum > 0 AND a.attname IS NOT NULL AND NOT a.attisdropped
+                             AND coalesce(oc.opcdefault, false)
+                             AND coalesce(k.coll, 0::oid) = a.attcollation)
+             ORDER BY i.indisprimary DESC, i.indisunique DESC, i.indnkeyatts DESC,
+                      i.indexrelid::regclass::text",
+            &[&name],
+        )
+        .await
+        .map_err(|e| target_error(&e, format!("cannot read the target's indexes of {name}")))?;
+    for row in rows {
+        let columns: Vec<String> = row
+            .try_get::<_, Option<Vec<String>>>(0)
+            .map_err(|e| anyhow!("cannot read the target's index columns of {name}: {e}"))?
+            .unwrap_or_default();
+        let positions: Option<Vec<usize>> = columns
+            .iter()
+            .map(|c| {
+                relation
+                    .columns
+                    .iter()
+                    .position(|s| &s.name == c)
+                    .filter(|p| !generated.get(*p).copied().unwrap_or(true))
+            })
+            .collect();
+        if let Some(positions) = positions
+            && !positions.is_empty()
+        {
+            return Ok(positions);
+        }
+    }
+    Ok(Vec::new())
+}
+
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Shape {
     Insert(Vec<usize>),
@@ -134,10 +230,14 @@ enum Shape {
         full: bool,
         /// GENERATED ALWAYS identity columns, matched on their new value instead of set.
         guard: Vec<usize>,
+        /// FULL identity: the index columns that narrow the match, each with whether its old
+        /// value is NULL (a statement's text is fixed, so one per NULL pattern).
+        narrow: Vec<(usize, bool)>,
     },
     Delete {
         key: Vec<usize>,
         full: bool,
+        narrow: Vec<(usize, bool)>,
     },
     /// A run of rows (see `sets`): one `text[]` parameter per column.
     Run(RunShape),
@@ -227,13 +327,14 @@ impl Statements {
                 key,
                 full,
                 guard,
+                narrow,
             } => {
                 let set_list = set
                     .iter()
                     .map(|i| format!("{} = {}", table.column(*i), param(*i)))
                     .collect::<Vec<_>>()
                     .join(", ");
-                let mut filter = where_clause(table, key, *full, &mut n);
+                let mut filter = where_clause(table, key, *full, narrow, &mut n);
                 for i in guard {
                     n += 1;
                     filter.push_str(&format!(
@@ -248,8 +349,8 @@ impl Statements {
                     format!("UPDATE {} SET {set_list} WHERE {filter}", table.qualified)
                 }
             }
-            Shape::Delete { key, full } => {
-                let filter = where_clause(table, key, *full, &mut n);
+            Shape::Delete { key, full, narrow } => {
+                let filter = where_clause(table, key, *full, narrow, &mut n);
                 format!("DELETE FROM {} WHERE {filter}", table.qualified)
             }
             Shape::Run(shape) => run_sql(table, shape, &mut n),
@@ -330,6 +431,11 @@ impl Statements {
                     params.push(text_of(&new[*i])?);
                 }
                 let expect = Expect::row_found(full);
+                let narrow = if full {
+                    table.narrowing(key_values)
+                } else {
+                    Vec::new()
+                };
                 let what = if guard.is_empty() {
                     "an update"
                 } else {
@@ -344,6 +450,7 @@ impl Statements {
                             key,
                             full,
                             guard,
+                            narrow,
                         },
                     )
                     .await?;
@@ -359,8 +466,13 @@ impl Statements {
                     .map(|i| text_of(&key_values[*i]))
                     .collect::<Result<_>>()?;
                 let expect = Expect::row_found(full);
+                let narrow = if full {
+                    table.narrowing(key_values)
+                } else {
+                    Vec::new()
+                };
                 let statement = self
-                    .statement(target, table, Shape::Delete { key, full })
+                    .statement(target, table, Shape::Delete { key, full, narrow })
                     .await?;
                 let bytes = value_bytes(&params);
                 self.send(
@@ -513,7 +625,15 @@ fn run_sql(table: &TargetTable, shape: &RunShape, n: &mut usize) -> String {
     }
 }
 
-fn where_clause(table: &TargetTable, key: &[usize], full: bool, n: &mut usize) -> String {
+/// The WHERE clause that finds a row by `key`'s values, parameters numbered from `n + 1`.
+/// `narrow` (FULL identity only) adds index-usable conjuncts on the parameters already bound.
+fn where_clause(
+    table: &TargetTable,
+    key: &[usize],
+    full: bool,
+    narrow: &[(usize, bool)],
+    n: &mut usize,
+) -> String {
     let mut next = || {
         *n += 1;
         *n
@@ -522,18 +642,37 @@ fn where_clause(table: &TargetTable, key: &[usize], full: bool, n: &mut usize) -
         // One matching row, compared NULL-safe on the text form that the column's own type
         // gives both sides (every type has one; the value sent is first read as that type,
         // so char(n) padding, numeric scale and the like normalise alike on both sides).
-        let conditions = key
+        let mut parameter = HashMap::new();
+        let mut conditions = key
             .iter()
             .map(|i| {
+                let p = next();
+                parameter.insert(*i, p);
                 format!(
-                    "{}::text IS NOT DISTINCT FROM ${}::text::{}::text",
+                    "{}::text IS NOT DISTINCT FROM ${p}::text::{}::text",
                     table.column(*i),
-                    next(),
                     table.types[*i]
                 )
             })
-            .collect::<Vec<_>>()
-            .join(" AND ");
+            .collect::<Vec<_>>();
+        // The index's columns, compared as the index compares them: the planner can then
+        // find the candidates by an index scan, which the full comparison above filters.
+        // A column's parameter is reused (a narrowing column is always one of `key`).
+        let mut index_conditions = Vec::new();
+        for (i, null) in narrow {
+            match (null, parameter.get(i)) {
+                (true, _) => index_conditions.push(format!("{} IS NULL", table.column(*i))),
+                (false, Some(p)) => index_conditions.push(format!(
+                    "{} = ${p}::text::{}",
+                    table.column(*i),
+                    table.types[*i]
+                )),
+                // Not in the row: no narrowing on it (narrowing() never gives one).
+                (false, None) => {}
+            }
+        }
+        index_conditions.append(&mut conditions);
+        let conditions = index_conditions.join(" AND ");
         format!(
             "ctid = (SELECT ctid FROM {} WHERE {conditions} LIMIT 1)",
             table.qualified
@@ -636,5 +775,70 @@ impl Statements {
     pub fn discard(&mut self) {
         self.pending.clear();
         self.pending_bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Column;
+
+    fn table(index: Vec<usize>) -> TargetTable {
+        let column = |name: &str| Column {
+            is_key: false,
+            name: name.into(),
+            type_oid: 0,
+            type_modifier: -1,
+        };
+        TargetTable {
+            source: Relation {
+                oid: 1,
+                schema: "public".into(),
+                name: "t".into(),
+                replica_identity: b'f',
+                columns: vec![column("id"), column("doc"), column("n")],
+            },
+            qualified: "\"public\".\"t\"".into(),
+            types: vec!["integer".into(), "text".into(), "numeric(6,2)".into()],
+            generated_always: vec![false; 3],
+            generated: vec![false; 3],
+            index,
+        }
+    }
+
+    fn text(s: &str) -> Value {
+        Value::Text(bytes::Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    /// The NULL pattern of the index columns picks the statement; an index column whose old
+    /// value is an unchanged TOAST value (or no usable index) means no narrowing for that row.
+    #[test]
+    fn narrowing_follows_the_old_row() {
+        let old = vec![text("7"), Value::Null, text("1.50")];
+        assert_eq!(narrowing(&[0], &old), vec![(0, false)]);
+        assert_eq!(narrowing(&[0, 1], &old), vec![(0, false), (1, true)]);
+        assert_eq!(narrowing(&[], &old), vec![]);
+        let toasted = vec![text("7"), Value::Unchanged, text("1.50")];
+        assert_eq!(narrowing(&[0, 1], &toasted), vec![]);
+        assert_eq!(narrowing(&[0], &toasted), vec![(0, false)]);
+        assert_eq!(narrowing(&[5], &old), vec![]);
+    }
+
+    /// The index conjuncts reuse the full comparison's parameters and keep it whole.
+    #[test]
+    fn full_match_keeps_the_text_comparison_and_adds_index_conjuncts() {
+        let t = table(vec![0, 2]);
+        let mut n = 0;
+        let sql = where_clause(&t, &[0, 2], true, &[(0, false), (2, true)], &mut n);
+        assert_eq!(n, 2);
+        assert_eq!(
+            sql,
+            "ctid = (SELECT ctid FROM \"public\".\"t\" WHERE \"id\" = $1::text::integer AND \
+             \"n\" IS NULL AND \"id\"::text IS NOT DISTINCT FROM $1::text::integer::text AND \
+             \"n\"::text IS NOT DISTINCT FROM $2::text::numeric(6,2)::text LIMIT 1)"
+        );
+        let mut n = 0;
+        let plain = where_clause(&t, &[0, 2], true, &[], &mut n);
+        assert!(!plain.contains(" = $"), "{plain}");
     }
 }
