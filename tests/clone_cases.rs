@@ -565,3 +565,38 @@ async fn verify_compares_replica_identities() {
         "{out}"
     );
 }
+
+/// `--toast-compression`: by default the copy stores TOASTed values with lz4 on a target that
+/// has it (the values and the schema are the same, only their storage differs); `keep` leaves
+/// the target's default (pglz); the column attribute is never changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn toast_compression_is_lz4_by_default_and_keep_leaves_the_target_default() {
+    let fill = "CREATE TABLE docs (id int PRIMARY KEY, body text);
+         INSERT INTO docs SELECT g, repeat(md5(g::text), 400) FROM generate_series(1, 30) g;";
+    let methods =
+        "SELECT string_agg(DISTINCT coalesce(pg_column_compression(body), 'none'), ',') FROM docs";
+    let (src, dst) = fresh_db_pair("t_toast_lz4").await;
+    exec(&src, fill).await;
+    assert_eq!(scalar_string(&src, methods).await, "pglz");
+    let dir = workdir("toast-lz4");
+    pgtide_ok(&Args::clone(&src, &dst, dir.to_str().unwrap()));
+    assert_eq!(scalar_string(&dst, methods).await, "lz4");
+    assert_eq!(
+        scalar_string(
+            &dst,
+            "SELECT attcompression::text FROM pg_attribute WHERE attrelid = 'docs'::regclass AND attname = 'body'"
+        )
+        .await,
+        ""
+    );
+    assert_identical(&src, &dst);
+
+    let (src, dst) = fresh_db_pair("t_toast_keep").await;
+    exec(&src, fill).await;
+    let dir = workdir("toast-keep");
+    pgtide_ok(
+        &Args::clone(&src, &dst, dir.to_str().unwrap()).args(&["--toast-compression", "keep"]),
+    );
+    assert_eq!(scalar_string(&dst, methods).await, "pglz");
+    assert_identical(&src, &dst);
+}

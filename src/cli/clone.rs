@@ -70,6 +70,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         no_acl: args.no_acl,
         resync_for_follow: args.follow && args.resume,
         follow: args.follow,
+        toast_compression: args.toast_compression,
     };
     if !args.follow {
         follow::interruptible(clone::run(&workdir, &opts), &args.dir).await?;

@@ -15,6 +15,7 @@ pub mod schedule;
 pub mod schema;
 pub mod sequences;
 pub mod snapshot;
+pub mod toast;
 pub mod tools;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -59,6 +60,8 @@ pub struct CloneOptions {
     pub resync_for_follow: bool,
     /// The copy feeds a follow: a table rewritten during the copy can be resynced.
     pub follow: bool,
+    /// How the copy compresses TOASTed values on the target (None: lz4 where available).
+    pub toast_compression: Option<toast::ToastCompression>,
 }
 
 /// Runs (or resumes) a clone in `workdir`.
@@ -630,6 +633,13 @@ async fn copy_and_index(
     // Copy workers still copying: the last one to find the queue empty releases the snapshot
     // (index builds and vacuum do not need it).
     let copying = Arc::new(std::sync::atomic::AtomicUsize::new(opts.table_jobs.max(1)));
+    let compression = {
+        let target = pg::connect(&opts.target, Side::Target, "copy").await?;
+        toast::copy_session_setting(&target, opts.toast_compression).await?
+    };
+    if let Some(setting) = &compression {
+        tracing::info!("copy sessions on the target: {setting}");
+    }
     for n in 0..opts.table_jobs.max(1) {
         let worker = CopyWorker {
             source: pg::connect(&opts.source, Side::Source, "copy").await?,
@@ -640,7 +650,10 @@ async fn copy_and_index(
         };
         worker
             .target
-            .batch_execute("SET synchronous_commit = off")
+            .batch_execute(&format!(
+                "SET synchronous_commit = off; {}",
+                compression.as_deref().unwrap_or("")
+            ))
             .await?;
         let queue = queue.clone();
         let schedule = schedule.clone();

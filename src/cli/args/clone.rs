@@ -91,6 +91,11 @@ pub struct CloneArgs {
     /// Do not copy large object contents.
     #[arg(long)]
     pub skip_large_objects: bool,
+    /// How the copy compresses TOASTed values on the target: lz4 (the default where the
+    /// target has it, 14+; several times faster than pglz), pglz, or keep (the target's
+    /// default_toast_compression). Invisible to SQL; later writes follow the target's setting.
+    #[arg(long, value_enum)]
+    pub toast_compression: Option<crate::clone::toast::ToastCompression>,
     /// Do not restore object ownership (pg_restore --no-owner).
     #[arg(long)]
     pub no_owner: bool,

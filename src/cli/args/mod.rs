@@ -151,6 +151,17 @@ impl ValueEnum for crate::replication::Plugin {
     }
 }
 
+/// `--toast-compression lz4|pglz|keep` as a clap value (the clone module knows nothing of clap).
+impl ValueEnum for crate::clone::toast::ToastCompression {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Self::Lz4, Self::Pglz, Self::Keep]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
 fn parse_lsn(text: &str) -> Result<crate::pg::Lsn, String> {
     text.parse()
 }
