@@ -130,7 +130,7 @@ impl DdlRules {
     fn stop(&self, id: DdlId, message: &DdlMessage, reason: &str, fix: &str) -> anyhow::Error {
         let stop = DdlStop {
             id,
-            statement: message.query.clone(),
+            statement: sql_text::shown(&message.query).into_owned(),
             reason: reason.to_string(),
         };
         if let Some(state) = &self.state
@@ -141,7 +141,7 @@ impl DdlRules {
         anyhow::Error::new(DdlStopped(format!(
             "apply stopped at the schema change {id} (run as {} on the source): {reason}. Statement: {}. Fix: {fix}. Nothing of its transaction was applied",
             message.role,
-            message.query.trim()
+            sql_text::shown(&message.query)
         )))
     }
 }
@@ -359,7 +359,7 @@ pub async fn replay(
         Plan::Skip(why) => {
             tracing::info!(
                 "schema change {id} not replayed ({why}): {}",
-                message.query.trim()
+                sql_text::shown(&message.query)
             );
             Ok(false)
         }
@@ -389,7 +389,11 @@ pub async fn replay(
             rules.record_published(&message.published)?;
             tracing::info!(
                 "replayed schema change {id} on the target: {}",
-                statements.join("; ")
+                statements
+                    .iter()
+                    .map(|s| sql_text::shown(s))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             );
             Ok(true)
         }
@@ -442,10 +446,13 @@ async fn run_statements(
         );
     }
     for statement in statements {
-        target
-            .batch_execute(statement)
-            .await
-            .map_err(|e| anyhow!("{} (statement: {statement})", describe(&e)))?;
+        target.batch_execute(statement).await.map_err(|e| {
+            anyhow!(
+                "{} (statement: {})",
+                describe(&e),
+                sql_text::shown(statement)
+            )
+        })?;
     }
     target
         .batch_execute("RESET ROLE; RELEASE SAVEPOINT pgtide_ddl")

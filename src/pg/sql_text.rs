@@ -205,6 +205,22 @@ pub fn without_concurrently(statement: &Statement) -> String {
     statement.text.clone()
 }
 
+/// A captured statement as logs, errors and status may show it: one that can carry a
+/// password (`CREATE USER MAPPING … OPTIONS (password …)`, a subscription's connection string,
+/// anything naming a password) is replaced by a note (invariant 7); the work dir's private
+/// spool keeps it whole.
+pub fn shown(statement: &str) -> std::borrow::Cow<'_, str> {
+    let lower = statement.to_ascii_lowercase();
+    if ["password", "user mapping", "subscription", "connection"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
+        "[statement not shown: it may hold a password; `pgtide spool show` has it]".into()
+    } else {
+        statement.trim().into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +249,22 @@ mod tests {
         assert_eq!(words(q).len(), 2);
         let q = "SELECT 'a' ; SELECT $1; SELECT a$b$c";
         assert_eq!(words(q).len(), 3);
+    }
+
+    #[test]
+    fn statements_that_may_hold_a_password_are_not_shown() {
+        assert_eq!(
+            shown(" CREATE INDEX i ON t (a) "),
+            "CREATE INDEX i ON t (a)"
+        );
+        for s in [
+            "CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'u', password 'hunter2')",
+            "ALTER SERVER s OPTIONS (SET Password 'x')",
+            "CREATE SUBSCRIPTION s CONNECTION 'host=h password=x' PUBLICATION p",
+        ] {
+            assert!(!shown(s).contains('x') || !shown(s).contains("hunter2"));
+            assert!(shown(s).starts_with("[statement not shown"), "{s}");
+        }
     }
 
     #[test]
