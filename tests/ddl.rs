@@ -314,8 +314,12 @@ async fn unsafe_schema_changes_stop_and_the_operator_decides() {
         !out.status.success() && log.contains("DO") && log.contains("pgtide ddl skip"),
         "{log}"
     );
-    // The target stops at the last batch committed before the transaction: a batch merges
-    // whole transactions, and the one that stopped is rolled back with those before it.
+    // Every transaction before the stopped one is committed (the skipped change's, and the
+    // insert after it), nothing of the stopped one.
+    assert_eq!(
+        scalar_i64(&dst, "SELECT count(*) FROM orders WHERE id > 1000").await,
+        1
+    );
     pgtide_ok(&["ddl", "retry", "--dir", d]);
     // Ownership given to a role the target lacks: the target refuses, apply stops naming it.
     exec(

@@ -197,6 +197,7 @@ pub async fn run(
         ddl_replayed: HashSet::new(),
         set_aside: HashSet::new(),
         ddl_log: None,
+        ddl_stop_before: None,
     };
     // Only the last description of each relation counts, and it is matched with the target
     // only when a change of it comes: an older one may name a column dropped since (on both
@@ -356,6 +357,9 @@ struct Applier<'a> {
     set_aside: HashSet<u32>,
     /// The DDL log table's relation in the stream (12, 13).
     ddl_log: Option<u32>,
+    /// The schema change apply stopped on, with the commit LSN of its source transaction:
+    /// after a rewind, the batch is committed at that transaction's Begin, then apply stops.
+    ddl_stop_before: Option<(Lsn, anyhow::Error)>,
 }
 
 impl Applier<'_> {
@@ -378,6 +382,19 @@ impl Applier<'_> {
             self.set_aside.remove(&r.oid);
         }
         Ok(aside)
+    }
+
+    /// What follows a schema change: go on, or, when apply stops on it while the batch holds
+    /// earlier whole transactions, roll back and read again, committing those before stopping
+    /// (see `ddl_stop_before`).
+    fn after_ddl(&mut self, replayed: Result<()>) -> Result<Step> {
+        match replayed {
+            Err(e) if e.is::<ddl::DdlStopped>() && self.batch.transactions > 0 => {
+                self.ddl_stop_before = Some((self.final_lsn, e));
+                Ok(Step::Rewind)
+            }
+            other => other.map(|()| Step::Continue),
+        }
     }
 
     /// Replays a captured schema change at its place in the transaction.
@@ -465,6 +482,20 @@ impl Applier<'_> {
             Change::Commit { .. } if self.skipping => self.skipping = false,
             // Relation messages still describe the tables for what follows.
             _ if self.skipping && !matches!(change, Change::Relation(_)) => {}
+            Change::Begin { final_lsn, .. }
+                if self
+                    .ddl_stop_before
+                    .as_ref()
+                    .is_some_and(|(at, _)| final_lsn >= *at) =>
+            {
+                // Every whole transaction before the one holding the schema change apply
+                // stopped on is committed first, so that the target is exactly where the
+                // operator's decision (`pgtide ddl skip|retry`) applies.
+                self.commit().await?;
+                if let Some((_, stopped)) = self.ddl_stop_before.take() {
+                    return Err(stopped);
+                }
+            }
             Change::Begin { final_lsn, .. } => {
                 self.final_lsn = final_lsn;
                 self.ddl_ordinal = 0;
@@ -540,14 +571,16 @@ impl Applier<'_> {
                 content,
                 ..
             } if self.ddl.prefix.as_deref() == Some(prefix.as_str()) => {
-                self.replay_ddl(&content).await?;
+                let replayed = self.replay_ddl(&content).await;
+                return self.after_ddl(replayed);
             }
             Change::Insert { relation, new } if self.ddl_log == Some(relation) => {
                 // The DDL log table's row: (id, message).
                 match new.get(1) {
                     Some(crate::decode::Value::Text(message)) => {
                         let message = message.clone();
-                        self.replay_ddl(&message).await?;
+                        let replayed = self.replay_ddl(&message).await;
+                        return self.after_ddl(replayed);
                     }
                     _ => bail!("a row of the DDL log table without its message: report it"),
                 }
