@@ -50,16 +50,21 @@ pub struct PartResult {
     pub bytes: u64,
 }
 
+/// The copied columns, quoted, as both COPY statements name them.
+fn column_list(table: &TableRow) -> String {
+    table
+        .columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl CopyWorker {
     /// Copies one part in one source transaction (importing the snapshot) and one target
     /// transaction (that also records the part as loaded).
     pub async fn copy_part(&self, table: &TableRow, part: &PartRow) -> Result<PartResult> {
-        let columns = table
-            .columns
-            .iter()
-            .map(|c| quote_ident(c))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let columns = column_list(table);
         let format = if table.binary_copy { "binary" } else { "text" };
         let whole_table = part.nparts == 1;
         let source_sql = if table.columns.is_empty() {
@@ -255,12 +260,7 @@ pub async fn replace_table(
     snapshot_name: &str,
 ) -> Result<u64> {
     let name = table.display_name();
-    let columns = table
-        .columns
-        .iter()
-        .map(|c| quote_ident(c))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let columns = column_list(table);
     let format = if table.binary_copy { "binary" } else { "text" };
     let (source_sql, target_sql) = if table.columns.is_empty() {
         (

@@ -132,17 +132,7 @@ async fn switch_over(
     state: &StateDb,
 ) -> Result<Switched> {
     // The insert position covers every commit already visible (asynchronous commit included).
-    let text: String = src
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .map_err(|e| {
-            anyhow!(
-                "cannot read the source's WAL position: {}",
-                pg::describe(&e)
-            )
-        })?
-        .get(0);
-    let endpos: Lsn = text.parse().map_err(|e: String| anyhow!(e))?;
+    let endpos: Lsn = pg::current_insert_lsn(src, Side::Source).await?;
     // Recorded before endpos: a running follow sets the sequences when it reaches endpos too,
     // and must add the same offset (and verify --dir expects it).
     state.record_sequence_offset(args.sequence_offset)?;

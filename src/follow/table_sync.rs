@@ -663,17 +663,7 @@ async fn remove(
             .into_iter()
             .filter(|(s, n)| !(*s == t.schema && *n == t.name))
             .collect();
-        let at: String = source
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(|e| {
-                anyhow!(
-                    "cannot read the source's WAL position: {}",
-                    pg::describe(&e)
-                )
-            })?
-            .get(0);
-        let at: Lsn = at.parse().map_err(|e: String| anyhow!(e))?;
+        let at: Lsn = pg::current_insert_lsn(source, pg::Side::Source).await?;
         state.finish_table_sync(
             &qualified,
             SyncKind::Remove,

@@ -257,6 +257,23 @@ pub fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
 
+/// The server's WAL insert position: it covers every commit already visible, asynchronous
+/// commits included (cutover's endpos, a table sync's removal point).
+pub async fn current_insert_lsn(client: &Client, side: Side) -> Result<Lsn> {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "cannot read the {}'s WAL position: {}",
+                side.name(),
+                describe(&e)
+            )
+        })?
+        .get(0);
+    text.parse().map_err(|e: String| anyhow!(e))
+}
+
 /// Quotes an SQL string literal.
 pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
