@@ -219,7 +219,7 @@ pub async fn run(
     let mut conflicts = (start, 0u32);
     loop {
         applier.resynced.reload_if_due()?;
-        let records = applier.reader.read(applier.after_seq, Lsn(0), 2_000)?;
+        let records = applier.reader.read(applier.after_seq, 2_000)?;
         let idle = records.is_empty();
         let mut step = Ok(Step::Continue);
         for record in records {

@@ -24,7 +24,7 @@ pub fn show(args: SpoolShowArgs) -> Result<()> {
     let mut printed = 0usize;
     let mut after = 0i64;
     'outer: loop {
-        let batch = reader.read(after, Lsn(0), 10_000)?;
+        let batch = reader.read(after, 10_000)?;
         if batch.is_empty() {
             break;
         }

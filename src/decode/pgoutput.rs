@@ -11,6 +11,18 @@ use bytes::{Buf, Bytes};
 use super::{Change, Column, OldImage, Relation, Value};
 use crate::pg::Lsn;
 
+/// The kind of a row change message (insert, update, delete) from its tag alone, without
+/// reading its tuple: `None` for every other message. Row changes never change a decoder's
+/// state, so a reader that only needs their kind may skip `Decoder::decode`.
+pub fn row_change_kind(message: &[u8]) -> Option<&'static str> {
+    match message.first() {
+        Some(b'I') => Some("insert"),
+        Some(b'U') => Some("update"),
+        Some(b'D') => Some("delete"),
+        _ => None,
+    }
+}
+
 /// Stateful decoder: knows whether it is inside a streamed block.
 #[derive(Default)]
 pub struct Decoder {
