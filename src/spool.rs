@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context, Result, anyhow};
 use bytes::Bytes;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::watch;
 
 use crate::pg::Lsn;
@@ -641,17 +641,33 @@ impl SpoolReader {
         // first record left that is not a relation description. Starting at 0 instead would
         // replay every stale description kept, and one naming a column renamed or dropped
         // since stops apply as drift (found by scripts/soak.sh: a restart after a rename).
-        Ok(self.conn.query_row(
-            "WITH last_commit AS (
-                 SELECT coalesce(max(seq), 0) AS seq FROM changes
-                  WHERE end_lsn IS NOT NULL AND end_lsn <= ?1)
-             SELECT coalesce(
-                 (SELECT min(c.seq) - 1 FROM changes c, last_commit l
-                   WHERE c.kind <> 'relation' AND c.seq > l.seq),
-                 (SELECT coalesce(max(seq), 0) FROM changes))",
+        //
+        // Three single-table queries, each an index or rowid range: one statement joining a
+        // CTE could be planned as a scan per row, and took up to a minute of CPU at the start
+        // of apply on a spool of a few hundred thousand rows (found by scripts/bench.sh).
+        let last_commit: i64 = self.conn.query_row(
+            "SELECT coalesce(max(seq), 0) FROM changes WHERE end_lsn IS NOT NULL AND end_lsn <= ?1",
             [applied.0 as i64],
             |r| r.get(0),
-        )?)
+        )?;
+        let next: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT seq FROM changes WHERE seq > ?1 AND kind <> 'relation' ORDER BY seq LIMIT 1",
+                [last_commit],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match next {
+            Some(next) => Ok(next - 1),
+            None => {
+                Ok(self
+                    .conn
+                    .query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| {
+                        r.get(0)
+                    })?)
+            }
+        }
     }
 
     /// Relation messages spooled before `seq`, oldest first: what a read that starts in the

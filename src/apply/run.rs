@@ -4,15 +4,50 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, bail};
+use bytes::{Bytes, BytesMut};
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
 use crate::decode::Value;
 
+/// A text parameter: the bytes the source printed, sent as they are (no copy, no UTF-8
+/// check here; the target checks the encoding as it reads them, as for any text it
+/// receives). A String per value was a copy and an allocation per column of every change.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TextParam(pub Bytes);
+
+impl TextParam {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl ToSql for TextParam {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&str as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
+}
+
 /// The bytes of a row's text values: what it costs in memory and in the statement.
-pub fn value_bytes(values: &[Option<String>]) -> usize {
+pub fn value_bytes(values: &[Option<TextParam>]) -> usize {
     values
         .iter()
-        .map(|v| v.as_ref().map_or(0, String::len))
+        .map(|v| v.as_ref().map_or(0, TextParam::len))
         .sum()
 }
 
@@ -31,9 +66,9 @@ pub enum RunShape {
 pub struct Run {
     pub shape: RunShape,
     /// One array per parameter: the shape's columns in order (for updates, set then key).
-    pub values: Vec<Vec<Option<String>>>,
+    pub values: Vec<Vec<Option<TextParam>>>,
     /// Update runs: the row index of each key, so a later update of it replaces the earlier.
-    pub(super) by_key: HashMap<Vec<Option<String>>, usize>,
+    pub(super) by_key: HashMap<Vec<Option<TextParam>>, usize>,
     /// Value bytes held (replaced values of compacted updates included: an upper bound).
     pub(super) bytes: usize,
 }
@@ -50,12 +85,10 @@ impl Run {
 }
 
 /// A decoded value as the text parameter a statement takes (NULL as `None`).
-pub fn text_of(v: &Value) -> Result<Option<String>> {
+pub fn text_of(v: &Value) -> Result<Option<TextParam>> {
     Ok(match v {
         Value::Null => None,
-        Value::Text(b) => {
-            Some(String::from_utf8(b.to_vec()).map_err(|_| anyhow!("a text value is not UTF-8"))?)
-        }
+        Value::Text(b) => Some(TextParam(b.clone())),
         Value::Binary(_) => bail!("binary tuple values are not requested by pgtide"),
         Value::Unchanged => bail!("internal error: an unchanged TOAST value used as a parameter"),
     })

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use anyhow::Result;
 
-use super::run::{Run, RunShape, text_of, value_bytes};
+use super::run::{Run, RunShape, TextParam, text_of, value_bytes};
 use super::statements::{Statements, TargetTable};
 use crate::decode::{Change, OldImage, Value};
 
@@ -179,7 +179,7 @@ fn change_bytes(change: &Change) -> usize {
 }
 
 /// The run shape and parameter values of a change a run can hold, with the key's length.
-type Runnable = (RunShape, Vec<Option<String>>, usize);
+type Runnable = (RunShape, Vec<Option<TextParam>>, usize);
 
 fn runnable(table: &TargetTable, change: &Change) -> Result<Option<Runnable>> {
     let key = table.key_columns();
@@ -216,7 +216,7 @@ fn runnable(table: &TargetTable, change: &Change) -> Result<Option<Runnable>> {
                 .filter(|i| !key.contains(i) && table.generated_always[*i])
                 .collect();
             let key: Vec<usize> = key.into_iter().chain(guard).collect();
-            let mut values: Vec<Option<String>> = set
+            let mut values: Vec<Option<TextParam>> = set
                 .iter()
                 .map(|i| text_of(&new[*i]))
                 .collect::<Result<_>>()?;

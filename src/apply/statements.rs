@@ -18,7 +18,7 @@ use anyhow::{Result, anyhow, bail};
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
-use super::run::{Run, RunShape, text_of, value_bytes};
+use super::run::{Run, RunShape, TextParam, text_of, value_bytes};
 use super::target_error;
 use crate::decode::{Change, OldImage, Relation, Value};
 use crate::pg::{qualified, quote_ident};
@@ -386,7 +386,7 @@ impl Statements {
                 let cols: Vec<usize> = (0..new.len())
                     .filter(|i| new[*i] != Value::Unchanged)
                     .collect();
-                let params: Vec<Option<String>> = cols
+                let params: Vec<Option<TextParam>> = cols
                     .iter()
                     .map(|i| text_of(&new[*i]))
                     .collect::<Result<_>>()?;
@@ -420,7 +420,7 @@ impl Statements {
                     .filter(present)
                     .filter(|i| table.generated_always[*i] && !(unchanged_key && key.contains(i)))
                     .collect();
-                let mut params: Vec<Option<String>> = set
+                let mut params: Vec<Option<TextParam>> = set
                     .iter()
                     .map(|i| text_of(&new[*i]))
                     .collect::<Result<_>>()?;
@@ -461,7 +461,7 @@ impl Statements {
             Change::Delete { relation, old } => {
                 let table = table_of(*relation)?;
                 let (key_values, key, full) = identity(table, Some(old), &old.1)?;
-                let params: Vec<Option<String>> = key
+                let params: Vec<Option<TextParam>> = key
                     .iter()
                     .map(|i| text_of(&key_values[*i]))
                     .collect::<Result<_>>()?;
