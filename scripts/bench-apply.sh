@@ -4,24 +4,30 @@
 # scale SCALE, plus bench_full, a REPLICA IDENTITY FULL table of SCALE x 10,000 rows with a
 # UNIQUE index on id and no primary key, and bench_big, empty, for the steady phase):
 #   burst A: pgbench -c 1 -t SCALE x 4,000 with the TPC-B script (4 changes per transaction),
-#   burst B: one transaction updating 500,000 rows (fewer below scale 5),
 #   burst F: SCALE x 1,000 changes to bench_full (5 UPDATEs + 5 DELETEs per transaction, ids
 #            spread over the whole table) by 2 concurrent psql clients,
+#   burst B: one transaction updating 500,000 rows (SCALE x 100,000 below scale 5),
 #   burst C: pgbench -c 4 -j 2 -t SCALE x 1,000 (as many TPC-B transactions as burst A, from 4
 #            interleaving clients),
-# each retained by three slots and then drained, one tool at a time, to its own target database:
-# pgtide follow, pgcopydb 0.10 follow (wal2json), native logical replication (a subscription).
-# pgcopydb does not drain burst C (0.10 cannot apply interleaved transactions, see below), and
-# only pgtide's failure or stall aborts the run (another tool's is reported: failed, stalled).
+# generated in that order, each retained by three slots and drained, one tool at a time, to its
+# own target database: pgtide follow, pgcopydb 0.10 follow (wal2json), native logical
+# replication (a subscription). pgcopydb does not drain burst C (0.10 cannot apply interleaved
+# transactions, see below), nor any burst after one it failed or stalled on; only pgtide's
+# failure or stall aborts the run (another tool's is reported: failed, stalled, not run).
 # A drain is timed from the start of the tool (or ALTER SUBSCRIPTION … ENABLE) until the
-# burst's marker row, committed last, is visible on the target; pgtide drains every burst last.
+# burst's marker row, committed last, is visible on the target, capped by
+# PGTIDE_BENCH_APPLY_TIMEOUT (180 s); a tool stalled on burst F is credited with the changes it
+# applied by then (a lower bound for the ratio). pgtide drains every burst last, and its lines
+# also show when its apply started (the "apply: resuming after" log line) and its rate from
+# then: a follow start has taken from under 1 s to about a minute before applying anything.
 # The target is PostgreSQL 15: native apply finds a FULL-identity row by a sequential scan,
-# pgtide by the unique index. Then a steady pgbench -c 4 load runs for LOAD_SECONDS while
-# pgtide follows: a heartbeat row written every 200 ms gives the lag samples (target now() -
-# newest heartbeat seen there), taken every 0.25 s with pgtide follow's RSS (VmRSS); 2 s into
-# the load one transaction inserts BIG_ROWS (PGTIDE_BENCH_BIG_ROWS, default 6,000) rows of
-# 128 kB of random bytes into bench_big, and follow is stopped only once that transaction is on
-# the target, so the RSS maximum covers it. Summary lines go to $WORK/summary.
+# pgtide by the unique index. Then pgtide follows alone; once it has applied a marker, a
+# steady pgbench -c 4 load runs for LOAD_SECONDS: a heartbeat row written every 200 ms gives
+# the lag samples (target now() - newest heartbeat seen there), taken every 0.25 s with pgtide
+# follow's RSS (VmRSS); 2 s into the load one transaction inserts BIG_ROWS
+# (PGTIDE_BENCH_BIG_ROWS, default 6,000) rows of 128 kB of random bytes into bench_big, and
+# follow is stopped only once that transaction is on the target, so the RSS maximum covers it.
+# Summary lines go to $WORK/summary.
 
 # drain TOOL BURST: starts the tool on the retained burst and times it until the burst's marker
 # row is on its target; sets rate[TOOLBURST] (changes/s, or failed / stalled).
@@ -59,6 +65,13 @@ drain() {
       echo "$tool did not drain burst $burst in ${PGTIDE_BENCH_APPLY_TIMEOUT:-180} s; see $WORK/apply-$tool.log" >&2
       [ "$tool" = pgtide ] && exit 1
       rate[$tool$burst]="stalled"
+      if [ "$burst" = F ]; then
+        # Burst F's progress is countable on the target: deleted rows + updated rows (grp moved).
+        local done_; done_=$(pgtide_psql target "apply_$tool" -At -c "SELECT $FULL_ROWS - count(*) + count(*) FILTER (WHERE grp <> id % 100) FROM bench_full" || echo 0)
+        partial_of[$tool$burst]=$(echo "$done_ / ${PGTIDE_BENCH_APPLY_TIMEOUT:-180}" | bc)
+        rate[$tool$burst]="stalled ($done_ of $changes changes in ${PGTIDE_BENCH_APPLY_TIMEOUT:-180} s: ${partial_of[$tool$burst]}/s)"
+        echo "   $tool applied $done_ of burst F's $changes changes in ${PGTIDE_BENCH_APPLY_TIMEOUT:-180} s" >&2
+      fi
       if [ -n "$pid" ]; then stop_tool "$pid"; fi
       if [ "$tool" = native ]; then pgtide_psql target apply_native -c "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null; fi
       return 0
@@ -73,7 +86,8 @@ drain() {
     local resumed; resumed=$(tail -n +"$((log_from + 1))" "$WORK/apply-pgtide.log" | grep -m1 'apply: resuming after' | cut -d' ' -f1 || true)
     if [ -n "$resumed" ]; then
       startup_of[$burst]=$(echo "$(date -d "$resumed" +%s.%N) - $t0" | bc)
-      started=$(printf ' (apply started after %.1f s)' "${startup_of[$burst]}")
+      applyonly_of[$burst]=$(echo "$changes / ($secs - ${startup_of[$burst]} + 0.001)" | bc)
+      started=$(printf ' (apply started after %.1f s; %d changes/s from then)' "${startup_of[$burst]}" "${applyonly_of[$burst]}")
     fi
   fi
   printf '   %-9s burst %s: %7d changes in %6.1f s = %7d changes/s%s\n' "$tool" "$burst" "$changes" "$secs" "${rate[$tool$burst]}" "$started" >&2
@@ -120,7 +134,8 @@ apply_bench() {
   local big_rows=${PGTIDE_BENCH_BIG_ROWS:-6000}
   local full_rows=$((scale * 10000)) full_txns=$((scale * 100))
   local S; S=$(src_uri applybench)
-  local -A rate endpos_of changes_of startup_of
+  local -A rate endpos_of changes_of startup_of partial_of applyonly_of
+  FULL_ROWS=$full_rows
   changes_of[A]=$((16 * scale * 1000))
   changes_of[B]=$(( scale * 100000 < 500000 ? scale * 100000 : 500000 ))
   changes_of[C]=$((16 * scale * 1000))
@@ -190,11 +205,11 @@ apply_bench() {
       fi
       # A pgcopydb that failed or stalled on an earlier burst left its slot behind that burst.
       if [ "$tool" = pgcopydb ] && [ -n "$pgcopydb_broken" ]; then
-        rate[pgcopydb$burst]="not run (failed on burst $pgcopydb_broken)"
+        rate[pgcopydb$burst]="not run (failed or stalled on burst $pgcopydb_broken)"
         echo "   pgcopydb  burst $burst: not run (it failed or stalled on burst $pgcopydb_broken)" >&2; continue
       fi
       drain "$tool" "$burst"
-      case "$tool:${rate[$tool$burst]}" in pgcopydb:failed|pgcopydb:stalled) pgcopydb_broken=$burst;; esac
+      case "$tool:${rate[$tool$burst]}" in pgcopydb:failed|pgcopydb:stalled*) pgcopydb_broken=$burst;; esac
     done
   done
   for burst in A F B C; do drain pgtide "$burst"; done
@@ -272,24 +287,26 @@ apply_bench() {
 
   echo
   echo "apply: pgbench scale $scale; A = ${changes_of[A]} changes from $((4 * scale * 1000)) TPC-B transactions (1 client), B = one ${changes_of[B]}-row UPDATE, F = ${changes_of[F]} UPDATEs/DELETEs in $full_txns transactions (2 clients) on a $full_rows-row REPLICA IDENTITY FULL table, C = A's transactions from 4 clients"
-  cell() { case $1 in "n/a"*) echo n/a;; "not run"*) echo "not run";; *) echo "$1";; esac; }
+  cell() { case $1 in "n/a"*) echo n/a;; "not run"*) echo "not run";; stalled*) echo stalled;; *) echo "$1";; esac; }
   printf '%-10s %14s %14s %14s %14s   %s\n' tool "A changes/s" "B rows/s" "F changes/s" "C changes/s" verify
   for tool in pgtide pgcopydb native; do
     printf '%-10s %14s %14s %14s %14s   %s\n' "$tool" "$(cell "${rate[${tool}A]}")" "$(cell "${rate[${tool}B]}")" \
       "$(cell "${rate[${tool}F]}")" "$(cell "${rate[${tool}C]}")" "${rate[verify_$tool]}"
   done
-  ratio_or_na() { case "$1:$2" in *:|:*|*[!0-9.:]*) echo n/a;; *) echo "scale=2; $1 / $2" | bc | sed 's/^\./0./';; esac; }
-  echo "pgtide / pgcopydb:  A $(ratio_or_na "${rate[pgtideA]}" "${rate[pgcopydbA]}")   B $(ratio_or_na "${rate[pgtideB]}" "${rate[pgcopydbB]}")   F $(ratio_or_na "${rate[pgtideF]}" "${rate[pgcopydbF]}")   C n/a"
-  echo "pgtide / native:    A $(ratio_or_na "${rate[pgtideA]}" "${rate[nativeA]}")   B $(ratio_or_na "${rate[pgtideB]}" "${rate[nativeB]}")   F $(ratio_or_na "${rate[pgtideF]}" "${rate[nativeF]}")   C $(ratio_or_na "${rate[pgtideC]}" "${rate[nativeC]}")"
+  ratio_or_na() { case "$1:$2" in *:|:*|*:0|*[!0-9.:]*) echo n/a;; *) echo "scale=2; $1 / $2" | bc | sed 's/^\./0./';; esac; }
+  started() { [ -n "${startup_of[$1]:-}" ] && printf ' (apply started after %.1f s; %d/s from then)' "${startup_of[$1]}" "${applyonly_of[$1]}"; true; }
+  # Burst F: a stalled tool's partial rate bounds the ratio from below.
+  ratio_f() { if [ -n "${partial_of[$2]:-}" ]; then echo ">= $(ratio_or_na "${rate[pgtideF]}" "${partial_of[$2]}")"; else ratio_or_na "${rate[pgtideF]}" "${rate[$2]}"; fi; }
+  echo "pgtide / pgcopydb:  A $(ratio_or_na "${rate[pgtideA]}" "${rate[pgcopydbA]}")   B $(ratio_or_na "${rate[pgtideB]}" "${rate[pgcopydbB]}")   F $(ratio_f F pgcopydbF)   C n/a"
+  echo "pgtide / native:    A $(ratio_or_na "${rate[pgtideA]}" "${rate[nativeA]}")   B $(ratio_or_na "${rate[pgtideB]}" "${rate[nativeB]}")   F $(ratio_f F nativeF)   C $(ratio_or_na "${rate[pgtideC]}" "${rate[nativeC]}")"
   local steady
-  steady="steady pgbench -c 4 (${tps:-?} tps on the source) while pgtide follows: lag p50 ${lag_p50} s, p95 ${lag_p95} s, max ${lag_max} s ($(wc -l < "$samples") samples); pgtide RSS max ${rss_max_mb:-?} MB ($(wc -l < "$rss") samples, peak VmHWM $(( ${hwm:-0} / 1024 )) MB) incl. a $big_rows x 128 kB transaction ($big_on_target on the target)"
+  steady="steady pgbench -c 4 (${tps:-?} tps on the source) while pgtide follows: lag p50 ${lag_p50} s, p95 ${lag_p95} s, max ${lag_max} s ($(wc -l < "$samples") samples); pgtide RSS max ${rss_max_mb:-?} MB ($(wc -l < "$rss") samples, peak VmHWM $(awk -v k="${hwm:-0}" 'BEGIN {printf "%.0f", k / 1024}') MB) incl. a $big_rows x 128 kB transaction ($big_on_target on the target)"
   echo "$steady"
   {
-    started() { [ -n "${startup_of[$1]:-}" ] && printf ' (apply started after %.1f s)' "${startup_of[$1]}"; true; }
     echo "apply burst A (1 client TPC-B): pgtide ${rate[pgtideA]} changes/s$(started A), pgcopydb ${rate[pgcopydbA]}, native ${rate[nativeA]}; pgtide/pgcopydb $(ratio_or_na "${rate[pgtideA]}" "${rate[pgcopydbA]}"), pgtide/native $(ratio_or_na "${rate[pgtideA]}" "${rate[nativeA]}")"
     echo "apply burst B (${changes_of[B]}-row UPDATE): pgtide ${rate[pgtideB]} rows/s$(started B), pgcopydb ${rate[pgcopydbB]}, native ${rate[nativeB]}; pgtide/pgcopydb $(ratio_or_na "${rate[pgtideB]}" "${rate[pgcopydbB]}"), pgtide/native $(ratio_or_na "${rate[pgtideB]}" "${rate[nativeB]}")"
     echo "apply burst C (4 clients): pgtide ${rate[pgtideC]} changes/s$(started C), native ${rate[nativeC]} changes/s, pgtide/native $(ratio_or_na "${rate[pgtideC]}" "${rate[nativeC]}"); pgcopydb ${rate[pgcopydbC]}"
-    echo "apply burst F (FULL identity, $full_rows rows, PG15 target): pgtide ${rate[pgtideF]} changes/s$(started F), native ${rate[nativeF]}, pgcopydb ${rate[pgcopydbF]}; pgtide/native $(ratio_or_na "${rate[pgtideF]}" "${rate[nativeF]}"), pgtide/pgcopydb $(ratio_or_na "${rate[pgtideF]}" "${rate[pgcopydbF]}")"
+    echo "apply burst F (FULL identity, $full_rows rows, PG15 target): pgtide ${rate[pgtideF]} changes/s$(started F), native ${rate[nativeF]}, pgcopydb ${rate[pgcopydbF]}; pgtide/native $(ratio_f F nativeF), pgtide/pgcopydb $(ratio_f F pgcopydbF)"
     echo "steady pgbench -c 4 (${tps:-?} tps): lag p50 ${lag_p50} s, p95 ${lag_p95} s, max ${lag_max} s; pgtide RSS max ${rss_max_mb:-?} MB (incl. a $big_rows x 128 kB transaction); follow applied its first transaction $(printf '%.1f' "$follow_ready") s after its start"
   } >> "$WORK/summary"
   pgtide_psql target apply_native -c "ALTER SUBSCRIPTION bench_native DISABLE" -c "ALTER SUBSCRIPTION bench_native SET (slot_name = NONE)" -c "DROP SUBSCRIPTION bench_native" >/dev/null 2>&1 || true

@@ -17,8 +17,8 @@
 #   Only pgtide's own failure (or a pgtide result that differs) aborts the run; another tool's is
 #   reported as failed.
 # Apply side (scripts/bench-apply.sh, pgbench scale PGTIDE_BENCH_APPLY_SCALE, default 10):
-#   bursts A (TPC-B, 1 client), B (one 500,000-row UPDATE), F (UPDATEs/DELETEs on a REPLICA
-#   IDENTITY FULL table, 2 clients) and C (TPC-B, 4 clients) drained by pgtide, pgcopydb (not C)
+#   bursts A (TPC-B, 1 client), F (UPDATEs/DELETEs on a REPLICA IDENTITY FULL table, 2
+#   clients), B (one 500,000-row UPDATE) and C (TPC-B, 4 clients) drained by pgtide, pgcopydb (not C)
 #   and native logical replication; then pgtide's lag and RSS under a steady pgbench -c 4 load of
 #   PGTIDE_BENCH_LOAD_SECONDS (default 30) with one 6,000 x 128 kB transaction
 #   (PGTIDE_BENCH_BIG_ROWS) in it. PGTIDE_BENCH_APPLY_TIMEOUT (default 180 s) caps each drain.
