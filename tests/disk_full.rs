@@ -127,14 +127,15 @@ async fn a_full_spool_disk_stops_receive_and_a_rerun_continues() {
         confirmed <= durable,
         "slot confirmed {confirmed} > spool durable {durable}"
     );
+
+    // Space is freed (spool show reads the spool then): the same command continues and ends
+    // with every row exactly once.
+    disk.resize("256m");
     let before = spooled_kind(d, "insert");
     assert!(
         before < 20_000,
         "the disk should have filled before the end ({before} rows)"
     );
-
-    // Space is freed: the same command continues and ends with every row exactly once.
-    disk.resize("256m");
     pgtide_ok(&[
         "stream", "receive", "--source", &src, "--dir", d, "--endpos", &endpos,
     ]);
