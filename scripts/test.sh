@@ -8,10 +8,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/clusters.sh
 pgtide_install_deps
-trap pgtide_stop_clusters EXIT
+# The tests' work dirs and scratch files go under one temp dir, removed at the end: left in
+# /tmp, one run's came to about 1 GB (the wide-row test's spool) and many runs filled the disk.
+PGTIDE_TEST_TMP=$(mktemp -d /tmp/pgtide-tests.XXXXXX)
+chmod 1777 "$PGTIDE_TEST_TMP"
+trap 'pgtide_stop_clusters; rm -rf "$PGTIDE_TEST_TMP" || true' EXIT
 pgtide_start_clusters
 # shellcheck disable=SC2086
 pgtide_start_version_clusters ${PGTIDE_TEST_MAJORS:-12 13 14 16 17 18}
 export PGTIDE_TEST_CLIENT18_BIN; PGTIDE_TEST_CLIENT18_BIN=$(pgtide_client_bin)
 cargo build --features failpoints --quiet
-cargo test --features failpoints "$@" -- --test-threads="${PGTIDE_TEST_THREADS:-3}"
+TMPDIR=$PGTIDE_TEST_TMP cargo test --features failpoints "$@" -- --test-threads="${PGTIDE_TEST_THREADS:-3}"

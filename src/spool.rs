@@ -34,7 +34,7 @@ use crate::pg::Lsn;
 const QUEUE_RECORDS: usize = 20_000;
 /// Payload bytes queued to the writer before the receiver waits: with wide rows the record
 /// bound alone would let gigabytes wait in memory (invariant 4).
-const QUEUE_BYTES: usize = 64 << 20;
+const QUEUE_BYTES: usize = 32 << 20;
 /// The most records one SQLite transaction takes.
 const BATCH_RECORDS: usize = 50_000;
 /// The most payload bytes one SQLite transaction takes: the write lock is held briefly, so
@@ -42,7 +42,7 @@ const BATCH_RECORDS: usize = 50_000;
 const BATCH_BYTES: usize = 32 << 20;
 
 /// Payload bytes one `SpoolReader::read` returns at most (beyond its first row).
-const READ_BYTES: usize = 64 << 20;
+const READ_BYTES: usize = 16 << 20;
 /// The most payload bytes packed into one frame row; a wider record is stored alone.
 const FRAME_BYTES: usize = 256 << 10;
 /// The most records packed into one frame row.
@@ -860,14 +860,19 @@ mod tests {
             "every transaction pruned, in several chunks"
         );
         assert_eq!(reader.relations_before(i64::MAX).unwrap().len(), 1);
+        // Each 40 MB record is over READ_BYTES: a read returns what precedes it and it.
         let first = reader.read(0, 100).unwrap();
         assert_eq!(
             first.len(),
-            4,
-            "the relation kept, the begin, then two 40 MB records reach the cap"
+            3,
+            "the relation kept, the begin, then one 40 MB record reaches the cap"
         );
-        let rest = reader.read(first.last().unwrap().seq, 100).unwrap();
-        assert_eq!(rest.len(), 2, "the third wide record and the commit");
+        let second = reader.read(first.last().unwrap().seq, 100).unwrap();
+        assert_eq!(second.len(), 1, "the second wide record alone");
+        let rest = reader.read(second.last().unwrap().seq, 100).unwrap();
+        assert_eq!(rest.len(), 1, "the third wide record alone");
+        let last = reader.read(rest.last().unwrap().seq, 100).unwrap();
+        assert_eq!(last.len(), 1, "the commit");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

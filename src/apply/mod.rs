@@ -54,6 +54,9 @@ const MAX_CONFLICT_RETRIES: u32 = 5;
 const BATCH_TRANSACTIONS: usize = 1_000;
 const BATCH_CHANGES: usize = 20_000;
 const BATCH_TIME: Duration = Duration::from_millis(200);
+/// How long apply waits before reading the spool again when it found nothing new: it adds up
+/// to this much to the lag of every transaction that arrives while apply is idle.
+const IDLE_POLL: Duration = Duration::from_millis(10);
 
 /// The replication origin that tracks what the target has applied for this slot.
 pub fn origin_name(slot: &str) -> String {
@@ -287,7 +290,7 @@ pub async fn run(
             progress_tx.send_replace(applier.progress);
         }
         if idle {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(IDLE_POLL).await;
         }
         if last_progress_read.elapsed() >= Duration::from_secs(1) {
             applier.progress.durable = durable_progress(target, origin).await?;

@@ -23,11 +23,11 @@ use crate::decode::{Change, OldImage, Value};
 const RUN_ROWS: usize = 5_000;
 /// Value bytes per statement, whatever the rows' width (invariant 4): a statement stays far
 /// below the server's 1 GB message limit and pgtide's memory stays bounded.
-const RUN_BYTES: usize = 32 << 20;
+const RUN_BYTES: usize = 16 << 20;
 /// Rows queued across all tables before the queues are sent.
 const QUEUED_ROWS: usize = 50_000;
 /// Value bytes queued across all tables before the queues are sent.
-const QUEUED_BYTES: usize = 64 << 20;
+const QUEUED_BYTES: usize = 32 << 20;
 
 enum Entry {
     Run(Run),

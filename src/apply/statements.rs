@@ -276,7 +276,7 @@ struct Pending {
 const PIPELINE: usize = 1_000;
 /// Parameter bytes pipelined before the results are awaited (invariant 4: memory bounded
 /// whatever the rows' width).
-const PIPELINE_BYTES: usize = 64 << 20;
+const PIPELINE_BYTES: usize = 32 << 20;
 
 /// The statement cache and the pipeline of statements in flight.
 #[derive(Default)]

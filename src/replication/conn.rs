@@ -332,7 +332,7 @@ impl ReplicationConnection {
         loop {
             match self.read().await? {
                 Incoming::CopyBoth => {
-                    self.paced = true;
+                    self.paced = kernel_wakes_on_lowered_lowat();
                     return Ok(());
                 }
                 Incoming::Message(backend::Message::ErrorResponse(body)) => {
@@ -495,5 +495,36 @@ fn set_rcvlowat(fd: std::os::fd::RawFd, bytes: libc::c_int) -> std::io::Result<(
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether the kernel reports a socket readable as soon as its `SO_RCVLOWAT` is lowered below
+/// what is queued (Linux 4.18 and later): on an older one, a paced read could wait for the
+/// next packet, seconds on a quiet stream, so reads are not paced there.
+fn kernel_wakes_on_lowered_lowat() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .and_then(|release| linux_release(&release))
+        .is_some_and(|version| version >= (4, 18))
+}
+
+/// The major and minor version of a Linux release string ("6.1.0-18-amd64" → (6, 1)).
+fn linux_release(release: &str) -> Option<(u32, u32)> {
+    let mut numbers = release.trim().split(['.', '-']);
+    let major = numbers.next()?.parse().ok()?;
+    let minor = numbers.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::linux_release;
+
+    #[test]
+    fn linux_releases_are_read() {
+        assert_eq!(linux_release("6.18.44-fc-v782\n"), Some((6, 18)));
+        assert_eq!(linux_release("4.15.0-213-generic"), Some((4, 15)));
+        assert_eq!(linux_release("3.10.0-1160.el7.x86_64"), Some((3, 10)));
+        assert_eq!(linux_release("garbage"), None);
     }
 }
