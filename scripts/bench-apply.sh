@@ -57,7 +57,13 @@ drain() {
   esac
   local deadline=$(( $(date +%s) + ${PGTIDE_BENCH_APPLY_TIMEOUT:-180} ))
   local seen="SELECT count(*) FROM bench_marker WHERE burst = '$burst'"
+  local native_t=""
   until [ "$(pgtide_psql target "apply_$tool" -At -c "$seen")" = 1 ]; do
+    # When native's apply worker runs (the launcher starts it some time after ENABLE).
+    if [ "$tool" = native ] && [ -z "$native_t" ] \
+      && [ "$(pgtide_psql target apply_native -At -c "SELECT count(*) > 0 FROM pg_stat_subscription WHERE subname = 'bench_native' AND pid IS NOT NULL")" = t ]; then
+      native_t=$(date +%s.%N)
+    fi
     if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null && [ "$(pgtide_psql target "apply_$tool" -At -c "$seen")" != 1 ]; then
       echo "$tool stopped before burst $burst was applied; see $WORK/apply-$tool.log" >&2; tail -5 "$WORK/apply-$tool.log" >&2
       [ "$tool" = pgtide ] && exit 1
@@ -83,15 +89,18 @@ drain() {
   done
   local t1 secs; t1=$(date +%s.%N); secs=$(echo "$t1 - $t0" | bc)
   rate[$tool$burst]=$(echo "$changes / $secs" | bc)
-  local started=""
+  local started="" applying_at=""
   if [ "$tool" = pgtide ]; then
     # How long follow took to start applying (its "apply: resuming after" log line).
     local resumed; resumed=$(tail -n +"$((log_from + 1))" "$WORK/apply-pgtide.log" | grep -m1 'apply: resuming after' | cut -d' ' -f1 || true)
-    if [ -n "$resumed" ]; then
-      startup_of[$burst]=$(echo "$(date -d "$resumed" +%s.%N) - $t0" | bc)
-      applyonly_of[$burst]=$(echo "$changes / ($secs - ${startup_of[$burst]} + 0.001)" | bc)
-      started=$(printf ' (apply started after %.1f s; %d changes/s from then)' "${startup_of[$burst]}" "${applyonly_of[$burst]}")
-    fi
+    [ -n "$resumed" ] && applying_at=$(date -d "$resumed" +%s.%N)
+  elif [ "$tool" = native ]; then
+    applying_at=$native_t
+  fi
+  if [ -n "$applying_at" ]; then
+    startup_of[$tool$burst]=$(echo "$applying_at - $t0" | bc)
+    applyonly_of[$tool$burst]=$(echo "$changes / ($secs - ${startup_of[$tool$burst]} + 0.001)" | bc)
+    started=$(printf ' (apply started after %.1f s; %d changes/s from then)' "${startup_of[$tool$burst]}" "${applyonly_of[$tool$burst]}")
   fi
   printf '   %-9s burst %s: %7d changes in %6.1f s = %7d changes/s%s\n' "$tool" "$burst" "$changes" "$secs" "${rate[$tool$burst]}" "$started" >&2
   case $tool in
@@ -248,6 +257,12 @@ apply_bench() {
   local beat=$!
   "$PG_BIN/pgbench" -n -c 4 -j 2 -T "$load_seconds" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres applybench > "$WORK/apply-load.log" 2>&1 &
   local load=$!
+  # Sampling starts with the first heartbeat on the target (before it, the lag is undefined).
+  local beat_deadline=$(( $(date +%s) + 30 ))
+  until [ "$(pgtide_psql target apply_pgtide -At -c "SELECT count(*) > 0 FROM bench_heartbeat")" = t ]; do
+    [ "$(date +%s)" -le "$beat_deadline" ] || { echo "no heartbeat reached the pgtide target in 30 s; see $WORK/apply-pgtide.log" >&2; exit 1; }
+    sleep 0.1
+  done
   local samples="$WORK/apply-lag-samples" rss="$WORK/apply-rss-samples"; : > "$samples"; : > "$rss"
   sample_rss() { awk '/^VmRSS:/ {print $2}' "/proc/$follower/status" >> "$rss" 2>/dev/null || true; }
   while kill -0 "$load" 2>/dev/null; do
@@ -299,6 +314,9 @@ apply_bench() {
   done
   ratio_or_na() { case "$1:$2" in *:|:*|*:0|*[!0-9.:]*) echo n/a;; *) echo "scale=2; $1 / $2" | bc | sed 's/^\./0./';; esac; }
   started() { [ -n "${startup_of[$1]:-}" ] && printf ' (apply started after %.1f s; %d/s from then)' "${startup_of[$1]}" "${applyonly_of[$1]}"; true; }
+  # The same ratio between the rates from each tool's apply start (native's worker is started
+  # by the launcher some time after ENABLE; pgtide connects and checks first).
+  applying_ratio() { ratio_or_na "${applyonly_of[pgtide$1]:-}" "${applyonly_of[native$1]:-}"; }
   # Burst F: a stalled tool's partial rate bounds the ratio from below.
   ratio_f() { if [ -n "${partial_of[$2]:-}" ]; then echo ">= $(ratio_or_na "${rate[pgtideF]}" "${partial_of[$2]}")"; else ratio_or_na "${rate[pgtideF]}" "${rate[$2]}"; fi; }
   echo "pgtide / pgcopydb:  A $(ratio_or_na "${rate[pgtideA]}" "${rate[pgcopydbA]}")   B $(ratio_or_na "${rate[pgtideB]}" "${rate[pgcopydbB]}")   F $(ratio_f F pgcopydbF)   C n/a"
@@ -307,10 +325,10 @@ apply_bench() {
   steady="steady pgbench -c 4 (${tps:-?} tps on the source) while pgtide follows: lag p50 ${lag_p50} s, p95 ${lag_p95} s, max ${lag_max} s ($(wc -l < "$samples") samples); pgtide RSS max ${rss_max_mb:-?} MB ($(wc -l < "$rss") samples, peak VmHWM $(awk -v k="${hwm:-0}" 'BEGIN {printf "%.0f", k / 1024}') MB) incl. a $big_rows x 128 kB transaction ($big_on_target on the target)"
   echo "$steady"
   {
-    echo "apply burst A (1 client TPC-B): pgtide ${rate[pgtideA]} changes/s$(started A), pgcopydb ${rate[pgcopydbA]}, native ${rate[nativeA]}; pgtide/pgcopydb $(ratio_or_na "${rate[pgtideA]}" "${rate[pgcopydbA]}"), pgtide/native $(ratio_or_na "${rate[pgtideA]}" "${rate[nativeA]}")"
-    echo "apply burst B (${changes_of[B]}-row UPDATE): pgtide ${rate[pgtideB]} rows/s$(started B), pgcopydb ${rate[pgcopydbB]}, native ${rate[nativeB]}; pgtide/pgcopydb $(ratio_or_na "${rate[pgtideB]}" "${rate[pgcopydbB]}"), pgtide/native $(ratio_or_na "${rate[pgtideB]}" "${rate[nativeB]}")"
-    echo "apply burst C (4 clients): pgtide ${rate[pgtideC]} changes/s$(started C), native ${rate[nativeC]} changes/s, pgtide/native $(ratio_or_na "${rate[pgtideC]}" "${rate[nativeC]}"); pgcopydb ${rate[pgcopydbC]}"
-    echo "apply burst F (FULL identity, $full_rows rows, PG15 target): pgtide ${rate[pgtideF]} changes/s$(started F), native ${rate[nativeF]}, pgcopydb ${rate[pgcopydbF]}; pgtide/native $(ratio_f F nativeF), pgtide/pgcopydb $(ratio_f F pgcopydbF)"
+    echo "apply burst A (1 client TPC-B): pgtide ${rate[pgtideA]} changes/s$(started pgtideA), pgcopydb ${rate[pgcopydbA]}, native ${rate[nativeA]}$(started nativeA); pgtide/pgcopydb $(ratio_or_na "${rate[pgtideA]}" "${rate[pgcopydbA]}"), pgtide/native $(ratio_or_na "${rate[pgtideA]}" "${rate[nativeA]}") (from apply start $(applying_ratio A))"
+    echo "apply burst B (${changes_of[B]}-row UPDATE): pgtide ${rate[pgtideB]} rows/s$(started pgtideB), pgcopydb ${rate[pgcopydbB]}, native ${rate[nativeB]}$(started nativeB); pgtide/pgcopydb $(ratio_or_na "${rate[pgtideB]}" "${rate[pgcopydbB]}"), pgtide/native $(ratio_or_na "${rate[pgtideB]}" "${rate[nativeB]}") (from apply start $(applying_ratio B))"
+    echo "apply burst C (4 clients): pgtide ${rate[pgtideC]} changes/s$(started pgtideC), native ${rate[nativeC]} changes/s$(started nativeC), pgtide/native $(ratio_or_na "${rate[pgtideC]}" "${rate[nativeC]}") (from apply start $(applying_ratio C)); pgcopydb ${rate[pgcopydbC]}"
+    echo "apply burst F (FULL identity, $full_rows rows, PG15 target): pgtide ${rate[pgtideF]} changes/s$(started pgtideF), native ${rate[nativeF]}, pgcopydb ${rate[pgcopydbF]}; pgtide/native $(ratio_f F nativeF), pgtide/pgcopydb $(ratio_f F pgcopydbF)"
     echo "steady pgbench -c 4 (${tps:-?} tps): lag p50 ${lag_p50} s, p95 ${lag_p95} s, max ${lag_max} s; pgtide RSS max ${rss_max_mb:-?} MB (incl. a $big_rows x 128 kB transaction); follow applied its first transaction $(printf '%.1f' "$follow_ready") s after its start"
   } >> "$WORK/summary"
   pgtide_psql target apply_native -c "ALTER SUBSCRIPTION bench_native DISABLE" -c "ALTER SUBSCRIPTION bench_native SET (slot_name = NONE)" -c "DROP SUBSCRIPTION bench_native" >/dev/null 2>&1 || true

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# On demand: where the CPU goes while a retained burst is drained, pgtide against a native
+# subscription, on a PG15 pair started here (both servers and both tools share this machine's
+# cores, so a drain is as fast as the sum of its processes allows). Prints each drain's rate
+# and the CPU seconds every process used during it (walsender, apply worker or pgtide, the
+# target backend, …), from /proc/<pid>/stat.
+#   scripts/bench-cpu.sh                 burst C: pgbench -c CLIENTS (4) -t TXNS (40000) TPC-B
+#   BURST=B scripts/bench-cpu.sh         burst B: one 500,000-row UPDATE
+# Settings: SCALE (pgbench scale, 10), CLIENTS, TXNS; PERF=1 also records pgtide with
+# `perf record -g` into $WORK/perf.data (per-thread report: perf report --sort tid).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/clusters.sh
+pgtide_install_deps
+cargo build --release --quiet
+PGTIDE=$PWD/target/release/pgtide
+export PGTIDE_CLUSTER_TUNING=bench
+trap pgtide_stop_clusters EXIT
+pgtide_start_clusters
+export PGPASSWORD=$PGTIDE_TEST_PASSWORD      # from the environment, never argv
+WORK=$(mktemp -d /tmp/pgtide-bench-cpu.XXXXXX)
+src_uri() { echo "postgres://postgres@127.0.0.1:$PGTIDE_SOURCE_PORT/$1"; }
+dst_uri() { echo "postgres://postgres@127.0.0.1:$PGTIDE_TARGET_PORT/$1"; }
+SCALE=${SCALE:-10}; TXNS=${TXNS:-40000}; CLIENTS=${CLIENTS:-4}; BURST=${BURST:-C}
+
+pgtide_psql source postgres -c "CREATE DATABASE cpubench" >/dev/null
+"$PG_BIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
+pgtide_psql source cpubench -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL" \
+  -c "CREATE TABLE bench_marker (burst text PRIMARY KEY)" -c "VACUUM ANALYZE" >/dev/null
+"$PG_BIN/pg_dump" -Fc -f "$WORK/cpubench.dump" -d "$(src_uri cpubench)"
+for tool in pgtide native; do
+  pgtide_psql target postgres -c "CREATE DATABASE cpu_$tool" >/dev/null
+  "$PG_BIN/pg_restore" -d "$(dst_uri "cpu_$tool")" "$WORK/cpubench.dump"
+done
+# Both slots are created on a quiet source: each starts where the restored copies end.
+"$PGTIDE" stream setup --source "$(src_uri cpubench)" --dir "$WORK/pgtide" --slot-name cpu_pgtide --no-ddl-capture >/dev/null 2>&1
+pgtide_psql source cpubench -c "CREATE PUBLICATION cpu_native FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history, bench_marker" >/dev/null
+passfile="$PGTIDE_CLUSTERS_DIR/cpu.pgpass"
+echo "127.0.0.1:$PGTIDE_SOURCE_PORT:*:postgres:$PGTIDE_TEST_PASSWORD" > "$passfile"
+chown postgres "$passfile"; chmod 600 "$passfile"
+pgtide_psql target cpu_native -c "CREATE SUBSCRIPTION cpu_native CONNECTION 'host=127.0.0.1 port=$PGTIDE_SOURCE_PORT user=postgres dbname=cpubench passfile=$passfile' PUBLICATION cpu_native WITH (copy_data = false, enabled = false)" >/dev/null
+
+if [ "$BURST" = B ]; then
+  pgtide_psql source cpubench -c "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 500000" >/dev/null
+  changes=500000
+else
+  "$PG_BIN/pgbench" -n -c "$CLIENTS" -j 2 -t "$TXNS" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
+  changes=$((CLIENTS * TXNS * 4))
+fi
+pgtide_psql source cpubench -c "INSERT INTO bench_marker VALUES ('end')" >/dev/null
+endpos=$(pgtide_psql source cpubench -At -c "SELECT pg_current_wal_insert_lsn()")
+
+# CPU ticks (user + system) of every PostgreSQL and pgtide process: "ticks pid command".
+cpu_ticks() {
+  local d cmd
+  for d in /proc/[0-9]*; do
+    cmd=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null) || continue
+    case "$cmd" in
+      *postgres:*|*pgtide*) awk -v pid="${d#/proc/}" -v cmd="$cmd" '{print $14 + $15, pid, cmd}' "$d/stat" 2>/dev/null || true;;
+    esac
+  done
+}
+
+# drain NAME DB: waits until the burst's marker is on DB; prints the rate and the CPU used.
+drain() {
+  local name=$1 db=$2 t0 t1
+  cpu_ticks > "$WORK/cpu0"; t0=$(date +%s.%N)
+  until [ "$(pgtide_psql target "$db" -At -c "SELECT count(*) FROM bench_marker")" = 1 ]; do sleep 0.05; done
+  t1=$(date +%s.%N); cpu_ticks > "$WORK/cpu1"
+  printf '%s: %d changes in %.1f s = %d changes/s; CPU seconds used meanwhile:\n' "$name" "$changes" \
+    "$(echo "$t1 - $t0" | bc)" "$(echo "$changes / ($t1 - $t0)" | bc)"
+  local hz; hz=$(getconf CLK_TCK)
+  awk -v hz="$hz" 'NR == FNR {before[$2] = $1; next}
+       {used = ($1 - before[$2]) / hz; if (used > 0.05) {$1 = ""; $2 = ""; printf "   %6.2f s %s\n", used, substr($0, 3)}}' \
+    "$WORK/cpu0" "$WORK/cpu1" | sort -rn | head -6
+}
+
+pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native ENABLE" >/dev/null
+drain native cpu_native
+pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native DISABLE" >/dev/null
+"$PGTIDE" follow --source "$(src_uri cpubench)" --target "$(dst_uri cpu_pgtide)" --dir "$WORK/pgtide" \
+  --endpos "$endpos" > "$WORK/pgtide.log" 2>&1 &
+follower=$!
+if [ -n "${PERF:-}" ]; then
+  perf record -F 1999 -g -o "$WORK/perf.data" -p "$follower" >/dev/null 2>&1 &
+fi
+drain pgtide cpu_pgtide
+wait "$follower" || { echo "pgtide follow failed; see $WORK/pgtide.log" >&2; exit 1; }
+pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native SET (slot_name = NONE)" -c "DROP SUBSCRIPTION cpu_native" >/dev/null 2>&1 || true
+echo "logs: $WORK"
