@@ -54,7 +54,7 @@ endpos=$(pgtide_psql source cpubench -At -c "SELECT pg_current_wal_insert_lsn()"
 cpu_ticks() {
   local d cmd
   for d in /proc/[0-9]*; do
-    cmd=$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null) || continue
+    cmd=$( { tr '\0' ' ' < "$d/cmdline"; } 2>/dev/null) || continue
     case "$cmd" in
       *postgres:*|*pgtide*) awk -v pid="${d#/proc/}" -v cmd="$cmd" '{print $14 + $15, pid, cmd}' "$d/stat" 2>/dev/null || true;;
     esac
