@@ -22,7 +22,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::watch;
@@ -336,8 +336,7 @@ fn write_loop(
                     }
                     Command::RollbackToCommit => {
                         // What the frame holds follows the last commit: dropped with the rest.
-                        frame.records.clear();
-                        frame.bytes = 0;
+                        frame.discard();
                         rollback_to_last_commit(&tx)?;
                     }
                 }
@@ -429,9 +428,14 @@ impl Frame {
                 insert_row(insert, &row, FRAME_KIND, &body)?;
             }
         }
+        self.discard();
+        Ok(())
+    }
+
+    /// Empties the frame without writing it.
+    fn discard(&mut self) {
         self.records.clear();
         self.bytes = 0;
-        Ok(())
     }
 }
 
@@ -469,9 +473,17 @@ fn unpack(
         });
         return Ok(());
     }
-    let corrupt = || anyhow!("spool row {seq} is not a readable frame: the spool is damaged");
-    if payload.first() != Some(&FRAME_VERSION) {
-        return Err(corrupt());
+    let corrupt = || {
+        anyhow!(
+            "spool row {seq} is not a readable frame: the spool file is damaged. Nothing from it on was applied, and the source's slot no longer holds those changes (they were acknowledged once spooled): run `pgtide cleanup`, then copy the database again with `pgtide clone --follow`"
+        )
+    };
+    match payload.first() {
+        Some(&FRAME_VERSION) => {}
+        Some(version) => bail!(
+            "spool row {seq} is a frame of format {version}, written by a newer pgtide than this one (format {FRAME_VERSION}): run that pgtide on this work dir"
+        ),
+        None => return Err(corrupt()),
     }
     let mut at = 1;
     while at < payload.len() {

@@ -62,11 +62,10 @@ fn spooled(dir: &std::path::Path, sql: &str) -> i64 {
 
 /// How many spooled messages of this kind `pgtide spool show` reads back (the spool packs
 /// the messages of a transaction into one row, so rows are not messages).
-fn spooled_kind(dir: &str, kind: &str) -> usize {
-    let needle = format!("\"kind\":\"{kind}\"");
-    pgtide_ok_stdout(&["spool", "show", "--dir", dir])
-        .lines()
-        .filter(|line| line.contains(&needle))
+fn spooled_kind(dir: &std::path::Path, kind: &str) -> usize {
+    spool_show(dir)
+        .iter()
+        .filter(|change| change["kind"] == kind)
         .count()
 }
 
@@ -131,7 +130,7 @@ async fn a_full_spool_disk_stops_receive_and_a_rerun_continues() {
     // Space is freed (spool show reads the spool then): the same command continues and ends
     // with every row exactly once.
     disk.resize("256m");
-    let before = spooled_kind(d, "insert");
+    let before = spooled_kind(&dir, "insert");
     assert!(
         before < 20_000,
         "the disk should have filled before the end ({before} rows)"
@@ -139,7 +138,7 @@ async fn a_full_spool_disk_stops_receive_and_a_rerun_continues() {
     pgtide_ok(&[
         "stream", "receive", "--source", &src, "--dir", d, "--endpos", &endpos,
     ]);
-    assert_eq!(spooled_kind(d, "insert"), 20_000);
-    assert_eq!(spooled_kind(d, "commit"), 20);
+    assert_eq!(spooled_kind(&dir, "insert"), 20_000);
+    assert_eq!(spooled_kind(&dir, "commit"), 20);
     pgtide_ok(&["stream", "cleanup", "--source", &src, "--dir", d]);
 }
