@@ -143,6 +143,7 @@ mod key {
     /// JSON of `Filters`.
     pub const MIGRATION_FILTERS: &str = "migration.filters";
     pub const MIGRATION_SEQUENCE_OFFSET: &str = "migration.sequence_offset";
+    pub const APPLY_JOBS: &str = "apply.jobs";
     /// "cleaned up" once `pgtide cleanup` ran.
     pub const MIGRATION_STATUS: &str = "migration.status";
     pub const MIGRATION_CLEANED_UP: &str = "cleaned up";
@@ -1101,6 +1102,17 @@ impl StateDb {
     /// Whether `--wal2json-nan-as-null` was accepted for this work dir.
     pub fn wal2json_nan_as_null(&self) -> Result<bool> {
         Ok(self.get_meta(key::STREAM_WAL2JSON_NAN_AS_NULL)?.is_some())
+    }
+
+    /// The number of apply lanes (`--apply-jobs`): every later follow of this work dir (a
+    /// restart, a cutover's follow) applies with as many.
+    pub fn record_apply_jobs(&self, jobs: usize) -> Result<()> {
+        self.set_meta(key::APPLY_JOBS, &jobs.to_string())
+    }
+
+    /// The recorded number of apply lanes, if one was given.
+    pub fn apply_jobs(&self) -> Result<Option<usize>> {
+        Ok(self.get_meta(key::APPLY_JOBS)?.and_then(|v| v.parse().ok()))
     }
 
     /// The offset the target's sequences were set with (`--sequence-offset`, `--offset`).

@@ -10,6 +10,8 @@
 
 pub mod ddl;
 pub mod joins;
+pub mod keys;
+pub mod lanes;
 pub mod run;
 pub mod sets;
 pub mod statements;
@@ -29,8 +31,9 @@ use crate::errors::{Classified, ErrorClass, classify, classify_pg, sqlstate};
 use crate::pg::{Lsn, describe};
 use crate::replication::Plugin;
 use crate::spool::SpoolReader;
-use sets::SetQueue;
-use statements::{Statements, TargetTable};
+use keys::KeySet;
+use lanes::{Lane, Lanes, ParallelFailure, Sealed};
+use statements::TargetTable;
 
 /// A target error with its context, classified by [`crate::errors::classify_pg`]: a lost
 /// connection or a shutting-down server becomes `TargetLost` (follow reconnects); everything
@@ -54,6 +57,10 @@ const MAX_CONFLICT_RETRIES: u32 = 5;
 const BATCH_TRANSACTIONS: usize = 1_000;
 const BATCH_CHANGES: usize = 20_000;
 const BATCH_TIME: Duration = Duration::from_millis(200);
+/// The same beside other lanes (`lanes.rs`): smaller batches, so that a backlog is cut into
+/// enough of them for every lane, and one that meets a batch in flight waits for less.
+const PARALLEL_BATCH_TRANSACTIONS: usize = 100;
+const PARALLEL_BATCH_CHANGES: usize = 5_000;
 /// How long apply waits before reading the spool again when it found nothing new: it adds up
 /// to this much to the lag of every transaction that arrives while apply is idle.
 const IDLE_POLL: Duration = Duration::from_millis(10);
@@ -63,9 +70,23 @@ pub fn origin_name(slot: &str) -> String {
     format!("pgtide_{slot}")
 }
 
-/// Creates the origin if needed and binds this session to it; returns the durable position
-/// the target has applied through.
-pub async fn setup_origin(target: &Client, origin: &str) -> Result<Lsn> {
+/// The origin of parallel apply's lane `lane` (`lanes.rs`): the slot's own origin for the
+/// first lane, `<origin>_lane<n>` for the others.
+pub fn lane_origin_name(origin: &str, lane: usize) -> String {
+    if lane == 0 {
+        origin.to_string()
+    } else {
+        format!("{origin}_lane{lane}")
+    }
+}
+
+/// The condition on `pg_replication_origin.roname` that selects a slot's origin (`$1`) and
+/// its lanes' origins: what resume, status and cleanup read or drop, whatever `--apply-jobs`
+/// a run used.
+pub const ORIGINS_OF_SLOT: &str = "(roname = $1 OR roname ~ ('^' || $1 || '_lane[0-9]+$'))";
+
+/// Creates the origin if needed and binds this session to it.
+pub async fn setup_origin(target: &Client, origin: &str) -> Result<()> {
     target
         .execute(
             "SELECT pg_replication_origin_create($1) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
@@ -103,14 +124,19 @@ pub async fn setup_origin(target: &Client, origin: &str) -> Result<Lsn> {
         .batch_execute("SET session_replication_role = replica; SET synchronous_commit = off")
         .await
         .map_err(|e| target_error(&e, "cannot set up the apply session on the target"))?;
-    durable_progress(target, origin).await
+    Ok(())
 }
 
 /// The origin's position as far as it is flushed on the target: what a crash cannot undo.
+/// With parallel apply, the greatest among the slot's lane origins: batches commit in source
+/// order, so that one ends a consistent prefix (`lanes.rs`).
 pub async fn durable_progress(target: &Client, origin: &str) -> Result<Lsn> {
     let row = target
         .query_one(
-            "SELECT coalesce(pg_replication_origin_progress($1, true), '0/0')::text",
+            &format!(
+                "SELECT coalesce(max(pg_replication_origin_progress(roname, true)), '0/0')::text
+                 FROM pg_replication_origin WHERE {ORIGINS_OF_SLOT}"
+            ),
             &[&origin],
         )
         .await
@@ -156,9 +182,10 @@ pub struct Source<'a> {
     pub ddl: &'a ddl::DdlRules,
 }
 
-/// Runs until the stop rule says every transaction up to endpos is applied.
+/// Runs until the stop rule says every transaction up to endpos is applied. `targets` holds
+/// one connection per apply lane (`--apply-jobs`); one is the single-lane apply.
 pub async fn run(
-    target: &Arc<Client>,
+    targets: &[Arc<Client>],
     source: &Source<'_>,
     stop: &mut StopRule,
     resynced: &mut Resynced,
@@ -170,16 +197,26 @@ pub async fn run(
         origin,
         ddl,
     } = *source;
-    let start = setup_origin(target, origin).await?;
+    let Some(first) = targets.first() else {
+        bail!("internal error: apply started without a target connection");
+    };
+    // Every lane's origin is bound before the position is read: a lane of a pgtide stopped a
+    // moment ago may still be committing, and holds its origin until it is done.
+    for (lane, client) in targets.iter().enumerate() {
+        setup_origin(client, &lane_origin_name(origin, lane)).await?;
+    }
+    let start = durable_progress(first, origin).await?;
     let reader = SpoolReader::open(dir)?;
     let after_seq = reader.seq_through(start)?;
     let mut applier = Applier {
-        target,
+        lane: Lane::new(first.clone()),
+        lanes: Lanes::new(targets[1..].iter().cloned().map(Lane::new).collect()),
+        batch_keys: KeySet::default(),
+        serial_through: 0,
+        dispatched: start,
         reader,
         plugin,
         decoder: StreamDecoder::new(plugin),
-        statements: Statements::default(),
-        sets: SetQueue::default(),
         tables: HashMap::new(),
         batch: Batch::default(),
         progress: Progress {
@@ -216,20 +253,48 @@ pub async fn run(
             }
         }
     }
-    tracing::info!("apply: resuming after {start} (origin {origin})");
+    if targets.len() > 1 {
+        tracing::info!(
+            "apply: resuming after {start} (origin {origin} and its lanes), {} lanes",
+            targets.len()
+        );
+    } else {
+        tracing::info!("apply: resuming after {start} (origin {origin})");
+    }
+    let result = replay(&mut applier, stop, progress_tx, origin).await;
+    if result.is_err() {
+        // No batch may commit behind the next run's back: wait for every one in flight (each
+        // commits in its turn or rolls back).
+        let mut progress = applier.progress;
+        applier.lanes.drain(&mut progress).await.ok();
+    }
+    result
+}
+
+/// The apply loop: reads the spool and applies it until endpos.
+async fn replay(
+    applier: &mut Applier<'_>,
+    stop: &mut StopRule,
+    progress_tx: &watch::Sender<Progress>,
+    origin: &str,
+) -> Result<Lsn> {
+    let plugin = applier.plugin;
     let mut last_progress_read = Instant::now();
     // Serialization failures / deadlocks in a row at the same applied position.
-    let mut conflicts = (start, 0u32);
+    let mut conflicts = (applier.progress.applied, 0u32);
     loop {
         applier.resynced.reload_if_due()?;
+        let reaped = applier.lanes.reap_finished(&mut applier.progress).await;
         let records = applier.reader.read(applier.after_seq, 2_000)?;
         let idle = records.is_empty();
-        let mut step = Ok(Step::Continue);
-        for record in records {
-            applier.after_seq = record.seq;
-            step = applier.handle(record.payload, stop).await;
-            if !matches!(step, Ok(Step::Continue)) {
-                break;
+        let mut step = reaped.map(|()| Step::Continue);
+        if step.is_ok() {
+            for record in records {
+                applier.after_seq = record.seq;
+                step = applier.handle(record.payload, stop).await;
+                if !matches!(step, Ok(Step::Continue)) {
+                    break;
+                }
             }
         }
         if idle && matches!(step, Ok(Step::Continue)) {
@@ -240,6 +305,15 @@ pub async fn run(
                 progress_tx.send_replace(applier.progress);
             }
         }
+        // Done means every batch committed: wait for those in flight.
+        let step = match step {
+            Ok(Step::Done) => applier
+                .lanes
+                .drain(&mut applier.progress)
+                .await
+                .map(|()| Step::Done),
+            other => other,
+        };
         match step {
             Ok(Step::Continue) => {}
             Ok(Step::Rewind) => {
@@ -247,7 +321,27 @@ pub async fn run(
                 continue;
             }
             Ok(Step::Done) => {
-                return finish(target, origin, applier.progress, progress_tx).await;
+                let lane = applier.lane.client.clone();
+                let clients: Vec<Arc<Client>> = std::iter::once(lane)
+                    .chain(applier.lanes.idle_clients().cloned())
+                    .collect();
+                return finish(&clients, origin, applier.progress, progress_tx).await;
+            }
+            // A batch applied beside others failed: whatever the cause (two batches that met
+            // on a value the keys did not compare, a lock wait past the timeout, or a real
+            // error), it is re-run alone after every earlier batch committed, where it either
+            // succeeds or fails as single-lane apply would, with the same handling.
+            Err(e) if applier.failed_in_parallel(&e) => {
+                let through = e
+                    .downcast_ref::<ParallelFailure>()
+                    .map_or(applier.after_seq, |f| f.through_seq);
+                tracing::info!(
+                    "apply: {e:#}; re-running the batch alone after {}",
+                    applier.progress.applied
+                );
+                applier.serial_through = applier.serial_through.max(through);
+                applier.rewind().await?;
+                continue;
             }
             // A deadlock or serialization failure with a session on the target rolled the
             // batch back: re-run it from the last commit, a few times.
@@ -286,14 +380,14 @@ pub async fn run(
             }
             Err(e) => return Err(explain_wal2json_null(plugin, e)),
         }
-        if applier.batch.transactions > 0 || applier.batch.open {
+        if applier.batch.transactions > 0 || applier.batch.open || applier.lanes.parallel() {
             progress_tx.send_replace(applier.progress);
         }
         if idle {
             tokio::time::sleep(IDLE_POLL).await;
         }
         if last_progress_read.elapsed() >= Duration::from_secs(1) {
-            applier.progress.durable = durable_progress(target, origin).await?;
+            applier.progress.durable = durable_progress(&applier.lane.client, origin).await?;
             progress_tx.send_replace(applier.progress);
             applier.reader.prune_through(applier.progress.durable)?;
             last_progress_read = Instant::now();
@@ -323,12 +417,20 @@ enum Step {
 
 /// The apply loop's state between spool records.
 struct Applier<'a> {
-    target: &'a Arc<Client>,
+    /// The lane the open batch is filled on (the only one with `--apply-jobs 1`).
+    lane: Lane,
+    /// The other lanes, and the batches in flight on them (`lanes.rs`).
+    lanes: Lanes,
+    /// What the open batch touches, when it runs beside others (`keys.rs`).
+    batch_keys: KeySet,
+    /// Records up to this sequence number are applied one batch at a time: a batch of theirs
+    /// failed beside others.
+    serial_through: i64,
+    /// The end of the last whole source transaction handed to a lane or committed.
+    dispatched: Lsn,
     reader: SpoolReader,
     plugin: Plugin,
     decoder: StreamDecoder,
-    statements: Statements,
-    sets: SetQueue,
     tables: HashMap<u32, TargetTable>,
     batch: Batch,
     progress: Progress,
@@ -366,6 +468,27 @@ struct Applier<'a> {
 }
 
 impl Applier<'_> {
+    /// Whether an error comes from a batch applied beside others (see `lanes.rs`): it is then
+    /// re-run alone rather than handled as single-lane apply would.
+    fn failed_in_parallel(&self, e: &anyhow::Error) -> bool {
+        e.is::<ParallelFailure>()
+            || (self.batch.parallel
+                && classify(e) != ErrorClass::Transient
+                && !e.is::<ddl::DdlStopped>())
+    }
+
+    /// Waits for every batch in flight (schema changes, truncates and new descriptions of a
+    /// table see the target as single-lane apply would).
+    async fn barrier(&mut self) -> Result<()> {
+        self.lanes.drain(&mut self.progress).await
+    }
+
+    /// Drops a relation's prepared statements on every lane.
+    fn forget(&mut self, oid: u32) {
+        self.lane.statements.forget(oid);
+        self.lanes.forget(oid);
+    }
+
     /// Whether a relation's changes are left aside (see `set_aside`); records it if so.
     fn sets_aside(&mut self, r: &Relation) -> Result<bool> {
         let is_log = self.ddl.is_log_table(&r.schema, &r.name);
@@ -402,16 +525,26 @@ impl Applier<'_> {
 
     /// Replays a captured schema change at its place in the transaction.
     async fn replay_ddl(&mut self, content: &[u8]) -> Result<()> {
+        self.barrier().await?;
         self.send_queued().await?;
         self.ddl_ordinal += 1;
         let id = crate::state::DdlId {
             commit: self.final_lsn,
             ordinal: self.ddl_ordinal,
         };
-        if ddl::replay(self.target, self.ddl, id, content, &mut self.ddl_replayed).await? {
+        if ddl::replay(
+            &self.lane.client,
+            self.ddl,
+            id,
+            content,
+            &mut self.ddl_replayed,
+        )
+        .await?
+        {
             // The target's tables may have changed: describe them again at their next change.
-            for (oid, table) in self.tables.drain() {
-                self.statements.forget(oid);
+            let tables: Vec<(u32, TargetTable)> = self.tables.drain().collect();
+            for (oid, table) in tables {
+                self.forget(oid);
                 self.undescribed.insert(oid, table.source);
             }
         }
@@ -421,7 +554,7 @@ impl Applier<'_> {
     /// Matches a relation read back at resume with the target, now that a change needs it.
     async fn describe_pending(&mut self, oid: u32) -> Result<()> {
         if let Some(relation) = self.undescribed.remove(&oid) {
-            let table = TargetTable::describe(self.target, relation).await?;
+            let table = TargetTable::describe(&self.lane.client, relation).await?;
             self.tables.insert(oid, table);
         }
         Ok(())
@@ -466,14 +599,17 @@ impl Applier<'_> {
                 self.tables.remove(&r.oid);
             }
             Change::Relation(r) => {
+                self.barrier().await?;
                 self.send_queued().await?;
                 self.undescribed.remove(&r.oid);
-                let table = TargetTable::describe(self.target, r).await?;
-                self.statements.forget(table.source.oid);
+                let table = TargetTable::describe(&self.lane.client, r).await?;
+                self.forget(table.source.oid);
                 self.resynced.relation(&table.qualified)?;
                 self.tables.insert(table.source.oid, table);
             }
-            Change::Begin { final_lsn, .. } if final_lsn < self.progress.applied => {
+            Change::Begin { final_lsn, .. }
+                if final_lsn < self.progress.applied.max(self.dispatched) =>
+            {
                 // Committed before what the target has applied: the source sent it again
                 // (its slot's confirmed position lagged behind the origin). Skip it whole.
                 tracing::debug!(
@@ -529,8 +665,18 @@ impl Applier<'_> {
                     return Ok(Step::Rewind);
                 }
                 if !self.batch.open {
-                    self.target
-                        .batch_execute("BEGIN")
+                    // Beside other batches only past the ones being re-run alone; a lock wait
+                    // then ends after a timeout (see `lanes::LOCK_TIMEOUT`).
+                    self.batch.parallel =
+                        self.lanes.parallel() && self.after_seq > self.serial_through;
+                    let begin = if self.batch.parallel {
+                        format!("BEGIN; SET LOCAL lock_timeout = '{}'", lanes::LOCK_TIMEOUT)
+                    } else {
+                        "BEGIN".to_string()
+                    };
+                    self.lane
+                        .client
+                        .batch_execute(&begin)
                         .await
                         .map_err(|e| target_error(&e, "cannot begin on the target"))?;
                     self.batch.open = true;
@@ -546,8 +692,13 @@ impl Applier<'_> {
                 self.batch.transactions += 1;
                 self.batch.last_commit = Some((end_lsn, commit_time));
                 self.batch.in_source_transaction = false;
-                if self.batch.transactions >= BATCH_TRANSACTIONS
-                    || self.batch.changes >= BATCH_CHANGES
+                let (transactions, changes) = if self.batch.parallel {
+                    (PARALLEL_BATCH_TRANSACTIONS, PARALLEL_BATCH_CHANGES)
+                } else {
+                    (BATCH_TRANSACTIONS, BATCH_CHANGES)
+                };
+                if self.batch.transactions >= transactions
+                    || self.batch.changes >= changes
                     || self.batch.started.elapsed() >= BATCH_TIME
                 {
                     self.commit().await?;
@@ -609,14 +760,24 @@ impl Applier<'_> {
                     Some(table) => table.without_generated(change),
                     None => change,
                 };
+                if self.batch.parallel
+                    && let Some(table) = self.tables.get(&oid)
+                {
+                    let touched = keys::of_change(table, &change);
+                    if let Some(earlier) = self.lanes.conflict(&touched) {
+                        self.lanes.wait_through(earlier, &mut self.progress).await?;
+                    }
+                    self.batch_keys.add(touched);
+                }
+                let lane = &mut self.lane;
                 if self.after_seq <= self.one_row_at_a_time_through {
-                    self.statements
-                        .apply(self.target, &self.tables, &change)
+                    lane.statements
+                        .apply(&lane.client, &self.tables, &change)
                         .await?;
                 } else {
                     self.batch.used_sets = true;
-                    self.sets
-                        .push(&mut self.statements, self.target, &self.tables, change)
+                    lane.sets
+                        .push(&mut lane.statements, &lane.client, &self.tables, change)
                         .await?;
                 }
                 self.count_change();
@@ -653,14 +814,16 @@ impl Applier<'_> {
         if relations.is_empty() {
             return Ok(Step::Continue);
         }
+        self.barrier().await?;
         self.send_queued().await?;
         if relations.len() < listed {
             // A table of this truncate was resynced after it and keeps its copy; a
             // TRUNCATE of the others alone would be refused by the foreign keys
             // between them. Emptied row by row instead (foreign keys are not checked
             // in the apply session): the same final state.
-            self.statements
-                .delete_all(self.target, &self.tables, &relations)
+            self.lane
+                .statements
+                .delete_all(&self.lane.client, &self.tables, &relations)
                 .await?;
         } else {
             // Never CASCADE on the target: the source already lists every table its
@@ -670,8 +833,9 @@ impl Applier<'_> {
                 cascade: false,
                 restart_identity,
             };
-            self.statements
-                .apply(self.target, &self.tables, &change)
+            self.lane
+                .statements
+                .apply(&self.lane.client, &self.tables, &change)
                 .await?;
         }
         self.count_change();
@@ -685,32 +849,88 @@ impl Applier<'_> {
 
     /// Sends the queued runs and row statements and checks their results.
     async fn send_queued(&mut self) -> Result<()> {
-        if !self.sets.is_empty() {
-            self.sets
-                .send(&mut self.statements, self.target, &self.tables)
+        let lane = &mut self.lane;
+        if !lane.sets.is_empty() {
+            lane.sets
+                .send(&mut lane.statements, &lane.client, &self.tables)
                 .await?;
         }
-        self.statements.flush().await
+        lane.statements.flush().await
     }
 
+    /// Ends the open batch: commits it here, or, beside other batches, hands it with its lane
+    /// to a task that commits it in its turn and goes on with an idle lane.
     async fn commit(&mut self) -> Result<()> {
-        self.send_queued().await?;
-        self.batch.commit(self.target, &mut self.progress).await
+        let handed_over = match self.batch.last_commit {
+            Some((end_lsn, commit_time)) if self.batch.open && self.batch.parallel => {
+                (end_lsn, commit_time)
+            }
+            _ => {
+                self.barrier().await?;
+                self.send_queued().await?;
+                self.batch
+                    .commit(&self.lane.client, &mut self.progress)
+                    .await?;
+                self.dispatched = self.progress.applied;
+                return Ok(());
+            }
+        };
+        if self.batch.in_source_transaction {
+            bail!("internal error: a target commit inside a source transaction");
+        }
+        let (end_lsn, commit_time) = handed_over;
+        let lane = &mut self.lane;
+        lane.sets
+            .hand_over(&mut lane.statements, &lane.client, &self.tables)
+            .await?;
+        let next = self.lanes.take_idle(&mut self.progress).await?;
+        let lane = std::mem::replace(&mut self.lane, next);
+        let batch = std::mem::take(&mut self.batch);
+        self.dispatched = end_lsn;
+        self.lanes.launch(
+            lane,
+            Sealed {
+                keys: std::mem::take(&mut self.batch_keys),
+                end_lsn,
+                commit_time,
+                transactions: batch.transactions,
+                changes: batch.changes,
+                through_seq: self.after_seq,
+            },
+        );
+        Ok(())
     }
 
     /// Rolls back the open target transaction and reads the spool again after the last
     /// committed source transaction.
     async fn rewind(&mut self) -> Result<()> {
-        self.sets.discard();
-        self.statements.discard();
+        self.lane.sets.discard();
+        self.lane.statements.discard();
+        self.batch_keys = KeySet::default();
         if self.batch.open {
-            self.target
+            self.lane
+                .client
                 .batch_execute("ROLLBACK")
                 .await
                 .map_err(|e| target_error(&e, "cannot roll back on the target"))?;
         }
         self.progress.changes -= self.batch.changes as u64;
         self.batch = Batch::default();
+        // The batches in flight (all earlier than the one rolled back) commit in their turn
+        // or roll back; the target's position is then the one to read again from.
+        if let Err(e) = self.barrier().await {
+            match e.downcast::<ParallelFailure>() {
+                Ok(failure) => {
+                    tracing::info!(
+                        "apply: {failure}; re-running the batch alone after {}",
+                        self.progress.applied
+                    );
+                    self.serial_through = self.serial_through.max(failure.through_seq);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.dispatched = self.progress.applied;
         self.skipping = false;
         self.after_seq = self.reader.seq_through(self.progress.applied)?;
         self.decoder = StreamDecoder::new(self.plugin);
@@ -724,19 +944,24 @@ impl Applier<'_> {
 }
 
 async fn finish(
-    target: &Client,
+    lanes: &[Arc<Client>],
     origin: &str,
     mut progress: Progress,
     progress_tx: &watch::Sender<Progress>,
 ) -> Result<Lsn> {
     // Make the last commits durable before saying so.
-    target
-        .batch_execute(
-            "SET synchronous_commit = on; SELECT pg_replication_origin_session_progress(true)",
-        )
-        .await
-        .ok();
-    progress.durable = durable_progress(target, origin).await?;
+    for target in lanes {
+        target
+            .batch_execute(
+                "SET synchronous_commit = on; SELECT pg_replication_origin_session_progress(true)",
+            )
+            .await
+            .ok();
+    }
+    let Some(first) = lanes.first() else {
+        bail!("internal error: apply finished without a target connection");
+    };
+    progress.durable = durable_progress(first, origin).await?;
     progress_tx.send_replace(progress);
     Ok(progress.applied)
 }
@@ -753,6 +978,8 @@ struct Batch {
     in_source_transaction: bool,
     /// Some of its changes went through multi-row statements.
     used_sets: bool,
+    /// Applied beside other batches (`lanes.rs`).
+    parallel: bool,
 }
 
 impl Default for Batch {
@@ -765,6 +992,7 @@ impl Default for Batch {
             last_commit: None,
             in_source_transaction: false,
             used_sets: false,
+            parallel: false,
         }
     }
 }
@@ -782,23 +1010,29 @@ impl Batch {
             self.open = false;
             return Ok(());
         };
-        // The origin advances in the same transaction as the changes (invariant 2).
-        target
-            .execute(
-                "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, '2000-01-01 00:00:00+00'::timestamptz + $2::bigint * interval '1 microsecond')",
-                &[&end_lsn.to_string(), &commit_time],
-            )
-            .await
-            .map_err(|e| target_error(&e, "cannot record the origin position on the target"))?;
-        fail::fail_point!(crate::failpoints::APPLY_BEFORE_COMMIT);
-        target
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| target_error(&e, "cannot commit on the target"))?;
-        fail::fail_point!(crate::failpoints::APPLY_AFTER_COMMIT);
+        commit_with_origin(target, end_lsn, commit_time).await?;
         progress.applied = end_lsn;
         progress.transactions += self.transactions as u64;
         *self = Batch::default();
         Ok(())
     }
+}
+
+/// Commits the target transaction with the origin advanced to the source transaction's end
+/// in the same transaction (invariant 2).
+async fn commit_with_origin(target: &Client, end_lsn: Lsn, commit_time: i64) -> Result<()> {
+    target
+        .execute(
+            "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, '2000-01-01 00:00:00+00'::timestamptz + $2::bigint * interval '1 microsecond')",
+            &[&end_lsn.to_string(), &commit_time],
+        )
+        .await
+        .map_err(|e| target_error(&e, "cannot record the origin position on the target"))?;
+    fail::fail_point!(crate::failpoints::APPLY_BEFORE_COMMIT);
+    target
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| target_error(&e, "cannot commit on the target"))?;
+    fail::fail_point!(crate::failpoints::APPLY_AFTER_COMMIT);
+    Ok(())
 }

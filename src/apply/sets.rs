@@ -128,6 +128,19 @@ impl SetQueue {
         target: &std::sync::Arc<tokio_postgres::Client>,
         tables: &HashMap<u32, TargetTable>,
     ) -> Result<()> {
+        self.hand_over(statements, target, tables).await?;
+        statements.flush().await
+    }
+
+    /// Moves every queued run and single change into the statement pipeline, in order, without
+    /// waiting for the last results: parallel apply (`lanes.rs`) awaits them in the lane's
+    /// own task.
+    pub async fn hand_over(
+        &mut self,
+        statements: &mut Statements,
+        target: &std::sync::Arc<tokio_postgres::Client>,
+        tables: &HashMap<u32, TargetTable>,
+    ) -> Result<()> {
         let queued = std::mem::take(&mut self.tables);
         self.position.clear();
         self.queued = 0;
@@ -147,7 +160,7 @@ impl SetQueue {
                 }
             }
         }
-        statements.flush().await
+        Ok(())
     }
 
     /// Drops everything queued (the target transaction is being rolled back).

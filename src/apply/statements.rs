@@ -38,6 +38,9 @@ pub struct TargetTable {
     /// Source column positions of the target btree index that FULL-identity matches narrow
     /// by (see `usable_index`); empty when the target has none usable.
     pub index: Vec<usize>,
+    /// Source column positions of each unique index of the target table on plain columns:
+    /// what parallel apply (`keys.rs`) compares between batches besides the replica identity.
+    pub unique: Vec<Vec<usize>>,
 }
 
 impl TargetTable {
@@ -84,6 +87,7 @@ impl TargetTable {
             }
         }
         let index = usable_index(target, &name, &relation, &generated).await?;
+        let unique = unique_indexes(target, &name, &relation).await?;
         Ok(TargetTable {
             source: relation,
             qualified: name,
@@ -91,6 +95,7 @@ impl TargetTable {
             generated_always,
             generated,
             index,
+            unique,
         })
     }
 
@@ -217,6 +222,51 @@ async fn usable_index(
         }
     }
     Ok(Vec::new())
+}
+
+/// The unique indexes of the target table whose columns are all source columns, as source
+/// column positions (a unique index on an expression or with a predicate is left out: the
+/// target still serializes what it guards, see `keys.rs`).
+async fn unique_indexes(
+    target: &Client,
+    name: &str,
+    relation: &Relation,
+) -> Result<Vec<Vec<usize>>> {
+    let rows = target
+        .query(
+            "SELECT array_agg(a.attname::text ORDER BY k.n)
+             FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+             LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = to_regclass($1) AND i.indisunique
+               AND i.indpred IS NULL AND i.indexprs IS NULL AND k.n <= i.indnkeyatts
+             GROUP BY i.indexrelid
+             HAVING bool_and(k.attnum > 0 AND a.attname IS NOT NULL)
+             ORDER BY i.indexrelid",
+            &[&name],
+        )
+        .await
+        .map_err(|e| {
+            target_error(
+                &e,
+                format!("cannot read the target's unique indexes of {name}"),
+            )
+        })?;
+    let mut unique = Vec::new();
+    for row in rows {
+        let columns: Vec<String> = row
+            .try_get::<_, Option<Vec<String>>>(0)
+            .map_err(|e| anyhow!("cannot read the target's unique index columns of {name}: {e}"))?
+            .unwrap_or_default();
+        let positions: Option<Vec<usize>> = columns
+            .iter()
+            .map(|c| relation.columns.iter().position(|s| &s.name == c))
+            .collect();
+        if let Some(positions) = positions.filter(|p| !p.is_empty()) {
+            unique.push(positions);
+        }
+    }
+    Ok(unique)
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -803,6 +853,7 @@ mod tests {
             generated_always: vec![false; 3],
             generated: vec![false; 3],
             index,
+            unique: Vec::new(),
         }
     }
 

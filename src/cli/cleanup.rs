@@ -25,7 +25,10 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
     let origin = apply::origin_name(&slot_name);
     let dropped_origin = target_client
         .execute(
-            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+            &format!(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE {}",
+                apply::ORIGINS_OF_SLOT
+            ),
             &[&origin],
         )
         .await

@@ -13,8 +13,8 @@ use crate::follow;
 pub async fn run(args: CloneArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
-    if args.table_jobs == 0 || args.index_jobs == 0 {
-        bail!("--table-jobs and --index-jobs must be at least 1");
+    if args.table_jobs == 0 || args.index_jobs == 0 || args.apply_jobs == Some(0) {
+        bail!("--table-jobs, --index-jobs and --apply-jobs must be at least 1");
     }
     let workdir = WorkDir::open(&args.dir, "clone")?;
     // A resumed migration keeps the filters it recorded when it started (invariant 9).
@@ -84,6 +84,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         identity: super::identity(&args.identity),
         resume: args.resume,
         restart: args.restart,
+        apply_jobs: args.apply_jobs,
     };
     let applied = follow::clone_and_follow(&workdir, &args.dir, opts, &with).await?;
     println!(

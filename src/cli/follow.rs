@@ -29,6 +29,11 @@ pub async fn run(args: FollowArgs) -> Result<()> {
     if args.wal2json_nan_as_null {
         workdir.state.record_wal2json_nan_as_null()?;
     }
+    match args.apply_jobs {
+        Some(0) => anyhow::bail!("--apply-jobs must be at least 1"),
+        Some(jobs) => workdir.state.record_apply_jobs(jobs)?,
+        None => {}
+    }
     let receiver = follow::start_receiver(&source, &workdir)?;
     let applied = tokio::select! {
         r = follow::apply_until_endpos(&source, &target, &workdir, receiver) => r,

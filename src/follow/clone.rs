@@ -22,6 +22,8 @@ pub struct CloneFollow {
     pub identity: IdentityChoice,
     pub resume: bool,
     pub restart: bool,
+    /// `--apply-jobs`, recorded for every later follow of the work dir.
+    pub apply_jobs: Option<usize>,
 }
 
 /// Runs the clone with the stream, then apply to endpos; returns the last applied position.
@@ -61,6 +63,9 @@ pub async fn clone_and_follow(
             "resuming clone --follow on slot {slot} ({})",
             recorded.name()
         );
+        if let Some(jobs) = follow.apply_jobs {
+            workdir.state.record_apply_jobs(jobs)?;
+        }
         let receiver = super::start_receiver(&opts.source, workdir)?;
         interruptible(clone::run(workdir, &opts), dir).await?;
         return apply_phase(&opts, workdir, receiver).await;
@@ -83,6 +88,9 @@ pub async fn clone_and_follow(
         }
         workdir.state.reset()?;
         opts.restart = false;
+    }
+    if let Some(jobs) = follow.apply_jobs {
+        workdir.state.record_apply_jobs(jobs)?;
     }
     if follow.resume {
         // Interrupted before the slot was recorded: nothing was copied or spooled yet. A slot

@@ -113,11 +113,12 @@ async fn apply_and_set_sequences(
         origin: &origin,
         ddl: &ddl_rules,
     };
-    let mut client = std::sync::Arc::new(pg::connect(target, Side::Target, "apply").await?);
+    let jobs = state.apply_jobs()?.unwrap_or(DEFAULT_APPLY_JOBS);
+    let mut clients = connect_lanes(target, jobs).await?;
     let mut backoff = Duration::from_millis(500);
     let applied = loop {
         let result = tokio::select! {
-            r = apply::run(&client, &source_of_apply, &mut stop, &mut resynced, &progress) => r,
+            r = apply::run(&clients, &source_of_apply, &mut stop, &mut resynced, &progress) => r,
             r = &mut task => {
                 endpos_poller.abort();
                 return match r {
@@ -136,8 +137,8 @@ async fn apply_and_set_sequences(
                 tracing::warn!("{e:#}; reconnecting to the target in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
-                match pg::connect(target, Side::Target, "apply").await {
-                    Ok(c) => client = std::sync::Arc::new(c),
+                match connect_lanes(target, jobs).await {
+                    Ok(c) => clients = c,
                     Err(e) if classify(&e) == ErrorClass::Transient => {
                         tracing::warn!("the target is not back yet: {e:#}")
                     }
@@ -174,12 +175,29 @@ async fn apply_and_set_sequences(
     let seqs = catalog::read_sequences(&source_client, &filters).await?;
     // The offset a cutover asked for (recorded before it pinned endpos), 0 otherwise.
     let offset = state.sequence_offset()?;
-    sequences::set_on_target(&client, &seqs, offset).await?;
+    sequences::set_on_target(&clients[0], &seqs, offset).await?;
     tracing::info!(
         "set {} sequences on the target from the source (offset {offset})",
         seqs.len()
     );
     Ok(applied)
+}
+
+/// Apply lanes when the work dir records no `--apply-jobs`.
+pub const DEFAULT_APPLY_JOBS: usize = 1;
+
+/// One target connection per apply lane (`apply/lanes.rs`).
+async fn connect_lanes(
+    target: &ConnInfo,
+    jobs: usize,
+) -> Result<Vec<std::sync::Arc<tokio_postgres::Client>>> {
+    let mut clients = Vec::with_capacity(jobs.max(1));
+    for _ in 0..jobs.max(1) {
+        clients.push(std::sync::Arc::new(
+            pg::connect(target, Side::Target, "apply").await?,
+        ));
+    }
+    Ok(clients)
 }
 
 /// Before applying a wal2json stream: refuses, naming them, the published nullable numeric

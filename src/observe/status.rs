@@ -340,8 +340,11 @@ async fn ask_target(target: &ConnInfo, origin: &str) -> Result<Option<Lsn>> {
     .map_err(|_| anyhow::anyhow!("no answer within 5 s"))??;
     let row = client
         .query_one(
-            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)
-                    THEN pg_replication_origin_progress($1, true)::text END",
+            &format!(
+                "SELECT max(pg_replication_origin_progress(roname, true))::text
+                 FROM pg_replication_origin WHERE {}",
+                crate::apply::ORIGINS_OF_SLOT
+            ),
             &[&origin],
         )
         .await?;

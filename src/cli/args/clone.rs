@@ -117,6 +117,12 @@ pub struct CloneArgs {
     /// double precision column arrives on the target as NULL (wal2json prints them as null).
     #[arg(long, requires = "follow")]
     pub wal2json_nan_as_null: bool,
+    /// Target connections that apply the change stream side by side (default 1). Batches of
+    /// whole source transactions run at once when they touch different rows and commit in
+    /// source order, so a restart resumes exactly; recorded in the work dir for later runs.
+    /// Each lane uses one target connection and one replication origin.
+    #[arg(long, requires = "follow")]
+    pub apply_jobs: Option<usize>,
 }
 
 #[derive(Args, Debug)]

@@ -121,6 +121,12 @@ pub struct FollowArgs {
     /// dir).
     #[arg(long)]
     pub wal2json_nan_as_null: bool,
+    /// Target connections that apply the change stream side by side (default 1). Batches of
+    /// whole source transactions run at once when they touch different rows and commit in
+    /// source order, so a restart resumes exactly; recorded in the work dir for later runs.
+    /// Each lane uses one target connection and one replication origin.
+    #[arg(long)]
+    pub apply_jobs: Option<usize>,
     /// Add a source table to the migration while its follow runs (repeatable): created on the
     /// target if missing, published, copied under its own snapshot, then followed. Exits when
     /// done; the running follow keeps going.
