@@ -231,4 +231,3 @@ async fn parallel_apply_stops_on_a_diverged_row() {
     assert!(printed.contains("re-running the batch alone"), "{printed}");
     assert!(printed.contains("one row at a time"), "{printed}");
 }
-
