@@ -6,6 +6,10 @@
 # target backend, …), from /proc/<pid>/stat.
 #   scripts/bench-cpu.sh                 burst C: pgbench -c CLIENTS (4) -t TXNS (40000) TPC-B
 #   BURST=B scripts/bench-cpu.sh         burst B: one 500,000-row UPDATE
+#   BURST=S scripts/bench-cpu.sh         burst S: pgbench -b simple-update (accounts and history
+#                                        only: no hot branch or teller rows)
+#   APPLY_JOBS="1 4" scripts/bench-cpu.sh   pgtide drains the same burst once per value, with
+#                                        --apply-jobs N, each with its own slot and target (default 1)
 # Settings: SCALE (pgbench scale, 10), CLIENTS, TXNS; PERF=1 also records pgtide with
 # `perf record -g` into $WORK/perf.data (per-thread report: perf report --sort tid).
 set -euo pipefail
@@ -22,18 +26,21 @@ WORK=$(mktemp -d /tmp/pgtide-bench-cpu.XXXXXX)
 src_uri() { echo "postgres://postgres@127.0.0.1:$PGTIDE_SOURCE_PORT/$1"; }
 dst_uri() { echo "postgres://postgres@127.0.0.1:$PGTIDE_TARGET_PORT/$1"; }
 SCALE=${SCALE:-10}; TXNS=${TXNS:-40000}; CLIENTS=${CLIENTS:-4}; BURST=${BURST:-C}
+APPLY_JOBS=${APPLY_JOBS:-1}
 
 pgtide_psql source postgres -c "CREATE DATABASE cpubench" >/dev/null
 "$PG_BIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
 pgtide_psql source cpubench -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL" \
   -c "CREATE TABLE bench_marker (burst text PRIMARY KEY)" -c "VACUUM ANALYZE" >/dev/null
 "$PG_BIN/pg_dump" -Fc -f "$WORK/cpubench.dump" -d "$(src_uri cpubench)"
-for tool in pgtide native; do
-  pgtide_psql target postgres -c "CREATE DATABASE cpu_$tool" >/dev/null
-  "$PG_BIN/pg_restore" -d "$(dst_uri "cpu_$tool")" "$WORK/cpubench.dump"
+for db in native $(for j in $APPLY_JOBS; do echo "pgtide_$j"; done); do
+  pgtide_psql target postgres -c "CREATE DATABASE cpu_$db" >/dev/null
+  "$PG_BIN/pg_restore" -d "$(dst_uri "cpu_$db")" "$WORK/cpubench.dump"
 done
-# Both slots are created on a quiet source: each starts where the restored copies end.
-"$PGTIDE" stream setup --source "$(src_uri cpubench)" --dir "$WORK/pgtide" --slot-name cpu_pgtide --no-ddl-capture >/dev/null 2>&1
+# Every slot is created on a quiet source: each starts where the restored copies end.
+for j in $APPLY_JOBS; do
+  "$PGTIDE" stream setup --source "$(src_uri cpubench)" --dir "$WORK/pgtide_$j" --slot-name "cpu_pgtide_$j" --no-ddl-capture >/dev/null 2>&1
+done
 pgtide_psql source cpubench -c "CREATE PUBLICATION cpu_native FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history, bench_marker" >/dev/null
 passfile="$PGTIDE_CLUSTERS_DIR/cpu.pgpass"
 echo "127.0.0.1:$PGTIDE_SOURCE_PORT:*:postgres:$PGTIDE_TEST_PASSWORD" > "$passfile"
@@ -43,6 +50,9 @@ pgtide_psql target cpu_native -c "CREATE SUBSCRIPTION cpu_native CONNECTION 'hos
 if [ "$BURST" = B ]; then
   pgtide_psql source cpubench -c "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 500000" >/dev/null
   changes=500000
+elif [ "$BURST" = S ]; then
+  "$PG_BIN/pgbench" -n -b simple-update -c "$CLIENTS" -j 2 -t "$TXNS" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
+  changes=$((CLIENTS * TXNS * 2))
 else
   "$PG_BIN/pgbench" -n -c "$CLIENTS" -j 2 -t "$TXNS" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
   changes=$((CLIENTS * TXNS * 4))
@@ -78,13 +88,15 @@ drain() {
 pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native ENABLE" >/dev/null
 drain native cpu_native
 pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native DISABLE" >/dev/null
-"$PGTIDE" follow --source "$(src_uri cpubench)" --target "$(dst_uri cpu_pgtide)" --dir "$WORK/pgtide" \
-  --endpos "$endpos" > "$WORK/pgtide.log" 2>&1 &
-follower=$!
-if [ -n "${PERF:-}" ]; then
-  perf record -F 1999 -g -o "$WORK/perf.data" -p "$follower" >/dev/null 2>&1 &
-fi
-drain pgtide cpu_pgtide
-wait "$follower" || { echo "pgtide follow failed; see $WORK/pgtide.log" >&2; exit 1; }
+for j in $APPLY_JOBS; do
+  "$PGTIDE" follow --source "$(src_uri cpubench)" --target "$(dst_uri "cpu_pgtide_$j")" --dir "$WORK/pgtide_$j" \
+    --endpos "$endpos" --apply-jobs "$j" > "$WORK/pgtide_$j.log" 2>&1 &
+  follower=$!
+  if [ -n "${PERF:-}" ]; then
+    perf record -F 1999 -g -o "$WORK/perf_$j.data" -p "$follower" >/dev/null 2>&1 &
+  fi
+  drain "pgtide --apply-jobs $j" "cpu_pgtide_$j"
+  wait "$follower" || { echo "pgtide follow failed; see $WORK/pgtide_$j.log" >&2; exit 1; }
+done
 pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native SET (slot_name = NONE)" -c "DROP SUBSCRIPTION cpu_native" >/dev/null 2>&1 || true
 echo "logs: $WORK"
