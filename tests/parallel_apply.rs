@@ -112,8 +112,9 @@ async fn applied(dst: &str, slot: &str) -> String {
     scalar_string(
         dst,
         &format!(
-            "SELECT coalesce(max(pg_replication_origin_progress(roname, false)), '0/0')::text
-             FROM pg_replication_origin WHERE roname LIKE 'pgtide_{slot}%'"
+            "SELECT coalesce((SELECT pg_replication_origin_progress(roname, false) AS p
+                               FROM pg_replication_origin WHERE roname LIKE 'pgtide_{slot}%'
+                               ORDER BY p DESC NULLS LAST LIMIT 1), '0/0')::text"
         ),
     )
     .await

@@ -242,14 +242,37 @@ impl Lanes {
         }
     }
 
+    /// After a batch failed: collects every later batch (each rolls back, the gate saying so)
+    /// and its lane, then opens the gate for the batches launched from now on.
+    async fn abandon_later(&mut self, progress: &mut Progress) {
+        while let Some(later) = self.in_flight.pop_front() {
+            progress.changes = progress.changes.saturating_sub(later.changes as u64);
+            if let Ok((lane, _)) = later.task.await {
+                self.idle.push(lane);
+            }
+        }
+        self.gate.send_replace(Gate {
+            committed: self.next_number - 1,
+            failed: None,
+        });
+    }
+
     async fn reap_oldest(&mut self, progress: &mut Progress) -> Result<()> {
         let Some(batch) = self.in_flight.pop_front() else {
             return Ok(());
         };
-        let (lane, result) = batch
-            .task
-            .await
-            .map_err(|e| anyhow!("a parallel apply task ended abnormally: {e}"))?;
+        let (lane, result) = match batch.task.await {
+            Ok(done) => done,
+            Err(e) => {
+                // The task is gone with its lane (a panic): no later batch may wait for its
+                // turn forever. They roll back; apply stops with this error.
+                self.gate.send_modify(|g| g.failed = Some(batch.number));
+                self.abandon_later(progress).await;
+                return Err(anyhow!(
+                    "a parallel apply task ended abnormally: {e}. Rerun to continue: apply resumes from the target's origins, so nothing is lost or applied twice"
+                ));
+            }
+        };
         self.idle.push(lane);
         match result {
             Ok(()) => {
@@ -259,24 +282,7 @@ impl Lanes {
             }
             Err(error) => {
                 progress.changes = progress.changes.saturating_sub(batch.changes as u64);
-                // Every later batch rolls back (the gate says so): collect them and their
-                // lanes, then start numbering again after them.
-                let mut lost = Ok(());
-                while let Some(later) = self.in_flight.pop_front() {
-                    progress.changes = progress.changes.saturating_sub(later.changes as u64);
-                    match later.task.await {
-                        Ok((lane, _)) => self.idle.push(lane),
-                        Err(e) => {
-                            lost = Err(anyhow!("a parallel apply task ended abnormally: {e}"))
-                        }
-                    }
-                }
-                lost?;
-                let last = self.next_number - 1;
-                self.gate.send_replace(Gate {
-                    committed: last,
-                    failed: None,
-                });
+                self.abandon_later(progress).await;
                 if error.is::<RolledBack>() {
                     return Err(anyhow!(
                         "internal error: a batch rolled back though no earlier one failed"

@@ -83,7 +83,21 @@ pub fn lane_origin_name(origin: &str, lane: usize) -> String {
 /// The condition on `pg_replication_origin.roname` that selects a slot's origin (`$1`) and
 /// its lanes' origins: what resume, status and cleanup read or drop, whatever `--apply-jobs`
 /// a run used.
-pub const ORIGINS_OF_SLOT: &str = "(roname = $1 OR roname ~ ('^' || $1 || '_lane[0-9]+$'))";
+macro_rules! origins_of_slot {
+    () => {
+        "(roname = $1 OR roname ~ ('^' || $1 || '_lane[0-9]+$'))"
+    };
+}
+pub const ORIGINS_OF_SLOT: &str = origins_of_slot!();
+
+/// The furthest flushed position among the slot's origin and its lanes' origins (`$1`: the
+/// slot's origin), as text; NULL when none exists. `max(pg_lsn)` is 13+, so ORDER BY.
+pub const FURTHEST_ORIGIN_SQL: &str = concat!(
+    "SELECT (SELECT p FROM (SELECT pg_replication_origin_progress(roname, true) AS p ",
+    "FROM pg_replication_origin WHERE ",
+    origins_of_slot!(),
+    ") o WHERE p IS NOT NULL ORDER BY p DESC LIMIT 1)::text"
+);
 
 /// Creates the origin if needed and binds this session to it.
 pub async fn setup_origin(target: &Client, origin: &str) -> Result<()> {
@@ -133,10 +147,7 @@ pub async fn setup_origin(target: &Client, origin: &str) -> Result<()> {
 pub async fn durable_progress(target: &Client, origin: &str) -> Result<Lsn> {
     let row = target
         .query_one(
-            &format!(
-                "SELECT coalesce(max(pg_replication_origin_progress(roname, true)), '0/0')::text
-                 FROM pg_replication_origin WHERE {ORIGINS_OF_SLOT}"
-            ),
+            &format!("SELECT coalesce(({FURTHEST_ORIGIN_SQL})::pg_lsn, '0/0')::text"),
             &[&origin],
         )
         .await

@@ -339,14 +339,7 @@ async fn ask_target(target: &ConnInfo, origin: &str) -> Result<Option<Lsn>> {
     .await
     .map_err(|_| anyhow::anyhow!("no answer within 5 s"))??;
     let row = client
-        .query_one(
-            &format!(
-                "SELECT max(pg_replication_origin_progress(roname, true))::text
-                 FROM pg_replication_origin WHERE {}",
-                crate::apply::ORIGINS_OF_SLOT
-            ),
-            &[&origin],
-        )
+        .query_one(crate::apply::FURTHEST_ORIGIN_SQL, &[&origin])
         .await?;
     let lsn: Option<String> = row.get(0);
     Ok(lsn.and_then(|l| l.parse().ok()))
