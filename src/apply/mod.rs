@@ -57,10 +57,12 @@ const MAX_CONFLICT_RETRIES: u32 = 5;
 const BATCH_TRANSACTIONS: usize = 1_000;
 const BATCH_CHANGES: usize = 20_000;
 const BATCH_TIME: Duration = Duration::from_millis(200);
-/// The same beside other lanes (`lanes.rs`): smaller batches, so that a backlog is cut into
-/// enough of them for every lane, and one that meets a batch in flight waits for less.
-const PARALLEL_BATCH_TRANSACTIONS: usize = 100;
-const PARALLEL_BATCH_CHANGES: usize = 5_000;
+/// The same beside other lanes (`lanes.rs`): half the size, so that a backlog is cut into
+/// enough batches for every lane and one that meets a batch in flight waits for less. (At 100
+/// transactions, the per-statement cost made two lanes slower than one in
+/// `BURST=S scripts/bench-cpu.sh`: 31,000 against 37,400 changes/s.)
+const PARALLEL_BATCH_TRANSACTIONS: usize = 500;
+const PARALLEL_BATCH_CHANGES: usize = 10_000;
 /// How long apply waits before reading the spool again when it found nothing new: it adds up
 /// to this much to the lag of every transaction that arrives while apply is idle.
 const IDLE_POLL: Duration = Duration::from_millis(10);
