@@ -75,6 +75,30 @@ async fn check_finds_each_hazard_with_its_fix() {
             .contains("PostgreSQL 15")
     );
 
+    // Apply lanes need target connections only: more than the target has fails there, with
+    // the option to lower named, while the source's budget is the copy's.
+    let out = pgtide_fails(&[
+        "check",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--json",
+        "--apply-jobs",
+        "100000",
+    ]);
+    let all = findings(&out);
+    let target = finding(&all, "target connections");
+    assert_eq!(target["level"], "FAIL", "{target}");
+    assert!(
+        target["message"].as_str().unwrap().contains("100002")
+            && target["fix"].as_str().unwrap().contains("--apply-jobs"),
+        "{target}"
+    );
+    assert_eq!(finding(&all, "source connections")["level"], "OK");
+
     // Offline: replica identities do not matter; --drop-if-exists turns the non-empty target
     // into a warning, so the check passes.
     let out = pgtide_ok(&[

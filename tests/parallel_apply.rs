@@ -91,7 +91,7 @@ async fn lane_origins(dst: &str, slot: &str) -> (i64, i64) {
     let total = scalar_i64(
         dst,
         &format!(
-            "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'pgtide_{slot}_lane%'"
+            "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'pgtide_{slot}.lane%'"
         ),
     )
     .await;
@@ -99,7 +99,7 @@ async fn lane_origins(dst: &str, slot: &str) -> (i64, i64) {
         dst,
         &format!(
             "SELECT count(*) FROM pg_replication_origin
-             WHERE roname LIKE 'pgtide_{slot}_lane%'
+             WHERE roname LIKE 'pgtide_{slot}.lane%'
                AND pg_replication_origin_progress(roname, false) > '0/0'"
         ),
     )
@@ -113,7 +113,7 @@ async fn applied(dst: &str, slot: &str) -> String {
         dst,
         &format!(
             "SELECT coalesce((SELECT pg_replication_origin_progress(roname, false) AS p
-                               FROM pg_replication_origin WHERE roname LIKE 'pgtide_{slot}%'
+                               FROM pg_replication_origin WHERE roname = 'pgtide_{slot}' OR roname LIKE 'pgtide_{slot}.lane%'
                                ORDER BY p DESC NULLS LAST LIMIT 1), '0/0')::text"
         ),
     )
@@ -135,6 +135,17 @@ async fn parallel_apply_survives_sigkills_and_ends_identical() {
     let d = dir.to_str().unwrap();
     let mut args = clone_follow_args(&src, &dst, d, slot);
     args.extend(["--apply-jobs", "4"]);
+    // Another migration's origin whose name starts like this slot's, far ahead: taken for one
+    // of this slot's lanes, resume would skip every change.
+    let neighbour = format!("pgtide_{slot}_lane1");
+    exec(
+        &dst,
+        &format!(
+            "SELECT pg_replication_origin_create('{neighbour}');
+             SELECT pg_replication_origin_advance('{neighbour}', 'FF/0')"
+        ),
+    )
+    .await;
     // The copy is slowed so that the whole backlog is spooled before apply starts; commits
     // are slowed so that apply lasts seconds, with batches waiting on several lanes.
     let slow = format!("{COPY_BEFORE_COMMIT}=sleep(2000);{APPLY_BEFORE_COMMIT}=sleep(150)");
@@ -199,6 +210,15 @@ async fn parallel_apply_survives_sigkills_and_ends_identical() {
         lane_origins(&dst, slot).await,
         (0, 0),
         "cleanup left lane origins"
+    );
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            &format!("SELECT count(*) FROM pg_replication_origin WHERE roname = '{neighbour}'")
+        )
+        .await,
+        1,
+        "cleanup dropped another migration's origin"
     );
 }
 

@@ -3,7 +3,7 @@
 //! commit order.
 //!
 //! How exactly-once survives it: each lane's session has its own replication origin
-//! (`pgtide_<slot>` for the first lane, `pgtide_<slot>_lane<n>` for the others), advanced in
+//! (`pgtide_<slot>` for the first lane, `pgtide_<slot>.lane<n>` for the others), advanced in
 //! the same transaction as the batch (invariant 2). A batch commits only after the batch
 //! before it has committed (the [`Gate`]), so the highest position among the lanes' origins
 //! always ends a consistent prefix of the stream: that maximum is where a restart resumes
@@ -102,6 +102,23 @@ impl std::fmt::Display for ParallelFailure {
 }
 
 impl std::error::Error for ParallelFailure {}
+
+/// A lane's task ended abnormally (a panic): its connection is gone, apply stops (a rerun
+/// resumes from the origins).
+#[derive(Debug)]
+pub struct LaneLost(String);
+
+impl std::fmt::Display for LaneLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a parallel apply task ended abnormally: {}. Rerun to continue: apply resumes from the target's origins, so nothing is lost or applied twice",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for LaneLost {}
 
 /// A batch rolled back because an earlier one failed (not itself an error).
 #[derive(Debug)]
@@ -244,17 +261,23 @@ impl Lanes {
 
     /// After a batch failed: collects every later batch (each rolls back, the gate saying so)
     /// and its lane, then opens the gate for the batches launched from now on.
-    async fn abandon_later(&mut self, progress: &mut Progress) {
+    async fn abandon_later(&mut self, progress: &mut Progress) -> Result<()> {
+        let mut lost = None;
         while let Some(later) = self.in_flight.pop_front() {
             progress.changes = progress.changes.saturating_sub(later.changes as u64);
-            if let Ok((lane, _)) = later.task.await {
-                self.idle.push(lane);
+            match later.task.await {
+                Ok((lane, _)) => self.idle.push(lane),
+                Err(e) => lost = Some(e.to_string()),
             }
         }
         self.gate.send_replace(Gate {
             committed: self.next_number - 1,
             failed: None,
         });
+        match lost {
+            Some(e) => Err(anyhow::Error::new(LaneLost(e))),
+            None => Ok(()),
+        }
     }
 
     async fn reap_oldest(&mut self, progress: &mut Progress) -> Result<()> {
@@ -267,10 +290,9 @@ impl Lanes {
                 // The task is gone with its lane (a panic): no later batch may wait for its
                 // turn forever. They roll back; apply stops with this error.
                 self.gate.send_modify(|g| g.failed = Some(batch.number));
-                self.abandon_later(progress).await;
-                return Err(anyhow!(
-                    "a parallel apply task ended abnormally: {e}. Rerun to continue: apply resumes from the target's origins, so nothing is lost or applied twice"
-                ));
+                progress.changes = progress.changes.saturating_sub(batch.changes as u64);
+                self.abandon_later(progress).await.ok();
+                return Err(anyhow::Error::new(LaneLost(e.to_string())));
             }
         };
         self.idle.push(lane);
@@ -282,7 +304,7 @@ impl Lanes {
             }
             Err(error) => {
                 progress.changes = progress.changes.saturating_sub(batch.changes as u64);
-                self.abandon_later(progress).await;
+                self.abandon_later(progress).await?;
                 if error.is::<RolledBack>() {
                     return Err(anyhow!(
                         "internal error: a batch rolled back though no earlier one failed"

@@ -73,12 +73,13 @@ pub fn origin_name(slot: &str) -> String {
 }
 
 /// The origin of parallel apply's lane `lane` (`lanes.rs`): the slot's own origin for the
-/// first lane, `<origin>_lane<n>` for the others.
+/// first lane, `<origin>.lane<n>` for the others (a slot name has no `.`, so no other
+/// migration's origin can take that form).
 pub fn lane_origin_name(origin: &str, lane: usize) -> String {
     if lane == 0 {
         origin.to_string()
     } else {
-        format!("{origin}_lane{lane}")
+        format!("{origin}.lane{lane}")
     }
 }
 
@@ -87,7 +88,7 @@ pub fn lane_origin_name(origin: &str, lane: usize) -> String {
 /// a run used.
 macro_rules! origins_of_slot {
     () => {
-        "(roname = $1 OR roname ~ ('^' || $1 || '_lane[0-9]+$'))"
+        "(roname = $1 OR (left(roname, length($1) + 5) = $1 || '.lane' AND substr(roname, length($1) + 6) ~ '^[0-9]+$'))"
     };
 }
 pub const ORIGINS_OF_SLOT: &str = origins_of_slot!();
@@ -100,6 +101,18 @@ pub const FURTHEST_ORIGIN_SQL: &str = concat!(
     origins_of_slot!(),
     ") o WHERE p IS NOT NULL ORDER BY p DESC LIMIT 1)::text"
 );
+
+/// The names of the slot's origins that exist on the target (its own and its lanes').
+async fn lane_origins(target: &Client, origin: &str) -> Result<Vec<String>> {
+    let rows = target
+        .query(
+            &format!("SELECT roname::text FROM pg_replication_origin WHERE {ORIGINS_OF_SLOT}"),
+            &[&origin],
+        )
+        .await
+        .map_err(|e| target_error(&e, "cannot list the replication origins on the target"))?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
 
 /// Creates the origin if needed and binds this session to it.
 pub async fn setup_origin(target: &Client, origin: &str) -> Result<()> {
@@ -213,10 +226,25 @@ pub async fn run(
     let Some(first) = targets.first() else {
         bail!("internal error: apply started without a target connection");
     };
-    // Every lane's origin is bound before the position is read: a lane of a pgtide stopped a
-    // moment ago may still be committing, and holds its origin until it is done.
-    for (lane, client) in targets.iter().enumerate() {
-        setup_origin(client, &lane_origin_name(origin, lane)).await?;
+    // Every lane origin of the slot is bound once before the position is read: a lane of a
+    // pgtide stopped a moment ago may still be committing, and holds its origin until it is
+    // done (also the lanes of a run with more of them than this one).
+    let ours: Vec<String> = (0..targets.len())
+        .map(|lane| lane_origin_name(origin, lane))
+        .collect();
+    for earlier in lane_origins(first, origin).await? {
+        if !ours.contains(&earlier) {
+            setup_origin(first, &earlier).await?;
+            first
+                .batch_execute("SELECT pg_replication_origin_session_reset()")
+                .await
+                .map_err(|e| {
+                    target_error(&e, "cannot release a replication origin on the target")
+                })?;
+        }
+    }
+    for (client, name) in targets.iter().zip(&ours) {
+        setup_origin(client, name).await?;
     }
     let start = durable_progress(first, origin).await?;
     let reader = SpoolReader::open(dir)?;
@@ -278,8 +306,10 @@ pub async fn run(
     if result.is_err() {
         // No batch may commit behind the next run's back: wait for every one in flight (each
         // commits in its turn or rolls back).
-        let mut progress = applier.progress;
-        applier.lanes.drain(&mut progress).await.ok();
+        if let Err(e) = applier.lanes.drain(&mut applier.progress).await {
+            tracing::warn!("apply: while stopping, a batch in flight failed too: {e:#}");
+        }
+        progress_tx.send_replace(applier.progress);
     }
     result
 }
@@ -349,7 +379,7 @@ async fn replay(
                     .downcast_ref::<ParallelFailure>()
                     .map_or(applier.after_seq, |f| f.through_seq);
                 tracing::info!(
-                    "apply: {e:#}; re-running the batch alone after {}",
+                    "apply: a batch applied beside others failed ({e:#}); re-running it alone after {} to tell a conflict between batches from a real error",
                     applier.progress.applied
                 );
                 applier.serial_through = applier.serial_through.max(through);
@@ -487,7 +517,8 @@ impl Applier<'_> {
         e.is::<ParallelFailure>()
             || (self.batch.parallel
                 && classify(e) != ErrorClass::Transient
-                && !e.is::<ddl::DdlStopped>())
+                && !e.is::<ddl::DdlStopped>()
+                && !e.is::<lanes::LaneLost>())
     }
 
     /// Waits for every batch in flight (schema changes, truncates and new descriptions of a
@@ -539,6 +570,8 @@ impl Applier<'_> {
     /// Replays a captured schema change at its place in the transaction.
     async fn replay_ddl(&mut self, content: &[u8]) -> Result<()> {
         self.barrier().await?;
+        // Later batches must see the target's new schema: this batch commits before them.
+        self.batch.barrier = true;
         self.send_queued().await?;
         self.ddl_ordinal += 1;
         let id = crate::state::DdlId {
@@ -643,7 +676,7 @@ impl Applier<'_> {
                 // Every whole transaction before the one holding the schema change apply
                 // stopped on is committed first, so that the target is exactly where the
                 // operator's decision (`pgtide ddl skip|retry`) applies.
-                self.commit().await?;
+                self.commit_here().await?;
                 if let Some((_, stopped)) = self.ddl_stop_before.take() {
                     return Err(stopped);
                 }
@@ -828,6 +861,7 @@ impl Applier<'_> {
             return Ok(Step::Continue);
         }
         self.barrier().await?;
+        self.batch.barrier = true;
         self.send_queued().await?;
         if relations.len() < listed {
             // A table of this truncate was resynced after it and keeps its copy; a
@@ -875,18 +909,12 @@ impl Applier<'_> {
     /// to a task that commits it in its turn and goes on with an idle lane.
     async fn commit(&mut self) -> Result<()> {
         let handed_over = match self.batch.last_commit {
-            Some((end_lsn, commit_time)) if self.batch.open && self.batch.parallel => {
+            Some((end_lsn, commit_time))
+                if self.batch.open && self.batch.parallel && !self.batch.barrier =>
+            {
                 (end_lsn, commit_time)
             }
-            _ => {
-                self.barrier().await?;
-                self.send_queued().await?;
-                self.batch
-                    .commit(&self.lane.client, &mut self.progress)
-                    .await?;
-                self.dispatched = self.progress.applied;
-                return Ok(());
-            }
+            _ => return self.commit_here().await,
         };
         if self.batch.in_source_transaction {
             bail!("internal error: a target commit inside a source transaction");
@@ -911,6 +939,17 @@ impl Applier<'_> {
                 through_seq: self.after_seq,
             },
         );
+        Ok(())
+    }
+
+    /// Commits the open batch on this lane, after every batch in flight.
+    async fn commit_here(&mut self) -> Result<()> {
+        self.barrier().await?;
+        self.send_queued().await?;
+        self.batch
+            .commit(&self.lane.client, &mut self.progress)
+            .await?;
+        self.dispatched = self.progress.applied;
         Ok(())
     }
 
@@ -993,6 +1032,8 @@ struct Batch {
     used_sets: bool,
     /// Applied beside other batches (`lanes.rs`).
     parallel: bool,
+    /// Holds a schema change or a truncate: committed before any later batch starts.
+    barrier: bool,
 }
 
 impl Default for Batch {
@@ -1006,6 +1047,7 @@ impl Default for Batch {
             in_source_transaction: false,
             used_sets: false,
             parallel: false,
+            barrier: false,
         }
     }
 }

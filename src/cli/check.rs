@@ -18,6 +18,7 @@ pub async fn run(args: CheckArgs) -> Result<()> {
         online: !args.offline,
         table_jobs: args.table_jobs,
         index_jobs: args.index_jobs,
+        apply_jobs: args.apply_jobs,
         dir: args.dir.clone(),
         drop_if_exists: args.drop_if_exists,
         identity: Identity {

@@ -34,6 +34,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
             online: args.follow,
             table_jobs: args.table_jobs,
             index_jobs: args.index_jobs,
+            apply_jobs: args.apply_jobs.unwrap_or(1),
             drop_if_exists: args.drop_if_exists,
             identity: crate::preflight::Identity {
                 replica_identity_full: args.identity.replica_identity_full,

@@ -142,6 +142,8 @@ pub struct CheckOptions {
     pub online: bool,
     pub table_jobs: usize,
     pub index_jobs: usize,
+    /// --apply-jobs: apply's target connections, open once the copy's are closed.
+    pub apply_jobs: usize,
     pub dir: PathBuf,
     pub drop_if_exists: bool,
     /// --replica-identity-full / --append-only, as follow will be given them.
@@ -178,6 +180,7 @@ impl CheckOptions {
             online: true,
             table_jobs: 0,
             index_jobs: 0,
+            apply_jobs: 1,
             dir,
             drop_if_exists: false,
             identity: Default::default(),
@@ -254,8 +257,12 @@ pub async fn run(opts: &CheckOptions) -> Vec<Finding> {
                     ),
                 }
                 if let Some(src) = source.as_ref() {
-                    let budget = (opts.table_jobs + opts.index_jobs + 2) as i64;
-                    for (side, client) in [(Side::Source, src), (Side::Target, &dst)] {
+                    // The copy's connections are closed before apply opens its lanes.
+                    let copy = (opts.table_jobs + opts.index_jobs + 2) as i64;
+                    let target = copy.max(opts.apply_jobs as i64 + 2);
+                    for (side, client, budget) in
+                        [(Side::Source, src, copy), (Side::Target, &dst, target)]
+                    {
                         if let Err(e) = connections_check(&mut report, side, client, budget).await {
                             let id = match side {
                                 Side::Source => CheckId::SourceCheckError,

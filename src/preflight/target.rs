@@ -217,7 +217,8 @@ fn empty_check(r: &mut Report, row: &Row, opts: &CheckOptions) {
     }
 }
 
-/// Whether a side has the connections pgtide will open (table-jobs + index-jobs + 2).
+/// Whether a side has the connections pgtide will open (table-jobs + index-jobs + 2; on the
+/// target at least apply-jobs + 2).
 pub(super) async fn connections_check(
     r: &mut Report,
     side: Side,
@@ -240,13 +241,13 @@ pub(super) async fn connections_check(
     if budget <= free {
         r.ok(
             check,
-            format!("pgtide needs {budget} (table-jobs + index-jobs + 2); {free} of {max} free"),
+            format!("pgtide needs {budget} (table-jobs + index-jobs + 2, or apply-jobs + 2 on the target if more); {free} of {max} free"),
         );
     } else {
         r.fail(
             check,
-            format!("pgtide needs {budget} connections (table-jobs + index-jobs + 2) but only {free} of {max} are free"),
-            "lower --table-jobs / --index-jobs, or raise max_connections",
+            format!("pgtide needs {budget} connections (table-jobs + index-jobs + 2, or apply-jobs + 2 on the target if more) but only {free} of {max} are free"),
+            "lower --table-jobs / --index-jobs / --apply-jobs, or raise max_connections",
         );
     }
     Ok(())

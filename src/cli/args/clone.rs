@@ -36,6 +36,9 @@ pub struct CheckArgs {
     /// The clone's --index-jobs (for the connection budget).
     #[arg(long, default_value_t = 4)]
     pub index_jobs: usize,
+    /// The follow's --apply-jobs (for the target's connection budget).
+    #[arg(long, default_value_t = 1)]
+    pub apply_jobs: usize,
     /// The clone will run with --drop-if-exists (a non-empty target is then a warning).
     #[arg(long)]
     pub drop_if_exists: bool,
