@@ -249,6 +249,6 @@ async fn parallel_apply_stops_on_a_diverged_row() {
     );
     // The failed batch was re-run alone (the parallel fallback), then row by row, which named
     // the row's table: the same end as single-lane apply.
-    assert!(printed.contains("re-running the batch alone"), "{printed}");
+    assert!(printed.contains("re-running it alone"), "{printed}");
     assert!(printed.contains("one row at a time"), "{printed}");
 }
