@@ -8,6 +8,8 @@
 #   BURST=B scripts/bench-cpu.sh         burst B: one 500,000-row UPDATE
 #   BURST=S scripts/bench-cpu.sh         burst S: pgbench -b simple-update (accounts and history
 #                                        only: no hot branch or teller rows)
+#   BURST=I scripts/bench-cpu.sh         burst I: transactions of 5 inserts into a table with 7
+#                                        indexes (the target's index maintenance is the work)
 #   APPLY_JOBS="1 4" scripts/bench-cpu.sh   pgtide drains the same burst once per value, with
 #                                        --apply-jobs N, each with its own slot and target (default 1)
 # Settings: SCALE (pgbench scale, 10), CLIENTS, TXNS; PERF=1 also records pgtide with
@@ -31,7 +33,11 @@ APPLY_JOBS=${APPLY_JOBS:-1}
 pgtide_psql source postgres -c "CREATE DATABASE cpubench" >/dev/null
 "$PG_BIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
 pgtide_psql source cpubench -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL" \
-  -c "CREATE TABLE bench_marker (burst text PRIMARY KEY)" -c "VACUUM ANALYZE" >/dev/null
+  -c "CREATE TABLE bench_marker (burst text PRIMARY KEY)" \
+  -c "CREATE TABLE bench_indexed (id bigserial PRIMARY KEY, k bigint, a int, b int, c text, d text, e timestamptz)" \
+  -c "CREATE INDEX ON bench_indexed (k)" -c "CREATE INDEX ON bench_indexed (a, b)" -c "CREATE INDEX ON bench_indexed (b)" \
+  -c "CREATE INDEX ON bench_indexed (c)" -c "CREATE INDEX ON bench_indexed (d)" -c "CREATE INDEX ON bench_indexed (e)" \
+  -c "VACUUM ANALYZE" >/dev/null
 "$PG_BIN/pg_dump" -Fc -f "$WORK/cpubench.dump" -d "$(src_uri cpubench)"
 for db in native $(for j in $APPLY_JOBS; do echo "pgtide_$j"; done); do
   pgtide_psql target postgres -c "CREATE DATABASE cpu_$db" >/dev/null
@@ -41,7 +47,7 @@ done
 for j in $APPLY_JOBS; do
   "$PGTIDE" stream setup --source "$(src_uri cpubench)" --dir "$WORK/pgtide_$j" --slot-name "cpu_pgtide_$j" --no-ddl-capture >/dev/null 2>&1
 done
-pgtide_psql source cpubench -c "CREATE PUBLICATION cpu_native FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history, bench_marker" >/dev/null
+pgtide_psql source cpubench -c "CREATE PUBLICATION cpu_native FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history, bench_marker, bench_indexed" >/dev/null
 passfile="$PGTIDE_CLUSTERS_DIR/cpu.pgpass"
 echo "127.0.0.1:$PGTIDE_SOURCE_PORT:*:postgres:$PGTIDE_TEST_PASSWORD" > "$passfile"
 chown postgres "$passfile"; chmod 600 "$passfile"
@@ -50,6 +56,15 @@ pgtide_psql target cpu_native -c "CREATE SUBSCRIPTION cpu_native CONNECTION 'hos
 if [ "$BURST" = B ]; then
   pgtide_psql source cpubench -c "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 500000" >/dev/null
   changes=500000
+elif [ "$BURST" = I ]; then
+  cat > "$WORK/inserts.sql" <<'SQL'
+BEGIN;
+INSERT INTO bench_indexed (k, a, b, c, d, e) SELECT (random() * 1e12)::bigint, (random() * 1e6)::int, (random() * 1e3)::int, md5(random()::text), md5(random()::text), now() - random() * interval '1 year' FROM generate_series(1, 5);
+END;
+SQL
+  chmod 644 "$WORK/inserts.sql"
+  "$PG_BIN/pgbench" -n -f "$WORK/inserts.sql" -c "$CLIENTS" -j 2 -t "$TXNS" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
+  changes=$((CLIENTS * TXNS * 5))
 elif [ "$BURST" = S ]; then
   "$PG_BIN/pgbench" -n -b simple-update -c "$CLIENTS" -j 2 -t "$TXNS" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
   changes=$((CLIENTS * TXNS * 2))
