@@ -67,13 +67,7 @@ struct Gate {
 /// A batch whose rest is being sent and which waits for its turn to commit.
 struct InFlight {
     number: u64,
-    keys: KeySet,
-    end_lsn: Lsn,
-    transactions: usize,
-    changes: usize,
-    /// The spool sequence number of the batch's last record: a failed batch is re-run alone
-    /// up to there.
-    through_seq: i64,
+    batch: Sealed,
     task: JoinHandle<(Lane, Result<()>)>,
 }
 
@@ -84,6 +78,8 @@ pub struct Sealed {
     pub commit_time: i64,
     pub transactions: usize,
     pub changes: usize,
+    /// The spool sequence number of the batch's last record: a failed batch is re-run alone
+    /// up to there.
     pub through_seq: i64,
 }
 
@@ -165,24 +161,22 @@ impl Lanes {
         self.in_flight
             .iter()
             .rev()
-            .find(|batch| batch.keys.conflicts(change))
-            .map(|batch| batch.number)
+            .find(|flight| flight.batch.keys.conflicts(change))
+            .map(|flight| flight.number)
+    }
+
+    /// The end of the last batch handed to a lane and not yet reaped.
+    pub fn last_launched_end(&self) -> Option<Lsn> {
+        self.in_flight.back().map(|flight| flight.batch.end_lsn)
     }
 
     /// Hands `lane` and its sealed batch to a task that sends the rest, waits for the batch
     /// before it to commit, then commits it with its origin position.
-    pub fn launch(&mut self, mut lane: Lane, sealed: Sealed) {
+    pub fn launch(&mut self, mut lane: Lane, batch: Sealed) {
         let number = self.next_number;
         self.next_number += 1;
         let gate = self.gate.clone();
-        let Sealed {
-            keys,
-            end_lsn,
-            commit_time,
-            transactions,
-            changes,
-            through_seq,
-        } = sealed;
+        let (end_lsn, commit_time) = (batch.end_lsn, batch.commit_time);
         let task = tokio::spawn(async move {
             let result = finish(&mut lane, number, &gate, end_lsn, commit_time).await;
             match &result {
@@ -201,11 +195,7 @@ impl Lanes {
         });
         self.in_flight.push_back(InFlight {
             number,
-            keys,
-            end_lsn,
-            transactions,
-            changes,
-            through_seq,
+            batch,
             task,
         });
     }
@@ -264,7 +254,7 @@ impl Lanes {
     async fn abandon_later(&mut self, progress: &mut Progress) -> Result<()> {
         let mut lost = None;
         while let Some(later) = self.in_flight.pop_front() {
-            progress.changes = progress.changes.saturating_sub(later.changes as u64);
+            progress.changes = progress.changes.saturating_sub(later.batch.changes as u64);
             match later.task.await {
                 Ok((lane, _)) => self.idle.push(lane),
                 Err(e) => lost = Some(e.to_string()),
@@ -281,15 +271,20 @@ impl Lanes {
     }
 
     async fn reap_oldest(&mut self, progress: &mut Progress) -> Result<()> {
-        let Some(batch) = self.in_flight.pop_front() else {
+        let Some(InFlight {
+            number,
+            batch,
+            task,
+        }) = self.in_flight.pop_front()
+        else {
             return Ok(());
         };
-        let (lane, result) = match batch.task.await {
+        let (lane, result) = match task.await {
             Ok(done) => done,
             Err(e) => {
                 // The task is gone with its lane (a panic): no later batch may wait for its
                 // turn forever. They roll back; apply stops with this error.
-                self.gate.send_modify(|g| g.failed = Some(batch.number));
+                self.gate.send_modify(|g| g.failed = Some(number));
                 progress.changes = progress.changes.saturating_sub(batch.changes as u64);
                 self.abandon_later(progress).await.ok();
                 return Err(anyhow::Error::new(LaneLost(e.to_string())));

@@ -252,9 +252,7 @@ pub async fn run(
     let mut applier = Applier {
         lane: Lane::new(first.clone()),
         lanes: Lanes::new(targets[1..].iter().cloned().map(Lane::new).collect()),
-        batch_keys: KeySet::default(),
         serial_through: 0,
-        dispatched: start,
         reader,
         plugin,
         decoder: StreamDecoder::new(plugin),
@@ -375,13 +373,11 @@ async fn replay(
             // error), it is re-run alone after every earlier batch committed, where it either
             // succeeds or fails as single-lane apply would, with the same handling.
             Err(e) if applier.failed_in_parallel(&e) => {
-                let through = e
-                    .downcast_ref::<ParallelFailure>()
-                    .map_or(applier.after_seq, |f| f.through_seq);
-                tracing::info!(
-                    "apply: a batch applied beside others failed ({e:#}); re-running it alone after {} to tell a conflict between batches from a real error",
-                    applier.progress.applied
-                );
+                let (through, cause) = match e.downcast_ref::<ParallelFailure>() {
+                    Some(failure) => (failure.through_seq, &failure.error),
+                    None => (applier.after_seq, &e),
+                };
+                log_fallback(cause, applier.progress.applied);
                 applier.serial_through = applier.serial_through.max(through);
                 applier.rewind().await?;
                 continue;
@@ -449,6 +445,13 @@ fn explain_wal2json_null(plugin: Plugin, e: anyhow::Error) -> anyhow::Error {
     }
 }
 
+/// Says that a batch applied beside others failed and is re-run alone after `applied`.
+fn log_fallback(error: &anyhow::Error, applied: Lsn) {
+    tracing::info!(
+        "apply: a batch applied beside others failed ({error:#}); re-running it alone after {applied} to tell a conflict between batches from a real error"
+    );
+}
+
 /// What the apply loop does after a spool record.
 enum Step {
     Continue,
@@ -464,13 +467,9 @@ struct Applier<'a> {
     lane: Lane,
     /// The other lanes, and the batches in flight on them (`lanes.rs`).
     lanes: Lanes,
-    /// What the open batch touches, when it runs beside others (`keys.rs`).
-    batch_keys: KeySet,
     /// Records up to this sequence number are applied one batch at a time: a batch of theirs
     /// failed beside others.
     serial_through: i64,
-    /// The end of the last whole source transaction handed to a lane or committed.
-    dispatched: Lsn,
     reader: SpoolReader,
     plugin: Plugin,
     decoder: StreamDecoder,
@@ -653,9 +652,7 @@ impl Applier<'_> {
                 self.resynced.relation(&table.qualified)?;
                 self.tables.insert(table.source.oid, table);
             }
-            Change::Begin { final_lsn, .. }
-                if final_lsn < self.progress.applied.max(self.dispatched) =>
-            {
+            Change::Begin { final_lsn, .. } if final_lsn < self.dispatched() => {
                 // Committed before what the target has applied: the source sent it again
                 // (its slot's confirmed position lagged behind the origin). Skip it whole.
                 tracing::debug!(
@@ -813,7 +810,7 @@ impl Applier<'_> {
                     if let Some(earlier) = self.lanes.conflict(&touched) {
                         self.lanes.wait_through(earlier, &mut self.progress).await?;
                     }
-                    self.batch_keys.add(touched);
+                    self.batch.keys.add(touched);
                 }
                 let lane = &mut self.lane;
                 if self.after_seq <= self.one_row_at_a_time_through {
@@ -927,11 +924,10 @@ impl Applier<'_> {
         let next = self.lanes.take_idle(&mut self.progress).await?;
         let lane = std::mem::replace(&mut self.lane, next);
         let batch = std::mem::take(&mut self.batch);
-        self.dispatched = end_lsn;
         self.lanes.launch(
             lane,
             Sealed {
-                keys: std::mem::take(&mut self.batch_keys),
+                keys: batch.keys,
                 end_lsn,
                 commit_time,
                 transactions: batch.transactions,
@@ -948,9 +944,15 @@ impl Applier<'_> {
         self.send_queued().await?;
         self.batch
             .commit(&self.lane.client, &mut self.progress)
-            .await?;
-        self.dispatched = self.progress.applied;
-        Ok(())
+            .await
+    }
+
+    /// The end of the last whole source transaction committed or handed to a lane: a
+    /// transaction the source sends again that commits before it was applied already.
+    fn dispatched(&self) -> Lsn {
+        self.lanes
+            .last_launched_end()
+            .map_or(self.progress.applied, |end| end.max(self.progress.applied))
     }
 
     /// Rolls back the open target transaction and reads the spool again after the last
@@ -958,7 +960,6 @@ impl Applier<'_> {
     async fn rewind(&mut self) -> Result<()> {
         self.lane.sets.discard();
         self.lane.statements.discard();
-        self.batch_keys = KeySet::default();
         if self.batch.open {
             self.lane
                 .client
@@ -973,16 +974,12 @@ impl Applier<'_> {
         if let Err(e) = self.barrier().await {
             match e.downcast::<ParallelFailure>() {
                 Ok(failure) => {
-                    tracing::info!(
-                        "apply: {failure}; re-running the batch alone after {}",
-                        self.progress.applied
-                    );
+                    log_fallback(&failure.error, self.progress.applied);
                     self.serial_through = self.serial_through.max(failure.through_seq);
                 }
                 Err(e) => return Err(e),
             }
         }
-        self.dispatched = self.progress.applied;
         self.skipping = false;
         self.after_seq = self.reader.seq_through(self.progress.applied)?;
         self.decoder = StreamDecoder::new(self.plugin);
@@ -1034,6 +1031,8 @@ struct Batch {
     parallel: bool,
     /// Holds a schema change or a truncate: committed before any later batch starts.
     barrier: bool,
+    /// What the batch touches, when it runs beside others (`keys.rs`).
+    keys: KeySet,
 }
 
 impl Default for Batch {
@@ -1048,6 +1047,7 @@ impl Default for Batch {
             used_sets: false,
             parallel: false,
             barrier: false,
+            keys: KeySet::default(),
         }
     }
 }

@@ -201,27 +201,37 @@ async fn usable_index(
         .await
         .map_err(|e| target_error(&e, format!("cannot read the target's indexes of {name}")))?;
     for row in rows {
-        let columns: Vec<String> = row
-            .try_get::<_, Option<Vec<String>>>(0)
-            .map_err(|e| anyhow!("cannot read the target's index columns of {name}: {e}"))?
-            .unwrap_or_default();
-        let positions: Option<Vec<usize>> = columns
-            .iter()
-            .map(|c| {
-                relation
-                    .columns
-                    .iter()
-                    .position(|s| &s.name == c)
-                    .filter(|p| !generated.get(*p).copied().unwrap_or(true))
-            })
-            .collect();
-        if let Some(positions) = positions
-            && !positions.is_empty()
-        {
+        let usable = |p: usize| !generated.get(p).copied().unwrap_or(true);
+        if let Some(positions) = index_positions(&row, name, relation, usable)? {
             return Ok(positions);
         }
     }
     Ok(Vec::new())
+}
+
+/// The source column positions of an index whose column names a query returned (an array in
+/// column 0); None when one of them is not a source column `usable` accepts, or it has none.
+fn index_positions(
+    row: &tokio_postgres::Row,
+    name: &str,
+    relation: &Relation,
+    usable: impl Fn(usize) -> bool,
+) -> Result<Option<Vec<usize>>> {
+    let columns: Vec<String> = row
+        .try_get::<_, Option<Vec<String>>>(0)
+        .map_err(|e| anyhow!("cannot read the target's index columns of {name}: {e}"))?
+        .unwrap_or_default();
+    let positions: Option<Vec<usize>> = columns
+        .iter()
+        .map(|c| {
+            relation
+                .columns
+                .iter()
+                .position(|s| &s.name == c)
+                .filter(|p| usable(*p))
+        })
+        .collect();
+    Ok(positions.filter(|p| !p.is_empty()))
 }
 
 /// The unique indexes of the target table whose columns are all source columns, as source
@@ -254,15 +264,7 @@ async fn unique_indexes(
         })?;
     let mut unique = Vec::new();
     for row in rows {
-        let columns: Vec<String> = row
-            .try_get::<_, Option<Vec<String>>>(0)
-            .map_err(|e| anyhow!("cannot read the target's unique index columns of {name}: {e}"))?
-            .unwrap_or_default();
-        let positions: Option<Vec<usize>> = columns
-            .iter()
-            .map(|c| relation.columns.iter().position(|s| &s.name == c))
-            .collect();
-        if let Some(positions) = positions.filter(|p| !p.is_empty()) {
+        if let Some(positions) = index_positions(&row, name, relation, |_| true)? {
             unique.push(positions);
         }
     }
