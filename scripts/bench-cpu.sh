@@ -12,7 +12,8 @@
 #                                        indexes (the target's index maintenance is the work)
 #   APPLY_JOBS="1 4" scripts/bench-cpu.sh   pgtide drains the same burst once per value, with
 #                                        --apply-jobs N, each with its own slot and target (default 1)
-# Settings: SCALE (pgbench scale, 10), CLIENTS, TXNS; PERF=1 also records pgtide with
+# Settings: SCALE (pgbench scale, 10), CLIENTS, TXNS; DECODING_MEM (the source's
+# logical_decoding_work_mem for every drain, e.g. 2GB: shows what spilling costs the walsender); PERF=1 also records pgtide with
 # `perf record -g` into $WORK/perf.data (per-thread report: perf report --sort tid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,9 @@ SCALE=${SCALE:-10}; TXNS=${TXNS:-40000}; CLIENTS=${CLIENTS:-4}; BURST=${BURST:-C
 APPLY_JOBS=${APPLY_JOBS:-1}
 
 pgtide_psql source postgres -c "CREATE DATABASE cpubench" >/dev/null
+if [ -n "${DECODING_MEM:-}" ]; then
+  pgtide_psql source postgres -c "ALTER SYSTEM SET logical_decoding_work_mem = '$DECODING_MEM'" -c "SELECT pg_reload_conf()" >/dev/null
+fi
 "$PG_BIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
 pgtide_psql source cpubench -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL" \
   -c "CREATE TABLE bench_marker (burst text PRIMARY KEY)" \

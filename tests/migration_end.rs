@@ -189,13 +189,15 @@ async fn cutover_notices_at_once_that_follow_died() {
     .await;
     let dir = workdir("deadfollow");
     let d = dir.to_str().unwrap();
-    // Every apply commit takes 8 s: the follow cannot reach the cutover's endpos before it
-    // is killed below.
+    // Every apply commit after the first (the one `wait_applied` waits for) takes a minute:
+    // the follow cannot reach the cutover's endpos before it is killed below, however slowly
+    // the cutover starts on a loaded machine (with 8 s per commit, a cutover that took longer
+    // than that to pin endpos found it applied, and the test failed).
     let mut child = spawn_pgtide(
         &clone_follow_args(&src, &dst, d, "t_deadfollow_slot"),
         &[(
             "FAILPOINTS",
-            format!("{APPLY_BEFORE_COMMIT}=sleep(8000)").as_str(),
+            format!("{APPLY_BEFORE_COMMIT}=1*off->sleep(60000)").as_str(),
         )],
     );
     wait_for_slot(&dir);

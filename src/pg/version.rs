@@ -53,6 +53,12 @@ impl ServerVersion {
     pub fn has_pgoutput_messages(self) -> bool {
         self.major() >= 14
     }
+
+    /// pgoutput streams large transactions before their commit (protocol 2, `streaming`
+    /// option, 14+).
+    pub fn has_pgoutput_streaming(self) -> bool {
+        self.major() >= 14
+    }
 }
 
 #[cfg(test)]

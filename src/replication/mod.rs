@@ -8,6 +8,7 @@ pub mod marker;
 pub mod setup;
 pub mod slot;
 pub mod stream;
+mod streamed;
 pub mod wal2json;
 
 /// The logical decoding output plugin.

@@ -14,6 +14,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use super::Plugin;
 use super::conn::ReplicationConnection;
 use super::slot::publication_name;
+use super::streamed::{Outcome, StreamingFallback};
 use crate::conninfo::ConnInfo;
 use crate::decode::{Change, pgoutput};
 use crate::errors::{ErrorClass, Fatal, classify, sqlstate};
@@ -116,6 +117,14 @@ pub async fn receive(
             Ok(ended) => return Ok(ended),
             Err(e) => e,
         };
+        if let Some(fallback) = e.downcast_ref::<StreamingFallback>() {
+            tracing::warn!(
+                "{fallback}: reconnecting without streaming of transactions before their commit, so that the source sends that transaction whole (until pgtide restarts)"
+            );
+            positions.whole_transactions_only = true;
+            spool.rollback_to_commit()?;
+            continue;
+        }
         match classify(&e) {
             // A pgtide killed a moment ago (or our own connection that just died) leaves its
             // walsender holding the slot until the source notices the closed connection:
@@ -157,6 +166,9 @@ struct Positions {
     /// The last keepalive position received between transactions: reported as flushed once
     /// everything received before it is durable (see [`send_status`]).
     keepalive: Lsn,
+    /// Transactions are no longer asked to be streamed before their commit, after a
+    /// [`StreamingFallback`] in this run.
+    whole_transactions_only: bool,
 }
 
 struct Session;
@@ -182,7 +194,11 @@ impl Session {
             ))));
         }
         let options = match opts.plugin {
-            Plugin::Pgoutput => pgoutput_options(opts, ServerVersion::parse(&conn.server_version)?),
+            Plugin::Pgoutput => pgoutput_options(
+                opts,
+                ServerVersion::parse(&conn.server_version)?,
+                !positions.whole_transactions_only,
+            ),
             Plugin::Wal2json => format!(
                 "\"format-version\" '2', \"include-xids\" '1', \"include-timestamp\" '1', \"include-lsn\" '1', \"include-transaction\" '1', \"include-type-oids\" '1', \"include-pk\" '1', \"add-tables\" {}",
                 quote_literal(&wal2json_table_filter(&opts.tables))
@@ -197,6 +213,7 @@ impl Session {
         tracing::info!("streaming from slot {} at {start}", opts.slot);
         let mut decoder = pgoutput::Decoder::default();
         let mut in_transaction: Option<u32> = None;
+        let mut in_progress = super::streamed::InProgress::default();
         let marker = super::marker::EndposMarker::new(info);
         let mut tick = tokio::time::interval(opts.status_interval);
         let mut last_state_write = Instant::now();
@@ -222,6 +239,18 @@ impl Session {
                             if wal_start.0 != 0 {
                                 positions.received = positions.received.max(wal_start);
                             }
+                            if opts.plugin == Plugin::Pgoutput {
+                                match in_progress.receive(wal_start, &data, &mut decoder, spool, opts.endpos)? {
+                                    Outcome::NotStreamed => {}
+                                    Outcome::Handled => continue,
+                                    Outcome::Committed { commit_lsn, queued } => {
+                                        if opts.endpos.is_some_and(|endpos| !queued || commit_lsn >= endpos) {
+                                            return finish(conn, spool, state, opts, positions).await;
+                                        }
+                                        continue;
+                                    }
+                                }
+                            }
                             let record = to_record(opts.plugin, &mut decoder, wal_start, data, &mut in_transaction)
                                 .map_err(|e| e.context(Fatal(format!(
                                     "cannot decode the replication stream at {wal_start}: the source would send the same message again, so the receiver stops instead of retrying (nothing after the last spooled commit was kept). Report it with the source's version and plugin"
@@ -246,21 +275,25 @@ impl Session {
                             let wal_end = Lsn(data.get_u64());
                             let _time = data.get_i64();
                             let reply = data.get_u8() == 1;
-                            if in_transaction.is_none() {
+                            let idle = in_transaction.is_none() && in_progress.none_open();
+                            if idle {
                                 positions.received = positions.received.max(wal_end);
                                 positions.keepalive = positions.keepalive.max(wal_end);
                             }
                             // The source is past endpos but no transaction after it has come:
                             // write one (a logical message) so that its Begin proves every
                             // transaction up to endpos was received. A keepalive alone does not.
+                            // A streamed transaction still open commits after this keepalive,
+                            // so past endpos: it does not hold the marker back.
                             if let Some(endpos) = opts.endpos
                                 && in_transaction.is_none()
+                                && in_progress.between_chunks()
                                 && wal_end >= endpos
                             {
                                 marker.request(endpos);
                             }
                             if reply {
-                                send_status(&mut conn, spool, opts, positions, in_transaction.is_none(), false).await?;
+                                send_status(&mut conn, spool, opts, positions, idle, false).await?;
                             }
                         }
                         other => bail!("unknown replication message {:?} from the source", other as char),
@@ -270,7 +303,7 @@ impl Session {
                     spool.check_alive()?;
                     // Between transactions, ask for a keepalive: its position lets an idle source's slot (and
                     // a waiting endpos) move on without waiting for the server's own timer.
-                    let idle = in_transaction.is_none();
+                    let idle = in_transaction.is_none() && in_progress.none_open();
                     send_status(&mut conn, spool, opts, positions, idle, idle).await?;
                     if last_state_write.elapsed() >= Duration::from_millis(900) {
                         state.record_stream_positions(positions.received, positions.flushed)?;
@@ -284,8 +317,10 @@ impl Session {
 
 /// pgoutput's START_REPLICATION options. Logical messages (the endpos marker's) are asked
 /// for from 14 on; before, pgoutput refuses the `messages` option, and the marker's
-/// transaction still arrives as an empty BEGIN/COMMIT (see [`super::marker`]).
-fn pgoutput_options(opts: &ReceiveOptions, source: ServerVersion) -> String {
+/// transaction still arrives as an empty BEGIN/COMMIT (see [`super::marker`]). From 14 on,
+/// unless `streaming` is false, large transactions are asked to be streamed before their
+/// commit (protocol 2, see [`super::streamed`]).
+fn pgoutput_options(opts: &ReceiveOptions, source: ServerVersion, streaming: bool) -> String {
     let publications = if opts.publications.is_empty() {
         vec![publication_name(&opts.slot)]
     } else {
@@ -296,14 +331,17 @@ fn pgoutput_options(opts: &ReceiveOptions, source: ServerVersion) -> String {
         .map(|p| quote_ident(p))
         .collect::<Vec<_>>()
         .join(",");
+    let streaming = streaming && source.has_pgoutput_streaming();
     format!(
-        "proto_version '1', publication_names {}{}",
+        "proto_version '{}', publication_names {}{}{}",
+        if streaming { 2 } else { 1 },
         quote_literal(&names),
         if source.has_pgoutput_messages() {
             ", messages 'true'"
         } else {
             ""
-        }
+        },
+        if streaming { ", streaming 'on'" } else { "" }
     )
 }
 

@@ -42,6 +42,10 @@ pub const KNOWN_BUGS: &[(&str, &str)] = &[];
 /// Every feature the generator can switch off, with what it covers.
 pub const FEATURES: &[(&str, &str)] = &[
     (
+        "stream_in_progress",
+        "logical_decoding_work_mem = 64kB on the source database: larger transactions arrive streamed before their commit (14+), savepoints rolled back included",
+    ),
+    (
         "session_settings",
         "non-default IntervalStyle / DateStyle / bytea_output / extra_float_digits / TimeZone on the source database (walsender inherits them)",
     ),
@@ -740,6 +744,9 @@ pub fn generate(seed: u64, features: &Features) -> Case {
     let copy_sleep_ms = *rng.pick(&[0u64, 200, 500]);
     if features.on("idle_timeout") && rng.chance(30) {
         settings.push(("idle_in_transaction_session_timeout".into(), "'1s'".into()));
+    }
+    if features.on("stream_in_progress") && rng.chance(40) {
+        settings.push(("logical_decoding_work_mem".into(), "'64kB'".into()));
     }
 
     let kinds = [

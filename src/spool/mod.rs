@@ -29,6 +29,8 @@ use tokio::sync::watch;
 
 use crate::pg::Lsn;
 
+mod staged;
+
 /// Records queued to the writer before the receiver waits (bounds memory: ~ this many
 /// messages in flight).
 const QUEUE_RECORDS: usize = 20_000;
@@ -89,8 +91,30 @@ pub struct Durable {
 
 enum Command {
     Append(Record),
-    /// Drop what follows the last durable commit (a reconnect re-sends it).
+    /// Drop what follows the last durable commit and everything staged (a reconnect re-sends
+    /// it).
     RollbackToCommit,
+    /// A record of a transaction streamed before its commit ([`staged`]).
+    Stage {
+        top: u32,
+        sub: u32,
+        record: Record,
+    },
+    /// The source streams `top` again from its first chunk.
+    RestartStaged {
+        top: u32,
+    },
+    /// `sub` (or, when it is `top`, the whole transaction) aborted.
+    AbortStaged {
+        top: u32,
+        sub: u32,
+    },
+    /// `top` committed: its records join the queue between a Begin and a Commit (boxed: the
+    /// queue's other commands are smaller).
+    CommitStaged {
+        top: u32,
+        begin_and_commit: Box<(Record, Record)>,
+    },
 }
 
 /// Opens the spool file, dropping an incomplete transaction left by a crash.
@@ -101,6 +125,8 @@ fn open_db(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.execute_batch(SCHEMA)
+        .context("cannot create the spool schema")?;
+    conn.execute_batch(staged::SCHEMA)
         .context("cannot create the spool schema")?;
     Ok(conn)
 }
@@ -168,6 +194,12 @@ impl SpoolWriter {
                 "spool: dropped {dropped} records of a transaction left incomplete; the source sends it again"
             );
         }
+        let unfinished = staged::forget_all(&conn)?;
+        if unfinished > 0 {
+            tracing::info!(
+                "spool: dropped {unfinished} rows of transactions streamed before their commit; the source streams them again"
+            );
+        }
         let start_commit: Option<i64> =
             conn.query_row("SELECT max(end_lsn) FROM changes", [], |r| r.get(0))?;
         let (durable_tx, durable) = watch::channel(Durable {
@@ -221,15 +253,50 @@ impl SpoolWriter {
     }
 
     pub fn append(&mut self, record: Record) -> Result<()> {
+        self.count_in(record.payload.len())?;
+        self.send(Command::Append(record))
+    }
+
+    /// Stages a record of transaction `top`, written by its (sub)transaction `sub`, streamed
+    /// before its commit: it joins the queue when `top` commits ([`staged`]).
+    pub fn stage(&mut self, top: u32, sub: u32, record: Record) -> Result<()> {
+        self.count_in(record.payload.len())?;
+        self.send(Command::Stage { top, sub, record })
+    }
+
+    /// The source streams `top` again from its first chunk: forget what was staged of it.
+    pub fn restart_staged(&mut self, top: u32) -> Result<()> {
+        self.count_in(0)?;
+        self.send(Command::RestartStaged { top })
+    }
+
+    /// Subtransaction `sub` of `top` aborted (the whole transaction when `sub == top`).
+    pub fn abort_staged(&mut self, top: u32, sub: u32) -> Result<()> {
+        self.count_in(0)?;
+        self.send(Command::AbortStaged { top, sub })
+    }
+
+    /// `top` committed: its staged records join the queue between `begin` and `commit`, in
+    /// one spool transaction.
+    pub fn commit_staged(&mut self, top: u32, begin: Record, commit: Record) -> Result<()> {
+        self.count_in(begin.payload.len() + commit.payload.len())?;
+        self.send(Command::CommitStaged {
+            top,
+            begin_and_commit: Box::new((begin, commit)),
+        })
+    }
+
+    /// Counts one more command for the writer (its payload bytes against the queue's
+    /// budget), waiting while the queue is over budget.
+    fn count_in(&mut self, bytes: usize) -> Result<()> {
         self.sent += 1;
-        let bytes = record.payload.len();
         if self.queued.over_budget() {
             self.check_alive()?;
             tokio::task::block_in_place(|| self.queued.add(bytes));
         } else {
             self.queued.add(bytes);
         }
-        self.send(Command::Append(record))
+        Ok(())
     }
 
     /// Drops the partial transaction that a lost connection left; the source re-sends it.
@@ -319,11 +386,21 @@ fn write_loop(
             let mut insert = tx.prepare_cached(
                 "INSERT INTO changes (lsn, end_lsn, xid, kind, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
+            let mut staged_rows = staged::StagedRows::new(&tx)?;
             let mut frame = Frame::default();
+            // Records of the streamed (sub)transaction `staged_rows` names, not yet written.
+            let mut staged_frame = Frame::default();
             let mut next = Some(first);
             let mut n = 0;
             let mut bytes = 0;
             while let Some(command) = next.take() {
+                // A frame of staged records holds one subtransaction's, so that an abort can
+                // drop whole rows.
+                let same_staged = matches!(&command, Command::Stage { top, sub, .. }
+                    if (*top, *sub) == (staged_rows.top, staged_rows.sub));
+                if !same_staged {
+                    staged_frame.write(&mut staged_rows)?;
+                }
                 match command {
                     Command::Append(r) => {
                         if let Some(end) = r.end_lsn {
@@ -335,9 +412,47 @@ fn write_loop(
                         frame.add(r, &mut insert)?;
                     }
                     Command::RollbackToCommit => {
-                        // What the frame holds follows the last commit: dropped with the rest.
+                        // What the frames hold follows the last commit: dropped with the rest.
                         frame.discard();
+                        staged_frame.discard();
                         rollback_to_last_commit(&tx)?;
+                        staged::forget_all(&tx)?;
+                    }
+                    Command::Stage { top, sub, record } => {
+                        (staged_rows.top, staged_rows.sub) = (top, sub);
+                        records += 1;
+                        bytes += record.payload.len();
+                        queued.remove(record.payload.len());
+                        staged_frame.add(record, &mut staged_rows)?;
+                    }
+                    Command::RestartStaged { top } => {
+                        records += 1;
+                        staged::forget(&tx, top)?;
+                    }
+                    Command::AbortStaged { top, sub } => {
+                        records += 1;
+                        if sub == top {
+                            staged::forget(&tx, top)?;
+                        } else {
+                            staged::abort_subtransaction(&tx, top, sub)?;
+                        }
+                    }
+                    Command::CommitStaged {
+                        top,
+                        begin_and_commit,
+                    } => {
+                        let (begin, commit) = *begin_and_commit;
+                        records += 1;
+                        queued.remove(begin.payload.len() + commit.payload.len());
+                        if let Some(end) = commit.end_lsn {
+                            commit_end = commit_end.max(end);
+                        }
+                        // Nothing of another transaction is open between two stream
+                        // messages; write the frame anyway so that the order is the queue's.
+                        frame.write(&mut insert)?;
+                        insert.row(&begin, begin.kind, &begin.payload)?;
+                        staged::move_to_queue(&tx, top)?;
+                        insert.row(&commit, commit.kind, &commit.payload)?;
                     }
                 }
                 n += 1;
@@ -348,6 +463,7 @@ fn write_loop(
             // A transaction still arriving is written as far as it came: what is queued
             // always reaches the disk, so memory stays bounded whatever its size.
             frame.write(&mut insert)?;
+            staged_frame.write(&mut staged_rows)?;
         }
         fail::fail_point!(crate::failpoints::SPOOL_BEFORE_COMMIT);
         tx.commit()
@@ -366,6 +482,13 @@ fn write_loop(
     Ok(())
 }
 
+/// A relation or type description: always a row of its own, so that a resume finds it
+/// (relations) and so that undoing a streamed subtransaction never removes one
+/// ([`staged`]).
+fn is_description(kind: &str) -> bool {
+    kind == "relation" || kind == "type"
+}
+
 /// Records of one transaction waiting to be written as one row.
 #[derive(Default)]
 struct Frame {
@@ -376,10 +499,10 @@ struct Frame {
 impl Frame {
     /// Takes a record: a relation description or a wide record is written alone (after what
     /// the frame holds), a commit closes the frame.
-    fn add(&mut self, record: Record, insert: &mut rusqlite::CachedStatement) -> Result<()> {
-        if record.kind == "relation" || record.payload.len() >= FRAME_BYTES {
+    fn add(&mut self, record: Record, insert: &mut impl RowSink) -> Result<()> {
+        if is_description(record.kind) || record.payload.len() >= FRAME_BYTES {
             self.write(insert)?;
-            return insert_row(insert, &record, record.kind, &record.payload);
+            return insert.row(&record, record.kind, &record.payload);
         }
         if self.records.len() >= FRAME_RECORDS || self.bytes + record.payload.len() > FRAME_BYTES {
             self.write(insert)?;
@@ -394,12 +517,12 @@ impl Frame {
     }
 
     /// Writes what the frame holds as one row (a lone record as itself) and empties it.
-    fn write(&mut self, insert: &mut rusqlite::CachedStatement) -> Result<()> {
+    fn write(&mut self, insert: &mut impl RowSink) -> Result<()> {
         match self.records.len() {
             0 => {}
             1 => {
                 let record = &self.records[0];
-                insert_row(insert, record, record.kind, &record.payload)?;
+                insert.row(record, record.kind, &record.payload)?;
             }
             _ => {
                 let mut body = Vec::with_capacity(1 + self.bytes + self.records.len() * 17);
@@ -425,7 +548,7 @@ impl Frame {
                     end_lsn: last_end,
                     ..self.records[0].clone()
                 };
-                insert_row(insert, &row, FRAME_KIND, &body)?;
+                insert.row(&row, FRAME_KIND, &body)?;
             }
         }
         self.discard();
@@ -439,20 +562,23 @@ impl Frame {
     }
 }
 
-fn insert_row(
-    insert: &mut rusqlite::CachedStatement,
-    record: &Record,
-    kind: &str,
-    payload: &[u8],
-) -> Result<()> {
-    insert.execute(params![
-        record.lsn.0 as i64,
-        record.end_lsn.map(|l| l.0 as i64),
-        record.xid,
-        kind,
-        payload
-    ])?;
-    Ok(())
+/// Where a frame's rows go: the change queue, or the staging of a streamed transaction
+/// ([`staged`]).
+trait RowSink {
+    fn row(&mut self, record: &Record, kind: &str, payload: &[u8]) -> Result<()>;
+}
+
+impl RowSink for rusqlite::CachedStatement<'_> {
+    fn row(&mut self, record: &Record, kind: &str, payload: &[u8]) -> Result<()> {
+        self.execute(params![
+            record.lsn.0 as i64,
+            record.end_lsn.map(|l| l.0 as i64),
+            record.xid,
+            kind,
+            payload
+        ])?;
+        Ok(())
+    }
 }
 
 /// Appends the records of one spool row to `out`: a frame's records, or the row itself.

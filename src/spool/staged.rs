@@ -1,0 +1,99 @@
+//! Transactions the source streams before they commit (pgoutput `streaming 'on'`, 14+). A
+//! transaction larger than the source's `logical_decoding_work_mem` is sent in chunks while
+//! it runs instead of being spilled to disk on the source and sent at its commit. Its records
+//! wait in the `staged` table, by top-level transaction and subtransaction, until the stream
+//! says how it ended:
+//! - commit: they move into the change queue between a Begin and a Commit made from the
+//!   stream's commit message, in one SQLite transaction, so apply reads an ordinary
+//!   transaction at its place in commit order (nothing downstream knows it was streamed);
+//! - abort of the transaction: they are dropped;
+//! - abort of a subtransaction: what it and the subtransactions inside it wrote is dropped,
+//!   which is every row change from its first one on (a subtransaction stays open from its
+//!   first change to its abort, so whatever follows is its own or a child's). Relation and
+//!   type descriptions stay: the source does not describe a table twice in one transaction.
+//!
+//! Staged records are never acknowledged to the source (flushed only moves past commits), so
+//! a restart drops them all: the source streams every open transaction again from its start.
+
+use anyhow::Result;
+use rusqlite::{CachedStatement, Transaction, params};
+
+use super::{Record, RowSink};
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS staged (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    top     INTEGER NOT NULL,       -- the streamed transaction's xid
+    sub     INTEGER NOT NULL,       -- the (sub)transaction that wrote the record
+    lsn     INTEGER NOT NULL,
+    xid     INTEGER,
+    kind    TEXT NOT NULL,
+    payload BLOB NOT NULL           -- a change queue row: one record or a frame of them
+);
+CREATE INDEX IF NOT EXISTS staged_by_transaction ON staged (top, sub);
+";
+
+/// The insert into `staged` for the (sub)transaction whose records a frame holds.
+pub(super) struct StagedRows<'c> {
+    insert: CachedStatement<'c>,
+    pub(super) top: u32,
+    pub(super) sub: u32,
+}
+
+impl<'c> StagedRows<'c> {
+    pub(super) fn new(tx: &'c Transaction) -> Result<Self> {
+        Ok(StagedRows {
+            insert: tx.prepare_cached(
+                "INSERT INTO staged (top, sub, lsn, xid, kind, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?,
+            top: 0,
+            sub: 0,
+        })
+    }
+}
+
+impl RowSink for StagedRows<'_> {
+    fn row(&mut self, record: &Record, kind: &str, payload: &[u8]) -> Result<()> {
+        self.insert.execute(params![
+            self.top,
+            self.sub,
+            record.lsn.0 as i64,
+            record.xid,
+            kind,
+            payload
+        ])?;
+        Ok(())
+    }
+}
+
+/// Drops what is staged for `top` (it is streamed again from its first chunk, or aborted).
+pub(super) fn forget(tx: &Transaction, top: u32) -> Result<usize> {
+    Ok(tx.execute("DELETE FROM staged WHERE top = ?1", params![top])?)
+}
+
+/// Drops what subtransaction `sub` of `top` and the subtransactions inside it wrote: every
+/// row change from `sub`'s first one on.
+pub(super) fn abort_subtransaction(tx: &Transaction, top: u32, sub: u32) -> Result<usize> {
+    Ok(tx.execute(
+        "DELETE FROM staged WHERE top = ?1 AND kind NOT IN ('relation', 'type')
+           AND seq >= (SELECT min(seq) FROM staged WHERE top = ?1 AND sub = ?2)",
+        params![top, sub],
+    )?)
+}
+
+/// Moves what is staged for `top` into the change queue (after whatever the queue's insert
+/// wrote last), in the order it arrived.
+pub(super) fn move_to_queue(tx: &Transaction, top: u32) -> Result<usize> {
+    tx.execute(
+        "INSERT INTO changes (lsn, end_lsn, xid, kind, payload)
+           SELECT lsn, NULL, xid, kind, payload FROM staged WHERE top = ?1 ORDER BY seq",
+        params![top],
+    )?;
+    forget(tx, top)
+}
+
+/// Drops everything staged: at open and after a lost connection, when the source streams
+/// every open transaction again.
+pub(super) fn forget_all(conn: &rusqlite::Connection) -> Result<usize> {
+    Ok(conn.execute("DELETE FROM staged", [])?)
+}
