@@ -10,6 +10,10 @@
 #                                        only: no hot branch or teller rows)
 #   BURST=I scripts/bench-cpu.sh         burst I: transactions of 5 inserts into a table with 7
 #                                        indexes (the target's index maintenance is the work)
+#   LIVE=1 BURST=B scripts/bench-cpu.sh  the 500,000-row UPDATE while each consumer follows live
+#                                        (one after the other): prints the time from the UPDATE's
+#                                        commit to its last row applied on the target, and the
+#                                        source's spill to disk for it (pg_stat_replication_slots)
 #   APPLY_JOBS="1 4" scripts/bench-cpu.sh   pgtide drains the same burst once per value, with
 #                                        --apply-jobs N, each with its own slot and target (default 1)
 # Settings: SCALE (pgbench scale, 10), CLIENTS, TXNS; DECODING_MEM (the source's
@@ -56,6 +60,42 @@ passfile="$PGTIDE_CLUSTERS_DIR/cpu.pgpass"
 echo "127.0.0.1:$PGTIDE_SOURCE_PORT:*:postgres:$PGTIDE_TEST_PASSWORD" > "$passfile"
 chown postgres "$passfile"; chmod 600 "$passfile"
 pgtide_psql target cpu_native -c "CREATE SUBSCRIPTION cpu_native CONNECTION 'host=127.0.0.1 port=$PGTIDE_SOURCE_PORT user=postgres dbname=cpubench passfile=$passfile' PUBLICATION cpu_native WITH (copy_data = false, enabled = false)" >/dev/null
+
+# live NAME DB SLOT: the 500,000-row UPDATE while the consumer follows; the time from its commit
+# to the marker written after it being on DB, and what its slot spilled to the source's disk.
+live() {
+  local name=$1 db=$2 slot=$3 t0 t1 spilled0 spilled1 marker=$RANDOM$RANDOM
+  until [ "$(pgtide_psql target "$db" -At -c "SELECT count(*) FROM bench_marker WHERE burst = 'ready_$slot'")" = 1 ]; do sleep 0.05; done
+  spilled0=$(pgtide_psql source cpubench -At -c "SELECT coalesce(sum(spill_bytes), 0) FROM pg_stat_replication_slots WHERE slot_name = '$slot'")
+  pgtide_psql source cpubench -c "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 500000" >/dev/null
+  t0=$(date +%s.%N)
+  echo "$name: the UPDATE committed at $(date -u +%T.%N)"
+  pgtide_psql source cpubench -c "INSERT INTO bench_marker VALUES ('$marker')" >/dev/null
+  until [ "$(pgtide_psql target "$db" -At -c "SELECT count(*) FROM bench_marker WHERE burst = '$marker'")" = 1 ]; do sleep 0.02; done
+  t1=$(date +%s.%N)
+  spilled1=$(pgtide_psql source cpubench -At -c "SELECT coalesce(sum(spill_bytes), 0) FROM pg_stat_replication_slots WHERE slot_name = '$slot'")
+  printf '%s: the 500,000-row UPDATE applied %.2f s after its commit; the source spilled %d MB for it\n' "$name" \
+    "$(echo "$t1 - $t0" | bc)" "$(( (spilled1 - spilled0) >> 20 ))"
+}
+
+if [ -n "${LIVE:-}" ]; then
+  [ "$BURST" = B ] || { echo "LIVE=1 measures burst B only" >&2; exit 2; }
+  pgtide_psql source cpubench -c "INSERT INTO bench_marker VALUES ('ready_cpu_native')" >/dev/null
+  pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native ENABLE" >/dev/null
+  live native cpu_native cpu_native
+  pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native DISABLE" >/dev/null
+  for j in $APPLY_JOBS; do
+    pgtide_psql source cpubench -c "INSERT INTO bench_marker VALUES ('ready_cpu_pgtide_$j')" >/dev/null
+    PGTIDE_LOG=${PGTIDE_LOG:-info} "$PGTIDE" follow --source "$(src_uri cpubench)" --target "$(dst_uri "cpu_pgtide_$j")" --dir "$WORK/pgtide_$j" \
+      --apply-jobs "$j" > "$WORK/pgtide_$j.log" 2>&1 &
+    follower=$!
+    live "pgtide --apply-jobs $j" "cpu_pgtide_$j" "cpu_pgtide_$j"
+    kill -INT "$follower"; wait "$follower" || true
+  done
+  pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native SET (slot_name = NONE)" -c "DROP SUBSCRIPTION cpu_native" >/dev/null 2>&1 || true
+  echo "logs: $WORK"
+  exit 0
+fi
 
 if [ "$BURST" = B ]; then
   pgtide_psql source cpubench -c "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 500000" >/dev/null

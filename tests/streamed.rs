@@ -214,3 +214,135 @@ async fn streamed_transactions_apply_exactly_through_savepoints_aborts_and_a_kil
     big.batch_execute("ROLLBACK").await.unwrap();
     assert_identical(&src, &dst);
 }
+
+/// pgtide's log with applying ahead of the commit.
+const DEBUG_AHEAD: &str = "info,pgtide::apply=debug,pgtide::replication::streamed=debug";
+
+/// Waits until pgtide's output so far holds `text` `count` times.
+async fn wait_logged(child: &mut PgtideChild, text: &str, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.output_so_far().matches(text).count() < count {
+        assert!(
+            std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "pgtide never logged {text:?} {count} times:\n{}",
+            child.output_so_far()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A streamed transaction is applied on the target while it still runs on the source, in an
+/// open target transaction that nobody sees until the source commits: applied whole ahead,
+/// applied in part when the commit comes (the rest after it), given up when another
+/// transaction commits first or a savepoint is rolled back. Nothing is applied twice or lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_transactions_are_applied_ahead_of_their_commit() {
+    let slot = "t_ahead_slot";
+    let (src, dst) = fresh_db_pair("t_ahead").await;
+    exec(&src, SCHEMA).await;
+    let dir = workdir("ahead");
+    let d = dir.to_str().unwrap();
+    let mut child = spawn_pgtide(
+        &clone_follow_args(&src, &dst, d, slot),
+        &[("PGTIDE_LOG", DEBUG_AHEAD)],
+    );
+    wait_for_slot(&dir);
+    wait_applied(&src, &dst, slot, &mut child).await;
+    let big = connect(&src).await;
+
+    // Whole: applied ahead, invisible on the target until the commit.
+    big.batch_execute(
+        "BEGIN; INSERT INTO items SELECT g, 1, repeat('a', 100) FROM generate_series(1, 2000) g;
+         UPDATE items SET id = id + 100000 WHERE id <= 10;
+         INSERT INTO items SELECT g, 1, repeat('a', 100) FROM generate_series(2001, 4000) g;",
+    )
+    .await
+    .unwrap();
+    wait_logged(&mut child, "ahead of its commit", 1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while staged_rows(&dir) == 0 || !child.output_so_far().contains("applying transaction") {
+        assert!(std::time::Instant::now() < deadline, "nothing staged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            "SELECT count(*) FROM items WHERE id <= 4000 OR id > 100000"
+        )
+        .await,
+        0,
+        "a transaction applied ahead was visible on the target before its commit"
+    );
+    big.batch_execute("UPDATE items SET n = 2 WHERE id <= 100; COMMIT;")
+        .await
+        .unwrap();
+    wait_caught_up(&src, &dst, 11, &mut child).await;
+    wait_logged(&mut child, "records applied ahead", 1).await;
+    // Applied ahead, then committed without a second try: what was applied ahead was passed
+    // over (applied again, its key changes would fail and send the batch down the row-by-row
+    // fallback).
+    let so_far = child.output_so_far();
+    assert!(
+        !so_far.contains("giving up") && !so_far.contains("one row at a time"),
+        "{so_far}"
+    );
+    // And counted once: 4,000 inserts, 10 key changes, 90 updates (ids 1-10 moved) and two
+    // ticks (applied again, the records applied ahead would count twice).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let counted = state_query_i64(&dir, "SELECT coalesce(max(changes), 0) FROM apply_samples");
+    assert!(
+        (4100..=4102).contains(&counted),
+        "{counted} changes applied:\n{so_far}"
+    );
+    assert!(
+        !so_far.contains("passing over its 0 records"),
+        "nothing was applied ahead:\n{so_far}"
+    );
+
+    // Another transaction commits first: the attempt is given up, both are applied in order.
+    big.batch_execute(
+        "BEGIN; INSERT INTO items SELECT g, 3, repeat('b', 100) FROM generate_series(5001, 9000) g;",
+    )
+    .await
+    .unwrap();
+    wait_logged(&mut child, "ahead of its commit", 2).await;
+    exec(
+        &src,
+        "UPDATE items SET v = 'first', n = n + 1 WHERE id = 20000",
+    )
+    .await;
+    wait_logged(&mut child, "giving up applying transaction", 1).await;
+    big.batch_execute("UPDATE items SET v = 'second' WHERE id = 20000; COMMIT;")
+        .await
+        .unwrap();
+
+    // A savepoint rolled back after applying ahead started: given up, applied at the commit.
+    big.batch_execute(
+        "BEGIN; INSERT INTO items SELECT g, 4, repeat('c', 100) FROM generate_series(10001, 14000) g;",
+    )
+    .await
+    .unwrap();
+    wait_logged(&mut child, "ahead of its commit", 3).await;
+    big.batch_execute(
+        "SAVEPOINT a; UPDATE items SET n = 5 WHERE id > 10000; ROLLBACK TO a;
+         INSERT INTO items SELECT g, 6, 'after' FROM generate_series(14001, 14500) g; COMMIT;",
+    )
+    .await
+    .unwrap();
+    wait_caught_up(&src, &dst, 12, &mut child).await;
+    assert_eq!(
+        scalar_string(&dst, "SELECT v FROM items WHERE id = 20000").await,
+        "second"
+    );
+    child.kill().ok();
+    let out = child.wait_with_output().unwrap();
+    let printed = text(&out);
+    // The transaction that another one overtook was given up (the savepoint's may be too,
+    // when the source streamed the rolled-back changes before decoding their rollback).
+    assert!(
+        printed.contains("giving up applying transaction"),
+        "{printed}"
+    );
+    assert_identical(&src, &dst);
+}

@@ -8,6 +8,7 @@
 //! (invariant 4). Values go to the target as text parameters cast by the column's own type
 //! (invariant 5); an unchanged TOAST column is left out of the SET list.
 
+mod ahead;
 pub mod ddl;
 pub mod joins;
 pub mod keys;
@@ -277,6 +278,7 @@ pub async fn run(
         set_aside: HashSet::new(),
         ddl_log: None,
         ddl_stop_before: None,
+        ahead: ahead::AheadState::default(),
     };
     // Only the last description of each relation counts, and it is matched with the target
     // only when a change of it comes: an older one may name a column dropped since (on both
@@ -332,18 +334,35 @@ async fn replay(
         if step.is_ok() {
             for record in records {
                 applier.after_seq = record.seq;
-                step = applier.handle(record.payload, stop).await;
+                step = match applier.before_queue_record(&record.payload, stop) {
+                    Ok(Some(step)) => Ok(step),
+                    Ok(None) => applier.handle(record.payload, stop).await,
+                    Err(e) => Err(e),
+                };
                 if !matches!(step, Ok(Step::Continue)) {
                     break;
                 }
             }
         }
+        let mut applied_ahead = false;
         if idle && matches!(step, Ok(Step::Continue)) {
             // Nothing more spooled for now: commit the whole transactions gathered so far
             // (a transaction still being spooled stays open until its commit arrives).
             if applier.batch.open && !applier.batch.in_source_transaction {
                 step = applier.commit().await.map(|()| Step::Continue);
                 progress_tx.send_replace(applier.progress);
+            }
+            // Then apply a streamed transaction ahead of its commit (`ahead.rs`).
+            if matches!(step, Ok(Step::Continue)) {
+                match applier.apply_ahead(stop).await {
+                    Ok(applied) => applied_ahead = applied,
+                    Err(e) => {
+                        tracing::debug!("apply: {e:#}");
+                        // Given up: nothing waits for a table's copy on its behalf.
+                        applier.waiting = None;
+                        step = Ok(Step::Rewind);
+                    }
+                }
             }
         }
         // Done means every batch committed: wait for those in flight.
@@ -422,7 +441,7 @@ async fn replay(
         if applier.batch.transactions > 0 || applier.batch.open || applier.lanes.parallel() {
             progress_tx.send_replace(applier.progress);
         }
-        if idle {
+        if idle && !applied_ahead {
             tokio::time::sleep(IDLE_POLL).await;
         }
         if last_progress_read.elapsed() >= Duration::from_secs(1) {
@@ -453,6 +472,7 @@ fn log_fallback(error: &anyhow::Error, applied: Lsn) {
 }
 
 /// What the apply loop does after a spool record.
+#[derive(Debug)]
 enum Step {
     Continue,
     /// Roll back the open target transaction and read again after the last commit.
@@ -507,6 +527,8 @@ struct Applier<'a> {
     /// The schema change apply stopped on, with the commit LSN of its source transaction:
     /// after a rewind, the batch is committed at that transaction's Begin, then apply stops.
     ddl_stop_before: Option<(Lsn, anyhow::Error)>,
+    /// A streamed transaction applied ahead of its commit (`ahead.rs`).
+    ahead: ahead::AheadState,
 }
 
 impl Applier<'_> {
@@ -735,6 +757,7 @@ impl Applier<'_> {
                 self.batch.transactions += 1;
                 self.batch.last_commit = Some((end_lsn, commit_time));
                 self.batch.in_source_transaction = false;
+                self.ahead.done();
                 let (transactions, changes) = if self.batch.parallel {
                     (PARALLEL_BATCH_TRANSACTIONS, PARALLEL_BATCH_CHANGES)
                 } else {
@@ -958,6 +981,7 @@ impl Applier<'_> {
     /// Rolls back the open target transaction and reads the spool again after the last
     /// committed source transaction.
     async fn rewind(&mut self) -> Result<()> {
+        self.ahead.give_up();
         self.lane.sets.discard();
         self.lane.statements.discard();
         if self.batch.open {

@@ -451,7 +451,12 @@ fn write_loop(
                         // messages; write the frame anyway so that the order is the queue's.
                         frame.write(&mut insert)?;
                         insert.row(&begin, begin.kind, &begin.payload)?;
-                        staged::move_to_queue(&tx, top)?;
+                        let started = std::time::Instant::now();
+                        let moved = staged::move_to_queue(&tx, top)?;
+                        tracing::debug!(
+                            "spool: streamed transaction {top} committed: {moved} staged rows queued in {:?}",
+                            started.elapsed()
+                        );
                         insert.row(&commit, commit.kind, &commit.payload)?;
                     }
                 }

@@ -16,7 +16,9 @@
 //! a restart drops them all: the source streams every open transaction again from its start.
 
 use anyhow::Result;
-use rusqlite::{CachedStatement, Transaction, params};
+use rusqlite::{CachedStatement, OptionalExtension, Transaction, params};
+
+use super::Stored;
 
 use super::{Record, RowSink};
 
@@ -68,12 +70,14 @@ impl RowSink for StagedRows<'_> {
 
 /// Drops what is staged for `top` (it is streamed again from its first chunk, or aborted).
 pub(super) fn forget(tx: &Transaction, top: u32) -> Result<usize> {
+    bump_generation(tx)?;
     Ok(tx.execute("DELETE FROM staged WHERE top = ?1", params![top])?)
 }
 
 /// Drops what subtransaction `sub` of `top` and the subtransactions inside it wrote: every
 /// row change from `sub`'s first one on.
 pub(super) fn abort_subtransaction(tx: &Transaction, top: u32, sub: u32) -> Result<usize> {
+    bump_generation(tx)?;
     Ok(tx.execute(
         "DELETE FROM staged WHERE top = ?1 AND kind NOT IN ('relation', 'type')
            AND seq >= (SELECT min(seq) FROM staged WHERE top = ?1 AND sub = ?2)",
@@ -89,11 +93,75 @@ pub(super) fn move_to_queue(tx: &Transaction, top: u32) -> Result<usize> {
            SELECT lsn, NULL, xid, kind, payload FROM staged WHERE top = ?1 ORDER BY seq",
         params![top],
     )?;
-    forget(tx, top)
+    Ok(tx.execute("DELETE FROM staged WHERE top = ?1", params![top])?)
 }
 
 /// Drops everything staged: at open and after a lost connection, when the source streams
 /// every open transaction again.
 pub(super) fn forget_all(conn: &rusqlite::Connection) -> Result<usize> {
+    bump_generation(conn)?;
     Ok(conn.execute("DELETE FROM staged", [])?)
+}
+
+/// The `spool_meta` key of the count of undoings (an abort, a restart of a stream, a lost
+/// connection): apply, which may read staged records ahead of their commit, knows from it
+/// that what it read may no longer be the transaction that commits.
+const GENERATION_KEY: &str = "staged_generation";
+
+/// Counts one more undoing of staged records (see [`GENERATION_KEY`]).
+pub(super) fn bump_generation(conn: &rusqlite::Connection) -> Result<()> {
+    conn.execute(
+        "INSERT INTO spool_meta (key, value) VALUES (?1, '1')
+           ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+        params![GENERATION_KEY],
+    )?;
+    Ok(())
+}
+
+impl super::SpoolReader {
+    /// The streamed transaction staged longest ago, if any.
+    pub fn oldest_staged(&self) -> Result<Option<u32>> {
+        Ok(self
+            .conn
+            .query_row("SELECT top FROM staged ORDER BY seq LIMIT 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// How many times staged records were undone so far: while it stays the same, every
+    /// record read from `staged` is still part of its transaction.
+    pub fn staged_generation(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT CAST(value AS INTEGER) FROM spool_meta WHERE key = ?1",
+                params![GENERATION_KEY],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    /// The records staged for `top` in rows after `after_seq` (at most `limit` rows), in
+    /// order; each record carries its row's staged sequence number.
+    pub fn read_staged(&self, top: u32, after_seq: i64, limit: usize) -> Result<Vec<Stored>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, lsn, xid, kind, payload FROM staged WHERE top = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let mut rows = stmt.query(params![top, after_seq, limit as i64])?;
+        let mut read = Vec::new();
+        while let Some(row) = rows.next()? {
+            let kind: String = row.get(3)?;
+            super::unpack(
+                row.get(0)?,
+                crate::pg::Lsn(row.get::<_, i64>(1)? as u64),
+                row.get(2)?,
+                &kind,
+                bytes::Bytes::from(row.get::<_, Vec<u8>>(4)?),
+                &mut read,
+            )?;
+        }
+        Ok(read)
+    }
 }
