@@ -109,8 +109,9 @@ impl Applier<'_> {
             || self.pending_truncate.is_some()
             || self.ddl_stop_before.is_some()
             || self.ahead.skip_records > 0
-            || self.after_seq <= self.one_row_at_a_time_through
-            || self.after_seq <= self.serial_through
+            // Still re-running earlier records one row or one batch at a time.
+            || self.after_seq < self.one_row_at_a_time_through
+            || self.after_seq < self.serial_through
         {
             return Ok(false);
         }

@@ -836,7 +836,11 @@ impl Applier<'_> {
                     self.batch.keys.add(touched);
                 }
                 let lane = &mut self.lane;
-                if self.after_seq <= self.one_row_at_a_time_through {
+                // (0: no such records. A transaction applied ahead of its commit is read
+                // before any record of the queue, at `after_seq` 0 in a new spool.)
+                if self.one_row_at_a_time_through > 0
+                    && self.after_seq <= self.one_row_at_a_time_through
+                {
                     lane.statements
                         .apply(&lane.client, &self.tables, &change)
                         .await?;
