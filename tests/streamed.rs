@@ -142,14 +142,15 @@ async fn streamed_transactions_apply_exactly_through_savepoints_aborts_and_a_kil
     .unwrap();
     wait_streamed(&src, slot, before, &mut child).await;
 
-    // A large transaction rolled back whole, after chunks of it were streamed.
+    // A large transaction rolled back whole, after chunks of it were streamed. (The count is
+    // read before: the source streams while the statements run.)
+    let before = chunks_streamed(&src, slot).await;
     big.batch_execute(
         "BEGIN; INSERT INTO items SELECT g, 9, repeat('c', 100) FROM generate_series(6000, 9000) g;
          UPDATE items SET n = 99 WHERE id <= 2000;",
     )
     .await
     .unwrap();
-    let before = chunks_streamed(&src, slot).await;
     wait_streamed(&src, slot, before, &mut child).await;
     big.batch_execute("ROLLBACK").await.unwrap();
     wait_caught_up(&src, &dst, 2, &mut child).await;

@@ -382,6 +382,8 @@ fn write_loop(
     let mut batches = 0u64;
     while let Ok(first) = rx.recv() {
         let tx = conn.transaction()?;
+        // A streamed transaction that committed: its Begin ends this spool transaction.
+        let mut committed_stream: Option<(u32, Record)> = None;
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO changes (lsn, end_lsn, xid, kind, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -442,22 +444,15 @@ fn write_loop(
                         begin_and_commit,
                     } => {
                         let (begin, commit) = *begin_and_commit;
-                        records += 1;
                         queued.remove(begin.payload.len() + commit.payload.len());
-                        if let Some(end) = commit.end_lsn {
-                            commit_end = commit_end.max(end);
-                        }
                         // Nothing of another transaction is open between two stream
                         // messages; write the frame anyway so that the order is the queue's.
                         frame.write(&mut insert)?;
                         insert.row(&begin, begin.kind, &begin.payload)?;
-                        let started = std::time::Instant::now();
-                        let moved = staged::move_to_queue(&tx, top)?;
-                        tracing::debug!(
-                            "spool: streamed transaction {top} committed: {moved} staged rows queued in {:?}",
-                            started.elapsed()
-                        );
-                        insert.row(&commit, commit.kind, &commit.payload)?;
+                        // The records follow in spool transactions of their own, after this
+                        // one (see `staged::move_to_queue`).
+                        committed_stream = Some((top, commit));
+                        break;
                     }
                 }
                 n += 1;
@@ -474,6 +469,18 @@ fn write_loop(
         tx.commit()
             .context("cannot commit to the spool (is the disk full?)")?;
         fail::fail_point!(crate::failpoints::SPOOL_AFTER_WRITE);
+        if let Some((top, commit)) = committed_stream {
+            let started = std::time::Instant::now();
+            let moved = staged::move_to_queue(&mut conn, top, &commit)?;
+            tracing::debug!(
+                "spool: streamed transaction {top} committed: {moved} staged rows queued in {:?}",
+                started.elapsed()
+            );
+            records += 1;
+            if let Some(end) = commit.end_lsn {
+                commit_end = commit_end.max(end);
+            }
+        }
         durable_tx.send_replace(Durable {
             commit_end,
             records,
@@ -840,7 +847,16 @@ impl SpoolReader {
         )?;
         let mut pruned = 0;
         loop {
-            let deleted = stmt.execute(params![through, PRUNE_CHUNK as i64])?;
+            let deleted = match stmt.execute(params![through, PRUNE_CHUNK as i64]) {
+                Ok(deleted) => deleted,
+                // The writer held the lock past the busy timeout (a disk that stalls): pruning
+                // only frees space, the next call (a second later) does it.
+                Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                    tracing::debug!("spool: pruning postponed, the spool is busy: {e}");
+                    return Ok(pruned);
+                }
+                Err(e) => return Err(e.into()),
+            };
             pruned += deleted;
             if deleted < PRUNE_CHUNK {
                 return Ok(pruned);

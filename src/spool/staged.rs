@@ -15,7 +15,7 @@
 //! Staged records are never acknowledged to the source (flushed only moves past commits), so
 //! a restart drops them all: the source streams every open transaction again from its start.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rusqlite::{CachedStatement, OptionalExtension, Transaction, params};
 
 use super::Stored;
@@ -85,15 +85,53 @@ pub(super) fn abort_subtransaction(tx: &Transaction, top: u32, sub: u32) -> Resu
     )?)
 }
 
-/// Moves what is staged for `top` into the change queue (after whatever the queue's insert
-/// wrote last), in the order it arrived.
-pub(super) fn move_to_queue(tx: &Transaction, top: u32) -> Result<usize> {
-    tx.execute(
-        "INSERT INTO changes (lsn, end_lsn, xid, kind, payload)
-           SELECT lsn, NULL, xid, kind, payload FROM staged WHERE top = ?1 ORDER BY seq",
-        params![top],
-    )?;
-    Ok(tx.execute("DELETE FROM staged WHERE top = ?1", params![top])?)
+/// Staged rows moved into the queue per spool transaction: the write lock is released between
+/// them (apply's pruning, the other writer, never waits out its busy timeout behind a large
+/// transaction), and a frame is at most 256 kB, so one move stays within tens of MB.
+const MOVE_ROWS: i64 = 128;
+
+/// Moves what is staged for `top` into the change queue, in the order it arrived, after its
+/// Begin (already written), then writes `commit` and forgets the staged rows, in spool
+/// transactions of [`MOVE_ROWS`] rows. Until the last one, the queue holds a transaction
+/// without its commit, as while an ordinary large transaction arrives: a crash in between
+/// drops that part at the next open ([`super::SpoolWriter::open`]) together with everything
+/// staged, and the source streams the transaction again (its commit was not acknowledged).
+pub(super) fn move_to_queue(
+    conn: &mut rusqlite::Connection,
+    top: u32,
+    commit: &Record,
+) -> Result<usize> {
+    let mut after = 0i64;
+    let mut moved = 0;
+    loop {
+        let tx = conn.transaction()?;
+        let bound: Option<i64> = tx
+            .query_row(
+                "SELECT seq FROM staged WHERE top = ?1 AND seq > ?2 ORDER BY seq LIMIT 1 OFFSET ?3",
+                params![top, after, MOVE_ROWS - 1],
+                |r| r.get(0),
+            )
+            .optional()?;
+        moved += tx.execute(
+            "INSERT INTO changes (lsn, end_lsn, xid, kind, payload)
+               SELECT lsn, NULL, xid, kind, payload FROM staged
+               WHERE top = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq",
+            params![top, after, bound.unwrap_or(i64::MAX)],
+        )?;
+        let Some(bound) = bound else {
+            tx.prepare_cached(
+                "INSERT INTO changes (lsn, end_lsn, xid, kind, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .row(commit, commit.kind, &commit.payload)?;
+            tx.execute("DELETE FROM staged WHERE top = ?1", params![top])?;
+            tx.commit()
+                .context("cannot commit to the spool (is the disk full?)")?;
+            return Ok(moved);
+        };
+        tx.commit()
+            .context("cannot commit to the spool (is the disk full?)")?;
+        after = bound;
+    }
 }
 
 /// Drops everything staged: at open and after a lost connection, when the source streams
