@@ -16,6 +16,13 @@ pub const SPOOL_BEFORE_COMMIT: &str = "spool.before_commit";
 /// because their flush was never reported, must not be spooled or applied twice.
 pub const SPOOL_AFTER_WRITE: &str = "spool.after_write";
 
+/// A streamed transaction committed: its Begin is durable in the queue, its staged records and
+/// its Commit not yet (they move in spool transactions of their own, `spool/staged.rs`): a
+/// crash here drops the Begin (and any records moved) at the next open with everything
+/// staged, and the source streams the transaction again, its commit never acknowledged
+/// (nothing lost, nothing applied twice).
+pub const SPOOL_STAGED_PARTLY_MOVED: &str = "spool.staged_partly_moved";
+
 /// A target transaction holds whole source transactions and the origin's new position, not yet
 /// committed: a crash here rolls back both together, and apply resumes from the origin's old
 /// position (nothing applied twice, nothing lost).

@@ -11,6 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use pgtide::failpoints::SPOOL_STAGED_PARTLY_MOVED;
 
 const SCHEMA: &str = "
     CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL, v text);
@@ -344,6 +345,45 @@ async fn streamed_transactions_are_applied_ahead_of_their_commit() {
     assert!(
         printed.contains("giving up applying transaction"),
         "{printed}"
+    );
+    assert_identical(&src, &dst);
+}
+
+/// A crash while a committed streamed transaction moves from its staging into the queue (its
+/// Begin durable, its records and Commit not yet): the rerun drops the part moved, the source
+/// streams the transaction again, and the target ends identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_while_a_streamed_transaction_joins_the_queue_loses_nothing() {
+    let slot = "t_moved_slot";
+    let (src, dst) = fresh_db_pair("t_moved").await;
+    exec(&src, SCHEMA).await;
+    let dir = workdir("moved");
+    let d = dir.to_str().unwrap();
+    let args = clone_follow_args(&src, &dst, d, slot);
+    let failpoint = format!("{SPOOL_STAGED_PARTLY_MOVED}=panic");
+    let mut child = spawn_pgtide(&args, &[("FAILPOINTS", failpoint.as_str())]);
+    wait_for_slot(&dir);
+    wait_applied(&src, &dst, slot, &mut child).await;
+    exec(
+        &src,
+        "INSERT INTO items SELECT g, 1, repeat('m', 100) FROM generate_series(1, 4000) g",
+    )
+    .await;
+    let out = wait_exit(child, 60);
+    let printed = text(&out);
+    assert!(
+        !out.status.success() && printed.contains(SPOOL_STAGED_PARTLY_MOVED),
+        "pgtide did not stop at the failpoint:\n{printed}"
+    );
+    let mut resume = args.clone();
+    resume.push("--resume");
+    let mut child = spawn_pgtide(&resume, &[]);
+    wait_caught_up(&src, &dst, 5, &mut child).await;
+    child.kill().ok();
+    let printed = text(&child.wait_with_output().unwrap());
+    assert!(
+        printed.contains("of a transaction left incomplete"),
+        "the rerun found no partly moved transaction to drop:\n{printed}"
     );
     assert_identical(&src, &dst);
 }

@@ -104,6 +104,7 @@ pub(super) fn move_to_queue(
     let mut after = 0i64;
     let mut moved = 0;
     loop {
+        fail::fail_point!(crate::failpoints::SPOOL_STAGED_PARTLY_MOVED);
         let tx = conn.transaction()?;
         let bound: Option<i64> = tx
             .query_row(
