@@ -339,6 +339,16 @@ async fn run_cell(cell: Cell) {
     exec(&src, SCHEMA).await;
     pgbench_ok(&src, &["-i", "-q", "-s", "1"]);
     exec(&src, "ALTER TABLE pgbench_history REPLICA IDENTITY FULL").await;
+    if cell.source >= 14 {
+        // Every larger transaction is streamed before its commit (pgoutput, 14+): the large
+        // one below, with its rolled-back savepoint, is staged and applied ahead on every
+        // version.
+        exec(
+            &src,
+            &format!("ALTER DATABASE {name} SET logical_decoding_work_mem = '64kB'"),
+        )
+        .await;
+    }
 
     let dir = workdir(&name);
     let d = dir.to_str().unwrap();
@@ -364,6 +374,15 @@ async fn run_cell(cell: Cell) {
     wait_for_slot(&dir);
     let load = pgbench(&src, &["-n", "-c", "2", "-T", "3"]);
     hard_changes(&src, 40, cell.plugin).await;
+    exec(
+        &src,
+        "BEGIN;
+         UPDATE pgbench_accounts SET filler = 'streamed' WHERE aid <= 3000;
+         SAVEPOINT s; UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid <= 3000; ROLLBACK TO s;
+         UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid > 97000;
+         COMMIT;",
+    )
+    .await;
     let load = load.wait_with_output().unwrap();
     assert!(
         load.status.success(),

@@ -49,6 +49,9 @@ const READ_BYTES: usize = 16 << 20;
 const FRAME_BYTES: usize = 256 << 10;
 /// The most records packed into one frame row.
 const FRAME_RECORDS: usize = 4_096;
+/// The `spool_meta` key of the end of the last durable commit (the queue's own record of it
+/// is pruned with it).
+const COMMIT_END_KEY: &str = "commit_end";
 /// The `kind` of a row holding several records packed by [`Frame`].
 const FRAME_KIND: &str = "frame";
 /// The first byte of a frame's payload: its format version.
@@ -200,8 +203,14 @@ impl SpoolWriter {
                 "spool: dropped {unfinished} rows of transactions streamed before their commit; the source streams them again"
             );
         }
-        let start_commit: Option<i64> =
-            conn.query_row("SELECT max(end_lsn) FROM changes", [], |r| r.get(0))?;
+        // The last durable commit, also when apply has pruned it from the queue: streaming
+        // resumes there, so that the source does not send again what is applied already.
+        let start_commit: Option<i64> = conn.query_row(
+            "SELECT max(coalesce((SELECT max(end_lsn) FROM changes), 0),
+                        coalesce((SELECT CAST(value AS INTEGER) FROM spool_meta WHERE key = ?1), 0))",
+            [COMMIT_END_KEY],
+            |r| r.get(0),
+        )?;
         let (durable_tx, durable) = watch::channel(Durable {
             commit_end: Lsn(start_commit.unwrap_or(0) as u64),
             records: 0,
@@ -465,6 +474,9 @@ fn write_loop(
             frame.write(&mut insert)?;
             staged_frame.write(&mut staged_rows)?;
         }
+        if commit_end > durable_tx.borrow().commit_end {
+            record_commit_end(&tx, commit_end)?;
+        }
         fail::fail_point!(crate::failpoints::SPOOL_BEFORE_COMMIT);
         tx.commit()
             .context("cannot commit to the spool (is the disk full?)")?;
@@ -479,6 +491,7 @@ fn write_loop(
             records += 1;
             if let Some(end) = commit.end_lsn {
                 commit_end = commit_end.max(end);
+                record_commit_end(&conn, commit_end)?;
             }
         }
         durable_tx.send_replace(Durable {
@@ -499,6 +512,16 @@ fn write_loop(
 /// ([`staged`]).
 fn is_description(kind: &str) -> bool {
     kind == "relation" || kind == "type"
+}
+
+/// Records the end of the last durable commit (see [`COMMIT_END_KEY`]).
+fn record_commit_end(conn: &Connection, commit_end: Lsn) -> Result<()> {
+    conn.execute(
+        "INSERT INTO spool_meta (key, value) VALUES (?1, ?2)
+           ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![COMMIT_END_KEY, (commit_end.0 as i64).to_string()],
+    )?;
+    Ok(())
 }
 
 /// Records of one transaction waiting to be written as one row.
