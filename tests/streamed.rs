@@ -115,6 +115,22 @@ async fn streamed_transactions_apply_exactly_through_savepoints_aborts_and_a_kil
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let before = chunks_streamed(&src, slot).await;
+    // status says a transaction is arriving ahead of its commit (it counts in no lag yet).
+    let status: serde_json::Value = serde_json::from_str(&pgtide_ok_stdout(&[
+        "status", "--json", "--dir", d, "--source", &src, "--target", &dst,
+    ]))
+    .unwrap();
+    assert!(
+        status["streamed_in_progress"]
+            .as_u64()
+            .is_some_and(|n| n >= 1)
+            && status["streamed_in_progress_bytes"]
+                .as_u64()
+                .is_some_and(|b| b > 0),
+        "{status}"
+    );
+    let human = pgtide_ok_stdout(&["status", "--dir", d, "--source", &src, "--target", &dst]);
+    assert!(human.contains("still running on the source"), "{human}");
 
     // Killed with chunks of the open transaction staged: the restarted receiver drops them,
     // and the source streams the transaction again from its start.

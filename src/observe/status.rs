@@ -83,6 +83,11 @@ pub struct Status {
     pub apply_transactions_per_second: Option<f64>,
     pub catch_up_eta_seconds: Option<f64>,
     pub spool_bytes: Option<u64>,
+    /// Transactions the source is streaming before their commit (pgoutput, 14+), staged in
+    /// the spool: they count in no lag until they commit.
+    pub streamed_in_progress: Option<u64>,
+    /// Their staged bytes.
+    pub streamed_in_progress_bytes: Option<u64>,
     pub slot_retained_bytes: Option<u64>,
     /// The slot's `wal_status` on the source (13+): reserved, extended, unreserved, lost.
     pub slot_wal_status: Option<String>,
@@ -235,6 +240,10 @@ pub async fn collect(dir: &Path, state: &StateDb, servers: &Servers) -> Result<S
         status.apply_transactions_per_second = Some(rates.transactions);
     }
     status.spool_bytes = spool::disk_bytes(dir);
+    if let Some(staged) = SpoolView::open(dir).ok().flatten().and_then(|v| v.staged()) {
+        status.streamed_in_progress = Some(staged.transactions);
+        status.streamed_in_progress_bytes = Some(staged.bytes);
+    }
 
     // The servers' own view, where they answer.
     let mut source_lsn = None;
@@ -594,6 +603,17 @@ pub fn render(dir: &Path, s: &Status) -> String {
             "spool",
             s.spool_bytes.map_or_else(none, crate::units::human_bytes),
         );
+        if let (Some(n), Some(bytes)) = (s.streamed_in_progress, s.streamed_in_progress_bytes)
+            && n > 0
+        {
+            line(
+                "in progress",
+                format!(
+                    "{n} transaction(s) still running on the source, {} received ahead of their commit",
+                    crate::units::human_bytes(bytes)
+                ),
+            );
+        }
         line("slot retains", slot_wal_line(s));
     }
     for u in &s.unreachable {

@@ -31,6 +31,8 @@ use crate::pg::Lsn;
 
 mod staged;
 
+pub use staged::StagedSummary;
+
 /// Records queued to the writer before the receiver waits (bounds memory: ~ this many
 /// messages in flight).
 const QUEUE_RECORDS: usize = 20_000;

@@ -204,3 +204,30 @@ impl super::SpoolReader {
         Ok(read)
     }
 }
+
+/// What the spool holds of transactions the source is still streaming (for `status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StagedSummary {
+    /// Streamed transactions not yet committed or aborted.
+    pub transactions: u64,
+    /// Their staged payload bytes.
+    pub bytes: u64,
+}
+
+impl super::SpoolView {
+    /// What is staged; `None` when the spool cannot say (one written before staging existed).
+    pub fn staged(&self) -> Option<StagedSummary> {
+        self.conn
+            .query_row(
+                "SELECT count(DISTINCT top), coalesce(sum(length(payload)), 0) FROM staged",
+                [],
+                |r| {
+                    Ok(StagedSummary {
+                        transactions: r.get::<_, i64>(0)?.max(0) as u64,
+                        bytes: r.get::<_, i64>(1)?.max(0) as u64,
+                    })
+                },
+            )
+            .ok()
+    }
+}
