@@ -618,6 +618,30 @@ impl RowSink for rusqlite::CachedStatement<'_> {
     }
 }
 
+/// The records of `(seq, lsn, xid, kind, payload)` rows, in order, stopping once `max_bytes`
+/// of payload are read (at least one row).
+fn unpack_rows(mut rows: rusqlite::Rows<'_>, max_bytes: usize) -> Result<Vec<Stored>> {
+    let mut read = Vec::new();
+    let mut bytes = 0;
+    while let Some(row) = rows.next()? {
+        let payload = Bytes::from(row.get::<_, Vec<u8>>(4)?);
+        bytes += payload.len();
+        let kind: String = row.get(3)?;
+        unpack(
+            row.get(0)?,
+            Lsn(row.get::<_, i64>(1)? as u64),
+            row.get(2)?,
+            &kind,
+            payload,
+            &mut read,
+        )?;
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    Ok(read)
+}
+
 /// Appends the records of one spool row to `out`: a frame's records, or the row itself.
 fn unpack(
     seq: i64,
@@ -785,27 +809,8 @@ impl SpoolReader {
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, lsn, xid, kind, payload FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
-        let mut rows = stmt.query(params![after_seq, limit as i64])?;
         // Wide rows: stop at READ_BYTES (at least one row), memory stays bounded.
-        let mut read = Vec::new();
-        let mut bytes = 0;
-        while let Some(row) = rows.next()? {
-            let payload = Bytes::from(row.get::<_, Vec<u8>>(4)?);
-            bytes += payload.len();
-            let kind: String = row.get(3)?;
-            unpack(
-                row.get(0)?,
-                Lsn(row.get::<_, i64>(1)? as u64),
-                row.get(2)?,
-                &kind,
-                payload,
-                &mut read,
-            )?;
-            if bytes >= READ_BYTES {
-                break;
-            }
-        }
-        Ok(read)
+        unpack_rows(stmt.query(params![after_seq, limit as i64])?, READ_BYTES)
     }
 
     /// The sequence number of the last record of the transaction whose commit ended at

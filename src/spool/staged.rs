@@ -188,20 +188,11 @@ impl super::SpoolReader {
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, lsn, xid, kind, payload FROM staged WHERE top = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )?;
-        let mut rows = stmt.query(params![top, after_seq, limit as i64])?;
-        let mut read = Vec::new();
-        while let Some(row) = rows.next()? {
-            let kind: String = row.get(3)?;
-            super::unpack(
-                row.get(0)?,
-                crate::pg::Lsn(row.get::<_, i64>(1)? as u64),
-                row.get(2)?,
-                &kind,
-                bytes::Bytes::from(row.get::<_, Vec<u8>>(4)?),
-                &mut read,
-            )?;
-        }
-        Ok(read)
+        // Bounded by `limit` rows (a frame is at most 256 kB), not by bytes.
+        super::unpack_rows(
+            stmt.query(params![top, after_seq, limit as i64])?,
+            usize::MAX,
+        )
     }
 }
 
