@@ -14,8 +14,13 @@
 #                                        (one after the other): prints the time from the UPDATE's
 #                                        commit to its last row applied on the target, and the
 #                                        source's spill to disk for it (pg_stat_replication_slots)
+#   LIVE=1 BURST=W scripts/bench-cpu.sh  the same, live, for one transaction inserting BIG_ROWS (6,000)
+#                                        rows of 128 kB into bench_big (incompressible): also prints
+#                                        pgtide's peak RSS (VmHWM) while it applies it
 #   APPLY_JOBS="1 4" scripts/bench-cpu.sh   pgtide drains the same burst once per value, with
 #                                        --apply-jobs N, each with its own slot and target (default 1)
+# NATIVE=0 skips the native subscription's live run; WRAP="heaptrack -o FILE" runs pgtide's live
+# follow under that command (a profiler).
 # Settings: SCALE (pgbench scale, 10), CLIENTS, TXNS; DECODING_MEM (the source's
 # logical_decoding_work_mem for every drain, e.g. 2GB: shows what spilling costs the walsender); PERF=1 also records pgtide with
 # `perf record -g` into $WORK/perf.data (per-thread report: perf report --sort tid).
@@ -42,6 +47,7 @@ fi
 "$PG_BIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
 pgtide_psql source cpubench -c "ALTER TABLE pgbench_history REPLICA IDENTITY FULL" \
   -c "CREATE TABLE bench_marker (burst text PRIMARY KEY)" \
+  -c "CREATE TABLE bench_big (id int PRIMARY KEY, body bytea)" \
   -c "CREATE TABLE bench_indexed (id bigserial PRIMARY KEY, k bigint, a int, b int, c text, d text, e timestamptz)" \
   -c "CREATE INDEX ON bench_indexed (k)" -c "CREATE INDEX ON bench_indexed (a, b)" -c "CREATE INDEX ON bench_indexed (b)" \
   -c "CREATE INDEX ON bench_indexed (c)" -c "CREATE INDEX ON bench_indexed (d)" -c "CREATE INDEX ON bench_indexed (e)" \
@@ -55,42 +61,57 @@ done
 for j in $APPLY_JOBS; do
   "$PGTIDE" stream setup --source "$(src_uri cpubench)" --dir "$WORK/pgtide_$j" --slot-name "cpu_pgtide_$j" --no-ddl-capture >/dev/null 2>&1
 done
-pgtide_psql source cpubench -c "CREATE PUBLICATION cpu_native FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history, bench_marker, bench_indexed" >/dev/null
+pgtide_psql source cpubench -c "CREATE PUBLICATION cpu_native FOR TABLE pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history, bench_marker, bench_indexed, bench_big" >/dev/null
 passfile="$PGTIDE_CLUSTERS_DIR/cpu.pgpass"
 echo "127.0.0.1:$PGTIDE_SOURCE_PORT:*:postgres:$PGTIDE_TEST_PASSWORD" > "$passfile"
 chown postgres "$passfile"; chmod 600 "$passfile"
 pgtide_psql target cpu_native -c "CREATE SUBSCRIPTION cpu_native CONNECTION 'host=127.0.0.1 port=$PGTIDE_SOURCE_PORT user=postgres dbname=cpubench passfile=$passfile' PUBLICATION cpu_native WITH (copy_data = false, enabled = false)" >/dev/null
 
-# live NAME DB SLOT: the 500,000-row UPDATE while the consumer follows; the time from its commit
-# to the marker written after it being on DB, and what its slot spilled to the source's disk.
+# live NAME DB SLOT [PID]: the burst (B: the 500,000-row UPDATE; W: BIG_ROWS x 128 kB inserted in one
+# transaction) while the consumer follows; the time from its commit to the marker written after
+# it being on DB, what its slot spilled to the source's disk, and PID's peak RSS when given.
+BIG_ROWS=${BIG_ROWS:-6000}
 live() {
-  local name=$1 db=$2 slot=$3 t0 t1 spilled0 spilled1 marker=$RANDOM$RANDOM
+  local name=$1 db=$2 slot=$3 pid=${4:-} t0 t1 spilled0 spilled1 marker=$RANDOM$RANDOM what
   until [ "$(pgtide_psql target "$db" -At -c "SELECT count(*) FROM bench_marker WHERE burst = 'ready_$slot'")" = 1 ]; do sleep 0.05; done
   spilled0=$(pgtide_psql source cpubench -At -c "SELECT coalesce(sum(spill_bytes), 0) FROM pg_stat_replication_slots WHERE slot_name = '$slot'")
-  pgtide_psql source cpubench -c "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 500000" >/dev/null
+  if [ "$BURST" = W ]; then
+    what="$BIG_ROWS x 128 kB transaction"
+    pgtide_psql source cpubench -c "TRUNCATE bench_big" >/dev/null
+    pgtide_psql source cpubench -c "INSERT INTO bench_big (id, body) SELECT g, int4send(g) || b.block FROM (SELECT string_agg(decode(md5(i::text || random()::text), 'hex'), ''::bytea) AS block FROM generate_series(1, 8192) i) b, generate_series(1, $BIG_ROWS) g" >/dev/null
+  else
+    what="500,000-row UPDATE"
+    pgtide_psql source cpubench -c "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 500000" >/dev/null
+  fi
   t0=$(date +%s.%N)
-  echo "$name: the UPDATE committed at $(date -u +%T.%N)"
+  echo "$name: the $what committed at $(date -u +%T.%N)"
   pgtide_psql source cpubench -c "INSERT INTO bench_marker VALUES ('$marker')" >/dev/null
   until [ "$(pgtide_psql target "$db" -At -c "SELECT count(*) FROM bench_marker WHERE burst = '$marker'")" = 1 ]; do sleep 0.02; done
   t1=$(date +%s.%N)
   spilled1=$(pgtide_psql source cpubench -At -c "SELECT coalesce(sum(spill_bytes), 0) FROM pg_stat_replication_slots WHERE slot_name = '$slot'")
-  printf '%s: the 500,000-row UPDATE applied %.2f s after its commit; the source spilled %d MB for it\n' "$name" \
+  printf '%s: the %s applied %.2f s after its commit; the source spilled %d MB for it\n' "$name" "$what" \
     "$(echo "$t1 - $t0" | bc)" "$(( (spilled1 - spilled0) >> 20 ))"
+  if [ -n "$pid" ]; then
+    awk -v name="$name" '/^VmHWM:/ {printf "%s: peak RSS (VmHWM) %.0f MB\n", name, $2 / 1024}' "/proc/$pid/status"
+  fi
 }
 
 if [ -n "${LIVE:-}" ]; then
-  [ "$BURST" = B ] || { echo "LIVE=1 measures burst B only" >&2; exit 2; }
-  pgtide_psql source cpubench -c "INSERT INTO bench_marker VALUES ('ready_cpu_native')" >/dev/null
-  pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native ENABLE" >/dev/null
-  live native cpu_native cpu_native
-  pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native DISABLE" >/dev/null
+  case $BURST in B|W) ;; *) echo "LIVE=1 measures burst B or W only" >&2; exit 2;; esac
+  if [ "${NATIVE:-1}" != 0 ]; then
+    pgtide_psql source cpubench -c "INSERT INTO bench_marker VALUES ('ready_cpu_native')" >/dev/null
+    pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native ENABLE" >/dev/null
+    live native cpu_native cpu_native
+    pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native DISABLE" >/dev/null
+  fi
   for j in $APPLY_JOBS; do
     pgtide_psql source cpubench -c "INSERT INTO bench_marker VALUES ('ready_cpu_pgtide_$j')" >/dev/null
-    PGTIDE_LOG=${PGTIDE_LOG:-info} "$PGTIDE" follow --source "$(src_uri cpubench)" --target "$(dst_uri "cpu_pgtide_$j")" --dir "$WORK/pgtide_$j" \
+    # shellcheck disable=SC2086  # WRAP: a profiler's command line, e.g. "heaptrack -o $WORK/heap"
+    PGTIDE_LOG=${PGTIDE_LOG:-info} ${WRAP:-} "$PGTIDE" follow --source "$(src_uri cpubench)" --target "$(dst_uri "cpu_pgtide_$j")" --dir "$WORK/pgtide_$j" \
       --apply-jobs "$j" > "$WORK/pgtide_$j.log" 2>&1 &
     follower=$!
-    live "pgtide --apply-jobs $j" "cpu_pgtide_$j" "cpu_pgtide_$j"
-    kill -INT "$follower"; wait "$follower" || true
+    live "pgtide --apply-jobs $j" "cpu_pgtide_$j" "cpu_pgtide_$j" "$follower"
+    kill -INT "$follower"; pkill -INT -x pgtide || true; wait "$follower" || true
   done
   pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native SET (slot_name = NONE)" -c "DROP SUBSCRIPTION cpu_native" >/dev/null 2>&1 || true
   echo "logs: $WORK"

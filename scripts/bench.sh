@@ -4,8 +4,9 @@
 # the lines to paste into an issue note are repeated at the end ("== summary").
 #   scripts/bench.sh [SCALE] [JOBS]      (defaults: pgbench scale 50, 2 jobs)
 # Clone side:
-#   1. pgbench scale SCALE + tests/fixtures/hard_cases.sql: pgtide clone (unsplit and
-#      --split-tables-larger-than PGTIDE_BENCH_SPLIT, default 100MB), pgcopydb clone (unsplit and
+#   1. pgbench scale SCALE + tests/fixtures/hard_cases.sql: pgtide clone (its default split
+#      policy, auto, which measures the cores both servers have for the copy and prints what it
+#      planned; and --split-tables-larger-than PGTIDE_BENCH_SPLIT, default 100MB), pgcopydb clone (unsplit and
 #      split), pg_dump -Fd | pg_restore, and a physical-limit estimate; prints wall times and the
 #      ratios pgtide/best pgcopydb, pgtide/dump-restore, pgtide/limit.
 #   2. TOAST-heavy: database toastbench, one table of text + jsonb + bytea values (random hex and
@@ -87,6 +88,8 @@ run() { # name command…
     return 0
   fi
   t1=$(date +%s.%N)
+  # What --split-tables-larger-than auto planned (measured cores, streams).
+  case $name in *pgtide*) grep -oE "measured the cores free for the copy.*|planning the copy for [0-9]+ cores.*" "$WORK/$name.log" | sed "s/^/   $name: /" >&2 || true;; esac
   SECONDS_OF[$name]=$(echo "$t1 - $t0" | bc)
   echo "   $name: ${SECONDS_OF[$name]} s" >&2
   if "$PGTIDE" verify --source "$(src_uri "$CLONE_DB")" --target "$(dst_uri "$name")" "${verify_filters[@]}" > "$WORK/$name.verify" 2>&1; then

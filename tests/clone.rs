@@ -178,6 +178,80 @@ async fn split_table_is_copied_in_parts() {
     assert_identical(&src, &dst);
 }
 
+/// `--split-tables-larger-than auto` (the default) splits a table that outweighs its share of
+/// the data when the servers have cores for more streams: told with --copy-cores, or measured
+/// on these servers, which share this machine's cores (never more streams than it has).
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_split_follows_the_cores() {
+    let (src, dst) = fresh_db_pair("t_autosplit").await;
+    // About 80 MB of heap (rows of ~1.3 kB stay inline), and a small table beside it.
+    exec(
+        &src,
+        "CREATE TABLE big (id int PRIMARY KEY, pad text);
+         INSERT INTO big SELECT i, repeat(md5(i::text), 40) FROM generate_series(1, 60000) i;
+         CREATE TABLE small (id int PRIMARY KEY);
+         INSERT INTO small SELECT generate_series(1, 1000);",
+    )
+    .await;
+    let parts_of = |dir: &std::path::Path, table: &str| {
+        state_query_i64(
+            dir,
+            &format!(
+                "SELECT count(*) FROM parts p JOIN tables t ON t.oid = p.table_oid WHERE t.table_name = '{table}'"
+            ),
+        )
+    };
+    // Four cores told: 80 MB in parts of at least 32 MB is two parts; small stays whole.
+    let told = workdir("autosplit_told");
+    let out = pgtide_ok(&Args::clone(&src, &dst, told.to_str().unwrap()).args(&[
+        "--table-jobs",
+        "4",
+        "--copy-cores",
+        "4",
+    ]));
+    assert!(out.contains("planning the copy for 4 cores"), "{out}");
+    assert_eq!(parts_of(&told, "big"), 2);
+    assert_eq!(parts_of(&told, "small"), 1);
+    assert_identical(&src, &dst);
+
+    // Measured: the plan follows what the probe found, within this machine's cores.
+    let dst2 = fresh_db(&admin_uri("target"), "t_autosplit_measured").await;
+    let measured = workdir("autosplit_measured");
+    let out = pgtide_ok(
+        &Args::clone(&src, &dst2, measured.to_str().unwrap()).args(&["--table-jobs", "4"]),
+    );
+    let streams: usize = out
+        .split("planning ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no measured plan in the log:\n{out}"));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let plan = out
+        .lines()
+        .find(|l| l.contains("measured the cores"))
+        .unwrap_or_default();
+    println!("{plan}");
+    assert!(
+        (1..=cores).contains(&streams),
+        "{streams} streams on {cores} cores:\n{out}"
+    );
+    assert_eq!(parts_of(&measured, "big"), if streams >= 2 { 2 } else { 1 });
+    assert_identical(&src, &dst2);
+
+    // 0 never splits, whatever the cores.
+    let dst3 = fresh_db(&admin_uri("target"), "t_autosplit_never").await;
+    let never = workdir("autosplit_never");
+    pgtide_ok(&Args::clone(&src, &dst3, never.to_str().unwrap()).args(&[
+        "--split-tables-larger-than",
+        "0",
+        "--copy-cores",
+        "4",
+    ]));
+    assert_eq!(parts_of(&never, "big"), 1);
+    assert_identical(&src, &dst3);
+}
+
 /// The copy reads the snapshot, not the live table: rows committed after the snapshot that
 /// pgtide is handed (`--snapshot`) are not copied.
 #[tokio::test(flavor = "multi_thread")]

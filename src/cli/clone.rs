@@ -3,7 +3,9 @@
 use anyhow::{Result, bail};
 
 use crate::cli::CloneArgs;
-use crate::clone::{self, CloneOptions};
+use crate::cli::SplitArg;
+use crate::clone::{self, CloneOptions, SplitChoice};
+use crate::pg::catalog::SplitPolicy;
 use crate::replication::Plugin;
 use crate::state::Phase;
 use crate::workdir::WorkDir;
@@ -59,7 +61,13 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         target,
         table_jobs: args.table_jobs,
         index_jobs: args.index_jobs,
-        split_bytes: (args.split_tables_larger_than > 0).then_some(args.split_tables_larger_than),
+        split: match args.split_tables_larger_than {
+            SplitArg::Auto => SplitChoice::Auto {
+                copy_cores: args.copy_cores.map(usize::from),
+            },
+            SplitArg::Never => SplitChoice::Fixed(SplitPolicy::Never),
+            SplitArg::LargerThan(bytes) => SplitChoice::Fixed(SplitPolicy::LargerThan(bytes)),
+        },
         filters,
         drop_if_exists: args.drop_if_exists,
         resume: args.resume,

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::conninfo::ConnInfo;
-use crate::pg::catalog::{IndexRow, PartRow, TableRow};
+use crate::pg::catalog::{IndexRow, PartRow, SplitPolicy, TableRow};
 use crate::pg::{self, Side, catalog};
 use crate::state::{CloneProgress, CloneStatus, Phase, ServerIdentity, StateDb, Step};
 use crate::units::human_bytes;
@@ -45,7 +45,7 @@ pub struct CloneOptions {
     pub target: ConnInfo,
     pub table_jobs: usize,
     pub index_jobs: usize,
-    pub split_bytes: Option<u64>,
+    pub split: SplitChoice,
     pub filters: Filters,
     pub drop_if_exists: bool,
     pub resume: bool,
@@ -62,6 +62,50 @@ pub struct CloneOptions {
     pub follow: bool,
     /// How the copy compresses TOASTed values on the target (None: lz4 where available).
     pub toast_compression: Option<toast::ToastCompression>,
+}
+
+/// How the operator chose to split tables: a fixed policy, or one decided from the cores the
+/// servers have for the copy (measured unless given).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitChoice {
+    Fixed(SplitPolicy),
+    Auto { copy_cores: Option<usize> },
+}
+
+/// Resolves `--split-tables-larger-than auto`: the copy can run at most `--table-jobs`
+/// streams, and no more than both servers have cores for (measured when `--copy-cores` is not
+/// given, and only when some table is big enough for the answer to matter).
+async fn split_policy(opts: &CloneOptions, tables: &[TableRow]) -> Result<SplitPolicy> {
+    let copy_cores = match opts.split {
+        SplitChoice::Fixed(policy) => return Ok(policy),
+        SplitChoice::Auto { .. } if opts.table_jobs < 2 || !catalog::could_split(tables) => {
+            return Ok(SplitPolicy::Never);
+        }
+        SplitChoice::Auto {
+            copy_cores: Some(cores),
+        } => {
+            tracing::info!("planning the copy for {cores} cores per server (--copy-cores)");
+            cores
+        }
+        SplitChoice::Auto { copy_cores: None } => {
+            let found =
+                crate::pg::cores::measure(&opts.source, &opts.target, opts.table_jobs).await?;
+            tracing::info!(
+                "measured the cores free for the copy: the source ran {:.1}x and the target {:.1}x one session's speed with up to {} sessions each at once; planning {} copy stream(s) (--copy-cores N overrides)",
+                found.source,
+                found.target,
+                found.sessions_tried,
+                found.streams()
+            );
+            found.streams()
+        }
+    };
+    let streams = copy_cores.min(opts.table_jobs);
+    Ok(if streams >= 2 {
+        SplitPolicy::Streams(streams)
+    } else {
+        SplitPolicy::Never
+    })
 }
 
 /// Runs (or resumes) a clone in `workdir`.
@@ -147,7 +191,7 @@ pub async fn run_holding(
             let mut attempt = 1;
             let cat = loop {
                 snapshot::import(&source, &snapshot.name).await?;
-                let cat = catalog::read_catalog(&source, &opts.filters, opts.split_bytes).await;
+                let cat = catalog::read_catalog(&source, &opts.filters, SplitPolicy::Never).await;
                 let _ = source.batch_execute("ROLLBACK").await;
                 match cat {
                     Err(e) if attempt < 5 && pg::is_deadlock(&e) => {
@@ -159,6 +203,9 @@ pub async fn run_holding(
                     other => break other?,
                 }
             };
+            let mut cat = cat;
+            let policy = split_policy(opts, &cat.tables).await?;
+            cat.parts = catalog::plan_parts(&cat.tables, policy);
             state.save_catalog(&cat)
         })
         .await?;

@@ -595,7 +595,7 @@ async fn copy_under_new_snapshot(
         include_only_tables: vec![t.clone()],
         ..Filters::default()
     };
-    let table = catalog::read_catalog(source, &only, None)
+    let table = catalog::read_catalog(source, &only, catalog::SplitPolicy::Never)
         .await?
         .tables
         .into_iter()

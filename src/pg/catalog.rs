@@ -31,12 +31,11 @@ pub struct ConstraintInfo {
 const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgtide') \
      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'";
 
-/// Reads the catalog. `split_bytes`: tables whose heap + TOAST size exceeds it are split into
-/// ctid ranges of about that size.
+/// Reads the catalog; `split` decides which tables are copied as several ctid ranges.
 pub async fn read_catalog(
     client: &Client,
     filters: &Filters,
-    split_bytes: Option<u64>,
+    split: SplitPolicy,
 ) -> Result<Catalog> {
     let block_size: i64 = client
         .query_one("SELECT current_setting('block_size')::bigint", &[])
@@ -87,11 +86,7 @@ pub async fn read_catalog(
     }
     check_filters_name_real_objects(client, filters).await?;
 
-    let parts = tables
-        .iter()
-        .filter(|t| t.copy_data)
-        .flat_map(|t| split_table(t, split_bytes))
-        .collect();
+    let parts = plan_parts(&tables, split);
 
     let table_oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
     let mut indexes = Vec::new();
@@ -482,6 +477,55 @@ pub async fn broken_dependencies(
     Ok(broken)
 }
 
+/// Which tables are copied as several ctid ranges in parallel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitPolicy {
+    /// Every table in one part (`--split-tables-larger-than 0`).
+    Never,
+    /// Tables above this many heap + TOAST bytes, in parts of about that size.
+    LargerThan(u64),
+    /// For this many copy streams: a table larger than an even share of all the data is split
+    /// into as many parts as it has shares (at most one per stream), none smaller than
+    /// [`MIN_AUTO_PART`]. Smaller tables are copied whole, with `COPY FREEZE`.
+    Streams(usize),
+}
+
+/// The smallest part the `Streams` policy makes: below it a part's own start (a snapshot
+/// import, a ctid scan set-up) and the lost `COPY FREEZE` (a split table's rows are frozen by
+/// the final VACUUM instead) outweigh the time another stream saves.
+pub const MIN_AUTO_PART: u64 = 32 << 20;
+
+/// Whether the `Streams` policy could split anything here, so whether measuring the servers'
+/// cores can change the plan.
+pub fn could_split(tables: &[TableRow]) -> bool {
+    tables
+        .iter()
+        .any(|t| t.copy_data && t.total_bytes().max(0) as u64 >= 2 * MIN_AUTO_PART)
+}
+
+/// The parts of every table whose data is copied, under `policy`.
+pub fn plan_parts(tables: &[TableRow], policy: SplitPolicy) -> Vec<PartRow> {
+    let copied = || tables.iter().filter(|t| t.copy_data);
+    let all_bytes: u64 = copied().map(|t| t.total_bytes().max(0) as u64).sum();
+    copied()
+        .flat_map(|t| {
+            let part_bytes = match policy {
+                SplitPolicy::Never => None,
+                SplitPolicy::LargerThan(limit) => Some(limit),
+                SplitPolicy::Streams(streams) => {
+                    let bytes = t.total_bytes().max(0) as u64;
+                    let share = all_bytes.div_ceil(streams.max(1) as u64).max(1);
+                    let nparts = (streams as u64)
+                        .min(bytes.div_ceil(share))
+                        .min(bytes / MIN_AUTO_PART);
+                    (nparts >= 2).then(|| bytes.div_ceil(nparts))
+                }
+            };
+            split_table(t, part_bytes)
+        })
+        .collect()
+}
+
 /// Splits a table into ctid page ranges sized on heap + TOAST bytes; the last range is open so
 /// that it also covers pages the size estimate missed.
 pub fn split_table(table: &TableRow, split_bytes: Option<u64>) -> Vec<PartRow> {
@@ -648,6 +692,52 @@ mod tests {
             2
         );
         assert_eq!(split_table(&table(8192 * 10, 0, 10), None).len(), 1);
+    }
+
+    #[test]
+    fn streams_split_only_what_outweighs_its_share() {
+        const MB: i64 = 1 << 20;
+        let sized = |oid: u32, mb: i64| TableRow {
+            oid,
+            ..table(mb * MB, 0, mb * MB / 8192)
+        };
+        let parts_of = |tables: &[TableRow], streams| {
+            let parts = plan_parts(tables, SplitPolicy::Streams(streams));
+            tables
+                .iter()
+                .map(|t| parts.iter().filter(|p| p.table_oid == t.oid).count())
+                .collect::<Vec<_>>()
+        };
+        // One big table and small ones: the big one gets a part per stream.
+        let skewed = [sized(1, 1000), sized(2, 40), sized(3, 10)];
+        assert_eq!(parts_of(&skewed, 4), vec![4, 1, 1]);
+        // One stream (a shared or busy host): nothing is split.
+        assert_eq!(parts_of(&skewed, 1), vec![1, 1, 1]);
+        // Even tables: each already is a stream's share.
+        let even = [sized(1, 500), sized(2, 500), sized(3, 500), sized(4, 500)];
+        assert_eq!(parts_of(&even, 4), vec![1, 1, 1, 1]);
+        // Two shares' worth: two parts.
+        let two = [sized(1, 600), sized(2, 300), sized(3, 300)];
+        assert_eq!(parts_of(&two, 4), vec![2, 1, 1]);
+        // Never below the smallest part, however many streams.
+        assert_eq!(parts_of(&[sized(1, 70), sized(2, 1)], 8), vec![2, 1]);
+        assert_eq!(parts_of(&[sized(1, 50)], 8), vec![1]);
+        // Explicit policies are unchanged.
+        assert_eq!(
+            parts_of_policy(&skewed, SplitPolicy::LargerThan(300 << 20)),
+            vec![4, 1, 1]
+        );
+        assert_eq!(parts_of_policy(&skewed, SplitPolicy::Never), vec![1, 1, 1]);
+        assert!(could_split(&skewed));
+        assert!(!could_split(&[sized(1, 50)]));
+    }
+
+    fn parts_of_policy(tables: &[TableRow], policy: SplitPolicy) -> Vec<usize> {
+        let parts = plan_parts(tables, policy);
+        tables
+            .iter()
+            .map(|t| parts.iter().filter(|p| p.table_oid == t.oid).count())
+            .collect()
     }
 
     #[test]

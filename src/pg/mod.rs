@@ -2,6 +2,7 @@
 //! translation of connection failures into errors that tell the operator what to fix.
 
 pub mod catalog;
+pub mod cores;
 pub mod lsn;
 pub mod sql_text;
 pub mod version;

@@ -68,10 +68,16 @@ pub struct CloneArgs {
     /// Parallel index build workers (each uses one target connection).
     #[arg(long, default_value_t = 4)]
     pub index_jobs: usize,
-    /// Split tables whose heap + TOAST size exceeds this into ctid ranges copied in parallel
-    /// (e.g. 1GB, 200MB); 0 disables splitting.
-    #[arg(long, default_value = "0", value_parser = crate::units::parse_size)]
-    pub split_tables_larger_than: u64,
+    /// Split tables into ctid ranges copied in parallel: auto (the default) splits a table
+    /// larger than an even share of the data when both servers have idle cores for more
+    /// streams (measured, see --copy-cores); a size (e.g. 1GB, 200MB) splits every table above
+    /// it into parts of that size; 0 never splits.
+    #[arg(long, default_value = "auto", value_parser = parse_split)]
+    pub split_tables_larger_than: SplitArg,
+    /// The copy streams both servers can run at full speed, for --split-tables-larger-than
+    /// auto. Measured when not given (about a second of CPU-bound queries on both servers).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub copy_cores: Option<u16>,
     /// Filters file (INI sections include-only-schema, exclude-schema, include-only-table,
     /// exclude-table, exclude-table-data).
     #[arg(long)]
@@ -144,4 +150,22 @@ pub struct VerifyArgs {
     /// The migration's work dir: its recorded filters and sequence offset are used.
     #[arg(long, env = "PGTIDE_DIR")]
     pub dir: Option<PathBuf>,
+}
+
+/// `--split-tables-larger-than`: measured, a size, or never (0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitArg {
+    Auto,
+    Never,
+    LargerThan(u64),
+}
+
+fn parse_split(text: &str) -> Result<SplitArg, String> {
+    if text.trim().eq_ignore_ascii_case("auto") {
+        return Ok(SplitArg::Auto);
+    }
+    match crate::units::parse_size(text).map_err(|e| format!("{e}, or auto"))? {
+        0 => Ok(SplitArg::Never),
+        bytes => Ok(SplitArg::LargerThan(bytes)),
+    }
 }
