@@ -67,6 +67,25 @@ echo "127.0.0.1:$PGTIDE_SOURCE_PORT:*:postgres:$PGTIDE_TEST_PASSWORD" > "$passfi
 chown postgres "$passfile"; chmod 600 "$passfile"
 pgtide_psql target cpu_native -c "CREATE SUBSCRIPTION cpu_native CONNECTION 'host=127.0.0.1 port=$PGTIDE_SOURCE_PORT user=postgres dbname=cpubench passfile=$passfile' PUBLICATION cpu_native WITH (copy_data = false, enabled = false)" >/dev/null
 
+# CPU ticks (user + system) of every PostgreSQL and pgtide process: "ticks pid command".
+cpu_ticks() {
+  local d cmd
+  for d in /proc/[0-9]*; do
+    cmd=$( { tr '\0' ' ' < "$d/cmdline"; } 2>/dev/null) || continue
+    case "$cmd" in
+      *postgres:*|*pgtide*) awk -v pid="${d#/proc/}" -v cmd="$cmd" '{print $14 + $15, pid, cmd}' "$d/stat" 2>/dev/null || true;;
+    esac
+  done
+}
+
+# cpu_used: the CPU seconds each process used between the cpu0 and cpu1 snapshots, most first.
+cpu_used() {
+  local hz; hz=$(getconf CLK_TCK)
+  awk -v hz="$hz" 'NR == FNR {before[$2] = $1; next}
+       {used = ($1 - before[$2]) / hz; if (used > 0.05) {$1 = ""; $2 = ""; printf "   %6.2f s %s\n", used, substr($0, 3)}}' \
+    "$WORK/cpu0" "$WORK/cpu1" | sort -rn | head -6
+}
+
 # live NAME DB SLOT [PID]: the burst (B: the 500,000-row UPDATE; W: BIG_ROWS x 128 kB inserted in one
 # transaction) while the consumer follows; the time from its commit to the marker written after
 # it being on DB, what its slot spilled to the source's disk, and PID's peak RSS when given.
@@ -83,14 +102,16 @@ live() {
     what="500,000-row UPDATE"
     pgtide_psql source cpubench -c "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 500000" >/dev/null
   fi
-  t0=$(date +%s.%N)
+  t0=$(date +%s.%N); cpu_ticks > "$WORK/cpu0"
   echo "$name: the $what committed at $(date -u +%T.%N)"
   pgtide_psql source cpubench -c "INSERT INTO bench_marker VALUES ('$marker')" >/dev/null
   until [ "$(pgtide_psql target "$db" -At -c "SELECT count(*) FROM bench_marker WHERE burst = '$marker'")" = 1 ]; do sleep 0.02; done
-  t1=$(date +%s.%N)
+  t1=$(date +%s.%N); cpu_ticks > "$WORK/cpu1"
   spilled1=$(pgtide_psql source cpubench -At -c "SELECT coalesce(sum(spill_bytes), 0) FROM pg_stat_replication_slots WHERE slot_name = '$slot'")
   printf '%s: the %s applied %.2f s after its commit; the source spilled %d MB for it\n' "$name" "$what" \
     "$(echo "$t1 - $t0" | bc)" "$(( (spilled1 - spilled0) >> 20 ))"
+  echo "   CPU seconds used from the commit until then:"
+  cpu_used
   if [ -n "$pid" ]; then
     awk -v name="$name" '/^VmHWM:/ {printf "%s: peak RSS (VmHWM) %.0f MB\n", name, $2 / 1024}' "/proc/$pid/status"
   fi
@@ -140,17 +161,6 @@ fi
 pgtide_psql source cpubench -c "INSERT INTO bench_marker VALUES ('end')" >/dev/null
 endpos=$(pgtide_psql source cpubench -At -c "SELECT pg_current_wal_insert_lsn()")
 
-# CPU ticks (user + system) of every PostgreSQL and pgtide process: "ticks pid command".
-cpu_ticks() {
-  local d cmd
-  for d in /proc/[0-9]*; do
-    cmd=$( { tr '\0' ' ' < "$d/cmdline"; } 2>/dev/null) || continue
-    case "$cmd" in
-      *postgres:*|*pgtide*) awk -v pid="${d#/proc/}" -v cmd="$cmd" '{print $14 + $15, pid, cmd}' "$d/stat" 2>/dev/null || true;;
-    esac
-  done
-}
-
 # drain NAME DB: waits until the burst's marker is on DB; prints the rate and the CPU used.
 drain() {
   local name=$1 db=$2 t0 t1
@@ -159,10 +169,7 @@ drain() {
   t1=$(date +%s.%N); cpu_ticks > "$WORK/cpu1"
   printf '%s: %d changes in %.1f s = %d changes/s; CPU seconds used meanwhile:\n' "$name" "$changes" \
     "$(echo "$t1 - $t0" | bc)" "$(echo "$changes / ($t1 - $t0)" | bc)"
-  local hz; hz=$(getconf CLK_TCK)
-  awk -v hz="$hz" 'NR == FNR {before[$2] = $1; next}
-       {used = ($1 - before[$2]) / hz; if (used > 0.05) {$1 = ""; $2 = ""; printf "   %6.2f s %s\n", used, substr($0, 3)}}' \
-    "$WORK/cpu0" "$WORK/cpu1" | sort -rn | head -6
+  cpu_used
 }
 
 pgtide_psql target cpu_native -c "ALTER SUBSCRIPTION cpu_native ENABLE" >/dev/null
