@@ -8,6 +8,8 @@
 #   BURST=B scripts/bench-cpu.sh         burst B: one 500,000-row UPDATE
 #   BURST=S scripts/bench-cpu.sh         burst S: pgbench -b simple-update (accounts and history
 #                                        only: no hot branch or teller rows)
+#   BURST=H scripts/bench-cpu.sh         burst H: transactions of 10 inserts into pgbench_history
+#                                        (append-only, no index: the target's insert path is the work)
 #   BURST=I scripts/bench-cpu.sh         burst I: transactions of 5 inserts into a table with 7
 #                                        indexes (the target's index maintenance is the work)
 #   LIVE=1 BURST=B scripts/bench-cpu.sh  the 500,000-row UPDATE while each consumer follows live
@@ -151,6 +153,13 @@ SQL
   chmod 644 "$WORK/inserts.sql"
   "$PG_BIN/pgbench" -n -f "$WORK/inserts.sql" -c "$CLIENTS" -j 2 -t "$TXNS" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
   changes=$((CLIENTS * TXNS * 5))
+elif [ "$BURST" = H ]; then
+  cat > "$WORK/history.sql" <<'SQL'
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) SELECT (random() * 100)::int, (random() * 10)::int, (random() * 1e6)::int, (random() * 1e4)::int, now() FROM generate_series(1, 10);
+SQL
+  chmod 644 "$WORK/history.sql"
+  "$PG_BIN/pgbench" -n -f "$WORK/history.sql" -c "$CLIENTS" -j 2 -t "$TXNS" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
+  changes=$((CLIENTS * TXNS * 10))
 elif [ "$BURST" = S ]; then
   "$PG_BIN/pgbench" -n -b simple-update -c "$CLIENTS" -j 2 -t "$TXNS" -h 127.0.0.1 -p "$PGTIDE_SOURCE_PORT" -U postgres cpubench >/dev/null 2>&1
   changes=$((CLIENTS * TXNS * 2))

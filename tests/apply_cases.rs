@@ -684,3 +684,69 @@ async fn truncate_during_the_copy_resyncs_the_table() {
         "{all}"
     );
 }
+
+/// Insert runs of 32 rows or more are loaded with COPY (text format): every value arrives as
+/// the source has it, whatever it holds (backslashes, tabs, newlines, carriage returns, the
+/// text `\N`, empty strings, NULLs, hex bytea, arrays and json with escapes, a domain, a
+/// numeric with a typmod), into identity ALWAYS and generated columns and partitions, and
+/// statements after a COPY in the same target transaction see its rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn insert_runs_are_copied_with_every_value_intact() {
+    let (src, dst) = fresh_db_pair("t_apply_copy").await;
+    exec(
+        &src,
+        "CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+         CREATE TABLE vals (id int PRIMARY KEY, t text, b bytea, j jsonb, arr text[], d positive,
+                            n numeric(10, 2), g int GENERATED ALWAYS AS (id * 2) STORED,
+                            ident bigint GENERATED ALWAYS AS IDENTITY);
+         CREATE TABLE parted (id int, region text, note text, PRIMARY KEY (id, region))
+           PARTITION BY LIST (region);
+         CREATE TABLE parted_eu PARTITION OF parted FOR VALUES IN ('eu');
+         CREATE TABLE parted_us PARTITION OF parted FOR VALUES IN ('us');",
+    )
+    .await;
+    let dir = workdir("apply-copy");
+    let d = dir.to_str().unwrap();
+    let child = spawn_pgtide(
+        &clone_follow_args(&src, &dst, d, "t_apply_copy_slot"),
+        &[("PGTIDE_LOG", "info,pgtide::apply::statements=debug")],
+    );
+    wait_for_slot(&dir);
+    exec(
+        &src,
+        r#"BEGIN;
+         INSERT INTO vals (id, t, b, j, arr, d, n)
+           SELECT i,
+                  CASE i % 8 WHEN 0 THEN E'back\\slash' WHEN 1 THEN E'tab\there' WHEN 2 THEN E'new\nline'
+                             WHEN 3 THEN E'carriage\rreturn' WHEN 4 THEN '\N' WHEN 5 THEN ''
+                             WHEN 6 THEN NULL ELSE E'all\\\t\n\r\\N' || repeat('x', i) END,
+                  CASE WHEN i % 5 = 0 THEN NULL ELSE decode(md5(i::text), 'hex') || '\x5c090a0d'::bytea END,
+                  jsonb_build_object('k', E'q\"uote\\back\tslash\n', 'i', i),
+                  ARRAY[E'a\"b', E'c\\d', NULL, E'tab\tnl\n', '{}'],
+                  i, i / 3.0
+           FROM generate_series(1, 200) i;
+         UPDATE vals SET t = t || ' updated' WHERE id % 10 = 0;
+         INSERT INTO parted SELECT i, CASE WHEN i % 2 = 0 THEN 'eu' ELSE 'us' END, E'n\\' || i
+           FROM generate_series(1, 100) i;
+         DELETE FROM parted WHERE id % 7 = 0;
+         COMMIT;"#,
+    )
+    .await;
+    let out = finish_at_current_position(child, &src, d);
+    assert_identical(&src, &dst);
+    assert!(
+        out.contains(r#"inserted rows into "public"."vals" with COPY"#)
+            && out.contains(r#"inserted rows into "public"."parted_eu" with COPY"#),
+        "the insert runs did not go through COPY:\n{out}"
+    );
+    assert_eq!(
+        scalar_string(&dst, "SELECT t FROM vals WHERE id = 4").await,
+        "\\N",
+        "the text \\N stays text, not NULL"
+    );
+    assert_eq!(
+        scalar_i64(&dst, "SELECT count(*) FROM vals WHERE t IS NULL").await,
+        scalar_i64(&src, "SELECT count(*) FROM vals WHERE t IS NULL").await
+    );
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
+}

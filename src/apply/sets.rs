@@ -1,7 +1,7 @@
 //! Set-based apply: the row changes of a merged target transaction are queued per table and
 //! sent as one statement per run of like changes (`INSERT … SELECT FROM unnest($1::text[], …)`,
-//! `UPDATE … FROM unnest(…)`, `DELETE … USING unnest(…)`), repeated updates of one key within a
-//! run compacted to the last one.
+//! or `COPY … FROM STDIN` for 32 rows and more; `UPDATE … FROM unnest(…)`, `DELETE … USING
+//! unnest(…)`), repeated updates of one key within a run compacted to the last one.
 //!
 //! Why this keeps the source's result: the apply session runs with
 //! `session_replication_role = replica`, so no trigger and no foreign key check sees the order
