@@ -14,6 +14,7 @@ pub mod observe;
 pub mod pg;
 pub mod preflight;
 pub mod replication;
+pub mod roles;
 pub mod spool;
 pub mod state;
 pub mod units;

@@ -83,6 +83,7 @@ fn main() -> std::process::ExitCode {
             Command::Sentinel(command) => cli::sentinel::run(command).await,
             Command::Cleanup(args) => cli::cleanup::cleanup(args).await,
             Command::Copy(cli::CopyCommand::Sequences(args)) => cli::copy::sequences(args).await,
+            Command::Copy(cli::CopyCommand::Roles(args)) => cli::copy::roles(args).await,
             Command::Cutover(args) => cli::cutover::run(args).await,
             Command::Status(args) => cli::status::run(args).await,
             Command::Check(args) => cli::check::run(args).await,

@@ -37,8 +37,10 @@ async fn client_traffic(src: String, client_no: i32, transactions: i32) {
         if i % 5 == 0 {
             sql += &format!("UPDATE hot SET n = n + 1 WHERE id = {};", i % 3 + 1);
         }
-        if i % 9 == 0 {
-            // The two rows exchange their unique e-mails through NULL.
+        if i % 9 == 0 && i < 60 {
+            // The two rows exchange their unique e-mails through NULL. Only early on: a batch
+            // holding such a swap fails as a set statement and is re-run alone, one row at a
+            // time, so the later batches are the ones that commit beside each other.
             sql += &format!(
                 "DO $$ DECLARE ea text; eb text; BEGIN
                    SELECT email INTO ea FROM accounts WHERE id = {a};
@@ -210,7 +212,11 @@ async fn parallel_apply_survives_sigkills_and_ends_identical() {
         total, 3,
         "four lanes: the slot's origin and three lane origins"
     );
-    assert!(used >= 1, "no lane but the first committed a batch");
+    assert!(
+        used >= 1,
+        "no lane but the first committed a batch:\n{log}{}",
+        text(&out)
+    );
     pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
     assert_eq!(
         lane_origins(&dst, slot).await,

@@ -898,6 +898,10 @@ impl Statements {
             let statement = self
                 .statement(target, table, Shape::Copy(columns.clone()))
                 .await?;
+            // A COPY starts on an empty pipeline: if a statement before it failed, the server
+            // would skip the COPY's messages up to its Sync while the COPY waited for its
+            // CopyInResponse, and the connection would be lost instead of the error reported.
+            self.flush().await?;
             tracing::debug!(
                 "loading {rows} inserted rows into {} with COPY",
                 table.qualified

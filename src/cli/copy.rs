@@ -1,9 +1,10 @@
-//! `pgtide copy sequences`: what logical replication does not carry, set on the target from the
-//! source (with an optional safety offset) before traffic switches over.
+//! `pgtide copy sequences` and `pgtide copy roles`: what logical replication does not carry,
+//! set on the target from the source (sequences with an optional safety offset) before traffic
+//! switches over.
 
 use anyhow::Result;
 
-use crate::cli::CopySequencesArgs;
+use crate::cli::{CopyRolesArgs, CopySequencesArgs};
 use crate::clone::sequences;
 use crate::pg::{self, Side, catalog};
 
@@ -32,5 +33,38 @@ pub async fn sequences(args: CopySequencesArgs) -> Result<()> {
         seqs.len(),
         args.offset
     );
+    Ok(())
+}
+
+pub async fn roles(args: CopyRolesArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.endpoints.source, "source")?;
+    let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    let source_client = pg::connect(&source, Side::Source, "roles").await?;
+    let target_client = pg::connect(&target, Side::Target, "roles").await?;
+    let options = crate::roles::RoleCopyOptions {
+        passwords: !args.no_role_passwords,
+        exclude: args.exclude_roles,
+    };
+    let report = crate::roles::copy_roles(&source_client, &target_client, &options).await?;
+    println!(
+        "roles: {} created, {} altered to match the source, {} passwords set; memberships: {} granted, {} already there; {} role settings set",
+        report.created.len(),
+        report.altered.len(),
+        report.passwords_set,
+        report.memberships_granted,
+        report.memberships_present,
+        report.settings_set
+    );
+    for (role, why) in &report.skipped {
+        println!("left alone: {role} ({why})");
+    }
+    for setting in &report.settings_skipped {
+        println!("not set (the target has no such database): {setting}");
+    }
+    if args.no_role_passwords {
+        println!(
+            "passwords were not copied (--no-role-passwords): set them with ALTER ROLE … PASSWORD on the target"
+        );
+    }
     Ok(())
 }

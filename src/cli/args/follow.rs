@@ -85,6 +85,24 @@ pub struct CleanupArgs {
 pub enum CopyCommand {
     /// Set every target sequence from the source's current value (plus --offset).
     Sequences(CopySequencesArgs),
+    /// Copy the source server's roles to the target: attributes, password hashes,
+    /// memberships, per-role settings, comments. Never touches the role pgtide connects to
+    /// the target as, nor the target's bootstrap superuser. Safe to rerun.
+    Roles(CopyRolesArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CopyRolesArgs {
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    /// Copy the roles without their passwords (reading password hashes needs a superuser on
+    /// the source); set them on the target afterwards with ALTER ROLE … PASSWORD.
+    #[arg(long)]
+    pub no_role_passwords: bool,
+    /// A source role not to copy, with its memberships and settings (repeatable): a managed
+    /// service's own administrator roles, say (rdsadmin, cloudsqladmin, azure_superuser).
+    #[arg(long = "exclude-role", value_name = "ROLE")]
+    pub exclude_roles: Vec<String>,
 }
 
 #[derive(Args, Debug)]

@@ -1,0 +1,528 @@
+//! Roles, copied from the source server to the target (`pgtide copy roles`): attributes,
+//! password hashes, memberships, per-role settings and comments. The application must log in to
+//! the target with its usual credentials after cutover, and nothing else carries roles: they
+//! are global objects, outside pg_dump and logical replication.
+//!
+//! Two target roles are never touched: the one pgtide connects as (altering its password or
+//! attributes would cut pgtide's own access in the middle of a migration) and the bootstrap
+//! superuser (OID 10). Predefined `pg_*` roles are the server's own and are not copied, but
+//! memberships in them are. Everything is done in one target transaction, after every check
+//! that can refuse has passed: a refusal leaves the target as it was. A rerun converges:
+//! existing roles are altered to match, and a membership that exists is not granted again
+//! (from PostgreSQL 16 a second GRANT by another grantor would add a second row).
+
+use std::collections::{BTreeMap, HashSet};
+
+use anyhow::{Context, Result, bail};
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use crate::pg::{describe, quote_ident, quote_literal};
+
+/// What the operator asked for.
+#[derive(Clone, Debug, Default)]
+pub struct RoleCopyOptions {
+    /// Copy password hashes (needs superuser on the source to read pg_authid).
+    pub passwords: bool,
+    /// Source roles not to copy (a managed service's own administrators, say), nor any
+    /// membership or setting of theirs.
+    pub exclude: Vec<String>,
+}
+
+/// One source role as copied.
+#[derive(Clone, Debug)]
+struct SourceRole {
+    name: String,
+    superuser: bool,
+    inherit: bool,
+    create_role: bool,
+    create_db: bool,
+    login: bool,
+    replication: bool,
+    bypass_rls: bool,
+    connection_limit: i32,
+    /// The stored hash (SCRAM or md5), when read and set.
+    password: Option<String>,
+    valid_until: Option<String>,
+    comment: Option<String>,
+}
+
+/// One membership: `member` is granted `role`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Membership {
+    role: String,
+    member: String,
+    admin: bool,
+    /// From 16: whether the member inherits the role's privileges, and may SET ROLE to it.
+    /// None on older sources (the member's own INHERIT attribute decides, as it did there).
+    inherit: Option<bool>,
+    set: Option<bool>,
+}
+
+/// A per-role setting (`ALTER ROLE … [IN DATABASE d] SET name = value`).
+#[derive(Clone, Debug)]
+struct RoleSetting {
+    role: String,
+    database: Option<String>,
+    name: String,
+    value: String,
+}
+
+/// What a copy did, for the operator.
+#[derive(Debug, Default)]
+pub struct RoleCopyReport {
+    pub created: Vec<String>,
+    pub altered: Vec<String>,
+    /// Roles left alone on the target, with why.
+    pub skipped: Vec<(String, &'static str)>,
+    pub passwords_set: usize,
+    pub memberships_granted: usize,
+    pub memberships_present: usize,
+    pub settings_set: usize,
+    /// Settings for a database the target does not have.
+    pub settings_skipped: Vec<String>,
+}
+
+/// Copies the source's roles onto the target (see the module doc).
+pub async fn copy_roles(
+    source: &Client,
+    target: &Client,
+    options: &RoleCopyOptions,
+) -> Result<RoleCopyReport> {
+    let roles = read_roles(source, options.passwords).await?;
+    let memberships = read_memberships(source).await?;
+    let settings = read_settings(source).await?;
+
+    let (connected_as, bootstrap, target_super): (String, String, bool) = {
+        let row = target
+            .query_one(
+                "SELECT current_user::text, (SELECT rolname::text FROM pg_roles WHERE oid = 10),
+                        (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
+                &[],
+            )
+            .await
+            .context("cannot read the target's roles")?;
+        (row.get(0), row.get(1), row.get(2))
+    };
+    let untouchable = |name: &str| -> Option<&'static str> {
+        if options.exclude.iter().any(|e| e == name) {
+            Some("--exclude-role")
+        } else if name == connected_as {
+            Some("the role pgtide connects to the target as")
+        } else if name == bootstrap {
+            Some("the target's bootstrap superuser")
+        } else {
+            None
+        }
+    };
+    let existing: HashSet<String> = target
+        .query("SELECT rolname::text FROM pg_roles", &[])
+        .await
+        .context("cannot read the target's roles")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let target_databases: HashSet<String> = target
+        .query("SELECT datname::text FROM pg_database", &[])
+        .await
+        .context("cannot read the target's databases")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    // Every refusal before the first change.
+    if !target_super {
+        let needs_super: Vec<&str> = roles
+            .iter()
+            .filter(|r| untouchable(&r.name).is_none())
+            .filter(|r| r.superuser || r.replication || r.bypass_rls)
+            .map(|r| r.name.as_str())
+            .collect();
+        if !needs_super.is_empty() {
+            bail!(
+                "the source has roles with SUPERUSER, REPLICATION or BYPASSRLS ({}), which only a superuser can create or alter on the target, and pgtide connects to the target as {connected_as}, who is not one. Run `pgtide copy roles` with a superuser in --target, or create those roles on the target yourself first.",
+                needs_super.join(", ")
+            );
+        }
+    }
+
+    let mut report = RoleCopyReport::default();
+    let mut statements = Vec::new();
+    for role in &roles {
+        if let Some(why) = untouchable(&role.name) {
+            report.skipped.push((role.name.clone(), why));
+            continue;
+        }
+        let name = quote_ident(&role.name);
+        if existing.contains(&role.name) {
+            report.altered.push(role.name.clone());
+        } else {
+            statements.push(format!("CREATE ROLE {name}"));
+            report.created.push(role.name.clone());
+        }
+        statements.push(format!("ALTER ROLE {name} WITH {}", attributes(role)));
+        if let Some(hash) = &role.password {
+            statements.push(format!(
+                "ALTER ROLE {name} PASSWORD {}",
+                quote_literal(hash)
+            ));
+            report.passwords_set += 1;
+        }
+        if let Some(comment) = &role.comment {
+            statements.push(format!(
+                "COMMENT ON ROLE {name} IS {}",
+                quote_literal(comment)
+            ));
+        }
+    }
+
+    let present: HashSet<(String, String)> = target
+        .query(
+            "SELECT r.rolname::text, m.rolname::text FROM pg_auth_members a
+               JOIN pg_roles r ON r.oid = a.roleid JOIN pg_roles m ON m.oid = a.member",
+            &[],
+        )
+        .await
+        .context("cannot read the target's role memberships")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let target_has_options = target_major(target).await? >= 16;
+    for m in &memberships {
+        // A membership of a role left alone is left alone too, and one in an excluded role
+        // could not be granted (it is not created).
+        if untouchable(&m.member).is_some() || options.exclude.contains(&m.role) {
+            continue;
+        }
+        if present.contains(&(m.role.clone(), m.member.clone())) {
+            report.memberships_present += 1;
+            continue;
+        }
+        statements.push(grant(m, target_has_options));
+        report.memberships_granted += 1;
+    }
+
+    for s in &settings {
+        if untouchable(&s.role).is_some() {
+            continue;
+        }
+        let scope = match &s.database {
+            Some(db) if !target_databases.contains(db) => {
+                report
+                    .settings_skipped
+                    .push(format!("{} in database {db}: {}", s.role, s.name));
+                continue;
+            }
+            Some(db) => format!(" IN DATABASE {}", quote_ident(db)),
+            None => String::new(),
+        };
+        statements.push(format!(
+            "ALTER ROLE {}{scope} SET {} TO {}",
+            quote_ident(&s.role),
+            setting_name(&s.name),
+            setting_value(&s.name, &s.value)
+        ));
+        report.settings_set += 1;
+    }
+
+    target
+        .batch_execute("BEGIN")
+        .await
+        .context("cannot start the roles transaction on the target")?;
+    for statement in &statements {
+        if let Err(e) = target.batch_execute(statement).await {
+            let _ = target.batch_execute("ROLLBACK").await;
+            // The statement is not shown: it may hold a password hash.
+            bail!(
+                "copying the roles failed on the target ({}); nothing was changed. {}",
+                describe(&e),
+                hint_for(&e)
+            );
+        }
+    }
+    target
+        .batch_execute("COMMIT")
+        .await
+        .context("cannot commit the roles on the target")?;
+    Ok(report)
+}
+
+fn hint_for(e: &tokio_postgres::Error) -> &'static str {
+    match e.code() {
+        Some(c) if *c == SqlState::INSUFFICIENT_PRIVILEGE => {
+            "The target role pgtide connects as lacks the privilege: use a superuser, or a role with CREATEROLE that is ADMIN of the roles granted."
+        }
+        Some(c) if *c == SqlState::UNDEFINED_OBJECT => {
+            "A predefined role or a setting of the source does not exist on the target's version: remove it on the source, or create it on the target first."
+        }
+        _ => "Fix the cause above and rerun: the copy is idempotent.",
+    }
+}
+
+/// The attribute list of `ALTER ROLE … WITH`.
+fn attributes(role: &SourceRole) -> String {
+    let flag = |on: bool, word: &str| {
+        if on {
+            word.to_string()
+        } else {
+            format!("NO{word}")
+        }
+    };
+    let mut words = vec![
+        flag(role.superuser, "SUPERUSER"),
+        flag(role.inherit, "INHERIT"),
+        flag(role.create_role, "CREATEROLE"),
+        flag(role.create_db, "CREATEDB"),
+        flag(role.login, "LOGIN"),
+        flag(role.replication, "REPLICATION"),
+        flag(role.bypass_rls, "BYPASSRLS"),
+        format!("CONNECTION LIMIT {}", role.connection_limit),
+    ];
+    if let Some(until) = &role.valid_until {
+        words.push(format!("VALID UNTIL {}", quote_literal(until)));
+    }
+    words.join(" ")
+}
+
+fn grant(m: &Membership, target_has_options: bool) -> String {
+    let head = format!(
+        "GRANT {} TO {}",
+        quote_ident(&m.role),
+        quote_ident(&m.member)
+    );
+    if target_has_options {
+        let mut options = vec![format!("ADMIN {}", m.admin)];
+        if let Some(inherit) = m.inherit {
+            options.push(format!("INHERIT {inherit}"));
+        }
+        if let Some(set) = m.set {
+            options.push(format!("SET {set}"));
+        }
+        format!("{head} WITH {}", options.join(", "))
+    } else if m.admin {
+        format!("{head} WITH ADMIN OPTION")
+    } else {
+        head
+    }
+}
+
+/// Settings whose value is a list of names, each quoted when needed (GUC_LIST_QUOTE in
+/// PostgreSQL's guc_tables.c): stored as `"$user", public`, they must be set element by
+/// element, not as one string.
+const LIST_SETTINGS: [&str; 4] = [
+    "search_path",
+    "temp_tablespaces",
+    "session_preload_libraries",
+    "local_preload_libraries",
+];
+
+fn setting_name(name: &str) -> String {
+    name.split('.')
+        .map(quote_ident)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn setting_value(name: &str, value: &str) -> String {
+    if LIST_SETTINGS.contains(&name.to_ascii_lowercase().as_str()) {
+        split_list(value)
+            .iter()
+            .map(|element| quote_literal(element))
+            .collect::<Vec<_>>()
+            .join(", ")
+    } else {
+        quote_literal(value)
+    }
+}
+
+/// Splits a stored list setting (`"$user", public, "a ""b"""`) into its elements, unquoted.
+fn split_list(value: &str) -> Vec<String> {
+    let mut elements = Vec::new();
+    let mut chars = value.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut element = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                if c == '"' {
+                    if chars.peek() == Some(&'"') {
+                        chars.next();
+                        element.push('"');
+                    } else {
+                        break;
+                    }
+                } else {
+                    element.push(c);
+                }
+            }
+            while chars.peek().is_some_and(|c| *c != ',') {
+                chars.next();
+            }
+        } else {
+            while let Some(c) = chars.peek() {
+                if *c == ',' {
+                    break;
+                }
+                element.push(*c);
+                chars.next();
+            }
+            element = element.trim_end().to_string();
+        }
+        elements.push(element);
+        if chars.next().is_none() {
+            break;
+        }
+    }
+    elements
+}
+
+async fn target_major(client: &Client) -> Result<u32> {
+    crate::pg::server_major(client).await
+}
+
+async fn read_roles(source: &Client, passwords: bool) -> Result<Vec<SourceRole>> {
+    let columns = "rolname::text, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin,
+                   rolreplication, rolbypassrls, rolconnlimit, PASSWORD, rolvaliduntil::text,
+                   shobj_description(oid, 'pg_authid')";
+    let sql = |table: &str, password: &str| {
+        format!(
+            "SELECT {} FROM {table} WHERE rolname !~ '^pg_' ORDER BY rolname",
+            columns.replace("PASSWORD", password)
+        )
+    };
+    let rows = if passwords {
+        match source.query(&sql("pg_authid", "rolpassword"), &[]).await {
+            Ok(rows) => rows,
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => bail!(
+                "reading the roles' password hashes needs a superuser on the source (they are in pg_authid, which only superusers can read). Connect --source as a superuser, or rerun with --no-role-passwords to copy the roles without passwords (set them on the target afterwards with ALTER ROLE … PASSWORD)."
+            ),
+            Err(e) => bail!("cannot read the source's roles: {}", describe(&e)),
+        }
+    } else {
+        source
+            .query(&sql("pg_roles", "NULL::text"), &[])
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the source's roles: {}", describe(&e)))?
+    };
+    Ok(rows
+        .iter()
+        .map(|r| SourceRole {
+            name: r.get(0),
+            superuser: r.get(1),
+            inherit: r.get(2),
+            create_role: r.get(3),
+            create_db: r.get(4),
+            login: r.get(5),
+            replication: r.get(6),
+            bypass_rls: r.get(7),
+            connection_limit: r.get(8),
+            password: r.get(9),
+            valid_until: r.get(10),
+            comment: r.get(11),
+        })
+        .collect())
+}
+
+async fn read_memberships(source: &Client) -> Result<Vec<Membership>> {
+    let options = if crate::pg::server_major(source).await? >= 16 {
+        "a.inherit_option, a.set_option"
+    } else {
+        "NULL::bool, NULL::bool"
+    };
+    let rows = source
+        .query(
+            &format!(
+                "SELECT r.rolname::text, m.rolname::text, a.admin_option, {options}
+                 FROM pg_auth_members a JOIN pg_roles r ON r.oid = a.roleid
+                 JOIN pg_roles m ON m.oid = a.member
+                 WHERE m.rolname !~ '^pg_'"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the source's role memberships: {}",
+                describe(&e)
+            )
+        })?;
+    // From 16 one membership can have a row per grantor: one grant with the options of all.
+    let mut merged: BTreeMap<(String, String), Membership> = BTreeMap::new();
+    for r in &rows {
+        let m = Membership {
+            role: r.get(0),
+            member: r.get(1),
+            admin: r.get(2),
+            inherit: r.get(3),
+            set: r.get(4),
+        };
+        merged
+            .entry((m.role.clone(), m.member.clone()))
+            .and_modify(|e| {
+                e.admin |= m.admin;
+                e.inherit = match (e.inherit, m.inherit) {
+                    (Some(a), Some(b)) => Some(a || b),
+                    (a, b) => a.or(b),
+                };
+                e.set = match (e.set, m.set) {
+                    (Some(a), Some(b)) => Some(a || b),
+                    (a, b) => a.or(b),
+                };
+            })
+            .or_insert(m);
+    }
+    Ok(merged.into_values().collect())
+}
+
+async fn read_settings(source: &Client) -> Result<Vec<RoleSetting>> {
+    let rows = source
+        .query(
+            "SELECT r.rolname::text, d.datname::text, s.setconfig::text[]
+             FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+             LEFT JOIN pg_database d ON d.oid = s.setdatabase
+             WHERE s.setrole <> 0 AND r.rolname !~ '^pg_'
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the source's role settings: {}", describe(&e)))?;
+    let mut settings = Vec::new();
+    for r in &rows {
+        let config: Vec<String> = r.get(2);
+        for entry in config {
+            let Some((name, value)) = entry.split_once('=') else {
+                continue;
+            };
+            settings.push(RoleSetting {
+                role: r.get(0),
+                database: r.get(1),
+                name: name.to_string(),
+                value: value.to_string(),
+            });
+        }
+    }
+    Ok(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{setting_value, split_list};
+
+    #[test]
+    fn list_settings_are_set_element_by_element() {
+        assert_eq!(
+            split_list(r#""$user", public, "My ""Schema""""#),
+            vec!["$user", "public", r#"My "Schema""#]
+        );
+        assert_eq!(split_list("a"), vec!["a"]);
+        assert_eq!(
+            setting_value("search_path", r#""$user", public"#),
+            "'$user', 'public'"
+        );
+        assert_eq!(setting_value("work_mem", "16MB"), "'16MB'");
+        assert_eq!(setting_value("DateStyle", "ISO, DMY"), "'ISO, DMY'");
+    }
+}
