@@ -182,6 +182,16 @@ mod key {
     }
 }
 
+/// A target setting as it was before `--fast-restore` changed it: its line in
+/// postgresql.auto.conf (None: it had none, `ALTER SYSTEM RESET` restores it) and the value in
+/// effect (what the restore is checked against).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedSetting {
+    pub name: String,
+    pub auto_conf: Option<String>,
+    pub value_before: String,
+}
+
 /// The work dir's change stream as `stream setup` or `clone --follow` created it (or `stream
 /// receive --slot-name` adopted it): what every later stage (receive, follow, cutover,
 /// status, cleanup, a resume) reads back. Written and cleared as one.
@@ -675,7 +685,8 @@ impl StateDb {
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS apply_samples (at REAL NOT NULL, pid INTEGER NOT NULL, changes INTEGER NOT NULL, transactions INTEGER NOT NULL, lsn INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS follow_process (id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER NOT NULL, started_at REAL NOT NULL, heartbeat_at REAL NOT NULL, stopped_at REAL, last_error TEXT);
-             CREATE TABLE IF NOT EXISTS table_sync (table_name TEXT PRIMARY KEY, kind TEXT NOT NULL, stage TEXT NOT NULL, lsn TEXT, generation INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS table_sync (table_name TEXT PRIMARY KEY, kind TEXT NOT NULL, stage TEXT NOT NULL, lsn TEXT, generation INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS target_settings (name TEXT PRIMARY KEY, auto_conf TEXT, value_before TEXT NOT NULL);",
         )
         .context("cannot create the state database schema")?;
         let has_replica_identity: bool = conn.query_row(
@@ -1131,6 +1142,45 @@ impl StateDb {
     /// `pgtide cleanup` removed everything the migration created on both servers.
     pub fn record_cleaned_up(&self) -> Result<()> {
         self.set_meta(key::MIGRATION_STATUS, key::MIGRATION_CLEANED_UP)
+    }
+
+    /// Records the target settings `--fast-restore` is about to change, as they are before
+    /// it: a setting already recorded keeps its first record (a resumed run must restore what
+    /// the target had before the first one, not what an interrupted run left).
+    pub fn record_target_settings(&self, settings: &[SavedSetting]) -> Result<()> {
+        self.with(|c| {
+            for s in settings {
+                c.execute(
+                    "INSERT INTO target_settings (name, auto_conf, value_before) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO NOTHING",
+                    params![s.name, s.auto_conf, s.value_before],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The target settings recorded before `--fast-restore` changed them (empty: none are
+    /// changed, or they were restored).
+    pub fn saved_target_settings(&self) -> Result<Vec<SavedSetting>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT name, auto_conf, value_before FROM target_settings ORDER BY name",
+            )?;
+            stmt.query_map([], |r| {
+                Ok(SavedSetting {
+                    name: r.get(0)?,
+                    auto_conf: r.get(1)?,
+                    value_before: r.get(2)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
+    /// Forgets the recorded target settings once they are restored.
+    pub fn forget_target_settings(&self) -> Result<()> {
+        self.with(|c| c.execute("DELETE FROM target_settings", []).map(|_| ()))
     }
 
     /// Whether `pgtide cleanup` ran for this work dir.

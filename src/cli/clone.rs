@@ -80,6 +80,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         resync_for_follow: args.follow && args.resume,
         follow: args.follow,
         toast_compression: args.toast_compression,
+        fast_restore: args.fast_restore,
     };
     if !args.follow {
         follow::interruptible(clone::run(&workdir, &opts), &args.dir).await?;

@@ -6,6 +6,7 @@
 //! lands its indexes are queued for the index workers while other tables still copy.
 
 pub mod copy;
+pub mod fast_restore;
 pub mod filters;
 pub mod indexes;
 pub mod large_objects;
@@ -62,6 +63,8 @@ pub struct CloneOptions {
     pub follow: bool,
     /// How the copy compresses TOASTed values on the target (None: lz4 where available).
     pub toast_compression: Option<toast::ToastCompression>,
+    /// Target settings for the bulk load, restored when it ends (`--fast-restore`).
+    pub fast_restore: Option<fast_restore::FastRestore>,
 }
 
 /// How the operator chose to split tables: a fixed policy, or one decided from the cores the
@@ -154,6 +157,11 @@ pub async fn run_holding(
 
     let source = pg::connect(&opts.source, Side::Source, "catalog").await?;
     let target = pg::connect(&opts.target, Side::Target, "admin").await?;
+    // Settings an earlier run left changed (killed with --fast-restore on): back first, unless
+    // this run changes them again (the first record is kept either way).
+    if opts.fast_restore.is_none() {
+        fast_restore::restore(&target, state).await?;
+    }
     let tools = choose_tools(&source, &target).await?;
     let tools = &tools;
     check_identity(state, &source, &target, opts).await?;
@@ -293,69 +301,83 @@ pub async fn run_holding(
         })
         .await?;
     }
-    if !state.step_is_done(Step::Copy)? || !state.step_is_done(Step::Indexes)? {
-        copy::prepare_target(&target).await?;
-        reconcile_with_target(state, &target, &tables, &all_indexes).await?;
-        if let Some(lsn) = resync_lsn {
-            resync_unfinished_tables(state, &target, &tables, lsn).await?;
-        }
-        state.set_phase(Phase::Copying)?;
-        state.step_started(Step::Copy)?;
-        state.step_started(Step::Indexes)?;
-        let result =
-            copy_resyncing_rewritten(opts, state, &target, snapshot.clone(), &tables).await;
-        match &result {
-            Ok(()) => {
-                state.step_done(Step::Copy)?;
-                state.step_done(Step::Indexes)?;
-            }
-            Err(e) => {
-                state.step_failed(Step::Copy, &format!("{e:#}"))?;
-                state.step_failed(Step::Indexes, &format!("{e:#}"))?;
-            }
-        }
-        result?;
+    // The bulk load, with the --fast-restore settings on the target for its duration only:
+    // they are restored whether it succeeds or fails (and by the next run or cleanup after a
+    // kill).
+    if let Some(level) = opts.fast_restore {
+        fast_restore::apply(&target, state, level).await?;
     }
+    let loaded = async {
+        if !state.step_is_done(Step::Copy)? || !state.step_is_done(Step::Indexes)? {
+            copy::prepare_target(&target).await?;
+            reconcile_with_target(state, &target, &tables, &all_indexes).await?;
+            if let Some(lsn) = resync_lsn {
+                resync_unfinished_tables(state, &target, &tables, lsn).await?;
+            }
+            state.set_phase(Phase::Copying)?;
+            state.step_started(Step::Copy)?;
+            state.step_started(Step::Indexes)?;
+            let result =
+                copy_resyncing_rewritten(opts, state, &target, snapshot.clone(), &tables).await;
+            match &result {
+                Ok(()) => {
+                    state.step_done(Step::Copy)?;
+                    state.step_done(Step::Indexes)?;
+                }
+                Err(e) => {
+                    state.step_failed(Step::Copy, &format!("{e:#}"))?;
+                    state.step_failed(Step::Indexes, &format!("{e:#}"))?;
+                }
+            }
+            result?;
+        }
 
-    if !state.step_is_done(Step::PostData)? {
-        run_step(state, Step::PostData, async {
-            let leave_out = leave_out::decide(&source, &target).await?;
-            schema::restore(
-                &workdir.path.join("post-data.dump"),
-                &opts.target,
-                &schema::RestoreOptions {
-                    tools,
-                    skip_object_oids: &built_by_pgtide,
-                    leave_out: &leave_out,
-                    clean: false,
-                    no_owner: opts.no_owner,
-                    no_acl: opts.no_acl,
-                },
+        if !state.step_is_done(Step::PostData)? {
+            run_step(state, Step::PostData, async {
+                let leave_out = leave_out::decide(&source, &target).await?;
+                schema::restore(
+                    &workdir.path.join("post-data.dump"),
+                    &opts.target,
+                    &schema::RestoreOptions {
+                        tools,
+                        skip_object_oids: &built_by_pgtide,
+                        leave_out: &leave_out,
+                        clean: false,
+                        no_owner: opts.no_owner,
+                        no_acl: opts.no_acl,
+                    },
+                )
+                .await
+            })
+            .await?;
+        }
+
+        if !state.step_is_done(Step::Sequences)? {
+            let seqs = state.sequences()?;
+            run_step(
+                state,
+                Step::Sequences,
+                sequences::set_on_target(&target, &seqs, 0),
             )
-            .await
-        })
-        .await?;
-    }
+            .await?;
+        }
 
-    if !state.step_is_done(Step::Sequences)? {
-        let seqs = state.sequences()?;
-        run_step(
-            state,
-            Step::Sequences,
-            sequences::set_on_target(&target, &seqs, 0),
-        )
-        .await?;
-    }
+        if !opts.skip_vacuum && !state.step_is_done(Step::Vacuum)? {
+            let left = state.tables_not_vacuumed()?;
+            run_step(
+                state,
+                Step::Vacuum,
+                vacuum_analyze(&opts.target, state, &left, opts.table_jobs),
+            )
+            .await?;
+        }
 
-    if !opts.skip_vacuum && !state.step_is_done(Step::Vacuum)? {
-        let left = state.tables_not_vacuumed()?;
-        run_step(
-            state,
-            Step::Vacuum,
-            vacuum_analyze(&opts.target, state, &left, opts.table_jobs),
-        )
-        .await?;
+        Ok::<(), anyhow::Error>(())
     }
+    .await;
+    let restored = fast_restore::restore(&target, state).await;
+    loaded?;
+    restored?;
 
     target
         .batch_execute("DROP SCHEMA IF EXISTS pgtide CASCADE")

@@ -105,6 +105,13 @@ pub struct CloneArgs {
     /// default_toast_compression). Invisible to SQL; later writes follow the target's setting.
     #[arg(long, value_enum)]
     pub toast_compression: Option<crate::clone::toast::ToastCompression>,
+    /// Target settings for the bulk load (maintenance_work_mem, max_wal_size,
+    /// checkpoint_timeout, wal_compression; with =unsafe also fsync, full_page_writes and
+    /// synchronous_commit off) through ALTER SYSTEM, recorded in the work dir first and
+    /// restored when the copy ends, on failure, by the next run or by cleanup. Needs a
+    /// superuser on the target.
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "safe")]
+    pub fast_restore: Option<crate::clone::fast_restore::FastRestore>,
     /// Do not restore object ownership (pg_restore --no-owner).
     #[arg(long)]
     pub no_owner: bool,
