@@ -11,25 +11,6 @@ use std::time::Duration;
 use common::*;
 use pgtide::failpoints::{COPY_AFTER_COMMIT, COPY_BEFORE_COMMIT};
 
-/// Waits for clone --follow to reach an endpos set at the source's current position, and
-/// asserts it succeeded.
-fn finish_at_current_position(child: PgtideChild, src: &str, d: &str) -> String {
-    pgtide_ok(&[
-        "sentinel",
-        "set",
-        "endpos",
-        "--current",
-        "--dir",
-        d,
-        "--source",
-        src,
-    ]);
-    let out = wait_exit(child, 300);
-    let all = text(&out);
-    assert!(out.status.success(), "clone --follow failed:\n{all}");
-    all
-}
-
 /// Items 1 and 8: the source database's own DateStyle, IntervalStyle, bytea_output,
 /// extra_float_digits and TimeZone reach every session, the walsender's included; values
 /// decoded in those styles would be parsed differently by apply. And an

@@ -164,23 +164,7 @@ async fn fast_restore_settings_are_restored_after_a_sigkill() {
     let child = spawn_pgtide(&resume, &[]);
     exec(&src, "INSERT INTO t VALUES (5001, 'after the kill')").await;
     wait_for_slot(&dir);
-    pgtide_ok(&[
-        "sentinel",
-        "set",
-        "endpos",
-        "--current",
-        "--dir",
-        d,
-        "--source",
-        &src,
-    ]);
-    let out = wait_exit(child, 300);
-    assert!(
-        out.status.success(),
-        "the resumed run failed:\n{}",
-        text(&out)
-    );
-    let all = text(&out);
+    let all = finish_at_current_position(child, &src, d);
     let restored_at = all
         .find("restored the target's settings from before --fast-restore")
         .unwrap_or_else(|| panic!("no restore in the log:\n{all}"));

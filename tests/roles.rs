@@ -20,6 +20,11 @@ fn uri_as(admin: &str, user: &str, password: &str, db: &str) -> String {
     format!("postgres://{user}:{password}@{host}/{db}")
 }
 
+/// `pgtide copy roles` from `src` to `dst` with `extra` options; its output.
+fn copy_roles(src: &str, dst: &str, extra: &[&str]) -> String {
+    pgtide_ok(&[&["copy", "roles", "--source", src, "--target", dst], extra].concat())
+}
+
 async fn can_log_in(uri: &str) -> bool {
     match tokio_postgres::connect(uri, tokio_postgres::NoTls).await {
         Ok((client, conn)) => {
@@ -121,16 +126,11 @@ async fn roles_are_copied_with_passwords_memberships_and_settings() {
         "a refused copy changes nothing"
     );
 
-    let out = pgtide_ok(&[
-        "copy",
-        "roles",
-        "--source",
+    let out = copy_roles(
         &src,
-        "--target",
         &target_as_migrator,
-        "--exclude-role",
-        "t_roles_service_admin",
-    ]);
+        &["--exclude-role", "t_roles_service_admin"],
+    );
     assert!(
         out.contains("left alone: t_roles_service_admin (--exclude-role)"),
         "{out}"
@@ -207,16 +207,11 @@ async fn roles_are_copied_with_passwords_memberships_and_settings() {
     );
 
     // A rerun converges: nothing created, nothing granted twice.
-    let out = pgtide_ok(&[
-        "copy",
-        "roles",
-        "--source",
+    let out = copy_roles(
         &src,
-        "--target",
         &target_as_migrator,
-        "--exclude-role",
-        "t_roles_service_admin",
-    ]);
+        &["--exclude-role", "t_roles_service_admin"],
+    );
     assert!(
         out.contains("roles: 0 created") && out.contains("memberships: 0 granted, 3 already there"),
         "{out}"
@@ -229,17 +224,15 @@ async fn roles_are_copied_with_passwords_memberships_and_settings() {
         "ALTER ROLE t_roles_owner PASSWORD 'changed-on-target'",
     )
     .await;
-    let out = pgtide_ok(&[
-        "copy",
-        "roles",
-        "--no-role-passwords",
-        "--source",
+    let out = copy_roles(
         &reader_source,
-        "--target",
         &target_as_migrator,
-        "--exclude-role",
-        "t_roles_service_admin",
-    ]);
+        &[
+            "--no-role-passwords",
+            "--exclude-role",
+            "t_roles_service_admin",
+        ],
+    );
     assert!(out.contains("0 passwords set"), "{out}");
     assert!(
         can_log_in(&uri_as(

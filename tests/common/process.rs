@@ -231,3 +231,22 @@ pub fn filters_file(name: &str, text: &str) -> std::path::PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// Waits for clone --follow to reach an endpos set at the source's current position, and
+/// asserts it succeeded.
+pub fn finish_at_current_position(child: PgtideChild, src: &str, d: &str) -> String {
+    pgtide_ok(&[
+        "sentinel",
+        "set",
+        "endpos",
+        "--current",
+        "--dir",
+        d,
+        "--source",
+        src,
+    ]);
+    let out = wait_exit(child, 300);
+    let all = text(&out);
+    assert!(out.status.success(), "clone --follow failed:\n{all}");
+    all
+}
