@@ -6,7 +6,8 @@
 # Clone side:
 #   1. pgbench scale SCALE + tests/fixtures/hard_cases.sql: pgtide clone (its default split
 #      policy, auto, which measures the cores both servers have for the copy and prints what it
-#      planned; and --split-tables-larger-than PGTIDE_BENCH_SPLIT, default 100MB), pgcopydb clone (unsplit and
+#      planned; --split-tables-larger-than PGTIDE_BENCH_SPLIT, default 100MB; and --fast-restore,
+#      the target tuned for the load and restored after it), pgcopydb clone (unsplit and
 #      split), pg_dump -Fd | pg_restore, and a physical-limit estimate; prints wall times and the
 #      ratios pgtide/best pgcopydb, pgtide/dump-restore, pgtide/limit.
 #   2. TOAST-heavy: database toastbench, one table of text + jsonb + bytea values (random hex and
@@ -106,6 +107,8 @@ run pgtide "$PGTIDE" clone --source "$(src_uri bench)" --target "$(dst_uri pgtid
   --table-jobs "$JOBS" --index-jobs "$JOBS"
 run pgtide_split "$PGTIDE" clone --source "$(src_uri bench)" --target "$(dst_uri pgtide_split)" --dir "$WORK/pgtide-split-dir" \
   --table-jobs "$JOBS" --index-jobs "$JOBS" --split-tables-larger-than "$SPLIT"
+run pgtide_fast "$PGTIDE" clone --source "$(src_uri bench)" --target "$(dst_uri pgtide_fast)" --dir "$WORK/pgtide-fast-dir" \
+  --table-jobs "$JOBS" --index-jobs "$JOBS" --fast-restore
 run pgcopydb pgcopydb clone --source "$(src_uri bench)" --target "$(dst_uri pgcopydb)" --dir "$WORK/pgcopydb-dir" \
   --table-jobs "$JOBS" --index-jobs "$JOBS" --filters "$WORK/pgcopydb-filters.ini"
 run pgcopydb_split pgcopydb clone --source "$(src_uri bench)" --target "$(dst_uri pgcopydb_split)" --dir "$WORK/pgcopydb-split-dir" \
@@ -153,14 +156,15 @@ fi
 
 echo
 echo "pgbench scale $SCALE, $JOBS jobs, split at $SPLIT, $(nproc) cores"
-for name in pgtide pgtide_split pgcopydb pgcopydb_split dump_restore physical_limit; do
+for name in pgtide pgtide_split pgtide_fast pgcopydb pgcopydb_split dump_restore physical_limit; do
   printf '%-16s %8s s   %s\n' "$name" "$(secs "${SECONDS_OF[$name]}")" "${VERDICT_OF[$name]}"
 done
 best_pgcopydb=$(best_of "${SECONDS_OF[pgcopydb]}" "${SECONDS_OF[pgcopydb_split]}")
 echo "pgtide / best pgcopydb:      $(ratio "${SECONDS_OF[pgtide]}" "$best_pgcopydb")   (pgtide --split-tables-larger-than $SPLIT: $(ratio "${SECONDS_OF[pgtide_split]}" "$best_pgcopydb"))"
+echo "pgtide --fast-restore / best pgcopydb: $(ratio "${SECONDS_OF[pgtide_fast]}" "$best_pgcopydb")"
 echo "pgtide / dump-restore:       $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[dump_restore]}")"
 echo "pgtide / physical limit:     $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[physical_limit]}")"
-echo "clone pgbench (scale $SCALE, $JOBS jobs): pgtide $(secs "${SECONDS_OF[pgtide]}") s (split $(secs "${SECONDS_OF[pgtide_split]}") s), best pgcopydb $(secs "$best_pgcopydb") s, dump-restore $(secs "${SECONDS_OF[dump_restore]}") s; pgtide/best pgcopydb $(ratio "${SECONDS_OF[pgtide]}" "$best_pgcopydb") (split $(ratio "${SECONDS_OF[pgtide_split]}" "$best_pgcopydb")), pgtide/dump-restore $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[dump_restore]}")" >> "$WORK/summary"
+echo "clone pgbench (scale $SCALE, $JOBS jobs): pgtide $(secs "${SECONDS_OF[pgtide]}") s (split $(secs "${SECONDS_OF[pgtide_split]}") s), best pgcopydb $(secs "$best_pgcopydb") s, dump-restore $(secs "${SECONDS_OF[dump_restore]}") s; pgtide/best pgcopydb $(ratio "${SECONDS_OF[pgtide]}" "$best_pgcopydb") (split $(ratio "${SECONDS_OF[pgtide_split]}" "$best_pgcopydb"), --fast-restore $(secs "${SECONDS_OF[pgtide_fast]}") s: $(ratio "${SECONDS_OF[pgtide_fast]}" "$best_pgcopydb")), pgtide/dump-restore $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[dump_restore]}")" >> "$WORK/summary"
 echo "step times of the pgtide run:"; sed -n '/^step/,/^$/p' "$WORK/pgtide.log"
 echo "logs: $WORK"
 echo

@@ -160,7 +160,10 @@ pub async fn copy_roles(
             statements.push(format!("CREATE ROLE {name}"));
             report.created.push(role.name.clone());
         }
-        statements.push(format!("ALTER ROLE {name} WITH {}", attributes(role)));
+        statements.push(format!(
+            "ALTER ROLE {name} WITH {}",
+            attributes(role, target_super)
+        ));
         if let Some(hash) = &role.password {
             statements.push(format!(
                 "ALTER ROLE {name} PASSWORD {}",
@@ -188,6 +191,20 @@ pub async fn copy_roles(
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let target_has_options = target_major(target).await? >= 16;
+    if !target_has_options {
+        let narrower: Vec<String> = memberships
+            .iter()
+            .filter(|m| untouchable(&m.member).is_none() && !options.exclude.contains(&m.role))
+            .filter(|m| m.inherit == Some(false) || m.set == Some(false))
+            .map(|m| format!("{} in {}", m.member, m.role))
+            .collect();
+        if !narrower.is_empty() {
+            bail!(
+                "memberships granted WITH INHERIT FALSE or SET FALSE on the source ({}) cannot be expressed on a target older than PostgreSQL 16: granted there, the member would inherit the role's privileges and could SET ROLE to it. Nothing was changed. Revoke them on the source or --exclude-role those roles, and grant what fits by hand on the target.",
+                narrower.join(", ")
+            );
+        }
+    }
     for m in &memberships {
         // A membership of a role left alone is left alone too, and one in an excluded role
         // could not be granted (it is not created).
@@ -259,8 +276,11 @@ fn hint_for(e: &tokio_postgres::Error) -> &'static str {
     }
 }
 
-/// The attribute list of `ALTER ROLE … WITH`.
-fn attributes(role: &SourceRole) -> String {
+/// The attribute list of `ALTER ROLE … WITH`. SUPERUSER, REPLICATION and BYPASSRLS may be
+/// named (even as NOSUPERUSER …) only by a superuser: without one on the target they are left
+/// out (a role that needs them was refused before anything changed; a new role is created
+/// without them).
+fn attributes(role: &SourceRole, target_super: bool) -> String {
     let flag = |on: bool, word: &str| {
         if on {
             word.to_string()
@@ -269,15 +289,19 @@ fn attributes(role: &SourceRole) -> String {
         }
     };
     let mut words = vec![
-        flag(role.superuser, "SUPERUSER"),
         flag(role.inherit, "INHERIT"),
         flag(role.create_role, "CREATEROLE"),
         flag(role.create_db, "CREATEDB"),
         flag(role.login, "LOGIN"),
-        flag(role.replication, "REPLICATION"),
-        flag(role.bypass_rls, "BYPASSRLS"),
         format!("CONNECTION LIMIT {}", role.connection_limit),
     ];
+    if target_super {
+        words.extend([
+            flag(role.superuser, "SUPERUSER"),
+            flag(role.replication, "REPLICATION"),
+            flag(role.bypass_rls, "BYPASSRLS"),
+        ]);
+    }
     if let Some(until) = &role.valid_until {
         words.push(format!("VALID UNTIL {}", quote_literal(until)));
     }
@@ -509,7 +533,37 @@ async fn read_settings(source: &Client) -> Result<Vec<RoleSetting>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{setting_value, split_list};
+    use super::{SourceRole, attributes, setting_value, split_list};
+
+    /// Only a superuser may name SUPERUSER, REPLICATION or BYPASSRLS, even as NO…: a
+    /// CREATEROLE administrator (a managed service's) must be able to copy the other roles.
+    #[test]
+    fn privileged_attributes_only_for_a_superuser_target() {
+        let role = SourceRole {
+            name: "app".into(),
+            superuser: false,
+            inherit: true,
+            create_role: false,
+            create_db: true,
+            login: true,
+            replication: false,
+            bypass_rls: false,
+            connection_limit: -1,
+            password: None,
+            valid_until: None,
+            comment: None,
+        };
+        let words = attributes(&role, false);
+        assert_eq!(
+            words,
+            "INHERIT NOCREATEROLE CREATEDB LOGIN CONNECTION LIMIT -1"
+        );
+        let words = attributes(&role, true);
+        assert!(
+            words.contains("NOSUPERUSER NOREPLICATION NOBYPASSRLS"),
+            "{words}"
+        );
+    }
 
     #[test]
     fn list_settings_are_set_element_by_element() {

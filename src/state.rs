@@ -107,6 +107,8 @@ CREATE TABLE IF NOT EXISTS large_objects (
 /// The `meta` keys the typed records below are stored under: the keys earlier pgtide versions
 /// wrote, so that a work dir they created opens and resumes as it is. No key leaves this file.
 mod key {
+    /// The target server (system identifier) whose settings `--fast-restore` recorded.
+    pub const FAST_RESTORE_SERVER: &str = "fast_restore.server";
     pub const STREAM_SLOT: &str = "stream.slot";
     pub const STREAM_PLUGIN: &str = "stream.plugin";
     pub const STREAM_WAL2JSON_NAN_AS_NULL: &str = "stream.wal2json_nan_as_null";
@@ -1147,7 +1149,8 @@ impl StateDb {
     /// Records the target settings `--fast-restore` is about to change, as they are before
     /// it: a setting already recorded keeps its first record (a resumed run must restore what
     /// the target had before the first one, not what an interrupted run left).
-    pub fn record_target_settings(&self, settings: &[SavedSetting]) -> Result<()> {
+    pub fn record_target_settings(&self, server: &str, settings: &[SavedSetting]) -> Result<()> {
+        self.set_meta(key::FAST_RESTORE_SERVER, server)?;
         self.with(|c| {
             for s in settings {
                 c.execute(
@@ -1178,9 +1181,15 @@ impl StateDb {
         })
     }
 
+    /// The target server whose settings are recorded (its system identifier).
+    pub fn target_settings_server(&self) -> Result<Option<String>> {
+        self.get_meta(key::FAST_RESTORE_SERVER)
+    }
+
     /// Forgets the recorded target settings once they are restored.
     pub fn forget_target_settings(&self) -> Result<()> {
-        self.with(|c| c.execute("DELETE FROM target_settings", []).map(|_| ()))
+        self.with(|c| c.execute("DELETE FROM target_settings", []).map(|_| ()))?;
+        self.delete_meta(key::FAST_RESTORE_SERVER)
     }
 
     /// Whether `pgtide cleanup` ran for this work dir.

@@ -331,6 +331,18 @@ struct Pending {
     expect: Expect,
 }
 
+/// Set once a COPY failed in this process: insert runs then go through INSERT statements for
+/// the rest of the run. A COPY that fails before the server enters copy mode (row-level
+/// security refuses COPY FROM, a missing privilege, a dropped table) leaves tokio-postgres
+/// 0.7 one ReadyForQuery out of step (rust-postgres issue #789), so its connection cannot be
+/// trusted again: the error is reported as a lost target connection (follow reconnects and
+/// resumes at the target's committed position), and the same rows then meet the INSERT path,
+/// which applies them or fails with the precise reason.
+static COPY_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The `what` of a COPY in the pipeline.
+const COPY_WHAT: &str = "a COPY of inserted rows";
+
 /// Insert runs of at least this many rows are loaded with `COPY … FROM STDIN` (text format)
 /// instead of `INSERT … SELECT FROM unnest(…)`: the target inserts them in batches
 /// (heap_multi_insert, fewer WAL records) and builds no arrays. The text values are the
@@ -861,8 +873,17 @@ impl Statements {
             .unzip();
         let results = futures_util::future::join_all(futures).await;
         for (result, (table, what, expect)) in results.into_iter().zip(meta) {
-            let rows =
-                result.map_err(|e| target_error(&e, format!("cannot apply {what} on {table}")))?;
+            let rows = match result {
+                Ok(rows) => rows,
+                Err(e) if what == COPY_WHAT => {
+                    COPY_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(anyhow::Error::new(crate::errors::TargetLost(format!(
+                        "a COPY into {table} failed ({}); reconnecting, and inserting with INSERT statements from now on",
+                        crate::pg::describe(&e)
+                    ))));
+                }
+                Err(e) => return Err(target_error(&e, format!("cannot apply {what} on {table}"))),
+            };
             let matched = match expect {
                 Expect::Any => true,
                 Expect::AtLeastOne => rows > 0,
@@ -894,6 +915,7 @@ impl Statements {
         let bytes = run.bytes();
         if let RunShape::Insert { columns } = &run.shape
             && run.rows() >= COPY_MIN_ROWS
+            && !COPY_FAILED.load(std::sync::atomic::Ordering::Relaxed)
         {
             let statement = self
                 .statement(target, table, Shape::Copy(columns.clone()))
@@ -915,12 +937,7 @@ impl Statements {
                 sink.finish().await
             };
             return self
-                .queue(
-                    Box::pin(copy),
-                    bytes,
-                    table,
-                    ("a COPY of inserted rows", Expect::Any),
-                )
+                .queue(Box::pin(copy), bytes, table, (COPY_WHAT, Expect::Any))
                 .await;
         }
         let statement = self.statement(target, table, Shape::Run(run.shape)).await?;

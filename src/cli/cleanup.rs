@@ -16,18 +16,26 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
     let workdir = WorkDir::open(&args.dir, "cleanup")?;
     let state = &workdir.state;
+    let had_fast_restore = !state.saved_target_settings()?.is_empty();
+    let slot_name = match (args.slot_name, state.stream_slot()?) {
+        (Some(s), _) | (None, Some(s)) => s,
+        // A plain clone's work dir: only the target settings of a killed --fast-restore.
+        (None, None) if had_fast_restore => {
+            let target_client = pg::connect(&target, Side::Target, "cleanup").await?;
+            crate::clone::fast_restore::restore(&target_client, state).await?;
+            println!("target: settings changed by --fast-restore restored");
+            return Ok(());
+        }
+        (None, None) => bail!("the work dir names no slot: give --slot-name"),
+    };
+    // The source first: a slot left behind retains WAL there, whatever the target's state.
+    let dropped_slot = crate::replication::setup::drop_stream(&source, &slot_name).await?;
     let target_client = pg::connect(&target, Side::Target, "cleanup").await?;
     // Target settings a killed clone left changed (--fast-restore): back as they were.
-    let had_fast_restore = !state.saved_target_settings()?.is_empty();
     crate::clone::fast_restore::restore(&target_client, state).await?;
     if had_fast_restore {
         println!("target: settings changed by --fast-restore restored");
     }
-    let slot_name = match (args.slot_name, state.stream_slot()?) {
-        (Some(s), _) | (None, Some(s)) => s,
-        (None, None) => bail!("the work dir names no slot: give --slot-name"),
-    };
-    let dropped_slot = crate::replication::setup::drop_stream(&source, &slot_name).await?;
     let origin = apply::origin_name(&slot_name);
     let dropped_origin = target_client
         .execute(

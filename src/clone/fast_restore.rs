@@ -51,7 +51,8 @@ fn settings(level: FastRestore) -> Vec<(&'static str, &'static str)> {
     settings
 }
 
-/// Records what the target has, then applies the bulk-load settings.
+/// Records what the target has, then applies the bulk-load settings. If an `ALTER SYSTEM`
+/// fails, what was changed is put back before the error is returned.
 pub async fn apply(target: &Client, state: &StateDb, level: FastRestore) -> Result<()> {
     let wanted = settings(level);
     let mut saved = Vec::new();
@@ -59,18 +60,27 @@ pub async fn apply(target: &Client, state: &StateDb, level: FastRestore) -> Resu
         saved.push(read_setting(target, name).await?);
     }
     // Before the first ALTER SYSTEM: a crash from here on leaves a record to restore from.
-    state.record_target_settings(&saved)?;
+    state.record_target_settings(&server_id(target).await?, &saved)?;
     if level == FastRestore::Unsafe {
         tracing::warn!(
             "--fast-restore=unsafe: fsync, full_page_writes and synchronous_commit are off on the target server until the copy ends; a crash of the target meanwhile can corrupt it"
         );
     }
-    for (name, value) in &wanted {
-        alter_system(
+    for (done, (name, value)) in wanted.iter().enumerate() {
+        let changed = alter_system(
             target,
             &format!("ALTER SYSTEM SET {name} = {}", quote_literal(value)),
         )
-        .await?;
+        .await;
+        if let Err(e) = changed {
+            if done == 0 {
+                // Nothing changed (ALTER SYSTEM refused: no privilege, allow_alter_system off).
+                state.forget_target_settings()?;
+            } else if let Err(undo) = restore(target, state).await {
+                tracing::warn!("{undo:#}");
+            }
+            return Err(e);
+        }
     }
     reload(target).await?;
     tracing::info!(
@@ -84,6 +94,24 @@ pub async fn apply(target: &Client, state: &StateDb, level: FastRestore) -> Resu
     Ok(())
 }
 
+/// The target server's system identifier: settings recorded on one server are never written
+/// to another (a `--restart` with a new --target, say).
+async fn server_id(target: &Client) -> Result<String> {
+    let row = target
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--fast-restore cannot identify the target server: {}",
+                describe(&e)
+            )
+        })?;
+    Ok(row.get(0))
+}
+
 /// Puts back every recorded setting and forgets the record; a no-op when nothing is recorded.
 /// Checked: each setting must read its previous value again (from a new session, once the
 /// reload is done).
@@ -91,6 +119,14 @@ pub async fn restore(target: &Client, state: &StateDb) -> Result<()> {
     let saved = state.saved_target_settings()?;
     if saved.is_empty() {
         return Ok(());
+    }
+    let here = server_id(target).await?;
+    if let Some(recorded) = state.target_settings_server()?
+        && recorded != here
+    {
+        bail!(
+            "the work dir holds target settings that --fast-restore changed on another server (system identifier {recorded}; this target is {here}). Run `pgtide cleanup` (or the clone) with --target pointing at that server to restore them there."
+        );
     }
     for s in &saved {
         let statement = match &s.auto_conf {
@@ -114,10 +150,13 @@ pub async fn restore(target: &Client, state: &StateDb) -> Result<()> {
             break;
         }
         if Instant::now() > deadline {
-            bail!(
-                "the target's settings did not return to their values before --fast-restore: {}. A setting changed in postgresql.conf meanwhile, or one needs a restart; check them with SHOW",
+            // The ALTER SYSTEMs went through: what differs now was changed by someone else
+            // (postgresql.conf edited meanwhile, say). Said, not retried forever.
+            tracing::warn!(
+                "the target's settings were put back, but some read differently than before --fast-restore: {}. A setting changed in postgresql.conf meanwhile? Check them with SHOW",
                 differing.join("; ")
             );
+            break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

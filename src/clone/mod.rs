@@ -77,10 +77,25 @@ pub enum SplitChoice {
 
 /// Resolves `--split-tables-larger-than auto`: the copy can run at most `--table-jobs`
 /// streams, and no more than both servers have cores for (measured when `--copy-cores` is not
-/// given, and only when some table is big enough for the answer to matter).
-async fn split_policy(opts: &CloneOptions, tables: &[TableRow]) -> Result<SplitPolicy> {
+/// given, and only when some table is big enough for the answer to matter); never on a source
+/// older than 14, where a part costs a whole-table scan.
+async fn split_policy(
+    opts: &CloneOptions,
+    tables: &[TableRow],
+    source_major: u32,
+) -> Result<SplitPolicy> {
+    // A part is read with a ctid range, which only 14+ reads as a range (TID range scan);
+    // older servers scan the whole table for each part.
+    let ranges_scan = source_major >= 14;
     let copy_cores = match opts.split {
+        SplitChoice::Fixed(policy @ SplitPolicy::LargerThan(_)) if !ranges_scan => {
+            tracing::warn!(
+                "splitting tables on a PostgreSQL {source_major} source: each part is read by a scan of the whole table (ctid ranges are read as ranges from 14 on); --split-tables-larger-than auto or 0 avoids it"
+            );
+            return Ok(policy);
+        }
         SplitChoice::Fixed(policy) => return Ok(policy),
+        SplitChoice::Auto { .. } if !ranges_scan => return Ok(SplitPolicy::Never),
         SplitChoice::Auto { .. } if opts.table_jobs < 2 || !catalog::could_split(tables) => {
             return Ok(SplitPolicy::Never);
         }
@@ -157,11 +172,10 @@ pub async fn run_holding(
 
     let source = pg::connect(&opts.source, Side::Source, "catalog").await?;
     let target = pg::connect(&opts.target, Side::Target, "admin").await?;
-    // Settings an earlier run left changed (killed with --fast-restore on): back first, unless
-    // this run changes them again (the first record is kept either way).
-    if opts.fast_restore.is_none() {
-        fast_restore::restore(&target, state).await?;
-    }
+    // Settings an earlier run left changed (killed with --fast-restore on): back first, so
+    // that this run records the target's own values (and an earlier =unsafe is not left on
+    // under a =safe run).
+    fast_restore::restore(&target, state).await?;
     let tools = choose_tools(&source, &target).await?;
     let tools = &tools;
     check_identity(state, &source, &target, opts).await?;
@@ -212,7 +226,7 @@ pub async fn run_holding(
                 }
             };
             let mut cat = cat;
-            let policy = split_policy(opts, &cat.tables).await?;
+            let policy = split_policy(opts, &cat.tables, pg::server_major(&source).await?).await?;
             cat.parts = catalog::plan_parts(&cat.tables, policy);
             state.save_catalog(&cat)
         })

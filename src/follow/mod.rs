@@ -115,6 +115,11 @@ async fn apply_and_set_sequences(
     };
     let jobs = state.apply_jobs()?.unwrap_or(DEFAULT_APPLY_JOBS);
     let mut clients = connect_lanes(target, jobs).await?;
+    // Target settings a clone interrupted with --fast-restore on left changed: apply never
+    // runs with them (the durability of applied changes is the target's own).
+    if let Some(first) = clients.first() {
+        crate::clone::fast_restore::restore(first, &state).await?;
+    }
     let mut backoff = Duration::from_millis(500);
     let applied = loop {
         let result = tokio::select! {
