@@ -9,12 +9,13 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("PGTIDE_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    // tokio-postgres logs every statement it sends at debug level, password hashes of `copy
-    // roles` included: never below info, whatever PGTIDE_LOG asks (secrets stay out of logs).
-    let filter = match "tokio_postgres=info".parse() {
-        Ok(cap) => filter.add_directive(cap),
-        Err(_) => filter,
-    };
+    // tokio-postgres logs every statement it prepares or sends, with its parameters, at debug
+    // level, password hashes of `copy roles` included: those modules never below info,
+    // whatever PGTIDE_LOG asks (secrets stay out of logs; its protocol trace stays available).
+    let filter = ["query", "simple_query", "prepare"]
+        .iter()
+        .filter_map(|module| format!("tokio_postgres::{module}=info").parse().ok())
+        .fold(filter, |filter, cap| filter.add_directive(cap));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(log_colour())

@@ -206,11 +206,27 @@ async fn roles_are_copied_with_passwords_memberships_and_settings() {
         0
     );
 
-    // A rerun converges: nothing created, nothing granted twice.
-    let out = copy_roles(
-        &src,
-        &target_as_migrator,
-        &["--exclude-role", "t_roles_service_admin"],
+    // A rerun converges: nothing created, nothing granted twice. With every log on, no
+    // password hash reaches the logs (tokio-postgres logs the statements it sends at debug).
+    let child = spawn_pgtide(
+        &[
+            "copy",
+            "roles",
+            "--source",
+            &src,
+            "--target",
+            &target_as_migrator,
+            "--exclude-role",
+            "t_roles_service_admin",
+        ],
+        &[("PGTIDE_LOG", "trace")],
+    );
+    let run = wait_exit(child, 60);
+    let out = text(&run);
+    assert!(run.status.success(), "{out}");
+    assert!(
+        out.contains("TRACE") && !out.contains("SCRAM-SHA-256") && !out.contains("PASSWORD"),
+        "a password hash, or no trace, in the logs:\n{out}"
     );
     assert!(
         out.contains("roles: 0 created") && out.contains("memberships: 0 granted, 3 already there"),
