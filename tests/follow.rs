@@ -628,16 +628,7 @@ async fn clone_follow_survives_ten_sigkills() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let transactions = traffic.await.unwrap();
-    pgtide_ok(&[
-        "sentinel",
-        "set",
-        "endpos",
-        "--current",
-        "--dir",
-        d,
-        "--source",
-        &src,
-    ]);
+    set_endpos_now(d, &src);
     let mut args = base.to_vec();
     args.push("--resume");
     let out = wait_exit(spawn_pgtide(&args, &[]), 180);
@@ -920,16 +911,7 @@ async fn replica_identity_full_and_append_only_tables() {
          UPDATE log SET line = 'changed on the source only' WHERE at = 1;",
     )
     .await;
-    pgtide_ok(&[
-        "sentinel",
-        "set",
-        "endpos",
-        "--current",
-        "--dir",
-        d,
-        "--source",
-        &src,
-    ]);
+    set_endpos_now(d, &src);
     let out = wait_exit(child, 120);
     assert!(out.status.success(), "{}", text(&out));
     assert!(

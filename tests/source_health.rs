@@ -110,16 +110,7 @@ async fn an_idle_database_slot_keeps_up_while_another_database_writes() {
         (0..16 * MB).contains(&last),
         "the idle slot retains {last} bytes of WAL after {written} written elsewhere"
     );
-    pgtide_ok(&[
-        "sentinel",
-        "set",
-        "endpos",
-        "--current",
-        "--dir",
-        d,
-        "--source",
-        &src,
-    ]);
+    set_endpos_now(d, &src);
     let out = wait_exit(child, 300);
     assert!(
         out.status.success(),
@@ -204,16 +195,7 @@ async fn role_timeouts_on_the_source_do_not_kill_a_long_copy() {
         "the copy took {:?}: not longer than the 5 s timeouts",
         started.elapsed()
     );
-    pgtide_ok(&[
-        "sentinel",
-        "set",
-        "endpos",
-        "--current",
-        "--dir",
-        d,
-        "--source",
-        &src,
-    ]);
+    set_endpos_now(d, &src);
     let out = wait_exit(child, 300);
     let all = text(&out);
     assert!(out.status.success(), "clone --follow failed:\n{all}");

@@ -188,16 +188,7 @@ async fn status_reports_backlog_lag_and_catch_up() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
-    pgtide_ok(&[
-        "sentinel",
-        "set",
-        "endpos",
-        "--current",
-        "--dir",
-        d,
-        "--source",
-        &src,
-    ]);
+    set_endpos_now(d, &src);
     let mut child = child;
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {

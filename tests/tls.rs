@@ -212,16 +212,7 @@ async fn clone_follow_over_tls_with_a_client_certificate() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     exec(&src, "INSERT INTO t SELECT g, 'streamed' FROM generate_series(2, 50) g; UPDATE t SET v = 'updated' WHERE id = 1;").await;
-    pgtide_ok(&[
-        "sentinel",
-        "set",
-        "endpos",
-        "--current",
-        "--dir",
-        d,
-        "--source",
-        &source,
-    ]);
+    set_endpos_now(d, &source);
     let out = wait_exit(child, 120);
     assert!(out.status.success(), "{}", text(&out));
     assert_identical(&src, &dst);

@@ -235,18 +235,23 @@ pub fn filters_file(name: &str, text: &str) -> std::path::PathBuf {
 /// Waits for clone --follow to reach an endpos set at the source's current position, and
 /// asserts it succeeded.
 pub fn finish_at_current_position(child: PgtideChild, src: &str, d: &str) -> String {
+    set_endpos_now(d, src);
+    let out = wait_exit(child, 300);
+    let all = text(&out);
+    assert!(out.status.success(), "clone --follow failed:\n{all}");
+    all
+}
+
+/// `pgtide sentinel set endpos --current`: the end of a follow at the source's position now.
+pub fn set_endpos_now(dir: &str, source: &str) {
     pgtide_ok(&[
         "sentinel",
         "set",
         "endpos",
         "--current",
         "--dir",
-        d,
+        dir,
         "--source",
-        src,
+        source,
     ]);
-    let out = wait_exit(child, 300);
-    let all = text(&out);
-    assert!(out.status.success(), "clone --follow failed:\n{all}");
-    all
 }
