@@ -122,7 +122,7 @@ async fn applied(dst: &str, slot: &str) -> String {
     .await
 }
 
-/// The differential check for parallel apply: a backlog of 4 × 600 concurrent transactions
+/// The differential check for parallel apply: a backlog of 4 × 900 concurrent transactions
 /// spooled while the copy runs is applied by four lanes with their commits slowed, and pgtide
 /// is SIGKILLed three times while batches are in flight, each time after apply moved forward,
 /// then resumed with `clone --follow --resume` (the last time with two lanes). The target ends
@@ -155,7 +155,9 @@ async fn parallel_apply_survives_sigkills_and_ends_identical() {
     let slow_apply = format!("{APPLY_BEFORE_COMMIT}=sleep(150)");
     let mut child = spawn_pgtide(&args, &[("FAILPOINTS", slow.as_str())]);
     wait_for_slot(&dir);
-    traffic(&src, 4, 600).await;
+    // Enough that the last resume still has several batches to hand to other lanes, however
+    // many the killed rounds committed.
+    traffic(&src, 4, 900).await;
     let endpos = current_lsn(&src).await;
     pgtide_ok(&["sentinel", "set", "endpos", &endpos, "--dir", d]);
     let mut resume = args.clone();
