@@ -15,6 +15,7 @@ pub mod pg;
 pub mod preflight;
 pub mod replication;
 pub mod roles;
+pub mod server;
 pub mod spool;
 pub mod state;
 pub mod units;

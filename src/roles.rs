@@ -340,6 +340,12 @@ const LIST_SETTINGS: [&str; 4] = [
     "local_preload_libraries",
 ];
 
+/// `name = value` for `ALTER ROLE … SET` / `ALTER DATABASE … SET`, from a stored
+/// `pg_db_role_setting` entry: the name quoted, a list setting element by element.
+pub(crate) fn set_clause(name: &str, value: &str) -> String {
+    format!("{} = {}", setting_name(name), setting_value(name, value))
+}
+
 fn setting_name(name: &str) -> String {
     name.split('.')
         .map(quote_ident)

@@ -645,6 +645,21 @@ pub struct TableSummary {
     pub parts: i64,
 }
 
+/// One database of a whole-server migration (`clone --all-databases`): the work dir of its own
+/// pipeline (a sub-directory of the server's) and the slot that pipeline follows.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServerDatabase {
+    pub name: String,
+    pub source_oid: u32,
+    /// Its size on the source when the migration started (largest first).
+    pub bytes: i64,
+    /// Its work dir, relative to the server's.
+    pub subdir: String,
+    pub slot: String,
+    /// pgtide created it on the target (so its properties were copied).
+    pub created_on_target: bool,
+}
+
 /// Handle shared by every worker; SQLite calls are short, so one mutex-guarded connection is
 /// enough and keeps writes serialised.
 #[derive(Clone)]
@@ -688,7 +703,8 @@ impl StateDb {
             "CREATE TABLE IF NOT EXISTS apply_samples (at REAL NOT NULL, pid INTEGER NOT NULL, changes INTEGER NOT NULL, transactions INTEGER NOT NULL, lsn INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS follow_process (id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER NOT NULL, started_at REAL NOT NULL, heartbeat_at REAL NOT NULL, stopped_at REAL, last_error TEXT);
              CREATE TABLE IF NOT EXISTS table_sync (table_name TEXT PRIMARY KEY, kind TEXT NOT NULL, stage TEXT NOT NULL, lsn TEXT, generation INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS target_settings (name TEXT PRIMARY KEY, auto_conf TEXT, value_before TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS target_settings (name TEXT PRIMARY KEY, auto_conf TEXT, value_before TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS server_databases (name TEXT PRIMARY KEY, source_oid INTEGER NOT NULL, bytes INTEGER NOT NULL, subdir TEXT NOT NULL, slot TEXT NOT NULL, created_on_target INTEGER NOT NULL DEFAULT 0);",
         )
         .context("cannot create the state database schema")?;
         let has_replica_identity: bool = conn.query_row(
@@ -1190,6 +1206,53 @@ impl StateDb {
     pub fn forget_target_settings(&self) -> Result<()> {
         self.with(|c| c.execute("DELETE FROM target_settings", []).map(|_| ()))?;
         self.delete_meta(key::FAST_RESTORE_SERVER)
+    }
+
+    /// Records the databases of a whole-server migration, once, when it starts: a resume
+    /// continues exactly these, whatever was created or dropped on the source since.
+    pub fn record_server_databases(&self, databases: &[ServerDatabase]) -> Result<()> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            for d in databases {
+                tx.execute(
+                    "INSERT INTO server_databases (name, source_oid, bytes, subdir, slot, created_on_target)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO NOTHING",
+                    params![d.name, d.source_oid, d.bytes, d.subdir, d.slot, d.created_on_target],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    /// The databases of a whole-server migration, largest first (empty: a one-database work dir).
+    pub fn server_databases(&self) -> Result<Vec<ServerDatabase>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT name, source_oid, bytes, subdir, slot, created_on_target FROM server_databases ORDER BY bytes DESC, name",
+            )?;
+            stmt.query_map([], |r| {
+                Ok(ServerDatabase {
+                    name: r.get(0)?,
+                    source_oid: r.get(1)?,
+                    bytes: r.get(2)?,
+                    subdir: r.get(3)?,
+                    slot: r.get(4)?,
+                    created_on_target: r.get(5)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
+    /// pgtide created this database on the target.
+    pub fn record_database_created(&self, name: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE server_databases SET created_on_target = 1 WHERE name = ?1",
+                params![name],
+            )
+            .map(|_| ())
+        })
     }
 
     /// Whether `pgtide cleanup` ran for this work dir.

@@ -8,16 +8,60 @@ use crate::apply;
 use crate::cli::CleanupArgs;
 use crate::pg::{self, Side, describe};
 use crate::replication::slot;
-use crate::state::Phase;
+use crate::state::{Phase, StateDb};
 use crate::workdir::WorkDir;
 
 pub async fn cleanup(args: CleanupArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    let databases = crate::server::databases_of(&args.dir).unwrap_or_default();
+    if databases.is_empty() {
+        return cleanup_dir(&source, &target, &args.dir, args.slot_name).await;
+    }
+    // A whole-server work dir: every database's pipeline, each in its own database.
+    if args.slot_name.is_some() {
+        bail!("--slot-name names one database's slot: leave it out with a whole-server work dir");
+    }
     let workdir = WorkDir::open(&args.dir, "cleanup")?;
+    for (db, dir) in &databases {
+        // A pipeline that never started, or a clone without --follow: no slot, nothing to drop.
+        let sub = dir.join("state.db");
+        if !sub.exists() || StateDb::open(&sub)?.stream_slot()?.is_none() {
+            println!("database {}: no change stream, nothing to remove", db.name);
+            continue;
+        }
+        print!("database {}: ", db.name);
+        cleanup_dir(
+            &crate::server::in_database(&source, &db.name),
+            &crate::server::in_database(&target, &db.name),
+            dir,
+            None,
+        )
+        .await
+        .map_err(|e| {
+            e.context(format!(
+                "cleaning up database {} (rerun cleanup: what is done stays done)",
+                db.name
+            ))
+        })?;
+    }
+    workdir.state.record_cleaned_up()?;
+    workdir.state.set_phase(Phase::Done)?;
+    Ok(())
+}
+
+/// Cleans up one database's migration (the work dir at `dir`).
+async fn cleanup_dir(
+    source: &crate::conninfo::ConnInfo,
+    target: &crate::conninfo::ConnInfo,
+    dir: &std::path::Path,
+    slot_name: Option<String>,
+) -> Result<()> {
+    let (source, target) = (source.clone(), target.clone());
+    let workdir = WorkDir::open(dir, "cleanup")?;
     let state = &workdir.state;
     let had_fast_restore = !state.saved_target_settings()?.is_empty();
-    let slot_name = match (args.slot_name, state.stream_slot()?) {
+    let slot_name = match (slot_name, state.stream_slot()?) {
         (Some(s), _) | (None, Some(s)) => s,
         // A plain clone's work dir: only the target settings of a killed --fast-restore.
         (None, None) if had_fast_restore => {
@@ -71,7 +115,7 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
         } else {
             "already gone"
         },
-        args.dir.display()
+        dir.display()
     );
     Ok(())
 }

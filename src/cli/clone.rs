@@ -1,10 +1,12 @@
-//! `pgtide clone`: parse options, lock the work dir, run the clone, handle Ctrl-C.
+//! `pgtide clone`: parse options, lock the work dir, run the clone (one database, or a whole
+//! server with `--all-databases` / `--database`), handle Ctrl-C.
 
 use anyhow::{Result, bail};
 
 use crate::cli::CloneArgs;
 use crate::cli::SplitArg;
 use crate::clone::{self, CloneOptions, SplitChoice};
+use crate::conninfo::ConnInfo;
 use crate::pg::catalog::SplitPolicy;
 use crate::replication::Plugin;
 use crate::state::Phase;
@@ -17,6 +19,19 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
     if args.table_jobs == 0 || args.index_jobs == 0 || args.apply_jobs == Some(0) {
         bail!("--table-jobs, --index-jobs and --apply-jobs must be at least 1");
+    }
+    if args.all_databases || !args.databases.is_empty() {
+        return server(args, source, target).await;
+    }
+    if !args.exclude_databases.is_empty()
+        || args.skip_db_properties
+        || args.skip_roles
+        || args.no_role_passwords
+        || !args.exclude_roles.is_empty()
+    {
+        bail!(
+            "--exclude-database, --skip-db-properties, --skip-roles, --no-role-passwords and --exclude-role belong to a whole-server run: add --all-databases (or --database NAME)"
+        );
     }
     let workdir = WorkDir::open(&args.dir, "clone")?;
     // A resumed migration keeps the filters it recorded when it started (invariant 9).
@@ -31,32 +46,103 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     // anything is created. A real resume has its own checks: the work dir's identity.
     let fresh = workdir.state.clone_status()?.is_none() && workdir.state.stream_slot()?.is_none();
     if fresh {
-        crate::preflight::preflight(&crate::preflight::CheckOptions {
-            filters: filters.clone(),
-            online: args.follow,
-            table_jobs: args.table_jobs,
-            index_jobs: args.index_jobs,
-            apply_jobs: args.apply_jobs.unwrap_or(1),
-            drop_if_exists: args.drop_if_exists,
-            identity: crate::preflight::Identity {
-                replica_identity_full: args.identity.replica_identity_full,
-                append_only: args.identity.append_only.clone(),
-                no_ddl_capture: args.identity.no_ddl_capture,
-            },
-            no_owner: args.no_owner,
-            no_acl: args.no_acl,
-            plugin: args.plugin.unwrap_or(Plugin::Pgoutput),
-            wal2json_nan_as_null: args.wal2json_nan_as_null,
-            ..crate::preflight::CheckOptions::new(
-                source.clone(),
-                Some(target.clone()),
-                args.dir.clone(),
-            )
-        })
-        .await?;
+        crate::preflight::preflight(&check_options(&args, &source, &target, &filters)).await?;
     }
     let result = async {
-    let opts = CloneOptions {
+        let opts = clone_options(&args, source, target, filters);
+        if !args.follow {
+            follow::interruptible(clone::run(&workdir, &opts), &args.dir).await?;
+            workdir.state.set_phase(Phase::Done)?;
+            return Ok(());
+        }
+        let applied = follow::clone_and_follow(&workdir, &args.dir, opts, &follow_options(&args)).await?;
+        println!(
+            "reached endpos: applied through {applied}; sequences set. The slot is kept until `pgtide stream cleanup`."
+        );
+        Ok(())
+    }
+    .await;
+    super::record_failure(&workdir.state, result)
+}
+
+/// `clone --all-databases` / `--database`: every selected database in one process.
+async fn server(args: CloneArgs, source: ConnInfo, target: ConnInfo) -> Result<()> {
+    if args.metrics_addr.is_some() {
+        bail!(
+            "--metrics-addr is not available with several databases yet: watch them with `pgtide status --dir {}`",
+            args.dir.display()
+        );
+    }
+    if args.snapshot.is_some() {
+        bail!(
+            "--snapshot names one database's snapshot: it cannot be given with several databases"
+        );
+    }
+    let filters = super::load_filters(args.filters.as_deref())?;
+    let opts = crate::server::ServerOptions {
+        selection: crate::server::databases::Selection {
+            only: args.databases.clone(),
+            exclude: args.exclude_databases.clone(),
+        },
+        skip_db_properties: args.skip_db_properties,
+        roles: (!args.skip_roles).then(|| crate::roles::RoleCopyOptions {
+            passwords: !args.no_role_passwords,
+            exclude: args.exclude_roles.clone(),
+        }),
+        preflight: Some(check_options(&args, &source, &target, &filters)),
+        follow: args.follow.then(|| follow_options(&args)),
+        clone: clone_options(&args, source, target, filters),
+    };
+    let finished = crate::server::run(&args.dir, opts).await?;
+    for (name, applied) in finished {
+        match applied {
+            Some(lsn) => {
+                println!("database {name}: reached endpos, applied through {lsn}; sequences set")
+            }
+            None => println!("database {name}: cloned"),
+        }
+    }
+    Ok(())
+}
+
+/// The preflight of a migration that starts now.
+fn check_options(
+    args: &CloneArgs,
+    source: &ConnInfo,
+    target: &ConnInfo,
+    filters: &crate::clone::filters::Filters,
+) -> crate::preflight::CheckOptions {
+    crate::preflight::CheckOptions {
+        filters: filters.clone(),
+        online: args.follow,
+        table_jobs: args.table_jobs,
+        index_jobs: args.index_jobs,
+        apply_jobs: args.apply_jobs.unwrap_or(1),
+        drop_if_exists: args.drop_if_exists,
+        identity: crate::preflight::Identity {
+            replica_identity_full: args.identity.replica_identity_full,
+            append_only: args.identity.append_only.clone(),
+            no_ddl_capture: args.identity.no_ddl_capture,
+        },
+        no_owner: args.no_owner,
+        no_acl: args.no_acl,
+        plugin: args.plugin.unwrap_or(Plugin::Pgoutput),
+        wal2json_nan_as_null: args.wal2json_nan_as_null,
+        ..crate::preflight::CheckOptions::new(
+            source.clone(),
+            Some(target.clone()),
+            args.dir.clone(),
+        )
+    }
+}
+
+fn clone_options(
+    args: &CloneArgs,
+    source: ConnInfo,
+    target: ConnInfo,
+    filters: crate::clone::filters::Filters,
+) -> CloneOptions {
+    CloneOptions {
         source,
         target,
         table_jobs: args.table_jobs,
@@ -72,7 +158,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         drop_if_exists: args.drop_if_exists,
         resume: args.resume,
         restart: args.restart,
-        snapshot: args.snapshot,
+        snapshot: args.snapshot.clone(),
         skip_vacuum: args.skip_vacuum,
         skip_large_objects: args.skip_large_objects,
         no_owner: args.no_owner,
@@ -81,27 +167,18 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         follow: args.follow,
         toast_compression: args.toast_compression,
         fast_restore: args.fast_restore,
-    };
-    if !args.follow {
-        follow::interruptible(clone::run(&workdir, &opts), &args.dir).await?;
-        workdir.state.set_phase(Phase::Done)?;
-        return Ok(());
+        budget: None,
     }
-    let with = follow::CloneFollow {
-        slot_name: args.slot_name,
+}
+
+fn follow_options(args: &CloneArgs) -> follow::CloneFollow {
+    follow::CloneFollow {
+        slot_name: args.slot_name.clone(),
         plugin: args.plugin,
         nan_as_null: args.wal2json_nan_as_null,
         identity: super::identity(&args.identity),
         resume: args.resume,
         restart: args.restart,
         apply_jobs: args.apply_jobs,
-    };
-    let applied = follow::clone_and_follow(&workdir, &args.dir, opts, &with).await?;
-    println!(
-        "reached endpos: applied through {applied}; sequences set. The slot is kept until `pgtide stream cleanup`."
-    );
-    Ok(())
     }
-    .await;
-    super::record_failure(&workdir.state, result)
 }

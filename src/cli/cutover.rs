@@ -9,9 +9,22 @@ use crate::cutover::{self, Options};
 pub async fn run(args: CutoverArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    // A whole-server work dir: every database at once.
+    let databases = crate::server::databases_of(&args.dir).unwrap_or_default();
     if args.unfence {
-        let roles = cutover::lift_fence(&source, &args.dir).await?;
-        println!("fence lifted on the source for: {}", list_or_none(&roles));
+        if databases.is_empty() {
+            let roles = cutover::lift_fence(&source, &args.dir).await?;
+            println!("fence lifted on the source for: {}", list_or_none(&roles));
+        }
+        for (db, dir) in &databases {
+            let source = crate::server::in_database(&source, &db.name);
+            let roles = cutover::lift_fence(&source, dir).await?;
+            println!(
+                "fence lifted on the source in database {} for: {}",
+                db.name,
+                list_or_none(&roles)
+            );
+        }
         return Ok(());
     }
     let opts = Options {
@@ -23,16 +36,26 @@ pub async fn run(args: CutoverArgs) -> Result<()> {
         sequence_offset: args.sequence_offset,
         refresh_matviews: args.refresh_matviews,
     };
+    if !databases.is_empty() {
+        let dirs: Vec<cutover::ServerDatabaseDir> = databases
+            .into_iter()
+            .map(|(db, dir)| cutover::ServerDatabaseDir { name: db.name, dir })
+            .collect();
+        let report = cutover::run_server(&source, &target, &opts, &dirs).await?;
+        println!("cutover complete for {} databases", report.databases.len());
+        for (name, done) in &report.databases {
+            println!(
+                "  {name}: endpos {}, applied through {}, {} sequences set; verify: {}",
+                done.endpos, done.applied, done.sequences, done.verdict
+            );
+        }
+        print_window(report.window, &report.fenced);
+        println!(
+            "Point the application at the target; then `pgtide cleanup` (same --dir) drops every database's slot, publication and origin."
+        );
+        return Ok(());
+    }
     let report = cutover::run(&source, &target, &opts).await?;
-    let fenced = &report.fenced;
-    let fence_note = if fenced.is_empty() {
-        "no fence (writes after endpos were not migrated: stop them before cutting over, or use --fence)".to_string()
-    } else {
-        format!(
-            "roles {} stay read-only on the source (lift with `pgtide cutover --unfence`)",
-            fenced.join(", ")
-        )
-    };
     let done = &report.switched;
     println!("cutover complete on slot {}", report.slot);
     println!("  endpos:            {}", done.endpos);
@@ -42,20 +65,34 @@ pub async fn run(args: CutoverArgs) -> Result<()> {
         println!("  matviews:          {refreshed}");
     }
     println!("  verify:            {}", done.verdict);
+    print_window(report.window, &report.fenced);
+    println!(
+        "Point the application at the target; then `pgtide cleanup` drops the slot, publication and origin."
+    );
+    Ok(())
+}
+
+/// The write-downtime window and the fence left on the source.
+fn print_window(window: std::time::Duration, fenced: &[String]) {
     println!(
         "  write downtime:    {:.1} s ({} → target ready: endpos applied, sequences set)",
-        report.window.as_secs_f64(),
+        window.as_secs_f64(),
         if fenced.is_empty() {
             "endpos pinned"
         } else {
             "fence"
         }
     );
-    println!("  source:            {fence_note}");
-    println!(
-        "Point the application at the target; then `pgtide cleanup` drops the slot, publication and origin."
-    );
-    Ok(())
+    if fenced.is_empty() {
+        println!(
+            "  source:            no fence (writes after endpos were not migrated: stop them before cutting over, or use --fence)"
+        );
+    } else {
+        println!(
+            "  source:            roles {} stay read-only on the source (lift with `pgtide cutover --unfence`)",
+            fenced.join(", ")
+        );
+    }
 }
 
 fn list_or_none(roles: &[String]) -> String {

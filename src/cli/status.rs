@@ -10,6 +10,7 @@ use crate::observe::status::{self, Servers};
 
 pub async fn run(args: StatusArgs) -> Result<()> {
     let state = crate::state::StateDb::open_in_dir(&args.dir)?;
+    let databases = crate::server::databases_of(&args.dir)?;
     let parse = |value: &Option<String>, which: &str| -> Result<_> {
         value
             .as_deref()
@@ -23,16 +24,29 @@ pub async fn run(args: StatusArgs) -> Result<()> {
     );
     let terminal = std::io::stdout().is_terminal();
     loop {
-        let report = status::collect(&args.dir, &state, &servers).await?;
+        // A whole-server work dir: a line per database and the total.
+        let (json, text) = if databases.is_empty() {
+            let report = status::collect(&args.dir, &state, &servers).await?;
+            (
+                serde_json::to_string(&report)?,
+                status::render(&args.dir, &report),
+            )
+        } else {
+            let report = status::collect_server(&databases, &servers).await?;
+            (
+                serde_json::to_string(&report)?,
+                status::render_server(&args.dir, &report),
+            )
+        };
         let mut out = std::io::stdout().lock();
         if args.json {
-            writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            writeln!(out, "{json}")?;
         } else {
             if args.watch.is_some() && terminal {
                 // Redraw in place: home the cursor and clear the screen.
                 write!(out, "\x1b[H\x1b[2J")?;
             }
-            write!(out, "{}", status::render(&args.dir, &report))?;
+            write!(out, "{text}")?;
             if args.watch.is_some() && !terminal {
                 writeln!(out)?;
             }

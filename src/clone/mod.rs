@@ -41,6 +41,7 @@ use schedule::{Next, Schedule};
 use snapshot::Snapshot;
 
 /// What the operator asked for on the command line.
+#[derive(Clone)]
 pub struct CloneOptions {
     pub source: ConnInfo,
     pub target: ConnInfo,
@@ -65,6 +66,42 @@ pub struct CloneOptions {
     pub toast_compression: Option<toast::ToastCompression>,
     /// Target settings for the bulk load, restored when it ends (`--fast-restore`).
     pub fast_restore: Option<fast_restore::FastRestore>,
+    /// Copy and index workers shared with the other clones of this process (a whole-server
+    /// migration); None: this clone's own --table-jobs and --index-jobs.
+    pub budget: Option<Arc<Budget>>,
+}
+
+/// The copy and index workers of a whole-server migration, shared by its databases' clones: a
+/// worker holds its permit from before it connects until it exits, so the server runs at most
+/// `--table-jobs` copy streams and `--index-jobs` index builds in all, and one database's index
+/// builds overlap the next one's copy.
+pub struct Budget {
+    pub copy: Arc<tokio::sync::Semaphore>,
+    pub index: Arc<tokio::sync::Semaphore>,
+}
+
+impl Budget {
+    pub fn new(table_jobs: usize, index_jobs: usize) -> Self {
+        Budget {
+            copy: Arc::new(tokio::sync::Semaphore::new(table_jobs.max(1))),
+            index: Arc::new(tokio::sync::Semaphore::new(index_jobs.max(1))),
+        }
+    }
+}
+
+/// Waits for a permit of `pool` when the clone shares a budget; the permit is released when
+/// dropped.
+async fn permit(
+    pool: Option<&Arc<tokio::sync::Semaphore>>,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>> {
+    match pool {
+        Some(pool) => {
+            Ok(Some(pool.clone().acquire_owned().await.map_err(|_| {
+                anyhow!("the shared worker budget was closed")
+            })?))
+        }
+        None => Ok(None),
+    }
 }
 
 /// How the operator chose to split tables: a fixed policy, or one decided from the cores the
@@ -723,21 +760,42 @@ async fn copy_and_index(
     if let Some(setting) = &compression {
         tracing::info!("copy sessions on the target: {setting}");
     }
+    let connect_worker = {
+        let (source, target) = (opts.source.clone(), opts.target.clone());
+        let (snapshot, counters, state) =
+            (lease.name().to_string(), counters.clone(), state.clone());
+        let session = format!(
+            "SET synchronous_commit = off; {}",
+            compression.as_deref().unwrap_or("")
+        );
+        move || {
+            let (source, target, session) = (source.clone(), target.clone(), session.clone());
+            let (snapshot, counters, state) = (snapshot.clone(), counters.clone(), state.clone());
+            async move {
+                let worker = CopyWorker {
+                    source: pg::connect(&source, Side::Source, "copy").await?,
+                    target: pg::connect(&target, Side::Target, "copy").await?,
+                    snapshot,
+                    counters,
+                    state,
+                };
+                worker.target.batch_execute(&session).await?;
+                anyhow::Ok(worker)
+            }
+        }
+    };
+    // Without a shared budget the workers connect now, so that a refused connection stops
+    // the clone before any copy starts.
+    let mut connected = Vec::new();
+    if opts.budget.is_none() {
+        for _ in 0..opts.table_jobs.max(1) {
+            connected.push(connect_worker().await?);
+        }
+    }
     for n in 0..opts.table_jobs.max(1) {
-        let worker = CopyWorker {
-            source: pg::connect(&opts.source, Side::Source, "copy").await?,
-            target: pg::connect(&opts.target, Side::Target, "copy").await?,
-            snapshot: lease.name().to_string(),
-            counters: counters.clone(),
-            state: state.clone(),
-        };
-        worker
-            .target
-            .batch_execute(&format!(
-                "SET synchronous_commit = off; {}",
-                compression.as_deref().unwrap_or("")
-            ))
-            .await?;
+        let ready = connected.pop();
+        let connect_worker = connect_worker.clone();
+        let budget = opts.budget.clone();
         let queue = queue.clone();
         let schedule = schedule.clone();
         let index_tx = index_tx.clone();
@@ -745,6 +803,10 @@ async fn copy_and_index(
         let copying = copying.clone();
         let lease = lease.clone();
         workers.spawn(async move {
+            // A shared budget: wait for a copy stream of the server's, held until this worker
+            // exits, and connect only then (and only if there is still something to copy).
+            let _permit = permit(budget.as_ref().map(|b| &b.copy)).await?;
+            let mut ready = ready;
             loop {
                 let Some((table, part)) = queue.lock().await.pop_front() else {
                     if copying.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -752,6 +814,11 @@ async fn copy_and_index(
                     }
                     return Ok(());
                 };
+                let worker = match ready.take() {
+                    Some(worker) => worker,
+                    None => connect_worker().await?,
+                };
+                let worker = ready.insert(worker);
                 let label = if part.nparts > 1 {
                     format!(
                         "{} part {}/{}",
@@ -796,29 +863,55 @@ async fn copy_and_index(
     }
     drop(index_tx);
 
+    let connect_index_worker = {
+        let target = opts.target.clone();
+        move || {
+            let target = target.clone();
+            async move {
+                let client = pg::connect(&target, Side::Target, "index").await?;
+                client
+                    .batch_execute(
+                        "SET maintenance_work_mem = '512MB'; SET synchronous_commit = off",
+                    )
+                    .await?;
+                anyhow::Ok(client)
+            }
+        }
+    };
     for _ in 0..opts.index_jobs.max(1) {
-        let target = pg::connect(&opts.target, Side::Target, "index").await?;
-        target
-            .batch_execute("SET maintenance_work_mem = '512MB'; SET synchronous_commit = off")
-            .await?;
+        let ready = match opts.budget {
+            None => Some(connect_index_worker().await?),
+            Some(_) => None,
+        };
+        let connect_index_worker = connect_index_worker.clone();
+        let budget = opts.budget.clone();
         let index_rx = index_rx.clone();
         let by_oid = by_oid.clone();
         let schedule = schedule.clone();
         let state = state.clone();
         workers.spawn(async move {
+            let mut ready = ready;
             loop {
                 let next = index_rx.lock().await.recv().await;
                 let Some(index) = next else { return Ok(()) };
                 let Some(table) = by_oid.get(&index.table_oid) else {
                     continue;
                 };
+                // A shared budget: one of the server's index builds, for this index only (an
+                // idle worker waiting for its tables to land holds none).
+                let _permit = permit(budget.as_ref().map(|b| &b.index)).await?;
+                let target = match ready.take() {
+                    Some(target) => target,
+                    None => connect_index_worker().await?,
+                };
+                let target = ready.insert(target);
                 let t0 = Instant::now();
                 state.index_started(index.oid)?;
                 let span = tracing::info_span!("index", index = %format!("{}.{}", index.schema, index.name));
-                let from = indexes::state_on_target(&target, &index, table)
+                let from = indexes::state_on_target(target, &index, table)
                     .instrument(span.clone())
                     .await?;
-                indexes::build(&target, &index, table, from)
+                indexes::build(target, &index, table, from)
                     .instrument(span)
                     .await?;
                 state.index_done(index.oid)?;
@@ -833,7 +926,7 @@ async fn copy_and_index(
                     .map_err(|_| anyhow!("lock poisoned"))?
                     .index_built(table.oid);
                 if last && vacuum {
-                    vacuum_table(&target, &state, table).await?;
+                    vacuum_table(target, &state, table).await?;
                 }
             }
         });

@@ -52,7 +52,13 @@ impl Snapshot {
     /// clone --follow resumes and the slot's own snapshot is gone.
     pub async fn at_known_lsn(source: &ConnInfo) -> Result<(Self, Lsn)> {
         let mut conn = ReplicationConnection::connect(source).await?;
-        let name = format!("pgtide_resync_{}", std::process::id());
+        // Unique in the process too: a whole-server run resumes several databases at once.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let name = format!(
+            "pgtide_resync_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let created = slot::create_temporary_slot(&mut conn, &name).await?;
         let snapshot = created
             .snapshot

@@ -95,6 +95,139 @@ pub async fn run(source: &ConnInfo, target: &ConnInfo, opts: &Options) -> Result
     }
 }
 
+/// One database of a whole-server cutover: its name and work dir.
+pub struct ServerDatabaseDir {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+/// A completed whole-server cutover: one write-downtime window for the server.
+pub struct ServerReport {
+    /// From the first fence (or the first endpos pinned) to the last database ready.
+    pub window: Duration,
+    pub fenced: Vec<String>,
+    /// Each database's switch-over, in the order given.
+    pub databases: Vec<(String, Switched)>,
+}
+
+/// The cutover of a whole-server migration: the application roles fenced in every migrated
+/// database first (so no database takes a write after another's endpos), then every
+/// database's endpos pinned and reached at once, sequences set and verified per database.
+/// On any failure every fence is lifted, and the error names the database.
+pub async fn run_server(
+    source: &ConnInfo,
+    target: &ConnInfo,
+    opts: &Options,
+    databases: &[ServerDatabaseDir],
+) -> Result<ServerReport> {
+    struct Prepared {
+        name: String,
+        state: StateDb,
+        src: Client,
+        source: ConnInfo,
+        target: ConnInfo,
+        opts: Options,
+    }
+    let mut prepared = Vec::new();
+    for db in databases {
+        let state = StateDb::open_in_dir(&db.dir)?;
+        if state.stream_slot()?.is_none() {
+            bail!(
+                "database {}'s work dir {} has no change stream: cutover follows `clone --follow --all-databases`",
+                db.name,
+                db.dir.display()
+            );
+        }
+        let source = crate::server::in_database(source, &db.name);
+        let src = pg::connect(&source, Side::Source, "cutover").await?;
+        prepared.push(Prepared {
+            name: db.name.clone(),
+            state,
+            src,
+            target: crate::server::in_database(target, &db.name),
+            source,
+            opts: Options {
+                dir: db.dir.clone(),
+                fence_roles: opts.fence_roles.clone(),
+                ..*opts
+            },
+        });
+    }
+    let lift_all = async |prepared: &[Prepared]| -> String {
+        let mut failed = Vec::new();
+        for p in prepared {
+            if let Err(e) = fence::unfence(&p.src, &p.state).await {
+                failed.push(format!("{}: {e:#}", p.name));
+            }
+        }
+        if failed.is_empty() {
+            " Every fence is lifted.".to_string()
+        } else {
+            format!(
+                " Lifting the fence FAILED in {}: run `pgtide cutover --unfence` with the same --dir.",
+                failed.join("; ")
+            )
+        }
+    };
+    let window_start = Instant::now();
+    let mut fenced = Vec::new();
+    if opts.fence {
+        for p in &prepared {
+            match fence::fence(&p.src, &p.state, &opts.fence_roles).await {
+                Ok(roles) => {
+                    for role in roles {
+                        if !fenced.contains(&role) {
+                            fenced.push(role);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let lifted = lift_all(&prepared).await;
+                    return Err(e.context(format!(
+                        "cutover failed while fencing database {}.{lifted}",
+                        p.name
+                    )));
+                }
+            }
+        }
+    }
+    let switched = futures_util::future::join_all(prepared.iter().map(|p| async {
+        switch_over(&p.opts, &p.source, &p.target, &p.src, &p.state)
+            .await
+            .map_err(|e| e.context(format!("database {}", p.name)))
+    }))
+    .await;
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    for (p, result) in prepared.iter().zip(switched) {
+        match result {
+            Ok(s) => done.push((p.name.clone(), s)),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    if !errors.is_empty() {
+        let lifted = if opts.fence {
+            lift_all(&prepared).await
+        } else {
+            String::new()
+        };
+        bail!(
+            "cutover failed: {}.{lifted} The slots keep the changes; fix the cause and run cutover again.",
+            errors.join("; ")
+        );
+    }
+    let ready = done
+        .iter()
+        .map(|(_, s)| s.ready_at)
+        .max()
+        .unwrap_or(window_start);
+    Ok(ServerReport {
+        window: ready.duration_since(window_start),
+        fenced,
+        databases: done,
+    })
+}
+
 /// A completed cutover, for the report.
 pub struct Report {
     pub slot: String,

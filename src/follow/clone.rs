@@ -14,6 +14,7 @@ use crate::replication::setup::IdentityChoice;
 use crate::workdir::WorkDir;
 
 /// The follow half of `clone --follow`'s options.
+#[derive(Clone)]
 pub struct CloneFollow {
     pub slot_name: String,
     /// None: pgoutput, or on resume the recorded plugin.

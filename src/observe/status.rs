@@ -622,3 +622,178 @@ pub fn render(dir: &Path, s: &Status) -> String {
     line("verdict", s.verdict.clone());
     out
 }
+
+/// One database of a whole-server migration, as `status --json` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DatabaseStatus {
+    pub database: String,
+    #[serde(flatten)]
+    pub status: Status,
+}
+
+/// A whole-server migration: a status per database and the sums.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerStatus {
+    pub databases: Vec<DatabaseStatus>,
+    pub total: ServerTotal,
+}
+
+/// The server's figures: what an operator compares against the cutover window.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ServerTotal {
+    pub databases: usize,
+    pub bytes_copied: u64,
+    pub bytes_total: u64,
+    pub tables_done: u64,
+    pub tables_total: u64,
+    /// The largest lag of any database (the cutover waits for the slowest).
+    pub max_lag_seconds: Option<f64>,
+    pub max_lag_bytes: Option<u64>,
+    pub spool_bytes: u64,
+    pub slot_retained_bytes: u64,
+    pub verdict: String,
+}
+
+/// Collects each database's status of a whole-server work dir (`server` lists them with their
+/// work dirs); `servers` names the server, each database is reached in its own.
+pub async fn collect_server(
+    databases: &[(crate::state::ServerDatabase, std::path::PathBuf)],
+    servers: &Servers,
+) -> Result<ServerStatus> {
+    let mut out = Vec::new();
+    for (db, dir) in databases {
+        let status = match StateDb::open_in_dir(dir) {
+            Ok(state) => {
+                let explicit = Servers {
+                    source: servers
+                        .source
+                        .as_ref()
+                        .map(|s| crate::server::in_database(s, &db.name)),
+                    target: servers
+                        .target
+                        .as_ref()
+                        .map(|t| crate::server::in_database(t, &db.name)),
+                };
+                let servers = Servers::from_state(&state, explicit.source, explicit.target);
+                collect(dir, &state, &servers).await?
+            }
+            // Its pipeline has not started yet.
+            Err(_) => Status {
+                verdict: verdict(&Status::default()),
+                ..Default::default()
+            },
+        };
+        out.push(DatabaseStatus {
+            database: db.name.clone(),
+            status,
+        });
+    }
+    let mut total = ServerTotal {
+        databases: out.len(),
+        ..Default::default()
+    };
+    for d in &out {
+        let s = &d.status;
+        total.bytes_copied += s.bytes_copied;
+        total.bytes_total += s.bytes_total;
+        total.tables_done += s.tables_done;
+        total.tables_total += s.tables_total;
+        total.spool_bytes += s.spool_bytes.unwrap_or(0);
+        total.slot_retained_bytes += s.slot_retained_bytes.unwrap_or(0);
+        total.max_lag_seconds = match (total.max_lag_seconds, s.lag_seconds) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        total.max_lag_bytes = match (total.max_lag_bytes, s.lag_bytes) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    total.verdict = server_verdict(&out, total.max_lag_seconds);
+    Ok(ServerStatus {
+        databases: out,
+        total,
+    })
+}
+
+/// The server's verdict: ready only when every database is; otherwise the first that is not.
+fn server_verdict(databases: &[DatabaseStatus], max_lag: Option<f64>) -> String {
+    let ready = |s: &Status| s.verdict.starts_with("ready to cut over");
+    if databases.iter().all(|d| ready(&d.status)) {
+        return format!(
+            "ready to cut over: every database's lag is at most {:.1} s",
+            max_lag.unwrap_or(0.0)
+        );
+    }
+    let stopped_at_endpos = |s: &Status| matches!(s.phase, Phase::StoppedAtEndpos | Phase::Done);
+    if databases.iter().all(|d| stopped_at_endpos(&d.status)) {
+        return "every database stopped at its endpos: point the application at the target, then `pgtide cleanup`".into();
+    }
+    let waiting: Vec<String> = databases
+        .iter()
+        .filter(|d| !ready(&d.status) && !stopped_at_endpos(&d.status))
+        .map(|d| format!("{}: {}", d.database, d.status.verdict))
+        .collect();
+    format!("not ready: {}", waiting.join("; "))
+}
+
+/// `status` of a whole-server work dir: a line per database, then the total.
+pub fn render_server(dir: &Path, s: &ServerStatus) -> String {
+    let mut out = format!(
+        "work dir     {} (whole server: {} databases)\n",
+        dir.display(),
+        s.total.databases
+    );
+    let width = s
+        .databases
+        .iter()
+        .map(|d| d.database.chars().count())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    out.push_str(&format!(
+        "{:<width$}  {:<18} {:<26} {:<18} {}\n",
+        "database", "phase", "copied", "lag", "verdict"
+    ));
+    let lag = |seconds: Option<f64>, bytes: Option<u64>| match (seconds, bytes) {
+        (Some(s), Some(b)) => format!("{s:.1} s, {}", crate::units::human_bytes(b)),
+        (Some(s), None) => format!("{s:.1} s"),
+        (None, Some(b)) => crate::units::human_bytes(b),
+        (None, None) => "—".into(),
+    };
+    for d in &s.databases {
+        let st = &d.status;
+        out.push_str(&format!(
+            "{:<width$}  {:<18} {:<26} {:<18} {}\n",
+            d.database,
+            st.phase.to_string(),
+            format!(
+                "{} of {}",
+                crate::units::human_bytes(st.bytes_copied),
+                crate::units::human_bytes(st.bytes_total)
+            ),
+            lag(st.lag_seconds, st.lag_bytes),
+            st.verdict
+        ));
+    }
+    let t = &s.total;
+    out.push_str(&format!(
+        "{:<width$}  {:<18} {:<26} {:<18} {}\n",
+        "total",
+        format!("{}/{} tables", t.tables_done, t.tables_total),
+        format!(
+            "{} of {}",
+            crate::units::human_bytes(t.bytes_copied),
+            crate::units::human_bytes(t.bytes_total)
+        ),
+        lag(t.max_lag_seconds, t.max_lag_bytes),
+        t.verdict
+    ));
+    out.push_str(&format!(
+        "spool {} in all; slots retain {} of WAL in all. Details of one database: pgtide status --dir {}/databases/<oid>\n",
+        crate::units::human_bytes(t.spool_bytes),
+        crate::units::human_bytes(t.slot_retained_bytes),
+        dir.display()
+    ));
+    out
+}

@@ -133,6 +133,7 @@ pub struct Finding {
 }
 
 /// What to check for.
+#[derive(Clone)]
 pub struct CheckOptions {
     pub source: ConnInfo,
     pub target: Option<ConnInfo>,

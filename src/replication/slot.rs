@@ -72,17 +72,23 @@ pub async fn create_publication(
     if exists {
         return Ok(name);
     }
-    if tables.is_empty() {
-        bail!("the source has no table to publish: nothing to replicate");
-    }
-    let list = tables
-        .iter()
-        .map(|(s, t)| pg::qualified(s, t))
-        .collect::<Vec<_>>()
-        .join(", ");
+    // No table yet (an empty database of a whole-server migration): an empty publication,
+    // to which the tables the application creates later are added (DDL capture).
+    let list = if tables.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " FOR TABLE {}",
+            tables
+                .iter()
+                .map(|(s, t)| pg::qualified(s, t))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
     client
         .batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR TABLE {list}{}",
+            "CREATE PUBLICATION {}{list}{}",
             quote_ident(&name),
             publish.map_or(String::new(), |p| format!(
                 " WITH (publish = {})",

@@ -118,6 +118,33 @@ pub struct CloneArgs {
     /// Do not restore privileges (pg_restore --no-acl).
     #[arg(long)]
     pub no_acl: bool,
+    /// Migrate every database of the source server (but templates): the roles first, each
+    /// database created on the target with its properties, then one pipeline per database in
+    /// this process (with --follow: a slot each, named <slot-name>_<database oid>), sharing
+    /// --table-jobs and --index-jobs. status, cutover and cleanup with the same --dir cover
+    /// them all.
+    #[arg(long)]
+    pub all_databases: bool,
+    /// Migrate this source database (repeat for several): a whole-server run limited to them.
+    #[arg(long = "database", value_name = "NAME")]
+    pub databases: Vec<String>,
+    /// With --all-databases: leave this source database out (repeatable).
+    #[arg(long = "exclude-database", value_name = "NAME")]
+    pub exclude_databases: Vec<String>,
+    /// With several databases: create them on the target with its defaults (owned by the
+    /// role pgtide connects as) instead of the source's encoding, locale, owner, connection
+    /// limit, privileges, settings and comment.
+    #[arg(long)]
+    pub skip_db_properties: bool,
+    /// With several databases: do not copy the roles first (they are on the target already).
+    #[arg(long)]
+    pub skip_roles: bool,
+    /// With several databases: copy the roles without their passwords.
+    #[arg(long)]
+    pub no_role_passwords: bool,
+    /// With several databases: a source role not to copy (repeatable).
+    #[arg(long = "exclude-role", value_name = "ROLE")]
+    pub exclude_roles: Vec<String>,
     /// The whole migration: create a slot, copy under its snapshot while spooling the change
     /// stream, then apply it until endpos (`pgtide sentinel set endpos`).
     #[arg(long)]

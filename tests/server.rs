@@ -1,0 +1,350 @@
+//! A whole-server migration (issue 15, item 2): `clone --follow --all-databases` moves the
+//! roles and every database of a server of the test's own (pgbench writing to one of them
+//! during the copy, a SIGKILL in the middle of it), one `cutover` ends every database's
+//! pipeline, and `cleanup` removes every slot. The servers are private: an all-databases run
+//! on the shared clusters would take every other test's databases and roles along.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use pgtide::failpoints::COPY_BEFORE_COMMIT;
+
+const CONF: &str = "wal_level = logical\nmax_replication_slots = 12\nmax_wal_senders = 20\nmax_connections = 100\n";
+
+/// The URI of database `db` on a private server, as `user` with `secret`.
+fn uri_of(server: &PrivateServer, user: &str, secret: &str, db: &str) -> String {
+    let (_, rest) = server.uri.split_once('@').unwrap();
+    let (host, _) = rest.rsplit_once('/').unwrap();
+    format!("postgres://{user}:{secret}@{host}/{db}")
+}
+
+fn port_of(server: &PrivateServer) -> String {
+    let (_, rest) = server.uri.split_once('@').unwrap();
+    let (host, _) = rest.rsplit_once('/').unwrap();
+    host.rsplit_once(':').unwrap().1.to_string()
+}
+
+async fn can_log_in(uri: &str) -> bool {
+    match tokio_postgres::connect(uri, tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            client.simple_query("SELECT 1").await.is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+/// pgbench against database `db` of `server`.
+fn pgbench(server: &PrivateServer, db: &str, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(
+        std::path::Path::new(&std::env::var("PGTIDE_PG_BIN").expect("PGTIDE_PG_BIN"))
+            .join("pgbench"),
+    )
+    .args(["-h", "127.0.0.1", "-p", &port_of(server), "-U", "postgres"])
+    .args(args)
+    .arg(db)
+    .env("PGPASSWORD", password())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+/// Parts copied so far in every database's work dir under the server's `dir`.
+fn parts_done_anywhere(dir: &std::path::Path) -> i64 {
+    let Ok(entries) = std::fs::read_dir(dir.join("databases")) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| parts_done(&e.path()))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_with_three_databases_and_its_roles_moves_in_one_cutover() {
+    let source = PrivateServer::start_with("server-source", CONF);
+    let target = PrivateServer::start_with("server-target", CONF);
+    let src = |db: &str| uri_of(&source, "postgres", &password(), db);
+    let dst = |db: &str| uri_of(&target, "postgres", &password(), db);
+
+    // One statement at a time: CREATE DATABASE cannot run in a multi-statement batch.
+    for statement in "CREATE ROLE app_owner LOGIN PASSWORD 'owner-secret';
+         CREATE ROLE app_group NOLOGIN;
+         CREATE ROLE app_reader LOGIN PASSWORD 'reader-secret' IN ROLE app_group;
+         ALTER ROLE app_reader SET work_mem = '12MB';
+         CREATE ROLE migrator LOGIN SUPERUSER PASSWORD 'source-side';
+         CREATE DATABASE shop OWNER app_owner;
+         CREATE DATABASE crm OWNER app_owner CONNECTION LIMIT 50;
+         ALTER DATABASE crm SET statement_timeout = '1min';
+         COMMENT ON DATABASE crm IS 'the customers';
+         REVOKE CONNECT ON DATABASE crm FROM PUBLIC;
+         GRANT CONNECT ON DATABASE crm TO app_reader;
+         CREATE DATABASE bench;
+         ALTER ROLE app_reader IN DATABASE shop SET search_path = shop, public"
+        .split(';')
+    {
+        exec(&src("postgres"), statement).await;
+    }
+    // The migration role exists on the target already, with its own password.
+    exec(
+        &dst("postgres"),
+        "CREATE ROLE migrator LOGIN SUPERUSER PASSWORD 'target-side'",
+    )
+    .await;
+    exec(
+        &src("shop"),
+        "SET ROLE app_owner;
+         CREATE SCHEMA shop;
+         CREATE TABLE shop.orders (id bigserial PRIMARY KEY, item text NOT NULL, qty int, note text);
+         INSERT INTO shop.orders (item, qty, note) SELECT 'item ' || g, g % 7, repeat(md5(g::text), 20) FROM generate_series(1, 20000) g;
+         CREATE INDEX ON shop.orders (item);
+         GRANT USAGE ON SCHEMA shop TO app_group;
+         GRANT SELECT ON shop.orders TO app_group;",
+    )
+    .await;
+    exec(
+        &src("crm"),
+        "CREATE TABLE customers (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text, tags text[]);
+         INSERT INTO customers (name, tags) SELECT 'c' || g, ARRAY['a', 'b\"' || g] FROM generate_series(1, 5000) g;
+         ALTER TABLE customers OWNER TO app_owner;
+         GRANT SELECT ON customers TO app_reader;",
+    )
+    .await;
+    let init = pgbench(&source, "bench", &["-i", "-q", "-s", "2"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    exec(
+        &src("bench"),
+        "ALTER TABLE pgbench_history REPLICA IDENTITY FULL",
+    )
+    .await;
+
+    let dir = workdir("server");
+    let d = dir.to_str().unwrap();
+    let source_admin = src("postgres");
+    let target_as_migrator = uri_of(&target, "migrator", "target-side", "postgres");
+    let run = |resume: bool, slow: bool| {
+        let mut args = vec![
+            "clone",
+            "--follow",
+            "--all-databases",
+            "--source",
+            &source_admin,
+            "--target",
+            &target_as_migrator,
+            "--dir",
+            d,
+            "--table-jobs",
+            "2",
+            "--index-jobs",
+            "2",
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        let slow_copy = format!("{COPY_BEFORE_COMMIT}=sleep(400)");
+        let env: Vec<(&str, &str)> = if slow {
+            vec![("FAILPOINTS", slow_copy.as_str())]
+        } else {
+            vec![]
+        };
+        spawn_pgtide(&args, &env)
+    };
+
+    // pgbench writes to one database while the others copy; pgtide is killed mid-copy.
+    let mut child = run(false, true);
+    let load = pgbench(&source, "bench", &["-n", "-c", "2", "-T", "12"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while parts_done_anywhere(&dir) < 2 {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            child.kill().ok();
+            panic!("the copy never started:\n{}", child.output_so_far());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let status = pgtide_ok(&["status", "--dir", d]);
+    println!("{status}");
+    for db in ["shop", "crm", "bench", "postgres", "total"] {
+        assert!(
+            status.lines().any(|l| l.starts_with(db)),
+            "no line for {db}:\n{status}"
+        );
+    }
+
+    let mut child = run(true, false);
+    let load = load.wait_with_output().unwrap();
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    // Every database applying: the server's verdict says ready.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let json: serde_json::Value =
+            serde_json::from_str(&pgtide_ok_stdout(&["status", "--dir", d, "--json"])).unwrap();
+        assert_eq!(json["databases"].as_array().unwrap().len(), 4, "{json}");
+        if json["total"]["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("ready to cut over")
+        {
+            break;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            child.kill().ok();
+            panic!("never ready: {json}\n{}", child.output_so_far());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    exec(
+        &src("shop"),
+        "INSERT INTO shop.orders (item, qty) VALUES ('after the copy', 1)",
+    )
+    .await;
+
+    let out = pgtide_ok(&[
+        "cutover",
+        "--source",
+        &source_admin,
+        "--target",
+        &target_as_migrator,
+        "--dir",
+        d,
+        "--fence",
+    ]);
+    assert!(out.contains("cutover complete for 4 databases"), "{out}");
+    assert!(out.contains("write downtime"), "{out}");
+    println!("{out}");
+    let out = wait_exit(child, 120);
+    assert!(out.status.success(), "{}", text(&out));
+    // The fence holds in every database: an application role cannot write on the source.
+    let owner = connect(&uri_of(&source, "app_owner", "owner-secret", "shop")).await;
+    let refused = owner
+        .batch_execute("INSERT INTO shop.orders (item) VALUES ('after the fence')")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{refused}"
+    );
+
+    // The fence holds every database until lifted (before the roles are compared: it is a
+    // setting of theirs on the source), and lifting it works for every database.
+    let out = pgtide_ok(&[
+        "cutover",
+        "--unfence",
+        "--source",
+        &source_admin,
+        "--target",
+        &target_as_migrator,
+        "--dir",
+        d,
+    ]);
+    assert!(
+        out.contains("fence lifted on the source in database shop"),
+        "{out}"
+    );
+    // Every database identical by content.
+    for db in ["shop", "crm", "bench", "postgres"] {
+        assert_identical(&src(db), &dst(db));
+    }
+    // The roles log in with their source passwords; the migration role keeps its own.
+    for (user, secret, db) in [
+        ("app_owner", "owner-secret", "shop"),
+        ("app_reader", "reader-secret", "crm"),
+        ("migrator", "target-side", "postgres"),
+    ] {
+        assert!(
+            can_log_in(&uri_of(&target, user, secret, db)).await,
+            "{user} cannot log in to the target's {db}"
+        );
+    }
+    assert!(!can_log_in(&uri_of(&target, "migrator", "source-side", "postgres")).await);
+    // Memberships, role settings, grants and database properties as on the source.
+    let facts = [
+        (
+            "postgres",
+            "SELECT pg_has_role('app_reader', 'app_group', 'MEMBER')::text",
+        ),
+        (
+            "postgres",
+            "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole WHERE r.rolname = 'app_reader' AND s.setdatabase = 0",
+        ),
+        (
+            "postgres",
+            "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole JOIN pg_database d ON d.oid = s.setdatabase WHERE r.rolname = 'app_reader' AND d.datname = 'shop'",
+        ),
+        (
+            "shop",
+            "SELECT has_table_privilege('app_reader', 'shop.orders', 'SELECT')::text",
+        ),
+        (
+            "crm",
+            "SELECT has_table_privilege('app_reader', 'customers', 'SELECT')::text",
+        ),
+        (
+            "postgres",
+            "SELECT string_agg(format('%s %s %s %s %s', datname, pg_get_userbyid(datdba), datconnlimit, pg_encoding_to_char(encoding), datcollate), '; ' ORDER BY datname) FROM pg_database WHERE datname IN ('shop', 'crm', 'bench')",
+        ),
+        (
+            "postgres",
+            "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = 'crm' AND s.setrole = 0",
+        ),
+        (
+            "postgres",
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = 'crm'",
+        ),
+        (
+            "postgres",
+            "SELECT has_database_privilege('app_owner', 'crm', 'CONNECT')::text || has_database_privilege('app_reader', 'crm', 'CONNECT')::text || has_database_privilege('app_group', 'crm', 'CONNECT')::text",
+        ),
+        ("crm", "SELECT last_value::text FROM customers_id_seq"),
+    ];
+    for (db, sql) in facts {
+        assert_eq!(
+            scalar_string(&dst(db), sql).await,
+            scalar_string(&src(db), sql).await,
+            "{db}: {sql}"
+        );
+    }
+    assert_eq!(
+        scalar_string(
+            &dst("shop"),
+            "SELECT item FROM shop.orders ORDER BY id DESC LIMIT 1"
+        )
+        .await,
+        "after the copy"
+    );
+
+    let out = pgtide_ok(&[
+        "cleanup",
+        "--source",
+        &source_admin,
+        "--target",
+        &target_as_migrator,
+        "--dir",
+        d,
+    ]);
+    assert_eq!(out.matches("dropped").count() >= 4, true, "{out}");
+    assert_eq!(
+        scalar_i64(
+            &src("postgres"),
+            "SELECT count(*) FROM pg_replication_slots"
+        )
+        .await,
+        0
+    );
+    assert_no_file_holds_password(&dir);
+}
