@@ -337,7 +337,7 @@ async fn a_server_with_three_databases_and_its_roles_moves_in_one_cutover() {
         "--dir",
         d,
     ]);
-    assert_eq!(out.matches("dropped").count() >= 4, true, "{out}");
+    assert!(out.matches("dropped").count() >= 4, "{out}");
     assert_eq!(
         scalar_i64(
             &src("postgres"),

@@ -319,12 +319,12 @@ mod tests {
         assert_eq!(
             then,
             [
-                "ALTER DATABASE \"My Db\" SET search_path = '$user', 'public'",
-                "ALTER DATABASE \"My Db\" SET work_mem = '8MB'",
+                "ALTER DATABASE \"My Db\" SET \"search_path\" = '$user', 'public'",
+                "ALTER DATABASE \"My Db\" SET \"work_mem\" = '8MB'",
                 "REVOKE ALL ON DATABASE \"My Db\" FROM PUBLIC",
                 "REVOKE ALL ON DATABASE \"My Db\" FROM \"app owner\"",
                 "GRANT CONNECT ON DATABASE \"My Db\" TO PUBLIC",
-                "GRANT TEMPORARY ON DATABASE \"My Db\" TO reader WITH GRANT OPTION",
+                "GRANT TEMPORARY ON DATABASE \"My Db\" TO \"reader\" WITH GRANT OPTION",
                 "COMMENT ON DATABASE \"My Db\" IS 'it''s ours'",
             ]
         );

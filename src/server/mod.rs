@@ -185,7 +185,10 @@ pub async fn run(dir: &Path, opts: ServerOptions) -> Result<Vec<(String, Option<
             let result = pipeline(&sub_workdir, &sub, clone_opts, follow.as_ref())
                 .instrument(span)
                 .await;
-            let result = crate::cli::record_failure(&sub_workdir.state, result);
+            // As a one-database run records it: status shows the error per database.
+            if let Err(e) = &result {
+                let _ = sub_workdir.state.set_failed(&format!("{e:#}"));
+            }
             (name, result)
         }));
     }
