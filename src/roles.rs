@@ -409,6 +409,174 @@ fn split_list(value: &str) -> Vec<String> {
     elements
 }
 
+/// What `verify` found comparing the roles of the two servers.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct RoleComparison {
+    /// Source roles compared (the left-alone ones are not).
+    pub compared: usize,
+    /// Password hashes were compared too (both logins can read pg_authid).
+    pub passwords_compared: bool,
+    /// Each difference, in words ("role x: missing on the target", …).
+    pub differences: Vec<String>,
+}
+
+/// Compares the source's roles, memberships and role settings with the target's, as
+/// `copy_roles` would leave them: the roles it leaves alone (`exclude`, the role pgtide
+/// connects to the target as, the bootstrap superuser) are not compared, roles only the target
+/// has are not differences, and `ignore` lists source settings (role, database, name) that
+/// pgtide itself put there (the cutover fence).
+pub async fn compare(
+    source: &Client,
+    target: &Client,
+    exclude: &[String],
+    ignore: &[(String, String, String)],
+) -> Result<RoleComparison> {
+    let read_both = |passwords| async move {
+        let source_roles = read_roles(source, passwords).await?;
+        let target_roles = read_roles(target, passwords).await?;
+        anyhow::Ok((source_roles, target_roles))
+    };
+    let (passwords_compared, (source_roles, target_roles)) = match read_both(true).await {
+        Ok(both) => (true, both),
+        // Without superuser on a side, everything but the hashes.
+        Err(_) => (false, read_both(false).await?),
+    };
+    let (connected_as, bootstrap): (String, String) = {
+        let row = target
+            .query_one(
+                "SELECT current_user::text, (SELECT rolname::text FROM pg_roles WHERE oid = 10)",
+                &[],
+            )
+            .await
+            .context("cannot read the target's roles")?;
+        (row.get(0), row.get(1))
+    };
+    let left_alone =
+        |name: &str| exclude.iter().any(|e| e == name) || name == connected_as || name == bootstrap;
+    let mut comparison = RoleComparison {
+        passwords_compared,
+        ..Default::default()
+    };
+    let by_name: BTreeMap<&str, &SourceRole> =
+        target_roles.iter().map(|r| (r.name.as_str(), r)).collect();
+    for role in source_roles.iter().filter(|r| !left_alone(&r.name)) {
+        comparison.compared += 1;
+        let Some(there) = by_name.get(role.name.as_str()) else {
+            comparison
+                .differences
+                .push(format!("role {}: missing on the target", role.name));
+            continue;
+        };
+        let shape = |r: &SourceRole| {
+            format!(
+                "superuser={} inherit={} createrole={} createdb={} login={} replication={} bypassrls={} connection limit={} valid until={} comment={}",
+                r.superuser,
+                r.inherit,
+                r.create_role,
+                r.create_db,
+                r.login,
+                r.replication,
+                r.bypass_rls,
+                r.connection_limit,
+                r.valid_until.as_deref().unwrap_or("-"),
+                r.comment.as_deref().unwrap_or("-")
+            )
+        };
+        if shape(role) != shape(there) {
+            comparison.differences.push(format!(
+                "role {}: source has {}, target has {}",
+                role.name,
+                shape(role),
+                shape(there)
+            ));
+        }
+        if passwords_compared && role.password != there.password {
+            comparison
+                .differences
+                .push(format!("role {}: the password differs", role.name));
+        }
+    }
+    let target_memberships = read_memberships(target).await?;
+    for m in read_memberships(source).await? {
+        if left_alone(&m.member) || left_alone(&m.role) {
+            continue;
+        }
+        match target_memberships
+            .iter()
+            .find(|t| t.role == m.role && t.member == m.member)
+        {
+            None => comparison.differences.push(format!(
+                "membership of {} in {}: missing on the target",
+                m.member, m.role
+            )),
+            // INHERIT and SET options exist from 16 on: compared where both sides have them.
+            Some(t)
+                if t.admin != m.admin
+                    || !same_option(m.inherit, t.inherit)
+                    || !same_option(m.set, t.set) =>
+            {
+                comparison.differences.push(format!(
+                    "membership of {} in {}: source has admin={} inherit={} set={}, target has admin={} inherit={} set={}",
+                    m.member,
+                    m.role,
+                    m.admin,
+                    option_text(m.inherit),
+                    option_text(m.set),
+                    t.admin,
+                    option_text(t.inherit),
+                    option_text(t.set)
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let key = |s: &RoleSetting| {
+        (
+            s.role.clone(),
+            s.database.clone().unwrap_or_default(),
+            s.name.clone(),
+        )
+    };
+    let target_settings: BTreeMap<_, String> = read_settings(target)
+        .await?
+        .into_iter()
+        .map(|s| (key(&s), s.value))
+        .collect();
+    for setting in read_settings(source).await? {
+        let k = key(&setting);
+        if left_alone(&setting.role) || ignore.contains(&k) {
+            continue;
+        }
+        match target_settings.get(&k) {
+            Some(value) if value == &setting.value => {}
+            other => comparison.differences.push(format!(
+                "setting {} of role {}{}: {} on the source, {} on the target",
+                setting.name,
+                setting.role,
+                setting
+                    .database
+                    .as_deref()
+                    .map_or(String::new(), |d| format!(" in database {d}")),
+                setting.value,
+                other.map_or("not set", |v| v.as_str())
+            )),
+        }
+    }
+    Ok(comparison)
+}
+
+fn same_option(a: Option<bool>, b: Option<bool>) -> bool {
+    a.is_none() || b.is_none() || a == b
+}
+
+fn option_text(option: Option<bool>) -> &'static str {
+    match option {
+        Some(true) => "true",
+        Some(false) => "false",
+        None => "-",
+    }
+}
+
 async fn target_major(client: &Client) -> Result<u32> {
     crate::pg::server_major(client).await
 }

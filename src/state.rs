@@ -156,6 +156,8 @@ mod key {
     pub const SPOOL_BYTES: &str = "spool.bytes";
     /// JSON list of `FencedRole`.
     pub const CUTOVER_FENCE: &str = "cutover.fence";
+    /// The roles a whole-server migration left out (`--exclude-role`), for verify.
+    pub const SERVER_EXCLUDED_ROLES: &str = "server.excluded_roles";
     /// JSON of `replication::ddl_capture::Capture`.
     pub const DDL_CAPTURE: &str = "ddl.capture";
     /// JSON of `DdlStop`.
@@ -1242,6 +1244,19 @@ impl StateDb {
             })?
             .collect()
         })
+    }
+
+    /// The roles a whole-server migration leaves out (`--exclude-role`): verify does not
+    /// report them missing.
+    pub fn record_excluded_roles(&self, roles: &[String]) -> Result<()> {
+        self.set_meta(key::SERVER_EXCLUDED_ROLES, &serde_json::to_string(roles)?)
+    }
+
+    /// See `record_excluded_roles`.
+    pub fn excluded_roles(&self) -> Result<Vec<String>> {
+        Ok(self
+            .get_json(key::SERVER_EXCLUDED_ROLES)?
+            .unwrap_or_default())
     }
 
     /// pgtide created this database on the target.

@@ -240,6 +240,40 @@ async fn a_server_with_three_databases_and_its_roles_moves_in_one_cutover() {
         "{refused}"
     );
 
+    // verify across the server: every database and the roles (the fence's own setting on
+    // the source is not a difference); a role changed on the target is.
+    let verify = |extra: Option<&'static str>| {
+        let mut args = vec![
+            "verify",
+            "--source",
+            source_admin.as_str(),
+            "--target",
+            target_as_migrator.as_str(),
+            "--dir",
+            d,
+        ];
+        args.extend(extra);
+        args
+    };
+    let out = pgtide_ok(&verify(None));
+    assert!(
+        out.contains("the server's 4 databases and its roles are identical")
+            && out.contains("password hashes included")
+            && out.contains("== database bench =="),
+        "{out}"
+    );
+    exec(&dst("postgres"), "ALTER ROLE app_reader CONNECTION LIMIT 3").await;
+    let out = pgtide_fails(&verify(Some("--counts-only")));
+    assert!(
+        out.contains("DIFFERENT: role app_reader: source has"),
+        "{out}"
+    );
+    exec(
+        &dst("postgres"),
+        "ALTER ROLE app_reader CONNECTION LIMIT -1",
+    )
+    .await;
+
     // The fence holds every database until lifted (before the roles are compared: it is a
     // setting of theirs on the source), and lifting it works for every database.
     let out = pgtide_ok(&[

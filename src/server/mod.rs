@@ -8,6 +8,7 @@
 //! list, never the source's current one.
 
 pub mod databases;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -124,6 +125,7 @@ pub async fn run(dir: &Path, opts: ServerOptions) -> Result<Vec<(String, Option<
     state.set_phase(Phase::Copying)?;
 
     if let Some(role_options) = &opts.roles {
+        state.record_excluded_roles(&role_options.exclude)?;
         copy_roles(&source_admin, &target_admin, role_options).await?;
     }
     let mut created_any = false;

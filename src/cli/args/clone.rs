@@ -181,9 +181,14 @@ pub struct VerifyArgs {
     /// The filters file the clone used, so excluded tables are not reported as missing.
     #[arg(long)]
     pub filters: Option<PathBuf>,
-    /// The migration's work dir: its recorded filters and sequence offset are used.
+    /// The migration's work dir: its recorded filters and sequence offset are used. A
+    /// whole-server work dir compares every database it migrated, and the roles.
     #[arg(long, env = "PGTIDE_DIR")]
     pub dir: Option<PathBuf>,
+    /// Compare every database of the server (but templates) and the roles, memberships and
+    /// role settings.
+    #[arg(long)]
+    pub all_databases: bool,
 }
 
 /// `--split-tables-larger-than`: measured, a size, or never (0).
