@@ -103,6 +103,14 @@ run() { # name command…
   echo "   $name: ${VERDICT_OF[$name]}" >&2
 }
 
+# pgtide plan's estimate of the clone, before it runs (issue 15: within 2x of the measured time).
+plan_estimate() {
+  "$PGTIDE" plan --json --source "$(src_uri "$1")" --target "$(dst_uri postgres)" --dir "$WORK/plan-dir" \
+    --table-jobs "$JOBS" --index-jobs "$JOBS" 2> "$WORK/plan-$1.log" \
+    | python3 -c 'import json, sys; print(round(json.load(sys.stdin)["estimate"]["seconds"], 1))'
+}
+PLAN_BENCH=$(plan_estimate bench || echo failed)
+echo "   pgtide plan estimates the pgtide clone at $PLAN_BENCH s" >&2
 run pgtide "$PGTIDE" clone --source "$(src_uri bench)" --target "$(dst_uri pgtide)" --dir "$WORK/pgtide-dir" \
   --table-jobs "$JOBS" --index-jobs "$JOBS"
 run pgtide_split "$PGTIDE" clone --source "$(src_uri bench)" --target "$(dst_uri pgtide_split)" --dir "$WORK/pgtide-split-dir" \
@@ -164,6 +172,8 @@ echo "pgtide / best pgcopydb:      $(ratio "${SECONDS_OF[pgtide]}" "$best_pgcopy
 echo "pgtide --fast-restore / best pgcopydb: $(ratio "${SECONDS_OF[pgtide_fast]}" "$best_pgcopydb")"
 echo "pgtide / dump-restore:       $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[dump_restore]}")"
 echo "pgtide / physical limit:     $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[physical_limit]}")"
+echo "pgtide plan estimate / measured: $(ratio "$PLAN_BENCH" "${SECONDS_OF[pgtide]}") (estimated $PLAN_BENCH s, measured $(secs "${SECONDS_OF[pgtide]}") s)"
+echo "plan pgbench: estimated $PLAN_BENCH s, measured $(secs "${SECONDS_OF[pgtide]}") s, ratio $(ratio "$PLAN_BENCH" "${SECONDS_OF[pgtide]}")" >> "$WORK/summary"
 echo "clone pgbench (scale $SCALE, $JOBS jobs): pgtide $(secs "${SECONDS_OF[pgtide]}") s (split $(secs "${SECONDS_OF[pgtide_split]}") s), best pgcopydb $(secs "$best_pgcopydb") s, dump-restore $(secs "${SECONDS_OF[dump_restore]}") s; pgtide/best pgcopydb $(ratio "${SECONDS_OF[pgtide]}" "$best_pgcopydb") (split $(ratio "${SECONDS_OF[pgtide_split]}" "$best_pgcopydb"), --fast-restore $(secs "${SECONDS_OF[pgtide_fast]}") s: $(ratio "${SECONDS_OF[pgtide_fast]}" "$best_pgcopydb")), pgtide/dump-restore $(ratio "${SECONDS_OF[pgtide]}" "${SECONDS_OF[dump_restore]}")" >> "$WORK/summary"
 echo "step times of the pgtide run:"; sed -n '/^step/,/^$/p' "$WORK/pgtide.log"
 echo "logs: $WORK"
@@ -191,6 +201,8 @@ toast_bench() {
   echo "$sizes" >&2
   CLONE_DB=toastbench
   local names=(toast_pgtide toast_pgtide_split toast_pgcopydb toast_pgcopydb_split)
+  local plan_toast; plan_toast=$(plan_estimate toastbench || echo failed)
+  echo "   pgtide plan estimates the pgtide clone at $plan_toast s" >&2
   run toast_pgtide "$PGTIDE" clone --source "$(src_uri toastbench)" --target "$(dst_uri toast_pgtide)" --dir "$WORK/toast-pgtide-dir" \
     --table-jobs "$JOBS" --index-jobs "$JOBS"
   if [ "${PGTIDE_BENCH_TOAST_KEEP:-0}" = 1 ]; then
@@ -216,6 +228,8 @@ toast_bench() {
     printf '%-22s %8s s   %s\n' "$name" "$(secs "${SECONDS_OF[$name]}")" "${VERDICT_OF[$name]}"
   done
   echo "pgtide / best pgcopydb:      $(ratio "${SECONDS_OF[toast_pgtide]}" "$best")   (pgtide --split-tables-larger-than $TOAST_SPLIT: $(ratio "${SECONDS_OF[toast_pgtide_split]}" "$best"))"
+  echo "pgtide plan estimate / measured: $(ratio "$plan_toast" "${SECONDS_OF[toast_pgtide]}") (estimated $plan_toast s, measured $(secs "${SECONDS_OF[toast_pgtide]}") s)"
+  echo "plan TOAST-heavy: estimated $plan_toast s, measured $(secs "${SECONDS_OF[toast_pgtide]}") s, ratio $(ratio "$plan_toast" "${SECONDS_OF[toast_pgtide]}")" >> "$WORK/summary"
   echo
   echo "clone TOAST-heavy (~$TOAST_MB MB, $JOBS jobs): pgtide $(secs "${SECONDS_OF[toast_pgtide]}") s (split $(secs "${SECONDS_OF[toast_pgtide_split]}") s), best pgcopydb $(secs "$best") s; pgtide/best pgcopydb $(ratio "${SECONDS_OF[toast_pgtide]}" "$best") (split $(ratio "${SECONDS_OF[toast_pgtide_split]}" "$best"))" >> "$WORK/summary"
 }

@@ -12,6 +12,7 @@ pub mod failpoints;
 pub mod follow;
 pub mod observe;
 pub mod pg;
+pub mod plan;
 pub mod preflight;
 pub mod replication;
 pub mod roles;

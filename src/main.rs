@@ -79,6 +79,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Clone(args) => cli::clone::run(args).await,
+            Command::Plan(args) => cli::clone::plan(args).await,
             Command::Verify(args) => cli::verify::run(args).await,
             Command::Snapshot(args) => cli::stream::snapshot(args).await,
             Command::Stream(cli::StreamCommand::Setup(args)) => cli::stream::setup(args).await,

@@ -131,6 +131,82 @@ async fn a_server_with_three_databases_and_its_roles_moves_in_one_cutover() {
     let d = dir.to_str().unwrap();
     let source_admin = src("postgres");
     let target_as_migrator = uri_of(&target, "migrator", "target-side", "postgres");
+
+    // The plan first: read-only, every database with its tables, an estimate and the WAL.
+    let plan: serde_json::Value = serde_json::from_str(&pgtide_ok_stdout(&[
+        "plan",
+        "--all-databases",
+        "--follow",
+        "--json",
+        "--source",
+        &source_admin,
+        "--target",
+        &target_as_migrator,
+        "--dir",
+        d,
+        "--table-jobs",
+        "2",
+    ]))
+    .unwrap();
+    let planned: Vec<&str> = plan["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|db| db["name"].as_str().unwrap())
+        .collect();
+    // Largest first (crm and postgres differ by less than their catalogs' noise).
+    assert_eq!(planned[..2], ["bench", "shop"], "{plan}");
+    assert!(planned.contains(&"crm") && planned.contains(&"postgres") && planned.len() == 4);
+    let bench = &plan["databases"][0];
+    assert_eq!(bench["create_on_target"], true, "{plan}");
+    assert_eq!(
+        bench["tables"][0]["table"], "public.pgbench_accounts",
+        "{plan}"
+    );
+    assert!(
+        bench["tables"][0]["heap_bytes"].as_i64().unwrap() > 20_000_000,
+        "{plan}"
+    );
+    assert_eq!(bench["indexes"], 3, "{plan}");
+    assert!(plan["roles_to_copy"].as_u64().unwrap() >= 4, "{plan}");
+    assert!(!plan["samples"].as_array().unwrap().is_empty(), "{plan}");
+    let estimate = plan["estimate"]["seconds"].as_f64().unwrap();
+    assert!(estimate > 0.0 && estimate < 600.0, "{plan}");
+    assert!(
+        plan["wal"]["verdict"].as_str().unwrap().contains("WAL"),
+        "{plan}"
+    );
+    assert!(
+        plan["connections"]["source"].as_u64().unwrap() >= 2 + 2 * 4,
+        "{plan}"
+    );
+    let dry_run = pgtide_ok_stdout(&[
+        "clone",
+        "--dry-run",
+        "--source",
+        &src("bench"),
+        "--target",
+        &uri_of(&target, "migrator", "target-side", "postgres"),
+        "--dir",
+        d,
+    ]);
+    assert!(
+        dry_run.contains("read-only")
+            && dry_run.contains("public.pgbench_accounts")
+            && dry_run.contains("estimate: about"),
+        "{dry_run}"
+    );
+    println!("{dry_run}");
+    assert_eq!(
+        scalar_i64(
+            &dst("postgres"),
+            "SELECT count(*) FROM pg_database WHERE datname IN ('bench', 'shop', 'crm')"
+        )
+        .await,
+        0,
+        "the plan created nothing"
+    );
+    assert!(!dir.exists(), "the plan wrote no work dir");
     let run = |resume: bool, slow: bool| {
         let mut args = vec![
             "clone",

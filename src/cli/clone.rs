@@ -20,6 +20,12 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     if args.table_jobs == 0 || args.index_jobs == 0 || args.apply_jobs == Some(0) {
         bail!("--table-jobs, --index-jobs and --apply-jobs must be at least 1");
     }
+    if args.dry_run {
+        return plan(args).await;
+    }
+    if args.json {
+        bail!("--json belongs to --dry-run (or `pgtide plan`): add --dry-run to see the plan");
+    }
     if args.all_databases || !args.databases.is_empty() {
         return server(args, source, target).await;
     }
@@ -63,6 +69,35 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     }
     .await;
     super::record_failure(&workdir.state, result)
+}
+
+/// `pgtide plan` / `clone --dry-run`: the plan of this clone, read-only.
+pub async fn plan(args: CloneArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.endpoints.source, "source")?;
+    let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    if args.table_jobs == 0 || args.index_jobs == 0 {
+        bail!("--table-jobs and --index-jobs must be at least 1");
+    }
+    let filters = super::load_filters(args.filters.as_deref())?;
+    let server = (args.all_databases || !args.databases.is_empty()).then(|| {
+        crate::server::databases::Selection {
+            only: args.databases.clone(),
+            exclude: args.exclude_databases.clone(),
+        }
+    });
+    let opts = crate::plan::PlanOptions {
+        preflight: check_options(&args, &source, &target, &filters),
+        online: args.follow,
+        server,
+        clone: clone_options(&args, source, target, filters),
+    };
+    let plan = crate::plan::plan(&opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{}", crate::plan::render(&plan));
+    }
+    Ok(())
 }
 
 /// `clone --all-databases` / `--database`: every selected database in one process.

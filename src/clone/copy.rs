@@ -166,7 +166,7 @@ impl CopyWorker {
 /// Streams `COPY … TO STDOUT` on the source into `COPY … FROM STDIN` on the target (both
 /// sessions already in their transactions), regrouped into large CopyData messages;
 /// `on_chunk(chunk bytes, bytes so far)` after each source chunk. Returns rows and bytes.
-async fn pump(
+pub(crate) async fn pump(
     source: &Client,
     target: &Client,
     name: &str,

@@ -116,7 +116,7 @@ pub enum SplitChoice {
 /// streams, and no more than both servers have cores for (measured when `--copy-cores` is not
 /// given, and only when some table is big enough for the answer to matter); never on a source
 /// older than 14, where a part costs a whole-table scan.
-async fn split_policy(
+pub(crate) async fn split_policy(
     opts: &CloneOptions,
     tables: &[TableRow],
     source_major: u32,

@@ -46,7 +46,7 @@ pub(super) async fn local_checks(
 }
 
 /// Free bytes on the file system that holds `dir` (or its nearest existing parent).
-fn free_disk(dir: &Path) -> Option<u64> {
+pub(crate) fn free_disk(dir: &Path) -> Option<u64> {
     let mut path = dir.to_path_buf();
     while !path.exists() {
         path = path.parent()?.to_path_buf();

@@ -7,7 +7,7 @@
 //! checks themselves live by what they ask: `source.rs`, `target.rs`, `local.rs` (tools and
 //! disk), `wal2json.rs`.
 
-mod local;
+pub(crate) mod local;
 mod source;
 mod target;
 mod wal2json;

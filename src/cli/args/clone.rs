@@ -118,6 +118,13 @@ pub struct CloneArgs {
     /// Do not restore privileges (pg_restore --no-acl).
     #[arg(long)]
     pub no_acl: bool,
+    /// Print the plan (`pgtide plan`: what would be copied, the connections, the preflight's
+    /// findings and a measured estimate of the time) and stop; nothing is created.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run (or `pgtide plan`): the plan as one JSON object.
+    #[arg(long)]
+    pub json: bool,
     /// Migrate every database of the source server (but templates): the roles first, each
     /// database created on the target with its properties, then one pipeline per database in
     /// this process (with --follow: a slot each, named <slot-name>_<database oid>), sharing

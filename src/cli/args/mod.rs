@@ -41,6 +41,11 @@ pub enum Command {
     /// Copy schema, data, indexes, constraints and sequences from source to target, consistent
     /// with one snapshot.
     Clone(CloneArgs),
+    /// What a clone with these options would create and copy (databases, roles, tables with
+    /// their sizes and parts, indexes, sequences, large objects), the connections it needs,
+    /// the preflight's findings, and an estimate of its time from a short measured sample and
+    /// of the WAL the slot keeps meanwhile. Read-only; the same as `clone --dry-run`.
+    Plan(CloneArgs),
     /// Where a migration stands: phase, clone progress, positions, lag in bytes and seconds,
     /// apply rate, and a verdict; from another shell while it runs, or after.
     Status(StatusArgs),
