@@ -943,3 +943,75 @@ async fn replica_identity_full_and_append_only_tables() {
         0
     );
 }
+
+/// A clone --follow killed before any table was copied re-copies every table on resume, under
+/// a snapshot later than every change spooled so far: apply skips them all, commits nothing,
+/// and the origin does not move. Status must still see apply caught up (a whole-server run
+/// waits for every database to say "ready"), and the spool must not keep them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_that_recopies_every_table_is_caught_up_when_everything_is_skipped() {
+    let (src, dst) = fresh_db_pair("t_follow_skipped").await;
+    exec(
+        &src,
+        "CREATE TABLE tick (id int PRIMARY KEY);
+         CREATE TABLE accounts (id int PRIMARY KEY, balance bigint);
+         INSERT INTO accounts SELECT g, 0 FROM generate_series(1, 2000) g;",
+    )
+    .await;
+    let dir = workdir("follow-skipped");
+    let d = dir.to_str().unwrap();
+    let slow = format!("{COPY_BEFORE_COMMIT}=sleep(60000)");
+    let mut child = spawn_pgtide(
+        &clone_follow_args(&src, &dst, d, "t_follow_skipped_slot"),
+        &[("FAILPOINTS", slow.as_str())],
+    );
+    wait_for_slot(&dir);
+    // Changes after the slot, all spooled before the kill.
+    exec(
+        &src,
+        "UPDATE accounts SET balance = balance + 1 WHERE id % 10 = 0",
+    )
+    .await;
+    exec(&src, "INSERT INTO accounts VALUES (5000, 7)").await;
+    let spooled = current_lsn(&src).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pgtide_ok_stdout(&["status", "--dir", d, "--json", "--source", &src])
+        .contains(&format!("\"spooled_lsn\":\"{spooled}\""))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(parts_done(&dir), 0, "killed before any part was copied");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut child = spawn_pgtide(
+        &[
+            clone_follow_args(&src, &dst, d, "t_follow_skipped_slot"),
+            vec!["--resume"],
+        ]
+        .concat(),
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let json: serde_json::Value = serde_json::from_str(&pgtide_ok_stdout(&[
+            "status", "--dir", d, "--json", "--source", &src, "--target", &dst,
+        ]))
+        .unwrap();
+        if json["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("ready to cut over")
+        {
+            break;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            child.kill().ok();
+            panic!("never caught up: {json}\n{}", child.output_so_far());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    finish_at_current_position(child, &src, d);
+    assert_identical(&src, &dst);
+}

@@ -445,7 +445,11 @@ async fn replay(
             tokio::time::sleep(IDLE_POLL).await;
         }
         if last_progress_read.elapsed() >= Duration::from_secs(1) {
-            applier.progress.durable = durable_progress(&applier.lane.client, origin).await?;
+            // The origin's flushed position, or further where batches that wrote nothing
+            // moved it (`Batch::commit`).
+            applier.progress.durable = durable_progress(&applier.lane.client, origin)
+                .await?
+                .max(applier.progress.durable);
             progress_tx.send_replace(applier.progress);
             applier.reader.prune_through(applier.progress.durable)?;
             last_progress_read = Instant::now();
@@ -1038,7 +1042,7 @@ async fn finish(
     let Some(first) = lanes.first() else {
         bail!("internal error: apply finished without a target connection");
     };
-    progress.durable = durable_progress(first, origin).await?;
+    progress.durable = durable_progress(first, origin).await?.max(progress.durable);
     progress_tx.send_replace(progress);
     Ok(progress.applied)
 }
@@ -1093,7 +1097,22 @@ impl Batch {
             self.open = false;
             return Ok(());
         };
+        // A batch whose every change was skipped (in a table's copy, or of a table no longer
+        // followed) writes nothing: PostgreSQL then logs no commit record, so the origin does
+        // not move. Such a batch is as durable as what came before it, and durable is moved
+        // past it here (else status would count its transactions as pending, and the spool
+        // would keep them, until the next real change).
+        let wrote_nothing = self.changes == 0
+            && target
+                .query_one("SELECT txid_current_if_assigned() IS NULL", &[])
+                .await
+                .map_err(|e| target_error(&e, "cannot read the transaction state on the target"))?
+                .get::<_, bool>(0);
+        let durable_before = progress.durable >= progress.applied;
         commit_with_origin(target, end_lsn, commit_time).await?;
+        if wrote_nothing && durable_before {
+            progress.durable = progress.durable.max(end_lsn);
+        }
         progress.applied = end_lsn;
         progress.transactions += self.transactions as u64;
         *self = Batch::default();

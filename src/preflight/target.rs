@@ -193,7 +193,7 @@ async fn roles_check(
                 "roles that own or are granted source objects are missing on the target: {}",
                 missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
             ),
-            "create them on the target first (pg_dumpall --roles-only on the source, then psql on the target), or clone with --no-owner / --no-acl",
+            "create them on the target first (`pgtide copy roles`, or clone with --all-databases, which copies them), or clone with --no-owner / --no-acl",
         );
     }
     Ok(())
