@@ -315,3 +315,70 @@ fn invalid_endpos_is_named() {
     let get = pgtide_ok_stdout(&["sentinel", "get", "--dir", d]);
     assert!(get.contains("\"endpos\": null"), "{get}");
 }
+
+/// Tables and indexes in a tablespace the target lacks: check fails with the fix, and
+/// `--no-tablespaces` puts them in the target's default (the clone then restores exactly).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tablespace_the_target_lacks_is_refused_or_left_out() {
+    let (src, dst) = fresh_db_pair("t_check_space").await;
+    let location = std::env::temp_dir().join(format!("pgtide-space-{}", std::process::id()));
+    std::fs::create_dir_all(&location).unwrap();
+    let chown = std::process::Command::new("chown")
+        .args(["postgres:", location.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    exec(&src, "DROP TABLESPACE IF EXISTS t_check_space").await;
+    exec(
+        &src,
+        &format!(
+            "CREATE TABLESPACE t_check_space LOCATION '{}'",
+            location.display()
+        ),
+    )
+    .await;
+    exec(
+        &src,
+        "CREATE TABLE placed (id int PRIMARY KEY USING INDEX TABLESPACE t_check_space, v text) TABLESPACE t_check_space;
+         INSERT INTO placed SELECT g, 'v' || g FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let dir = workdir("check-space");
+    let d = dir.to_str().unwrap();
+    let out = pgtide_fails(&[
+        "check", "--source", &src, "--target", &dst, "--dir", d, "--json",
+    ]);
+    let all = findings(&out);
+    let space = finding(&all, "target tablespaces");
+    assert_eq!(space["level"], "FAIL", "{space}");
+    assert!(
+        space["message"].as_str().unwrap().contains("t_check_space")
+            && space["fix"].as_str().unwrap().contains("--no-tablespaces"),
+        "{space}"
+    );
+    let out = pgtide(&[
+        "check",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--json",
+        "--no-tablespaces",
+    ]);
+    let all = findings(&text(&out));
+    assert_eq!(finding(&all, "target tablespaces")["level"], "OK");
+    pgtide_ok(&Args::clone(&src, &dst, d).arg("--no-tablespaces"));
+    assert_identical(&src, &dst);
+    assert_eq!(
+        scalar_i64(
+            &dst,
+            "SELECT count(*) FROM pg_class WHERE reltablespace <> 0 AND relname LIKE 'placed%'"
+        )
+        .await,
+        0
+    );
+    exec(&src, "DROP TABLE placed").await;
+    exec(&src, "DROP TABLESPACE t_check_space").await;
+}

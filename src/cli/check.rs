@@ -28,6 +28,7 @@ pub async fn run(args: CheckArgs) -> Result<()> {
         },
         no_owner: args.no_owner,
         no_acl: args.no_acl,
+        no_tablespaces: args.no_tablespaces,
         wal2json_nan_as_null: args.wal2json_nan_as_null,
     };
     let findings = check::run(&opts).await;

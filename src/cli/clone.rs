@@ -161,6 +161,7 @@ fn check_options(
         },
         no_owner: args.no_owner,
         no_acl: args.no_acl,
+        no_tablespaces: args.no_tablespaces,
         plugin: args.plugin.unwrap_or(Plugin::Pgoutput),
         wal2json_nan_as_null: args.wal2json_nan_as_null,
         ..crate::preflight::CheckOptions::new(
@@ -198,6 +199,7 @@ fn clone_options(
         skip_large_objects: args.skip_large_objects,
         no_owner: args.no_owner,
         no_acl: args.no_acl,
+        no_tablespaces: args.no_tablespaces,
         resync_for_follow: args.follow && args.resume,
         follow: args.follow,
         toast_compression: args.toast_compression,

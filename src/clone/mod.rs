@@ -57,6 +57,8 @@ pub struct CloneOptions {
     pub skip_large_objects: bool,
     pub no_owner: bool,
     pub no_acl: bool,
+    /// Everything in the target's default tablespace (pg_restore --no-tablespaces).
+    pub no_tablespaces: bool,
     /// A clone --follow resuming after its slot's snapshot is gone: unfinished tables are
     /// copied again under a new snapshot whose LSN is recorded per table (see `resync`).
     pub resync_for_follow: bool,
@@ -324,6 +326,7 @@ pub async fn run_holding(
                     clean,
                     no_owner: opts.no_owner,
                     no_acl: opts.no_acl,
+                    no_tablespaces: opts.no_tablespaces,
                 },
             )
             .await
@@ -396,6 +399,7 @@ pub async fn run_holding(
                         clean: false,
                         no_owner: opts.no_owner,
                         no_acl: opts.no_acl,
+                        no_tablespaces: opts.no_tablespaces,
                     },
                 )
                 .await

@@ -297,6 +297,7 @@ pub struct RestoreOptions<'a> {
     pub clean: bool,
     pub no_owner: bool,
     pub no_acl: bool,
+    pub no_tablespaces: bool,
 }
 
 /// Restores `dump_file` on the target in one transaction (so a crash leaves all or nothing),
@@ -329,6 +330,9 @@ pub async fn restore(dump_file: &Path, target: &ConnInfo, opts: &RestoreOptions<
     }
     if opts.no_acl {
         args.push("--no-acl".into());
+    }
+    if opts.no_tablespaces {
+        args.push("--no-tablespaces".into());
     }
     args.push(dump_file.display().to_string());
     if opts.tools.newer_than_target() {

@@ -522,6 +522,7 @@ async fn create_on_target(
             clean: false,
             no_owner: false,
             no_acl: false,
+            no_tablespaces: false,
         },
     )
     .await

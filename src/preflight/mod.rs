@@ -72,6 +72,7 @@ pub enum CheckId {
     TargetReplicationOrigin,
     TargetExtensions,
     TargetRoles,
+    TargetTablespaces,
     TargetEmpty,
     TargetConnections,
     LocalPgDump,
@@ -112,6 +113,7 @@ impl CheckId {
             CheckId::TargetReplicationOrigin => "target replication origin",
             CheckId::TargetExtensions => "target extensions",
             CheckId::TargetRoles => "target roles",
+            CheckId::TargetTablespaces => "target tablespaces",
             CheckId::TargetEmpty => "target empty",
             CheckId::TargetConnections => "target connections",
             CheckId::LocalPgDump => "local pg_dump",
@@ -152,6 +154,8 @@ pub struct CheckOptions {
     /// The clone's --no-owner / --no-acl: roles are then not needed on the target.
     pub no_owner: bool,
     pub no_acl: bool,
+    /// The clone's --no-tablespaces: the source's tablespaces are then not needed.
+    pub no_tablespaces: bool,
     /// --wal2json-nan-as-null: the operator accepts that wal2json turns NaN / ±Infinity of
     /// numeric and float columns into NULL.
     pub wal2json_nan_as_null: bool,
@@ -187,6 +191,7 @@ impl CheckOptions {
             identity: Default::default(),
             no_owner: false,
             no_acl: false,
+            no_tablespaces: false,
             wal2json_nan_as_null: false,
         }
     }

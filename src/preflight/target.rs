@@ -42,6 +42,7 @@ pub(super) async fn target_checks(
     }
     if let Some(src) = src {
         roles_check(r, src, dst, opts).await?;
+        tablespaces_check(r, src, dst, opts).await?;
     }
     empty_check(r, &row, opts);
     Ok(major)
@@ -194,6 +195,73 @@ async fn roles_check(
                 missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
             ),
             "create them on the target first (`pgtide copy roles`, or clone with --all-databases, which copies them), or clone with --no-owner / --no-acl",
+        );
+    }
+    Ok(())
+}
+
+/// Every tablespace a copied table, index or materialized view uses on the source exists on
+/// the target (pg_restore sets it), unless --no-tablespaces puts them all in the default.
+async fn tablespaces_check(
+    r: &mut Report,
+    src: &Client,
+    dst: &Client,
+    opts: &CheckOptions,
+) -> Result<()> {
+    let used: Vec<String> = src
+        .query(
+            "SELECT DISTINCT t.spcname::text FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_tablespace t ON t.oid = c.reltablespace
+              WHERE c.relkind IN ('r', 'p', 'i', 'I', 'm')
+                AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+              ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if used.is_empty() {
+        r.ok(
+            CheckId::TargetTablespaces,
+            "every copied relation is in the default tablespace",
+        );
+        return Ok(());
+    }
+    if opts.no_tablespaces {
+        r.ok(
+            CheckId::TargetTablespaces,
+            format!(
+                "tablespaces {} are not used on the target (--no-tablespaces)",
+                used.join(", ")
+            ),
+        );
+        return Ok(());
+    }
+    let present: Vec<String> = dst
+        .query(
+            "SELECT spcname::text FROM pg_tablespace WHERE spcname = ANY($1)",
+            &[&used],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&String> = used.iter().filter(|t| !present.contains(t)).collect();
+    if missing.is_empty() {
+        r.ok(
+            CheckId::TargetTablespaces,
+            format!("tablespaces {} exist on the target", used.join(", ")),
+        );
+    } else {
+        r.fail(
+            CheckId::TargetTablespaces,
+            format!(
+                "source tables or indexes are in tablespaces the target lacks: {}",
+                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+            "create them on the target first (CREATE TABLESPACE name LOCATION '/a/directory/of/the/postgres/user'), or clone with --no-tablespaces to put everything in the target's default tablespace",
         );
     }
     Ok(())

@@ -48,6 +48,10 @@ pub struct CheckArgs {
     /// The clone will run with --no-acl (grantees are then not needed on the target).
     #[arg(long)]
     pub no_acl: bool,
+    /// The clone will run with --no-tablespaces (the source's tablespaces are then not needed
+    /// on the target).
+    #[arg(long)]
+    pub no_tablespaces: bool,
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +122,10 @@ pub struct CloneArgs {
     /// Do not restore privileges (pg_restore --no-acl).
     #[arg(long)]
     pub no_acl: bool,
+    /// Create every table and index in the target's default tablespace (pg_restore
+    /// --no-tablespaces) instead of the tablespaces they use on the source.
+    #[arg(long)]
+    pub no_tablespaces: bool,
     /// Print the plan (`pgtide plan`: what would be copied, the connections, the preflight's
     /// findings and a measured estimate of the time) and stop; nothing is created.
     #[arg(long)]
