@@ -458,3 +458,184 @@ async fn a_server_with_three_databases_and_its_roles_moves_in_one_cutover() {
     );
     assert_no_file_holds_password(&dir);
 }
+
+/// The target's settings as new sessions see them, and its postgresql.auto.conf.
+async fn server_settings(uri: &str) -> String {
+    scalar_string(
+        uri,
+        "SELECT (SELECT string_agg(name || '=' || setting || '@' || source, ', ' ORDER BY name)
+                 FROM pg_settings WHERE source NOT IN ('client', 'session'))
+             || ' | auto.conf: ' ||
+             coalesce((SELECT string_agg(name || '=' || setting, ', ' ORDER BY name)
+                       FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf'), '')",
+    )
+    .await
+}
+
+/// Waits until new sessions of the target see max_wal_size at `value` (MB).
+async fn wait_max_wal_size(uri: &str, value: &str, child: &mut PgtideChild) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while scalar_string(
+        uri,
+        "SELECT setting FROM pg_settings WHERE name = 'max_wal_size'",
+    )
+    .await
+        != value
+    {
+        assert!(
+            child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "max_wal_size never became {value}:\n{}",
+            child.output_so_far()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `--fast-restore` in a whole-server run is the server's: on during every database's copy,
+/// restored (exactly) before any database applies, by the resumed run after a SIGKILL, and by
+/// `cleanup` after one.
+#[tokio::test(flavor = "multi_thread")]
+async fn fast_restore_settings_hold_for_every_copy_and_always_go_back() {
+    let source = PrivateServer::start_with("server-fast-source", CONF);
+    let target = PrivateServer::start_with("server-fast-target", CONF);
+    let src = |db: &str| uri_of(&source, "postgres", &password(), db);
+    let dst = |db: &str| uri_of(&target, "postgres", &password(), db);
+    for db in ["one", "two"] {
+        exec(&src("postgres"), &format!("CREATE DATABASE {db}")).await;
+        exec(
+            &src(db),
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 3000) g;
+             CREATE TABLE u (id int PRIMARY KEY); INSERT INTO u VALUES (1);",
+        )
+        .await;
+    }
+    let before = server_settings(&dst("postgres")).await;
+    let slow_copy = format!("{COPY_BEFORE_COMMIT}=sleep(1500)");
+    let run = |dir: &str, extra: &[&str], slow: bool| {
+        let source_admin = src("postgres");
+        let target_admin = dst("postgres");
+        let mut args = vec![
+            "clone",
+            "--all-databases",
+            "--exclude-database",
+            "postgres",
+            "--fast-restore",
+            "--source",
+            &source_admin,
+            "--target",
+            &target_admin,
+            "--dir",
+            dir,
+            "--table-jobs",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let env: Vec<(&str, &str)> = if slow {
+            vec![("FAILPOINTS", slow_copy.as_str())]
+        } else {
+            vec![]
+        };
+        spawn_pgtide(&args, &env)
+    };
+
+    // A follow: killed while the settings are on; the resumed run restores them first, sets
+    // them for what is left to copy, and restores them before any database applies.
+    let dir_a = workdir("server-fast-a");
+    let a = dir_a.to_str().unwrap();
+    let mut child = run(a, &["--follow"], true);
+    wait_max_wal_size(&dst("postgres"), "4096", &mut child).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_ne!(server_settings(&dst("postgres")).await, before);
+    let mut child = run(a, &["--follow", "--resume"], false);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let json: serde_json::Value =
+            serde_json::from_str(&pgtide_ok_stdout(&["status", "--dir", a, "--json"])).unwrap();
+        if json["total"]["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("ready to cut over")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+            "never ready: {json}\n{}",
+            child.output_so_far()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let during_apply = server_settings(&dst("postgres")).await;
+    assert_eq!(
+        during_apply,
+        before,
+        "{}",
+        differences(&before, &during_apply)
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for db in ["one", "two"] {
+        exec(&src(db), "INSERT INTO u VALUES (2)").await;
+    }
+    pgtide_ok(&[
+        "cutover",
+        "--source",
+        &src("postgres"),
+        "--target",
+        &dst("postgres"),
+        "--dir",
+        a,
+    ]);
+    for db in ["one", "two"] {
+        assert_identical(&src(db), &dst(db));
+    }
+    pgtide_ok(&[
+        "cleanup",
+        "--source",
+        &src("postgres"),
+        "--target",
+        &dst("postgres"),
+        "--dir",
+        a,
+    ]);
+
+    // A plain clone killed with the settings on: cleanup puts them back exactly.
+    let dir_b = workdir("server-fast-b");
+    let b = dir_b.to_str().unwrap();
+    let mut child = run(b, &["--drop-if-exists"], true);
+    wait_max_wal_size(&dst("postgres"), "4096", &mut child).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = pgtide_ok(&[
+        "cleanup",
+        "--source",
+        &src("postgres"),
+        "--target",
+        &dst("postgres"),
+        "--dir",
+        b,
+    ]);
+    assert!(
+        out.contains("settings changed by --fast-restore restored"),
+        "{out}"
+    );
+    let after = server_settings(&dst("postgres")).await;
+    assert_eq!(after, before, "{}", differences(&before, &after));
+}
+
+/// The entries of two `server_settings` strings that differ.
+fn differences(a: &str, b: &str) -> String {
+    let set = |s: &str| {
+        s.split(", ")
+            .map(str::to_string)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let (a, b) = (set(a), set(b));
+    format!(
+        "only before: {:?}; only after: {:?}",
+        a.difference(&b).collect::<Vec<_>>(),
+        b.difference(&a).collect::<Vec<_>>()
+    )
+}

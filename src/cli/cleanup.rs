@@ -23,6 +23,12 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
         bail!("--slot-name names one database's slot: leave it out with a whole-server work dir");
     }
     let workdir = WorkDir::open(&args.dir, "cleanup")?;
+    // The server's --fast-restore settings, if a killed run left them on.
+    if !workdir.state.saved_target_settings()?.is_empty() {
+        let target_client = pg::connect(&target, Side::Target, "cleanup").await?;
+        crate::clone::fast_restore::restore(&target_client, &workdir.state).await?;
+        println!("target: settings changed by --fast-restore restored");
+    }
     for (db, dir) in &databases {
         // A pipeline that never started, or a clone without --follow: no slot, nothing to drop.
         let sub = dir.join("state.db");

@@ -217,5 +217,6 @@ fn follow_options(args: &CloneArgs) -> follow::CloneFollow {
         resume: args.resume,
         restart: args.restart,
         apply_jobs: args.apply_jobs,
+        apply_gate: None,
     }
 }

@@ -25,6 +25,29 @@ pub struct CloneFollow {
     pub restart: bool,
     /// `--apply-jobs`, recorded for every later follow of the work dir.
     pub apply_jobs: Option<usize>,
+    /// Apply waits at this gate once the clone is done (a whole-server run with
+    /// --fast-restore: no database applies before every copy is done and the settings are
+    /// restored).
+    pub apply_gate: Option<ApplyGate>,
+}
+
+/// Where a pipeline says its clone is done, and learns when it may apply.
+#[derive(Clone)]
+pub struct ApplyGate {
+    pub cloned: tokio::sync::mpsc::UnboundedSender<()>,
+    pub open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ApplyGate {
+    /// Says the clone is done, then waits until the gate opens.
+    async fn pass(&self) -> Result<()> {
+        let _ = self.cloned.send(());
+        let mut open = self.open.clone();
+        open.wait_for(|open| *open).await.map_err(|_| {
+            anyhow::anyhow!("the whole-server run stopped before apply could start")
+        })?;
+        Ok(())
+    }
 }
 
 /// Runs the clone with the stream, then apply to endpos; returns the last applied position.
@@ -69,6 +92,9 @@ pub async fn clone_and_follow(
         }
         let receiver = super::start_receiver(&opts.source, workdir)?;
         interruptible(clone::run(workdir, &opts), dir).await?;
+        if let Some(gate) = &follow.apply_gate {
+            gate.pass().await?;
+        }
         return apply_phase(&opts, workdir, receiver).await;
     }
     // The slot and its exported snapshot first: the copy reads exactly the state the stream
@@ -127,6 +153,9 @@ pub async fn clone_and_follow(
     // The slot's connection holds the exported snapshot: the clone closes it as soon as the
     // last copy part is done (the slot itself stays, for the stream).
     interruptible(clone::run_holding(workdir, &opts, Some(holder)), dir).await?;
+    if let Some(gate) = &follow.apply_gate {
+        gate.pass().await?;
+    }
     apply_phase(&opts, workdir, receiver).await
 }
 

@@ -10,7 +10,7 @@ mod liveness;
 mod recorder;
 pub mod table_sync;
 
-pub use clone::{CloneFollow, clone_and_follow, interruptible};
+pub use clone::{ApplyGate, CloneFollow, clone_and_follow, interruptible};
 pub use endpos::set_endpos;
 pub use liveness::LIVENESS_TIMEOUT;
 use liveness::Liveness;

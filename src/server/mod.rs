@@ -69,11 +69,6 @@ pub fn databases_of(dir: &Path) -> Result<Vec<(ServerDatabase, PathBuf)>> {
 pub async fn run(dir: &Path, opts: ServerOptions) -> Result<Vec<(String, Option<pg::Lsn>)>> {
     let workdir = WorkDir::open(dir, "clone --all-databases")?;
     let state = &workdir.state;
-    if opts.clone.fast_restore.is_some() {
-        bail!(
-            "--fast-restore is not available with several databases yet: one database's apply would run while another's copy keeps the unsafe settings on. Run without it, or migrate the databases one by one"
-        );
-    }
     if opts.clone.restart {
         bail!(
             "--restart is not available for a whole-server migration: run `pgtide cleanup --dir {}`, then start again in a new --dir",
@@ -153,18 +148,74 @@ pub async fn run(dir: &Path, opts: ServerOptions) -> Result<Vec<(String, Option<
     if created_any && let Some(role_options) = &opts.roles {
         copy_roles(&source_admin, &target_admin, role_options).await?;
     }
-    drop((source_admin, target_admin));
+    drop(source_admin);
 
+    // --fast-restore is the server's: set once for every database's copy, restored when the
+    // last copy ends (before any database applies: the gate below), on failure, by the next
+    // run (here, first) or by cleanup. The databases' own clones leave the settings alone.
+    crate::clone::fast_restore::restore(&target_admin, state).await?;
+    let mut clone_opts = opts.clone.clone();
+    let fast_restore = clone_opts.fast_restore.take();
+    let mut copies_left = 0;
+    for db in &recorded {
+        let sub = dir.join(&db.subdir).join("state.db");
+        let done = sub.exists()
+            && StateDb::open(&sub)?.clone_status()? == Some(crate::state::CloneStatus::Done);
+        if !done {
+            copies_left += 1;
+        }
+    }
+    let fast_restore = fast_restore.filter(|_| copies_left > 0);
+    if let Some(level) = fast_restore {
+        crate::clone::fast_restore::apply(&target_admin, state, level).await?;
+    }
+    let result = pipelines_run(dir, &recorded, &opts, clone_opts, fast_restore.is_some()).await;
+    // Whatever happened: the settings go back (a no-op when the gate already restored them).
+    let restored = crate::clone::fast_restore::restore(&target_admin, state).await;
+    let finished = match (result, restored) {
+        (Ok(finished), Ok(())) => finished,
+        (Err(e), restored) => {
+            let e = match restored {
+                Ok(()) => e,
+                Err(r) => e.context(format!(
+                    "restoring the --fast-restore settings failed too ({r:#}): run `pgtide cleanup --dir {}`",
+                    dir.display()
+                )),
+            };
+            let _ = state.set_failed(&format!("{e:#}"));
+            return Err(e);
+        }
+        (Ok(_), Err(r)) => return Err(r.context("restoring the --fast-restore settings")),
+    };
+    state.set_phase(Phase::Done)?;
+    Ok(finished)
+}
+
+/// Runs every database's pipeline at once; with `gated`, apply starts nowhere before every
+/// database's copy is done and the --fast-restore settings are restored.
+async fn pipelines_run(
+    dir: &Path,
+    recorded: &[ServerDatabase],
+    opts: &ServerOptions,
+    clone: CloneOptions,
+    gated: bool,
+) -> Result<Vec<(String, Option<pg::Lsn>)>> {
+    let (cloned_tx, mut cloned_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (open_tx, open_rx) = tokio::sync::watch::channel(false);
+    let gate = gated.then(|| follow::ApplyGate {
+        cloned: cloned_tx,
+        open: open_rx,
+    });
     let budget = Arc::new(Budget::new(opts.clone.table_jobs, opts.clone.index_jobs));
     type Pipeline<'a> =
         Pin<Box<dyn std::future::Future<Output = (String, Result<Option<pg::Lsn>>)> + 'a>>;
     let mut pipelines: FuturesUnordered<Pipeline> = FuturesUnordered::new();
-    for db in &recorded {
+    for db in recorded {
         let sub = dir.join(&db.subdir);
         let sub_workdir = WorkDir::open(&sub, "clone --all-databases")?;
-        let mut clone_opts = opts.clone.clone();
-        clone_opts.source = in_database(&opts.clone.source, &db.name);
-        clone_opts.target = in_database(&opts.clone.target, &db.name);
+        let mut clone_opts = clone.clone();
+        clone_opts.source = in_database(&clone.source, &db.name);
+        clone_opts.target = in_database(&clone.target, &db.name);
         clone_opts.budget = Some(budget.clone());
         let fresh = sub_workdir.state.clone_status()?.is_none()
             && sub_workdir.state.stream_slot()?.is_none();
@@ -179,6 +230,7 @@ pub async fn run(dir: &Path, opts: ServerOptions) -> Result<Vec<(String, Option<
         }
         let follow = opts.follow.clone().map(|mut f| {
             f.slot_name = db.slot.clone();
+            f.apply_gate = gate.clone();
             f
         });
         let name = db.name.clone();
@@ -195,7 +247,30 @@ pub async fn run(dir: &Path, opts: ServerOptions) -> Result<Vec<(String, Option<
         }));
     }
     let mut finished = Vec::new();
-    while let Some((name, result)) = pipelines.next().await {
+    // Clones done (with the gate): when every database's is, the settings are restored and
+    // apply may start everywhere.
+    let mut cloned = 0;
+    let target_admin = match gated && opts.follow.is_some() {
+        true => Some(pg::connect(&clone.target, Side::Target, "fast-restore").await?),
+        false => None,
+    };
+    loop {
+        let next = tokio::select! {
+            next = pipelines.next() => next,
+            Some(()) = cloned_rx.recv() => {
+                cloned += 1;
+                if cloned == recorded.len()
+                    && let Some(target) = &target_admin
+                {
+                    let state = StateDb::open_in_dir(dir)?;
+                    crate::clone::fast_restore::restore(target, &state).await?;
+                    tracing::info!("every database is copied: the --fast-restore settings are restored; apply starts");
+                    let _ = open_tx.send(true);
+                }
+                continue;
+            }
+        };
+        let Some((name, result)) = next else { break };
         match result {
             Ok(applied) => {
                 tracing::info!("database {name}: done");
@@ -205,15 +280,12 @@ pub async fn run(dir: &Path, opts: ServerOptions) -> Result<Vec<(String, Option<
                 // The others stop here (their futures are dropped: connections close,
                 // nothing half-done is recorded as done) and resume with the same command.
                 drop(pipelines);
-                let error = e.context(format!(
+                return Err(e.context(format!(
                     "database {name} failed; the other databases' pipelines were stopped with it. Fix the cause and rerun with --resume: every database continues where it stopped"
-                ));
-                let _ = state.set_failed(&format!("{error:#}"));
-                return Err(error);
+                )));
             }
         }
     }
-    state.set_phase(Phase::Done)?;
     Ok(finished)
 }
 
