@@ -222,6 +222,8 @@ async fn a_server_with_three_databases_and_its_roles_moves_in_one_cutover() {
             "2",
             "--index-jobs",
             "2",
+            "--apply-jobs",
+            "8",
         ];
         if resume {
             args.push("--resume");
@@ -282,6 +284,19 @@ async fn a_server_with_three_databases_and_its_roles_moves_in_one_cutover() {
             panic!("never ready: {json}\n{}", child.output_so_far());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // --apply-jobs is the server's: 8 lanes shared out, 2 for each of the 4 databases.
+    for entry in std::fs::read_dir(dir.join("databases")).unwrap() {
+        let db = entry.unwrap().path();
+        assert_eq!(
+            state_query_i64(
+                &db,
+                "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'apply.jobs'"
+            ),
+            2,
+            "{}",
+            db.display()
+        );
     }
     exec(
         &src("shop"),

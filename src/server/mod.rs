@@ -231,6 +231,8 @@ async fn pipelines_run(
         let follow = opts.follow.clone().map(|mut f| {
             f.slot_name = db.slot.clone();
             f.apply_gate = gate.clone();
+            // --apply-jobs is the server's: shared out, at least one lane per database.
+            f.apply_jobs = f.apply_jobs.map(|jobs| (jobs / recorded.len()).max(1));
             f
         });
         let name = db.name.clone();
