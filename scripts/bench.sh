@@ -106,8 +106,15 @@ run() { # name command…
 # pgtide plan's estimate of the clone, before it runs (issue 15: within 2x of the measured time).
 plan_estimate() {
   "$PGTIDE" plan --json --source "$(src_uri "$1")" --target "$(dst_uri postgres)" --dir "$WORK/plan-dir" \
-    --table-jobs "$JOBS" --index-jobs "$JOBS" 2> "$WORK/plan-$1.log" \
-    | python3 -c 'import json, sys; print(round(json.load(sys.stdin)["estimate"]["seconds"], 1))'
+    --table-jobs "$JOBS" --index-jobs "$JOBS" 2> "$WORK/plan-$1.log" > "$WORK/plan-$1.json"
+  python3 -c 'import json, sys
+plan = json.load(open(sys.argv[1]))
+e = plan["estimate"]
+print("   plan: copy %.1f s, indexes %.1f s, vacuum %.1f s, schema %.1f s; samples: %s" % (
+    e["copy_seconds"], e["index_seconds"], e["vacuum_seconds"], e["schema_seconds"],
+    "; ".join("%s %.0f MB copy %.2f s index %.2f s vacuum %.2f s" % (s["table"], s["disk_bytes"] / 1e6,
+              s["copy_seconds"], s["index_seconds"], s["vacuum_seconds"]) for s in plan["samples"])), file=sys.stderr)
+print(round(e["seconds"], 1))' "$WORK/plan-$1.json"
 }
 PLAN_BENCH=$(plan_estimate bench || echo failed)
 echo "   pgtide plan estimates the pgtide clone at $PLAN_BENCH s" >&2

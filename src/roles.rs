@@ -83,6 +83,21 @@ pub struct RoleCopyReport {
     pub settings_skipped: Vec<String>,
 }
 
+impl RoleCopyReport {
+    /// The counts in one line, as `copy roles` prints and a whole-server run logs them.
+    pub fn summary(&self) -> String {
+        format!(
+            "roles: {} created, {} altered to match the source, {} passwords set; memberships: {} granted, {} already there; {} role settings set",
+            self.created.len(),
+            self.altered.len(),
+            self.passwords_set,
+            self.memberships_granted,
+            self.memberships_present,
+            self.settings_set
+        )
+    }
+}
+
 /// Copies the source's roles onto the target (see the module doc).
 pub async fn copy_roles(
     source: &Client,

@@ -11,40 +11,12 @@ use std::time::{Duration, Instant};
 use common::*;
 use pgtide::failpoints::COPY_BEFORE_COMMIT;
 
-/// The target server's settings as new sessions get them, and its postgresql.auto.conf.
-async fn server_settings(uri: &str) -> String {
-    scalar_string(
-        uri,
-        "SELECT (SELECT string_agg(name || '=' || setting || '@' || source, ', ' ORDER BY name)
-                 FROM pg_settings WHERE source NOT IN ('client', 'session'))
-             || ' | auto.conf: ' ||
-             coalesce((SELECT string_agg(name || '=' || setting, ', ' ORDER BY name)
-                       FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf'), '')",
-    )
-    .await
-}
-
 async fn setting(uri: &str, name: &str) -> String {
     scalar_string(
         uri,
         &format!("SELECT setting FROM pg_settings WHERE name = '{name}'"),
     )
     .await
-}
-
-/// The entries of two `server_settings` strings that differ.
-fn differences(a: &str, b: &str) -> String {
-    let set = |s: &str| {
-        s.split(", ")
-            .map(str::to_string)
-            .collect::<std::collections::BTreeSet<_>>()
-    };
-    let (a, b) = (set(a), set(b));
-    format!(
-        "only before: {:?}; only after: {:?}",
-        a.difference(&b).collect::<Vec<_>>(),
-        b.difference(&a).collect::<Vec<_>>()
-    )
 }
 
 /// Waits until a new session of the target sees `name` = `value` (a reload is asynchronous).

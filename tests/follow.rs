@@ -944,6 +944,12 @@ async fn replica_identity_full_and_append_only_tables() {
     );
 }
 
+/// An LSN's position ("16/B374D848") as a number.
+fn lsn_value(lsn: &str) -> u64 {
+    let (high, low) = lsn.split_once('/').expect("an LSN");
+    (u64::from_str_radix(high, 16).unwrap() << 32) | u64::from_str_radix(low, 16).unwrap()
+}
+
 /// A clone --follow killed before any table was copied re-copies every table on resume, under
 /// a snapshot later than every change spooled so far: apply skips them all, commits nothing,
 /// and the origin does not move. Status must still see apply caught up (a whole-server run
@@ -961,26 +967,39 @@ async fn a_resume_that_recopies_every_table_is_caught_up_when_everything_is_skip
     let dir = workdir("follow-skipped");
     let d = dir.to_str().unwrap();
     let slow = format!("{COPY_BEFORE_COMMIT}=sleep(60000)");
+    // Two apply lanes: batches that skip everything must not be handed to a lane, where
+    // nothing counts them as durable.
     let mut child = spawn_pgtide(
-        &clone_follow_args(&src, &dst, d, "t_follow_skipped_slot"),
+        &[
+            clone_follow_args(&src, &dst, d, "t_follow_skipped_slot"),
+            vec!["--apply-jobs", "2"],
+        ]
+        .concat(),
         &[("FAILPOINTS", slow.as_str())],
     );
     wait_for_slot(&dir);
-    // Changes after the slot, all spooled before the kill.
+    // Changes after the slot, all spooled before the kill: enough transactions to fill
+    // batches that apply hands to its lanes.
     exec(
         &src,
         "UPDATE accounts SET balance = balance + 1 WHERE id % 10 = 0",
     )
     .await;
+    exec(
+        &src,
+        "DO $$ BEGIN FOR i IN 1..3000 LOOP
+           UPDATE accounts SET balance = balance + 1 WHERE id = 1 + i % 2000; COMMIT;
+         END LOOP; END $$",
+    )
+    .await;
     exec(&src, "INSERT INTO accounts VALUES (5000, 7)").await;
-    let spooled = current_lsn(&src).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !pgtide_ok_stdout(&["status", "--dir", d, "--json", "--source", &src])
-        .contains(&format!("\"spooled_lsn\":\"{spooled}\""))
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let written = lsn_value(&current_lsn(&src).await);
+    wait_for_status(&["--dir", d], 30, &mut child, |json| {
+        json["spooled_lsn"]
+            .as_str()
+            .is_some_and(|spooled| lsn_value(spooled) >= written)
+    })
+    .await;
     assert_eq!(parts_done(&dir), 0, "killed before any part was copied");
     child.kill().unwrap();
     child.wait().unwrap();
@@ -993,25 +1012,13 @@ async fn a_resume_that_recopies_every_table_is_caught_up_when_everything_is_skip
         .concat(),
         &[],
     );
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let json: serde_json::Value = serde_json::from_str(&pgtide_ok_stdout(&[
-            "status", "--dir", d, "--json", "--source", &src, "--target", &dst,
-        ]))
-        .unwrap();
-        if json["verdict"]
-            .as_str()
-            .unwrap()
-            .starts_with("ready to cut over")
-        {
-            break;
-        }
-        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-            child.kill().ok();
-            panic!("never caught up: {json}\n{}", child.output_so_far());
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_for_status(
+        &["--dir", d, "--source", &src, "--target", &dst],
+        90,
+        &mut child,
+        |json| says_ready(json, "/verdict"),
+    )
+    .await;
     finish_at_current_position(child, &src, d);
     assert_identical(&src, &dst);
 }

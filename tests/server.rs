@@ -267,24 +267,11 @@ async fn a_server_with_three_databases_and_its_roles_moves_in_one_cutover() {
         String::from_utf8_lossy(&load.stderr)
     );
     // Every database applying: the server's verdict says ready.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let json: serde_json::Value =
-            serde_json::from_str(&pgtide_ok_stdout(&["status", "--dir", d, "--json"])).unwrap();
-        assert_eq!(json["databases"].as_array().unwrap().len(), 4, "{json}");
-        if json["total"]["verdict"]
-            .as_str()
-            .unwrap()
-            .starts_with("ready to cut over")
-        {
-            break;
-        }
-        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-            child.kill().ok();
-            panic!("never ready: {json}\n{}", child.output_so_far());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let json = wait_for_status(&["--dir", d], 180, &mut child, |json| {
+        says_ready(json, "/total/verdict")
+    })
+    .await;
+    assert_eq!(json["databases"].as_array().unwrap().len(), 4, "{json}");
     // --apply-jobs is the server's: 8 lanes shared out, 2 for each of the 4 databases.
     for entry in std::fs::read_dir(dir.join("databases")).unwrap() {
         let db = entry.unwrap().path();
@@ -474,19 +461,6 @@ async fn a_server_with_three_databases_and_its_roles_moves_in_one_cutover() {
     assert_no_file_holds_password(&dir);
 }
 
-/// The target's settings as new sessions see them, and its postgresql.auto.conf.
-async fn server_settings(uri: &str) -> String {
-    scalar_string(
-        uri,
-        "SELECT (SELECT string_agg(name || '=' || setting || '@' || source, ', ' ORDER BY name)
-                 FROM pg_settings WHERE source NOT IN ('client', 'session'))
-             || ' | auto.conf: ' ||
-             coalesce((SELECT string_agg(name || '=' || setting, ', ' ORDER BY name)
-                       FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf'), '')",
-    )
-    .await
-}
-
 /// Waits until new sessions of the target see max_wal_size at `value` (MB).
 async fn wait_max_wal_size(uri: &str, value: &str, child: &mut PgtideChild) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -564,24 +538,10 @@ async fn fast_restore_settings_hold_for_every_copy_and_always_go_back() {
     child.wait().unwrap();
     assert_ne!(server_settings(&dst("postgres")).await, before);
     let mut child = run(a, &["--follow", "--resume"], false);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let json: serde_json::Value =
-            serde_json::from_str(&pgtide_ok_stdout(&["status", "--dir", a, "--json"])).unwrap();
-        if json["total"]["verdict"]
-            .as_str()
-            .unwrap()
-            .starts_with("ready to cut over")
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline && child.try_wait().unwrap().is_none(),
-            "never ready: {json}\n{}",
-            child.output_so_far()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_for_status(&["--dir", a], 120, &mut child, |json| {
+        says_ready(json, "/total/verdict")
+    })
+    .await;
     let during_apply = server_settings(&dst("postgres")).await;
     assert_eq!(
         during_apply,
@@ -638,19 +598,4 @@ async fn fast_restore_settings_hold_for_every_copy_and_always_go_back() {
     );
     let after = server_settings(&dst("postgres")).await;
     assert_eq!(after, before, "{}", differences(&before, &after));
-}
-
-/// The entries of two `server_settings` strings that differ.
-fn differences(a: &str, b: &str) -> String {
-    let set = |s: &str| {
-        s.split(", ")
-            .map(str::to_string)
-            .collect::<std::collections::BTreeSet<_>>()
-    };
-    let (a, b) = (set(a), set(b));
-    format!(
-        "only before: {:?}; only after: {:?}",
-        a.difference(&b).collect::<Vec<_>>(),
-        b.difference(&a).collect::<Vec<_>>()
-    )
 }

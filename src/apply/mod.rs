@@ -264,6 +264,7 @@ pub async fn run(
             durable: start,
             ..Default::default()
         },
+        skipped_tail: None,
         after_seq,
         one_row_at_a_time_through: 0,
         resynced,
@@ -446,10 +447,15 @@ async fn replay(
         }
         if last_progress_read.elapsed() >= Duration::from_secs(1) {
             // The origin's flushed position, or further where batches that wrote nothing
-            // moved it (`Batch::commit`).
+            // moved it (`SkippedTail`).
             applier.progress.durable = durable_progress(&applier.lane.client, origin)
                 .await?
                 .max(applier.progress.durable);
+            if let Some(tail) = applier.skipped_tail
+                && tail.apply(&mut applier.progress)
+            {
+                applier.skipped_tail = None;
+            }
             progress_tx.send_replace(applier.progress);
             applier.reader.prune_through(applier.progress.durable)?;
             last_progress_read = Instant::now();
@@ -500,6 +506,8 @@ struct Applier<'a> {
     tables: HashMap<u32, TargetTable>,
     batch: Batch,
     progress: Progress,
+    /// Batches that wrote nothing, not yet counted as durable.
+    skipped_tail: Option<SkippedTail>,
     /// The spool sequence number of the last record read.
     after_seq: i64,
     /// Records up to this sequence number are applied one statement per row: a merged
@@ -937,8 +945,12 @@ impl Applier<'_> {
     /// to a task that commits it in its turn and goes on with an idle lane.
     async fn commit(&mut self) -> Result<()> {
         let handed_over = match self.batch.last_commit {
+            // A batch with no change is committed here, where its skipped range is counted.
             Some((end_lsn, commit_time))
-                if self.batch.open && self.batch.parallel && !self.batch.barrier =>
+                if self.batch.open
+                    && self.batch.parallel
+                    && !self.batch.barrier
+                    && self.batch.changes > 0 =>
             {
                 (end_lsn, commit_time)
             }
@@ -973,9 +985,15 @@ impl Applier<'_> {
     async fn commit_here(&mut self) -> Result<()> {
         self.barrier().await?;
         self.send_queued().await?;
-        self.batch
+        if let Some((before, end)) = self
+            .batch
             .commit(&self.lane.client, &mut self.progress)
-            .await
+            .await?
+        {
+            let tail = SkippedTail::extend(self.skipped_tail, before, end);
+            self.skipped_tail = (!tail.apply(&mut self.progress)).then_some(tail);
+        }
+        Ok(())
     }
 
     /// The end of the last whole source transaction committed or handed to a lane: a
@@ -1047,6 +1065,42 @@ async fn finish(
     Ok(progress.applied)
 }
 
+/// Batches that wrote nothing leave the origin where it was, yet they are as durable as what
+/// came before them: once `durable` reaches `needs` (the origin covers every real commit
+/// before them), it may move to `then` (else status would count their transactions as
+/// pending, and the spool would keep them, until the next real change).
+#[derive(Clone, Copy, Debug, Default)]
+struct SkippedTail {
+    needs: Lsn,
+    then: Lsn,
+}
+
+impl SkippedTail {
+    /// A batch that wrote nothing committed, from `before` (the applied position) to `end`.
+    fn extend(tail: Option<SkippedTail>, before: Lsn, end: Lsn) -> SkippedTail {
+        match tail {
+            // Right after the previous one: the same condition, a further end.
+            Some(t) if t.then == before => SkippedTail {
+                needs: t.needs,
+                then: end,
+            },
+            _ => SkippedTail {
+                needs: before,
+                then: end,
+            },
+        }
+    }
+
+    /// Moves `progress.durable` past the tail when it may; true when the tail is used up.
+    fn apply(self, progress: &mut Progress) -> bool {
+        if progress.durable >= self.needs {
+            progress.durable = progress.durable.max(self.then);
+            return true;
+        }
+        false
+    }
+}
+
 /// The target transaction being filled with whole source transactions.
 struct Batch {
     open: bool,
@@ -1085,9 +1139,15 @@ impl Default for Batch {
 }
 
 impl Batch {
-    async fn commit(&mut self, target: &Client, progress: &mut Progress) -> Result<()> {
+    /// Commits the batch; returns (the applied position before it, its end) when it wrote
+    /// nothing (see `SkippedTail`).
+    async fn commit(
+        &mut self,
+        target: &Client,
+        progress: &mut Progress,
+    ) -> Result<Option<(Lsn, Lsn)>> {
         if !self.open {
-            return Ok(());
+            return Ok(None);
         }
         if self.in_source_transaction {
             bail!("internal error: a target commit inside a source transaction");
@@ -1095,28 +1155,23 @@ impl Batch {
         let Some((end_lsn, commit_time)) = self.last_commit else {
             target.batch_execute("ROLLBACK").await.ok();
             self.open = false;
-            return Ok(());
+            return Ok(None);
         };
         // A batch whose every change was skipped (in a table's copy, or of a table no longer
         // followed) writes nothing: PostgreSQL then logs no commit record, so the origin does
-        // not move. Such a batch is as durable as what came before it, and durable is moved
-        // past it here (else status would count its transactions as pending, and the spool
-        // would keep them, until the next real change).
+        // not move past it (`SkippedTail`).
         let wrote_nothing = self.changes == 0
             && target
                 .query_one("SELECT txid_current_if_assigned() IS NULL", &[])
                 .await
                 .map_err(|e| target_error(&e, "cannot read the transaction state on the target"))?
                 .get::<_, bool>(0);
-        let durable_before = progress.durable >= progress.applied;
+        let before = progress.applied;
         commit_with_origin(target, end_lsn, commit_time).await?;
-        if wrote_nothing && durable_before {
-            progress.durable = progress.durable.max(end_lsn);
-        }
         progress.applied = end_lsn;
         progress.transactions += self.transactions as u64;
         *self = Batch::default();
-        Ok(())
+        Ok(wrote_nothing.then_some((before, end_lsn)))
     }
 }
 
@@ -1137,4 +1192,44 @@ async fn commit_with_origin(target: &Client, end_lsn: Lsn, commit_time: i64) -> 
         .map_err(|e| target_error(&e, "cannot commit on the target"))?;
     fail::fail_point!(crate::failpoints::APPLY_AFTER_COMMIT);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Lsn, Progress, SkippedTail};
+
+    #[test]
+    fn a_skipped_tail_becomes_durable_once_what_precedes_it_is() {
+        // Nothing applied yet: the first empty batch is durable at once.
+        let mut progress = Progress {
+            applied: Lsn(20),
+            durable: Lsn(10),
+            ..Default::default()
+        };
+        let tail = SkippedTail::extend(None, Lsn(10), Lsn(20));
+        assert!(tail.apply(&mut progress));
+        assert_eq!(progress.durable, Lsn(20));
+
+        // After a real commit at 30 not yet flushed: two empty batches wait for it together.
+        progress.durable = Lsn(20);
+        let tail = SkippedTail::extend(None, Lsn(30), Lsn(40));
+        let tail = SkippedTail::extend(Some(tail), Lsn(40), Lsn(50));
+        assert!(!tail.apply(&mut progress));
+        assert_eq!(progress.durable, Lsn(20));
+        // The origin reaches 30: the whole tail is durable.
+        progress.durable = Lsn(30);
+        assert!(tail.apply(&mut progress));
+        assert_eq!(progress.durable, Lsn(50));
+
+        // A real commit between two empty batches: the tail waits for that one.
+        let tail = SkippedTail::extend(
+            Some(SkippedTail {
+                needs: Lsn(60),
+                then: Lsn(70),
+            }),
+            Lsn(80),
+            Lsn(90),
+        );
+        assert_eq!((tail.needs, tail.then), (Lsn(80), Lsn(90)));
+    }
 }

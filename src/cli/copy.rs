@@ -46,15 +46,7 @@ pub async fn roles(args: CopyRolesArgs) -> Result<()> {
         exclude: args.exclude_roles,
     };
     let report = crate::roles::copy_roles(&source_client, &target_client, &options).await?;
-    println!(
-        "roles: {} created, {} altered to match the source, {} passwords set; memberships: {} granted, {} already there; {} role settings set",
-        report.created.len(),
-        report.altered.len(),
-        report.passwords_set,
-        report.memberships_granted,
-        report.memberships_present,
-        report.settings_set
-    );
+    println!("{}", report.summary());
     for (role, why) in &report.skipped {
         println!("left alone: {role} ({why})");
     }

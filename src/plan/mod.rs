@@ -233,6 +233,18 @@ pub async fn plan(opts: &PlanOptions) -> Result<Plan> {
             Some(dst) => dst,
             None => &dst_admin,
         };
+        // The copy sessions' own settings: TOAST compression (lz4 where the target has it:
+        // several times faster than pglz on TOAST-heavy rows) and asynchronous commit.
+        let compression =
+            crate::clone::toast::copy_session_setting(sample_on, opts.clone.toast_compression)
+                .await?;
+        sample_on
+            .batch_execute(&format!(
+                "SET synchronous_commit = off; {}",
+                compression.as_deref().unwrap_or("")
+            ))
+            .await?;
+
         let mut by_size: Vec<&catalog::TableRow> = listed
             .tables
             .iter()

@@ -320,15 +320,7 @@ async fn copy_roles(
         .map_err(|e| {
             e.context("copying the roles (give --skip-roles if they are already on the target)")
         })?;
-    tracing::info!(
-        "roles: {} created, {} altered, {} passwords set; memberships: {} granted, {} already there; {} role settings set",
-        report.created.len(),
-        report.altered.len(),
-        report.passwords_set,
-        report.memberships_granted,
-        report.memberships_present,
-        report.settings_set
-    );
+    tracing::info!("{}", report.summary());
     for (role, why) in &report.skipped {
         tracing::info!("role {role} left alone on the target ({why})");
     }

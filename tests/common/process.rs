@@ -255,3 +255,36 @@ pub fn set_endpos_now(dir: &str, source: &str) {
         source,
     ]);
 }
+
+/// Polls `pgtide status --json` (with `args`: --dir and maybe the servers) until `ready` says
+/// so, and returns that status; panics with the last one and the child's output when `secs`
+/// pass or the child exits first.
+pub async fn wait_for_status(
+    args: &[&str],
+    secs: u64,
+    child: &mut PgtideChild,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let status_args = [&["status", "--json"][..], args].concat();
+    loop {
+        let json: serde_json::Value = serde_json::from_str(&pgtide_ok_stdout(&status_args))
+            .unwrap_or_else(|e| panic!("status --json is not JSON: {e}"));
+        if ready(&json) {
+            return json;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            child.kill().ok();
+            panic!("never ready: {json}\n{}", child.output_so_far());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
+/// Whether a status verdict (at `pointer`: "/verdict", or "/total/verdict" for a whole server)
+/// says apply has caught up.
+pub fn says_ready(json: &serde_json::Value, pointer: &str) -> bool {
+    json.pointer(pointer)
+        .and_then(|v| v.as_str())
+        .is_some_and(|v| v.starts_with("ready to cut over"))
+}

@@ -165,6 +165,34 @@ pub async fn current_lsn(uri: &str) -> String {
     scalar_string(uri, "SELECT pg_current_wal_insert_lsn()::text").await
 }
 
+/// The target server's settings as new sessions get them, and its postgresql.auto.conf.
+pub async fn server_settings(uri: &str) -> String {
+    scalar_string(
+        uri,
+        "SELECT (SELECT string_agg(name || '=' || setting || '@' || source, ', ' ORDER BY name)
+                 FROM pg_settings WHERE source NOT IN ('client', 'session'))
+             || ' | auto.conf: ' ||
+             coalesce((SELECT string_agg(name || '=' || setting, ', ' ORDER BY name)
+                       FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf'), '')",
+    )
+    .await
+}
+
+/// The entries of two `server_settings` strings that differ.
+pub fn differences(a: &str, b: &str) -> String {
+    let set = |s: &str| {
+        s.split(", ")
+            .map(str::to_string)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let (a, b) = (set(a), set(b));
+    format!(
+        "only before: {:?}; only after: {:?}",
+        a.difference(&b).collect::<Vec<_>>(),
+        b.difference(&a).collect::<Vec<_>>()
+    )
+}
+
 /// A PostgreSQL server of the test's own (the shared clusters must never be restarted under
 /// the other tests): initdb as the postgres OS user in a temp dir, password auth on TCP.
 pub struct PrivateServer {
