@@ -956,7 +956,7 @@ fn lsn_value(lsn: &str) -> u64 {
 /// waits for every database to say "ready"), and the spool must not keep them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_resume_that_recopies_every_table_is_caught_up_when_everything_is_skipped() {
-    let (src, dst) = fresh_db_pair("t_follow_skipped").await;
+    let (src, dst) = fresh_db_pair("t_skipped_resume").await;
     exec(
         &src,
         "CREATE TABLE tick (id int PRIMARY KEY);
@@ -964,14 +964,14 @@ async fn a_resume_that_recopies_every_table_is_caught_up_when_everything_is_skip
          INSERT INTO accounts SELECT g, 0 FROM generate_series(1, 2000) g;",
     )
     .await;
-    let dir = workdir("follow-skipped");
+    let dir = workdir("skipped-resume");
     let d = dir.to_str().unwrap();
     let slow = format!("{COPY_BEFORE_COMMIT}=sleep(60000)");
     // Two apply lanes: batches that skip everything must not be handed to a lane, where
     // nothing counts them as durable.
     let mut child = spawn_pgtide(
         &[
-            clone_follow_args(&src, &dst, d, "t_follow_skipped_slot"),
+            clone_follow_args(&src, &dst, d, "t_skipped_resume_slot"),
             vec!["--apply-jobs", "2"],
         ]
         .concat(),
@@ -1006,7 +1006,7 @@ async fn a_resume_that_recopies_every_table_is_caught_up_when_everything_is_skip
 
     let mut child = spawn_pgtide(
         &[
-            clone_follow_args(&src, &dst, d, "t_follow_skipped_slot"),
+            clone_follow_args(&src, &dst, d, "t_skipped_resume_slot"),
             vec!["--resume"],
         ]
         .concat(),

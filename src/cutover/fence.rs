@@ -150,3 +150,28 @@ pub async fn unfence(src: &Client, state: &StateDb) -> Result<Vec<String>> {
     state.forget_fence()?;
     Ok(fenced.into_iter().map(|f| f.role).collect())
 }
+
+/// Refuses the cutover while the source database holds prepared transactions: one survives
+/// the fence (it belongs to no session) and can be committed on the source after endpos, after
+/// verify passed, and its changes would never reach the target.
+pub async fn refuse_prepared(src: &Client) -> Result<()> {
+    let prepared: Vec<String> = src
+        .query(
+            "SELECT format('%L (prepared %s by %s)', gid, date_trunc('second', prepared), owner)
+             FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared",
+            &[],
+        )
+        .await
+        .context("cannot list the source's prepared transactions")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if prepared.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "the source database holds {} prepared transaction(s): {}. A prepared transaction outlives the fence and could commit on the source after endpos, where its changes would be lost to the target. Finish each on the source (COMMIT PREPARED 'gid' or ROLLBACK PREPARED 'gid', as the application that prepared it decides), then run cutover again",
+        prepared.len(),
+        prepared.join(", ")
+    )
+}

@@ -264,6 +264,8 @@ async fn switch_over(
     src: &Client,
     state: &StateDb,
 ) -> Result<Switched> {
+    // After the fence: no fenced session is left to prepare one meanwhile.
+    fence::refuse_prepared(src).await?;
     // The insert position covers every commit already visible (asynchronous commit included).
     let endpos: Lsn = pg::current_insert_lsn(src, Side::Source).await?;
     // Recorded before endpos: a running follow sets the sequences when it reaches endpos too,
