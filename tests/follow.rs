@@ -148,28 +148,7 @@ async fn clone_follow_catches_up_a_live_source() {
     )
     .await;
     // pgbench's tables too, with pgbench writing while the clone and apply run.
-    let pgbench = |args: &[&str]| {
-        std::process::Command::new(
-            std::path::Path::new(&std::env::var("PGTIDE_PG_BIN").expect("PGTIDE_PG_BIN"))
-                .join("pgbench"),
-        )
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &std::env::var("PGTIDE_SOURCE_PORT").unwrap(),
-            "-U",
-            "postgres",
-        ])
-        .args(args)
-        .arg("t_follow")
-        .env("PGPASSWORD", password())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-    };
-    let init = pgbench(&["-i", "-q", "-s", "1"])
+    let init = pgbench(&source_port(), "t_follow", &["-i", "-q", "-s", "1"])
         .wait_with_output()
         .unwrap();
     assert!(
@@ -193,7 +172,7 @@ async fn clone_follow_catches_up_a_live_source() {
         )],
     );
     wait_for_slot(&dir);
-    let load = pgbench(&["-n", "-c", "2", "-T", "4"]);
+    let load = pgbench(&source_port(), "t_follow", &["-n", "-c", "2", "-T", "4"]);
     traffic(&src, 60).await;
     let load = load.wait_with_output().unwrap();
     assert!(

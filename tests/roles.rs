@@ -25,16 +25,6 @@ fn copy_roles(src: &str, dst: &str, extra: &[&str]) -> String {
     pgtide_ok(&[&["copy", "roles", "--source", src, "--target", dst], extra].concat())
 }
 
-async fn can_log_in(uri: &str) -> bool {
-    match tokio_postgres::connect(uri, tokio_postgres::NoTls).await {
-        Ok((client, conn)) => {
-            tokio::spawn(conn);
-            client.simple_query("SELECT 1").await.is_ok()
-        }
-        Err(_) => false,
-    }
-}
-
 const ROLES: &str = r#"t_roles_reader, t_roles_owner, t_roles_group, "t_roles Mixed", t_roles_migrator, t_roles_service_admin"#;
 
 async fn membership_rows(uri: &str) -> i64 {

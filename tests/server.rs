@@ -26,32 +26,6 @@ fn port_of(server: &PrivateServer) -> String {
     host.rsplit_once(':').unwrap().1.to_string()
 }
 
-async fn can_log_in(uri: &str) -> bool {
-    match tokio_postgres::connect(uri, tokio_postgres::NoTls).await {
-        Ok((client, conn)) => {
-            tokio::spawn(conn);
-            client.simple_query("SELECT 1").await.is_ok()
-        }
-        Err(_) => false,
-    }
-}
-
-/// pgbench against database `db` of `server`.
-fn pgbench(server: &PrivateServer, db: &str, args: &[&str]) -> std::process::Child {
-    std::process::Command::new(
-        std::path::Path::new(&std::env::var("PGTIDE_PG_BIN").expect("PGTIDE_PG_BIN"))
-            .join("pgbench"),
-    )
-    .args(["-h", "127.0.0.1", "-p", &port_of(server), "-U", "postgres"])
-    .args(args)
-    .arg(db)
-    .env("PGPASSWORD", password())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap()
-}
-
 /// Parts copied so far in every database's work dir under the server's `dir`.
 fn parts_done_anywhere(dir: &std::path::Path) -> i64 {
     let Ok(entries) = std::fs::read_dir(dir.join("databases")) else {
@@ -113,7 +87,7 @@ async fn a_server_with_three_databases_and_its_roles_moves_in_one_cutover() {
          GRANT SELECT ON customers TO app_reader;",
     )
     .await;
-    let init = pgbench(&source, "bench", &["-i", "-q", "-s", "2"])
+    let init = pgbench(&port_of(&source), "bench", &["-i", "-q", "-s", "2"])
         .wait_with_output()
         .unwrap();
     assert!(
@@ -239,7 +213,7 @@ async fn a_server_with_three_databases_and_its_roles_moves_in_one_cutover() {
 
     // pgbench writes to one database while the others copy; pgtide is killed mid-copy.
     let mut child = run(false, true);
-    let load = pgbench(&source, "bench", &["-n", "-c", "2", "-T", "12"]);
+    let load = pgbench(&port_of(&source), "bench", &["-n", "-c", "2", "-T", "12"]);
     let deadline = Instant::now() + Duration::from_secs(120);
     while parts_done_anywhere(&dir) < 2 {
         if Instant::now() > deadline || child.try_wait().unwrap().is_some() {

@@ -152,34 +152,12 @@ async fn traffic(src: &str, rounds: i64) {
         .unwrap();
 }
 
-fn pgbench(db: &str, args: &[&str]) -> std::process::Child {
-    std::process::Command::new(
-        std::path::Path::new(&std::env::var("PGTIDE_PG_BIN").expect("PGTIDE_PG_BIN"))
-            .join("pgbench"),
-    )
-    .args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &std::env::var("PGTIDE_SOURCE_PORT").unwrap(),
-        "-U",
-        "postgres",
-    ])
-    .args(args)
-    .arg(db)
-    .env("PGPASSWORD", password())
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn clone_follow_wal2json_catches_up_a_live_source() {
     let (src, dst) = fresh_db_pair("t_w2j_follow").await;
     exec(&src, &hard_cases_sql()).await;
     exec(&src, CARRIABLE).await;
-    let init = pgbench("t_w2j_follow", &["-i", "-q", "-s", "1"])
+    let init = pgbench(&source_port(), "t_w2j_follow", &["-i", "-q", "-s", "1"])
         .wait_with_output()
         .unwrap();
     assert!(
@@ -203,7 +181,11 @@ async fn clone_follow_wal2json_catches_up_a_live_source() {
         )],
     );
     wait_for_slot(&dir);
-    let load = pgbench("t_w2j_follow", &["-n", "-c", "2", "-T", "4"]);
+    let load = pgbench(
+        &source_port(),
+        "t_w2j_follow",
+        &["-n", "-c", "2", "-T", "4"],
+    );
     traffic(&src, 40).await;
     let load = load.wait_with_output().unwrap();
     assert!(

@@ -288,3 +288,25 @@ pub fn says_ready(json: &serde_json::Value, pointer: &str) -> bool {
         .and_then(|v| v.as_str())
         .is_some_and(|v| v.starts_with("ready to cut over"))
 }
+
+/// pgbench (the server binaries' own) against database `db` of the cluster listening on
+/// 127.0.0.1:`port`, as postgres; its password from the environment, never argv.
+pub fn pgbench(port: &str, db: &str, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(
+        std::path::Path::new(&std::env::var("PGTIDE_PG_BIN").expect("PGTIDE_PG_BIN"))
+            .join("pgbench"),
+    )
+    .args(["-h", "127.0.0.1", "-p", port, "-U", "postgres"])
+    .args(args)
+    .arg(db)
+    .env("PGPASSWORD", super::servers::password())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+/// The source cluster's port, for pgbench.
+pub fn source_port() -> String {
+    std::env::var("PGTIDE_SOURCE_PORT").expect("PGTIDE_SOURCE_PORT is not set: run scripts/test.sh")
+}

@@ -193,6 +193,17 @@ pub fn differences(a: &str, b: &str) -> String {
     )
 }
 
+/// Whether `uri` (with its user and password) can log in and run a query.
+pub async fn can_log_in(uri: &str) -> bool {
+    match tokio_postgres::connect(uri, NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            client.simple_query("SELECT 1").await.is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
 /// A PostgreSQL server of the test's own (the shared clusters must never be restarted under
 /// the other tests): initdb as the postgres OS user in a temp dir, password auth on TCP.
 pub struct PrivateServer {
