@@ -268,14 +268,22 @@ pub async fn wait_for_status(
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     let status_args = [&["status", "--json"][..], args].concat();
     loop {
-        let json: serde_json::Value = serde_json::from_str(&pgtide_ok_stdout(&status_args))
-            .unwrap_or_else(|e| panic!("status --json is not JSON: {e}"));
-        if ready(&json) {
-            return json;
-        }
+        // Until the child has created its work dir, status says there is none: not ready yet.
+        let out = pgtide(&status_args);
+        let last = if out.status.success() {
+            let json: serde_json::Value =
+                serde_json::from_str(&String::from_utf8_lossy(&out.stdout))
+                    .unwrap_or_else(|e| panic!("status --json is not JSON: {e}"));
+            if ready(&json) {
+                return json;
+            }
+            json.to_string()
+        } else {
+            text(&out)
+        };
         if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
             child.kill().ok();
-            panic!("never ready: {json}\n{}", child.output_so_far());
+            panic!("never ready: {last}\n{}", child.output_so_far());
         }
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
