@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 
 use crate::cli::CheckArgs;
-use crate::preflight::{self as check, CheckOptions, Identity, Level};
+use crate::preflight::{self as check, CheckOptions, Level};
 
 pub async fn run(args: CheckArgs) -> Result<()> {
     let opts = CheckOptions {
@@ -21,11 +21,7 @@ pub async fn run(args: CheckArgs) -> Result<()> {
         apply_jobs: args.apply_jobs,
         dir: args.dir.clone(),
         drop_if_exists: args.drop_if_exists,
-        identity: Identity {
-            replica_identity_full: args.identity.replica_identity_full,
-            append_only: args.identity.append_only.clone(),
-            no_ddl_capture: args.identity.no_ddl_capture,
-        },
+        identity: super::preflight_identity(&args.identity),
         no_owner: args.no_owner,
         no_acl: args.no_acl,
         no_tablespaces: args.no_tablespaces,

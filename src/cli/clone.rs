@@ -154,11 +154,7 @@ fn check_options(
         index_jobs: args.index_jobs,
         apply_jobs: args.apply_jobs.unwrap_or(1),
         drop_if_exists: args.drop_if_exists,
-        identity: crate::preflight::Identity {
-            replica_identity_full: args.identity.replica_identity_full,
-            append_only: args.identity.append_only.clone(),
-            no_ddl_capture: args.identity.no_ddl_capture,
-        },
+        identity: super::preflight_identity(&args.identity),
         no_owner: args.no_owner,
         no_acl: args.no_acl,
         no_tablespaces: args.no_tablespaces,

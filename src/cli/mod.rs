@@ -87,6 +87,16 @@ pub async fn start_metrics(
     Ok(())
 }
 
+/// The preflight's view of `--replica-identity-full` / `--append-only` / `--no-ddl-capture`
+/// (check and clone's preflight read the same options).
+pub fn preflight_identity(args: &IdentityArgs) -> crate::preflight::Identity {
+    crate::preflight::Identity {
+        replica_identity_full: args.replica_identity_full,
+        append_only: args.append_only.clone(),
+        no_ddl_capture: args.no_ddl_capture,
+    }
+}
+
 /// The engine's view of `--replica-identity-full` / `--append-only`.
 pub fn identity(args: &IdentityArgs) -> crate::replication::setup::IdentityChoice {
     crate::replication::setup::IdentityChoice {
