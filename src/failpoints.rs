@@ -62,3 +62,8 @@ pub const RECEIVE_DECODE: &str = "receive.decode";
 /// waiting for the table, and the rerun of the same command copies it again under a later
 /// snapshot (nothing applied twice, nothing lost).
 pub const TABLE_SYNC_AFTER_COPY: &str = "table_sync.after_copy";
+
+/// Not a durability boundary: a cutover has pinned endpos and not yet waited for it, so that
+/// tests can commit a write after the fence and prove the leak check reports it (with
+/// `sleep(ms)`).
+pub const CUTOVER_AFTER_ENDPOS: &str = "cutover.after_endpos";

@@ -156,6 +156,11 @@ mod key {
     pub const SPOOL_BYTES: &str = "spool.bytes";
     /// JSON list of `FencedRole`.
     pub const CUTOVER_FENCE: &str = "cutover.fence";
+    /// A reverse stream's echo filter: the replication origin (and its lanes) of the forward
+    /// apply, whose transactions on the target are not sent back to the source.
+    pub const REVERSE_ECHO_ORIGIN: &str = "reverse.echo_origin";
+    /// JSON of `RollbackRecord`: the rollback finished (the source took the application back).
+    pub const REVERSE_ROLLED_BACK: &str = "reverse.rolled_back";
     /// The roles a whole-server migration left out (`--exclude-role`), for verify.
     pub const SERVER_EXCLUDED_ROLES: &str = "server.excluded_roles";
     /// JSON of `replication::ddl_capture::Capture`.
@@ -498,6 +503,15 @@ pub struct ServerIdentity {
 pub struct FencedRole {
     pub role: String,
     pub previous: Option<String>,
+}
+
+/// A completed rollback, as `status` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RollbackRecord {
+    /// The target's position the reverse stream was applied through.
+    pub endpos: Lsn,
+    /// When it completed (unix seconds).
+    pub at: i64,
 }
 
 /// Per table ("schema"."table", quoted) copied again under a later snapshot: the LSN of that
@@ -1366,6 +1380,29 @@ impl StateDb {
     /// The fence was lifted.
     pub fn forget_fence(&self) -> Result<()> {
         self.delete_meta(key::CUTOVER_FENCE)
+    }
+
+    /// Records that this (reverse) stream must skip the target's transactions applied by the
+    /// forward apply under `origin` or one of its lanes (`<origin>_<n>`): they came from the
+    /// source and must not be echoed back to it.
+    pub fn record_echo_origin(&self, origin: &str) -> Result<()> {
+        self.set_meta(key::REVERSE_ECHO_ORIGIN, origin)
+    }
+
+    /// The forward apply's origin this stream skips, if it is a reverse stream.
+    pub fn echo_origin(&self) -> Result<Option<String>> {
+        self.get_meta(key::REVERSE_ECHO_ORIGIN)
+    }
+
+    /// A rollback completed: the reverse stream reached its endpos and the source's fence was
+    /// lifted.
+    pub fn record_rolled_back(&self, record: &RollbackRecord) -> Result<()> {
+        self.set_meta(key::REVERSE_ROLLED_BACK, &serde_json::to_string(record)?)
+    }
+
+    /// The completed rollback, if any.
+    pub fn rolled_back(&self) -> Result<Option<RollbackRecord>> {
+        self.get_json(key::REVERSE_ROLLED_BACK)
     }
 
     /// Apply's latest applied position (recorded every second while apply runs).

@@ -207,6 +207,19 @@ pub struct Source<'a> {
     pub origin: &'a str,
     /// How captured schema changes are recognized and replayed.
     pub ddl: &'a ddl::DdlRules,
+    /// A reverse stream's echo filter: transactions the forward apply wrote under this origin
+    /// (or one of its lanes) are skipped, so that the source's own changes never come back.
+    pub echo_origin: Option<&'a str>,
+}
+
+/// Whether a transaction's replication origin is the forward apply's (`origin`) or one of its
+/// lanes (`<origin>.lane<n>`, see `lane_origin_name`).
+pub fn is_echo(origin: &str, transaction_origin: &str) -> bool {
+    transaction_origin == origin
+        || transaction_origin
+            .strip_prefix(origin)
+            .and_then(|rest| rest.strip_prefix(".lane"))
+            .is_some_and(|lane| !lane.is_empty() && lane.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Runs until the stop rule says every transaction up to endpos is applied. `targets` holds
@@ -223,6 +236,7 @@ pub async fn run(
         plugin,
         origin,
         ddl,
+        echo_origin,
     } = *source;
     let Some(first) = targets.first() else {
         bail!("internal error: apply started without a target connection");
@@ -271,6 +285,8 @@ pub async fn run(
         waiting: None,
         final_lsn: Lsn(0),
         skipping: false,
+        echo: false,
+        echo_origin,
         undescribed: HashMap::new(),
         pending_truncate: None,
         ddl,
@@ -520,6 +536,10 @@ struct Applier<'a> {
     final_lsn: Lsn,
     /// Inside a transaction that was already applied (re-sent by the source).
     skipping: bool,
+    /// Inside a transaction the forward apply wrote (a reverse stream's echo): its changes
+    /// are skipped, its commit still counts.
+    echo: bool,
+    echo_origin: Option<&'a str>,
     /// Relations read back from the spool on a resume, matched with the target on first use.
     undescribed: HashMap<u32, Relation>,
     /// wal2json sends one message per table of a TRUNCATE: the tables gathered so far, and
@@ -712,7 +732,25 @@ impl Applier<'_> {
                     return Err(stopped);
                 }
             }
+            Change::Origin { name, .. }
+                if self
+                    .echo_origin
+                    .is_some_and(|origin| is_echo(origin, &name)) =>
+            {
+                tracing::debug!(
+                    "apply: skipping the transaction committed at {} (origin {name}: the forward apply's own, not echoed back)",
+                    self.final_lsn
+                );
+                self.echo = true;
+            }
+            Change::Insert { .. }
+            | Change::Update { .. }
+            | Change::Delete { .. }
+            | Change::Truncate { .. }
+            | Change::Message { .. }
+                if self.echo => {}
             Change::Begin { final_lsn, .. } => {
+                self.echo = false;
                 self.final_lsn = final_lsn;
                 self.ddl_ordinal = 0;
                 self.ddl_replayed.clear();
@@ -766,6 +804,7 @@ impl Applier<'_> {
                 commit_time,
                 ..
             } => {
+                self.echo = false;
                 self.batch.transactions += 1;
                 self.batch.last_commit = Some((end_lsn, commit_time));
                 self.batch.in_source_transaction = false;
@@ -1196,6 +1235,15 @@ async fn commit_with_origin(target: &Client, end_lsn: Lsn, commit_time: i64) -> 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_forward_apply_and_its_lanes_are_echoes_and_nothing_else_is() {
+        assert!(super::is_echo("pgtide_s", "pgtide_s"));
+        assert!(super::is_echo("pgtide_s", "pgtide_s.lane3"));
+        assert!(!super::is_echo("pgtide_s", "pgtide_s2"));
+        assert!(!super::is_echo("pgtide_s", "pgtide_s.lane"));
+        assert!(!super::is_echo("pgtide_s", "pg_16384"));
+    }
+
     use super::{Lsn, Progress, SkippedTail};
 
     #[test]

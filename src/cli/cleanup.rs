@@ -16,7 +16,23 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
     let databases = crate::server::databases_of(&args.dir).unwrap_or_default();
     if databases.is_empty() {
-        return cleanup_dir(&source, &target, &args.dir, args.slot_name).await;
+        cleanup_dir(&source, &target, &args.dir, args.slot_name).await?;
+        // The reverse stream of `cutover --reverse`: its slot and publication on the target,
+        // its origin on the source.
+        if crate::cutover::reverse::state_of(&args.dir)?.is_some() {
+            print!("reverse stream: ");
+            cleanup_dir(
+                &target,
+                &source,
+                &crate::cutover::reverse::dir_of(&args.dir),
+                None,
+            )
+            .await
+            .map_err(|e| {
+                e.context("cleaning up the reverse stream (rerun cleanup: what is done stays done)")
+            })?;
+        }
+        return Ok(());
     }
     // A whole-server work dir: every database's pipeline, each in its own database.
     if args.slot_name.is_some() {

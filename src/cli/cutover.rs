@@ -35,8 +35,15 @@ pub async fn run(args: CutoverArgs) -> Result<()> {
         verify: args.verify,
         sequence_offset: args.sequence_offset,
         refresh_matviews: args.refresh_matviews,
+        direction: cutover::Direction::Forward,
+        reverse: args.reverse,
     };
     if !databases.is_empty() {
+        if args.reverse {
+            anyhow::bail!(
+                "--reverse is for a one-database migration: a whole-server work dir has no reverse stream yet. Cut over without it, or migrate the databases one by one"
+            );
+        }
         let dirs: Vec<cutover::ServerDatabaseDir> = databases
             .into_iter()
             .map(|(db, dir)| cutover::ServerDatabaseDir { name: db.name, dir })
@@ -66,9 +73,29 @@ pub async fn run(args: CutoverArgs) -> Result<()> {
     }
     println!("  verify:            {}", done.verdict);
     print_window(report.window, &report.fenced);
-    println!(
-        "Point the application at the target; then `pgtide cleanup` drops the slot, publication and origin."
-    );
+    print_superusers(&report.superusers_left, "source");
+    if let Some(reverse) = &report.reverse {
+        println!(
+            "  reverse stream:    slot {} on the target{}{}",
+            reverse.slot,
+            reverse
+                .start
+                .map(|lsn| format!(", from {lsn}"))
+                .unwrap_or_default(),
+            if reverse.created {
+                ""
+            } else {
+                " (already set up)"
+            }
+        );
+        println!(
+            "Point the application at the target, and run `pgtide reverse follow` (same --source, --target, --dir) to keep the source in step; `pgtide rollback` moves back with nothing lost, `pgtide cleanup` ends the migration."
+        );
+    } else {
+        println!(
+            "Point the application at the target; then `pgtide cleanup` drops the slot, publication and origin."
+        );
+    }
     Ok(())
 }
 
@@ -91,6 +118,16 @@ fn print_window(window: std::time::Duration, fenced: &[String]) {
         println!(
             "  source:            roles {} stay read-only on the source (lift with `pgtide cutover --unfence`)",
             fenced.join(", ")
+        );
+    }
+}
+
+/// The superusers a fence leaves able to write on `side`, with the fix.
+pub fn print_superusers(superusers: &[String], side: &str) {
+    if !superusers.is_empty() {
+        println!(
+            "  superusers:        {} can still write on the {side} (a superuser can lift the fence for itself): stop their writers, or add --fence-role; the leak check found no write after endpos",
+            superusers.join(", ")
         );
     }
 }

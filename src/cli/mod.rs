@@ -12,6 +12,7 @@ pub mod copy;
 pub mod cutover;
 pub mod ddl;
 pub mod follow;
+pub mod reverse;
 pub mod sentinel;
 pub mod spool;
 pub mod status;

@@ -27,10 +27,17 @@ pub async fn run(args: StatusArgs) -> Result<()> {
         // A whole-server work dir: a line per database and the total.
         let (json, text) = if databases.is_empty() {
             let report = status::collect(&args.dir, &state, &servers).await?;
-            (
-                serde_json::to_string(&report)?,
-                status::render(&args.dir, &report),
-            )
+            let mut json = serde_json::to_value(&report)?;
+            let mut text = status::render(&args.dir, &report);
+            // After `cutover --reverse`: the reverse stream's own status, its servers swapped.
+            if let Some(reverse) = reverse_status(&args.dir, &servers).await? {
+                text.push_str(&format!(
+                    "reverse stream (target → source): {}\n",
+                    reverse.1
+                ));
+                json["reverse"] = reverse.0;
+            }
+            (json.to_string(), text)
         } else {
             let report = status::collect_server(&databases, &servers).await?;
             (
@@ -58,4 +65,32 @@ pub async fn run(args: StatusArgs) -> Result<()> {
             Some(interval) => tokio::time::sleep(interval).await,
         }
     }
+}
+
+/// The reverse stream's status (JSON, with `rolled_back`) and its verdict, if the work dir has
+/// one.
+async fn reverse_status(
+    dir: &std::path::Path,
+    servers: &Servers,
+) -> Result<Option<(serde_json::Value, String)>> {
+    let Some(state) = crate::cutover::reverse::state_of(dir)? else {
+        return Ok(None);
+    };
+    let reverse_servers =
+        Servers::from_state(&state, servers.target.clone(), servers.source.clone());
+    let report = status::collect(
+        &crate::cutover::reverse::dir_of(dir),
+        &state,
+        &reverse_servers,
+    )
+    .await?;
+    let rolled_back = state.rolled_back()?;
+    let verdict = match &rolled_back {
+        Some(done) => format!("rolled back: applied through the target's {}", done.endpos),
+        None => status::verdict(&report).replace("cut over", "roll back"),
+    };
+    let mut json = serde_json::to_value(&report)?;
+    json["rolled_back"] = serde_json::to_value(&rolled_back)?;
+    json["verdict"] = serde_json::Value::String(verdict.clone());
+    Ok(Some((json, verdict)))
 }

@@ -525,7 +525,7 @@ async fn check_identity(
 }
 
 /// The server's system identifier and the database name: what a work dir is tied to.
-async fn database_identity(client: &tokio_postgres::Client) -> Result<String> {
+pub(crate) async fn database_identity(client: &tokio_postgres::Client) -> Result<String> {
     let row = client
         .query_one(
             "SELECT system_identifier::text || '/' || current_database() FROM pg_control_system()",

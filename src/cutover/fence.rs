@@ -1,6 +1,7 @@
-//! The cutover fence: the application roles made read-only in the source database (their
-//! earlier setting recorded first) and their sessions ended and waited for, so that nothing
-//! commits after endpos; and the unfence that restores the recorded settings.
+//! The cutover fence: the application roles made read-only in the database (their earlier
+//! setting recorded first) and their sessions ended and waited for, so that nothing commits
+//! after endpos; the unfence that restores the recorded settings; and the refusal of prepared
+//! transactions, which no fence holds. A cutover fences the source, a rollback the target.
 
 use std::time::{Duration, Instant};
 
@@ -10,17 +11,27 @@ use tokio_postgres::Client;
 use crate::pg;
 use crate::state::{FencedRole, StateDb};
 
-/// Makes the roles read-only in the source database and ends their sessions there. The
-/// earlier settings are recorded first, so that a failure at any point can restore them.
-pub async fn fence(src: &Client, state: &StateDb, asked: &[String]) -> Result<Vec<String>> {
-    if state.fence()?.is_some() {
-        bail!(
-            "a fence from an earlier cutover is still recorded in this work dir: lift it with `pgtide cutover --unfence`, then run cutover again"
-        );
-    }
-    let roles: Vec<String> = if asked.is_empty() {
+/// What a fence did: the roles made read-only and the superusers it leaves able to write.
+pub struct Fenced {
+    pub roles: Vec<String>,
+    /// Login superusers not fenced (a superuser can lift any fence for itself): the leak
+    /// check after endpos finds what they write.
+    pub superusers_left: Vec<String>,
+}
+
+/// Makes the roles read-only in the database and ends their sessions there: by default every
+/// non-superuser login role and the role pgtide itself connects as (an application may log in
+/// as it; pgtide's own sessions turn the default off, see `pg::connect`). The earlier settings
+/// are recorded first, so that a failure at any point can restore them. A fence already
+/// recorded (an interrupted cutover or rollback run again) is put in force again as recorded.
+pub async fn fence(src: &Client, state: &StateDb, asked: &[String]) -> Result<Fenced> {
+    let recorded = state.fence()?;
+    let roles: Vec<String> = if let Some(recorded) = &recorded {
+        recorded.iter().map(|f| f.role.clone()).collect()
+    } else if asked.is_empty() {
         src.query(
-            "SELECT rolname::text FROM pg_roles WHERE rolcanlogin AND NOT rolsuper AND rolname <> current_user ORDER BY 1",
+            "SELECT rolname::text FROM pg_roles
+             WHERE rolcanlogin AND (NOT rolsuper OR rolname = current_user) ORDER BY 1",
             &[],
         )
         .await?
@@ -30,29 +41,26 @@ pub async fn fence(src: &Client, state: &StateDb, asked: &[String]) -> Result<Ve
     } else {
         asked.to_vec()
     };
-    if roles.is_empty() {
-        bail!(
-            "--fence found no role to fence (no non-superuser login role besides pgtide's own): name them with --fence-role, or stop the writers yourself and cut over without --fence"
-        );
+    if recorded.is_none() {
+        let mut fenced = Vec::new();
+        for role in &roles {
+            let row = src
+                .query_opt(
+                    "SELECT (SELECT split_part(c, '=', 2) FROM unnest(s.setconfig) c WHERE c LIKE 'default_transaction_read_only=%')
+                     FROM pg_roles r LEFT JOIN pg_db_role_setting s
+                       ON s.setrole = r.oid AND s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+                     WHERE r.rolname = $1",
+                    &[role],
+                )
+                .await?
+                .ok_or_else(|| anyhow!("--fence-role {role}: no such role on this server"))?;
+            fenced.push(FencedRole {
+                role: role.clone(),
+                previous: row.get(0),
+            });
+        }
+        state.record_fence(&fenced)?;
     }
-    let mut fenced = Vec::new();
-    for role in &roles {
-        let row = src
-            .query_opt(
-                "SELECT (SELECT split_part(c, '=', 2) FROM unnest(s.setconfig) c WHERE c LIKE 'default_transaction_read_only=%')
-                 FROM pg_roles r LEFT JOIN pg_db_role_setting s
-                   ON s.setrole = r.oid AND s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
-                 WHERE r.rolname = $1",
-                &[role],
-            )
-            .await?
-            .ok_or_else(|| anyhow!("--fence-role {role}: no such role on the source"))?;
-        fenced.push(FencedRole {
-            role: role.clone(),
-            previous: row.get(0),
-        });
-    }
-    state.record_fence(&fenced)?;
     let db: String = src
         .query_one("SELECT current_database()::text", &[])
         .await?
@@ -66,10 +74,14 @@ pub async fn fence(src: &Client, state: &StateDb, asked: &[String]) -> Result<Ve
         .await
         .map_err(|e| anyhow!("cannot fence role {role}: {}", pg::describe(&e)))?;
     }
+    // Every client session of a fenced role but pgtide's own (its role's sessions named
+    // `pgtide`): a session started before the fence keeps the old default.
     let ended: Vec<i32> = src
         .query(
             "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE usename = ANY($1) AND datname = current_database() AND pid <> pg_backend_pid()",
+             WHERE usename = ANY($1) AND datname = current_database() AND pid <> pg_backend_pid()
+               AND backend_type = 'client backend'
+               AND NOT (usename = current_user AND application_name = 'pgtide')",
             &[&roles],
         )
         .await
@@ -78,12 +90,32 @@ pub async fn fence(src: &Client, state: &StateDb, asked: &[String]) -> Result<Ve
         .map(|r| r.get(0))
         .collect();
     wait_sessions_gone(src, &ended).await?;
+    let superusers_left: Vec<String> = src
+        .query(
+            "SELECT rolname::text FROM pg_roles
+             WHERE rolcanlogin AND rolsuper AND NOT rolname = ANY($1) ORDER BY 1",
+            &[&roles],
+        )
+        .await
+        .context("cannot list the superusers")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let ended = ended.len();
     tracing::info!(
-        "fenced {} on the source (read-only in {db}); ended {ended} of their sessions",
+        "fenced {} (read-only in {db}); ended {ended} of their sessions",
         roles.join(", ")
     );
-    Ok(roles)
+    if !superusers_left.is_empty() {
+        tracing::warn!(
+            "{} can still write in {db}: a superuser can lift any fence for itself. Stop their writers, or fence them too with --fence-role; the leak check after endpos reports any write that lands",
+            superusers_left.join(", ")
+        );
+    }
+    Ok(Fenced {
+        roles,
+        superusers_left,
+    })
 }
 
 /// Waits until the backends that `fence` signalled have exited. pg_terminate_backend only

@@ -6,6 +6,8 @@
 //! where both sides stand. `cli/cutover.rs` prints the report.
 
 mod fence;
+mod leak;
+pub mod reverse;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,6 +34,38 @@ pub struct Options {
     pub verify: VerifyMode,
     pub sequence_offset: i64,
     pub refresh_matviews: bool,
+    /// Which way this switch-over goes: a cutover, or a rollback's run of the reverse stream.
+    pub direction: Direction,
+    /// Create the reverse stream once the target is ready (`cutover --reverse`).
+    pub reverse: bool,
+}
+
+/// Which way a switch-over goes, for the messages: which server is fenced, which command
+/// to run again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// `pgtide cutover`: the source fenced, the target takes the application.
+    Forward,
+    /// `pgtide rollback`: the target fenced, the source takes the application back.
+    Reverse,
+}
+
+impl Direction {
+    /// The server this direction fences.
+    fn fenced(self) -> &'static str {
+        match self {
+            Direction::Forward => "source",
+            Direction::Reverse => "target",
+        }
+    }
+
+    /// The command that runs this direction.
+    fn command(self) -> &'static str {
+        match self {
+            Direction::Forward => "pgtide cutover",
+            Direction::Reverse => "pgtide rollback",
+        }
+    }
 }
 
 /// How the target is verified once endpos is reached.
@@ -49,8 +83,15 @@ pub async fn lift_fence(source: &ConnInfo, dir: &Path) -> Result<Vec<String>> {
     fence::unfence(&src, &state).await
 }
 
-/// Runs the cutover: fence (if asked), endpos, sequences, verify. On failure the fence is
-/// lifted and the error says where both sides stand.
+/// Lifts a fence recorded in `state` on the server `client` is connected to (a rollback's
+/// fence on the target: `rollback --unfence`).
+pub async fn unfence_with(client: &Client, state: &StateDb) -> Result<Vec<String>> {
+    fence::unfence(client, state).await
+}
+
+/// Runs the cutover: fence (if asked), endpos, sequences, verify, the leak check, and with
+/// `reverse` the reverse stream. On failure the fence is lifted (except when it leaked: then
+/// it is kept) and the error says where both sides stand.
 pub async fn run(source: &ConnInfo, target: &ConnInfo, opts: &Options) -> Result<Report> {
     let state = StateDb::open_in_dir(&opts.dir)?;
     let src = pg::connect(source, Side::Source, "cutover").await?;
@@ -60,39 +101,148 @@ pub async fn run(source: &ConnInfo, target: &ConnInfo, opts: &Options) -> Result
             opts.dir.display()
         )
     })?;
+    if opts.direction == Direction::Forward
+        && let Some(reverse_state) = reverse::state_of(&opts.dir)?
+    {
+        return already_reversed(&state, &reverse_state, slot);
+    }
+    if opts.reverse {
+        let dst = pg::connect(target, Side::Target, "cutover").await?;
+        reverse::require_logical_target(&dst).await?;
+    }
     let window_start = Instant::now();
     let fenced = if opts.fence {
-        fence::fence(&src, &state, &opts.fence_roles).await?
+        Some(fence::fence(&src, &state, &opts.fence_roles).await?)
     } else {
-        Vec::new()
+        None
     };
-    match switch_over(opts, source, target, &src, &state).await {
-        Ok(switched) => Ok(Report {
-            slot,
-            window: switched.ready_at.duration_since(window_start),
-            fenced,
-            switched,
-        }),
-        Err(e) => {
-            let lifted = if fenced.is_empty() {
-                String::new()
-            } else {
-                match fence::unfence(&src, &state).await {
-                    Ok(roles) => format!(
-                        " The fence is lifted: {} can write on the source again.",
-                        roles.join(", ")
-                    ),
-                    Err(u) => format!(
-                        " Lifting the fence FAILED ({u:#}): run `pgtide cutover --unfence` with the same --dir."
-                    ),
-                }
-            };
-            let applied = applied_at_endpos(&state)?;
-            Err(e.context(format!(
-                "cutover failed.{lifted} The source is unchanged otherwise (the slot keeps the changes); the target has applied through {applied}. Fix the cause and run cutover again."
-            )))
+    let fenced_side = opts.direction.fenced();
+    let switched = match switch_over(opts, source, target, &src, &state).await {
+        Ok(switched) => switched,
+        Err(e) => return Err(lift_after(e, &src, &state, fenced.is_some(), opts).await),
+    };
+    let window = switched.ready_at.duration_since(window_start);
+    if fenced.is_some() {
+        let stream = state
+            .stream()?
+            .ok_or_else(|| anyhow!("the work dir lost its stream record"))?;
+        match leak::check(&src, &stream, switched.endpos).await {
+            Ok(None) => {}
+            Ok(Some(leaked)) => {
+                return Err(leak::leaked_error(
+                    &leaked,
+                    switched.endpos,
+                    fenced_side,
+                    opts.direction.command(),
+                ));
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "the leak check after endpos could not run; the fence on the {fenced_side} is kept: run `{}` again",
+                    opts.direction.command()
+                )));
+            }
         }
     }
+    let reverse_stream = if opts.reverse {
+        let created = match reverse::setup(target, &opts.dir, &state).await {
+            Ok(created) => created,
+            Err(e) => {
+                let e = e.context(
+                    "the target is ready, but the reverse stream could not be set up on it",
+                );
+                return Err(lift_after(e, &src, &state, fenced.is_some(), opts).await);
+            }
+        };
+        // The forward stream is finished: its slot would keep the source's WAL (the reverse
+        // stream's writes included) for as long as the rollback stays possible.
+        match crate::replication::setup::drop_stream(source, &slot).await {
+            Ok(_) => tracing::info!("the forward stream's slot {slot} and publication dropped"),
+            Err(e) => tracing::warn!(
+                "cannot drop the forward stream's slot {slot} ({e:#}); `pgtide cleanup` drops it later"
+            ),
+        }
+        Some(created)
+    } else {
+        None
+    };
+    let (fenced, superusers_left) = fenced
+        .map(|f| (f.roles, f.superusers_left))
+        .unwrap_or_default();
+    Ok(Report {
+        slot,
+        window,
+        fenced,
+        superusers_left,
+        switched,
+        reverse: reverse_stream,
+    })
+}
+
+/// A cutover run again after it completed with `--reverse` (the forward slot is gone): the
+/// recorded outcome, nothing changed.
+fn already_reversed(state: &StateDb, reverse_state: &StateDb, slot: String) -> Result<Report> {
+    let sentinel = state.sentinel()?;
+    let endpos = sentinel.reached_endpos.unwrap_or_default();
+    let reverse = reverse_state
+        .stream()?
+        .map(|stream| reverse::ReverseStream {
+            slot: stream.slot,
+            start: stream.startpos,
+            created: false,
+        });
+    Ok(Report {
+        slot,
+        window: Duration::ZERO,
+        fenced: state
+            .fence()?
+            .unwrap_or_default()
+            .into_iter()
+            .map(|f| f.role)
+            .collect(),
+        superusers_left: Vec::new(),
+        switched: Switched {
+            endpos,
+            applied: applied_at_endpos(state)?,
+            sequences: 0,
+            refreshed: None,
+            ready_at: Instant::now(),
+            verdict: "already cut over earlier (this run changed nothing)".into(),
+        },
+        reverse,
+    })
+}
+
+/// Lifts the fence after a failed switch-over and says so in the error.
+async fn lift_after(
+    e: anyhow::Error,
+    src: &Client,
+    state: &StateDb,
+    fenced: bool,
+    opts: &Options,
+) -> anyhow::Error {
+    let side = opts.direction.fenced();
+    let lifted = if fenced {
+        match fence::unfence(src, state).await {
+            Ok(roles) => format!(
+                " The fence is lifted: {} can write on the {side} again.",
+                roles.join(", ")
+            ),
+            Err(u) => format!(
+                " Lifting the fence FAILED ({u:#}): run `pgtide cutover --unfence` with the same --dir."
+            ),
+        }
+    } else {
+        String::new()
+    };
+    let applied = applied_at_endpos(state).unwrap_or_else(|_| "unknown".into());
+    let what = match opts.direction {
+        Direction::Forward => "cutover",
+        Direction::Reverse => "rollback",
+    };
+    e.context(format!(
+        "{what} failed.{lifted} The {side} is unchanged otherwise (the slot keeps the changes); the other side has applied through {applied}. Fix the cause and run {what} again."
+    ))
 }
 
 /// One database of a whole-server cutover: its name and work dir.
@@ -174,8 +324,8 @@ pub async fn run_server(
     if opts.fence {
         for p in &prepared {
             match fence::fence(&p.src, &p.state, &opts.fence_roles).await {
-                Ok(roles) => {
-                    for role in roles {
+                Ok(done) => {
+                    for role in done.roles {
                         if !fenced.contains(&role) {
                             fenced.push(role);
                         }
@@ -203,6 +353,31 @@ pub async fn run_server(
         match result {
             Ok(s) => done.push((p.name.clone(), s)),
             Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    // The leak check, database by database: a write that landed after the fence keeps it.
+    if errors.is_empty() && opts.fence {
+        for (p, (_, switched)) in prepared.iter().zip(&done) {
+            let stream = p.state.stream()?.ok_or_else(|| {
+                anyhow!("database {}: the work dir lost its stream record", p.name)
+            })?;
+            if let Some(leaked) = leak::check(&p.src, &stream, switched.endpos)
+                .await
+                .map_err(|e| {
+                    e.context(format!(
+                        "database {}: the leak check could not run; every fence is kept",
+                        p.name
+                    ))
+                })?
+            {
+                return Err(leak::leaked_error(
+                    &leaked,
+                    switched.endpos,
+                    "source",
+                    "pgtide cutover",
+                )
+                .context(format!("database {}", p.name)));
+            }
         }
     }
     if !errors.is_empty() {
@@ -235,7 +410,11 @@ pub struct Report {
     pub window: Duration,
     /// The roles left read-only on the source.
     pub fenced: Vec<String>,
+    /// Login superusers the fence leaves able to write.
+    pub superusers_left: Vec<String>,
     pub switched: Switched,
+    /// The reverse stream (`--reverse`).
+    pub reverse: Option<reverse::ReverseStream>,
 }
 
 /// The position apply stopped at when it reached endpos, for the report ("unknown" if none).
@@ -273,6 +452,7 @@ async fn switch_over(
     state.record_sequence_offset(args.sequence_offset)?;
     follow::set_endpos(state, endpos)?;
     tracing::info!("endpos pinned at {endpos}; waiting for apply to reach it");
+    fail::fail_point!(crate::failpoints::CUTOVER_AFTER_ENDPOS);
     tokio::time::timeout(
         args.timeout,
         reach_endpos(source, target, &args.dir, state, endpos),

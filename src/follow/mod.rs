@@ -107,11 +107,13 @@ async fn apply_and_set_sequences(
     let mut resynced = apply::Resynced::load(&state)?;
     let origin = apply::origin_name(&slot);
     let ddl_rules = apply::ddl::DdlRules::load(&state)?;
+    let echo_origin = state.echo_origin()?;
     let source_of_apply = apply::Source {
         dir: &workdir.path,
         plugin: state.stream_plugin()?,
         origin: &origin,
         ddl: &ddl_rules,
+        echo_origin: echo_origin.as_deref(),
     };
     let jobs = state.apply_jobs()?.unwrap_or(DEFAULT_APPLY_JOBS);
     let mut clients = connect_lanes(target, jobs).await?;

@@ -66,9 +66,12 @@ pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Clien
     })?;
     let label = format!("{} {purpose}", side.name());
     tokio::spawn(drive_connection(connection, label));
+    // `default_transaction_read_only = off`: a cutover's fence makes pgtide's own role
+    // read-only too (an application may log in as it); pgtide's own sessions stay writable.
     client
         .batch_execute(
-            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
+            "SET default_transaction_read_only = off; \
+             SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
              SET bytea_output = 'hex'; SET extra_float_digits = 1; SET statement_timeout = 0; \
              SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
              SELECT set_config('idle_session_timeout', '0', false) \

@@ -31,10 +31,17 @@ pub struct CutoverArgs {
     /// before pinning endpos (restored if the cutover fails; lift with --unfence).
     #[arg(long)]
     pub fence: bool,
-    /// The roles to fence (repeatable); by default every non-superuser login role except the
-    /// one pgtide connects as.
+    /// The roles to fence (repeatable); by default every non-superuser login role and the one
+    /// pgtide connects as (pgtide's own sessions still write; other sessions of that role are
+    /// ended). Superusers are only fenced when named here.
     #[arg(long = "fence-role", requires = "fence")]
     pub fence_roles: Vec<String>,
+    /// Before the application moves, start a reverse stream on the target (it needs
+    /// wal_level = logical there): every change written on the target after cutover is kept
+    /// for `pgtide reverse follow` to apply to the source, so that `pgtide rollback` loses
+    /// nothing. The forward slot is dropped once the reverse stream exists.
+    #[arg(long, conflicts_with = "unfence")]
+    pub reverse: bool,
     /// Lift the fence of an earlier cutover and exit.
     #[arg(long, conflicts_with = "fence")]
     pub unfence: bool,
@@ -68,6 +75,54 @@ impl ValueEnum for VerifyMode {
             Self::None => "none",
         }))
     }
+}
+
+/// `pgtide rollback`: the cutover undone through the reverse stream.
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    /// The migration's source and target, as given to cutover (pgtide swaps them itself).
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// The target roles to fence (repeatable); by default every non-superuser login role and
+    /// the one pgtide connects to the target as.
+    #[arg(long = "fence-role")]
+    pub fence_roles: Vec<String>,
+    /// Lift the target's fence left by an earlier rollback, and exit.
+    #[arg(long)]
+    pub unfence: bool,
+    /// How long to wait for the reverse stream to reach the target's endpos.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// How to verify the source once the reverse stream is applied.
+    #[arg(long, value_enum, default_value_t = VerifyMode::Checksums)]
+    pub verify: VerifyMode,
+    /// Added to every sequence value set on the source from the target's.
+    #[arg(long, default_value_t = 0)]
+    pub sequence_offset: i64,
+}
+
+/// `pgtide reverse follow|status`: the reverse stream between cutover and rollback.
+#[derive(Subcommand, Debug)]
+pub enum ReverseCommand {
+    /// Apply the target's changes to the source as they come (until rollback, or Ctrl-C: a
+    /// rerun continues exactly where the source's committed state ends).
+    Follow(ReverseFollowArgs),
+    /// Where the reverse stream stands: its lag, and whether a rollback has run.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReverseFollowArgs {
+    /// The migration's source and target, as given to cutover.
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Source connections that apply the reverse stream side by side (default 1).
+    #[arg(long)]
+    pub apply_jobs: Option<usize>,
 }
 
 #[derive(Args, Debug)]

@@ -52,6 +52,12 @@ pub enum Command {
     /// Switch over: optionally fence writes on the source, pin endpos at its current position,
     /// wait for apply to reach it, copy sequences, verify, and report the write downtime.
     Cutover(CutoverArgs),
+    /// Undo a cutover made with --reverse: fence the target, apply the rest of the reverse
+    /// stream to the source, set the source's sequences, verify, and lift the source's fence.
+    Rollback(RollbackArgs),
+    /// The reverse stream after `cutover --reverse`: keep the source in step, or watch it.
+    #[command(subcommand)]
+    Reverse(ReverseCommand),
     /// Continue a migration: spool the stream and apply it on the target until endpos.
     Follow(FollowArgs),
     /// Read or set endpos and the apply switch of a migration.

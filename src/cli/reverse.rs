@@ -1,0 +1,155 @@
+//! `pgtide rollback` and `pgtide reverse follow|status`: parse, run the reverse stream's
+//! engine (`crate::cutover::reverse`, the follow engine with the servers swapped), print.
+
+use anyhow::{Result, anyhow, bail};
+
+use crate::cli::{ReverseFollowArgs, RollbackArgs, StatusArgs};
+use crate::cutover::reverse::{self, Rollback, RollbackOptions};
+use crate::follow;
+use crate::pg::{self, Side};
+use crate::workdir::WorkDir;
+
+pub async fn rollback(args: RollbackArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.endpoints.source, "source")?;
+    let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    if args.unfence {
+        let Some(state) = reverse::state_of(&args.dir)? else {
+            bail!(
+                "the work dir {} has no reverse stream, so no rollback fenced the target",
+                args.dir.display()
+            );
+        };
+        let dst = pg::connect(&target, Side::Target, "rollback").await?;
+        let roles = crate::cutover::unfence_with(&dst, &state).await?;
+        println!(
+            "fence lifted on the target for: {}",
+            if roles.is_empty() {
+                "nobody (no fence was recorded)".into()
+            } else {
+                roles.join(", ")
+            }
+        );
+        return Ok(());
+    }
+    let outcome = reverse::rollback(
+        &source,
+        &target,
+        &RollbackOptions {
+            dir: args.dir,
+            fence_roles: args.fence_roles,
+            timeout: args.timeout,
+            verify: args.verify,
+            sequence_offset: args.sequence_offset,
+        },
+    )
+    .await?;
+    let report = match outcome {
+        Rollback::Completed(report) => report,
+        Rollback::AlreadyDone(done) => {
+            println!(
+                "already rolled back: the reverse stream was applied through the target's {} (nothing changed by this run)",
+                done.endpos
+            );
+            return Ok(());
+        }
+    };
+    let done = &report.switched.switched;
+    println!(
+        "rollback complete on the reverse slot {}",
+        report.switched.slot
+    );
+    println!("  target endpos:     {}", done.endpos);
+    println!("  applied through:   {} (on the source)", done.applied);
+    println!(
+        "  sequences set:     {} (on the source, from the target)",
+        done.sequences
+    );
+    println!("  verify:            {}", done.verdict);
+    println!(
+        "  write downtime:    {:.1} s (target fenced → source writable)",
+        report.window.as_secs_f64()
+    );
+    println!(
+        "  target:            roles {} stay read-only on the target (lift with `pgtide rollback --unfence`)",
+        report.switched.fenced.join(", ")
+    );
+    super::cutover::print_superusers(&report.switched.superusers_left, "target");
+    println!(
+        "  source:            writable again for {}",
+        if report.unfenced.is_empty() {
+            "every role (no fence was recorded)".into()
+        } else {
+            report.unfenced.join(", ")
+        }
+    );
+    println!(
+        "Point the application back at the source; then `pgtide cleanup` (same --dir) drops the slots, publications and origins on both servers."
+    );
+    Ok(())
+}
+
+pub async fn follow(args: ReverseFollowArgs) -> Result<()> {
+    let source = super::parse_conninfo(&args.endpoints.source, "source")?;
+    let target = super::parse_conninfo(&args.endpoints.target, "target")?;
+    let forward = crate::state::StateDb::open_in_dir(&args.dir)?;
+    if reverse::state_of(&args.dir)?.is_none() {
+        bail!(
+            "the work dir {} has no reverse stream: run `pgtide cutover --reverse` first",
+            args.dir.display()
+        );
+    }
+    {
+        let src = pg::connect(&source, Side::Source, "reverse follow").await?;
+        let dst = pg::connect(&target, Side::Target, "reverse follow").await?;
+        reverse::check_servers(&src, &dst, &forward).await?;
+    }
+    let workdir = WorkDir::open(&reverse::dir_of(&args.dir), "reverse follow")?;
+    if let Some(done) = workdir.state.rolled_back()? {
+        bail!(
+            "the rollback is done (the reverse stream was applied through {}): there is nothing left to follow; `pgtide cleanup` removes the streams",
+            done.endpos
+        );
+    }
+    match args.apply_jobs {
+        Some(0) => bail!("--apply-jobs must be at least 1"),
+        Some(jobs) => workdir.state.record_apply_jobs(jobs)?,
+        None => {}
+    }
+    // The servers swap roles: the target's changes are applied to the source.
+    let receiver = follow::start_receiver(&target, &workdir)?;
+    let applied = tokio::select! {
+        r = follow::apply_until_endpos(&target, &source, &workdir, receiver) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted: rerun `pgtide reverse follow` to continue; nothing applied is lost or applied twice")),
+    };
+    let applied = super::record_failure(&workdir.state, applied)?;
+    println!(
+        "the reverse stream reached the rollback's endpos: applied through {applied} on the source; sequences set."
+    );
+    Ok(())
+}
+
+/// `reverse status`: the status of the reverse work dir, its servers swapped.
+pub async fn status(args: StatusArgs) -> Result<()> {
+    let Some(state) = reverse::state_of(&args.dir)? else {
+        bail!(
+            "the work dir {} has no reverse stream: `pgtide cutover --reverse` creates it",
+            args.dir.display()
+        );
+    };
+    if !args.json {
+        match state.rolled_back()? {
+            Some(done) => println!(
+                "reverse stream (target → source): rolled back, applied through the target's {}",
+                done.endpos
+            ),
+            None => println!("reverse stream (target → source): the source follows the target"),
+        }
+    }
+    super::status::run(StatusArgs {
+        dir: reverse::dir_of(&args.dir),
+        source: args.target,
+        target: args.source,
+        ..args
+    })
+    .await
+}
