@@ -6,6 +6,8 @@
 mod common;
 
 use common::*;
+use pgtide::failpoints::CUTOVER_AFTER_ENDPOS;
+use tokio_postgres::error::SqlState;
 
 const SOURCE_CONF: &str = "wal_level = logical\nmax_replication_slots = 8\nmax_wal_senders = 8\nmax_prepared_transactions = 4\n";
 
@@ -86,6 +88,151 @@ async fn a_prepared_transaction_stops_cutover_until_it_is_finished() {
         )
         .await,
         "prepared, after the refusal"
+    );
+    pgtide_ok(&[
+        "cutover",
+        "--unfence",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+    ]);
+    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+}
+
+/// The other holes: an application logged in as pgtide's own role is ended and cannot write
+/// again; a superuser (never fenced by default, and named in the output) who writes after the
+/// fence is caught by the leak check, which keeps the fence; run again, cutover migrates that
+/// write too and completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fence_holds_pgtides_own_role_and_reports_a_superuser_write_after_it() {
+    let source = PrivateServer::start_with("leak-source", SOURCE_CONF);
+    let target = PrivateServer::start_with("leak-target", "");
+    for server in [&source, &target] {
+        exec(&server.uri, "CREATE DATABASE app").await;
+        exec(
+            &server.uri,
+            "CREATE ROLE app_writer LOGIN PASSWORD 'writer-secret';
+             CREATE ROLE dba SUPERUSER LOGIN PASSWORD 'dba-secret';",
+        )
+        .await;
+    }
+    let (src, dst) = (db_of(&source, "app"), db_of(&target, "app"));
+    exec(
+        &src,
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 500) g;
+         GRANT ALL ON t TO app_writer;",
+    )
+    .await;
+    let dir = workdir("cutover-leak");
+    let d = dir.to_str().unwrap();
+    let mut child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "leak_slot"), &[]);
+    wait_for_status(
+        &["--dir", d, "--source", &src, "--target", &dst],
+        120,
+        &mut child,
+        |json| says_ready(json, "/verdict"),
+    )
+    .await;
+
+    // An application logged in as the role pgtide uses, writing until it is stopped.
+    let same_role = connect(&src).await;
+    let writer = tokio::spawn(async move {
+        let mut id = 10_000;
+        loop {
+            id += 1;
+            if let Err(e) = same_role
+                .batch_execute(&format!("INSERT INTO t VALUES ({id}, 'same role')"))
+                .await
+            {
+                return e;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+    // A superuser with a write in flight, committed once endpos is pinned.
+    let dba_uri = format!(
+        "postgres://dba:dba-secret@{}",
+        src.split_once('@').unwrap().1
+    );
+    let dba = connect(&dba_uri).await;
+    dba.batch_execute("BEGIN; INSERT INTO t VALUES (9000, 'superuser after the fence')")
+        .await
+        .unwrap();
+    let cutover = [
+        "cutover",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--fence",
+        "--timeout",
+        "60s",
+    ];
+    let failpoint = format!("{CUTOVER_AFTER_ENDPOS}=sleep(6000)");
+    let leaking = spawn_pgtide(&cutover, &[("FAILPOINTS", failpoint.as_str())]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let sentinel = pgtide_ok_stdout(&["sentinel", "get", "--dir", d]);
+        let sentinel: serde_json::Value = serde_json::from_str(&sentinel).unwrap();
+        if sentinel["endpos"].is_string() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "endpos never pinned");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The running follow reads endpos every half second: once it has, the write is past the
+    // end it applies (one taken before would be reported too, without its table's name).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    dba.batch_execute("COMMIT").await.unwrap();
+    let out = wait_exit(leaking, 120);
+    let all = text(&out);
+    assert!(!out.status.success(), "the leak went unnoticed:\n{all}");
+    assert!(
+        all.contains("the fence leaked: 1 change(s) in 1 transaction(s) committed after endpos")
+            && all.contains(r#"on "public"."t" on the source"#)
+            && all.contains("The fence is kept")
+            && all.contains("dba can still write"),
+        "{all}"
+    );
+    let error = writer.await.unwrap();
+    assert!(
+        error.code() == Some(&SqlState::ADMIN_SHUTDOWN) || error.is_closed(),
+        "the same-role session was not ended: {error:?}"
+    );
+    // Kept: neither a new session of pgtide's role nor the application can write.
+    for uri in [
+        src.clone(),
+        format!(
+            "postgres://app_writer:writer-secret@{}",
+            src.split_once('@').unwrap().1
+        ),
+    ] {
+        let refused = connect(&uri)
+            .await
+            .batch_execute("INSERT INTO t VALUES (9999, 'through the fence')")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(&SqlState::READ_ONLY_SQL_TRANSACTION),
+            "{refused:?}"
+        );
+    }
+    // Run again (the follow stopped at the first endpos): the leaked write is migrated.
+    let out = pgtide_ok(&cutover);
+    assert!(out.contains("cutover complete"), "{out}");
+    let out = wait_exit(child, 60);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_identical(&src, &dst);
+    assert_eq!(
+        scalar_string(&dst, "SELECT v FROM t WHERE id = 9000").await,
+        "superuser after the fence"
     );
     pgtide_ok(&[
         "cutover",

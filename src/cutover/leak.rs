@@ -6,15 +6,18 @@
 //! is kept and the cutover (or rollback) reported as failed.
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
+use crate::decode::{Change, StreamDecoder};
 use crate::pg::{self, Lsn};
 use crate::replication::Plugin;
-use crate::state::StreamRecord;
+use crate::spool::SpoolReader;
+use crate::state::{StateDb, StreamRecord};
 
 /// Writes that landed on the fenced server after endpos.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,13 +43,48 @@ impl Leak {
 /// How long the slot may stay in use by the receiver that just stopped.
 const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(30);
 
-/// Peeks at the stream's slot for changes to the published tables committed after `endpos`.
-pub async fn check(client: &Client, stream: &StreamRecord, endpos: Lsn) -> Result<Option<Leak>> {
+/// Looks for changes to the published tables committed after `endpos`: in the spool (the
+/// receiver may have spooled, and acknowledged, a transaction past endpos before apply
+/// stopped), then in the slot (what it has not sent yet). A transaction apply took past
+/// endpos (it had not yet read the new endpos) counts too, even once pruned from the spool.
+pub async fn check(
+    client: &Client,
+    state: &StateDb,
+    dir: &Path,
+    endpos: Lsn,
+) -> Result<Option<Leak>> {
+    let stream = state
+        .stream()?
+        .ok_or_else(|| anyhow!("the work dir lost its stream record"))?;
+    let mut tally = Tally::default();
+    if let Some(reader) = spool_reader(dir)? {
+        let mut decoder = StreamDecoder::new(stream.plugin);
+        let mut after = reader.seq_through(endpos)?;
+        for payload in reader.relations_before(after)? {
+            for change in decoder.decode(payload)? {
+                tally.feed(&change, endpos);
+            }
+        }
+        loop {
+            let rows = reader.read(after, 1000)?;
+            let Some(last) = rows.last() else { break };
+            after = last.seq;
+            for row in rows {
+                for change in decoder.decode(row.payload)? {
+                    tally.feed(&change, endpos);
+                }
+            }
+        }
+    }
     let deadline = Instant::now() + SLOT_RELEASE_WAIT;
-    loop {
+    let mut from_slot = loop {
         let peeked = match stream.plugin {
-            Plugin::Pgoutput => peek_pgoutput(client, stream, endpos).await,
-            Plugin::Wal2json => peek_wal2json(client, stream, endpos).await,
+            Plugin::Pgoutput => peek_pgoutput(client, &stream, endpos, tally.clone())
+                .await
+                .map(|with_slot| (None, Some(with_slot))),
+            Plugin::Wal2json => peek_wal2json(client, &stream, endpos)
+                .await
+                .map(|leak| (leak, None)),
         };
         match peeked {
             // The receiver that reached endpos may hold the slot a moment longer.
@@ -60,18 +98,126 @@ pub async fn check(client: &Client, stream: &StreamRecord, endpos: Lsn) -> Resul
                     pg::describe(&e)
                 ));
             }
-            Ok(leak) => return Ok(leak),
+            Ok(found) => break found,
         }
+    };
+    if let Some(with_slot) = from_slot.1.take() {
+        tally = with_slot;
+    }
+    let mut leak = tally.into_leak(client).await?;
+    if let Some(wal2json) = from_slot.0.take() {
+        leak = Some(match leak {
+            Some(mut l) => {
+                l.transactions += wal2json.transactions;
+                l.changes += wal2json.changes;
+                l.tables.extend(wal2json.tables);
+                l.tables.sort();
+                l.tables.dedup();
+                l
+            }
+            None => wal2json,
+        });
+    }
+    if leak.is_none()
+        && let Some(applied) = state.sentinel()?.applied_lsn
+        && applied > endpos
+    {
+        return Ok(Some(Leak {
+            transactions: 1,
+            changes: 0,
+            tables: vec![format!(
+                "tables no longer known (apply took it before it read endpos; applied through {applied})"
+            )],
+        }));
+    }
+    Ok(leak)
+}
+
+fn spool_reader(dir: &Path) -> Result<Option<SpoolReader>> {
+    if !dir.join("spool.db").exists() {
+        return Ok(None);
+    }
+    SpoolReader::open(dir).map(Some)
+}
+
+/// The changes of transactions committed past `endpos` (apply takes every transaction
+/// committed at or before it), each transaction counted once however often it is read.
+#[derive(Clone, Debug, Default)]
+struct Tally {
+    /// The commit LSNs of the leaked transactions.
+    commits: BTreeSet<Lsn>,
+    changes: usize,
+    relations: BTreeSet<u32>,
+    names: HashMap<u32, String>,
+    /// Inside a transaction past endpos, not yet counted.
+    counting: bool,
+}
+
+impl Tally {
+    fn feed(&mut self, change: &Change, endpos: Lsn) {
+        match change {
+            Change::Begin { final_lsn, .. } => {
+                self.counting = *final_lsn > endpos && self.commits.insert(*final_lsn);
+            }
+            Change::Relation(r) => {
+                self.names.insert(
+                    r.oid,
+                    format!(
+                        "{}.{}",
+                        pg::quote_ident(&r.schema),
+                        pg::quote_ident(&r.name)
+                    ),
+                );
+            }
+            Change::Insert { relation, .. }
+            | Change::Update { relation, .. }
+            | Change::Delete { relation, .. }
+                if self.counting =>
+            {
+                self.relations.insert(*relation);
+                self.changes += 1;
+            }
+            Change::Truncate { relations, .. } if self.counting => {
+                self.relations.extend(relations.iter().copied());
+                self.changes += 1;
+            }
+            _ => {}
+        }
+    }
+
+    async fn into_leak(self, client: &Client) -> Result<Option<Leak>> {
+        if self.changes == 0 {
+            return Ok(None);
+        }
+        let mut tables = BTreeSet::new();
+        for oid in &self.relations {
+            let name = match self.names.get(oid) {
+                Some(name) => name.clone(),
+                None => client
+                    .query_one("SELECT $1::oid::regclass::text", &[oid])
+                    .await?
+                    .get(0),
+            };
+            tables.insert(name);
+        }
+        // Transactions that changed nothing published (an empty BEGIN/COMMIT) do not count.
+        let transactions = self.commits.len().min(self.changes);
+        Ok(Some(Leak {
+            transactions,
+            changes: self.changes,
+            tables: tables.into_iter().collect(),
+        }))
     }
 }
 
-/// pgoutput (protocol 1): 'B' carries the commit LSN of the transaction that follows; 'I',
-/// 'U', 'D' and 'T' are its changes; 'R' names a relation by oid.
+/// pgoutput (protocol 1), decoded as the spool is: the tally after the spool's, with what the
+/// slot still holds.
 async fn peek_pgoutput(
     client: &Client,
     stream: &StreamRecord,
     endpos: Lsn,
-) -> Result<Option<Leak>, tokio_postgres::Error> {
+    mut tally: Tally,
+) -> Result<Tally, tokio_postgres::Error> {
     let publications = crate::replication::setup::recorded_publications(stream).join(",");
     let rows = client
         .query(
@@ -80,102 +226,17 @@ async fn peek_pgoutput(
             &[&stream.slot, &publications],
         )
         .await?;
-    let messages: Vec<Vec<u8>> = rows.iter().map(|r| r.get(0)).collect();
-    let leaked = leaked_pgoutput(&messages, endpos);
-    if leaked.changes == 0 {
-        return Ok(None);
-    }
-    let mut tables = BTreeSet::new();
-    for oid in &leaked.relations {
-        let name = match leaked.names.get(oid) {
-            Some(name) => name.clone(),
-            None => client
-                .query_one("SELECT $1::oid::regclass::text", &[oid])
-                .await?
-                .get(0),
-        };
-        tables.insert(name);
-    }
-    Ok(Some(Leak {
-        transactions: leaked.transactions,
-        changes: leaked.changes,
-        tables: tables.into_iter().collect(),
-    }))
-}
-
-/// What `leaked_pgoutput` found in the peeked messages.
-#[derive(Debug, Default)]
-struct PgoutputLeak {
-    transactions: usize,
-    changes: usize,
-    relations: BTreeSet<u32>,
-    names: HashMap<u32, String>,
-}
-
-fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// Reads a NUL-terminated string at `at`; returns it and the offset after it.
-fn cstring(bytes: &[u8], at: usize) -> Option<(String, usize)> {
-    let rest = bytes.get(at..)?;
-    let end = rest.iter().position(|&b| b == 0)?;
-    Some((
-        String::from_utf8_lossy(&rest[..end]).into_owned(),
-        at + end + 1,
-    ))
-}
-
-/// The changes of transactions whose commit LSN is past `endpos` (apply takes every
-/// transaction committed at or before it).
-fn leaked_pgoutput(messages: &[Vec<u8>], endpos: Lsn) -> PgoutputLeak {
-    let mut found = PgoutputLeak::default();
-    let mut after_endpos = false;
-    let mut counted = false;
-    for m in messages {
-        match m.first() {
-            Some(b'B') => {
-                let commit = m
-                    .get(1..9)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes)
-                    .unwrap_or(0);
-                after_endpos = commit > endpos.0;
-                counted = false;
+    let mut decoder = StreamDecoder::new(Plugin::Pgoutput);
+    for row in rows {
+        let data: Vec<u8> = row.get(0);
+        // A message this decoder cannot read (a newer protocol's) is left out of the tally.
+        if let Ok(changes) = decoder.decode(bytes::Bytes::from(data)) {
+            for change in &changes {
+                tally.feed(change, endpos);
             }
-            Some(b'R') => {
-                if let Some(oid) = be_u32(m, 1)
-                    && let Some((schema, next)) = cstring(m, 5)
-                    && let Some((table, _)) = cstring(m, next)
-                {
-                    found.names.insert(
-                        oid,
-                        format!("{}.{}", pg::quote_ident(&schema), pg::quote_ident(&table)),
-                    );
-                }
-            }
-            Some(kind @ (b'I' | b'U' | b'D' | b'T')) if after_endpos => {
-                if *kind == b'T' {
-                    // 'T', Int32 number of relations, Int8 options, then their oids.
-                    let count = be_u32(m, 1).unwrap_or(0) as usize;
-                    for i in 0..count {
-                        if let Some(oid) = be_u32(m, 6 + 4 * i) {
-                            found.relations.insert(oid);
-                        }
-                    }
-                } else if let Some(oid) = be_u32(m, 1) {
-                    found.relations.insert(oid);
-                }
-                found.changes += 1;
-                if !counted {
-                    found.transactions += 1;
-                    counted = true;
-                }
-            }
-            _ => {}
         }
     }
-    found
+    Ok(tally)
 }
 
 /// wal2json (format 2): a transaction's rows share its xid, and the peeked row of its commit
@@ -243,62 +304,79 @@ async fn peek_wal2json(
 
 /// The fence leaked: the error for the operator, the fence kept.
 pub fn leaked_error(leak: &Leak, endpos: Lsn, server: &str, again: &str) -> anyhow::Error {
-    anyhow!(
+    anyhow::Error::new(Leaked(format!(
         "the fence leaked: {} on the {server}; those changes are not on the other side. The fence is kept. Find who wrote (a superuser, or a session that turned default_transaction_read_only off) and stop them, then run `{again}` again: it applies what the slot kept, verifies and checks again",
         leak.describe(endpos)
-    )
+    )))
+}
+
+/// The leak check could not run: the fence is kept all the same (nothing says it held).
+pub fn leaked_error_unchecked(e: anyhow::Error, server: &str, again: &str) -> anyhow::Error {
+    anyhow::Error::new(Leaked(format!(
+        "the leak check after endpos could not run ({e:#}); the fence on the {server} is kept: run `{again}` again"
+    )))
+}
+
+/// The typed error of a fence that leaked (or could not be checked): the caller keeps the
+/// fence instead of lifting it.
+#[derive(Debug)]
+pub struct Leaked(String);
+
+impl std::fmt::Display for Leaked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Leaked {}
+
+/// Whether an error (with any context) is a leaked fence.
+pub fn is_leak(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Leaked>().is_some()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn begin(commit: u64) -> Vec<u8> {
-        let mut m = vec![b'B'];
-        m.extend(commit.to_be_bytes());
-        m.extend(0i64.to_be_bytes());
-        m.extend(7u32.to_be_bytes());
-        m
+    fn begin(commit: u64) -> Change {
+        Change::Begin {
+            final_lsn: Lsn(commit),
+            commit_time: 0,
+            xid: 7,
+        }
     }
 
-    fn relation(oid: u32, schema: &str, table: &str) -> Vec<u8> {
-        let mut m = vec![b'R'];
-        m.extend(oid.to_be_bytes());
-        m.extend(schema.as_bytes());
-        m.push(0);
-        m.extend(table.as_bytes());
-        m.push(0);
-        m
-    }
-
-    fn insert(oid: u32) -> Vec<u8> {
-        let mut m = vec![b'I'];
-        m.extend(oid.to_be_bytes());
-        m.push(b'N');
-        m
+    fn insert(relation: u32) -> Change {
+        Change::Insert {
+            relation,
+            new: Vec::new(),
+        }
     }
 
     #[test]
-    fn only_transactions_committed_past_endpos_leak() {
-        let messages = vec![
+    fn only_transactions_committed_past_endpos_leak_and_each_counts_once() {
+        let mut tally = Tally::default();
+        let stream = [
             begin(100),
-            relation(1, "public", "a"),
             insert(1),
-            vec![b'C'],
             begin(200),
             insert(1),
             insert(1),
-            vec![b'C'],
             begin(300),
-            relation(2, "app", "Orders"),
             insert(2),
-            vec![b'C'],
         ];
-        let found = leaked_pgoutput(&messages, Lsn(100));
-        assert_eq!((found.transactions, found.changes), (2, 3));
-        assert_eq!(found.relations, BTreeSet::from([1, 2]));
-        assert_eq!(found.names[&2], "app.\"Orders\"");
-        let none = leaked_pgoutput(&messages, Lsn(300));
+        // Read twice (spooled and still in the slot): counted once.
+        for change in stream.iter().chain(stream[2..5].iter()) {
+            tally.feed(change, Lsn(100));
+        }
+        assert_eq!(tally.commits.len(), 2);
+        assert_eq!(tally.changes, 3);
+        assert_eq!(tally.relations, BTreeSet::from([1, 2]));
+        let mut none = Tally::default();
+        for change in &stream {
+            none.feed(change, Lsn(300));
+        }
         assert_eq!(none.changes, 0);
     }
 }

@@ -116,34 +116,13 @@ pub async fn run(source: &ConnInfo, target: &ConnInfo, opts: &Options) -> Result
     } else {
         None
     };
-    let fenced_side = opts.direction.fenced();
     let switched = match switch_over(opts, source, target, &src, &state).await {
         Ok(switched) => switched,
+        // A leak keeps the fence: lifting it would let the writer go on.
+        Err(e) if leak::is_leak(&e) => return Err(e),
         Err(e) => return Err(lift_after(e, &src, &state, fenced.is_some(), opts).await),
     };
     let window = switched.ready_at.duration_since(window_start);
-    if fenced.is_some() {
-        let stream = state
-            .stream()?
-            .ok_or_else(|| anyhow!("the work dir lost its stream record"))?;
-        match leak::check(&src, &stream, switched.endpos).await {
-            Ok(None) => {}
-            Ok(Some(leaked)) => {
-                return Err(leak::leaked_error(
-                    &leaked,
-                    switched.endpos,
-                    fenced_side,
-                    opts.direction.command(),
-                ));
-            }
-            Err(e) => {
-                return Err(e.context(format!(
-                    "the leak check after endpos could not run; the fence on the {fenced_side} is kept: run `{}` again",
-                    opts.direction.command()
-                )));
-            }
-        }
-    }
     let reverse_stream = if opts.reverse {
         let created = match reverse::setup(target, &opts.dir, &state).await {
             Ok(created) => created,
@@ -349,39 +328,19 @@ pub async fn run_server(
     .await;
     let mut done = Vec::new();
     let mut errors = Vec::new();
+    let mut leaked = false;
     for (p, result) in prepared.iter().zip(switched) {
         match result {
             Ok(s) => done.push((p.name.clone(), s)),
-            Err(e) => errors.push(format!("{e:#}")),
-        }
-    }
-    // The leak check, database by database: a write that landed after the fence keeps it.
-    if errors.is_empty() && opts.fence {
-        for (p, (_, switched)) in prepared.iter().zip(&done) {
-            let stream = p.state.stream()?.ok_or_else(|| {
-                anyhow!("database {}: the work dir lost its stream record", p.name)
-            })?;
-            if let Some(leaked) = leak::check(&p.src, &stream, switched.endpos)
-                .await
-                .map_err(|e| {
-                    e.context(format!(
-                        "database {}: the leak check could not run; every fence is kept",
-                        p.name
-                    ))
-                })?
-            {
-                return Err(leak::leaked_error(
-                    &leaked,
-                    switched.endpos,
-                    "source",
-                    "pgtide cutover",
-                )
-                .context(format!("database {}", p.name)));
+            Err(e) => {
+                leaked |= leak::is_leak(&e);
+                errors.push(format!("{e:#}"));
             }
         }
     }
     if !errors.is_empty() {
-        let lifted = if opts.fence {
+        // A leak keeps every fence: lifting them would let the writer go on.
+        let lifted = if opts.fence && !leaked {
             lift_all(&prepared).await
         } else {
             String::new()
@@ -464,6 +423,18 @@ async fn switch_over(
             humantime::format_duration(args.timeout)
         )
     })??;
+    // Before verify (which would only see a difference, and lift the fence): whatever
+    // committed after endpos on a fenced server got through the fence.
+    if args.fence {
+        let (side, again) = (args.direction.fenced(), args.direction.command());
+        match leak::check(src, state, &args.dir, endpos).await {
+            Ok(None) => {}
+            Ok(Some(leaked)) => return Err(leak::leaked_error(&leaked, endpos, side, again)),
+            Err(e) => {
+                return Err(leak::leaked_error_unchecked(e, side, again));
+            }
+        }
+    }
     let dst = pg::connect(target, Side::Target, "cutover").await?;
     // The filters the migration recorded when it started (invariant 9).
     let filters: Filters = state.recorded_filters()?.unwrap_or_default();
