@@ -246,3 +246,214 @@ async fn the_fence_holds_pgtides_own_role_and_reports_a_superuser_write_after_it
     ]);
     pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
 }
+
+/// PgBouncer in front of the source, run as the postgres OS user (it refuses root); killed
+/// when dropped.
+struct Pooler {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl Pooler {
+    /// Pools database `app` of the server at `port`, in transaction mode.
+    fn start(name: &str, server_port: u16) -> Self {
+        let bin =
+            std::env::var("PGTIDE_PGBOUNCER_BIN").unwrap_or_else(|_| "/usr/sbin/pgbouncer".into());
+        assert!(
+            std::path::Path::new(&bin).exists(),
+            "pgbouncer is not installed at {bin}: run the tests through scripts/test.sh, which installs it"
+        );
+        let dir =
+            std::env::temp_dir().join(format!("pgtide-pgbouncer-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        std::fs::write(
+            dir.join("users.txt"),
+            format!(
+                "\"postgres\" \"{}\"\n\"app_writer\" \"writer-secret\"\n",
+                password()
+            ),
+        )
+        .unwrap();
+        write_ini(&dir, port, server_port);
+        std::process::Command::new("chown")
+            .args(["-R", "postgres:", dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        let child = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", &bin])
+            .arg(dir.join("pgbouncer.ini"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Listening once the port answers.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pgbouncer did not start: see {}",
+                dir.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Pooler { child, dir, port }
+    }
+
+    /// Rewrites pgbouncer.ini with database `app` on the server at `server_port` (read at
+    /// start and at RELOAD).
+    fn point_at(&self, server_port: u16) {
+        write_ini(&self.dir, self.port, server_port);
+    }
+
+    fn uri(&self, user: &str, db: &str) -> String {
+        format!("postgres://{user}@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+fn write_ini(dir: &std::path::Path, port: u16, server_port: u16) {
+    {
+        std::fs::write(
+            dir.join("pgbouncer.ini"),
+            format!(
+                "[databases]\napp = host=127.0.0.1 port={server_port} dbname=app\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {}\nadmin_users = postgres\npool_mode = transaction\n\
+                 logfile = {}\n",
+                port,
+                dir.join("users.txt").display(),
+                dir.join("pgbouncer.log").display()
+            ),
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for Pooler {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill")
+            .args(["-f", &self.dir.join("pgbouncer.ini").display().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn port_of(uri: &str) -> u16 {
+    uri.rsplit_once(':')
+        .unwrap()
+        .1
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// `--pgbouncer … --pgbouncer-reload`: the application, writing through PgBouncer, never sees
+/// an error across the switch: its queries wait while the pooler is paused, and run on the
+/// target after the RELOAD of a pgbouncer.ini already pointing there. Every write it was told
+/// committed is on the target.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_application_waits_in_pgbouncer_across_the_switch() {
+    let source = PrivateServer::start_with("pooler-source", SOURCE_CONF);
+    let target = PrivateServer::start_with("pooler-target", "");
+    for server in [&source, &target] {
+        exec(&server.uri, "CREATE DATABASE app").await;
+        exec(
+            &server.uri,
+            "CREATE ROLE app_writer LOGIN PASSWORD 'writer-secret'",
+        )
+        .await;
+    }
+    let (src, dst) = (db_of(&source, "app"), db_of(&target, "app"));
+    exec(
+        &src,
+        "CREATE TABLE t (id bigserial PRIMARY KEY, v text);
+         INSERT INTO t (v) SELECT 'seed' FROM generate_series(1, 500);
+         GRANT ALL ON t, t_id_seq TO app_writer;",
+    )
+    .await;
+    let pooler = Pooler::start("switch", port_of(&src));
+    let dir = workdir("cutover-pooler");
+    let d = dir.to_str().unwrap();
+    let mut child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "pooler_slot"), &[]);
+    wait_for_status(
+        &["--dir", d, "--source", &src, "--target", &dst],
+        120,
+        &mut child,
+        |json| says_ready(json, "/verdict"),
+    )
+    .await;
+    let app_uri = pooler.uri("app_writer", "app");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let app = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let app = connect(&app_uri).await;
+            let mut committed = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Err(e) = app.batch_execute("INSERT INTO t (v) VALUES ('app')").await {
+                    return Err((committed, e));
+                }
+                committed += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Ok(committed)
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // The new configuration waits in the file until pgtide's RELOAD.
+    pooler.point_at(port_of(&dst));
+    let admin = pooler.uri("postgres", "pgbouncer");
+    let out = pgtide_ok(&[
+        "cutover",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+        "--fence",
+        "--timeout",
+        "60s",
+        "--pgbouncer",
+        &admin,
+        "--pgbouncer-reload",
+    ]);
+    assert!(out.contains("cutover complete"), "{out}");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let committed = match app.await.unwrap() {
+        Ok(committed) => committed,
+        Err((committed, e)) => {
+            panic!("the application saw an error after {committed} writes: {e:?}\n{out}")
+        }
+    };
+    let out = wait_exit(child, 60);
+    assert!(out.status.success(), "{}", text(&out));
+    let on_target = scalar_i64(&dst, "SELECT count(*) FROM t WHERE v = 'app'").await;
+    let on_source = scalar_i64(&src, "SELECT count(*) FROM t WHERE v = 'app'").await;
+    assert_eq!(
+        on_target, committed,
+        "every acknowledged write is on the target"
+    );
+    assert!(
+        on_source > 0 && on_source < committed,
+        "the writes did not move from the source ({on_source}) to the target ({committed})"
+    );
+    pgtide_ok(&[
+        "cutover",
+        "--unfence",
+        "--source",
+        &src,
+        "--target",
+        &dst,
+        "--dir",
+        d,
+    ]);
+    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+}

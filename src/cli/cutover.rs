@@ -37,6 +37,7 @@ pub async fn run(args: CutoverArgs) -> Result<()> {
         refresh_matviews: args.refresh_matviews,
         direction: cutover::Direction::Forward,
         reverse: args.reverse,
+        pgbouncer: super::pgbouncer(&args.pgbouncer)?,
     };
     if !databases.is_empty() {
         if args.reverse {

@@ -30,6 +30,18 @@ pub fn parse_conninfo(value: &str, which: &str) -> Result<ConnInfo> {
         .map_err(|e| e.context(format!("--{which} is not a valid connection string")))
 }
 
+/// `--pgbouncer` and its companions as the cutover engine takes them.
+pub fn pgbouncer(args: &PgbouncerArgs) -> Result<Option<crate::cutover::pooler::PoolerOptions>> {
+    let Some(uri) = &args.pgbouncer else {
+        return Ok(None);
+    };
+    Ok(Some(crate::cutover::pooler::PoolerOptions {
+        admin: parse_conninfo(uri, "pgbouncer")?,
+        database: args.pgbouncer_database.clone(),
+        reload: args.pgbouncer_reload,
+    }))
+}
+
 pub fn load_filters(path: Option<&std::path::Path>) -> Result<Filters> {
     match path {
         Some(p) => Filters::load(p),

@@ -40,6 +40,7 @@ pub async fn rollback(args: RollbackArgs) -> Result<()> {
             timeout: args.timeout,
             verify: args.verify,
             sequence_offset: args.sequence_offset,
+            pgbouncer: super::pgbouncer(&args.pgbouncer)?,
         },
     )
     .await?;

@@ -7,6 +7,7 @@
 
 mod fence;
 mod leak;
+pub mod pooler;
 pub mod reverse;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +39,8 @@ pub struct Options {
     pub direction: Direction,
     /// Create the reverse stream once the target is ready (`cutover --reverse`).
     pub reverse: bool,
+    /// PgBouncer to pause around the switch (`--pgbouncer`).
+    pub pgbouncer: Option<pooler::PoolerOptions>,
 }
 
 /// Which way a switch-over goes, for the messages: which server is fenced, which command
@@ -111,6 +114,41 @@ pub async fn run(source: &ConnInfo, target: &ConnInfo, opts: &Options) -> Result
         reverse::require_logical_target(&dst).await?;
     }
     let window_start = Instant::now();
+    let fencing = Fencing {
+        src,
+        state,
+        slot,
+        window_start,
+    };
+    pooler::around(
+        opts.pgbouncer.as_ref(),
+        opts.timeout,
+        run_fenced(source, target, opts, fencing),
+    )
+    .await
+}
+
+/// What `run` hands to the fenced part of the switch-over.
+struct Fencing {
+    src: Client,
+    state: StateDb,
+    slot: String,
+    window_start: Instant,
+}
+
+/// The switch-over from the fence on (the pooler, if any, is paused).
+async fn run_fenced(
+    source: &ConnInfo,
+    target: &ConnInfo,
+    opts: &Options,
+    fencing: Fencing,
+) -> Result<Report> {
+    let Fencing {
+        src,
+        state,
+        slot,
+        window_start,
+    } = fencing;
     let fenced = if opts.fence {
         Some(fence::fence(&src, &state, &opts.fence_roles).await?)
     } else {
@@ -249,6 +287,22 @@ pub async fn run_server(
     opts: &Options,
     databases: &[ServerDatabaseDir],
 ) -> Result<ServerReport> {
+    let window_start = Instant::now();
+    pooler::around(
+        opts.pgbouncer.as_ref(),
+        opts.timeout,
+        run_server_fenced(source, target, opts, databases, window_start),
+    )
+    .await
+}
+
+async fn run_server_fenced(
+    source: &ConnInfo,
+    target: &ConnInfo,
+    opts: &Options,
+    databases: &[ServerDatabaseDir],
+    window_start: Instant,
+) -> Result<ServerReport> {
     struct Prepared {
         name: String,
         state: StateDb,
@@ -278,6 +332,7 @@ pub async fn run_server(
             opts: Options {
                 dir: db.dir.clone(),
                 fence_roles: opts.fence_roles.clone(),
+                pgbouncer: None,
                 ..*opts
             },
         });
@@ -298,7 +353,6 @@ pub async fn run_server(
             )
         }
     };
-    let window_start = Instant::now();
     let mut fenced = Vec::new();
     if opts.fence {
         for p in &prepared {

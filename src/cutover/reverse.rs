@@ -148,6 +148,8 @@ pub struct RollbackOptions {
     pub timeout: Duration,
     pub verify: VerifyMode,
     pub sequence_offset: i64,
+    /// PgBouncer to pause around the switch back.
+    pub pgbouncer: Option<super::pooler::PoolerOptions>,
 }
 
 /// A completed rollback.
@@ -202,6 +204,7 @@ pub async fn rollback(
         refresh_matviews: false,
         direction: Direction::Reverse,
         reverse: false,
+        pgbouncer: opts.pgbouncer.clone(),
     };
     let switched = super::run(target, source, &reverse).await?;
     let unfenced = super::fence::unfence(&src, &forward).await.map_err(|e| {

@@ -39,6 +39,14 @@ impl Side {
 /// ISO dates, hex bytea, full float precision), so checksums and COPY text agree. A source
 /// session also gets an empty search_path (see [`pin_search_path`]).
 pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Client> {
+    let client = connect_bare(info, side, purpose).await?;
+    set_up_session(&client, side).await?;
+    Ok(client)
+}
+
+/// A connection with no session set-up (no SET, no query): what a server that only speaks
+/// the simple query protocol and knows no settings, PgBouncer's admin console, accepts.
+pub async fn connect_bare(info: &ConnInfo, side: Side, purpose: &str) -> Result<Client> {
     let tls = info.tls_connector()?;
     let config = info.tokio_config("pgtide");
     // connect_timeout bounds the whole connection set-up (as in libpq), not only the TCP
@@ -66,6 +74,11 @@ pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Clien
     })?;
     let label = format!("{} {purpose}", side.name());
     tokio::spawn(drive_connection(connection, label));
+    Ok(client)
+}
+
+/// The session settings of every pgtide connection (invariant 5).
+async fn set_up_session(client: &Client, side: Side) -> Result<()> {
     // `default_transaction_read_only = off`: a cutover's fence makes pgtide's own role
     // read-only too (an application may log in as it); pgtide's own sessions stay writable.
     client
@@ -86,9 +99,9 @@ pub async fn connect(info: &ConnInfo, side: Side, purpose: &str) -> Result<Clien
             )
         })?;
     if side == Side::Source {
-        pin_search_path(&client).await?;
+        pin_search_path(client).await?;
     }
-    Ok(client)
+    Ok(())
 }
 
 /// Sets an empty search_path for the session. Definitions that pgtide reads

@@ -42,6 +42,8 @@ pub struct CutoverArgs {
     /// nothing. The forward slot is dropped once the reverse stream exists.
     #[arg(long, conflicts_with = "unfence")]
     pub reverse: bool,
+    #[command(flatten)]
+    pub pgbouncer: PgbouncerArgs,
     /// Lift the fence of an earlier cutover and exit.
     #[arg(long, conflicts_with = "fence")]
     pub unfence: bool,
@@ -77,6 +79,23 @@ impl ValueEnum for VerifyMode {
     }
 }
 
+/// PgBouncer around a cutover or rollback.
+#[derive(Args, Debug, Clone, Default)]
+pub struct PgbouncerArgs {
+    /// PgBouncer's admin console (postgres://admin@pooler:6432/pgbouncer): PAUSE before the
+    /// fence, so that the application's queries wait in the pooler, RESUME once the switch is
+    /// done (or failed).
+    #[arg(long, env = "PGTIDE_PGBOUNCER_URI", hide_env_values = true)]
+    pub pgbouncer: Option<String>,
+    /// The pooler's database to pause (default: every database of the pooler).
+    #[arg(long, requires = "pgbouncer")]
+    pub pgbouncer_database: Option<String>,
+    /// RELOAD the pooler before RESUME on success: a pgbouncer.ini edited beforehand to point
+    /// at the new server is read then, and the waiting queries run there.
+    #[arg(long, requires = "pgbouncer")]
+    pub pgbouncer_reload: bool,
+}
+
 /// `pgtide rollback`: the cutover undone through the reverse stream.
 #[derive(Args, Debug)]
 pub struct RollbackArgs {
@@ -101,6 +120,8 @@ pub struct RollbackArgs {
     /// Added to every sequence value set on the source from the target's.
     #[arg(long, default_value_t = 0)]
     pub sequence_offset: i64,
+    #[command(flatten)]
+    pub pgbouncer: PgbouncerArgs,
 }
 
 /// `pgtide reverse follow|status`: the reverse stream between cutover and rollback.
