@@ -176,16 +176,7 @@ async fn the_fence_holds_pgtides_own_role_and_reports_a_superuser_write_after_it
     ];
     let failpoint = format!("{CUTOVER_AFTER_ENDPOS}=sleep(6000)");
     let leaking = spawn_pgtide(&cutover, &[("FAILPOINTS", failpoint.as_str())]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let sentinel = pgtide_ok_stdout(&["sentinel", "get", "--dir", d]);
-        let sentinel: serde_json::Value = serde_json::from_str(&sentinel).unwrap();
-        if sentinel["endpos"].is_string() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "endpos never pinned");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_endpos(d, 60).await;
     // The running follow reads endpos every half second: once it has, the write is past the
     // end it applies (one taken before would be reported too, without its table's name).
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;

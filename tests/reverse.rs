@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
+use pgtide::failpoints::CUTOVER_AFTER_ENDPOS;
 use tokio_postgres::error::SqlState;
 
 const CONF: &str = "wal_level = logical\nmax_replication_slots = 8\nmax_wal_senders = 8\n";
@@ -124,6 +125,12 @@ async fn a_cutover_with_a_reverse_stream_rolls_back_with_nothing_lost() {
         &["--fence", "--reverse", "--timeout", "120s"],
     ]
     .concat();
+    // SIGKILLed once fenced with endpos pinned: the rerun finishes the cutover.
+    let failpoint = format!("{CUTOVER_AFTER_ENDPOS}=sleep(20000)");
+    let mut killed = spawn_pgtide(&cutover, &[("FAILPOINTS", failpoint.as_str())]);
+    wait_for_endpos(d, 60).await;
+    killed.kill().unwrap();
+    killed.wait().unwrap();
     let out = pgtide_ok(&cutover);
     assert!(
         out.contains("cutover complete") && out.contains("reverse stream:    slot rev_slot_rev"),
@@ -205,6 +212,11 @@ async fn a_cutover_with_a_reverse_stream_rolls_back_with_nothing_lost() {
     .await;
 
     let rollback = [&["rollback"][..], &servers, &["--timeout", "120s"]].concat();
+    // SIGKILLed once the target is fenced and its endpos pinned: the rerun finishes it.
+    let mut killed = spawn_pgtide(&rollback, &[("FAILPOINTS", failpoint.as_str())]);
+    wait_for_endpos(&format!("{d}/reverse"), 60).await;
+    killed.kill().unwrap();
+    killed.wait().unwrap();
     let out = pgtide_ok(&rollback);
     assert!(
         out.contains("rollback complete") && out.contains("tables identical"),

@@ -20,7 +20,7 @@ use crate::clone::{filters::Filters, sequences};
 use crate::conninfo::ConnInfo;
 use crate::follow::{self, LIVENESS_TIMEOUT};
 use crate::pg::{self, Lsn, Side, catalog};
-use crate::state::{CloneStatus, StateDb};
+use crate::state::{CloneStatus, Phase, StateDb};
 use crate::workdir::WorkDir;
 
 /// What a cutover is asked to do (`pgtide cutover`'s options).
@@ -559,37 +559,53 @@ async fn reach_endpos(
     state: &StateDb,
     endpos: Lsn,
 ) -> Result<()> {
-    match WorkDir::open(dir, "cutover") {
-        Ok(workdir) => {
-            if let Some(status) = state.clone_status()?
-                && status != CloneStatus::Done
-            {
-                bail!(
-                    "the clone in {} is not finished ({status}): resume it with `pgtide clone --follow --resume`, then cut over",
-                    dir.display()
-                );
-            }
-            tracing::info!("no follow is running on this work dir: applying to endpos here");
-            let receiver = follow::start_receiver(source, &workdir)?;
-            follow::apply_until_endpos(source, target, &workdir, receiver).await?;
-            Ok(())
+    let waiting_since = Instant::now();
+    let mut first = true;
+    loop {
+        if state.sentinel()?.reached_endpos == Some(endpos) {
+            return Ok(());
         }
-        Err(_) => {
-            let waiting_since = Instant::now();
-            loop {
-                if state.sentinel()?.reached_endpos == Some(endpos) {
-                    return Ok(());
-                }
-                if let Some(why) = apply_not_running(state, waiting_since.elapsed())? {
+        let not_running = if first {
+            None
+        } else {
+            apply_not_running(state, waiting_since.elapsed())?
+        };
+        // A follow that stopped cleanly at an earlier endpos (a killed cutover's) may still
+        // hold the work dir for a moment while it exits: then apply here. One that stopped
+        // on an error, or was killed, is reported as it is.
+        let stopped_at_earlier_endpos =
+            not_running.is_some() && state.phase()?.phase == Phase::StoppedAtEndpos;
+        if first || stopped_at_earlier_endpos {
+            first = false;
+            if let Ok(workdir) = WorkDir::open(dir, "cutover") {
+                if let Some(status) = state.clone_status()?
+                    && status != CloneStatus::Done
+                {
                     bail!(
-                        "apply is not running, so endpos {endpos} cannot be reached: {why}. Restart it (`pgtide follow` with the same --dir), or run cutover again: with no follow running it applies to endpos itself"
+                        "the clone in {} is not finished ({status}): resume it with `pgtide clone --follow --resume`, then cut over",
+                        dir.display()
                     );
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tracing::info!("no follow is running on this work dir: applying to endpos here");
+                let receiver = follow::start_receiver(source, &workdir)?;
+                follow::apply_until_endpos(source, target, &workdir, receiver).await?;
+                return Ok(());
             }
         }
+        if let Some(why) = not_running
+            && (!stopped_at_earlier_endpos || waiting_since.elapsed() > WORK_DIR_RELEASE)
+        {
+            bail!(
+                "apply is not running, so endpos {endpos} cannot be reached: {why}. Restart it (`pgtide follow` with the same --dir), or run cutover again: with no follow running it applies to endpos itself"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// How long a follow seen stopped may keep the work dir locked (it is exiting) before cutover
+/// gives up waiting for it.
+const WORK_DIR_RELEASE: Duration = Duration::from_secs(15);
 
 /// Why the follow that cutover waits for is not running, if it is not (see
 /// `FollowLiveness::not_running`; a process holding the work dir that never recorded a follow

@@ -318,3 +318,21 @@ pub fn pgbench(port: &str, db: &str, args: &[&str]) -> std::process::Child {
 pub fn source_port() -> String {
     std::env::var("PGTIDE_SOURCE_PORT").expect("PGTIDE_SOURCE_PORT is not set: run scripts/test.sh")
 }
+
+/// Polls `pgtide sentinel get --dir DIR` until endpos is set (a cutover or rollback pinned
+/// it), for `secs` at most.
+pub async fn wait_for_endpos(dir: &str, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let sentinel = pgtide_ok_stdout(&["sentinel", "get", "--dir", dir]);
+        let sentinel: serde_json::Value = serde_json::from_str(&sentinel).unwrap();
+        if sentinel["endpos"].is_string() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "endpos never pinned in {dir}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
