@@ -106,6 +106,15 @@ async fn a_cutover_with_a_reverse_stream_rolls_back_with_nothing_lost() {
     .await;
     let dir = workdir("reverse");
     let d = dir.to_str().unwrap();
+    // check says whether the target can carry a reverse stream.
+    let checked = text(&pgtide(&[
+        "check", "--source", &src, "--target", &dst, "--dir", d,
+    ]));
+    assert!(
+        checked.contains("target reverse stream")
+            && checked.contains("`cutover --reverse` can keep a rollback possible"),
+        "{checked}"
+    );
     let servers = ["--source", &src, "--target", &dst, "--dir", d];
     let mut child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "rev_slot"), &[]);
     // The application writes on the source until the fence ends it.

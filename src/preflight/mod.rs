@@ -73,6 +73,8 @@ pub enum CheckId {
     TargetExtensions,
     TargetRoles,
     TargetTablespaces,
+    /// Whether `cutover --reverse` can decode the target (wal_level = logical).
+    TargetReverseStream,
     TargetEmpty,
     TargetConnections,
     LocalPgDump,
@@ -114,6 +116,7 @@ impl CheckId {
             CheckId::TargetExtensions => "target extensions",
             CheckId::TargetRoles => "target roles",
             CheckId::TargetTablespaces => "target tablespaces",
+            CheckId::TargetReverseStream => "target reverse stream",
             CheckId::TargetEmpty => "target empty",
             CheckId::TargetConnections => "target connections",
             CheckId::LocalPgDump => "local pg_dump",

@@ -36,6 +36,7 @@ pub(super) async fn target_checks(
     privileges_check(r, &row);
     if opts.online {
         replication_origin_check(r, &row);
+        reverse_stream_check(r, dst).await?;
     }
     if let Some(src) = src {
         extensions_check(r, src, dst).await?;
@@ -101,6 +102,26 @@ fn replication_origin_check(r: &mut Report, row: &Row) {
             ),
         );
     }
+}
+
+/// `cutover --reverse` decodes the target's changes for a rollback that loses nothing: it
+/// needs wal_level = logical there, which takes a restart, so it is said now.
+async fn reverse_stream_check(r: &mut Report, dst: &Client) -> Result<()> {
+    let wal_level: String = dst.query_one("SHOW wal_level", &[]).await?.get(0);
+    if wal_level == "logical" {
+        r.ok(
+            CheckId::TargetReverseStream,
+            "wal_level is logical: `cutover --reverse` can keep a rollback possible",
+        );
+    } else {
+        r.ok(
+            CheckId::TargetReverseStream,
+            format!(
+                "wal_level is {wal_level}: `cutover --reverse` (a rollback that loses nothing) would be refused; for it, ALTER SYSTEM SET wal_level = logical on the target and restart it before cutover"
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// Every extension the source uses is available on the target server.
