@@ -159,7 +159,11 @@ mod key {
     /// A reverse stream's echo filter: the replication origin (and its lanes) of the forward
     /// apply, whose transactions on the target are not sent back to the source.
     pub const REVERSE_ECHO_ORIGIN: &str = "reverse.echo_origin";
-    /// JSON of `RollbackRecord`: the rollback finished (the source took the application back).
+    /// JSON of `CompletedSwitch`: the switch-over of this work dir completed (a cutover, or in
+    /// the reverse work dir a rollback's switch); forgotten when its fence is lifted.
+    pub const CUTOVER_COMPLETED: &str = "cutover.completed";
+    /// JSON of `CompletedSwitch`: the rollback's switch is done (the source's fence is lifted,
+    /// or being lifted).
     pub const REVERSE_ROLLED_BACK: &str = "reverse.rolled_back";
     /// The roles a whole-server migration left out (`--exclude-role`), for verify.
     pub const SERVER_EXCLUDED_ROLES: &str = "server.excluded_roles";
@@ -505,10 +509,11 @@ pub struct FencedRole {
     pub previous: Option<String>,
 }
 
-/// A completed rollback, as `status` reports it.
+/// A completed switch-over (a cutover, or a rollback), so that a rerun reports it instead of
+/// switching again under an application already moved.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RollbackRecord {
-    /// The target's position the reverse stream was applied through.
+pub struct CompletedSwitch {
+    /// The endpos the switch-over reached.
     pub endpos: Lsn,
     /// When it completed (unix seconds).
     pub at: i64,
@@ -1396,12 +1401,28 @@ impl StateDb {
 
     /// A rollback completed: the reverse stream reached its endpos and the source's fence was
     /// lifted.
-    pub fn record_rolled_back(&self, record: &RollbackRecord) -> Result<()> {
+    pub fn record_rolled_back(&self, record: &CompletedSwitch) -> Result<()> {
         self.set_meta(key::REVERSE_ROLLED_BACK, &serde_json::to_string(record)?)
     }
 
+    /// The switch-over completed: the application may be on the other side now.
+    pub fn record_completed_switch(&self, record: &CompletedSwitch) -> Result<()> {
+        self.set_meta(key::CUTOVER_COMPLETED, &serde_json::to_string(record)?)
+    }
+
+    /// The completed switch-over, if any (until its fence is lifted with --unfence).
+    pub fn completed_switch(&self) -> Result<Option<CompletedSwitch>> {
+        self.get_json(key::CUTOVER_COMPLETED)
+    }
+
+    /// The fence of a completed switch-over was lifted: the application stays where it was,
+    /// and a later cutover switches again.
+    pub fn forget_completed_switch(&self) -> Result<()> {
+        self.delete_meta(key::CUTOVER_COMPLETED)
+    }
+
     /// The completed rollback, if any.
-    pub fn rolled_back(&self) -> Result<Option<RollbackRecord>> {
+    pub fn rolled_back(&self) -> Result<Option<CompletedSwitch>> {
         self.get_json(key::REVERSE_ROLLED_BACK)
     }
 

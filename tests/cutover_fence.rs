@@ -400,7 +400,7 @@ async fn the_application_waits_in_pgbouncer_across_the_switch() {
     // The new configuration waits in the file until pgtide's RELOAD.
     pooler.point_at(port_of(&dst));
     let admin = pooler.uri("postgres", "pgbouncer");
-    let out = pgtide_ok(&[
+    let cutover = [
         "cutover",
         "--source",
         &src,
@@ -414,7 +414,15 @@ async fn the_application_waits_in_pgbouncer_across_the_switch() {
         "--pgbouncer",
         &admin,
         "--pgbouncer-reload",
-    ]);
+    ];
+    // SIGKILLed with the pooler paused and the source fenced: the application waits in the
+    // pooler; the rerun finds the pooler paused already and finishes the switch.
+    let failpoint = format!("{CUTOVER_AFTER_ENDPOS}=sleep(20000)");
+    let mut killed = spawn_pgtide(&cutover, &[("FAILPOINTS", failpoint.as_str())]);
+    wait_for_endpos(d, 60).await;
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let out = pgtide_ok(&cutover);
     assert!(out.contains("cutover complete"), "{out}");
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

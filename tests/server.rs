@@ -573,3 +573,140 @@ async fn fast_restore_settings_hold_for_every_copy_and_always_go_back() {
     let after = server_settings(&dst("postgres")).await;
     assert_eq!(after, before, "{}", differences(&before, &after));
 }
+
+/// `cutover --reverse` for a whole server (issue 16): one reverse stream per database, the
+/// application writing to the target in two databases while `reverse follow` runs (one
+/// process for both, SIGKILLed once), then one `rollback`: every database on the source
+/// holds what the target had, the source is writable, the target fenced, and `cleanup`
+/// leaves no slot, origin or publication on either server.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_cutover_with_reverse_streams_rolls_back_every_database() {
+    let source = PrivateServer::start_with("server-rev-source", CONF);
+    let target = PrivateServer::start_with("server-rev-target", CONF);
+    let src = |db: &str| uri_of(&source, "postgres", &password(), db);
+    let dst = |db: &str| uri_of(&target, "postgres", &password(), db);
+    let app = |server: &PrivateServer, db: &str| uri_of(server, "app", "app-secret", db);
+    exec(
+        &src("postgres"),
+        "CREATE ROLE app LOGIN PASSWORD 'app-secret'",
+    )
+    .await;
+    for db in ["one", "two"] {
+        exec(&src("postgres"), &format!("CREATE DATABASE {db}")).await;
+        exec(
+            &src(db),
+            "CREATE TABLE t (id bigserial PRIMARY KEY, v text);
+             INSERT INTO t (v) SELECT md5(g::text) FROM generate_series(1, 1000) g;
+             GRANT ALL ON t, t_id_seq TO app;",
+        )
+        .await;
+    }
+    let dir = workdir("server-reverse");
+    let d = dir.to_str().unwrap();
+    let (source_admin, target_admin) = (src("postgres"), dst("postgres"));
+    let servers = [
+        "--source",
+        &source_admin,
+        "--target",
+        &target_admin,
+        "--dir",
+        d,
+    ];
+    let clone = [
+        &[
+            "clone",
+            "--follow",
+            "--all-databases",
+            "--exclude-database",
+            "postgres",
+        ][..],
+        &servers,
+    ]
+    .concat();
+    let mut child = spawn_pgtide(&clone, &[]);
+    wait_for_status(&["--dir", d], 120, &mut child, |json| {
+        says_ready(json, "/total/verdict")
+    })
+    .await;
+    let out = pgtide_ok(&[&["cutover", "--fence", "--reverse"][..], &servers].concat());
+    assert!(
+        out.contains("reverse stream:    one: slot")
+            && out.contains("reverse stream:    two: slot"),
+        "{out}"
+    );
+    let out = wait_exit(child, 60);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let follow = [&["reverse", "follow"][..], &servers].concat();
+    let mut reverse = spawn_pgtide(&follow, &[]);
+    let write = |round: i32| {
+        let (one, two) = (app(&target, "one"), app(&target, "two"));
+        async move {
+            for uri in [one, two] {
+                let client = connect(&uri).await;
+                for i in 0..40 {
+                    client
+                        .batch_execute(&format!(
+                            "INSERT INTO t (v) VALUES ('target {round} {i}');
+                             UPDATE t SET v = v || '+' WHERE id = {};
+                             DELETE FROM t WHERE id = {}",
+                            round * 100 + i + 1,
+                            round * 100 + i + 500
+                        ))
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    };
+    write(1).await;
+    wait_for_status(&["--dir", d], 120, &mut reverse, |json| {
+        ["one", "two"].iter().all(|db| {
+            json.pointer(&format!("/reverse/{db}/verdict"))
+                .and_then(|v| v.as_str())
+                .is_some_and(|v| v.starts_with("ready to roll back"))
+        })
+    })
+    .await;
+    reverse.kill().unwrap();
+    reverse.wait().unwrap();
+    write(2).await;
+    let reverse = spawn_pgtide(&follow, &[]);
+    write(3).await;
+
+    let out = pgtide_ok(&[&["rollback", "--timeout", "120s"][..], &servers].concat());
+    assert!(out.contains("rollback complete for 2 databases"), "{out}");
+    let out = wait_exit(reverse, 60);
+    assert!(out.status.success(), "{}", text(&out));
+    for db in ["one", "two"] {
+        assert_identical(&src(db), &dst(db));
+        connect(&app(&source, db))
+            .await
+            .batch_execute("INSERT INTO t (v) VALUES ('back on the source')")
+            .await
+            .unwrap();
+        let refused = connect(&app(&target, db))
+            .await
+            .batch_execute("INSERT INTO t (v) VALUES ('fenced')")
+            .await
+            .unwrap_err();
+        assert!(format!("{refused:?}").contains("25006"), "{refused:?}");
+    }
+    let again = pgtide_ok(&[&["rollback"][..], &servers].concat());
+    assert!(again.contains("already rolled back"), "{again}");
+    pgtide_ok(&[&["cleanup"][..], &servers].concat());
+    for uri in [src("one"), src("two"), dst("one"), dst("two")] {
+        assert_eq!(
+            scalar_i64(&uri, "SELECT count(*) FROM pg_replication_slots").await,
+            0
+        );
+        assert_eq!(
+            scalar_i64(&uri, "SELECT count(*) FROM pg_replication_origin").await,
+            0
+        );
+        assert_eq!(
+            scalar_i64(&uri, "SELECT count(*) FROM pg_publication").await,
+            0
+        );
+    }
+}

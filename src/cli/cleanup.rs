@@ -17,22 +17,7 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
     let databases = crate::server::databases_of(&args.dir).unwrap_or_default();
     if databases.is_empty() {
         cleanup_dir(&source, &target, &args.dir, args.slot_name).await?;
-        // The reverse stream of `cutover --reverse`: its slot and publication on the target,
-        // its origin on the source.
-        if crate::cutover::reverse::state_of(&args.dir)?.is_some() {
-            print!("reverse stream: ");
-            cleanup_dir(
-                &target,
-                &source,
-                &crate::cutover::reverse::dir_of(&args.dir),
-                None,
-            )
-            .await
-            .map_err(|e| {
-                e.context("cleaning up the reverse stream (rerun cleanup: what is done stays done)")
-            })?;
-        }
-        return Ok(());
+        return cleanup_reverse(&source, &target, &args.dir).await;
     }
     // A whole-server work dir: every database's pipeline, each in its own database.
     if args.slot_name.is_some() {
@@ -66,10 +51,35 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
                 db.name
             ))
         })?;
+        cleanup_reverse(
+            &crate::server::in_database(&source, &db.name),
+            &crate::server::in_database(&target, &db.name),
+            dir,
+        )
+        .await
+        .map_err(|e| e.context(format!("database {}", db.name)))?;
     }
     workdir.state.record_cleaned_up()?;
     workdir.state.set_phase(Phase::Done)?;
     Ok(())
+}
+
+/// The reverse stream of `cutover --reverse`, if any: its slot and publication on the target,
+/// its origin on the source.
+async fn cleanup_reverse(
+    source: &crate::conninfo::ConnInfo,
+    target: &crate::conninfo::ConnInfo,
+    dir: &std::path::Path,
+) -> Result<()> {
+    if crate::cutover::reverse::state_of(dir)?.is_none() {
+        return Ok(());
+    }
+    print!("reverse stream: ");
+    cleanup_dir(target, source, &crate::cutover::reverse::dir_of(dir), None)
+        .await
+        .map_err(|e| {
+            e.context("cleaning up the reverse stream (rerun cleanup: what is done stays done)")
+        })
 }
 
 /// Cleans up one database's migration (the work dir at `dir`).

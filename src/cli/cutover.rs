@@ -40,11 +40,6 @@ pub async fn run(args: CutoverArgs) -> Result<()> {
         pgbouncer: super::pgbouncer(&args.pgbouncer)?,
     };
     if !databases.is_empty() {
-        if args.reverse {
-            anyhow::bail!(
-                "--reverse is for a one-database migration: a whole-server work dir has no reverse stream yet. Cut over without it, or migrate the databases one by one"
-            );
-        }
         let dirs: Vec<cutover::ServerDatabaseDir> = databases
             .into_iter()
             .map(|(db, dir)| cutover::ServerDatabaseDir { name: db.name, dir })
@@ -58,9 +53,25 @@ pub async fn run(args: CutoverArgs) -> Result<()> {
             );
         }
         print_window(report.window, &report.fenced);
-        println!(
-            "Point the application at the target; then `pgtide cleanup` (same --dir) drops every database's slot, publication and origin."
-        );
+        for (name, stream) in &report.reversed {
+            println!(
+                "  reverse stream:    {name}: slot {} on the target{}",
+                stream.slot,
+                stream
+                    .start
+                    .map(|lsn| format!(", from {lsn}"))
+                    .unwrap_or_default()
+            );
+        }
+        if report.reversed.is_empty() {
+            println!(
+                "Point the application at the target; then `pgtide cleanup` (same --dir) drops every database's slot, publication and origin."
+            );
+        } else {
+            println!(
+                "Point the application at the target, and run `pgtide reverse follow` (same --source, --target, --dir) to keep the source in step; `pgtide rollback` moves back with nothing lost, `pgtide cleanup` ends the migration."
+            );
+        }
         return Ok(());
     }
     let report = cutover::run(&source, &target, &opts).await?;

@@ -13,6 +13,31 @@ pub async fn rollback(args: RollbackArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
     if args.unfence {
+        let databases = server_databases(&args.dir)?;
+        if !databases.is_empty() {
+            for db in &databases {
+                let Some(state) = reverse::state_of(&db.dir)? else {
+                    continue;
+                };
+                let dst = pg::connect(
+                    &crate::server::in_database(&target, &db.name),
+                    Side::Target,
+                    "rollback",
+                )
+                .await?;
+                let roles = crate::cutover::unfence_with(&dst, &state).await?;
+                println!(
+                    "fence lifted on the target in database {} for: {}",
+                    db.name,
+                    if roles.is_empty() {
+                        "nobody (no fence was recorded)".into()
+                    } else {
+                        roles.join(", ")
+                    }
+                );
+            }
+            return Ok(());
+        }
         let Some(state) = reverse::state_of(&args.dir)? else {
             bail!(
                 "the work dir {} has no reverse stream, so no rollback fenced the target",
@@ -31,19 +56,19 @@ pub async fn rollback(args: RollbackArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let outcome = reverse::rollback(
-        &source,
-        &target,
-        &RollbackOptions {
-            dir: args.dir,
-            fence_roles: args.fence_roles,
-            timeout: args.timeout,
-            verify: args.verify,
-            sequence_offset: args.sequence_offset,
-            pgbouncer: super::pgbouncer(&args.pgbouncer)?,
-        },
-    )
-    .await?;
+    let opts = RollbackOptions {
+        dir: args.dir.clone(),
+        fence_roles: args.fence_roles,
+        timeout: args.timeout,
+        verify: args.verify,
+        sequence_offset: args.sequence_offset,
+        pgbouncer: super::pgbouncer(&args.pgbouncer)?,
+    };
+    let databases = server_databases(&args.dir)?;
+    if !databases.is_empty() {
+        return rollback_server(&source, &target, &opts, &databases).await;
+    }
+    let outcome = reverse::rollback(&source, &target, &opts).await?;
     let report = match outcome {
         Rollback::Completed(report) => report,
         Rollback::AlreadyDone(done) => {
@@ -92,11 +117,43 @@ pub async fn rollback(args: RollbackArgs) -> Result<()> {
 pub async fn follow(args: ReverseFollowArgs) -> Result<()> {
     let source = super::parse_conninfo(&args.endpoints.source, "source")?;
     let target = super::parse_conninfo(&args.endpoints.target, "target")?;
-    let forward = crate::state::StateDb::open_in_dir(&args.dir)?;
-    if reverse::state_of(&args.dir)?.is_none() {
+    let databases = server_databases(&args.dir)?;
+    if databases.is_empty() {
+        return follow_one(&source, &target, &args.dir, args.apply_jobs).await;
+    }
+    // A whole server: one reverse follow per database in this process; the first to fail
+    // stops the others (a rerun continues every one exactly where it stopped).
+    let mut running = Vec::new();
+    for db in &databases {
+        let (source, target) = (
+            crate::server::in_database(&source, &db.name),
+            crate::server::in_database(&target, &db.name),
+        );
+        let (dir, name) = (db.dir.clone(), db.name.clone());
+        let jobs = args.apply_jobs;
+        running.push(async move {
+            follow_one(&source, &target, &dir, jobs)
+                .await
+                .map_err(|e| e.context(format!("database {name}")))
+        });
+    }
+    futures_util::future::try_join_all(running).await?;
+    Ok(())
+}
+
+/// One database's reverse follow.
+async fn follow_one(
+    source: &crate::conninfo::ConnInfo,
+    target: &crate::conninfo::ConnInfo,
+    dir: &std::path::Path,
+    apply_jobs: Option<usize>,
+) -> Result<()> {
+    let (source, target) = (source.clone(), target.clone());
+    let forward = crate::state::StateDb::open_in_dir(dir)?;
+    if reverse::state_of(dir)?.is_none() {
         bail!(
             "the work dir {} has no reverse stream: run `pgtide cutover --reverse` first",
-            args.dir.display()
+            dir.display()
         );
     }
     {
@@ -104,14 +161,14 @@ pub async fn follow(args: ReverseFollowArgs) -> Result<()> {
         let dst = pg::connect(&target, Side::Target, "reverse follow").await?;
         reverse::check_servers(&src, &dst, &forward).await?;
     }
-    let workdir = WorkDir::open(&reverse::dir_of(&args.dir), "reverse follow")?;
+    let workdir = WorkDir::open(&reverse::dir_of(dir), "reverse follow")?;
     if let Some(done) = workdir.state.rolled_back()? {
         bail!(
             "the rollback is done (the reverse stream was applied through {}): there is nothing left to follow; `pgtide cleanup` removes the streams",
             done.endpos
         );
     }
-    match args.apply_jobs {
+    match apply_jobs {
         Some(0) => bail!("--apply-jobs must be at least 1"),
         Some(jobs) => workdir.state.record_apply_jobs(jobs)?,
         None => {}
@@ -131,6 +188,10 @@ pub async fn follow(args: ReverseFollowArgs) -> Result<()> {
 
 /// `reverse status`: the status of the reverse work dir, its servers swapped.
 pub async fn status(args: StatusArgs) -> Result<()> {
+    // A whole server: its status, which has each database's reverse stream.
+    if !server_databases(&args.dir)?.is_empty() {
+        return super::status::run(args).await;
+    }
     let Some(state) = reverse::state_of(&args.dir)? else {
         bail!(
             "the work dir {} has no reverse stream: `pgtide cutover --reverse` creates it",
@@ -153,4 +214,60 @@ pub async fn status(args: StatusArgs) -> Result<()> {
         ..args
     })
     .await
+}
+
+/// The databases of a whole-server work dir (empty for one database), as cutover takes them.
+fn server_databases(dir: &std::path::Path) -> Result<Vec<crate::cutover::ServerDatabaseDir>> {
+    Ok(crate::server::databases_of(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(db, dir)| crate::cutover::ServerDatabaseDir { name: db.name, dir })
+        .collect())
+}
+
+async fn rollback_server(
+    source: &crate::conninfo::ConnInfo,
+    target: &crate::conninfo::ConnInfo,
+    opts: &RollbackOptions,
+    databases: &[crate::cutover::ServerDatabaseDir],
+) -> Result<()> {
+    let report = match reverse::rollback_server(source, target, opts, databases).await? {
+        reverse::ServerRollback::Completed(report) => report,
+        reverse::ServerRollback::AlreadyDone => {
+            println!(
+                "already rolled back: every database's reverse stream was applied (nothing changed by this run)"
+            );
+            return Ok(());
+        }
+    };
+    println!(
+        "rollback complete for {} databases",
+        report.switched.databases.len()
+    );
+    for (name, done) in &report.switched.databases {
+        println!(
+            "  {name}: target endpos {}, applied through {} on the source, {} sequences set; verify: {}",
+            done.endpos, done.applied, done.sequences, done.verdict
+        );
+    }
+    println!(
+        "  write downtime:    {:.1} s (target fenced → source writable)",
+        report.window.as_secs_f64()
+    );
+    println!(
+        "  target:            roles {} stay read-only on the target (lift with `pgtide rollback --unfence`)",
+        report.switched.fenced.join(", ")
+    );
+    println!(
+        "  source:            writable again for {}",
+        if report.unfenced.is_empty() {
+            "every role (no fence was recorded)".into()
+        } else {
+            report.unfenced.join(", ")
+        }
+    );
+    println!(
+        "Point the application back at the source; then `pgtide cleanup` (same --dir) drops the slots, publications and origins on both servers."
+    );
+    Ok(())
 }

@@ -40,10 +40,27 @@ pub async fn run(args: StatusArgs) -> Result<()> {
             (json.to_string(), text)
         } else {
             let report = status::collect_server(&databases, &servers).await?;
-            (
-                serde_json::to_string(&report)?,
-                status::render_server(&args.dir, &report),
-            )
+            let mut json = serde_json::to_value(&report)?;
+            let mut text = status::render_server(&args.dir, &report);
+            // After `cutover --reverse`: each database's reverse stream.
+            for (db, dir) in &databases {
+                let in_db = |info: &Option<crate::conninfo::ConnInfo>| {
+                    info.as_ref()
+                        .map(|info| crate::server::in_database(info, &db.name))
+                };
+                let servers = Servers {
+                    source: in_db(&servers.source),
+                    target: in_db(&servers.target),
+                };
+                if let Some(reverse) = reverse_status(dir, &servers).await? {
+                    text.push_str(&format!(
+                        "reverse stream of {} (target → source): {}\n",
+                        db.name, reverse.1
+                    ));
+                    json["reverse"][&db.name] = reverse.0;
+                }
+            }
+            (json.to_string(), text)
         };
         let mut out = std::io::stdout().lock();
         if args.json {

@@ -20,7 +20,7 @@ use crate::clone::{filters::Filters, sequences};
 use crate::conninfo::ConnInfo;
 use crate::follow::{self, LIVENESS_TIMEOUT};
 use crate::pg::{self, Lsn, Side, catalog};
-use crate::state::{CloneStatus, Phase, StateDb};
+use crate::state::{CloneStatus, CompletedSwitch, Phase, StateDb};
 use crate::workdir::WorkDir;
 
 /// What a cutover is asked to do (`pgtide cutover`'s options).
@@ -83,13 +83,18 @@ pub enum VerifyMode {
 pub async fn lift_fence(source: &ConnInfo, dir: &Path) -> Result<Vec<String>> {
     let state = StateDb::open_in_dir(dir)?;
     let src = pg::connect(source, Side::Source, "cutover").await?;
-    fence::unfence(&src, &state).await
+    let roles = fence::unfence(&src, &state).await?;
+    // The application stays on (or goes back to) the source: a later cutover switches again.
+    state.forget_completed_switch()?;
+    Ok(roles)
 }
 
 /// Lifts a fence recorded in `state` on the server `client` is connected to (a rollback's
 /// fence on the target: `rollback --unfence`).
 pub async fn unfence_with(client: &Client, state: &StateDb) -> Result<Vec<String>> {
-    fence::unfence(client, state).await
+    let roles = fence::unfence(client, state).await?;
+    state.forget_completed_switch()?;
+    Ok(roles)
 }
 
 /// Runs the cutover: fence (if asked), endpos, sequences, verify, the leak check, and with
@@ -107,7 +112,13 @@ pub async fn run(source: &ConnInfo, target: &ConnInfo, opts: &Options) -> Result
     if opts.direction == Direction::Forward
         && let Some(reverse_state) = reverse::state_of(&opts.dir)?
     {
-        return already_reversed(&state, &reverse_state, slot);
+        refuse_rolled_back(&reverse_state)?;
+        // Set up by a run killed before it dropped the forward stream, or completed.
+        drop_forward_stream(source, &slot).await;
+        return already_done(&state, Some(&reverse_state), slot);
+    }
+    if state.completed_switch()?.is_some() {
+        return already_done(&state, None, slot);
     }
     if opts.reverse {
         let dst = pg::connect(target, Side::Target, "cutover").await?;
@@ -171,18 +182,15 @@ async fn run_fenced(
                 return Err(lift_after(e, &src, &state, fenced.is_some(), opts).await);
             }
         };
-        // The forward stream is finished: its slot would keep the source's WAL (the reverse
-        // stream's writes included) for as long as the rollback stays possible.
-        match crate::replication::setup::drop_stream(source, &slot).await {
-            Ok(_) => tracing::info!("the forward stream's slot {slot} and publication dropped"),
-            Err(e) => tracing::warn!(
-                "cannot drop the forward stream's slot {slot} ({e:#}); `pgtide cleanup` drops it later"
-            ),
-        }
+        drop_forward_stream(source, &slot).await;
         Some(created)
     } else {
         None
     };
+    state.record_completed_switch(&CompletedSwitch {
+        endpos: switched.endpos,
+        at: crate::state::now() as i64,
+    })?;
     let (fenced, superusers_left) = fenced
         .map(|f| (f.roles, f.superusers_left))
         .unwrap_or_default();
@@ -196,18 +204,55 @@ async fn run_fenced(
     })
 }
 
-/// A cutover run again after it completed with `--reverse` (the forward slot is gone): the
-/// recorded outcome, nothing changed.
-fn already_reversed(state: &StateDb, reverse_state: &StateDb, slot: String) -> Result<Report> {
-    let sentinel = state.sentinel()?;
-    let endpos = sentinel.reached_endpos.unwrap_or_default();
-    let reverse = reverse_state
-        .stream()?
-        .map(|stream| reverse::ReverseStream {
-            slot: stream.slot,
-            start: stream.startpos,
-            created: false,
-        });
+/// Drops the forward stream once the reverse one exists: finished, its slot would keep the
+/// source's WAL (the reverse stream's writes included) for as long as a rollback stays
+/// possible. A failure is only warned about (`cleanup` drops it later).
+async fn drop_forward_stream(source: &ConnInfo, slot: &str) {
+    match crate::replication::setup::drop_stream(source, slot).await {
+        Ok(true) => tracing::info!("the forward stream's slot {slot} and publication dropped"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(
+            "cannot drop the forward stream's slot {slot} ({e:#}); `pgtide cleanup` drops it later"
+        ),
+    }
+}
+
+/// A cutover whose reverse stream was drained by a rollback cannot run again: the source has
+/// the application back and the forward stream is gone.
+fn refuse_rolled_back(reverse_state: &StateDb) -> Result<()> {
+    if let Some(done) = reverse_state.rolled_back()? {
+        bail!(
+            "this migration was rolled back (through the target's {}): the source has the application again and the forward stream is gone. To migrate again, start anew: `pgtide cleanup`, then `clone --follow` with a new --dir",
+            done.endpos
+        );
+    }
+    Ok(())
+}
+
+/// A switch-over run again after it completed (recorded, or its reverse stream set up): the
+/// recorded outcome, nothing changed. Its sequences are not set again: the application may
+/// already use them on the other side.
+fn already_done(state: &StateDb, reverse_state: Option<&StateDb>, slot: String) -> Result<Report> {
+    let endpos = match state.completed_switch()? {
+        Some(done) => done.endpos,
+        None => state.sentinel()?.reached_endpos.unwrap_or_default(),
+    };
+    if state.completed_switch()?.is_none() {
+        state.record_completed_switch(&CompletedSwitch {
+            endpos,
+            at: crate::state::now() as i64,
+        })?;
+    }
+    let reverse = match reverse_state {
+        Some(reverse_state) => reverse_state
+            .stream()?
+            .map(|stream| reverse::ReverseStream {
+                slot: stream.slot,
+                start: stream.startpos,
+                created: false,
+            }),
+        None => None,
+    };
     Ok(Report {
         slot,
         window: Duration::ZERO,
@@ -224,7 +269,9 @@ fn already_reversed(state: &StateDb, reverse_state: &StateDb, slot: String) -> R
             sequences: 0,
             refreshed: None,
             ready_at: Instant::now(),
-            verdict: "already cut over earlier (this run changed nothing)".into(),
+            verdict:
+                "already done earlier (this run changed nothing; `--unfence` first to switch again)"
+                    .into(),
         },
         reverse,
     })
@@ -246,7 +293,8 @@ async fn lift_after(
                 roles.join(", ")
             ),
             Err(u) => format!(
-                " Lifting the fence FAILED ({u:#}): run `pgtide cutover --unfence` with the same --dir."
+                " Lifting the fence FAILED ({u:#}): run `{} --unfence` with the same --dir.",
+                opts.direction.command()
             ),
         }
     } else {
@@ -275,6 +323,8 @@ pub struct ServerReport {
     pub fenced: Vec<String>,
     /// Each database's switch-over, in the order given.
     pub databases: Vec<(String, Switched)>,
+    /// Each database's reverse stream (`--reverse`).
+    pub reversed: Vec<(String, reverse::ReverseStream)>,
 }
 
 /// The cutover of a whole-server migration: the application roles fenced in every migrated
@@ -312,8 +362,26 @@ async fn run_server_fenced(
         opts: Options,
     }
     let mut prepared = Vec::new();
+    // Databases an interrupted `cutover --reverse` finished (their reverse stream exists).
+    let mut finished = Vec::new();
     for db in databases {
         let state = StateDb::open_in_dir(&db.dir)?;
+        let reverse_state = match opts.direction {
+            Direction::Forward => reverse::state_of(&db.dir)?,
+            Direction::Reverse => None,
+        };
+        if let Some(reverse_state) = &reverse_state {
+            refuse_rolled_back(reverse_state)
+                .map_err(|e| e.context(format!("database {}", db.name)))?;
+            let source = crate::server::in_database(source, &db.name);
+            drop_forward_stream(&source, &state.stream_slot()?.unwrap_or_default()).await;
+        }
+        if reverse_state.is_some() || state.completed_switch()?.is_some() {
+            let slot = state.stream_slot()?.unwrap_or_default();
+            let report = already_done(&state, reverse_state.as_ref(), slot)?;
+            finished.push((db.name.clone(), report.switched, report.reverse));
+            continue;
+        }
         if state.stream_slot()?.is_none() {
             bail!(
                 "database {}'s work dir {} has no change stream: cutover follows `clone --follow --all-databases`",
@@ -337,6 +405,13 @@ async fn run_server_fenced(
             },
         });
     }
+    if opts.reverse
+        && let Some(first) = prepared.first()
+    {
+        let dst = pg::connect(&first.target, Side::Target, "cutover").await?;
+        reverse::require_logical_target(&dst).await?;
+    }
+    let what = opts.direction.command();
     let lift_all = async |prepared: &[Prepared]| -> String {
         let mut failed = Vec::new();
         for p in prepared {
@@ -348,7 +423,7 @@ async fn run_server_fenced(
             " Every fence is lifted.".to_string()
         } else {
             format!(
-                " Lifting the fence FAILED in {}: run `pgtide cutover --unfence` with the same --dir.",
+                " Lifting the fence FAILED in {}: run `{what} --unfence` with the same --dir.",
                 failed.join("; ")
             )
         }
@@ -367,7 +442,7 @@ async fn run_server_fenced(
                 Err(e) => {
                     let lifted = lift_all(&prepared).await;
                     return Err(e.context(format!(
-                        "cutover failed while fencing database {}.{lifted}",
+                        "{what} failed while fencing database {}.{lifted}",
                         p.name
                     )));
                 }
@@ -400,7 +475,7 @@ async fn run_server_fenced(
             String::new()
         };
         bail!(
-            "cutover failed: {}.{lifted} The slots keep the changes; fix the cause and run cutover again.",
+            "`{what}` failed: {}.{lifted} The slots keep the changes; fix the cause and run it again.",
             errors.join("; ")
         );
     }
@@ -409,10 +484,41 @@ async fn run_server_fenced(
         .map(|(_, s)| s.ready_at)
         .max()
         .unwrap_or(window_start);
+    let mut reversed = Vec::new();
+    if opts.reverse {
+        for p in &prepared {
+            match reverse::setup(&p.target, &p.opts.dir, &p.state).await {
+                Ok(stream) => reversed.push((p.name.clone(), stream)),
+                Err(e) => {
+                    let lifted = lift_all(&prepared).await;
+                    return Err(e.context(format!(
+                        "the target is ready, but database {}'s reverse stream could not be set up.{lifted} Run cutover again",
+                        p.name
+                    )));
+                }
+            }
+        }
+        for p in &prepared {
+            drop_forward_stream(&p.source, &p.state.stream_slot()?.unwrap_or_default()).await;
+        }
+    }
+    for (p, (_, switched)) in prepared.iter().zip(&done) {
+        p.state.record_completed_switch(&CompletedSwitch {
+            endpos: switched.endpos,
+            at: crate::state::now() as i64,
+        })?;
+    }
+    for (name, switched, stream) in finished {
+        done.push((name.clone(), switched));
+        if let Some(stream) = stream {
+            reversed.push((name, stream));
+        }
+    }
     Ok(ServerReport {
         window: ready.duration_since(window_start),
         fenced,
         databases: done,
+        reversed,
     })
 }
 

@@ -84,6 +84,11 @@ impl Pooler {
                 tracing::info!("PgBouncer paused{}", pooler.target);
                 Ok(pooler)
             }
+            // Left paused by a run that was killed: the rerun goes on from there.
+            Ok(Err(e)) if format!("{e:#}").contains("already suspended/paused") => {
+                tracing::info!("PgBouncer was paused already (by an interrupted run)");
+                Ok(pooler)
+            }
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 // A second session: the first is still waiting for its PAUSE.

@@ -21,7 +21,7 @@ use crate::apply;
 use crate::conninfo::ConnInfo;
 use crate::pg::{self, Lsn, Side};
 use crate::replication::{Plugin, setup};
-use crate::state::{RollbackRecord, StateDb};
+use crate::state::{CompletedSwitch, StateDb};
 use crate::workdir::WorkDir;
 
 /// The reverse stream's work dir, inside the migration's.
@@ -167,7 +167,7 @@ pub enum Rollback {
     Completed(Box<RollbackReport>),
     /// An earlier run completed it: nothing was changed (the source may have taken writes
     /// since, so it is not compared again).
-    AlreadyDone(RollbackRecord),
+    AlreadyDone(CompletedSwitch),
 }
 
 /// Rolls the migration back: the target fenced, the reverse stream drained to the target's
@@ -185,11 +185,12 @@ pub async fn rollback(
             opts.dir.display()
         );
     };
+    let src = pg::connect(source, Side::Source, "rollback").await?;
     if let Some(done) = reverse_state.rolled_back()? {
+        // A run killed while it lifted the source's fence: finish that (idempotent).
+        super::fence::unfence(&src, &forward).await?;
         return Ok(Rollback::AlreadyDone(done));
     }
-    drop(reverse_state);
-    let src = pg::connect(source, Side::Source, "rollback").await?;
     let dst = pg::connect(target, Side::Target, "rollback").await?;
     check_servers(&src, &dst, &forward).await?;
     drop(dst);
@@ -204,21 +205,149 @@ pub async fn rollback(
         refresh_matviews: false,
         direction: Direction::Reverse,
         reverse: false,
-        pgbouncer: opts.pgbouncer.clone(),
+        // Around the whole rollback, the source's fence lifted included.
+        pgbouncer: None,
     };
-    let switched = super::run(target, source, &reverse).await?;
-    let unfenced = super::fence::unfence(&src, &forward).await.map_err(|e| {
-        e.context("the target is fenced and the source holds every change, but lifting the source's fence failed: run `pgtide cutover --unfence` (same --dir)")
-    })?;
-    let window = started.elapsed();
-    let reverse_state = StateDb::open_in_dir(&reverse.dir)?;
-    reverse_state.record_rolled_back(&RollbackRecord {
-        endpos: switched.switched.endpos,
-        at: crate::state::now() as i64,
-    })?;
+    let back = async {
+        let switched = super::run(target, source, &reverse).await?;
+        // Recorded before the source's fence is lifted: a rerun only finishes the unfence.
+        reverse_state.record_rolled_back(&CompletedSwitch {
+            endpos: switched.switched.endpos,
+            at: crate::state::now() as i64,
+        })?;
+        let unfenced = super::fence::unfence(&src, &forward).await.map_err(|e| {
+            e.context("the target is fenced and the source holds every change, but lifting the source's fence failed: run `pgtide rollback` again (same --dir)")
+        })?;
+        Ok((switched, unfenced))
+    };
+    let (switched, unfenced) =
+        super::pooler::around(opts.pgbouncer.as_ref(), opts.timeout, back).await?;
     Ok(Rollback::Completed(Box::new(RollbackReport {
         switched,
         unfenced,
-        window,
+        window: started.elapsed(),
+    })))
+}
+
+/// A completed whole-server rollback.
+pub struct ServerRollbackReport {
+    /// The reverse direction's switch-over of every database not rolled back before.
+    pub switched: super::ServerReport,
+    /// The source roles that can write again (in any database).
+    pub unfenced: Vec<String>,
+    /// From the first target fence to the last source fence lifted.
+    pub window: Duration,
+}
+
+/// What a whole-server `rollback` did.
+pub enum ServerRollback {
+    Completed(Box<ServerRollbackReport>),
+    /// Every database was rolled back by an earlier run: nothing was changed.
+    AlreadyDone,
+}
+
+/// The rollback of a whole-server migration: every database's target fenced, its reverse
+/// stream drained, its source sequences set and verified, as one switch-over of the server
+/// (`run_server` the other way); then every database's source fence lifted. A database an
+/// interrupted run finished is left as it is.
+pub async fn rollback_server(
+    source: &ConnInfo,
+    target: &ConnInfo,
+    opts: &RollbackOptions,
+    databases: &[super::ServerDatabaseDir],
+) -> Result<ServerRollback> {
+    let mut pending = Vec::new();
+    for db in databases {
+        let Some(reverse_state) = state_of(&db.dir)? else {
+            bail!(
+                "database {} has no reverse stream: a rollback needs a cutover run with --reverse",
+                db.name
+            );
+        };
+        if reverse_state.rolled_back()?.is_some() {
+            // A run killed while it lifted the source's fences: finish that (idempotent).
+            let src = pg::connect(
+                &crate::server::in_database(source, &db.name),
+                Side::Source,
+                "rollback",
+            )
+            .await?;
+            super::fence::unfence(&src, &StateDb::open_in_dir(&db.dir)?).await?;
+        } else {
+            let forward = StateDb::open_in_dir(&db.dir)?;
+            let src = pg::connect(
+                &crate::server::in_database(source, &db.name),
+                Side::Source,
+                "rollback",
+            )
+            .await?;
+            let dst = pg::connect(
+                &crate::server::in_database(target, &db.name),
+                Side::Target,
+                "rollback",
+            )
+            .await?;
+            check_servers(&src, &dst, &forward).await?;
+            pending.push(super::ServerDatabaseDir {
+                name: db.name.clone(),
+                dir: dir_of(&db.dir),
+            });
+        }
+    }
+    if pending.is_empty() {
+        return Ok(ServerRollback::AlreadyDone);
+    }
+    let started = Instant::now();
+    let reverse = Options {
+        dir: opts.dir.clone(),
+        fence: true,
+        fence_roles: opts.fence_roles.clone(),
+        timeout: opts.timeout,
+        verify: opts.verify,
+        sequence_offset: opts.sequence_offset,
+        refresh_matviews: false,
+        direction: Direction::Reverse,
+        reverse: false,
+        // Around the whole rollback, the source's fence lifted included.
+        pgbouncer: None,
+    };
+    let back = async {
+        let switched = super::run_server(target, source, &reverse, &pending).await?;
+        // Every database recorded first: a rerun only finishes the unfences.
+        for (db, (_, done)) in pending.iter().zip(&switched.databases) {
+            StateDb::open_in_dir(&db.dir)?.record_rolled_back(&CompletedSwitch {
+                endpos: done.endpos,
+                at: crate::state::now() as i64,
+            })?;
+        }
+        let mut unfenced: Vec<String> = Vec::new();
+        for db in &pending {
+            let forward = StateDb::open_in_dir(db.dir.parent().unwrap_or(&db.dir))?;
+            let src = pg::connect(
+                &crate::server::in_database(source, &db.name),
+                Side::Source,
+                "rollback",
+            )
+            .await?;
+            let roles = super::fence::unfence(&src, &forward).await.map_err(|e| {
+                e.context(format!(
+                    "database {}: the target is fenced and the source holds every change, but lifting the source's fence failed: run `pgtide rollback` again (same --dir)",
+                    db.name
+                ))
+            })?;
+            for role in roles {
+                if !unfenced.contains(&role) {
+                    unfenced.push(role);
+                }
+            }
+        }
+        Ok((switched, unfenced))
+    };
+    let (switched, unfenced) =
+        super::pooler::around(opts.pgbouncer.as_ref(), opts.timeout, back).await?;
+    Ok(ServerRollback::Completed(Box::new(ServerRollbackReport {
+        switched,
+        unfenced,
+        window: started.elapsed(),
     })))
 }

@@ -158,11 +158,23 @@ async fn apply_and_set_sequences(
     };
     endpos_poller.abort();
     recorder.abort();
+    let mut sequences_set = Ok(());
     if let Ok(applied) = &applied {
         recorder::record_progress(&state, &progress.borrow())?;
         state.set_phase(Phase::StoppedAtEndpos)?;
         state.record_applied_at_endpos(*applied)?;
-        if let Some(endpos) = *stop.endpos.borrow() {
+        let final_progress = *progress.borrow();
+        tracing::info!(
+            "reached endpos: applied through {applied} ({} transactions, {} changes in this run)",
+            final_progress.transactions,
+            final_progress.changes
+        );
+        // Before endpos is recorded as reached: a cutover waiting for it sets the sequences
+        // again and moves the application over, whose nextval a late setval here would undo.
+        sequences_set = set_sequences(source, &clients[0], &state).await;
+        if sequences_set.is_ok()
+            && let Some(endpos) = *stop.endpos.borrow()
+        {
             state.record_reached_endpos(endpos)?;
         }
     }
@@ -170,24 +182,28 @@ async fn apply_and_set_sequences(
     tokio::time::sleep(Duration::from_millis(1200)).await;
     task.abort();
     let applied = applied?;
-    let final_progress = *progress.borrow();
-    tracing::info!(
-        "reached endpos: applied through {applied} ({} transactions, {} changes in this run)",
-        final_progress.transactions,
-        final_progress.changes
-    );
+    sequences_set?;
+    Ok(applied)
+}
+
+/// Sets the target's sequences from the source's, at endpos.
+async fn set_sequences(
+    source: &ConnInfo,
+    target: &tokio_postgres::Client,
+    state: &StateDb,
+) -> Result<()> {
     let source_client = pg::connect(source, Side::Source, "sequences").await?;
     // The migration's recorded filters: a sequence it left out is not on the target.
     let filters = state.recorded_filters()?.unwrap_or_default();
     let seqs = catalog::read_sequences(&source_client, &filters).await?;
     // The offset a cutover asked for (recorded before it pinned endpos), 0 otherwise.
     let offset = state.sequence_offset()?;
-    sequences::set_on_target(&clients[0], &seqs, offset).await?;
+    sequences::set_on_target(target, &seqs, offset).await?;
     tracing::info!(
         "set {} sequences on the target from the source (offset {offset})",
         seqs.len()
     );
-    Ok(applied)
+    Ok(())
 }
 
 /// Apply lanes when the work dir records no `--apply-jobs`.
