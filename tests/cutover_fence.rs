@@ -11,25 +11,14 @@ use tokio_postgres::error::SqlState;
 
 const SOURCE_CONF: &str = "wal_level = logical\nmax_replication_slots = 8\nmax_wal_senders = 8\nmax_prepared_transactions = 4\n";
 
-/// The URI of database `db` on a private server.
-fn db_of(server: &PrivateServer, db: &str) -> String {
-    let base = server.uri.rsplit_once('/').unwrap().0;
-    format!("{base}/{db}")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prepared_transaction_stops_cutover_until_it_is_finished() {
-    let source = PrivateServer::start_with("fence-source", SOURCE_CONF);
-    let target = PrivateServer::start_with("fence-target", "");
-    for server in [&source, &target] {
-        exec(&server.uri, "CREATE DATABASE app").await;
-        exec(
-            &server.uri,
-            "CREATE ROLE app_writer LOGIN PASSWORD 'writer-secret'",
-        )
-        .await;
-    }
-    let (src, dst) = (db_of(&source, "app"), db_of(&target, "app"));
+    let AppServers {
+        source: _source,
+        target: _target,
+        src,
+        dst,
+    } = app_servers("fence", SOURCE_CONF, "", "").await;
     exec(
         &src,
         "CREATE TABLE t (id int PRIMARY KEY, v text);
@@ -39,14 +28,7 @@ async fn a_prepared_transaction_stops_cutover_until_it_is_finished() {
     .await;
     let dir = workdir("cutover-fence");
     let d = dir.to_str().unwrap();
-    let mut child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "fence_slot"), &[]);
-    wait_for_status(
-        &["--dir", d, "--source", &src, "--target", &dst],
-        120,
-        &mut child,
-        |json| says_ready(json, "/verdict"),
-    )
-    .await;
+    let child = clone_follow_until_ready(&src, &dst, d, "fence_slot").await;
 
     exec(
         &src,
@@ -108,18 +90,18 @@ async fn a_prepared_transaction_stops_cutover_until_it_is_finished() {
 /// write too and completes.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_fence_holds_pgtides_own_role_and_reports_a_superuser_write_after_it() {
-    let source = PrivateServer::start_with("leak-source", SOURCE_CONF);
-    let target = PrivateServer::start_with("leak-target", "");
-    for server in [&source, &target] {
-        exec(&server.uri, "CREATE DATABASE app").await;
-        exec(
-            &server.uri,
-            "CREATE ROLE app_writer LOGIN PASSWORD 'writer-secret';
-             CREATE ROLE dba SUPERUSER LOGIN PASSWORD 'dba-secret';",
-        )
-        .await;
-    }
-    let (src, dst) = (db_of(&source, "app"), db_of(&target, "app"));
+    let AppServers {
+        source: _source,
+        target: _target,
+        src,
+        dst,
+    } = app_servers(
+        "leak",
+        SOURCE_CONF,
+        "",
+        "CREATE ROLE dba SUPERUSER LOGIN PASSWORD 'dba-secret';",
+    )
+    .await;
     exec(
         &src,
         "CREATE TABLE t (id int PRIMARY KEY, v text);
@@ -129,14 +111,7 @@ async fn the_fence_holds_pgtides_own_role_and_reports_a_superuser_write_after_it
     .await;
     let dir = workdir("cutover-leak");
     let d = dir.to_str().unwrap();
-    let mut child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "leak_slot"), &[]);
-    wait_for_status(
-        &["--dir", d, "--source", &src, "--target", &dst],
-        120,
-        &mut child,
-        |json| says_ready(json, "/verdict"),
-    )
-    .await;
+    let child = clone_follow_until_ready(&src, &dst, d, "leak_slot").await;
 
     // An application logged in as the role pgtide uses, writing until it is stopped.
     let same_role = connect(&src).await;
@@ -162,18 +137,7 @@ async fn the_fence_holds_pgtides_own_role_and_reports_a_superuser_write_after_it
     dba.batch_execute("BEGIN; INSERT INTO t VALUES (9000, 'superuser after the fence')")
         .await
         .unwrap();
-    let cutover = [
-        "cutover",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-        "--fence",
-        "--timeout",
-        "60s",
-    ];
+    let cutover = Args::cutover(&src, &dst, d).args(&["--fence", "--timeout", "60s"]);
     let failpoint = format!("{CUTOVER_AFTER_ENDPOS}=sleep(6000)");
     let leaking = spawn_pgtide(&cutover, &[("FAILPOINTS", failpoint.as_str())]);
     wait_for_endpos(d, 60).await;
@@ -350,17 +314,12 @@ fn port_of(uri: &str) -> u16 {
 /// committed is on the target.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_application_waits_in_pgbouncer_across_the_switch() {
-    let source = PrivateServer::start_with("pooler-source", SOURCE_CONF);
-    let target = PrivateServer::start_with("pooler-target", "");
-    for server in [&source, &target] {
-        exec(&server.uri, "CREATE DATABASE app").await;
-        exec(
-            &server.uri,
-            "CREATE ROLE app_writer LOGIN PASSWORD 'writer-secret'",
-        )
-        .await;
-    }
-    let (src, dst) = (db_of(&source, "app"), db_of(&target, "app"));
+    let AppServers {
+        source: _source,
+        target: _target,
+        src,
+        dst,
+    } = app_servers("pooler", SOURCE_CONF, "", "").await;
     exec(
         &src,
         "CREATE TABLE t (id bigserial PRIMARY KEY, v text);
@@ -371,14 +330,7 @@ async fn the_application_waits_in_pgbouncer_across_the_switch() {
     let pooler = Pooler::start("switch", port_of(&src));
     let dir = workdir("cutover-pooler");
     let d = dir.to_str().unwrap();
-    let mut child = spawn_pgtide(&clone_follow_args(&src, &dst, d, "pooler_slot"), &[]);
-    wait_for_status(
-        &["--dir", d, "--source", &src, "--target", &dst],
-        120,
-        &mut child,
-        |json| says_ready(json, "/verdict"),
-    )
-    .await;
+    let child = clone_follow_until_ready(&src, &dst, d, "pooler_slot").await;
     let app_uri = pooler.uri("app_writer", "app");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let app = {
@@ -400,28 +352,17 @@ async fn the_application_waits_in_pgbouncer_across_the_switch() {
     // The new configuration waits in the file until pgtide's RELOAD.
     pooler.point_at(port_of(&dst));
     let admin = pooler.uri("postgres", "pgbouncer");
-    let cutover = [
-        "cutover",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
+    let cutover = Args::cutover(&src, &dst, d).args(&[
         "--fence",
         "--timeout",
         "60s",
         "--pgbouncer",
         &admin,
         "--pgbouncer-reload",
-    ];
+    ]);
     // SIGKILLed with the pooler paused and the source fenced: the application waits in the
     // pooler; the rerun finds the pooler paused already and finishes the switch.
-    let failpoint = format!("{CUTOVER_AFTER_ENDPOS}=sleep(20000)");
-    let mut killed = spawn_pgtide(&cutover, &[("FAILPOINTS", failpoint.as_str())]);
-    wait_for_endpos(d, 60).await;
-    killed.kill().unwrap();
-    killed.wait().unwrap();
+    kill_after_endpos(&cutover, d).await;
     let out = pgtide_ok(&cutover);
     assert!(out.contains("cutover complete"), "{out}");
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;

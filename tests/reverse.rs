@@ -11,16 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::*;
-use pgtide::failpoints::CUTOVER_AFTER_ENDPOS;
 use tokio_postgres::error::SqlState;
 
 const CONF: &str = "wal_level = logical\nmax_replication_slots = 8\nmax_wal_senders = 8\n";
-
-/// The URI of database `db` on a private server.
-fn db_of(server: &PrivateServer, db: &str) -> String {
-    let base = server.uri.rsplit_once('/').unwrap().0;
-    format!("{base}/{db}")
-}
 
 /// The same server as `uri`, logged in as the application role.
 fn as_app(uri: &str) -> String {
@@ -84,17 +77,12 @@ fn is_read_only(e: &tokio_postgres::Error) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cutover_with_a_reverse_stream_rolls_back_with_nothing_lost() {
-    let source = PrivateServer::start_with("reverse-source", CONF);
-    let target = PrivateServer::start_with("reverse-target", CONF);
-    for server in [&source, &target] {
-        exec(&server.uri, "CREATE DATABASE app").await;
-        exec(
-            &server.uri,
-            "CREATE ROLE app_writer LOGIN PASSWORD 'writer-secret'",
-        )
-        .await;
-    }
-    let (src, dst) = (db_of(&source, "app"), db_of(&target, "app"));
+    let AppServers {
+        source: _source,
+        target: _target,
+        src,
+        dst,
+    } = app_servers("reverse", CONF, CONF, "").await;
     exec(
         &src,
         "CREATE TABLE items (id bigserial PRIMARY KEY, v text, n int NOT NULL DEFAULT 0);
@@ -135,11 +123,7 @@ async fn a_cutover_with_a_reverse_stream_rolls_back_with_nothing_lost() {
     ]
     .concat();
     // SIGKILLed once fenced with endpos pinned: the rerun finishes the cutover.
-    let failpoint = format!("{CUTOVER_AFTER_ENDPOS}=sleep(20000)");
-    let mut killed = spawn_pgtide(&cutover, &[("FAILPOINTS", failpoint.as_str())]);
-    wait_for_endpos(d, 60).await;
-    killed.kill().unwrap();
-    killed.wait().unwrap();
+    kill_after_endpos(&cutover, d).await;
     let out = pgtide_ok(&cutover);
     assert!(
         out.contains("cutover complete") && out.contains("reverse stream:    slot rev_slot_rev"),
@@ -222,10 +206,7 @@ async fn a_cutover_with_a_reverse_stream_rolls_back_with_nothing_lost() {
 
     let rollback = [&["rollback"][..], &servers, &["--timeout", "120s"]].concat();
     // SIGKILLed once the target is fenced and its endpos pinned: the rerun finishes it.
-    let mut killed = spawn_pgtide(&rollback, &[("FAILPOINTS", failpoint.as_str())]);
-    wait_for_endpos(&format!("{d}/reverse"), 60).await;
-    killed.kill().unwrap();
-    killed.wait().unwrap();
+    kill_after_endpos(&rollback, &format!("{d}/reverse")).await;
     let out = pgtide_ok(&rollback);
     assert!(
         out.contains("rollback complete") && out.contains("tables identical"),

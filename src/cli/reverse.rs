@@ -91,27 +91,42 @@ pub async fn rollback(args: RollbackArgs) -> Result<()> {
         done.sequences
     );
     println!("  verify:            {}", done.verdict);
+    print_rollback_end(
+        report.window,
+        &report.switched.fenced,
+        &report.switched.superusers_left,
+        &report.unfenced,
+    );
+    Ok(())
+}
+
+/// The end of a rollback's report: its window and where each server's fence stands.
+fn print_rollback_end(
+    window: std::time::Duration,
+    fenced: &[String],
+    superusers_left: &[String],
+    unfenced: &[String],
+) {
     println!(
         "  write downtime:    {:.1} s (target fenced → source writable)",
-        report.window.as_secs_f64()
+        window.as_secs_f64()
     );
     println!(
         "  target:            roles {} stay read-only on the target (lift with `pgtide rollback --unfence`)",
-        report.switched.fenced.join(", ")
+        fenced.join(", ")
     );
-    super::cutover::print_superusers(&report.switched.superusers_left, "target");
+    super::cutover::print_superusers(superusers_left, "target");
     println!(
         "  source:            writable again for {}",
-        if report.unfenced.is_empty() {
+        if unfenced.is_empty() {
             "every role (no fence was recorded)".into()
         } else {
-            report.unfenced.join(", ")
+            unfenced.join(", ")
         }
     );
     println!(
         "Point the application back at the source; then `pgtide cleanup` (same --dir) drops the slots, publications and origins on both servers."
     );
-    Ok(())
 }
 
 pub async fn follow(args: ReverseFollowArgs) -> Result<()> {
@@ -250,24 +265,11 @@ async fn rollback_server(
             done.endpos, done.applied, done.sequences, done.verdict
         );
     }
-    println!(
-        "  write downtime:    {:.1} s (target fenced → source writable)",
-        report.window.as_secs_f64()
-    );
-    println!(
-        "  target:            roles {} stay read-only on the target (lift with `pgtide rollback --unfence`)",
-        report.switched.fenced.join(", ")
-    );
-    println!(
-        "  source:            writable again for {}",
-        if report.unfenced.is_empty() {
-            "every role (no fence was recorded)".into()
-        } else {
-            report.unfenced.join(", ")
-        }
-    );
-    println!(
-        "Point the application back at the source; then `pgtide cleanup` (same --dir) drops the slots, publications and origins on both servers."
+    print_rollback_end(
+        report.window,
+        &report.switched.fenced,
+        &[],
+        &report.unfenced,
     );
     Ok(())
 }

@@ -152,10 +152,27 @@ pub struct RollbackOptions {
     pub pgbouncer: Option<super::pooler::PoolerOptions>,
 }
 
-/// A completed rollback.
-pub struct RollbackReport {
+/// The switch-over a rollback runs: the target fenced, no reverse stream of its own, and no
+/// pooler (the rollback pauses it around the source's fence lifted too).
+fn reverse_options(opts: &RollbackOptions, dir: PathBuf) -> Options {
+    Options {
+        dir,
+        fence: true,
+        fence_roles: opts.fence_roles.clone(),
+        timeout: opts.timeout,
+        verify: opts.verify,
+        sequence_offset: opts.sequence_offset,
+        refresh_matviews: false,
+        direction: Direction::Reverse,
+        reverse: false,
+        pgbouncer: None,
+    }
+}
+
+/// A completed rollback of one database (`S` = `Report`) or of a server (`ServerReport`).
+pub struct RollbackReport<S> {
     /// The reverse direction's switch-over (endpos on the target, applied on the source).
-    pub switched: super::Report,
+    pub switched: S,
     /// The source roles that can write again.
     pub unfenced: Vec<String>,
     /// From the target's fence to the source's fence lifted.
@@ -164,7 +181,7 @@ pub struct RollbackReport {
 
 /// What `rollback` did.
 pub enum Rollback {
-    Completed(Box<RollbackReport>),
+    Completed(Box<RollbackReport<super::Report>>),
     /// An earlier run completed it: nothing was changed (the source may have taken writes
     /// since, so it is not compared again).
     AlreadyDone(CompletedSwitch),
@@ -195,19 +212,7 @@ pub async fn rollback(
     check_servers(&src, &dst, &forward).await?;
     drop(dst);
     let started = Instant::now();
-    let reverse = Options {
-        dir: dir_of(&opts.dir),
-        fence: true,
-        fence_roles: opts.fence_roles.clone(),
-        timeout: opts.timeout,
-        verify: opts.verify,
-        sequence_offset: opts.sequence_offset,
-        refresh_matviews: false,
-        direction: Direction::Reverse,
-        reverse: false,
-        // Around the whole rollback, the source's fence lifted included.
-        pgbouncer: None,
-    };
+    let reverse = reverse_options(opts, dir_of(&opts.dir));
     let back = async {
         let switched = super::run(target, source, &reverse).await?;
         // Recorded before the source's fence is lifted: a rerun only finishes the unfence.
@@ -229,19 +234,9 @@ pub async fn rollback(
     })))
 }
 
-/// A completed whole-server rollback.
-pub struct ServerRollbackReport {
-    /// The reverse direction's switch-over of every database not rolled back before.
-    pub switched: super::ServerReport,
-    /// The source roles that can write again (in any database).
-    pub unfenced: Vec<String>,
-    /// From the first target fence to the last source fence lifted.
-    pub window: Duration,
-}
-
 /// What a whole-server `rollback` did.
 pub enum ServerRollback {
-    Completed(Box<ServerRollbackReport>),
+    Completed(Box<RollbackReport<super::ServerReport>>),
     /// Every database was rolled back by an earlier run: nothing was changed.
     AlreadyDone,
 }
@@ -298,19 +293,7 @@ pub async fn rollback_server(
         return Ok(ServerRollback::AlreadyDone);
     }
     let started = Instant::now();
-    let reverse = Options {
-        dir: opts.dir.clone(),
-        fence: true,
-        fence_roles: opts.fence_roles.clone(),
-        timeout: opts.timeout,
-        verify: opts.verify,
-        sequence_offset: opts.sequence_offset,
-        refresh_matviews: false,
-        direction: Direction::Reverse,
-        reverse: false,
-        // Around the whole rollback, the source's fence lifted included.
-        pgbouncer: None,
-    };
+    let reverse = reverse_options(opts, opts.dir.clone());
     let back = async {
         let switched = super::run_server(target, source, &reverse, &pending).await?;
         // Every database recorded first: a rerun only finishes the unfences.
@@ -345,7 +328,7 @@ pub async fn rollback_server(
     };
     let (switched, unfenced) =
         super::pooler::around(opts.pgbouncer.as_ref(), opts.timeout, back).await?;
-    Ok(ServerRollback::Completed(Box::new(ServerRollbackReport {
+    Ok(ServerRollback::Completed(Box::new(RollbackReport {
         switched,
         unfenced,
         window: started.elapsed(),

@@ -336,3 +336,28 @@ pub async fn wait_for_endpos(dir: &str, secs: u64) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// `clone --follow` from `src` to `dst` in `dir` on `slot`, returned once status says it is
+/// ready to cut over.
+pub async fn clone_follow_until_ready(src: &str, dst: &str, dir: &str, slot: &str) -> PgtideChild {
+    let mut child = spawn_pgtide(&super::clone_follow_args(src, dst, dir, slot), &[]);
+    wait_for_status(
+        &["--dir", dir, "--source", src, "--target", dst],
+        120,
+        &mut child,
+        |json| says_ready(json, "/verdict"),
+    )
+    .await;
+    child
+}
+
+/// Runs pgtide `args` with a sleep at the failpoint after endpos is pinned, and SIGKILLs it
+/// there (fenced, endpos recorded in `dir`): the interrupted cutover or rollback a rerun must
+/// finish.
+pub async fn kill_after_endpos(args: &[&str], dir: &str) {
+    let failpoint = format!("{}=sleep(20000)", pgtide::failpoints::CUTOVER_AFTER_ENDPOS);
+    let mut killed = spawn_pgtide(args, &[("FAILPOINTS", failpoint.as_str())]);
+    wait_for_endpos(dir, 60).await;
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+}

@@ -321,3 +321,46 @@ impl Drop for PrivateServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+impl PrivateServer {
+    /// The URI of database `db` on this server, as its superuser.
+    pub fn db_uri(&self, db: &str) -> String {
+        let base = self.uri.rsplit_once('/').unwrap().0;
+        format!("{base}/{db}")
+    }
+}
+
+/// Two servers of the test's own for an application's migration: each with database `app`,
+/// the role `app_writer` (password `writer-secret`) and whatever `roles` creates.
+pub struct AppServers {
+    pub source: PrivateServer,
+    pub target: PrivateServer,
+    /// Database `app` on each, as the superuser.
+    pub src: String,
+    pub dst: String,
+}
+
+pub async fn app_servers(
+    name: &str,
+    source_conf: &str,
+    target_conf: &str,
+    roles: &str,
+) -> AppServers {
+    let source = PrivateServer::start_with(&format!("{name}-source"), source_conf);
+    let target = PrivateServer::start_with(&format!("{name}-target"), target_conf);
+    for server in [&source, &target] {
+        exec(&server.uri, "CREATE DATABASE app").await;
+        exec(
+            &server.uri,
+            &format!("CREATE ROLE app_writer LOGIN PASSWORD 'writer-secret'; {roles}"),
+        )
+        .await;
+    }
+    let (src, dst) = (source.db_uri("app"), target.db_uri("app"));
+    AppServers {
+        source,
+        target,
+        src,
+        dst,
+    }
+}
