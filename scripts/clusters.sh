@@ -27,6 +27,7 @@ pgtide_install_deps() {
   command -v npm >/dev/null 2>&1 || missing+=("npm")
   command -v openssl >/dev/null 2>&1 || missing+=("openssl")
   [ -x /usr/sbin/pgbouncer ] || missing+=("pgbouncer")
+  command -v chromium >/dev/null 2>&1 || missing+=("chromium")
   python3 -c "import yaml" 2>/dev/null || missing+=("python3-yaml")
   command -v pgbench >/dev/null 2>&1 || [ -x "$PG_BIN/pgbench" ] || missing+=("postgresql-client-$PG_MAJOR")
   if [ ${#missing[@]} -gt 0 ]; then

@@ -94,6 +94,7 @@ fn main() -> std::process::ExitCode {
             Command::Copy(cli::CopyCommand::Roles(args)) => cli::copy::roles(args).await,
             Command::Cutover(args) => cli::cutover::run(args).await,
             Command::Rollback(args) => cli::reverse::rollback(args).await,
+            Command::Serve(args) => cli::status::serve(args).await,
             Command::Reverse(cli::ReverseCommand::Follow(args)) => cli::reverse::follow(args).await,
             Command::Reverse(cli::ReverseCommand::Status(args)) => cli::reverse::status(args).await,
             Command::Status(args) => cli::status::run(args).await,

@@ -509,6 +509,24 @@ pub struct FencedRole {
     pub previous: Option<String>,
 }
 
+/// One point of the recorded time series: what the dashboard's charts and `/api/history`
+/// show, kept across restarts.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HistoryPoint {
+    /// Unix seconds.
+    pub at: f64,
+    pub phase: String,
+    pub lag_bytes: Option<i64>,
+    pub lag_seconds: Option<f64>,
+    pub apply_changes_per_second: Option<f64>,
+    /// WAL the slot keeps on the source, and the limit it may reach (max_slot_wal_keep_size).
+    pub retained_wal_bytes: Option<i64>,
+    pub wal_limit_bytes: Option<i64>,
+    pub spool_bytes: Option<i64>,
+    pub bytes_copied: i64,
+    pub bytes_total: i64,
+}
+
 /// A completed switch-over (a cutover, or a rollback), so that a rerun reports it instead of
 /// switching again under an application already moved.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -725,7 +743,8 @@ impl StateDb {
              CREATE TABLE IF NOT EXISTS follow_process (id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER NOT NULL, started_at REAL NOT NULL, heartbeat_at REAL NOT NULL, stopped_at REAL, last_error TEXT);
              CREATE TABLE IF NOT EXISTS table_sync (table_name TEXT PRIMARY KEY, kind TEXT NOT NULL, stage TEXT NOT NULL, lsn TEXT, generation INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS target_settings (name TEXT PRIMARY KEY, auto_conf TEXT, value_before TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS server_databases (name TEXT PRIMARY KEY, source_oid INTEGER NOT NULL, bytes INTEGER NOT NULL, subdir TEXT NOT NULL, slot TEXT NOT NULL, created_on_target INTEGER NOT NULL DEFAULT 0);",
+             CREATE TABLE IF NOT EXISTS server_databases (name TEXT PRIMARY KEY, source_oid INTEGER NOT NULL, bytes INTEGER NOT NULL, subdir TEXT NOT NULL, slot TEXT NOT NULL, created_on_target INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE IF NOT EXISTS history (at REAL PRIMARY KEY, phase TEXT NOT NULL, lag_bytes INTEGER, lag_seconds REAL, apply_changes_per_second REAL, retained_wal_bytes INTEGER, wal_limit_bytes INTEGER, spool_bytes INTEGER, bytes_copied INTEGER NOT NULL, bytes_total INTEGER NOT NULL);",
         )
         .context("cannot create the state database schema")?;
         let has_replica_identity: bool = conn.query_row(
@@ -1819,6 +1838,66 @@ impl StateDb {
                 "SELECT coalesce(sum(bytes), 0), coalesce(sum(rows), 0) FROM parts WHERE status = 'done'",
                 [],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+        })
+    }
+
+    /// One point of the migration's recorded time series (`observe/history.rs`).
+    pub fn record_history(&self, p: &HistoryPoint) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO history (at, phase, lag_bytes, lag_seconds, apply_changes_per_second, retained_wal_bytes, wal_limit_bytes, spool_bytes, bytes_copied, bytes_total)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    p.at,
+                    p.phase,
+                    p.lag_bytes,
+                    p.lag_seconds,
+                    p.apply_changes_per_second,
+                    p.retained_wal_bytes,
+                    p.wal_limit_bytes,
+                    p.spool_bytes,
+                    p.bytes_copied,
+                    p.bytes_total
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The recorded points at or after `since` (unix seconds), oldest first.
+    pub fn history_since(&self, since: f64) -> Result<Vec<HistoryPoint>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT at, phase, lag_bytes, lag_seconds, apply_changes_per_second, retained_wal_bytes, wal_limit_bytes, spool_bytes, bytes_copied, bytes_total
+                 FROM history WHERE at >= ?1 ORDER BY at",
+            )?;
+            let rows = stmt.query_map([since], |r| {
+                Ok(HistoryPoint {
+                    at: r.get(0)?,
+                    phase: r.get(1)?,
+                    lag_bytes: r.get(2)?,
+                    lag_seconds: r.get(3)?,
+                    apply_changes_per_second: r.get(4)?,
+                    retained_wal_bytes: r.get(5)?,
+                    wal_limit_bytes: r.get(6)?,
+                    spool_bytes: r.get(7)?,
+                    bytes_copied: r.get(8)?,
+                    bytes_total: r.get(9)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Keeps one point per `bucket` seconds (the first) among those older than `before`:
+    /// the history stays bounded over weeks and detailed over the last hour.
+    pub fn downsample_history(&self, before: f64, bucket: f64) -> Result<usize> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM history WHERE at < ?1 AND at NOT IN
+                   (SELECT min(at) FROM history WHERE at < ?1 GROUP BY CAST(at / ?2 AS INTEGER))",
+                params![before, bucket],
             )
         })
     }

@@ -125,6 +125,7 @@ async fn a_cutover_with_a_reverse_stream_rolls_back_with_nothing_lost() {
     // SIGKILLed once fenced with endpos pinned: the rerun finishes the cutover.
     kill_after_endpos(&cutover, d).await;
     let out = pgtide_ok(&cutover);
+    eprintln!("{out}");
     assert!(
         out.contains("cutover complete") && out.contains("reverse stream:    slot rev_slot_rev"),
         "{out}"
@@ -208,6 +209,7 @@ async fn a_cutover_with_a_reverse_stream_rolls_back_with_nothing_lost() {
     // SIGKILLed once the target is fenced and its endpos pinned: the rerun finishes it.
     kill_after_endpos(&rollback, &format!("{d}/reverse")).await;
     let out = pgtide_ok(&rollback);
+    eprintln!("{out}");
     assert!(
         out.contains("rollback complete") && out.contains("tables identical"),
         "{out}"

@@ -46,7 +46,14 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     } else {
         super::migration_filters(&workdir.state, args.filters.as_deref())?
     };
-    super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
+    super::start_observers(
+        args.metrics_addr.as_deref(),
+        (args.http_addr.as_deref(), args.http_token.clone()),
+        &workdir,
+        &source,
+        &target,
+    )
+    .await?;
     // A fresh start (also with --resume on an empty work dir, as a container restarting the
     // same command does): every hazard that would stop this migration is reported now, before
     // anything is created. A real resume has its own checks: the work dir's identity.
@@ -68,6 +75,8 @@ pub async fn run(args: CloneArgs) -> Result<()> {
         Ok(())
     }
     .await;
+    // A cutover asked over HTTP (the dashboard's API) finishes before the process ends.
+    crate::observe::http::wait_for_actions().await;
     super::record_failure(&workdir.state, result)
 }
 
@@ -102,9 +111,9 @@ pub async fn plan(args: CloneArgs) -> Result<()> {
 
 /// `clone --all-databases` / `--database`: every selected database in one process.
 async fn server(args: CloneArgs, source: ConnInfo, target: ConnInfo) -> Result<()> {
-    if args.metrics_addr.is_some() {
+    if args.metrics_addr.is_some() || args.http_addr.is_some() {
         bail!(
-            "--metrics-addr is not available with several databases yet: watch them with `pgtide status --dir {}`",
+            "--metrics-addr and --http-addr are not available with several databases yet: watch them with `pgtide status --dir {}`",
             args.dir.display()
         );
     }

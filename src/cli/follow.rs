@@ -22,7 +22,14 @@ pub async fn run(args: FollowArgs) -> Result<()> {
         args.dir.clone(),
     ))
     .await?;
-    super::start_metrics(args.metrics_addr.as_deref(), &workdir, &source, &target).await?;
+    super::start_observers(
+        args.metrics_addr.as_deref(),
+        (args.http_addr.as_deref(), args.http_token.clone()),
+        &workdir,
+        &source,
+        &target,
+    )
+    .await?;
     if let Some(endpos) = args.endpos {
         follow::set_endpos(&workdir.state, endpos)?;
     }
@@ -39,6 +46,8 @@ pub async fn run(args: FollowArgs) -> Result<()> {
         r = follow::apply_until_endpos(&source, &target, &workdir, receiver) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted: rerun `pgtide follow` to continue; nothing applied is lost or applied twice")),
     };
+    // A cutover asked over HTTP (the dashboard's API) finishes before the process ends.
+    crate::observe::http::wait_for_actions().await;
     let applied = super::record_failure(&workdir.state, applied)?;
     println!(
         "reached endpos: applied through {applied}; sequences set. The slot is kept until `pgtide stream cleanup`."

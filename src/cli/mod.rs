@@ -79,24 +79,38 @@ pub fn record_failure<T>(state: &crate::state::StateDb, result: Result<T>) -> Re
 }
 
 /// Starts the Prometheus endpoint when `--metrics-addr` is given.
-pub async fn start_metrics(
-    addr: Option<&str>,
+pub async fn start_observers(
+    metrics_addr: Option<&str>,
+    http: (Option<&str>, Option<String>),
     workdir: &crate::workdir::WorkDir,
     source: &ConnInfo,
     target: &ConnInfo,
 ) -> Result<()> {
-    if let Some(addr) = addr {
+    let servers = || crate::observe::status::Servers {
+        source: Some(source.clone()),
+        target: Some(target.clone()),
+    };
+    if let Some(addr) = metrics_addr {
         crate::observe::metrics::serve(
             addr,
             workdir.path.clone(),
             workdir.state.clone(),
-            crate::observe::status::Servers {
-                source: Some(source.clone()),
-                target: Some(target.clone()),
-            },
+            servers(),
         )
         .await?;
     }
+    if let (Some(addr), token) = http {
+        crate::observe::http::serve(
+            addr,
+            workdir.path.clone(),
+            workdir.state.clone(),
+            servers(),
+            token,
+        )
+        .await?;
+    }
+    // The time series the dashboard shows, kept across restarts.
+    crate::observe::history::start_recorder(workdir.path.clone(), workdir.state.clone(), servers());
     Ok(())
 }
 

@@ -111,3 +111,40 @@ async fn reverse_status(
     json["verdict"] = serde_json::Value::String(verdict.clone());
     Ok(Some((json, verdict)))
 }
+
+/// `pgtide serve`: the dashboard of a work dir, until interrupted.
+pub async fn serve(args: crate::cli::ServeArgs) -> Result<()> {
+    let state = crate::state::StateDb::open_in_dir(&args.dir)?;
+    if !crate::server::databases_of(&args.dir)?.is_empty() {
+        anyhow::bail!(
+            "the dashboard shows one database's migration: serve a database's work dir ({}/databases/<oid>), or watch the server with `pgtide status --dir {}`",
+            args.dir.display(),
+            args.dir.display()
+        );
+    }
+    let parse = |value: &Option<String>, which: &str| -> Result<_> {
+        value
+            .as_deref()
+            .map(|v| super::parse_conninfo(v, which))
+            .transpose()
+    };
+    let servers = Servers::from_state(
+        &state,
+        parse(&args.source, "source")?,
+        parse(&args.target, "target")?,
+    );
+    let bound = crate::observe::http::serve(
+        &args.http_addr,
+        args.dir.clone(),
+        state,
+        servers,
+        args.http_token.clone(),
+    )
+    .await?;
+    println!(
+        "serving the dashboard of {} on http://{bound}/ (Ctrl-C stops)",
+        args.dir.display()
+    );
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}

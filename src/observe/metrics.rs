@@ -42,7 +42,7 @@ pub async fn serve(addr: &str, dir: PathBuf, state: StateDb, servers: Servers) -
         "/metrics",
         axum::routing::get(move || {
             let source = source.clone();
-            async move { scrape(&source).await }
+            async move { scrape(&source.dir, &source.state, &source.servers).await }
         }),
     );
     tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
@@ -54,8 +54,11 @@ pub async fn serve(addr: &str, dir: PathBuf, state: StateDb, servers: Servers) -
     Ok(())
 }
 
-async fn scrape(
-    source: &Source,
+/// One scrape: the exposition of `status::collect`, or a comment saying why there is none.
+pub async fn scrape(
+    dir: &std::path::Path,
+    state: &StateDb,
+    servers: &Servers,
 ) -> (
     axum::http::StatusCode,
     [(axum::http::header::HeaderName, &'static str); 1],
@@ -65,7 +68,7 @@ async fn scrape(
         axum::http::header::CONTENT_TYPE,
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
     )];
-    match status::collect(&source.dir, &source.state, &source.servers).await {
+    match status::collect(dir, state, servers).await {
         Ok(status) => match exposition(&status) {
             Ok(text) => (axum::http::StatusCode::OK, content_type, text),
             Err(e) => (

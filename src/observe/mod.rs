@@ -4,6 +4,8 @@
 //! WAL against `max_slot_wal_keep_size`, shared with `check`). Everything here reads state.db, asks the spool
 //! (through `spool.rs`) and the servers; nothing here changes a migration.
 
+pub mod history;
+pub mod http;
 pub mod metrics;
 pub mod progress;
 pub mod slot_wal;

@@ -96,6 +96,25 @@ pub struct PgbouncerArgs {
     pub pgbouncer_reload: bool,
 }
 
+/// `pgtide serve`: the dashboard of a work dir whose run has stopped (or runs elsewhere).
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// HOST:PORT, or PORT on localhost.
+    #[arg(long, env = "PGTIDE_HTTP_ADDR", default_value = "127.0.0.1:8187")]
+    pub http_addr: String,
+    /// Allow the API's actions for requests carrying `Authorization: Bearer TOKEN`.
+    #[arg(long, env = "PGTIDE_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
+    /// Source to ask (default: the one the work dir recorded, password from PGPASSWORD/.pgpass).
+    #[arg(long, env = "PGTIDE_SOURCE_PGURI", hide_env_values = true)]
+    pub source: Option<String>,
+    /// Target to ask (default: the one the work dir recorded).
+    #[arg(long, env = "PGTIDE_TARGET_PGURI", hide_env_values = true)]
+    pub target: Option<String>,
+}
+
 /// `pgtide rollback`: the cutover undone through the reverse stream.
 #[derive(Args, Debug)]
 pub struct RollbackArgs {
@@ -204,6 +223,20 @@ pub struct FollowArgs {
     /// Serve Prometheus metrics on http://HOST:PORT/metrics while this runs.
     #[arg(long, env = "PGTIDE_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Serve the dashboard and its API (/, /api/status, /api/history, /metrics) on
+    /// HOST:PORT, or PORT on localhost, while this runs. Read-only.
+    #[arg(long, env = "PGTIDE_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// With --http-addr: allow the API's actions (POST /api/verify, /api/endpos,
+    /// /api/cutover) for requests carrying `Authorization: Bearer TOKEN` (16 characters or
+    /// more). Without it the dashboard is read-only.
+    #[arg(
+        long,
+        env = "PGTIDE_HTTP_TOKEN",
+        hide_env_values = true,
+        requires = "http_addr"
+    )]
+    pub http_token: Option<String>,
     #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
     pub dir: PathBuf,
     /// Stop after the last transaction committed at or before this LSN (or set it later with

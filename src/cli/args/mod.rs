@@ -52,6 +52,9 @@ pub enum Command {
     /// Switch over: optionally fence writes on the source, pin endpos at its current position,
     /// wait for apply to reach it, copy sequences, verify, and report the write downtime.
     Cutover(CutoverArgs),
+    /// Serve the dashboard and its API for a work dir (its run stopped, or runs elsewhere),
+    /// until interrupted.
+    Serve(ServeArgs),
     /// Undo a cutover made with --reverse: fence the target, apply the rest of the reverse
     /// stream to the source, set the source's sequences, verify, and lift the source's fence.
     Rollback(RollbackArgs),

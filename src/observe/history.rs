@@ -1,0 +1,95 @@
+//! The migration's time series: the running process records, every few seconds, what status
+//! says (lag in bytes and seconds, apply rate, the WAL the slot keeps against its limit, the
+//! spool's size, copy progress) in state.db, so that the dashboard and `/api/history` show
+//! trends, also after a restart. Bounded: points older than an hour are thinned to one a
+//! minute, older than a day to one every ten minutes, and kept for the migration's life.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::status::{self, Servers, Status};
+use crate::state::{HistoryPoint, StateDb};
+
+/// How often a point is recorded.
+pub const INTERVAL: Duration = Duration::from_secs(5);
+
+/// The point `status` makes at `at`.
+pub fn point(s: &Status, at: f64) -> HistoryPoint {
+    let signed = |v: Option<u64>| v.map(|v| v as i64);
+    HistoryPoint {
+        at,
+        phase: s.phase.to_string(),
+        lag_bytes: signed(s.lag_bytes),
+        lag_seconds: s.lag_seconds,
+        apply_changes_per_second: s.apply_changes_per_second,
+        retained_wal_bytes: signed(s.slot_retained_bytes),
+        wal_limit_bytes: s.slot_wal_limit_bytes.filter(|limit| *limit >= 0),
+        spool_bytes: signed(s.spool_bytes),
+        bytes_copied: s.bytes_copied as i64,
+        bytes_total: s.bytes_total as i64,
+    }
+}
+
+/// Thins the old points (see the module doc).
+pub fn downsample(state: &StateDb, now: f64) -> Result<()> {
+    state.downsample_history(now - 3600.0, 60.0)?;
+    state.downsample_history(now - 86_400.0, 600.0)?;
+    Ok(())
+}
+
+/// Records a point every `INTERVAL` for as long as the process runs (a status that cannot be
+/// collected is skipped: the next one comes).
+pub fn start_recorder(dir: PathBuf, state: StateDb, servers: Servers) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(INTERVAL);
+        let mut recorded = 0u64;
+        loop {
+            tick.tick().await;
+            let now = crate::state::now();
+            match status::collect(&dir, &state, &servers).await {
+                Ok(s) => {
+                    if let Err(e) = state.record_history(&point(&s, now)) {
+                        tracing::debug!("history: cannot record a point: {e:#}");
+                    }
+                }
+                Err(e) => tracing::debug!("history: no status to record: {e:#}"),
+            }
+            recorded += 1;
+            if recorded.is_multiple_of(60)
+                && let Err(e) = downsample(&state, now)
+            {
+                tracing::debug!("history: cannot thin the old points: {e:#}");
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_points_are_thinned_and_recent_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("pgtide-history-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = StateDb::open(&dir.join("state.db")).unwrap();
+        let now = 1_000_800.0;
+        // Two hours of points every 5 s.
+        for i in 0..1440 {
+            let at = now - 7200.0 + f64::from(i) * 5.0;
+            let mut p = point(&Status::default(), at);
+            p.lag_bytes = Some(i64::from(i));
+            state.record_history(&p).unwrap();
+        }
+        downsample(&state, now).unwrap();
+        let left = state.history_since(0.0).unwrap();
+        let old = left.iter().filter(|p| p.at < now - 3600.0).count();
+        let recent = left.iter().filter(|p| p.at >= now - 3600.0).count();
+        assert_eq!(old, 60, "one point a minute beyond the hour");
+        assert_eq!(recent, 720, "every point of the last hour");
+        assert!(left.windows(2).all(|w| w[0].at < w[1].at));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
