@@ -327,3 +327,105 @@ fn pgtide_now() -> f64 {
         .unwrap()
         .as_secs_f64()
 }
+
+/// Two databases in one run (`clone --follow --all-databases --http-addr`): the API has a
+/// status per database and the total, a history per database; the page shows the total's
+/// verdict, a line per database and the chart of the largest lag. Private servers: an
+/// all-databases run on the shared clusters would take every other test's databases along.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_of_a_whole_server_shows_every_database() {
+    let conf = "wal_level = logical\nmax_replication_slots = 12\nmax_wal_senders = 20\n";
+    let source = PrivateServer::start_with("dashboard-server-source", conf);
+    let target = PrivateServer::start_with("dashboard-server-target", "");
+    for db in ["alpha", "beta"] {
+        exec(&source.uri, &format!("CREATE DATABASE {db}")).await;
+        exec(
+            &source.db_uri(db),
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 1000) g;",
+        )
+        .await;
+    }
+    let dir = workdir("dashboard-server");
+    let d = dir.to_str().unwrap();
+    let addr = free_addr();
+    let mut child = spawn_pgtide(
+        &[
+            "clone",
+            "--follow",
+            "--all-databases",
+            "--exclude-database",
+            "postgres",
+            "--source",
+            &source.uri,
+            "--target",
+            &target.uri,
+            "--dir",
+            d,
+            "--http-addr",
+            &addr,
+        ],
+        &[],
+    );
+    wait_for_status(&["--dir", d], 120, &mut child, |json| {
+        says_ready(json, "/total/verdict")
+    })
+    .await;
+    // Two points for each database.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let history = get_json(&addr, "/api/history?since=0");
+        let databases = history["databases"].as_array().cloned().unwrap_or_default();
+        if databases.len() == 2
+            && databases
+                .iter()
+                .all(|db| db["points"].as_array().is_some_and(|p| p.len() >= 2))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no history per database: {history}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let status = get_json(&addr, "/api/status");
+    let names: Vec<&str> = status["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|db| db["database"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{status}");
+    assert!(
+        names.contains(&"alpha") && names.contains(&"beta"),
+        "{status}"
+    );
+    assert!(
+        status["total"]["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("ready to cut over"),
+        "{status}"
+    );
+    let shots = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let dom = browse(&addr, &shots.join("dashboard-server.png"));
+    assert_page_shows(&dom, "following", "ready to cut over");
+    assert!(
+        dom.contains("<td>alpha</td>")
+            && dom.contains("<td>beta</td>")
+            && dom.contains("2 databases"),
+        "{dom}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    pgtide_ok(&[
+        "cleanup",
+        "--source",
+        &source.uri,
+        "--target",
+        &target.uri,
+        "--dir",
+        d,
+    ]);
+}

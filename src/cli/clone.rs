@@ -111,12 +111,27 @@ pub async fn plan(args: CloneArgs) -> Result<()> {
 
 /// `clone --all-databases` / `--database`: every selected database in one process.
 async fn server(args: CloneArgs, source: ConnInfo, target: ConnInfo) -> Result<()> {
-    if args.metrics_addr.is_some() || args.http_addr.is_some() {
+    if args.metrics_addr.is_some() {
         bail!(
-            "--metrics-addr and --http-addr are not available with several databases yet: watch them with `pgtide status --dir {}`",
+            "--metrics-addr is not available with several databases yet: use --http-addr (its /api/status has every database), or `pgtide status --dir {}`",
             args.dir.display()
         );
     }
+    let servers = crate::observe::status::Servers {
+        source: Some(source.clone()),
+        target: Some(target.clone()),
+    };
+    if let Some(addr) = &args.http_addr {
+        crate::observe::http::serve(
+            addr,
+            args.dir.clone(),
+            None,
+            servers.clone(),
+            args.http_token.clone(),
+        )
+        .await?;
+    }
+    crate::observe::history::start_server_recorder(args.dir.clone(), servers);
     if args.snapshot.is_some() {
         bail!(
             "--snapshot names one database's snapshot: it cannot be given with several databases"

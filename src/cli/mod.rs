@@ -103,7 +103,7 @@ pub async fn start_observers(
         crate::observe::http::serve(
             addr,
             workdir.path.clone(),
-            workdir.state.clone(),
+            Some(workdir.state.clone()),
             servers(),
             token,
         )

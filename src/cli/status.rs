@@ -115,13 +115,8 @@ async fn reverse_status(
 /// `pgtide serve`: the dashboard of a work dir, until interrupted.
 pub async fn serve(args: crate::cli::ServeArgs) -> Result<()> {
     let state = crate::state::StateDb::open_in_dir(&args.dir)?;
-    if !crate::server::databases_of(&args.dir)?.is_empty() {
-        anyhow::bail!(
-            "the dashboard shows one database's migration: serve a database's work dir ({}/databases/<oid>), or watch the server with `pgtide status --dir {}`",
-            args.dir.display(),
-            args.dir.display()
-        );
-    }
+    // A whole-server work dir: each database has its own state (and the page a line each).
+    let whole_server = !crate::server::databases_of(&args.dir)?.is_empty();
     let parse = |value: &Option<String>, which: &str| -> Result<_> {
         value
             .as_deref()
@@ -136,7 +131,7 @@ pub async fn serve(args: crate::cli::ServeArgs) -> Result<()> {
     let bound = crate::observe::http::serve(
         &args.http_addr,
         args.dir.clone(),
-        state,
+        (!whole_server).then_some(state),
         servers,
         args.http_token.clone(),
     )

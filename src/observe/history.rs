@@ -66,6 +66,53 @@ pub fn start_recorder(dir: PathBuf, state: StateDb, servers: Servers) {
     });
 }
 
+/// The same for a whole-server run: every tick, one point in each database's own state.db
+/// (the databases whose pipeline has started), all at the same instant.
+pub fn start_server_recorder(dir: PathBuf, servers: Servers) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(INTERVAL);
+        let mut recorded = 0u64;
+        loop {
+            tick.tick().await;
+            let now = crate::state::now();
+            // Not before the run has created its work dir.
+            let databases = if dir.join("state.db").exists() {
+                crate::server::databases_of(&dir).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            for (db, sub) in databases {
+                if !sub.join("state.db").exists() {
+                    continue;
+                }
+                let Ok(state) = StateDb::open_in_dir(&sub) else {
+                    continue;
+                };
+                let in_db = |info: &Option<crate::conninfo::ConnInfo>| {
+                    info.as_ref()
+                        .map(|i| crate::server::in_database(i, &db.name))
+                };
+                let servers =
+                    Servers::from_state(&state, in_db(&servers.source), in_db(&servers.target));
+                match status::collect(&sub, &state, &servers).await {
+                    Ok(s) => {
+                        if let Err(e) = state.record_history(&point(&s, now)) {
+                            tracing::debug!("history of {}: cannot record a point: {e:#}", db.name);
+                        }
+                    }
+                    Err(e) => tracing::debug!("history of {}: no status to record: {e:#}", db.name),
+                }
+                if recorded.is_multiple_of(60)
+                    && let Err(e) = downsample(&state, now)
+                {
+                    tracing::debug!("history of {}: cannot thin the old points: {e:#}", db.name);
+                }
+            }
+            recorded += 1;
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

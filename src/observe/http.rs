@@ -26,10 +26,22 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 /// What every request reads.
 struct Served {
     dir: PathBuf,
-    state: StateDb,
+    /// The work dir's state; None for a whole-server work dir (each database has its own).
+    state: Option<StateDb>,
     servers: Servers,
     /// The token actions need; None: read-only.
     token: Option<String>,
+}
+
+impl Served {
+    /// The one database's state (actions and metrics are for a one-database migration).
+    fn one(&self) -> Result<&StateDb> {
+        self.state.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "this is a whole-server work dir: use the CLI for it (pgtide verify / cutover --dir), or serve a database's own work dir"
+            )
+        })
+    }
 }
 
 /// Held (shared) by every action while it runs: the process waits for them before it exits
@@ -70,7 +82,7 @@ pub fn parse_addr(addr: &str) -> Result<SocketAddr> {
 pub async fn serve(
     addr: &str,
     dir: PathBuf,
-    state: StateDb,
+    state: Option<StateDb>,
     servers: Servers,
     token: Option<String>,
 ) -> Result<SocketAddr> {
@@ -164,8 +176,17 @@ fn json(value: Result<serde_json::Value>) -> Response {
 async fn api_status(State(served): State<Arc<Served>>) -> Response {
     json(
         async {
-            let s = status::collect(&served.dir, &served.state, &served.servers).await?;
-            let mut v = serde_json::to_value(&s)?;
+            let mut v = match &served.state {
+                Some(state) => serde_json::to_value(
+                    status::collect(&served.dir, state, &served.servers).await?,
+                )?,
+                None => {
+                    let databases = crate::server::databases_of(&served.dir)?;
+                    serde_json::to_value(
+                        status::collect_server(&databases, &served.servers).await?,
+                    )?
+                }
+            };
             v["now"] = serde_json::json!(crate::state::now());
             Ok(v)
         }
@@ -186,18 +207,41 @@ async fn api_history(State(served): State<Arc<Served>>, Query(q): Query<Since>) 
         Some(s) => s,
         None => now - 3600.0,
     };
-    json(
-        served
-            .state
-            .history_since(since)
-            .map(|points| serde_json::json!({ "now": now, "since": since, "points": points })),
-    )
+    json(history(&served, since).map(|mut v| {
+        v["now"] = serde_json::json!(now);
+        v["since"] = serde_json::json!(since);
+        v
+    }))
+}
+
+/// `{points}` for one database, `{databases: [{database, points}]}` for a server.
+fn history(served: &Served, since: f64) -> Result<serde_json::Value> {
+    match &served.state {
+        Some(state) => Ok(serde_json::json!({ "points": state.history_since(since)? })),
+        None => {
+            let mut databases = Vec::new();
+            for (db, dir) in crate::server::databases_of(&served.dir)? {
+                if !dir.join("state.db").exists() {
+                    continue;
+                }
+                let points = StateDb::open_in_dir(&dir)?.history_since(since)?;
+                databases.push(serde_json::json!({ "database": db.name, "points": points }));
+            }
+            Ok(serde_json::json!({ "databases": databases }))
+        }
+    }
 }
 
 async fn metrics(State(served): State<Arc<Served>>) -> Response {
-    super::metrics::scrape(&served.dir, &served.state, &served.servers)
-        .await
-        .into_response()
+    match &served.state {
+        Some(state) => super::metrics::scrape(&served.dir, state, &served.servers)
+            .await
+            .into_response(),
+        None => refused(
+            StatusCode::NOT_IMPLEMENTED,
+            "metrics for a whole server are not served yet: each database's work dir has them (pgtide serve --dir <dir>/databases/<oid>)",
+        ),
+    }
 }
 
 /// The actions the API offers (with a token).
@@ -295,9 +339,9 @@ async fn verify(
     counts_only: bool,
 ) -> Result<serde_json::Value> {
     let opts = crate::verify::Options {
-        filters: served.state.recorded_filters()?.unwrap_or_default(),
+        filters: served.one()?.recorded_filters()?.unwrap_or_default(),
         counts_only,
-        sequence_offset: served.state.sequence_offset()?,
+        sequence_offset: served.one()?.sequence_offset()?,
     };
     let report = crate::verify::run(source, target, &opts).await?;
     Ok(serde_json::to_value(&report)?)
@@ -306,7 +350,7 @@ async fn verify(
 async fn endpos(served: &Served, source: &crate::conninfo::ConnInfo) -> Result<serde_json::Value> {
     let client = crate::pg::connect(source, crate::pg::Side::Source, "endpos").await?;
     let endpos = crate::pg::current_insert_lsn(&client, crate::pg::Side::Source).await?;
-    crate::follow::set_endpos(&served.state, endpos)?;
+    crate::follow::set_endpos(served.one()?, endpos)?;
     Ok(serde_json::json!({ "endpos": endpos.to_string() }))
 }
 
@@ -322,7 +366,7 @@ async fn cutover(
         fence_roles: Vec::new(),
         timeout: std::time::Duration::from_secs(300),
         verify: crate::cutover::VerifyMode::Checksums,
-        sequence_offset: served.state.sequence_offset()?,
+        sequence_offset: served.one()?.sequence_offset()?,
         refresh_matviews: false,
         direction: crate::cutover::Direction::Forward,
         reverse: false,

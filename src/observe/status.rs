@@ -117,6 +117,7 @@ pub struct Status {
 
 /// How status reaches the servers: explicit connection strings, or the ones the work dir
 /// recorded (their password then comes from PGPASSWORD or ~/.pgpass).
+#[derive(Clone)]
 pub struct Servers {
     pub source: Option<ConnInfo>,
     pub target: Option<ConnInfo>,
