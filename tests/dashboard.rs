@@ -255,6 +255,17 @@ async fn the_dashboard_and_its_api_show_a_follow_and_keep_its_history_across_a_r
     );
     let dom = browse(&addr, &shots.join("dashboard-restarted.png"));
     assert_page_shows(&dom, "following", "ready to cut over");
+    // The same history in the terminal.
+    let trend = pgtide_ok(&["status", "--dir", d, "--since", "1h"]);
+    assert!(
+        trend.contains("trend over 1h (") && trend.contains("lag at most"),
+        "{trend}"
+    );
+    let trend: serde_json::Value = serde_json::from_str(&pgtide_ok_stdout(&[
+        "status", "--dir", d, "--since", "1h", "--json",
+    ]))
+    .unwrap();
+    assert!(trend["history"].as_array().unwrap().len() >= 5, "{trend}");
 
     // With the token: the actions run the CLI's code, and the cutover ends the follow.
     let (head, _) = http(

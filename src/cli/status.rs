@@ -29,6 +29,11 @@ pub async fn run(args: StatusArgs) -> Result<()> {
             let report = status::collect(&args.dir, &state, &servers).await?;
             let mut json = serde_json::to_value(&report)?;
             let mut text = status::render(&args.dir, &report);
+            if let Some(window) = args.since {
+                let points = state.history_since(crate::state::now() - window.as_secs_f64())?;
+                text.push_str(&crate::observe::history::trend(&points, window));
+                json["history"] = serde_json::to_value(&points)?;
+            }
             // After `cutover --reverse`: the reverse stream's own status, its servers swapped.
             if let Some(reverse) = reverse_status(&args.dir, &servers).await? {
                 text.push_str(&format!(
@@ -42,6 +47,21 @@ pub async fn run(args: StatusArgs) -> Result<()> {
             let report = status::collect_server(&databases, &servers).await?;
             let mut json = serde_json::to_value(&report)?;
             let mut text = status::render_server(&args.dir, &report);
+            if let Some(window) = args.since {
+                let since = crate::state::now() - window.as_secs_f64();
+                for (db, dir) in &databases {
+                    let Ok(db_state) = crate::state::StateDb::open_in_dir(dir) else {
+                        continue;
+                    };
+                    let points = db_state.history_since(since)?;
+                    text.push_str(&format!(
+                        "{}: {}",
+                        db.name,
+                        crate::observe::history::trend(&points, window)
+                    ));
+                    json["history"][&db.name] = serde_json::to_value(&points)?;
+                }
+            }
             // After `cutover --reverse`: each database's reverse stream.
             for (db, dir) in &databases {
                 let in_db = |info: &Option<crate::conninfo::ConnInfo>| {

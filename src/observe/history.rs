@@ -32,6 +32,60 @@ pub fn point(s: &Status, at: f64) -> HistoryPoint {
     }
 }
 
+/// The trend over `window` in two lines (`status --since`).
+pub fn trend(points: &[HistoryPoint], window: Duration) -> String {
+    let over = humantime::format_duration(window);
+    if points.is_empty() {
+        return format!(
+            "trend over {over}: nothing recorded (a running clone or follow records a point every {} s)\n",
+            INTERVAL.as_secs()
+        );
+    }
+    let max_by = |f: &dyn Fn(&HistoryPoint) -> Option<f64>| {
+        points.iter().filter_map(|p| f(p).map(|v| (v, p.at))).fold(
+            None,
+            |best: Option<(f64, f64)>, (v, at)| match best {
+                Some((b, _)) if b >= v => best,
+                _ => Some((v, at)),
+            },
+        )
+    };
+    let ago = |at: f64| crate::observe::status::human_seconds((crate::state::now() - at).max(0.0));
+    let lag = max_by(&|p| p.lag_seconds);
+    let lag_bytes = max_by(&|p| p.lag_bytes.map(|b| b as f64));
+    let rates: Vec<f64> = points
+        .iter()
+        .filter_map(|p| p.apply_changes_per_second)
+        .collect();
+    let wal = max_by(&|p| p.retained_wal_bytes.map(|b| b as f64));
+    let spool = max_by(&|p| p.spool_bytes.map(|b| b as f64));
+    let bytes = |v: Option<(f64, f64)>| {
+        v.map_or("–".to_string(), |(b, at)| {
+            format!("{} ({} ago)", crate::units::human_bytes(b as u64), ago(at))
+        })
+    };
+    format!(
+        "trend over {over} ({} points): lag at most {}, behind at most {}; apply {}\n  WAL kept by the slot at most {}; spool at most {}\n",
+        points.len(),
+        lag.map_or("–".to_string(), |(s, at)| format!(
+            "{s:.1} s ({} ago)",
+            ago(at)
+        )),
+        bytes(lag_bytes),
+        if rates.is_empty() {
+            "–".to_string()
+        } else {
+            format!(
+                "{:.0} changes/s on average, {:.0} at most",
+                rates.iter().sum::<f64>() / rates.len() as f64,
+                rates.iter().cloned().fold(0.0, f64::max)
+            )
+        },
+        bytes(wal),
+        bytes(spool)
+    )
+}
+
 /// Thins the old points (see the module doc).
 pub fn downsample(state: &StateDb, now: f64) -> Result<()> {
     state.downsample_history(now - 3600.0, 60.0)?;

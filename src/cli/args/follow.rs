@@ -13,6 +13,10 @@ pub struct StatusArgs {
     /// Refresh every INTERVAL (default 2s) until interrupted.
     #[arg(long, num_args = 0..=1, default_missing_value = "2s", value_parser = humantime::parse_duration)]
     pub watch: Option<std::time::Duration>,
+    /// Add the trend over this past window (e.g. 1h) from the recorded history: lag, apply
+    /// rate, retained WAL, spool (with --json: the points, under "history").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<std::time::Duration>,
     /// Source to ask (default: the one the work dir recorded, password from PGPASSWORD/.pgpass).
     #[arg(long, env = "PGTIDE_SOURCE_PGURI", hide_env_values = true)]
     pub source: Option<String>,
