@@ -40,9 +40,26 @@ fn get_json(addr: &str, path: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path} is not JSON ({e}): {body}"))
 }
 
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
+/// The address a pgtide child's dashboard listens on (it is started on port 0, so that no
+/// other process can take a port picked beforehand), read from its log.
+async fn dashboard_addr(child: &mut PgtideChild) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = child.output_so_far();
+        if let Some(rest) = log.split("on http://").nth(1)
+            && let Some(addr) = rest.split('/').next()
+        {
+            return addr.to_string();
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            child.kill().ok();
+            panic!(
+                "no dashboard address in the log:\n{}",
+                child.output_so_far()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until the history holds `n` points recorded after `after` (unix seconds).
@@ -146,10 +163,10 @@ async fn the_dashboard_and_its_api_show_a_follow_and_keep_its_history_across_a_r
     .await;
     let dir = workdir("dashboard");
     let d = dir.to_str().unwrap();
-    let addr = free_addr();
     let mut args = clone_follow_args(&src, &dst, d, "t_dashboard_slot");
-    args.extend(["--http-addr", &addr]);
+    args.extend(["--http-addr", "127.0.0.1:0"]);
     let mut child = spawn_pgtide(&args, &[]);
+    let addr = dashboard_addr(&mut child).await;
     wait_for_status(&["--dir", d], 120, &mut child, |json| {
         says_ready(json, "/verdict")
     })
@@ -236,12 +253,13 @@ async fn the_dashboard_and_its_api_show_a_follow_and_keep_its_history_across_a_r
             "--dir",
             d,
             "--http-addr",
-            &addr,
+            "127.0.0.1:0",
             "--http-token",
             token,
         ],
         &[],
     );
+    let addr = dashboard_addr(&mut follow).await;
     let history = wait_for_points(&addr, restarted, 2, &mut follow).await;
     let before = history["points"]
         .as_array()
@@ -253,6 +271,11 @@ async fn the_dashboard_and_its_api_show_a_follow_and_keep_its_history_across_a_r
         before >= 3,
         "the history before the restart is gone: {history}"
     );
+    // Caught up again before the page is read (a slow restart may still be catching up).
+    wait_for_status(&["--dir", d], 120, &mut follow, |json| {
+        says_ready(json, "/verdict")
+    })
+    .await;
     let dom = browse(&addr, &shots.join("dashboard-restarted.png"));
     assert_page_shows(&dom, "following", "ready to cut over");
     // The same history in the terminal.
@@ -305,14 +328,13 @@ async fn the_dashboard_and_its_api_show_a_follow_and_keep_its_history_across_a_r
     assert_identical(&src, &dst);
 
     // `pgtide serve`: the same for the stopped run.
-    let serve_addr = free_addr();
     let mut serve = spawn_pgtide(
         &[
             "serve",
             "--dir",
             d,
             "--http-addr",
-            &serve_addr,
+            "127.0.0.1:0",
             "--source",
             &src,
             "--target",
@@ -320,11 +342,7 @@ async fn the_dashboard_and_its_api_show_a_follow_and_keep_its_history_across_a_r
         ],
         &[],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(&serve_addr, "/api/status").is_none() {
-        assert!(Instant::now() < deadline, "pgtide serve never answered");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let serve_addr = dashboard_addr(&mut serve).await;
     let served = get_json(&serve_addr, "/api/history?since=0");
     assert!(served["points"].as_array().unwrap().len() >= 5, "{served}");
     serve.kill().unwrap();
@@ -359,7 +377,6 @@ async fn the_dashboard_of_a_whole_server_shows_every_database() {
     }
     let dir = workdir("dashboard-server");
     let d = dir.to_str().unwrap();
-    let addr = free_addr();
     let mut child = spawn_pgtide(
         &[
             "clone",
@@ -374,10 +391,11 @@ async fn the_dashboard_of_a_whole_server_shows_every_database() {
             "--dir",
             d,
             "--http-addr",
-            &addr,
+            "127.0.0.1:0",
         ],
         &[],
     );
+    let addr = dashboard_addr(&mut child).await;
     wait_for_status(&["--dir", d], 120, &mut child, |json| {
         says_ready(json, "/total/verdict")
     })
@@ -385,7 +403,10 @@ async fn the_dashboard_of_a_whole_server_shows_every_database() {
     // Two points for each database.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let history = get_json(&addr, "/api/history?since=0");
+        // A transient error (a state.db being written) is retried like an empty answer.
+        let history: serde_json::Value = http_get(&addr, "/api/history?since=0")
+            .and_then(|(_, body)| serde_json::from_str(&body).ok())
+            .unwrap_or_default();
         let databases = history["databases"].as_array().cloned().unwrap_or_default();
         if databases.len() == 2
             && databases

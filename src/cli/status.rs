@@ -161,5 +161,7 @@ pub async fn serve(args: crate::cli::ServeArgs) -> Result<()> {
         args.dir.display()
     );
     tokio::signal::ctrl_c().await?;
+    // A cutover asked over HTTP is finished, not cut short.
+    crate::observe::http::wait_for_actions().await;
     Ok(())
 }

@@ -110,12 +110,13 @@ pub fn start_recorder(dir: PathBuf, state: StateDb, servers: Servers) {
                 }
                 Err(e) => tracing::debug!("history: no status to record: {e:#}"),
             }
-            recorded += 1;
+            // Also at the first tick: a process restarted often still thins.
             if recorded.is_multiple_of(60)
                 && let Err(e) = downsample(&state, now)
             {
                 tracing::debug!("history: cannot thin the old points: {e:#}");
             }
+            recorded += 1;
         }
     });
 }

@@ -20,8 +20,9 @@ use axum::routing::{get, post};
 use super::status::{self, Servers};
 use crate::state::StateDb;
 
-/// The page: markup, style and script in one file, no build step.
+/// The page (markup and style) and its script, served from the binary: no build step.
 const DASHBOARD: &str = include_str!("dashboard.html");
+const DASHBOARD_JS: &str = include_str!("dashboard.js");
 
 /// What every request reads.
 struct Served {
@@ -51,15 +52,34 @@ fn actions() -> &'static tokio::sync::RwLock<()> {
     ACTIONS.get_or_init(|| tokio::sync::RwLock::new(()))
 }
 
-/// Set once an action ran: its response may still be on its way out.
-static ACTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set when the process ends: a new action is refused (503) instead of being cut short.
+static CLOSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Waits until no action asked over HTTP is running (and, after one, a moment for its
-/// response to be written).
+/// The running servers: how to stop each gracefully, and its task.
+type Running = Vec<(
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+)>;
+
+fn running() -> &'static std::sync::Mutex<Running> {
+    static RUNNING: std::sync::OnceLock<std::sync::Mutex<Running>> = std::sync::OnceLock::new();
+    RUNNING.get_or_init(|| std::sync::Mutex::new(Vec::new()))
+}
+
+/// At the end of the process: refuses new actions, waits for the running ones (a cutover
+/// asked over HTTP outlives the follow it stops), then stops the servers gracefully, so that
+/// the last responses are written before the process exits.
 pub async fn wait_for_actions() {
+    CLOSING.store(true, std::sync::atomic::Ordering::SeqCst);
     drop(actions().write().await);
-    if ACTED.load(std::sync::atomic::Ordering::Relaxed) {
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let servers: Running = match running().lock() {
+        Ok(mut running) => std::mem::take(&mut *running),
+        Err(_) => Vec::new(),
+    };
+    for (stop, task) in servers {
+        let _ = stop.send(());
+        // Bounded: a browser's idle keep-alive connection must not hold the exit.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
     }
 }
 
@@ -96,6 +116,7 @@ pub async fn serve(
             "--http-token must be at least 16 characters: it is all that guards the actions"
         );
     }
+    let app_token = token.is_some();
     let served = Arc::new(Served {
         dir,
         state,
@@ -104,6 +125,7 @@ pub async fn serve(
     });
     let app = axum::Router::new()
         .route("/", get(page))
+        .route("/dashboard.js", get(script))
         .route("/api/status", get(api_status))
         .route("/api/history", get(api_history))
         .route("/metrics", get(metrics))
@@ -121,17 +143,34 @@ pub async fn serve(
         )
         .with_state(served)
         .layer(axum::middleware::map_response(security_headers));
-    if !bound.ip().is_loopback() {
+    let app = if bound.ip().is_loopback() {
+        // DNS rebinding: a page elsewhere must not read the status through a name that
+        // resolves here.
+        app.layer(axum::middleware::from_fn(local_host_only))
+    } else {
         tracing::warn!(
-            "the dashboard listens on {bound}, beyond this machine: it is read-only and shows no password, but anyone who can reach it sees the migration's status"
+            "the dashboard listens on {bound}, beyond this machine, over plain HTTP: anyone who can reach it sees the migration's status{}",
+            if app_token {
+                ", and the --http-token travels in clear text: prefer a localhost address behind an SSH tunnel or a TLS proxy"
+            } else {
+                " (read-only: no token)"
+            }
         );
-    }
+        app
+    };
     tracing::info!("dashboard on http://{bound}/ (API: /api/status, /api/history, /metrics)");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let graceful = axum::serve(listener, app).with_graceful_shutdown(async {
+            let _ = stopped.await;
+        });
+        if let Err(e) = graceful.await {
             tracing::warn!("the dashboard stopped: {e}");
         }
     });
+    if let Ok(mut running) = running().lock() {
+        running.push((stop, task));
+    }
     Ok(bound)
 }
 
@@ -144,12 +183,44 @@ async fn security_headers(mut response: Response) -> Response {
         (header::CACHE_CONTROL, "no-store"),
         (
             header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+            "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
         ),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }
     response
+}
+
+/// Refuses a request whose `Host` is not this machine's (the server listens on loopback).
+async fn local_host_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.split(':').next().unwrap_or_default(),
+    };
+    if matches!(name, "localhost" | "127.0.0.1" | "::1") {
+        next.run(request).await
+    } else {
+        refused(
+            StatusCode::FORBIDDEN,
+            "this dashboard answers requests for localhost only",
+        )
+    }
+}
+
+async fn script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        DASHBOARD_JS,
+    )
+        .into_response()
 }
 
 async fn page() -> Response {
@@ -188,6 +259,9 @@ async fn api_status(State(served): State<Arc<Served>>) -> Response {
                 }
             };
             v["now"] = serde_json::json!(crate::state::now());
+            // An error or a captured statement may quote a secret of the user's (a
+            // subscription's connection string, a user mapping's password).
+            redact_tree(&mut v);
             Ok(v)
         }
         .await,
@@ -224,7 +298,11 @@ fn history(served: &Served, since: f64) -> Result<serde_json::Value> {
                 if !dir.join("state.db").exists() {
                     continue;
                 }
-                let points = StateDb::open_in_dir(&dir)?.history_since(since)?;
+                // One database's unreadable state does not hide the others'.
+                let Ok(points) = StateDb::open_in_dir(&dir).and_then(|s| s.history_since(since))
+                else {
+                    continue;
+                };
                 databases.push(serde_json::json!({ "database": db.name, "points": points }));
             }
             Ok(serde_json::json!({ "databases": databases }))
@@ -309,8 +387,18 @@ async fn action(
             "this process does not know both servers: give --source and --target",
         );
     };
-    let _running = actions().read().await;
-    ACTED.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Only what changes the migration holds the exit (a verify is read-only and may be long:
+    // Ctrl-C must not wait for it). Checked once the guard is held: the end may have begun.
+    let _running = match kind {
+        Action::Endpos | Action::Cutover => Some(actions().read().await),
+        Action::Verify => None,
+    };
+    if CLOSING.load(std::sync::atomic::Ordering::SeqCst) {
+        return refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this pgtide is ending: run the action from the CLI, or against the next run",
+        );
+    }
     tracing::info!("dashboard: {kind:?} asked over HTTP");
     let result = match kind {
         Action::Verify => {
@@ -382,4 +470,103 @@ async fn cutover(
         "window_seconds": report.window.as_secs_f64(),
         "fenced": report.fenced,
     }))
+}
+
+/// Redacts every string of a JSON tree (see `redact_secrets`).
+fn redact_tree(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(text) => *text = redact_secrets(text),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_tree),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(redact_tree),
+        _ => {}
+    }
+}
+
+/// Hides what follows `password` (`password 'x'`, `password=x`) and the password of a URI
+/// (`scheme://user:x@host`).
+pub fn redact_secrets(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let lower = text.to_ascii_lowercase();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < text.len() {
+        if lower[i..].starts_with("password") {
+            out.push_str(&text[i..i + 8]);
+            i += 8;
+            while i < text.len() && matches!(bytes[i], b' ' | b'=' | b':' | b'\t') {
+                out.push(bytes[i] as char);
+                i += 1;
+            }
+            if i < text.len() && bytes[i] == b'\'' {
+                // A quoted literal ('' is a quote inside it).
+                i += 1;
+                while i < text.len() {
+                    if bytes[i] == b'\'' {
+                        if bytes.get(i + 1) == Some(&b'\'') {
+                            i += 2;
+                            continue;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    i += 1;
+                }
+                out.push_str("'********'");
+            } else {
+                let start = i;
+                while i < text.len()
+                    && !matches!(bytes[i], b' ' | b'\'' | b'"' | b',' | b';' | b')' | b'\n')
+                {
+                    i += 1;
+                }
+                if i > start {
+                    out.push_str("********");
+                }
+            }
+            continue;
+        }
+        if lower[i..].starts_with("://") {
+            out.push_str("://");
+            i += 3;
+            let rest = &text[i..];
+            let end = rest.find(['/', ' ', '\'', '"']).unwrap_or(rest.len());
+            if let Some(at) = rest[..end].rfind('@')
+                && let Some(colon) = rest[..at].find(':')
+            {
+                out.push_str(&rest[..colon]);
+                out.push_str(":********");
+                i += at;
+            }
+            continue;
+        }
+        let c = text[i..].chars().next().unwrap_or(' ');
+        out.push(c);
+        i += c.len_utf8();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_in_statements_and_uris_are_hidden() {
+        assert_eq!(
+            redact_secrets(
+                "CREATE USER MAPPING FOR u SERVER s OPTIONS (user 'a', password 'it''s secret')"
+            ),
+            "CREATE USER MAPPING FOR u SERVER s OPTIONS (user 'a', password '********')"
+        );
+        assert_eq!(
+            redact_secrets("CONNECTION 'host=h password=hunter2 dbname=d'"),
+            "CONNECTION 'host=h password=******** dbname=d'"
+        );
+        assert_eq!(
+            redact_secrets("cannot reach postgres://app:hunter2@db:5432/x"),
+            "cannot reach postgres://app:********@db:5432/x"
+        );
+        assert_eq!(redact_secrets("lag 0.2 s, ready"), "lag 0.2 s, ready");
+        assert_eq!(redact_secrets("Passwörter: é"), "Passwörter: é");
+    }
 }
