@@ -691,6 +691,7 @@ async fn cutover_fences_catches_up_verifies_and_unfences_on_failure() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let out = pgtide_ok(&Args::cutover(&src, &dst, d).args(&["--fence", "--timeout", "60s"]));
+    eprintln!("{out}");
     assert!(out.contains("cutover complete"), "{out}");
     assert!(out.contains("write downtime"), "{out}");
     assert!(out.contains("tables identical"), "{out}");

@@ -583,8 +583,15 @@ async fn switch_over(
             humantime::format_duration(args.timeout)
         )
     })??;
-    // Before verify (which would only see a difference, and lift the fence): whatever
-    // committed after endpos on a fenced server got through the fence.
+    let dst = pg::connect(target, Side::Target, "cutover").await?;
+    // The filters the migration recorded when it started (invariant 9).
+    let filters: Filters = state.recorded_filters()?.unwrap_or_default();
+    let seqs = catalog::read_sequences(src, &filters).await?;
+    sequences::set_on_target(&dst, &seqs, args.sequence_offset).await?;
+    let ready_at = Instant::now();
+    // After the target is ready (like verify, it does not hold writes back: it peeks at the
+    // slot once the receiver has let it go), before verify, which would only see a difference
+    // and lift the fence: whatever committed after endpos on a fenced server got through it.
     if args.fence {
         let (side, again) = (args.direction.fenced(), args.direction.command());
         match leak::check(src, state, &args.dir, endpos).await {
@@ -595,12 +602,6 @@ async fn switch_over(
             }
         }
     }
-    let dst = pg::connect(target, Side::Target, "cutover").await?;
-    // The filters the migration recorded when it started (invariant 9).
-    let filters: Filters = state.recorded_filters()?.unwrap_or_default();
-    let seqs = catalog::read_sequences(src, &filters).await?;
-    sequences::set_on_target(&dst, &seqs, args.sequence_offset).await?;
-    let ready_at = Instant::now();
     let refreshed = if args.refresh_matviews {
         let names = crate::verify::refresh_matviews(target, &filters).await?;
         Some(format!(
