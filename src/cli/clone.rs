@@ -48,7 +48,7 @@ pub async fn run(args: CloneArgs) -> Result<()> {
     };
     super::start_observers(
         args.metrics_addr.as_deref(),
-        (args.http_addr.as_deref(), args.http_token.clone()),
+        (args.http.http_addr.as_deref(), args.http.http_token.clone()),
         &workdir,
         &source,
         &target,
@@ -121,13 +121,13 @@ async fn server(args: CloneArgs, source: ConnInfo, target: ConnInfo) -> Result<(
         source: Some(source.clone()),
         target: Some(target.clone()),
     };
-    if let Some(addr) = &args.http_addr {
+    if let Some(addr) = &args.http.http_addr {
         crate::observe::http::serve(
             addr,
             args.dir.clone(),
             None,
             servers.clone(),
-            args.http_token.clone(),
+            args.http.http_token.clone(),
         )
         .await?;
     }

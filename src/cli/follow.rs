@@ -24,7 +24,7 @@ pub async fn run(args: FollowArgs) -> Result<()> {
     .await?;
     super::start_observers(
         args.metrics_addr.as_deref(),
-        (args.http_addr.as_deref(), args.http_token.clone()),
+        (args.http.http_addr.as_deref(), args.http.http_token.clone()),
         &workdir,
         &source,
         &target,

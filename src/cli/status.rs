@@ -11,17 +11,7 @@ use crate::observe::status::{self, Servers};
 pub async fn run(args: StatusArgs) -> Result<()> {
     let state = crate::state::StateDb::open_in_dir(&args.dir)?;
     let databases = crate::server::databases_of(&args.dir)?;
-    let parse = |value: &Option<String>, which: &str| -> Result<_> {
-        value
-            .as_deref()
-            .map(|v| super::parse_conninfo(v, which))
-            .transpose()
-    };
-    let servers = Servers::from_state(
-        &state,
-        parse(&args.source, "source")?,
-        parse(&args.target, "target")?,
-    );
+    let servers = servers_of(&state, &args.source, &args.target)?;
     let terminal = std::io::stdout().is_terminal();
     loop {
         // A whole-server work dir: a line per database and the total.
@@ -137,17 +127,7 @@ pub async fn serve(args: crate::cli::ServeArgs) -> Result<()> {
     let state = crate::state::StateDb::open_in_dir(&args.dir)?;
     // A whole-server work dir: each database has its own state (and the page a line each).
     let whole_server = !crate::server::databases_of(&args.dir)?.is_empty();
-    let parse = |value: &Option<String>, which: &str| -> Result<_> {
-        value
-            .as_deref()
-            .map(|v| super::parse_conninfo(v, which))
-            .transpose()
-    };
-    let servers = Servers::from_state(
-        &state,
-        parse(&args.source, "source")?,
-        parse(&args.target, "target")?,
-    );
+    let servers = servers_of(&state, &args.source, &args.target)?;
     let bound = crate::observe::http::serve(
         &args.http_addr,
         args.dir.clone(),
@@ -164,4 +144,23 @@ pub async fn serve(args: crate::cli::ServeArgs) -> Result<()> {
     // A cutover asked over HTTP is finished, not cut short.
     crate::observe::http::wait_for_actions().await;
     Ok(())
+}
+
+/// The servers status asks: `--source` / `--target` when given, else the work dir's records.
+fn servers_of(
+    state: &crate::state::StateDb,
+    source: &Option<String>,
+    target: &Option<String>,
+) -> Result<Servers> {
+    let parse = |value: &Option<String>, which: &str| -> Result<_> {
+        value
+            .as_deref()
+            .map(|v| super::parse_conninfo(v, which))
+            .transpose()
+    };
+    Ok(Servers::from_state(
+        state,
+        parse(source, "source")?,
+        parse(target, "target")?,
+    ))
 }

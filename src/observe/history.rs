@@ -93,30 +93,40 @@ pub fn downsample(state: &StateDb, now: f64) -> Result<()> {
     Ok(())
 }
 
-/// Records a point every `INTERVAL` for as long as the process runs (a status that cannot be
-/// collected is skipped: the next one comes).
+/// Records one point of `dir`'s migration at `now`, and on `thin` thins the old ones (a
+/// status that cannot be collected is skipped: the next tick comes).
+async fn record(dir: &std::path::Path, state: &StateDb, servers: &Servers, now: f64, thin: bool) {
+    match status::collect(dir, state, servers).await {
+        Ok(s) => {
+            if let Err(e) = state.record_history(&point(&s, now)) {
+                tracing::debug!("history of {}: cannot record a point: {e:#}", dir.display());
+            }
+        }
+        Err(e) => tracing::debug!("history of {}: no status to record: {e:#}", dir.display()),
+    }
+    if thin && let Err(e) = downsample(state, now) {
+        tracing::debug!(
+            "history of {}: cannot thin the old points: {e:#}",
+            dir.display()
+        );
+    }
+}
+
+/// Records a point every `INTERVAL` for as long as the process runs, thinning the old ones
+/// every 60 ticks (the first included: a process restarted often still thins).
 pub fn start_recorder(dir: PathBuf, state: StateDb, servers: Servers) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(INTERVAL);
-        let mut recorded = 0u64;
-        loop {
+        for recorded in 0u64.. {
             tick.tick().await;
-            let now = crate::state::now();
-            match status::collect(&dir, &state, &servers).await {
-                Ok(s) => {
-                    if let Err(e) = state.record_history(&point(&s, now)) {
-                        tracing::debug!("history: cannot record a point: {e:#}");
-                    }
-                }
-                Err(e) => tracing::debug!("history: no status to record: {e:#}"),
-            }
-            // Also at the first tick: a process restarted often still thins.
-            if recorded.is_multiple_of(60)
-                && let Err(e) = downsample(&state, now)
-            {
-                tracing::debug!("history: cannot thin the old points: {e:#}");
-            }
-            recorded += 1;
+            record(
+                &dir,
+                &state,
+                &servers,
+                crate::state::now(),
+                recorded.is_multiple_of(60),
+            )
+            .await;
         }
     });
 }
@@ -126,8 +136,7 @@ pub fn start_recorder(dir: PathBuf, state: StateDb, servers: Servers) {
 pub fn start_server_recorder(dir: PathBuf, servers: Servers) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(INTERVAL);
-        let mut recorded = 0u64;
-        loop {
+        for recorded in 0u64.. {
             tick.tick().await;
             let now = crate::state::now();
             // Not before the run has created its work dir.
@@ -149,21 +158,8 @@ pub fn start_server_recorder(dir: PathBuf, servers: Servers) {
                 };
                 let servers =
                     Servers::from_state(&state, in_db(&servers.source), in_db(&servers.target));
-                match status::collect(&sub, &state, &servers).await {
-                    Ok(s) => {
-                        if let Err(e) = state.record_history(&point(&s, now)) {
-                            tracing::debug!("history of {}: cannot record a point: {e:#}", db.name);
-                        }
-                    }
-                    Err(e) => tracing::debug!("history of {}: no status to record: {e:#}", db.name),
-                }
-                if recorded.is_multiple_of(60)
-                    && let Err(e) = downsample(&state, now)
-                {
-                    tracing::debug!("history of {}: cannot thin the old points: {e:#}", db.name);
-                }
+                record(&sub, &state, &servers, now, recorded.is_multiple_of(60)).await;
             }
-            recorded += 1;
         }
     });
 }

@@ -63,20 +63,8 @@ pub struct CloneArgs {
     /// Serve Prometheus metrics on http://HOST:PORT/metrics while this runs.
     #[arg(long, env = "PGTIDE_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
-    /// Serve the dashboard and its API (/, /api/status, /api/history, /metrics) on
-    /// HOST:PORT, or PORT on localhost, while this runs. Read-only.
-    #[arg(long, env = "PGTIDE_HTTP_ADDR")]
-    pub http_addr: Option<String>,
-    /// With --http-addr: allow the API's actions (POST /api/verify, /api/endpos,
-    /// /api/cutover) for requests carrying `Authorization: Bearer TOKEN` (16 characters or
-    /// more). Without it the dashboard is read-only.
-    #[arg(
-        long,
-        env = "PGTIDE_HTTP_TOKEN",
-        hide_env_values = true,
-        requires = "http_addr"
-    )]
-    pub http_token: Option<String>,
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// Work dir holding state.db and the schema dumps.
     #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
     pub dir: PathBuf,

@@ -100,6 +100,25 @@ pub struct PgbouncerArgs {
     pub pgbouncer_reload: bool,
 }
 
+/// The dashboard of a running clone or follow.
+#[derive(Args, Debug, Clone, Default)]
+pub struct HttpArgs {
+    /// Serve the dashboard and its API (/, /api/status, /api/history, /metrics) on
+    /// HOST:PORT, or PORT on localhost, while this runs. Read-only.
+    #[arg(long, env = "PGTIDE_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// With --http-addr: allow the API's actions (POST /api/verify, /api/endpos,
+    /// /api/cutover) for requests carrying `Authorization: Bearer TOKEN` (16 characters or
+    /// more). Without it the dashboard is read-only.
+    #[arg(
+        long,
+        env = "PGTIDE_HTTP_TOKEN",
+        hide_env_values = true,
+        requires = "http_addr"
+    )]
+    pub http_token: Option<String>,
+}
+
 /// `pgtide serve`: the dashboard of a work dir whose run has stopped (or runs elsewhere).
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -227,20 +246,8 @@ pub struct FollowArgs {
     /// Serve Prometheus metrics on http://HOST:PORT/metrics while this runs.
     #[arg(long, env = "PGTIDE_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
-    /// Serve the dashboard and its API (/, /api/status, /api/history, /metrics) on
-    /// HOST:PORT, or PORT on localhost, while this runs. Read-only.
-    #[arg(long, env = "PGTIDE_HTTP_ADDR")]
-    pub http_addr: Option<String>,
-    /// With --http-addr: allow the API's actions (POST /api/verify, /api/endpos,
-    /// /api/cutover) for requests carrying `Authorization: Bearer TOKEN` (16 characters or
-    /// more). Without it the dashboard is read-only.
-    #[arg(
-        long,
-        env = "PGTIDE_HTTP_TOKEN",
-        hide_env_values = true,
-        requires = "http_addr"
-    )]
-    pub http_token: Option<String>,
+    #[command(flatten)]
+    pub http: HttpArgs,
     #[arg(long, env = "PGTIDE_DIR", default_value = crate::workdir::DEFAULT_DIR)]
     pub dir: PathBuf,
     /// Stop after the last transaction committed at or before this LSN (or set it later with
