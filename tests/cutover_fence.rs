@@ -71,17 +71,8 @@ async fn a_prepared_transaction_stops_cutover_until_it_is_finished() {
         .await,
         "prepared, after the refusal"
     );
-    pgtide_ok(&[
-        "cutover",
-        "--unfence",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-    ]);
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cutover(&src, &dst, d).arg("--unfence"));
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// The other holes: an application logged in as pgtide's own role is ended and cannot write
@@ -189,17 +180,8 @@ async fn the_fence_holds_pgtides_own_role_and_reports_a_superuser_write_after_it
         scalar_string(&dst, "SELECT v FROM t WHERE id = 9000").await,
         "superuser after the fence"
     );
-    pgtide_ok(&[
-        "cutover",
-        "--unfence",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-    ]);
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cutover(&src, &dst, d).arg("--unfence"));
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
 
 /// PgBouncer in front of the source, run as the postgres OS user (it refuses root); killed
@@ -385,15 +367,6 @@ async fn the_application_waits_in_pgbouncer_across_the_switch() {
         on_source > 0 && on_source < committed,
         "the writes did not move from the source ({on_source}) to the target ({committed})"
     );
-    pgtide_ok(&[
-        "cutover",
-        "--unfence",
-        "--source",
-        &src,
-        "--target",
-        &dst,
-        "--dir",
-        d,
-    ]);
-    pgtide_ok(&["cleanup", "--source", &src, "--target", &dst, "--dir", d]);
+    pgtide_ok(&Args::cutover(&src, &dst, d).arg("--unfence"));
+    pgtide_ok(&Args::cleanup(&src, &dst, d));
 }
